@@ -1,0 +1,143 @@
+"""Attention pieces shared by every Falcon variant: positions, rotary, ALiBi, masks, SDPA.
+
+Notation: B batch, T new tokens (queries), S keys (cached + new), H query heads,
+K kv heads (1 for multi-query, 8 for 40B, H for MHA), D head dim.
+
+Keys and values stay at K heads all the way into `scaled_dot_product_attention`
+(`enable_gqa`), so multi-query and grouped models never materialise H copies of K/V.
+PyTorch's CPU flash kernel takes a mask and GQA and needs no (T, S) score matrix, so
+attention memory grows with T·S only through the mask, which callers bound by chunking
+long prompts (see `prefill_chunk_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from falconet.config import FalconConfig
+
+# Upper bound on mask elements (B·H·T·S) built for one forward; prompts are cut into
+# query chunks so that an 8k-token prompt never needs a T² mask.
+MASK_BUDGET = 1 << 25
+
+
+def prefill_chunk_size(config: FalconConfig, batch: int, keys: int, max_chunk: int = 512) -> int:
+    """Query tokens per prefill chunk so the attention mask stays within MASK_BUDGET."""
+    heads = config.num_attention_heads if config.alibi else 1  # ALiBi bias is per head
+    return max(1, min(max_chunk, MASK_BUDGET // max(1, batch * heads * keys)))
+
+
+# ---- rotary -------------------------------------------------------------------------
+def rotary_inv_freq(config: FalconConfig, seq_len: int) -> torch.Tensor:
+    """Inverse frequencies as transformers computes them, including rope_scaling.
+
+    "linear" divides the frequencies by the factor; "dynamic" (NTK) raises the base
+    once the sequence outgrows max_position_embeddings, recomputed from the longest
+    position seen by this forward, as transformers' `dynamic_rope_update` does.
+    """
+    d = config.head_dim
+    base = float(config.rope_theta)
+    factor = float(config.rope_scaling_factor)
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    if config.rope_scaling_type == "dynamic" and seq_len > config.max_position_embeddings:
+        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if config.rope_scaling_type == "linear":
+        inv_freq = inv_freq / factor
+    return inv_freq
+
+
+def rotary_cos_sin(config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as HF does."""
+    seq_len = int(positions.max()) + 1 if positions.numel() else 1
+    inv_freq = rotary_inv_freq(config, seq_len).to(positions.device)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rotation of the full head dim: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- ALiBi --------------------------------------------------------------------------
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head slopes (fp32), the geometric sequence of Press et al. as Falcon builds it."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, key_positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, 1, S) additive bias from each key's position among the real tokens.
+
+    Parity quirks kept on purpose (transformers' `build_alibi_tensor` + SDPA path): the
+    bias uses the key's absolute position (softmax-equivalent to -(i-j)), the product
+    slope*position is rounded to bf16, and the bias is divided by sqrt(head_dim) along
+    with QK^T (unlike BLOOM).
+    """
+    bias = slopes.to(key_positions.device)[None, :, None].bfloat16() * key_positions[:, None, :]  # (B, H, S)
+    return (bias.to(dtype) / math.sqrt(head_dim))[:, :, None, :]
+
+
+# ---- masks --------------------------------------------------------------------------
+@dataclass
+class AttentionMask:
+    """What every layer of one forward needs: a boolean or additive mask, or `causal`."""
+
+    mask: torch.Tensor | None  # (B, 1|H, T, S): bool (True = attend) or additive float
+    causal: bool = False  # True: no mask, plain causal over T == S keys
+
+
+def build_mask(
+    query_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    key_positions: torch.Tensor,
+    past: int,
+    config: FalconConfig,
+    slopes: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> AttentionMask:
+    """Mask for T new queries stored at slots [past, past+T) attending to S = past+T keys.
+
+    key_valid (B, S) marks real tokens (False for left padding). A padded query may
+    attend to itself so no row is fully masked (that would give NaN in SDPA); its
+    output is never used.
+    """
+    B, T = query_positions.shape
+    S = key_valid.shape[1]
+    no_padding = bool(key_valid.all())
+    if slopes is None and no_padding:
+        if past == 0:
+            return AttentionMask(None, causal=T > 1)
+        if T == 1:
+            return AttentionMask(None)
+    slot_q = torch.arange(past, past + T, device=key_valid.device)  # (T,)
+    slot_k = torch.arange(S, device=key_valid.device)  # (S,)
+    allowed = (slot_k[None, :] <= slot_q[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
+    allowed |= slot_k[None, None, :] == slot_q[None, :, None]
+    allowed = allowed[:, None]  # (B, 1, T, S)
+    if slopes is None:
+        return AttentionMask(allowed)
+    bias = alibi_bias(slopes, key_positions, config.head_dim, dtype)  # (B, H, 1, S)
+    return AttentionMask(bias.masked_fill(~allowed, torch.finfo(dtype).min))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D) with SDPA's 1/sqrt(D) scale."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.mask, is_causal=mask.causal, enable_gqa=k.shape[1] != q.shape[1]
+    )

@@ -1,0 +1,156 @@
+"""The public API: `falconet.load(path)` -> `LLM` with generate / stream / logits / tokenizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from falconet.config import FalconConfig
+from falconet.errors import CheckpointError, FalconetError, GenerationError
+from falconet.generate import Completion, complete, generate_text, prefill
+from falconet.cache import KVCache
+from falconet.model import Falcon
+from falconet.sampling import SamplingParams
+from falconet.tokenizer import Tokenizer
+from falconet.weights.hf import load_weights, read_config
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Where `falconet train` will put the embedded default model (the "default model" issue).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "falconet-tiny"
+
+
+def resolve_dtypes(dtype: str, config: FalconConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(weight storage dtype, compute dtype) for a dtype name.
+
+    "auto" keeps the checkpoint's own dtype for the weights (so a bf16 checkpoint stays
+    half the size of fp32 and decodes at bf16 bandwidth). On CPU the compute is fp32
+    whatever the weights: CPUs without native bf16 matmul run fp32 GEMMs ~4x faster
+    than bf16 ones, and fp32 activations are more exact (see linear.py). On GPU the
+    compute runs in the weight dtype, as transformers does.
+    """
+    if dtype == "auto":
+        storage = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.torch_dtype or "", torch.float32)
+    elif dtype in DTYPES:
+        storage = DTYPES[dtype]
+    else:
+        raise FalconetError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    compute = torch.float32 if device.type == "cpu" else storage
+    return storage, compute
+
+
+def default_model_path() -> Path:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FalconetError(
+            "falconet has no embedded default model yet (it ships with `falconet train`, "
+            "the 'default model' issue); pass a Hugging Face Falcon folder with --model PATH"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> LLM:
+    """Load a Falcon model: a HF folder, or None for the embedded default model.
+
+    progress(done_bytes, total_bytes) is called as tensors load (the CLI draws a bar).
+    """
+    folder = default_model_path() if path is None else Path(path)
+    if folder.suffix == ".gguf":
+        raise FalconetError(f"{folder}: GGUF files are not supported yet; convert with a HF folder")
+    if not folder.exists():
+        raise FalconetError(f"{folder}: no such file or folder")
+    if not folder.is_dir():
+        raise FalconetError(f"{folder}: expected a Hugging Face model folder (config.json + weights)")
+    dev = torch.device(device)
+    config = read_config(folder)
+    storage, compute = resolve_dtypes(dtype, config, dev)
+    tokenizer = Tokenizer.from_dir(folder)
+    with torch.device("meta"):
+        model = Falcon(config, storage, compute)
+    total = _expected_bytes(model)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    load_weights(model, folder, advance)
+    if dev.type != "cpu":
+        model = model.to(dev)
+    return LLM(model, tokenizer, folder)
+
+
+def _expected_bytes(model: Falcon) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class LLM:
+    def __init__(self, model: Falcon, tokenizer: Tokenizer, path: Path | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            )
+        self.eos_ids = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+
+    @property
+    def config(self) -> FalconConfig:
+        return self.model.config
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise GenerationError("prompt must be a str or a list of token ids")
+
+    def complete(self, prompts: list[str | list[int]], **sampling) -> list[Completion]:
+        """Several prompts decoded together in one left-padded batch."""
+        params = SamplingParams(**sampling)
+        ids = [self._prompt_ids(p) for p in prompts]
+        return complete(self.model, self.tokenizer, ids, [params] * len(ids), self.eos_ids)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling) -> str:
+        return self.complete([prompt], max_tokens=max_tokens, temperature=temperature, **sampling)[0].text
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling) -> Iterator[str]:
+        """Text pieces as they are generated; each is valid UTF-8 and they join to `generate`'s text."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        ids = [self._prompt_ids(prompt)]
+        for ev in generate_text(self.model, self.tokenizer, ids, [params], self.eos_ids):
+            if ev.text:
+                yield ev.text
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position: float32 (len(ids), vocab)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.model.device)
+        if ids.numel() == 0:
+            raise GenerationError("logits: need at least one token id")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise GenerationError(f"logits: token ids must be in [0, {self.config.vocab_size})")
+        cache = KVCache(self.config, 1, ids.shape[1], self.model.compute_dtype, self.model.device)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        with torch.inference_mode():
+            return prefill(self.model, ids, valid, cache, all_logits=True)[0]

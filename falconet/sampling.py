@@ -1,0 +1,411 @@
+"""Sampling: per-request settings, logits processors and a batched sampler.
+
+Logits processors are plain functions on float32 logits of shape (B, V), one row per
+sequence. Each returns new logits and matches the Hugging Face transformers processor
+of the same name exactly (`RepetitionPenaltyLogitsProcessor`, `TemperatureLogitsWarper`,
+`TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper`, min_tokens_to_keep=1).
+Presence/frequency penalties have no HF counterpart and follow OpenAI/vLLM.
+
+Every processor takes its parameter as a scalar or as one value per row (a sequence or
+a 1-D tensor), so a batch can mix requests; rows whose value means "off" are untouched.
+Per-row values are read on the CPU in float64 (they are tiny) so thresholds round
+exactly as HF's Python-float arithmetic does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from falconet.errors import GenerationError
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+RowParam = float | Sequence[float] | torch.Tensor
+
+
+def _is_int(x: object) -> bool:
+    # bool is an int subclass; `top_k=True` is a bug in the caller, not k=1.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+# field: (type, valid, allowed range as told to the user). NaN fails every comparison.
+_NUMBER_FIELDS = {
+    "max_tokens": (int, lambda v: v >= 1, "an int >= 1"),
+    "temperature": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (int, lambda v: v >= 0, "an int >= 0 (0 = off)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "repetition_penalty": (float, lambda v: 0 < v < math.inf, "a finite number > 0 (1 = off)"),
+    # OpenAI's bounds for its two penalties.
+    "presence_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
+    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
+    # What torch.Generator.manual_seed takes: any signed or unsigned 64-bit int.
+    "seed": (int, lambda v: -(2**63) <= v < 2**64, "None or an int in [-2**63, 2**64)"),
+    "logprobs": (int, lambda v: 0 <= v <= MAX_LOGPROBS, f"None or an int in [0, {MAX_LOGPROBS}]"),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Defaults give greedy decoding of 64 tokens."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy (argmax after penalties)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt + generated; 1 = off
+    presence_penalty: float = 0.0  # OpenAI style, over generated tokens only
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None = fresh randomness per run
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; 0 = chosen token only; k = also top-k
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str) -> GenerationError:
+            return GenerationError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        def set_(field: str, value: object) -> None:
+            object.__setattr__(self, field, value)  # frozen: normalise once, here
+
+        for field, (kind, valid, allowed) in _NUMBER_FIELDS.items():
+            value = getattr(self, field)
+            if value is None and field in ("seed", "logprobs"):
+                continue
+            if not (_is_int if kind is int else _is_real)(value) or not valid(value):
+                raise bad(field, allowed)
+            set_(field, kind(value))  # numpy scalars and int temperatures become plain
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"a string or a list of at most {MAX_STOP_STRINGS} strings")
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop):
+            raise bad("stop", f"non-empty strings of at most {MAX_STOP_LENGTH} characters")
+        set_("stop", tuple(stop))
+        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise bad("stop_token_ids", "a list of ints >= 0")
+        set_("stop_token_ids", tuple(int(i) for i in ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "True or False")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --- logits processors -------------------------------------------------------------
+
+
+def _rows(value: RowParam, logits: torch.Tensor) -> torch.Tensor:
+    """A parameter as a float64 CPU tensor of shape (B,), broadcasting a scalar."""
+    t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    if t.dim() == 0:
+        return t.expand(logits.shape[0])
+    if t.shape != (logits.shape[0],):
+        raise GenerationError(
+            f"per-row parameter has shape {tuple(t.shape)}; expected ({logits.shape[0]},)"
+        )
+    return t
+
+
+def _col(t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) CPU values -> (B, 1) in the logits' dtype and device, ready to broadcast."""
+    return t.to(device=logits.device, dtype=logits.dtype).unsqueeze(1)
+
+
+def _seen_mask(
+    token_ids: torch.Tensor | Sequence[Sequence[int]], logits: torch.Tensor
+) -> torch.Tensor:
+    B, V = logits.shape
+    if isinstance(token_ids, torch.Tensor) and token_ids.dtype == torch.bool:
+        return token_ids.to(logits.device)
+    # One spare column absorbs ids >= V, which HF clamps and then drops.
+    mask = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    for i, ids in enumerate(token_ids):
+        ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device).reshape(-1)
+        mask[i, ids.clamp(max=V)] = True
+    return mask[:, :V]
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor,
+    token_ids_per_row: torch.Tensor | Sequence[Sequence[int]],
+    penalty: RowParam,
+) -> torch.Tensor:
+    """HF's repetition penalty: each distinct seen token's score s becomes s * p if s < 0,
+    else s / p. `token_ids_per_row` is a (B, L) id tensor, B id lists of any length, or a
+    bool (B, V) mask of seen tokens; ids >= V are ignored."""
+    p = _rows(penalty, logits)
+    if bool((p == 1).all()):
+        return logits
+    p = _col(p, logits)
+    seen = _seen_mask(token_ids_per_row, logits)
+    penalised = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: RowParam, frequency: RowParam
+) -> torch.Tensor:
+    """OpenAI/vLLM penalties: logits -= frequency * count + presence * (count > 0), where
+    `counts` (B, V) counts each token among the generated (not prompt) tokens."""
+    pres, freq = _rows(presence, logits), _rows(frequency, logits)
+    if bool((pres == 0).all() and (freq == 0).all()):
+        return logits
+    counts = counts.to(logits.device)
+    # Two subtractions, in vLLM's order, so results round as vLLM's do.
+    logits = logits - _col(freq, logits) * counts.to(logits.dtype)
+    return logits - _col(pres, logits) * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: RowParam) -> torch.Tensor:
+    """HF's temperature: logits / t. Rows with t == 0 (greedy) are left as they are."""
+    t = _rows(temperature, logits)
+    if bool(((t == 0) | (t == 1)).all()):
+        return logits
+    return logits / _col(torch.where(t == 0, 1.0, t), logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """HF's top-k: drop scores below the k-th largest (ties with it survive). k = 0 is off."""
+    k = _rows(top_k, logits).long().clamp(max=logits.shape[-1])
+    if bool((k == 0).all()):
+        return logits
+    top = torch.topk(logits, int(k.max()), dim=-1).values
+    kth = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1).to(logits.device))
+    remove = (logits < kth) & (k > 0).unsqueeze(1).to(logits.device)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: RowParam) -> torch.Tensor:
+    """HF's top-p (nucleus): keep the smallest set of top tokens whose probability reaches
+    p, and always the top token. p = 1 is off (HF's generate skips the warper then too)."""
+    p = _rows(top_p, logits)
+    if bool((p >= 1).all()):
+        return logits
+    # HF sorts ascending and drops the low tail whose cumulative mass is <= 1 - p; the
+    # threshold is formed in float64 and rounded to float32, as HF's Python float is.
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= _col(1 - p, logits)
+    remove_sorted[:, -1:] = False  # min_tokens_to_keep=1
+    remove_sorted &= (p < 1).unsqueeze(1).to(logits.device)
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: RowParam) -> torch.Tensor:
+    """HF's min-p: drop tokens whose probability is below min_p * (top probability).
+    The top token always survives (min_p <= 1), so HF's min_tokens_to_keep is implied."""
+    m = _rows(min_p, logits)
+    if bool((m == 0).all()):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    remove = probs < _col(m, logits) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, -math.inf)
+
+
+# --- sampler -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the top alternatives, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+class Sampler:
+    """Picks the next token for each row of a batch, one `SamplingParams` per row.
+
+    Built once per batch (as mlx-lm's `make_sampler`). Each row owns a `torch.Generator`,
+    so a seeded row draws the same tokens whatever else is in the batch. Penalty state
+    (tokens seen in prompt + output, counts of output tokens) lives here; call `update`
+    with the tokens actually appended. `select` and `concat` reshape the batch as
+    sequences finish or join, carrying generators and state along.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if len(params) != len(prompt_ids):
+            raise GenerationError(f"{len(params)} sampling params for {len(prompt_ids)} prompts")
+        device = torch.device(device)
+        generators = []
+        for p in params:
+            g = torch.Generator(device=device)
+            g.manual_seed(p.seed if p.seed is not None else secrets.randbits(64))
+            generators.append(g)
+        B, V = len(params), vocab_size
+        seen = counts = None
+        if any(p.repetition_penalty != 1 for p in params):
+            seen = _seen_mask(prompt_ids, torch.empty(B, V, device=device))
+        if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
+            counts = torch.zeros(B, V, dtype=torch.int32, device=device)
+        self._setup(params, generators, seen, counts, vocab_size, device)
+
+    def _setup(
+        self,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+        seen: torch.Tensor | None,
+        counts: torch.Tensor | None,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.params: tuple[SamplingParams, ...] = tuple(params)
+        self.vocab_size = vocab_size
+        self.device = device
+        self._generators: list[torch.Generator] = list(generators)
+        self._seen: torch.Tensor | None = seen  # (B, V) bool, prompt + generated
+        self._counts: torch.Tensor | None = counts  # (B, V) int32, generated only
+
+        def col(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=torch.float64)
+
+        self._rep, self._pres, self._freq = map(
+            col, ("repetition_penalty", "presence_penalty", "frequency_penalty")
+        )
+        self._sampled = [i for i, p in enumerate(params) if not p.greedy]
+        self._sampled_idx = torch.tensor(self._sampled, dtype=torch.long, device=device)
+        # Warper settings for the sampled rows only; greedy rows skip the warpers.
+        self._temp, self._top_k, self._top_p, self._min_p = (
+            col(name)[self._sampled] for name in ("temperature", "top_k", "top_p", "min_p")
+        )
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalties for every row, then temperature/top-k/top-p/min-p for sampled rows
+        (HF's order). Greedy rows come back penalised only, ready for argmax."""
+        logits = logits.float()  # processors and softmax in float32 even for bf16 models
+        if self._seen is not None:
+            logits = apply_repetition_penalty(logits, self._seen, self._rep)
+        if self._counts is not None:
+            logits = apply_presence_frequency(logits, self._counts, self._pres, self._freq)
+        if not self._sampled:
+            return logits
+        x = logits[self._sampled_idx]
+        x = apply_temperature(x, self._temp)
+        x = apply_top_k(x, self._top_k)
+        x = apply_top_p(x, self._top_p)
+        x = apply_min_p(x, self._min_p)
+        return logits.index_copy(0, self._sampled_idx, x)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B,) token ids: argmax for greedy rows, a draw for the rest."""
+        processed = self.process_logits(logits)
+        tokens = processed.argmax(dim=-1)
+        if self._sampled:
+            probs = torch.softmax(processed[self._sampled_idx], dim=-1)
+            # One draw per row from that row's own generator: batch-independent seeding.
+            draws = [
+                torch.multinomial(probs[j], 1, generator=self._generators[i])
+                for j, i in enumerate(self._sampled)
+            ]
+            tokens = tokens.index_copy(0, self._sampled_idx, torch.cat(draws))
+        return tokens
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record the (B,) tokens appended to each row, for the penalties."""
+        tokens = tokens.to(self.device).long()
+        rows = torch.arange(len(self), device=self.device)
+        if self._seen is not None:
+            self._seen[rows, tokens] = True
+        if self._counts is not None:
+            self._counts[rows, tokens] += 1
+
+    def logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, k: int | None = None
+    ) -> list[TokenLogprobs | None]:
+        """Log-probabilities from log_softmax of the RAW model logits, before penalties,
+        temperature and filtering (vLLM's default, `raw_logprobs`), so they describe the
+        model rather than the sampling settings. With k=None each row uses its own
+        `logprobs` setting and rows with None get None; an int k applies to every row."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ks = [k if k is not None else p.logprobs for p in self.params]
+        k_max = min(max((x for x in ks if x is not None), default=0), logp.shape[-1])
+        chosen = logp.gather(1, tokens.to(logp.device).long().view(-1, 1)).squeeze(1)
+        top_lp, top_ids = torch.topk(logp, k_max, dim=-1)
+        chosen_l, tokens_l = chosen.tolist(), tokens.tolist()
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()  # one device sync for all
+        out: list[TokenLogprobs | None] = []
+        for i, ki in enumerate(ks):
+            if ki is None:
+                out.append(None)
+                continue
+            top = tuple(zip(top_ids_l[i][:ki], top_lp_l[i][:ki], strict=True))
+            out.append(TokenLogprobs(int(tokens_l[i]), chosen_l[i], top))
+        return out
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> Sampler:
+        """A sampler for the given rows, in that order. It shares those rows' generators
+        (so their random streams continue), hence stop using this sampler afterwards."""
+        idx = [int(i) for i in indices]
+        at = torch.tensor(idx, dtype=torch.long, device=self.device)
+        new = object.__new__(Sampler)
+        new._setup(
+            [self.params[i] for i in idx],
+            [self._generators[i] for i in idx],
+            None if self._seen is None else self._seen[at],
+            None if self._counts is None else self._counts[at],
+            self.vocab_size,
+            self.device,
+        )
+        return new
+
+    @staticmethod
+    def concat(samplers: Sequence[Sampler]) -> Sampler:
+        """One sampler whose rows are those of `samplers`, in order (rows joining a batch).
+        A sampler that tracks no penalty state has rows with penalties off, so zeros
+        stand in for its state."""
+        if not samplers:
+            raise GenerationError("Sampler.concat needs at least one sampler")
+        first = samplers[0]
+        if any(s.vocab_size != first.vocab_size or s.device != first.device for s in samplers):
+            raise GenerationError("Sampler.concat needs samplers of one vocab size and device")
+
+        def cat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            parts = [getattr(s, name) for s in samplers]
+            if all(p is None for p in parts):
+                return None
+            V, dev = first.vocab_size, first.device
+            return torch.cat(
+                [
+                    torch.zeros(len(s), V, dtype=dtype, device=dev) if p is None else p
+                    for p, s in zip(parts, samplers, strict=True)
+                ]
+            )
+
+        new = object.__new__(Sampler)
+        new._setup(
+            [p for s in samplers for p in s.params],
+            [g for s in samplers for g in s._generators],
+            cat("_seen", torch.bool),
+            cat("_counts", torch.int32),
+            first.vocab_size,
+            first.device,
+        )
+        return new

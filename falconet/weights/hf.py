@@ -1,0 +1,206 @@
+"""Load a Hugging Face Falcon checkpoint folder: config.json + safetensors or legacy .bin.
+
+Tensors are streamed one at a time. A safetensors tensor that needs no change keeps
+pointing into the file's memory map (no copy, pages shared with the OS cache); one that
+must be converted (dtype, QKV regrouping) is converted from a mapping opened for that
+tensor alone and closed right after, so the process never holds the checkpoint twice.
+Legacy `pytorch_model*.bin` files go through `torch.load(weights_only=True, mmap=True)`:
+no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from falconet.config import FalconConfig
+from falconet.errors import CheckpointError
+from falconet.model import Falcon
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Buffers that old checkpoints carry and that are recomputed, never loaded.
+IGNORED_SUFFIXES = (".inv_freq", ".cos_cached", ".sin_cached", ".masked_bias", ".attn.bias")
+
+
+def expected_tensors(config: FalconConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its HF shape."""
+    C, V, F_ = config.hidden_size, config.vocab_size, config.ffn_size
+    names: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (V, C)}
+    norms = {
+        "sequential": ("input_layernorm", "post_attention_layernorm"),
+        "parallel": ("input_layernorm",),
+        "parallel_2ln": ("ln_attn", "ln_mlp"),
+    }[config.block_layout]
+    linears = {
+        "self_attention.query_key_value": (config.qkv_size, C),
+        "self_attention.dense": (C, C),
+        "mlp.dense_h_to_4h": (F_, C),
+        "mlp.dense_4h_to_h": (C, F_),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        for n in norms:
+            names[p + n + ".weight"] = names[p + n + ".bias"] = (C,)
+        for n, shape in linears.items():
+            names[p + n + ".weight"] = shape
+            if config.bias:
+                names[p + n + ".bias"] = shape[:1]
+    names["transformer.ln_f.weight"] = names["transformer.ln_f.bias"] = (C,)
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = (V, C)
+    return names
+
+
+def regroup_qkv(t: torch.Tensor, config: FalconConfig) -> torch.Tensor:
+    """HF fused QKV rows -> [all Q | all K | all V].
+
+    The three HF layouts are one view (as vLLM and llama.cpp's converter use it):
+    K groups of (H/K query heads, 1 key head, 1 value head). MHA is K = H groups of
+    [q, k, v]; multi-query is 1 group of [q_0..q_{H-1}, k, v].
+    """
+    H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
+    G = H // K
+    grouped = t.reshape(K, G + 2, D, *t.shape[1:])
+    q = grouped[:, :G].reshape(H * D, *t.shape[1:])
+    k = grouped[:, G].reshape(K * D, *t.shape[1:])
+    v = grouped[:, G + 1].reshape(K * D, *t.shape[1:])
+    return torch.cat([q, k, v])
+
+
+def _needs_regroup(name: str, config: FalconConfig) -> bool:
+    # Multi-query without grouping is already [Q heads | K | V]; skipping it keeps the
+    # 7B weight zero-copy.
+    return "query_key_value" in name and config.kv_heads != 1
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files, in the order the index lists them."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = list(dict.fromkeys(weight_map.values()))
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index}: not a valid weight index ({e})") from None
+            paths = [folder / f for f in files]
+            for p in paths:
+                if not p.is_file() or p.resolve().parent != folder.resolve():
+                    raise CheckpointError(f"{index}: lists {p.name}, which is not a file in {folder}")
+            return paths
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise CheckpointError(
+        f"{folder}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin; "
+        "is this a Hugging Face model folder?"
+    )
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    size = path.stat().st_size
+    for name in names:
+
+        def get(name: str = name) -> torch.Tensor:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor(name)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: tensor {name} cannot be read ({e}); file size {size}") from None
+
+        yield name, get
+
+
+def _iter_bin(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Pre-zip (legacy) serialization cannot be memory-mapped.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or hostile pickles
+        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for name in list(state):
+        t = state.pop(name)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name} is a {type(t).__name__}, not a tensor")
+        yield name, (lambda t=t: t)
+
+
+def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    for path in weight_files(folder):
+        reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_bin
+        for name, get in reader(path):
+            yield path, name, get
+
+
+def load_weights(model: Falcon, folder: Path, progress: Callable[[int], None] | None = None) -> None:
+    """Fill `model` (built on the meta device) with the checkpoint's tensors."""
+    config = model.config
+    expected = expected_tensors(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: dict[str, Path] = {}
+    for path, name, get in iter_checkpoint(folder):
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
+                f"({config.variant}, {config.num_hidden_layers} layers)"
+            )
+        if name in seen:
+            raise CheckpointError(f"{path}: tensor {name} also appears in {seen[name]}")
+        t = get()
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} from config.json"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype}, expected a float type")
+        target = params[name]
+        if _needs_regroup(name, config):
+            t = regroup_qkv(t, config)
+        if t.dtype != target.dtype:
+            t = t.to(target.dtype)
+        _set_parameter(model, name, t)
+        seen[name] = path
+        if progress is not None:
+            progress(t.nbytes)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        files = ", ".join(p.name for p in weight_files(folder))
+        raise CheckpointError(
+            f"{folder}: checkpoint ({files}) has no tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + "; is this a complete Falcon checkpoint?"
+        )
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+
+
+def _set_parameter(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
+
+
+def read_config(folder: Path) -> FalconConfig:
+    return FalconConfig.from_file(folder / "config.json")

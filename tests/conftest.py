@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny real Falcon checkpoints written by transformers, and a tiny
+byte-level BPE tokenizer trained in the test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Falcon models run on your own machine. "
+    "In the beginning was the word, and the word was with the model. 東京は日本の首都です。 "
+    "Emoji test: 🦅 👩‍👩‍👧 ✓ — naïve café. Numbers 1234567890 and code: def f(x): return x * 2\n"
+) * 20
+
+SPECIAL_TOKENS = [">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<",
+                  ">>ANSWER<<", ">>QUESTION<<", ">>DOMAIN<<", ">>PREFIX<<", ">>SUFFIX<<",
+                  ">>MIDDLE<<", "<|endoftext|>"]  # fmt: skip
+EOS_ID = 11  # <|endoftext|>, as in Falcon's tokenizer
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 400) -> None:
+    """Byte-level BPE like Falcon's (special tokens first, <|endoftext|> = 11)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    assert tok.token_to_id("<|endoftext|>") == EOS_ID
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+
+
+# Tiny configs, one per Falcon variant (HF FalconConfig kwargs).
+VARIANTS: dict[str, dict] = {
+    "rw": dict(alibi=True, multi_query=False, parallel_attn=False, bias=True, new_decoder_architecture=False,
+               num_attention_heads=4),
+    "rw_6heads": dict(alibi=True, multi_query=False, parallel_attn=False, bias=True,
+                      new_decoder_architecture=False, num_attention_heads=6, hidden_size=48),
+    # 7B configs written by transformers say num_kv_heads = num_attention_heads, but use 1.
+    "7b": dict(multi_query=True, parallel_attn=True, num_kv_heads=4, num_attention_heads=4),
+    "40b": dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8),
+    "11b": dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=4,
+                num_ln_in_parallel_attn=1, rope_parameters={"rope_type": "default", "rope_theta": 500042.0},
+                tie_word_embeddings=False),
+    "7b_rope_linear": dict(multi_query=True, max_position_embeddings=16,
+                           rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "7b_rope_dynamic": dict(multi_query=True, max_position_embeddings=16,
+                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "mha_rotary_bias": dict(multi_query=False, parallel_attn=True, bias=True, num_attention_heads=4,
+                            ffn_hidden_size=96, activation="gelu"),
+}  # fmt: skip
+
+
+def hf_config(variant: str, **over):
+    from transformers import FalconConfig as HFConfig
+
+    kw = dict(vocab_size=448, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2,
+              max_position_embeddings=2048, bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
+    kw.update(VARIANTS[variant])
+    kw.update(over)
+    return HFConfig(**kw)
+
+
+def build_hf_model(variant: str, seed: int = 0, **over):
+    from transformers import FalconForCausalLM
+
+    torch.manual_seed(seed)
+    model = FalconForCausalLM(hf_config(variant, **over)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong wiring shows
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_hf_model(model, folder: Path, **save_kw) -> Path:
+    model.save_pretrained(folder, **save_kw)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """Every variant as (HF model, folder written by save_pretrained)."""
+    out = {}
+    for variant in VARIANTS:
+        model = build_hf_model(variant)
+        out[variant] = (model, save_hf_model(model, tmp_path_factory.mktemp(variant)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_7b(hf_checkpoints) -> Path:
+    return hf_checkpoints["7b"][1]
