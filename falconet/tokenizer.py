@@ -37,8 +37,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 _TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)
 
 
-def _read_json(path: Path, required: bool) -> Any:
-    """Parse one JSON file of the folder; None when it is optional and absent."""
+def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
+    """Parse one JSON object file of the folder; None when it is optional and absent."""
     if not path.is_file():
         if required:
             raise TokenizerError(
@@ -47,12 +47,15 @@ def _read_json(path: Path, required: bool) -> Any:
             )
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(
             f"{path} is not valid JSON ({e}); the file may be truncated or corrupt, "
             "download it again"
         ) from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _token_content(value: Any) -> str | None:
@@ -89,11 +92,11 @@ def _pick_chat_template(value: Any, source: str) -> str | None:
 
 
 def _load_backend(path: Path) -> tokenizers.Tokenizer:
-    data = _read_json(path, required=True)
     try:
-        return tokenizers.Tokenizer.from_str(json.dumps(data))
+        return tokenizers.Tokenizer.from_file(str(path))
     # The Rust binding raises plain Exception for every parse error, so nothing narrower works.
     except Exception as e:
+        _read_json(path, required=True)  # a missing file or bad JSON gets its own message
         raise TokenizerError(
             f"{path} is JSON but not a tokenizers file ({e}); it must be the tokenizer.json "
             "saved by Hugging Face tokenizers"
@@ -189,6 +192,12 @@ class Tokenizer:
             eos_token if eos_token is not None else self._token_or_none(self.eos_token_id)
         )
         self._compiled_template: jinja2.Template | None = None
+        added = backend.get_added_tokens_decoder().items()
+        self._special_ids = frozenset(
+            {i for i, tok in added if tok.special}
+            | set(self._eos_token_ids)
+            | ({bos_token_id} if bos_token_id is not None else set())
+        )
         if add_bos_token is not None or add_eos_token is not None:
             self._set_post_processor(bool(add_bos_token), bool(add_eos_token))
 
@@ -214,23 +223,12 @@ class Tokenizer:
         config = _read_json(folder / "tokenizer_config.json", required=False) or {}
         special = _read_json(folder / "special_tokens_map.json", required=False) or {}
         generation = _read_json(folder / "generation_config.json", required=False) or {}
-        for name, data in [
-            ("tokenizer_config.json", config),
-            ("special_tokens_map.json", special),
-            ("generation_config.json", generation),
-        ]:
-            if not isinstance(data, dict):
-                raise TokenizerError(f"{folder / name} must hold a JSON object")
-
-        bos_token = _token_content(config.get("bos_token")) or _token_content(
-            special.get("bos_token")
-        )
-        eos_token = _token_content(config.get("eos_token")) or _token_content(
-            special.get("eos_token")
-        )
+        bos_token = _token_content(config.get("bos_token", special.get("bos_token")))
+        eos_token = _token_content(config.get("eos_token", special.get("eos_token")))
         # A token the configs name but the vocabulary lacks is dropped: HF would append it
         # as a new id the model has no embedding for, which the model can never emit anyway.
-        eos_ids = [i for i in [backend.token_to_id(eos_token or "")] if i is not None]
+        eos_id = backend.token_to_id(eos_token) if eos_token else None
+        eos_ids = [eos_id] if eos_id is not None else []
         eos_ids += _as_id_list(generation.get("eos_token_id"))
         bos_id = backend.token_to_id(bos_token) if bos_token else None
         if bos_id is None:
@@ -311,11 +309,7 @@ class Tokenizer:
     @property
     def special_token_ids(self) -> frozenset[int]:
         """Ids of added tokens marked special, plus bos and eos."""
-        ids = {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
-        ids.update(self._eos_token_ids)
-        if self._bos_token_id is not None:
-            ids.add(self._bos_token_id)
-        return frozenset(ids)
+        return self._special_ids
 
     @functools.cached_property
     def byte_fallback_ids(self) -> frozenset[int]:
@@ -423,14 +417,26 @@ class StreamDecoder:
         piece = text[self._emitted : stable]
         self._emitted = max(self._emitted, stable)
         if stable == len(text):
-            # A character boundary: restart the window at the first token not yet known
-            # to end cleanly, keeping it as left context for decoders that need one.
-            self._ids = self._ids[self._read :]
-            self._read = len(self._ids)
-            self._emitted = self._text_len = len(self._decode(self._ids))
-            if self._group_start is not None:  # a byte run with no text yet starts here
-                self._group_start = self._text_len
+            self._restart()
         return piece
+
+    def _restart(self) -> None:
+        """At a character boundary, drop the window's tokens that are no longer needed.
+
+        The new window starts at the first token of the piece just emitted: decoders
+        treat a window's first token as the start of the text (Metaspace and Strip drop
+        its leading space), so it must be text already emitted. If those tokens decode
+        to nothing (skipped special tokens), the window is kept as it is.
+        """
+        tail = self._ids[self._read :]
+        tail_len = len(self._decode(tail))
+        if tail_len == 0:
+            self._read = len(self._ids)
+            return
+        self._ids, self._read = tail, len(tail)
+        self._emitted = self._text_len = tail_len
+        if self._group_start is not None:  # a byte run with no text yet starts here
+            self._group_start = tail_len
 
     def flush(self) -> str:
         """Return whatever is held back at the end of the stream, invalid bytes included.

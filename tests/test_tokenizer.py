@@ -228,6 +228,37 @@ def test_stream_of_random_ids_adds_up(tok: Tokenizer, skip: bool) -> None:
         assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=skip), ids
 
 
+def test_stream_sentencepiece_style_byte_fallback() -> None:
+    # GGUF llama-style vocabularies spell rare bytes as <0xXX> tokens; their ByteFallback
+    # decoder turns a whole run into U+FFFDs if one byte is bad, and Strip/Metaspace drop
+    # the first token's leading space: both are traps for a window-based stream decoder.
+    bpe = RustTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
+    )
+    bpe.train_from_iterator(["hello world 東京 the quick brown fox 😀"] * 20, trainer=trainer)
+    tok = Tokenizer(bpe, eos_token_ids=[2], bos_token_id=1)
+    assert len(tok.byte_fallback_ids) == 256
+    rng = random.Random(3)
+    for _ in range(150):
+        text_ids = tok.encode(_random_text(rng).replace(">>", ""))
+        random_ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 20))]
+        for ids in (text_ids, random_ids):
+            for skip in (False, True):
+                pieces, tail = _stream(tok, ids, skip)
+                assert "".join(pieces) + tail == tok.decode(ids, skip), ids
+
+
 def test_stream_holds_back_split_emoji(tok: Tokenizer) -> None:
     ids = tok.encode("🦀")
     assert len(ids) > 1  # not in the corpus: several byte tokens

@@ -1,0 +1,5 @@
+import sys
+
+from falconet.cli import main
+
+sys.exit(main())

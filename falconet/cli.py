@@ -1,0 +1,213 @@
+"""The `falconet` command: generate, chat, info.
+
+Every user error (missing path, not a Falcon checkpoint, bad flag values) prints one
+line on stderr and exits 2; the library raises typed errors and this file turns them
+into messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from falconet.errors import FalconetError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="HF Falcon folder (default: the embedded default model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype; auto keeps the checkpoint's (compute is fp32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], dest="stop_token_ids")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="falconet", description="Run Falcon LLMs on your own machine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="continue a prompt")
+    gen.add_argument("prompt")
+    _add_model_flags(gen)
+    _add_sampling_flags(gen, max_tokens=64)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+    chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
+    _add_model_flags(chat)
+    _add_sampling_flags(chat, max_tokens=256)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    info = sub.add_parser("info", help="describe a model: variant, parameters, memory")
+    _add_model_flags(info)
+    return parser
+
+
+def _sampling(args: argparse.Namespace):
+    from falconet.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load(args: argparse.Namespace):
+    import falconet
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # drawn only once loading has taken a second
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        return falconet.load(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_generate(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    from falconet.generate import complete, generate_text
+
+    params = _sampling(args)  # validate flags before the (slow) load
+    llm = _load(args)
+    ids = [llm.tokenizer.encode(args.prompt)]
+    if args.stream:
+        for ev in generate_text(llm.model, llm.tokenizer, ids, [params], llm.eos_ids):
+            out(ev.text)
+        out("\n")
+    else:
+        out(complete(llm.model, llm.tokenizer, ids, [params], llm.eos_ids)[0].text + "\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    from falconet.generate import generate_text
+
+    params = _sampling(args)
+    llm = _load(args)
+    context = llm.config.max_position_embeddings
+    history: list[dict] = []
+    out("falconet chat: /reset clears the history, /exit or Ctrl-D quits\n")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            out("\n")
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            out("(history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = _fit_history(llm, args.system, history, context - params.max_tokens)
+        out("falcon> ")
+        reply = ""
+        for ev in generate_text(llm.model, llm.tokenizer, [ids], [params], llm.eos_ids):
+            reply += ev.text
+            out(ev.text)
+        out("\n")
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _fit_history(llm, system: str | None, history: list[dict], budget: int) -> list[int]:
+    """Prompt ids for the chat so far, dropping the oldest turns to fit `budget` tokens."""
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = llm.chat_prompt(messages)
+        if len(ids) <= budget or len(history) <= 1:
+            return ids[-max(1, budget) :]
+        del history[: 2 if len(history) > 2 else 1]  # oldest user+assistant turn
+
+
+def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    llm = _load(args)
+    c, m = llm.config, llm.model
+    kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
+    mha_bytes = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
+    rows = [
+        ("path", str(llm.path)),
+        ("variant", c.variant),
+        ("parameters", f"{m.num_parameters():,}"),
+        ("weights", f"{m.weight_bytes():,} bytes ({m.lm_head.weight.dtype}, compute {m.compute_dtype})"),
+        ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
+        ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
+        ("context (max_position_embeddings)", str(c.max_position_embeddings)),
+        ("vocab", f"{c.vocab_size} (tokenizer {llm.tokenizer.vocab_size})"),
+        ("KV cache per token", f"{kv_bytes:,} bytes ({mha_bytes // kv_bytes}x smaller than full MHA)"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out(f"{k:<{width}}  {v}\n")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def out(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, out)
+    except _UsageError as e:
+        print(f"falconet: error: {e}", file=sys.stderr)
+    except FalconetError as e:
+        print(f"falconet: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
