@@ -85,7 +85,7 @@ class FalconConfig:
 
     @property
     def block_layout(self) -> str:
-        """"sequential" (rw), "parallel" (one shared norm: 7B, 11B) or "parallel_2ln" (40B/180B)."""
+        """ "sequential" (rw), "parallel" (one shared norm: 7B, 11B) or "parallel_2ln" (40B/180B)."""
         if self.new_decoder_architecture:
             # new_decoder_architecture ignores `parallel_attn`: it is always parallel.
             return "parallel_2ln" if (self.num_ln_in_parallel_attn or 2) == 2 else "parallel"
@@ -127,18 +127,31 @@ class FalconConfig:
                 f"config: hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
-            raise ConfigError(f"config: ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
+        for name in ("num_kv_heads", "ffn_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive_int(value):
+                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+        # Checked for every layout: transformers reads the value only in some, but 0 or 3
+        # is never a Falcon config.
+        num_ln = self.num_ln_in_parallel_attn
+        if num_ln is not None and not (_is_positive_int(num_ln) and num_ln in (1, 2)):
+            raise ConfigError(f"config: num_ln_in_parallel_attn must be 1 or 2, got {num_ln!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_token_id(value):
+                raise ConfigError(
+                    f"config: {name} must be a token id (an integer >= 0), got {value!r}"
+                )
+        if not all(_is_token_id(t) for t in self.eos_token_ids):
+            raise ConfigError(
+                f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
+            )
         if self.new_decoder_architecture:
             kv = self.kv_heads
             if kv <= 0 or self.num_attention_heads % kv:
                 raise ConfigError(
                     f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
                     f"num_kv_heads {kv}"
-                )
-            if self.num_ln_in_parallel_attn not in (None, 1, 2):
-                raise ConfigError(
-                    f"config: num_ln_in_parallel_attn must be 1 or 2, got {self.num_ln_in_parallel_attn}"
                 )
         elif not self.multi_query and self.num_kv_heads not in (None, self.num_attention_heads):
             raise ConfigError(
@@ -157,20 +170,26 @@ class FalconConfig:
             )
         if self.rope_scaling_type is not None:
             if self.alibi:
-                raise ConfigError("config: rope_scaling is set but the model uses ALiBi, not rotary")
+                raise ConfigError(
+                    "config: rope_scaling is set but the model uses ALiBi, not rotary"
+                )
             if self.rope_scaling_type not in ROPE_SCALING_TYPES:
                 raise ConfigError(
                     f"config: rope_scaling type {self.rope_scaling_type!r} is not supported; "
                     f"falconet supports {ROPE_SCALING_TYPES}"
                 )
-            if not (isinstance(self.rope_scaling_factor, (int, float)) and self.rope_scaling_factor > 1):
+            if not (_is_finite_number(self.rope_scaling_factor) and self.rope_scaling_factor > 1):
                 raise ConfigError(
                     f"config: rope_scaling factor must be a number > 1, got {self.rope_scaling_factor!r}"
                 )
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"config: rope_theta must be positive, got {self.rope_theta!r}")
-        if not (self.layer_norm_epsilon > 0 and math.isfinite(self.layer_norm_epsilon)):
-            raise ConfigError(f"config: layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        if not (_is_finite_number(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(
+                f"config: rope_theta must be a positive number, got {self.rope_theta!r}"
+            )
+        if not (_is_finite_number(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+            raise ConfigError(
+                f"config: layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}"
+            )
 
     # ---- reading and writing HF config.json ------------------------------------------
     @classmethod
@@ -231,11 +250,30 @@ class FalconConfig:
                 kwargs[name] = None
             else:
                 kwargs[name] = defaults[name].default
-        for name in ("multi_query", "new_decoder_architecture", "parallel_attn", "alibi", "bias", "tie_word_embeddings"):
+        for name in (
+            "multi_query",
+            "new_decoder_architecture",
+            "parallel_attn",
+            "alibi",
+            "bias",
+            "tie_word_embeddings",
+        ):
             if not isinstance(kwargs[name], bool):
                 raise ConfigError(f"config: {name} must be true or false, got {kwargs[name]!r}")
         dtype = d.get("torch_dtype", d.get("dtype"))
-        known = set(kwargs) | set(renames) | {"model_type", "eos_token_id", "rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype"}
+        known = (
+            set(kwargs)
+            | set(renames)
+            | {
+                "model_type",
+                "eos_token_id",
+                "rope_theta",
+                "rope_scaling",
+                "rope_parameters",
+                "torch_dtype",
+                "dtype",
+            }
+        )
         return cls(
             **kwargs,
             rope_theta=rope_theta,
@@ -252,9 +290,13 @@ class FalconConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json; is this a Hugging Face model folder?") from None
+            raise ConfigError(
+                f"{path}: no config.json; is this a Hugging Face model folder?"
+            ) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:  # a folder named config.json, no read permission
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
         try:
             return cls.from_hf(data)
         except ConfigError as e:
@@ -263,12 +305,24 @@ class FalconConfig:
     def to_hf(self) -> dict[str, Any]:
         """The config as transformers' `FalconConfig` writes it (model_type falcon)."""
         d = asdict(self)
-        for k in ("rope_theta", "rope_scaling_type", "rope_scaling_factor", "eos_token_ids", "extra", "torch_dtype"):
+        for k in (
+            "rope_theta",
+            "rope_scaling_type",
+            "rope_scaling_factor",
+            "eos_token_ids",
+            "extra",
+            "torch_dtype",
+        ):
             d.pop(k)
         d["num_kv_heads"] = self.num_kv_heads if self.num_kv_heads is not None else self.kv_heads
         d["ffn_hidden_size"] = self.ffn_size
-        d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
-        rope: dict[str, Any] = {"rope_type": self.rope_scaling_type or "default", "rope_theta": self.rope_theta}
+        d["eos_token_id"] = (
+            self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        )
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_scaling_type or "default",
+            "rope_theta": self.rope_theta,
+        }
         if self.rope_scaling_type:
             rope["factor"] = self.rope_scaling_factor
         d["rope_parameters"] = rope
@@ -278,6 +332,19 @@ class FalconConfig:
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
         return d
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    # bool is an int subclass; `"rope_theta": true` is a typo, not 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _rope_from_hf(d: dict[str, Any]) -> tuple[float, str | None, float]:

@@ -28,7 +28,7 @@ def _boundary_stop_string(llm, ids, text):
     """A 2-char stop string whose first char ends one token and second starts the next,
     and whose first occurrence in `text` is at that token boundary."""
     for k in range(1, len(ids)):
-        head = llm.tokenizer.decode(ids[:k])
+        head = llm.tokenizer.decode(ids[:k], skip_special_tokens=True)
         if not head or head.endswith("\ufffd") or not text.startswith(head) or len(text) <= len(head):
             continue
         stop = text[len(head) - 1 : len(head) + 1]
@@ -72,7 +72,7 @@ def test_stop_token_id_ends_with_stop_and_is_not_in_text(llm):
     res = llm.complete([PROMPT], max_tokens=5, ignore_eos=True, stop_token_ids=[tok])[0]
     assert res.finish_reason == "stop"
     assert res.token_ids == first.token_ids[:3]
-    assert res.text == llm.tokenizer.decode(first.token_ids[:2])
+    assert res.text == llm.tokenizer.decode(first.token_ids[:2], skip_special_tokens=True)
 
 
 def test_eos_stops_unless_ignored(llm):

@@ -11,6 +11,7 @@ no pickled code ever runs.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,12 +88,28 @@ def weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 files = list(dict.fromkeys(weight_map.values()))
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index}: not a valid weight index ({e})") from None
-            paths = [folder / f for f in files]
-            for p in paths:
-                if not p.is_file() or p.resolve().parent != folder.resolve():
-                    raise CheckpointError(f"{index}: lists {p.name}, which is not a file in {folder}")
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+                AttributeError,
+                UnicodeDecodeError,
+                OSError,
+            ) as e:
+                raise CheckpointError(
+                    f"{index}: not a valid weight index ({type(e).__name__}: {e})"
+                ) from None
+            paths = []
+            for f in files:
+                # A plain file name: no "../x" or "/abs/x" that would read outside the folder.
+                # The file itself may be a symlink (the huggingface_hub cache links to blobs/).
+                if not isinstance(f, str) or f in ("", ".", "..") or Path(f).name != f or "\\" in f:
+                    raise CheckpointError(
+                        f"{index}: lists {f!r}, which is not a file name inside {folder}"
+                    )
+                if not (folder / f).is_file():
+                    raise CheckpointError(f"{index}: lists {f}, which is not a file in {folder}")
+                paths.append(folder / f)
             return paths
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
@@ -111,7 +128,9 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}){_truncation_note(path)}"
+        ) from None
     size = path.stat().st_size
     for name in names:
 
@@ -120,9 +139,37 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
                 with safe_open(str(path), framework="pt") as f:
                     return f.get_tensor(name)
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{path}: tensor {name} cannot be read ({e}); file size {size}") from None
+                raise CheckpointError(
+                    f"{path}: tensor {name} cannot be read ({e}); file size {size}"
+                ) from None
 
         yield name, get
+
+
+def _truncation_note(path: Path) -> str:
+    """Name the first tensor a cut-off download lost, when the header is still whole."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                return ""
+            header = json.loads(f.read(n))
+        ends = sorted(
+            (info["data_offsets"][1], name)
+            for name, info in header.items()
+            if name != "__metadata__"
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return ""
+    cut = [name for end, name in ends if not isinstance(end, int) or 8 + n + end > size]
+    if not ends or not cut:
+        return ""
+    more = f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+    return (
+        f"; the file is truncated: {size} bytes of {8 + n + ends[-1][0]}, tensor {cut[0]}{more} is cut off; "
+        "download it again"
+    )
 
 
 def _iter_bin(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -135,7 +182,16 @@ def _iter_bin(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
             # Pre-zip (legacy) serialization cannot be memory-mapped.
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
-        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})") from None
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            # torch's own message suggests weights_only=False, which would run the pickle's code.
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, not only tensors ({refused[0].strip()}); "
+                "refusing to load it, since that could run arbitrary code"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     for name in list(state):
@@ -152,14 +208,18 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torc
             yield path, name, get
 
 
-def load_weights(model: Falcon, folder: Path, progress: Callable[[int], None] | None = None) -> None:
+def load_weights(
+    model: Falcon, folder: Path, progress: Callable[[int], None] | None = None
+) -> None:
     """Fill `model` (built on the meta device) with the checkpoint's tensors."""
     config = model.config
     expected = expected_tensors(config)
     params = dict(model.named_parameters(remove_duplicate=False))
     seen: dict[str, Path] = {}
     for path, name, get in iter_checkpoint(folder):
-        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+        if name.endswith(IGNORED_SUFFIXES) or (
+            name == "lm_head.weight" and config.tie_word_embeddings
+        ):
             continue
         if name not in expected:
             raise CheckpointError(
@@ -174,7 +234,9 @@ def load_weights(model: Falcon, folder: Path, progress: Callable[[int], None] | 
                 f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} from config.json"
             )
         if not t.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype}, expected a float type")
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {t.dtype}, expected a float type"
+            )
         target = params[name]
         if _needs_regroup(name, config):
             t = regroup_qkv(t, config)

@@ -1,0 +1,469 @@
+"""Benchmark falconet against transformers on CPU: prefill, decode, load memory, roofline.
+
+Builds (once, cached) a randomly initialised Falcon-7B-shaped model scaled down to
+~1.15 B parameters -- hidden 2048, 24 layers, 32 heads of 64, multi-query, parallel
+attention, vocab 65,024, no biases -- saved in bf16 safetensors with a tiny byte-level
+BPE tokenizer, then measures side by side, at each requested dtype:
+
+- prefill tokens/s: one forward over a random --prompt-len prompt, filling a KV cache
+  (falconet: `generate.prefill` into a `KVCache`; transformers: one forward with
+  use_cache=True and logits_to_keep=1, as `generate()` does);
+- decode tokens/s: --decode-tokens greedy steps after that prompt (falconet:
+  `generate.decode_step` loop; transformers: a manual loop feeding back its cache -- not
+  `generate()`, so both sides do the same work);
+- peak RSS growth while loading, and while loading + prefill + one decode step, each
+  loader in a fresh subprocess, as a multiple of the weight bytes at that dtype;
+- the decode roofline: weight bytes read per token vs the memory read bandwidth
+  measured here (a sum over a large fp32 tensor).
+
+Timings are medians over --repeats, after one warm-up. The models are never loaded at
+the same time. This script is not used by the tests.
+
+    python benchmarks/bench_generate.py                     # full size (~2.3 GB bf16 checkpoint)
+    python benchmarks/bench_generate.py --hidden 256 --layers 2 --heads 4 --vocab 4096 \\
+        --cache-dir /tmp/bench_small --repeats 1            # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHAPE = {"hidden": 2048, "layers": 24, "heads": 32, "vocab": 65024}
+DEFAULT_CACHE = REPO / ".bench_cache" / "falcon-1b-mq"
+SEED = 0
+DTYPES = {"bf16": ("bfloat16", torch.bfloat16), "fp32": ("float32", torch.float32)}
+EOS = "<|endoftext|>"
+META = "bench_meta.json"  # written last: its presence marks a complete checkpoint
+
+
+# ---- checkpoint ---------------------------------------------------------------------
+def shape_of(args: argparse.Namespace) -> dict:
+    return {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab": args.vocab, "seed": SEED}
+
+
+def cache_dir_for(args: argparse.Namespace) -> Path:
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    if all(getattr(args, k) == v for k, v in DEFAULT_SHAPE.items()):
+        return DEFAULT_CACHE
+    s = shape_of(args)
+    return REPO / ".bench_cache" / f"falcon-h{s['hidden']}-l{s['layers']}-a{s['heads']}-v{s['vocab']}"
+
+
+def ensure_checkpoint(args: argparse.Namespace, folder: Path) -> None:
+    meta = folder / META
+    want = shape_of(args)
+    if meta.is_file():
+        have = json.loads(meta.read_text())
+        if have != want:
+            sys.exit(
+                f"{folder} holds a model of shape {have}, not {want}; pass another --cache-dir "
+                "or delete that folder"
+            )
+        return
+    print(f"building a random checkpoint {want} in {folder} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    # A subprocess, so the fp32 init buffers never inflate this process's memory.
+    run_worker(["build", "--cache-dir", str(folder)] + shape_flags(args), args.threads)
+    print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def shape_flags(args: argparse.Namespace) -> list[str]:
+    return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab)]
+
+
+def build_tokenizer(folder: Path, vocab: int) -> int:
+    """A tiny byte-level BPE (prompts are token ids, so its size does not matter)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = (
+        "Falcon is a family of decoder-only language models. The falcon flies over the "
+        "valley, and the engine decodes one token at a time, reading every weight once. "
+    ) * 8
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, 400),
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "bos_token": EOS}))
+    return tok.token_to_id(EOS)
+
+
+def worker_build(args: argparse.Namespace) -> dict:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    folder = Path(args.cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).unlink(missing_ok=True)
+    eos_id = build_tokenizer(folder, args.vocab)
+    config = FalconConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        bias=False,
+        alibi=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    torch.manual_seed(SEED)
+    model = FalconForCausalLM(config).eval()
+    model.to(torch.bfloat16)
+    model.save_pretrained(folder)
+    (folder / META).write_text(json.dumps(shape_of(args)))
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+# ---- subprocess workers --------------------------------------------------------------
+def run_worker(argv: list[str], threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"worker {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def proc_status() -> dict[str, int]:
+    """VmHWM / VmRSS / RssAnon / RssFile of this process, in bytes."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    if "VmHWM" not in out:  # not Linux: ru_maxrss (bytes on macOS, KiB elsewhere)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["VmHWM"] = rss if sys.platform == "darwin" else rss * 1024
+    return out
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
+
+
+def worker_rss(args: argparse.Namespace) -> dict:
+    """Peak RSS growth of one loader in this fresh process (torch + library already imported)."""
+    dtype_name, torch_dtype = DTYPES[args.dtype]
+    if args.engine == "falconet":
+        import falconet
+        from falconet.cache import KVCache
+        from falconet.generate import decode_step, prefill
+    else:
+        from transformers import FalconForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    gc.collect()
+    before = proc_status()
+    if args.engine == "falconet":
+        llm = falconet.load(args.cache_dir, dtype=dtype_name)
+        model = llm.model
+    else:
+        model = hf_load(args.cache_dir, torch_dtype)
+    loaded = proc_status()
+    with torch.inference_mode():
+        if args.engine == "falconet":
+            cache = KVCache(model.config, 1, args.prompt_len + 1, model.compute_dtype, model.device)
+            logits = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
+            decode_step(model, logits.argmax(-1), cache)
+        else:
+            out = model(input_ids=ids, use_cache=True, **hf_keep_last(model))
+            model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), use_cache=True, **{hf_cache_kw(model): hf_cache(out)})
+    ran = proc_status()
+    return {
+        "weight_bytes": param_bytes(model),
+        "load_growth": loaded["VmHWM"] - before["VmHWM"],
+        "run_growth": ran["VmHWM"] - before["VmHWM"],
+        "anon_growth": ran.get("RssAnon", 0) - before.get("RssAnon", 0),
+        "file_growth": ran.get("RssFile", 0) - before.get("RssFile", 0),
+    }
+
+
+# ---- transformers helpers -------------------------------------------------------------
+def hf_load(folder, torch_dtype: torch.dtype):
+    import transformers
+    from transformers import FalconForCausalLM
+
+    # transformers 5 renamed torch_dtype= to dtype= (the old name still works, with a warning).
+    kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = FalconForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **{kw: torch_dtype})
+    return model.eval()
+
+
+def hf_cache_kw(model) -> str:
+    # transformers 5 renamed past_key_values= to cache= (deprecated alias until 5.40).
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def hf_keep_last(model) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+# ---- timing ---------------------------------------------------------------------------
+def measure_bandwidth(gib: float, runs: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: median time of a sum over a `gib` GiB fp32 tensor."""
+    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)  # ones: every page touched
+    x.sum()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    nbytes = x.nbytes
+    del x
+    return nbytes / statistics.median(times)
+
+
+def bench_falconet(folder: Path, dtype_name: str, ids: torch.Tensor, args) -> dict:
+    import falconet
+    from falconet.cache import KVCache
+    from falconet.generate import decode_step, prefill
+
+    llm = falconet.load(folder, dtype=dtype_name)
+    model = llm.model
+    P, D = ids.shape[1], args.decode_tokens
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    pre, dec, tokens = [], [], []
+    with torch.inference_mode():
+        for i in range(args.repeats + 1):  # the first is the warm-up
+            cache = KVCache(model.config, 1, P + D, model.compute_dtype, model.device)
+            t0 = time.perf_counter()
+            logits = prefill(model, ids, valid, cache)
+            t1 = time.perf_counter()
+            tok = logits.argmax(-1)
+            tokens = [int(tok)]
+            t2 = time.perf_counter()
+            for _ in range(D):
+                tok = decode_step(model, tok, cache).argmax(-1)
+                tokens.append(int(tok))
+            t3 = time.perf_counter()
+            if i:
+                pre.append(t1 - t0)
+                dec.append(t3 - t2)
+    # The public API end to end, once (already warm): prefill + D + 1 greedy tokens.
+    t0 = time.perf_counter()
+    done = llm.complete([ids[0].tolist()], max_tokens=D + 1, ignore_eos=True, temperature=0.0)
+    t_complete = time.perf_counter() - t0
+    result = {
+        "prefill": P / statistics.median(pre),
+        "decode": D / statistics.median(dec),
+        "complete": (D + 1) / t_complete,
+        "complete_same": done[0].token_ids == tokens,
+        "tokens": tokens,
+        "weight_bytes": model.weight_bytes(),
+        "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
+        "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+    }
+    del llm, model, cache, logits
+    gc.collect()
+    return result
+
+
+def bench_transformers(folder: Path, torch_dtype: torch.dtype, ids: torch.Tensor, args) -> dict:
+    model = hf_load(folder, torch_dtype)
+    cache_kw, keep = hf_cache_kw(model), hf_keep_last(model)
+    P, D = ids.shape[1], args.decode_tokens
+    pre, dec, tokens = [], [], []
+    with torch.inference_mode():
+        for i in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, **keep)
+            t1 = time.perf_counter()
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens = [int(tok)]
+            t2 = time.perf_counter()
+            for _ in range(D):
+                out = model(input_ids=tok, use_cache=True, **{cache_kw: hf_cache(out)})
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(tok))
+            t3 = time.perf_counter()
+            if i:
+                pre.append(t1 - t0)
+                dec.append(t3 - t2)
+    result = {
+        "prefill": P / statistics.median(pre),
+        "decode": D / statistics.median(dec),
+        "tokens": tokens,
+        "weight_bytes": param_bytes(model),
+        "cache_kw": cache_kw,
+    }
+    del model, out
+    gc.collect()
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=DEFAULT_SHAPE["hidden"])
+    ap.add_argument("--layers", type=int, default=DEFAULT_SHAPE["layers"])
+    ap.add_argument("--heads", type=int, default=DEFAULT_SHAPE["heads"])
+    ap.add_argument("--vocab", type=int, default=DEFAULT_SHAPE["vocab"])
+    ap.add_argument("--cache-dir", default=None, help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default shape)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--bw-gib", type=float, default=1.0, help="size of the bandwidth-probe tensor")
+    ap.add_argument("--skip-rss", action="store_true", help="skip the load-memory subprocesses")
+    # internal: run one step in a fresh process and print a JSON line
+    ap.add_argument("--worker", choices=["build", "rss"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["falconet", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    if args.worker:
+        result = worker_build(args) if args.worker == "build" else worker_rss(args)
+        print(json.dumps(result))
+        return
+
+    if args.hidden % args.heads:
+        ap.error("--hidden must be a multiple of --heads")
+    if args.vocab < 512:
+        ap.error("--vocab must be at least 512 (the tokenizer alone holds 257 tokens)")
+    if args.repeats < 1 or args.decode_tokens < 1 or args.prompt_len < 1:
+        ap.error("--repeats, --decode-tokens and --prompt-len must be positive")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
+
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    folder = cache_dir_for(args)
+    ensure_checkpoint(args, folder)
+    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+
+    bw = measure_bandwidth(args.bw_gib)
+    print(f"memory read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    notes: list[str] = []
+    for d in dtypes:
+        dtype_name, torch_dtype = DTYPES[d]
+        rss = {}
+        if not args.skip_rss:
+            for engine in ("falconet", "transformers"):
+                print(f"[{d}] peak RSS of the {engine} loader ...", file=sys.stderr, flush=True)
+                rss[engine] = run_worker(
+                    ["rss", "--engine", engine, "--dtype", d, "--cache-dir", str(folder),
+                     "--vocab", str(args.vocab), "--prompt-len", str(args.prompt_len)],
+                    args.threads,
+                )  # fmt: skip
+        print(f"[{d}] timing falconet ...", file=sys.stderr, flush=True)
+        fn = bench_falconet(folder, dtype_name, ids, args)
+        print(f"[{d}] timing transformers ...", file=sys.stderr, flush=True)
+        hf = bench_transformers(folder, torch_dtype, ids, args)
+
+        P, D = args.prompt_len, args.decode_tokens
+        rows.append((f"prefill tok/s ({P}-token prompt)", d, num(fn["prefill"]), num(hf["prefill"]), f"{fn['prefill'] / hf['prefill']:.2f}"))
+        rows.append((f"decode tok/s ({D} tokens)", d, num(fn["decode"]), num(hf["decode"]), f"{fn['decode'] / hf['decode']:.2f}"))
+        roof_fn, roof_hf = bw / fn["weight_bytes"], bw / hf["weight_bytes"]
+        rows.append(("decode roofline tok/s (bandwidth / weight bytes)", d, num(roof_fn), num(roof_hf), "—"))
+        rows.append(("decode % of roofline", d, f"{100 * fn['decode'] / roof_fn:.0f}%", f"{100 * hf['decode'] / roof_hf:.0f}%", "—"))
+        rows.append((f"complete() tok/s ({D + 1} tokens incl. prefill, 1 run)", d, num(fn["complete"]), "—", "—"))
+        for key, label in (("load_growth", "peak RSS growth, load / weight bytes"), ("run_growth", "peak RSS growth, load+prefill+1 step / weight bytes")):
+            if rss:
+                a = rss["falconet"][key] / rss["falconet"]["weight_bytes"]
+                b = rss["transformers"][key] / rss["transformers"]["weight_bytes"]
+                rows.append((label, d, f"{a:.2f}× ({gb(rss['falconet'][key])})", f"{b:.2f}× ({gb(rss['transformers'][key])})", f"{a / b:.2f}" if b > 0 else "—"))
+        if rss:
+            notes.append(
+                f"{d}: after the first token, RSS grew by anon {gb(rss['falconet']['anon_growth'])} + file-backed "
+                f"{gb(rss['falconet']['file_growth'])} (falconet) vs anon {gb(rss['transformers']['anon_growth'])} + "
+                f"file-backed {gb(rss['transformers']['file_growth'])} (transformers); file-backed pages are the "
+                "memory-mapped checkpoint, shared with the page cache"
+            )
+        same = common_prefix(fn["tokens"], hf["tokens"])
+        notes.append(
+            f"{d}: weights {gb(fn['weight_bytes'])} (falconet, {fn['weight_dtype']} weights, {fn['compute_dtype']} "
+            f"compute) / {gb(hf['weight_bytes'])} (transformers, {dtype_name} compute); greedy tokens agree on the "
+            f"first {same} of {D + 1}; complete() returned the decode_step loop's tokens: "
+            f"{'yes' if fn['complete_same'] else 'NO'}; transformers cache kwarg: {hf['cache_kw']}="
+        )
+
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    print()
+    print(
+        f"`{cmd}` — torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{args.threads} threads, CPU: {cpu_model()} ({os.cpu_count()} logical cores), "
+        f"memory read bandwidth {bw / 1e9:.1f} GB/s, model {folder.name} "
+        f"(hidden {args.hidden}, {args.layers} layers, {args.heads} heads, multi-query, vocab {args.vocab})"
+    )
+    print()
+    header = ("metric", "dtype", "falconet", "transformers", "ratio")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print()
+    for n in notes:
+        print(f"- {n}")
+
+
+if __name__ == "__main__":
+    main()

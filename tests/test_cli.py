@@ -1,0 +1,101 @@
+"""The `falconet` command, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import falconet
+
+ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "falconet", *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV
+    )
+
+
+def test_generate_prints_what_the_api_returns(tiny_7b):
+    expected = falconet.load(tiny_7b).generate("The quick", max_tokens=12, ignore_eos=True)
+    res = run("generate", "The quick", "--model", str(tiny_7b), "--max-tokens", "12", "--ignore-eos")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"
+    streamed = run("generate", "The quick", "--model", str(tiny_7b), "--max-tokens", "12", "--ignore-eos", "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == expected + "\n"
+
+
+def test_generate_sampling_flags_and_seed(tiny_7b):
+    args = ("generate", "Hi", "--model", str(tiny_7b), "--max-tokens", "10", "--ignore-eos", "-t", "1.2",
+            "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")  # fmt: skip
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+    expected = falconet.load(tiny_7b).generate(
+        "Hi", max_tokens=10, ignore_eos=True, temperature=1.2, top_k=50, top_p=0.9, min_p=0.01,
+        repetition_penalty=1.1, seed=7,
+    )  # fmt: skip
+    assert a.stdout == expected + "\n"
+
+
+def test_info_reports_variant_and_sizes(hf_checkpoints):
+    folder = hf_checkpoints["40b"][1]
+    res = run("info", "--model", str(folder))
+    assert res.returncode == 0, res.stderr
+    llm = falconet.load(folder)
+    assert "grouped, 2 kv heads" in res.stdout
+    assert f"{llm.model.num_parameters():,}" in res.stdout
+    # 2 layers * 2 (K,V) * 2 kv heads * 8 head_dim * 4 bytes
+    assert f"KV cache per token                  {2 * 2 * 2 * 8 * 4:,} bytes (4x smaller" in res.stdout
+
+
+def test_chat_keeps_history_and_resets(tiny_7b):
+    res = run("chat", "--model", str(tiny_7b), "--max-tokens", "4", stdin="hello\n/reset\nhi again\n/exit\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("falcon> ") == 2
+    assert "(history cleared)" in res.stdout
+
+
+def _not_falcon(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("generate", "x", "--model", "/no/such/folder"), "no such file or folder"),
+        (("generate", "x", "--model", "NOT_FALCON"), "model_type 'llama' is not a Falcon model"),
+        (("generate", "x", "--model", "TINY", "--temperature", "-1"), "temperature"),
+        (("generate", "x", "--model", "TINY", "--top-p", "2"), "top_p"),
+        (("generate", "x", "--model", "TINY", "--max-tokens", "0"), "max_tokens"),
+        (("generate", "x", "--model", "TINY", "--top-k", "abc"), "--top-k"),
+        (("generate", "x", "--model", "TINY", "--dtype", "int3"), "--dtype"),
+        (("generate", "x"), "no embedded default model"),
+        (("frobnicate",), "invalid choice"),
+        ((), "required"),
+    ],
+)
+def test_errors_print_one_line_and_exit_2(tmp_path, tiny_7b, args, needle):
+    swap = {"NOT_FALCON": str(_not_falcon(tmp_path)), "TINY": str(tiny_7b)}
+    res = run(*(swap.get(a, a) for a in args))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("falconet: error: ") and needle in lines[0]
+    assert res.stdout == ""
+
+
+def test_a_file_that_is_not_a_model_folder(tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("hello")
+    res = run("info", "--model", str(f))
+    assert res.returncode == 2
+    assert "expected a Hugging Face model folder" in res.stderr
