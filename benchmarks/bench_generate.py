@@ -53,7 +53,13 @@ META = "bench_meta.json"  # written last: its presence marks a complete checkpoi
 
 # ---- checkpoint ---------------------------------------------------------------------
 def shape_of(args: argparse.Namespace) -> dict:
-    return {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab": args.vocab, "seed": SEED}
+    return {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "vocab": args.vocab,
+        "seed": SEED,
+    }
 
 
 def cache_dir_for(args: argparse.Namespace) -> Path:
@@ -62,7 +68,9 @@ def cache_dir_for(args: argparse.Namespace) -> Path:
     if all(getattr(args, k) == v for k, v in DEFAULT_SHAPE.items()):
         return DEFAULT_CACHE
     s = shape_of(args)
-    return REPO / ".bench_cache" / f"falcon-h{s['hidden']}-l{s['layers']}-a{s['heads']}-v{s['vocab']}"
+    return (
+        REPO / ".bench_cache" / f"falcon-h{s['hidden']}-l{s['layers']}-a{s['heads']}-v{s['vocab']}"
+    )
 
 
 def ensure_checkpoint(args: argparse.Namespace, folder: Path) -> None:
@@ -84,7 +92,16 @@ def ensure_checkpoint(args: argparse.Namespace, folder: Path) -> None:
 
 
 def shape_flags(args: argparse.Namespace) -> list[str]:
-    return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab)]
+    return [
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--vocab",
+        str(args.vocab),
+    ]
 
 
 def build_tokenizer(folder: Path, vocab: int) -> int:
@@ -140,7 +157,14 @@ def worker_build(args: argparse.Namespace) -> dict:
 
 # ---- subprocess workers --------------------------------------------------------------
 def run_worker(argv: list[str], threads: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        *argv,
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -175,11 +199,20 @@ def worker_rss(args: argparse.Namespace) -> dict:
         from falconet.cache import KVCache
         from falconet.generate import decode_step, prefill
     else:
-        from transformers import FalconForCausalLM
+        from transformers import FalconForCausalLM  # noqa: F401  (import before the baseline)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+        hf_logging.disable_progress_bar()
+    ids = torch.randint(
+        0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)
+    )
+    # torch's one-time setup (~80 MB the first time a module is built on the meta device,
+    # as both loaders do; first kernels) is not part of what a loader costs per weight.
+    with torch.device("meta"):
+        torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Embedding(8, 8)
+    for dt in (torch.float32, torch.bfloat16):
+        torch.nn.functional.linear(torch.ones(16, 8, dtype=dt), torch.ones(8, 8, dtype=dt))
     gc.collect()
     before = proc_status()
     if args.engine == "falconet":
@@ -195,7 +228,11 @@ def worker_rss(args: argparse.Namespace) -> dict:
             decode_step(model, logits.argmax(-1), cache)
         else:
             out = model(input_ids=ids, use_cache=True, **hf_keep_last(model))
-            model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), use_cache=True, **{hf_cache_kw(model): hf_cache(out)})
+            model(
+                input_ids=out.logits[:, -1].argmax(-1, keepdim=True),
+                use_cache=True,
+                **{hf_cache_kw(model): hf_cache(out)},
+            )
     ran = proc_status()
     return {
         "weight_bytes": param_bytes(model),
@@ -213,7 +250,9 @@ def hf_load(folder, torch_dtype: torch.dtype):
 
     # transformers 5 renamed torch_dtype= to dtype= (the old name still works, with a warning).
     kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = FalconForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **{kw: torch_dtype})
+    model = FalconForCausalLM.from_pretrained(
+        folder, attn_implementation="sdpa", **{kw: torch_dtype}
+    )
     return model.eval()
 
 
@@ -341,7 +380,7 @@ def num(x: float) -> str:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -357,12 +396,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=DEFAULT_SHAPE["layers"])
     ap.add_argument("--heads", type=int, default=DEFAULT_SHAPE["heads"])
     ap.add_argument("--vocab", type=int, default=DEFAULT_SHAPE["vocab"])
-    ap.add_argument("--cache-dir", default=None, help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default shape)")
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default shape)",
+    )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     ap.add_argument("--bw-gib", type=float, default=1.0, help="size of the bandwidth-probe tensor")
     ap.add_argument("--skip-rss", action="store_true", help="skip the load-memory subprocesses")
     # internal: run one step in a fresh process and print a JSON line
@@ -394,9 +439,12 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     folder = cache_dir_for(args)
     ensure_checkpoint(args, folder)
-    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)
+    )
 
     bw = measure_bandwidth(args.bw_gib)
     print(f"memory read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
@@ -420,17 +468,62 @@ def main() -> None:
         hf = bench_transformers(folder, torch_dtype, ids, args)
 
         P, D = args.prompt_len, args.decode_tokens
-        rows.append((f"prefill tok/s ({P}-token prompt)", d, num(fn["prefill"]), num(hf["prefill"]), f"{fn['prefill'] / hf['prefill']:.2f}"))
-        rows.append((f"decode tok/s ({D} tokens)", d, num(fn["decode"]), num(hf["decode"]), f"{fn['decode'] / hf['decode']:.2f}"))
+        rows.append(
+            (
+                f"prefill tok/s ({P}-token prompt)",
+                d,
+                num(fn["prefill"]),
+                num(hf["prefill"]),
+                f"{fn['prefill'] / hf['prefill']:.2f}",
+            )
+        )
+        rows.append(
+            (
+                f"decode tok/s ({D} tokens)",
+                d,
+                num(fn["decode"]),
+                num(hf["decode"]),
+                f"{fn['decode'] / hf['decode']:.2f}",
+            )
+        )
         roof_fn, roof_hf = bw / fn["weight_bytes"], bw / hf["weight_bytes"]
-        rows.append(("decode roofline tok/s (bandwidth / weight bytes)", d, num(roof_fn), num(roof_hf), "—"))
-        rows.append(("decode % of roofline", d, f"{100 * fn['decode'] / roof_fn:.0f}%", f"{100 * hf['decode'] / roof_hf:.0f}%", "—"))
-        rows.append((f"complete() tok/s ({D + 1} tokens incl. prefill, 1 run)", d, num(fn["complete"]), "—", "—"))
-        for key, label in (("load_growth", "peak RSS growth, load / weight bytes"), ("run_growth", "peak RSS growth, load+prefill+1 step / weight bytes")):
+        rows.append(
+            ("decode roofline tok/s (bandwidth / weight bytes)", d, num(roof_fn), num(roof_hf), "—")
+        )
+        rows.append(
+            (
+                "decode % of roofline",
+                d,
+                f"{100 * fn['decode'] / roof_fn:.0f}%",
+                f"{100 * hf['decode'] / roof_hf:.0f}%",
+                "—",
+            )
+        )
+        rows.append(
+            (
+                f"complete() tok/s ({D + 1} tokens incl. prefill, 1 run)",
+                d,
+                num(fn["complete"]),
+                "—",
+                "—",
+            )
+        )
+        for key, label in (
+            ("load_growth", "peak RSS growth, load / weight bytes"),
+            ("run_growth", "peak RSS growth, load+prefill+1 step / weight bytes"),
+        ):
             if rss:
                 a = rss["falconet"][key] / rss["falconet"]["weight_bytes"]
                 b = rss["transformers"][key] / rss["transformers"]["weight_bytes"]
-                rows.append((label, d, f"{a:.2f}× ({gb(rss['falconet'][key])})", f"{b:.2f}× ({gb(rss['transformers'][key])})", f"{a / b:.2f}" if b > 0 else "—"))
+                rows.append(
+                    (
+                        label,
+                        d,
+                        f"{a:.2f}× ({gb(rss['falconet'][key])})",
+                        f"{b:.2f}× ({gb(rss['transformers'][key])})",
+                        f"{a / b:.2f}" if b > 0 else "—",
+                    )
+                )
         if rss:
             notes.append(
                 f"{d}: after the first token, RSS grew by anon {gb(rss['falconet']['anon_growth'])} + file-backed "

@@ -1,8 +1,8 @@
 """falconet: run the Falcon family of LLMs on your own hardware, exactly and fast.
 
-    import falconet
-    llm = falconet.load("path/to/falcon")      # HF folder; None = the embedded default model
-    llm.generate("The capital of France is", max_tokens=16)
+import falconet
+llm = falconet.load("path/to/falcon")      # HF folder; None = the embedded default model
+llm.generate("The capital of France is", max_tokens=16)
 """
 
 from falconet.config import FalconConfig

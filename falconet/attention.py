@@ -44,14 +44,18 @@ def rotary_inv_freq(config: FalconConfig, seq_len: int) -> torch.Tensor:
     factor = float(config.rope_scaling_factor)
     exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
     if config.rope_scaling_type == "dynamic" and seq_len > config.max_position_embeddings:
-        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (d / (d - 2))
+        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (
+            d / (d - 2)
+        )
     inv_freq = 1.0 / (base**exponents)
     if config.rope_scaling_type == "linear":
         inv_freq = inv_freq / factor
     return inv_freq
 
 
-def rotary_cos_sin(config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as HF does."""
     seq_len = int(positions.max()) + 1 if positions.numel() else 1
     inv_freq = rotary_inv_freq(config, seq_len).to(positions.device)
@@ -81,7 +85,9 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def alibi_bias(slopes: torch.Tensor, key_positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+def alibi_bias(
+    slopes: torch.Tensor, key_positions: torch.Tensor, head_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
     """(B, H, 1, S) additive bias from each key's position among the real tokens.
 
     Parity quirks kept on purpose (transformers' `build_alibi_tensor` + SDPA path): the
@@ -89,7 +95,9 @@ def alibi_bias(slopes: torch.Tensor, key_positions: torch.Tensor, head_dim: int,
     slope*position is rounded to bf16, and the bias is divided by sqrt(head_dim) along
     with QK^T (unlike BLOOM).
     """
-    bias = slopes.to(key_positions.device)[None, :, None].bfloat16() * key_positions[:, None, :]  # (B, H, S)
+    bias = (
+        slopes.to(key_positions.device)[None, :, None].bfloat16() * key_positions[:, None, :]
+    )  # (B, H, S)
     return (bias.to(dtype) / math.sqrt(head_dim))[:, :, None, :]
 
 

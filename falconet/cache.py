@@ -61,7 +61,9 @@ class KVCache:
         self.length = past + T
         return positions, past
 
-    def update(self, layer: int, past: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, past: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, K, T, D) at slots [past, past+T); return all keys/values so far."""
         end = past + k.shape[2]
         self.k[layer, :, :, past:end] = k

@@ -26,7 +26,9 @@ class _UsageError(Exception):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="HF Falcon folder (default: the embedded default model)")
+    p.add_argument(
+        "--model", "-m", default=None, help="HF Falcon folder (default: the embedded default model)"
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype; auto keeps the checkpoint's (compute is fp32 on CPU)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -88,15 +90,24 @@ def _sampling(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    import falconet
     from tqdm import tqdm
+
+    import falconet
 
     bar = None
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:  # drawn only once loading has taken a second
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False, file=sys.stderr)
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc="loading",
+                delay=1.0,
+                leave=False,
+                file=sys.stderr,
+            )
         bar.update(done - bar.n)
 
     try:
@@ -168,7 +179,9 @@ def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     llm = _load(args)
     c, m = llm.config, llm.model
     kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
-    mha_bytes = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
+    mha_bytes = (
+        2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
+    )
     rows = [
         ("path", str(llm.path)),
         ("variant", c.variant),

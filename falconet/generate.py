@@ -98,7 +98,9 @@ def generate_tokens(
     next step.
     """
     if len(prompts) != len(params) or not prompts:
-        raise GenerationError("generate: need one SamplingParams per prompt and at least one prompt")
+        raise GenerationError(
+            "generate: need one SamplingParams per prompt and at least one prompt"
+        )
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"generate: prompt {i} is empty; give at least one token")
@@ -246,6 +248,12 @@ def complete(
         if ev.finish_reason is not None:
             finish[ev.row] = ev.finish_reason
     return [
-        Completion(texts[i], tokens[i], finish[i], len(prompts[i]), logprobs[i] if params[i].logprobs is not None else None)
+        Completion(
+            texts[i],
+            tokens[i],
+            finish[i],
+            len(prompts[i]),
+            logprobs[i] if params[i].logprobs is not None else None,
+        )
         for i in range(len(prompts))
     ]

@@ -47,7 +47,10 @@ class Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
         )
         self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype, device=device), requires_grad=False)
+            nn.Parameter(
+                torch.empty(out_features, dtype=bias_dtype or dtype, device=device),
+                requires_grad=False,
+            )
             if bias
             else None
         )

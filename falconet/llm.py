@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from falconet.cache import KVCache
 from falconet.config import FalconConfig
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion, complete, generate_text, prefill
-from falconet.cache import KVCache
 from falconet.model import Falcon
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
@@ -30,7 +30,9 @@ DTYPES = {
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "falconet-tiny"
 
 
-def resolve_dtypes(dtype: str, config: FalconConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+def resolve_dtypes(
+    dtype: str, config: FalconConfig, device: torch.device
+) -> tuple[torch.dtype, torch.dtype]:
     """(weight storage dtype, compute dtype) for a dtype name.
 
     "auto" keeps the checkpoint's own dtype for the weights (so a bf16 checkpoint stays
@@ -40,7 +42,9 @@ def resolve_dtypes(dtype: str, config: FalconConfig, device: torch.device) -> tu
     compute runs in the weight dtype, as transformers does.
     """
     if dtype == "auto":
-        storage = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.torch_dtype or "", torch.float32)
+        storage = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            config.torch_dtype or "", torch.float32
+        )
     elif dtype in DTYPES:
         storage = DTYPES[dtype]
     else:
@@ -74,7 +78,9 @@ def load(
     if not folder.exists():
         raise FalconetError(f"{folder}: no such file or folder")
     if not folder.is_dir():
-        raise FalconetError(f"{folder}: expected a Hugging Face model folder (config.json + weights)")
+        raise FalconetError(
+            f"{folder}: expected a Hugging Face model folder (config.json + weights)"
+        )
     dev = torch.device(device)
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
@@ -97,7 +103,9 @@ def load(
 
 
 def _expected_bytes(model: Falcon) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
 
 
 class LLM:
@@ -118,7 +126,9 @@ class LLM:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             return list(prompt)
         raise GenerationError("prompt must be a str or a list of token ids")
 
@@ -128,10 +138,16 @@ class LLM:
         ids = [self._prompt_ids(p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, [params] * len(ids), self.eos_ids)
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling) -> str:
-        return self.complete([prompt], max_tokens=max_tokens, temperature=temperature, **sampling)[0].text
+    def generate(
+        self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling
+    ) -> str:
+        return self.complete([prompt], max_tokens=max_tokens, temperature=temperature, **sampling)[
+            0
+        ].text
 
-    def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling) -> Iterator[str]:
+    def stream(
+        self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling
+    ) -> Iterator[str]:
         """Text pieces as they are generated; each is valid UTF-8 and they join to `generate`'s text."""
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
         ids = [self._prompt_ids(prompt)]

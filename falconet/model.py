@@ -53,12 +53,22 @@ ACTIVATIONS = {
 
 
 class Attention(nn.Module):
-    def __init__(self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.config = config
-        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.kv_heads, config.head_dim
-        self.query_key_value = Linear(config.hidden_size, config.qkv_size, config.bias, dtype, compute_dtype)
-        self.dense = Linear(config.hidden_size, config.hidden_size, config.bias, dtype, compute_dtype)
+        self.n_head, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.kv_heads,
+            config.head_dim,
+        )
+        self.query_key_value = Linear(
+            config.hidden_size, config.qkv_size, config.bias, dtype, compute_dtype
+        )
+        self.dense = Linear(
+            config.hidden_size, config.hidden_size, config.bias, dtype, compute_dtype
+        )
 
     def forward(
         self,
@@ -85,10 +95,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, config.ffn_size, config.bias, dtype, compute_dtype)
-        self.dense_4h_to_h = Linear(config.ffn_size, config.hidden_size, config.bias, dtype, compute_dtype)
+        self.dense_h_to_4h = Linear(
+            config.hidden_size, config.ffn_size, config.bias, dtype, compute_dtype
+        )
+        self.dense_4h_to_h = Linear(
+            config.ffn_size, config.hidden_size, config.bias, dtype, compute_dtype
+        )
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +112,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.layout = config.block_layout
-        norm = lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype)  # noqa: E731
+        norm = lambda: nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype
+        )  # noqa: E731
         if self.layout == "parallel_2ln":
             self.ln_attn, self.ln_mlp = norm(), norm()
         else:
@@ -123,12 +143,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: FalconConfig, dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.word_embeddings.weight.requires_grad_(False)
-        self.h = nn.ModuleList(Block(config, dtype, compute_dtype) for _ in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype)
+        self.h = nn.ModuleList(
+            Block(config, dtype, compute_dtype) for _ in range(config.num_hidden_layers)
+        )
+        self.ln_f = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype
+        )
 
 
 class Falcon(nn.Module):
@@ -177,7 +203,9 @@ class Falcon(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0) * valid
             past, key_valid, key_positions = 0, valid, positions
         slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
-        mask = build_mask(positions, key_valid, key_positions, past, config, slopes, self.compute_dtype)
+        mask = build_mask(
+            positions, key_valid, key_positions, past, config, slopes, self.compute_dtype
+        )
         rope = None if config.alibi else rotary_cos_sin(config, positions, self.compute_dtype)
 
         x = self.transformer.word_embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)

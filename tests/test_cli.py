@@ -16,16 +16,32 @@ ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "falconet", *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV
+        [sys.executable, "-m", "falconet", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
 
 
 def test_generate_prints_what_the_api_returns(tiny_7b):
     expected = falconet.load(tiny_7b).generate("The quick", max_tokens=12, ignore_eos=True)
-    res = run("generate", "The quick", "--model", str(tiny_7b), "--max-tokens", "12", "--ignore-eos")
+    res = run(
+        "generate", "The quick", "--model", str(tiny_7b), "--max-tokens", "12", "--ignore-eos"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected + "\n"
-    streamed = run("generate", "The quick", "--model", str(tiny_7b), "--max-tokens", "12", "--ignore-eos", "--stream")
+    streamed = run(
+        "generate",
+        "The quick",
+        "--model",
+        str(tiny_7b),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--stream",
+    )
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == expected + "\n"
 
@@ -51,11 +67,20 @@ def test_info_reports_variant_and_sizes(hf_checkpoints):
     assert "grouped, 2 kv heads" in res.stdout
     assert f"{llm.model.num_parameters():,}" in res.stdout
     # 2 layers * 2 (K,V) * 2 kv heads * 8 head_dim * 4 bytes
-    assert f"KV cache per token                  {2 * 2 * 2 * 8 * 4:,} bytes (4x smaller" in res.stdout
+    assert (
+        f"KV cache per token                  {2 * 2 * 2 * 8 * 4:,} bytes (4x smaller" in res.stdout
+    )
 
 
 def test_chat_keeps_history_and_resets(tiny_7b):
-    res = run("chat", "--model", str(tiny_7b), "--max-tokens", "4", stdin="hello\n/reset\nhi again\n/exit\n")
+    res = run(
+        "chat",
+        "--model",
+        str(tiny_7b),
+        "--max-tokens",
+        "4",
+        stdin="hello\n/reset\nhi again\n/exit\n",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("falcon> ") == 2
     assert "(history cleared)" in res.stdout

@@ -29,7 +29,12 @@ def _boundary_stop_string(llm, ids, text):
     and whose first occurrence in `text` is at that token boundary."""
     for k in range(1, len(ids)):
         head = llm.tokenizer.decode(ids[:k], skip_special_tokens=True)
-        if not head or head.endswith("\ufffd") or not text.startswith(head) or len(text) <= len(head):
+        if (
+            not head
+            or head.endswith("\ufffd")
+            or not text.startswith(head)
+            or len(text) <= len(head)
+        ):
             continue
         stop = text[len(head) - 1 : len(head) + 1]
         if "\ufffd" not in stop and text.find(stop) == len(head) - 1:
@@ -122,7 +127,9 @@ def test_logprobs_are_log_softmax_of_model_logits(llm):
 
 def test_top_k_one_equals_greedy(llm):
     greedy = llm.complete([PROMPT], max_tokens=8, ignore_eos=True)[0].token_ids
-    sampled = llm.complete([PROMPT], max_tokens=8, ignore_eos=True, temperature=1.0, top_k=1, seed=3)[0]
+    sampled = llm.complete(
+        [PROMPT], max_tokens=8, ignore_eos=True, temperature=1.0, top_k=1, seed=3
+    )[0]
     assert sampled.token_ids == greedy
 
 

@@ -15,7 +15,28 @@ from falconet.cache import KVCache
 from falconet.generate import prefill
 from tests.conftest import VARIANTS, build_hf_model, save_hf_model
 
-PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 300, 12, 64, 128, 1, 400, 33, 21, 8, 77, 150, 200]  # 20 tokens
+PROMPT = [
+    5,
+    17,
+    42,
+    99,
+    3,
+    250,
+    7,
+    7,
+    300,
+    12,
+    64,
+    128,
+    1,
+    400,
+    33,
+    21,
+    8,
+    77,
+    150,
+    200,
+]  # 20 tokens
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -36,7 +57,9 @@ def test_greedy_tokens_match_transformers_generate(hf_checkpoints, variant):
     prompt = PROMPT[:8]
     hf_model.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        ref = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0
+        )
     ref_new = ref[0, len(prompt) :].tolist()
     out = llm.complete([prompt], max_tokens=32, ignore_eos=True)[0]
     assert out.token_ids == ref_new
@@ -45,7 +68,9 @@ def test_greedy_tokens_match_transformers_generate(hf_checkpoints, variant):
 
 # Not dynamic RoPE: its frequencies change as the sequence grows, so cached keys were
 # rotated with older ones (in transformers too); test_greedy_tokens covers it against HF.
-@pytest.mark.parametrize("variant", ["rw", "rw_6heads", "7b", "40b", "11b", "7b_rope_linear", "mha_rotary_bias"])
+@pytest.mark.parametrize(
+    "variant", ["rw", "rw_6heads", "7b", "40b", "11b", "7b_rope_linear", "mha_rotary_bias"]
+)
 def test_cached_decoding_equals_full_forward(hf_checkpoints, variant):
     llm = falconet.load(hf_checkpoints[variant][1], dtype="float32")
     ids = torch.tensor([PROMPT])
@@ -92,8 +117,12 @@ def test_chunked_prefill_equals_unchunked(hf_checkpoints, variant):
     ids = torch.randint(0, 400, (1, 100), generator=torch.Generator().manual_seed(1))
     valid = torch.ones_like(ids, dtype=torch.bool)
     with torch.inference_mode():
-        whole = prefill(llm.model, ids, valid, KVCache(llm.config, 1, 100), all_logits=True, chunk=100)
-        chunked = prefill(llm.model, ids, valid, KVCache(llm.config, 1, 100), all_logits=True, chunk=7)
+        whole = prefill(
+            llm.model, ids, valid, KVCache(llm.config, 1, 100), all_logits=True, chunk=100
+        )
+        chunked = prefill(
+            llm.model, ids, valid, KVCache(llm.config, 1, 100), all_logits=True, chunk=7
+        )
     assert (whole - chunked).abs().max().item() <= 1e-5
 
 
@@ -113,7 +142,12 @@ def test_8k_prompt_completes_without_quadratic_memory(hf_checkpoints, variant):
     """An 8,192-token prompt on a tiny model: one head's fp32 T² score matrix alone
     would be 256 MiB, so peak memory growth well under that shows no T² buffer."""
     folder = hf_checkpoints[variant][1]
-    res = subprocess.run([sys.executable, "-c", LONG_SCRIPT, str(folder)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", LONG_SCRIPT, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     n_tokens, n_prompt, grew_mib = map(int, res.stdout.split())
     assert (n_tokens, n_prompt) == (3, 8192)
