@@ -117,9 +117,12 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.layout = config.block_layout
-        norm = lambda: nn.LayerNorm(
-            config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype
-        )  # noqa: E731
+
+        def norm() -> nn.LayerNorm:
+            return nn.LayerNorm(
+                config.hidden_size, eps=config.layer_norm_epsilon, dtype=compute_dtype
+            )
+
         if self.layout == "parallel_2ln":
             self.ln_attn, self.ln_mlp = norm(), norm()
         else:
