@@ -34,7 +34,12 @@ FALCON_40B = {
     "new_decoder_architecture": True, "num_attention_heads": 128, "num_hidden_layers": 60, "num_kv_heads": 8,
     "parallel_attn": True, "torch_dtype": "bfloat16", "vocab_size": 65024,
 }  # fmt: skip
-FALCON_180B = {**FALCON_40B, "hidden_size": 14848, "num_attention_heads": 232, "num_hidden_layers": 80}
+FALCON_180B = {
+    **FALCON_40B,
+    "hidden_size": 14848,
+    "num_attention_heads": 232,
+    "num_hidden_layers": 80,
+}
 FALCON_11B = {
     "activation": "gelu", "alibi": False, "architectures": ["FalconForCausalLM"], "attention_dropout": 0.0,
     "bias": False, "bos_token_id": 11, "eos_token_id": 11, "ffn_hidden_size": 16384, "hidden_dropout": 0.0,
@@ -58,8 +63,19 @@ REAL = {
 def test_real_configs_derive_the_published_sizes(name):
     d, head_dim, kv_heads, qkv, layout, ffn, theta, layers, alibi = REAL[name]
     c = FalconConfig.from_hf(d)
-    assert (c.head_dim, c.kv_heads, c.qkv_size, c.block_layout, c.ffn_size) == (head_dim, kv_heads, qkv, layout, ffn)
-    assert (c.rope_theta, c.num_hidden_layers, c.alibi, c.rotary) == (theta, layers, alibi, not alibi)
+    assert (c.head_dim, c.kv_heads, c.qkv_size, c.block_layout, c.ffn_size) == (
+        head_dim,
+        kv_heads,
+        qkv,
+        layout,
+        ffn,
+    )
+    assert (c.rope_theta, c.num_hidden_layers, c.alibi, c.rotary) == (
+        theta,
+        layers,
+        alibi,
+        not alibi,
+    )
     assert c.rope_scaling_type is None and c.rope_scaling_factor == 1.0
     assert c.torch_dtype == "bfloat16"
     assert c.tie_word_embeddings is (name != "falcon-11b")
@@ -76,7 +92,10 @@ def test_real_config_details():
     c11 = FalconConfig.from_hf(FALCON_11B)
     assert (c11.num_ln_in_parallel_attn, c11.max_position_embeddings) == (1, 8192)
     # A 40B config without num_ln_in_parallel_attn means two norms (transformers sets 2).
-    assert FalconConfig.from_hf({**FALCON_40B, "num_ln_in_parallel_attn": 2}).block_layout == "parallel_2ln"
+    assert (
+        FalconConfig.from_hf({**FALCON_40B, "num_ln_in_parallel_attn": 2}).block_layout
+        == "parallel_2ln"
+    )
 
 
 # ---- legacy RefinedWeb configs (the custom-code era, before transformers had Falcon) ----
@@ -111,7 +130,15 @@ RW_1B_LEGACY = {
 )
 def test_legacy_refinedweb_configs_match_their_converted_form(legacy, current):
     old, new = FalconConfig.from_hf(legacy), FalconConfig.from_hf(current)
-    derived = ("head_dim", "kv_heads", "qkv_size", "block_layout", "ffn_size", "rope_theta", "num_hidden_layers")
+    derived = (
+        "head_dim",
+        "kv_heads",
+        "qkv_size",
+        "block_layout",
+        "ffn_size",
+        "rope_theta",
+        "num_hidden_layers",
+    )
     assert {k: getattr(old, k) for k in derived} == {k: getattr(new, k) for k in derived}
     assert old.new_decoder_architecture is new.new_decoder_architecture
 
@@ -122,7 +149,12 @@ def test_legacy_n_embed_and_n_head_kv():
     )
     # n_head_kv present -> the 40B decoder (transformers' converter rule).
     assert (c.hidden_size, c.num_attention_heads, c.num_hidden_layers) == (256, 8, 3)
-    assert (c.new_decoder_architecture, c.kv_heads, c.head_dim, c.qkv_size) == (True, 2, 32, (8 + 4) * 32)
+    assert (c.new_decoder_architecture, c.kv_heads, c.head_dim, c.qkv_size) == (
+        True,
+        2,
+        32,
+        (8 + 4) * 32,
+    )
     assert c.block_layout == "parallel_2ln"
     # An explicit current-name key wins over the legacy one.
     assert FalconConfig.from_hf({**FALCON_7B, "n_head": 4}).num_attention_heads == 71
@@ -138,10 +170,14 @@ def test_rope_scaling_v4_and_v5_forms_agree(kind):
     for d in (v4, v5):
         c = FalconConfig.from_hf(d)
         assert (c.rope_scaling_type, c.rope_scaling_factor, c.rope_theta) == (kind, 2.0, 20000.0)
-    default = FalconConfig.from_hf({**FALCON_7B, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    default = FalconConfig.from_hf(
+        {**FALCON_7B, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    )
     assert (default.rope_scaling_type, default.rope_theta) == (None, 5e5)
     # v5 keeps theta in rope_parameters; a top-level rope_theta is the fallback.
-    c = FalconConfig.from_hf({**FALCON_7B, "rope_theta": 123.0, "rope_parameters": {"rope_type": kind, "factor": 3}})
+    c = FalconConfig.from_hf(
+        {**FALCON_7B, "rope_theta": 123.0, "rope_parameters": {"rope_type": kind, "factor": 3}}
+    )
     assert (c.rope_theta, c.rope_scaling_factor) == (123.0, 3)
 
 
@@ -194,7 +230,15 @@ def test_to_hf_round_trips(name):
     out = ours.to_hf()
     json.dumps(out)  # writable as config.json
     again = FalconConfig.from_hf(out)
-    derived = ("head_dim", "kv_heads", "qkv_size", "block_layout", "ffn_size", "rope_theta", "variant")
+    derived = (
+        "head_dim",
+        "kv_heads",
+        "qkv_size",
+        "block_layout",
+        "ffn_size",
+        "rope_theta",
+        "variant",
+    )
     assert {k: getattr(again, k) for k in derived} == {k: getattr(ours, k) for k in derived}
     for field in ("hidden_size", "num_hidden_layers", "vocab_size", "alibi", "bias", "tie_word_embeddings",
                   "eos_token_ids", "bos_token_id", "max_position_embeddings", "torch_dtype"):  # fmt: skip
@@ -207,11 +251,17 @@ def test_to_hf_round_trips(name):
 def test_to_hf_keeps_rope_scaling(kind):
     from transformers import FalconConfig as HFConfig
 
-    ours = FalconConfig.from_hf({**FALCON_7B, "rope_scaling": {"type": kind, "factor": 4.0}, "rope_theta": 1e5})
+    ours = FalconConfig.from_hf(
+        {**FALCON_7B, "rope_scaling": {"type": kind, "factor": 4.0}, "rope_theta": 1e5}
+    )
     out = ours.to_hf()
     assert out["rope_parameters"] == {"rope_type": kind, "rope_theta": 1e5, "factor": 4.0}
     again = FalconConfig.from_hf(out)
-    assert (again.rope_scaling_type, again.rope_scaling_factor, again.rope_theta) == (kind, 4.0, 1e5)
+    assert (again.rope_scaling_type, again.rope_scaling_factor, again.rope_theta) == (
+        kind,
+        4.0,
+        1e5,
+    )
     hf = HFConfig(**out)
     assert hf.rope_parameters["rope_type"] == kind and hf.rope_parameters["factor"] == 4.0
 
@@ -236,10 +286,19 @@ BAD = {
     "unknown_activation": ({"activation": "swiglu"}, "activation"),
     "rope_unknown_type": ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),
     "rope_factor_one": ({"rope_scaling": {"type": "linear", "factor": 1.0}}, "factor"),
-    "rope_factor_below_one": ({"rope_parameters": {"rope_type": "dynamic", "factor": 0.5}}, "factor"),
+    "rope_factor_below_one": (
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 0.5}},
+        "factor",
+    ),
     "rope_factor_string": ({"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "factor"),
-    "rope_factor_inf": ({"rope_parameters": {"rope_type": "linear", "factor": float("inf")}}, "factor"),
-    "rope_with_alibi": ({**RW_1B, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    "rope_factor_inf": (
+        {"rope_parameters": {"rope_type": "linear", "factor": float("inf")}},
+        "factor",
+    ),
+    "rope_with_alibi": (
+        {**RW_1B, "rope_scaling": {"type": "linear", "factor": 2.0}},
+        "rope_scaling",
+    ),
     "rope_scaling_not_object": ({"rope_scaling": "linear"}, "rope_scaling"),
     "rope_parameters_not_object": ({"rope_parameters": 2.0}, "rope_parameters"),
     "rope_theta_negative": ({"rope_theta": -1.0}, "rope_theta"),
@@ -272,7 +331,9 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_config_names_the_field(case):
     over, field = BAD[case]
-    d = over if "model_type" in over else {**FALCON_7B, **over}  # a whole config, or 7B with changes
+    d = (
+        over if "model_type" in over else {**FALCON_7B, **over}
+    )  # a whole config, or 7B with changes
     with pytest.raises(ConfigError, match=field):
         FalconConfig.from_hf(d)
 
