@@ -16,8 +16,9 @@ BPE tokenizer, then measures side by side, at each requested dtype:
 - the decode roofline: weight bytes read per token vs the memory read bandwidth
   measured here (a sum over a large fp32 tensor).
 
-Timings are medians over --repeats, after one warm-up. The models are never loaded at
-the same time. This script is not used by the tests.
+Timings are medians over --repeats, after one warm-up, with the two engines run in
+alternation (both loaded at once) so a noisy machine's drift hits both alike. This
+script is not used by the tests.
 
     python benchmarks/bench_generate.py                     # full size (~2.3 GB bf16 checkpoint)
     python benchmarks/bench_generate.py --hidden 256 --layers 2 --heads 4 --vocab 4096 \\
@@ -286,82 +287,94 @@ def measure_bandwidth(gib: float, runs: int = 5) -> float:
     return nbytes / statistics.median(times)
 
 
-def bench_falconet(folder: Path, dtype_name: str, ids: torch.Tensor, args) -> dict:
-    import falconet
-    from falconet.cache import KVCache
-    from falconet.generate import decode_step, prefill
+class FalconetRunner:
+    """One prefill + decode measurement per `run()`; the model stays loaded."""
 
-    llm = falconet.load(folder, dtype=dtype_name)
-    model = llm.model
-    P, D = ids.shape[1], args.decode_tokens
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    pre, dec, tokens = [], [], []
-    with torch.inference_mode():
-        for i in range(args.repeats + 1):  # the first is the warm-up
-            cache = KVCache(model.config, 1, P + D, model.compute_dtype, model.device)
+    def __init__(self, folder: Path, dtype_name: str, ids: torch.Tensor, args) -> None:
+        import falconet
+
+        self.llm = falconet.load(folder, dtype=dtype_name)
+        self.ids, self.D = ids, args.decode_tokens
+
+    def run(self) -> tuple[float, float, list[int]]:
+        from falconet.cache import KVCache
+        from falconet.generate import decode_step, prefill
+
+        model, ids, D = self.llm.model, self.ids, self.D
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        with torch.inference_mode():
+            cache = KVCache(model.config, 1, ids.shape[1] + D, model.compute_dtype, model.device)
             t0 = time.perf_counter()
             logits = prefill(model, ids, valid, cache)
             t1 = time.perf_counter()
             tok = logits.argmax(-1)
             tokens = [int(tok)]
-            t2 = time.perf_counter()
             for _ in range(D):
                 tok = decode_step(model, tok, cache).argmax(-1)
                 tokens.append(int(tok))
-            t3 = time.perf_counter()
-            if i:
-                pre.append(t1 - t0)
-                dec.append(t3 - t2)
-    # The public API end to end, once (already warm): prefill + D + 1 greedy tokens.
-    t0 = time.perf_counter()
-    done = llm.complete([ids[0].tolist()], max_tokens=D + 1, ignore_eos=True, temperature=0.0)
-    t_complete = time.perf_counter() - t0
-    result = {
-        "prefill": P / statistics.median(pre),
-        "decode": D / statistics.median(dec),
-        "complete": (D + 1) / t_complete,
-        "complete_same": done[0].token_ids == tokens,
-        "tokens": tokens,
-        "weight_bytes": model.weight_bytes(),
-        "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
-        "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
-    }
-    del llm, model, cache, logits
-    gc.collect()
-    return result
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, tokens
+
+    def extra(self, tokens: list[int]) -> dict:
+        # The public API end to end, once (already warm): prefill + D + 1 greedy tokens.
+        model, D = self.llm.model, self.D
+        t0 = time.perf_counter()
+        done = self.llm.complete([self.ids[0].tolist()], max_tokens=D + 1, ignore_eos=True)
+        t_complete = time.perf_counter() - t0
+        return {
+            "complete": (D + 1) / t_complete,
+            "complete_same": done[0].token_ids == tokens,
+            "weight_bytes": model.weight_bytes(),
+            "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
+            "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        }
 
 
-def bench_transformers(folder: Path, torch_dtype: torch.dtype, ids: torch.Tensor, args) -> dict:
-    model = hf_load(folder, torch_dtype)
-    cache_kw, keep = hf_cache_kw(model), hf_keep_last(model)
-    P, D = ids.shape[1], args.decode_tokens
-    pre, dec, tokens = [], [], []
-    with torch.inference_mode():
-        for i in range(args.repeats + 1):
+class TransformersRunner:
+    def __init__(self, folder: Path, torch_dtype: torch.dtype, ids: torch.Tensor, args) -> None:
+        self.model = hf_load(folder, torch_dtype)
+        self.cache_kw, self.keep = hf_cache_kw(self.model), hf_keep_last(self.model)
+        self.ids, self.D = ids, args.decode_tokens
+
+    def run(self) -> tuple[float, float, list[int]]:
+        model = self.model
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True, **keep)
+            out = model(input_ids=self.ids, use_cache=True, **self.keep)
             t1 = time.perf_counter()
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens = [int(tok)]
-            t2 = time.perf_counter()
-            for _ in range(D):
-                out = model(input_ids=tok, use_cache=True, **{cache_kw: hf_cache(out)})
+            for _ in range(self.D):
+                out = model(input_ids=tok, use_cache=True, **{self.cache_kw: hf_cache(out)})
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(int(tok))
-            t3 = time.perf_counter()
-            if i:
-                pre.append(t1 - t0)
-                dec.append(t3 - t2)
-    result = {
-        "prefill": P / statistics.median(pre),
-        "decode": D / statistics.median(dec),
-        "tokens": tokens,
-        "weight_bytes": param_bytes(model),
-        "cache_kw": cache_kw,
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, tokens
+
+    def extra(self, tokens: list[int]) -> dict:
+        return {"weight_bytes": param_bytes(self.model), "cache_kw": self.cache_kw}
+
+
+def bench_side_by_side(runners: dict, args) -> dict[str, dict]:
+    """Alternate the engines run by run (after one warm-up each), so drift in a noisy
+    machine's speed hits both alike; medians over --repeats."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    tokens: dict[str, list[int]] = {}
+    for i in range(args.repeats + 1):
+        for name, runner in runners.items():
+            pre, dec, tokens[name] = runner.run()
+            if i:  # the first round is the warm-up
+                times[name].append((pre, dec))
+    P, D = args.prompt_len, args.decode_tokens
+    return {
+        name: {
+            "prefill": P / statistics.median(t[0] for t in times[name]),
+            "decode": D / statistics.median(t[1] for t in times[name]),
+            "tokens": tokens[name],
+            **runners[name].extra(tokens[name]),
+        }
+        for name in runners
     }
-    del model, out
-    gc.collect()
-    return result
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -462,10 +475,17 @@ def main() -> None:
                      "--vocab", str(args.vocab), "--prompt-len", str(args.prompt_len)],
                     args.threads,
                 )  # fmt: skip
-        print(f"[{d}] timing falconet ...", file=sys.stderr, flush=True)
-        fn = bench_falconet(folder, dtype_name, ids, args)
-        print(f"[{d}] timing transformers ...", file=sys.stderr, flush=True)
-        hf = bench_transformers(folder, torch_dtype, ids, args)
+        print(
+            f"[{d}] timing falconet and transformers, alternating ...", file=sys.stderr, flush=True
+        )
+        runners = {
+            "falconet": FalconetRunner(folder, dtype_name, ids, args),
+            "transformers": TransformersRunner(folder, torch_dtype, ids, args),
+        }
+        res = bench_side_by_side(runners, args)
+        fn, hf = res["falconet"], res["transformers"]
+        del runners, res
+        gc.collect()
 
         P, D = args.prompt_len, args.decode_tokens
         rows.append(
