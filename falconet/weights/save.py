@@ -1,0 +1,87 @@
+"""Write a Hugging Face Falcon folder that transformers and falconet both load.
+
+config.json, model.safetensors (HF tensor names, the fused QKV in its HF layout, the
+tied head left out as transformers does), tokenizer.json, tokenizer_config.json,
+generation_config.json and an optional model card. The folder is published atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from falconet.config import FalconConfig
+from falconet.durable import atomic_write, atomic_write_text, publish_folder
+from falconet.model import Falcon
+from falconet.tokenizer import Tokenizer
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def ungroup_qkv(t: torch.Tensor, config: FalconConfig) -> torch.Tensor:
+    """[all Q | all K | all V] -> HF's grouped rows (inverse of hf.regroup_qkv)."""
+    H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
+    G = H // K
+    rest = t.shape[1:]
+    q = t[: H * D].reshape(K, G, D, *rest)
+    k = t[H * D : (H + K) * D].reshape(K, 1, D, *rest)
+    v = t[(H + K) * D :].reshape(K, 1, D, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(t.shape)
+
+
+def hf_state_dict(model: Falcon, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    config = model.config
+    out = {}
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        t = p.detach()
+        if "query_key_value" in name and config.kv_heads != 1:
+            t = ungroup_qkv(t, config)
+        out[name] = t.to(dtype or t.dtype).contiguous()
+    return out
+
+
+def save_hf(
+    model: Falcon,
+    tokenizer: Tokenizer,
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    model_card: str | None = None,
+) -> None:
+    """Publish the model as a HF folder at `folder` (replacing it if it exists)."""
+    config = model.config
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = DTYPE_NAMES[dtype]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_ids[0]
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokenizer.id_to_token(eos),
+        "model_max_length": config.max_position_embeddings,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    if tokenizer.chat_template:
+        tok_config["chat_template"] = tokenizer.chat_template
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "_from_model_config": True,
+    }
+    tensors = hf_state_dict(model, dtype)
+    with publish_folder(folder) as tmp:
+        atomic_write(
+            tmp / "model.safetensors",
+            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        )
+        atomic_write_text(
+            tmp / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+        )
+        atomic_write(tmp / "tokenizer.json", lambda p: tokenizer.backend.save(str(p)))
+        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        if model_card:
+            atomic_write_text(tmp / "README.md", model_card)
