@@ -32,34 +32,36 @@ def prefill_chunk_size(config: FalconConfig, batch: int, keys: int, max_chunk: i
 
 
 # ---- rotary -------------------------------------------------------------------------
-def rotary_inv_freq(config: FalconConfig, seq_len: int) -> torch.Tensor:
-    """Inverse frequencies as transformers computes them, including rope_scaling.
+def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor:
+    """Inverse frequencies (B, D/2) as transformers computes them, rope_scaling included.
 
-    "linear" divides the frequencies by the factor; "dynamic" (NTK) raises the base
-    once the sequence outgrows max_position_embeddings, recomputed from the longest
-    position seen by this forward, as transformers' `dynamic_rope_update` does.
+    seq_len (B,) is each row's sequence length. "linear" divides the frequencies by the
+    factor; "dynamic" (NTK) raises the base once a row outgrows max_position_embeddings,
+    with transformers' fp32 arithmetic. Per row, so a row in a batch (or a prompt
+    prefilled in chunks) rotates exactly as it would alone in one forward.
     """
     d = config.head_dim
-    base = float(config.rope_theta)
+    theta = float(config.rope_theta)
     factor = float(config.rope_scaling_factor)
+    max_pos = config.max_position_embeddings
     exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-    if config.rope_scaling_type == "dynamic" and seq_len > config.max_position_embeddings:
-        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (
-            d / (d - 2)
-        )
-    inv_freq = 1.0 / (base**exponents)
+    inv_freq = (1.0 / (theta**exponents)).expand(len(seq_len), -1)
+    grown = seq_len > max_pos
+    if config.rope_scaling_type == "dynamic" and bool(grown.any()):
+        length = seq_len.long().cpu()
+        base = theta * ((factor * length / max_pos) - (factor - 1)) ** (d / (d - 2))  # (B,) fp32
+        inv_freq = torch.where(grown.cpu()[:, None], 1.0 / (base[:, None] ** exponents), inv_freq)
     if config.rope_scaling_type == "linear":
         inv_freq = inv_freq / factor
     return inv_freq
 
 
 def rotary_cos_sin(
-    config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype
+    config: FalconConfig, positions: torch.Tensor, seq_len: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as HF does."""
-    seq_len = int(positions.max()) + 1 if positions.numel() else 1
-    inv_freq = rotary_inv_freq(config, seq_len).to(positions.device)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    inv_freq = rotary_inv_freq(config, seq_len).to(positions.device)  # (B, D/2)
+    freqs = positions[..., None].float() * inv_freq[:, None, :]  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 

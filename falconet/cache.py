@@ -17,6 +17,21 @@ from falconet.config import FalconConfig
 from falconet.errors import GenerationError
 
 
+def _available_memory(device: torch.device | str) -> int | None:
+    """Bytes the cache may take: free accelerator memory, or MemAvailable on Linux."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class KVCache:
     def __init__(
         self,
@@ -27,8 +42,17 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S_max, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        need = 2 * torch.Size(shape).numel() * dtype.itemsize
+        available = _available_memory(device)
+        if available is not None and need > available:
+            raise GenerationError(
+                f"the KV cache for {batch_size} x {max_len} tokens needs {need / 2**30:.1f} GiB but only "
+                f"{available / 2**30:.1f} GiB is free; ask for fewer tokens (max_tokens) or a shorter prompt"
+            )
+        # empty, not zeros: a slot is always written before it is read, and untouched
+        # pages of a large cache cost no memory.
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, B, K, S_max, D)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.key_positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)

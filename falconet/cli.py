@@ -158,28 +158,39 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    from falconet.generate import complete, generate_text
-
     params = _sampling(args)  # validate flags before the (slow) load
     llm = _load(args)
-    ids = [llm.tokenizer.encode(args.prompt)]
     if args.stream:
-        for ev in generate_text(llm.model, llm.tokenizer, ids, [params], llm.eos_ids):
-            out(ev.text)
+        for piece in llm.stream(args.prompt, params=params):
+            out(piece)
         out("\n")
     else:
-        out(complete(llm.model, llm.tokenizer, ids, [params], llm.eos_ids)[0].text + "\n")
+        out(llm.complete([args.prompt], params)[0].text + "\n")
     return 0
 
 
+# Without a chat template, Falcon-instruct's "User: ...\nFalcon:" format is used; the
+# model would go on to write the user's next turn, so that turn ends the reply.
+FALLBACK_CHAT_STOP = "\nUser:"
+
+
 def cmd_chat(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    from falconet.generate import generate_text
+    import dataclasses
+
+    from falconet.errors import GenerationError
 
     params = _sampling(args)
     llm = _load(args)
     context = llm.config.max_position_embeddings
+    if params.max_tokens >= context:
+        raise FalconetError(
+            f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
+            f"model's {context}-token context; use a smaller value"
+        )
+    if llm.tokenizer.chat_template is None:
+        params = dataclasses.replace(params, stop=(*params.stop, FALLBACK_CHAT_STOP))
     history: list[dict] = []
-    out("falconet chat: /reset clears the history, /exit or Ctrl-D quits\n")
+    out("falconet chat: /reset clears the history, Ctrl-C stops a reply, /exit or Ctrl-D quits\n")
     while True:
         try:
             line = input("you> ")
@@ -195,24 +206,40 @@ def cmd_chat(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = _fit_history(llm, args.system, history, context - params.max_tokens)
+        try:
+            ids = fit_history(llm, args.system, history, context - params.max_tokens)
+        except GenerationError as e:
+            history.pop()
+            print(f"falconet: {e}", file=sys.stderr)
+            continue
         out("falcon> ")
         reply = ""
-        for ev in generate_text(llm.model, llm.tokenizer, [ids], [params], llm.eos_ids):
-            reply += ev.text
-            out(ev.text)
+        try:
+            for piece in llm.stream(ids, params=params):
+                reply += piece
+                out(piece)
+        except KeyboardInterrupt:  # stops this reply, not the session
+            out(" [stopped]")
         out("\n")
         history.append({"role": "assistant", "content": reply.strip()})
 
 
-def _fit_history(llm, system: str | None, history: list[dict], budget: int) -> list[int]:
-    """Prompt ids for the chat so far, dropping the oldest turns to fit `budget` tokens."""
+def fit_history(llm, system: str | None, history: list[dict], budget: int) -> list[int]:
+    """Prompt ids for the chat so far, dropping the oldest turns (never the system
+    prompt or the newest message) to fit `budget` tokens."""
+    from falconet.errors import GenerationError
+
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history
         ids = llm.chat_prompt(messages)
-        if len(ids) <= budget or len(history) <= 1:
-            return ids[-max(1, budget) :]
-        del history[: 2 if len(history) > 2 else 1]  # oldest user+assistant turn
+        if len(ids) <= budget:
+            return ids
+        if len(history) <= 1:
+            raise GenerationError(
+                f"that message makes a {len(ids)}-token prompt; with --max-tokens the budget is "
+                f"{budget} tokens: send a shorter message or lower --max-tokens"
+            )
+        del history[: 2 if len(history) > 2 else 1]  # the oldest user+assistant turn
 
 
 def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
@@ -231,7 +258,7 @@ def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
         ("context (max_position_embeddings)", str(c.max_position_embeddings)),
         ("vocab", f"{c.vocab_size} (tokenizer {llm.tokenizer.vocab_size})"),
-        ("KV cache per token", f"{kv_bytes:,} bytes ({mha_bytes // kv_bytes}x smaller than full MHA)"),
+        ("KV cache per token", f"{kv_bytes:,} bytes" + (f" ({mha_bytes // kv_bytes}x smaller than full MHA)" if mha_bytes > kv_bytes else "")),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -178,10 +178,19 @@ class FalconConfig:
                     f"config: rope_scaling type {self.rope_scaling_type!r} is not supported; "
                     f"falconet supports {ROPE_SCALING_TYPES}"
                 )
-            if not (_is_finite_number(self.rope_scaling_factor) and self.rope_scaling_factor > 1):
+            if not (_is_finite_number(self.rope_scaling_factor) and self.rope_scaling_factor >= 1):
                 raise ConfigError(
-                    f"config: rope_scaling factor must be a number > 1, got {self.rope_scaling_factor!r}"
+                    f"config: rope_scaling factor must be a number >= 1, got {self.rope_scaling_factor!r}"
                 )
+        if not self.alibi and self.head_dim % 2:
+            raise ConfigError(
+                f"config: head size {self.head_dim} (hidden_size / num_attention_heads) must be even "
+                "for rotary embeddings"
+            )
+        if self.rope_scaling_type == "dynamic" and self.head_dim <= 2:
+            raise ConfigError(
+                f"config: dynamic rope_scaling needs a head size > 2, got {self.head_dim}"
+            )
         if not (_is_finite_number(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(
                 f"config: rope_theta must be a positive number, got {self.rope_theta!r}"
@@ -213,7 +222,11 @@ class FalconConfig:
         }
         for old, new in renames.items():
             if old in d:
-                d.setdefault(new, d[old])
+                # transformers lets n_embed override hidden_size; the others are aliases.
+                if old == "n_embed":
+                    d[new] = d[old]
+                else:
+                    d.setdefault(new, d[old])
         if "new_decoder_architecture" not in d:
             # The HF converter sets it iff n_head_kv was present; TGI also infers it
             # for model_type RefinedWeb (the 40B custom code).

@@ -27,6 +27,7 @@ class TokenEvent:
     token_id: int
     finish_reason: str | None  # None while the row goes on, else "stop" or "length"
     logprob: TokenLogprobs | None = None
+    stop_token: bool = False  # the token is an eos / stop token: not part of the text
 
 
 @dataclass
@@ -59,10 +60,11 @@ def prefill(
     """
     B, T = ids.shape
     chunk = chunk or prefill_chunk_size(model.config, B, cache.length + T)
+    rope_len = cache.next_position + valid.long().sum(-1)  # every chunk rotates as one forward
     outs = []
     for start in range(0, T, chunk):
         stop = min(T, start + chunk)
-        logits = model(ids[:, start:stop], cache, valid[:, start:stop], last_only=not all_logits)
+        logits = model(ids[:, start:stop], cache, valid[:, start:stop], not all_logits, rope_len)
         outs.append(logits.float())
     return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]
 
@@ -84,6 +86,7 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 
 
 # ---- tokens -------------------------------------------------------------------------
+@torch.inference_mode()  # as a decorator it is entered per resume, so it never leaks to the caller
 def generate_tokens(
     model: Falcon,
     prompts: list[list[int]],
@@ -112,40 +115,42 @@ def generate_tokens(
     max_new = max(p.max_tokens for p in params)
     ids, valid = left_pad(prompts, device)
     cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new, model.compute_dtype, device)
-    stop_ids = [_stop_token_set(p, eos_ids) for p in params]
-    sampler = Sampler(list(params), prompts, model.config.vocab_size)
+    stop_ids = [set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids)) for p in params]
+    sampler = Sampler(list(params), prompts, model.config.vocab_size, device=device)
     rows = list(range(len(prompts)))
     produced = [0] * len(prompts)
 
-    with torch.inference_mode():
-        logits = prefill(model, ids, valid, cache)
-        while rows:
-            tokens = sampler.sample(logits)
-            want_lp = any(params[r].logprobs is not None for r in rows)
-            lps = sampler.logprobs(logits, tokens) if want_lp else None  # per-row k
-            sampler.update(tokens)
-            events, keep = [], []
-            for j, row in enumerate(rows):
-                tok = int(tokens[j])
-                produced[row] += 1
-                finish = None
-                if tok in stop_ids[row]:
-                    finish = "stop"
-                elif produced[row] >= params[row].max_tokens:
-                    finish = "length"
-                events.append(TokenEvent(row, tok, finish, lps[j] if lps is not None else None))
-                if finish is None:
-                    keep.append(j)
-            yield events
-            keep = [j for j in keep if rows[j] not in cancelled]
-            if not keep:
-                return
-            if len(keep) != len(rows):
-                cache.select(keep)
-                sampler = sampler.select(keep)
-                tokens = tokens[keep]
-                rows = [rows[j] for j in keep]
-            logits = decode_step(model, tokens, cache)
+    logits = prefill(model, ids, valid, cache)
+    while rows:
+        tokens = sampler.sample(logits)
+        want_lp = any(params[r].logprobs is not None for r in rows)
+        lps = sampler.logprobs(logits, tokens) if want_lp else None  # per-row k
+        sampler.update(tokens)
+        events, keep = [], []
+        for j, row in enumerate(rows):
+            tok = int(tokens[j])
+            produced[row] += 1
+            by_token = tok in stop_ids[row]
+            finish = (
+                "stop"
+                if by_token
+                else ("length" if produced[row] >= params[row].max_tokens else None)
+            )
+            events.append(
+                TokenEvent(row, tok, finish, lps[j] if lps is not None else None, by_token)
+            )
+            if finish is None:
+                keep.append(j)
+        yield events
+        keep = [j for j in keep if rows[j] not in cancelled]
+        if not keep:
+            return
+        if len(keep) != len(rows):
+            cache.select(keep)
+            sampler = sampler.select(keep)
+            tokens = tokens[keep]
+            rows = [rows[j] for j in keep]
+        logits = decode_step(model, tokens, cache)
 
 
 # ---- text ---------------------------------------------------------------------------
@@ -213,7 +218,7 @@ def generate_text(
         for ev in events:
             finish = ev.finish_reason
             text = ""
-            if not (finish == "stop" and ev.token_id in _stop_token_set(params[ev.row], eos_ids)):
+            if not ev.stop_token:
                 text = filters[ev.row].push(decoders[ev.row].add(ev.token_id))
             if filters[ev.row].stopped:
                 finish = "stop"
@@ -221,10 +226,6 @@ def generate_text(
             elif finish is not None:
                 text += filters[ev.row].push(decoders[ev.row].flush()) + filters[ev.row].flush()
             yield TextEvent(ev.row, text, ev.token_id, finish, ev.logprob)
-
-
-def _stop_token_set(p: SamplingParams, eos_ids: tuple[int, ...]) -> set[int]:
-    return set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
 
 
 def complete(

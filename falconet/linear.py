@@ -2,13 +2,20 @@
 
 CPUs without native bf16 matmul (AVX2, most AVX-512) multiply bf16 matrices several
 times slower than fp32, yet a bf16 weight read at memory bandwidth is what decode wants.
-So the weight keeps its storage dtype and each call picks the fast path for its shape:
+So the weight keeps its storage dtype, and the layer computes what a bf16 (or fp16)
+linear layer computes -- inputs rounded to the weight dtype, products accumulated in
+fp32, the result rounded to the weight dtype -- by whichever path is fast for the shape:
 
-- decode (a few rows): cast the activations to the weight dtype and run the bf16 GEMV,
-  which streams the weight at memory bandwidth;
+- decode (a few rows): PyTorch's low-precision GEMV, which streams the weight at memory
+  bandwidth;
 - prefill (many rows): upcast the weight one tile of output features at a time into a
-  small reusable fp32 buffer and run fp32 GEMMs, so no full fp32 copy of the weight
-  ever exists and the conversion stays in cache.
+  small reusable fp32 buffer and run fp32 GEMMs on the rounded inputs, so no full fp32
+  copy of the weight ever exists and the conversion stays in cache.
+
+Both paths round at the same two places, so a row's result does not depend on how many
+rows share the call (a batch of 9 equals each row alone, cached decode equals a full
+forward) beyond fp32 accumulation order, which flips a rounded output in about one
+element in 10^4.
 
 Measured on the 2-core AVX2 dev machine for a 8192x2048 weight and 128 rows: bf16 GEMM
 157 ms, fp32 GEMM 41 ms, tiled bf16->fp32 + GEMM 39 ms (benchmarks/bench_generate.py
@@ -63,7 +70,7 @@ class Linear(nn.Module):
         if w.dtype == x.dtype:
             y = F.linear(x, w)
         elif x.device.type == "cpu" and x.numel() // self.in_features >= PREFILL_ROWS:
-            y = _tiled_upcast_linear(x, w)
+            y = _tiled_upcast_linear(x.to(w.dtype).to(x.dtype), w).to(w.dtype).to(x.dtype)
         else:
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
         if self.bias is not None:

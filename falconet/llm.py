@@ -72,7 +72,10 @@ def load(
 
     progress(done_bytes, total_bytes) is called as tensors load (the CLI draws a bar).
     """
-    folder = default_model_path() if path is None else Path(path)
+    if path is not None and not str(path):
+        raise FalconetError("model path is empty; give a Hugging Face model folder")
+    folder = default_model_path() if path is None else Path(path).expanduser()
+    dev = _device(device)
     if folder.suffix == ".gguf":
         raise FalconetError(f"{folder}: GGUF files are not supported yet; convert with a HF folder")
     if not folder.exists():
@@ -81,13 +84,12 @@ def load(
         raise FalconetError(
             f"{folder}: expected a Hugging Face model folder (config.json + weights)"
         )
-    dev = torch.device(device)
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
     with torch.device("meta"):
         model = Falcon(config, storage, compute)
-    total = _expected_bytes(model)
+    total = model.weight_bytes()
     done = 0
 
     def advance(nbytes: int) -> None:
@@ -102,10 +104,26 @@ def load(
     return LLM(model, tokenizer, folder)
 
 
-def _expected_bytes(model: Falcon) -> int:
-    return sum(
-        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
-    )
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise FalconetError(
+            f"device {name!r} is not a torch device ({e}); use cpu or cuda"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FalconetError(
+            f"device {name!r}: this PyTorch build or machine has no CUDA GPU; use cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise FalconetError(f"device {name!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    if params is not None and sampling:
+        raise GenerationError("give either a SamplingParams or keyword settings, not both")
+    return params or SamplingParams(**sampling)
 
 
 class LLM:
@@ -132,9 +150,14 @@ class LLM:
             return list(prompt)
         raise GenerationError("prompt must be a str or a list of token ids")
 
-    def complete(self, prompts: list[str | list[int]], **sampling) -> list[Completion]:
-        """Several prompts decoded together in one left-padded batch."""
-        params = SamplingParams(**sampling)
+    def complete(
+        self, prompts: list[str | list[int]], params: SamplingParams | None = None, **sampling
+    ) -> list[Completion]:
+        """Several prompts decoded together in one left-padded batch. Sampling settings are
+        a SamplingParams or its fields as keywords."""
+        if not isinstance(prompts, (list, tuple)):
+            raise GenerationError("complete() takes a list of prompts; use generate() for one")
+        params = _params(params, sampling)
         ids = [self._prompt_ids(p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, [params] * len(ids), self.eos_ids)
 
@@ -146,10 +169,19 @@ class LLM:
         ].text
 
     def stream(
-        self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        params: SamplingParams | None = None,
+        **sampling,
     ) -> Iterator[str]:
-        """Text pieces as they are generated; each is valid UTF-8 and they join to `generate`'s text."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        """Text pieces as they are generated; each is valid UTF-8 and they join to `generate`'s
+        text. Settings are keywords, or a whole SamplingParams as `params`."""
+        if params is None:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        elif sampling:
+            raise GenerationError("give either a SamplingParams or keyword settings, not both")
         ids = [self._prompt_ids(prompt)]
         for ev in generate_text(self.model, self.tokenizer, ids, [params], self.eos_ids):
             if ev.text:
@@ -161,6 +193,13 @@ class LLM:
 
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position: float32 (len(ids), vocab)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise GenerationError("logits: expected a 1-D integer tensor of token ids")
+        elif not isinstance(ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        ):
+            raise GenerationError("logits: expected a list of int token ids")
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.model.device)
         if ids.numel() == 0:
             raise GenerationError("logits: need at least one token id")

@@ -188,11 +188,14 @@ class Falcon(nn.Module):
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
         last_only: bool = False,
+        rope_len: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T or 1, V) in compute dtype.
 
         valid (B, T) is False at left-padding positions. With a cache, the new tokens are
         appended after what it holds; without one, the tokens attend only to each other.
+        rope_len (B,) is each row's sequence length for dynamic RoPE scaling (default: up
+        to the last token of this call); a chunked prefill passes the whole prompt's.
         """
         config = self.config
         B, T = input_ids.shape
@@ -209,7 +212,11 @@ class Falcon(nn.Module):
         mask = build_mask(
             positions, key_valid, key_positions, past, config, slopes, self.compute_dtype
         )
-        rope = None if config.alibi else rotary_cos_sin(config, positions, self.compute_dtype)
+        rope = None
+        if not config.alibi:
+            if rope_len is None:
+                rope_len = positions.max(dim=-1).values + 1
+            rope = rotary_cos_sin(config, positions, rope_len, self.compute_dtype)
 
         x = self.transformer.word_embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -219,7 +226,7 @@ class Falcon(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
     def weight_bytes(self) -> int:
-        return sum(p.nbytes for p in {id(p): p for p in self.parameters()}.values())
+        return sum(p.numel() * p.element_size() for p in self.parameters())

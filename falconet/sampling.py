@@ -57,6 +57,9 @@ _NUMBER_FIELDS = {
 }
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. Defaults give greedy decoding of 64 tokens."""
@@ -104,7 +107,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 the scaled logits overflow to inf/nan; like vLLM, sample greedily.
+        return self.temperature < GREEDY_BELOW
 
 
 # --- logits processors -------------------------------------------------------------

@@ -48,6 +48,8 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TokenizerError(f"{path} cannot be read ({e.strerror})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(
             f"{path} is not valid JSON ({e}); the file may be truncated or corrupt, "
@@ -238,7 +240,10 @@ class Tokenizer:
         # Newer transformers save the template beside the config; that file wins, as in HF.
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.is_file():
-            template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
+            try:
+                template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja_file} cannot be read as UTF-8 text ({e})") from e
         else:
             source = folder / "tokenizer_config.json"
             template = _pick_chat_template(config.get("chat_template"), str(source))

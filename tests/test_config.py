@@ -285,7 +285,6 @@ BAD = {
     "mha_kv_heads_mismatch": ({**RW_1B, "num_kv_heads": 8}, "num_kv_heads"),
     "unknown_activation": ({"activation": "swiglu"}, "activation"),
     "rope_unknown_type": ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),
-    "rope_factor_one": ({"rope_scaling": {"type": "linear", "factor": 1.0}}, "factor"),
     "rope_factor_below_one": (
         {"rope_parameters": {"rope_type": "dynamic", "factor": 0.5}},
         "factor",
@@ -376,3 +375,34 @@ def test_from_file_errors_name_the_file(tmp_path):
         FalconConfig.from_file(folder / "config.json")
     bad.write_text(json.dumps(FALCON_11B))
     assert FalconConfig.from_file(bad).qkv_size == 6144
+
+
+def test_rope_scaling_factor_one_is_accepted_as_transformers_does():
+    cfg = FalconConfig.from_hf({**FALCON_7B, "rope_scaling": {"type": "linear", "factor": 1.0}})
+    assert (cfg.rope_scaling_type, cfg.rope_scaling_factor) == ("linear", 1.0)
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"hidden_size": 4545, "num_attention_heads": 45}, "must be even"),  # head size 101
+        (
+            {
+                "hidden_size": 142,
+                "num_attention_heads": 71,
+                "rope_scaling": {"type": "dynamic", "factor": 2.0},
+            },
+            "head size > 2",
+        ),
+    ],
+)
+def test_rotary_head_size_checks(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        FalconConfig.from_hf({**FALCON_7B, **over})
+
+
+def test_n_embed_overrides_hidden_size_as_in_transformers():
+    cfg = FalconConfig.from_hf(
+        {**RW_7B_LEGACY, "n_embed": 568}
+    )  # RW_7B_LEGACY says hidden_size 4544
+    assert (cfg.hidden_size, cfg.head_dim) == (568, 8)

@@ -30,7 +30,9 @@ def corpus(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
     (d / "a.txt").write_text(TEXT[: len(TEXT) // 2])
     (d / "b.md").write_text(TEXT[len(TEXT) // 2 :])
-    (d / "page.html").write_text("<html><script>var x=1;</script><p>Falcon &amp; friends</p></html>")
+    (d / "page.html").write_text(
+        "<html><script>var x=1;</script><p>Falcon &amp; friends</p></html>"
+    )
     (d / "blob.txt").write_bytes(bytes(range(256)) * 4)  # binary: skipped with a warning
     return d
 
@@ -52,7 +54,10 @@ def test_fifty_steps_lower_held_out_loss(corpus, tmp_path):
     assert final["step"] == 50
     assert final["val_loss"] < before - 1.0
     assert any("blob.txt" in m for m in logs)  # the binary file was skipped, by name
-    history = [json.loads(line) for line in (tmp_path / "out.run" / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line)
+        for line in (tmp_path / "out.run" / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["step"] for h in history] == list(range(1, 51))
 
 
@@ -64,7 +69,10 @@ def _train_cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in map(json.loads, (run_dir / "history.jsonl").read_text().splitlines())}
+    return {
+        h["step"]: h["loss"]
+        for h in map(json.loads, (run_dir / "history.jsonl").read_text().splitlines())
+    }
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
@@ -74,7 +82,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
 
     killed = tmp_path / "killed"
     ckpt = Path(f"{killed}.run") / "checkpoint.pt"
-    proc = subprocess.Popen(_train_cmd(corpus, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(corpus, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -84,7 +94,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
     assert 10 <= step_at_kill < 60
     assert not killed.exists()  # the final folder is only published at the end
 
-    res = subprocess.run(_train_cmd(corpus, killed, "--resume"), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        _train_cmd(corpus, killed, "--resume"), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     resumed = _losses(Path(f"{killed}.run"))
     assert sorted(resumed) == list(range(1, 61))
@@ -127,8 +139,14 @@ def _leftovers(folder: Path) -> list[str]:
         (lambda d: (d / "empty.txt").write_text("  \n"), "no text found"),
         (lambda d: (d / "bin.txt").write_bytes(b"\x00\x01\x02" * 100), "1 binary or non-UTF-8"),
         (lambda d: (d / "short.txt").write_text("just a few words"), "too few for two blocks"),
-        (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n'), 'string "text" field'),
-        (lambda d: (d / "torn.jsonl").write_text('{"text": "ok"}\n{"text": "cut'), "not a JSON line"),
+        (
+            lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n'),
+            'string "text" field',
+        ),
+        (
+            lambda d: (d / "torn.jsonl").write_text('{"text": "ok"}\n{"text": "cut'),
+            "not a JSON line",
+        ),
     ],
 )
 def test_bad_corpus_gives_clear_error_and_writes_nothing(tmp_path, make, error):
