@@ -105,6 +105,10 @@ def _not_falcon(tmp_path):
         (("generate", "x", "--model", "TINY", "--dtype", "int3"), "--dtype"),
         (("generate", "x"), "no embedded default model"),
         (("frobnicate",), "invalid choice"),
+        (("generate", "x", "--model", "TINY", "--device", "cuda"), "no CUDA GPU"),
+        (("generate", "x", "--model", "TINY", "--device", "banana"), "not a torch device"),
+        (("generate", "x", "--model", ""), "model path is empty"),
+        (("chat", "--model", "TINY", "--max-tokens", "5000"), "leaves no room"),
         ((), "required"),
     ],
 )
@@ -124,3 +128,28 @@ def test_a_file_that_is_not_a_model_folder(tmp_path):
     res = run("info", "--model", str(f))
     assert res.returncode == 2
     assert "expected a Hugging Face model folder" in res.stderr
+
+
+def test_chat_history_is_kept_trimmed_and_reset(tiny_7b):
+    from falconet.cli import fit_history
+    from falconet.errors import GenerationError
+
+    llm = falconet.load(tiny_7b)
+    history = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
+    ids = fit_history(llm, "be brief", history, budget=10_000)
+    text = llm.tokenizer.decode(ids)
+    assert (
+        text
+        == "be brief\nUser: first question\nFalcon: first answer\nUser: second question\nFalcon:"
+    )
+    # a budget that fits only the newest turn drops the oldest pair, keeps the system prompt
+    short = len(llm.chat_prompt([{"role": "system", "content": "be brief"}, history[-1]]))
+    ids = fit_history(llm, "be brief", history, budget=short)
+    assert llm.tokenizer.decode(ids) == "be brief\nUser: second question\nFalcon:"
+    assert history == [{"role": "user", "content": "second question"}]
+    with pytest.raises(GenerationError, match="shorter message"):
+        fit_history(llm, None, [{"role": "user", "content": "word " * 500}], budget=20)

@@ -157,3 +157,48 @@ def test_logits_rejects_bad_ids(llm):
         llm.logits([])
     with pytest.raises(GenerationError):
         llm.logits([llm.config.vocab_size])
+
+
+def test_streaming_does_not_leak_inference_mode(llm):
+    it = llm.stream(PROMPT, max_tokens=4, ignore_eos=True)
+    next(it)
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(2, requires_grad=True)
+    assert (x * 2).sum().requires_grad
+    list(it)
+
+
+def test_complete_rejects_a_bare_string(llm):
+    with pytest.raises(GenerationError, match="list of prompts"):
+        llm.complete("hello")
+
+
+@pytest.mark.parametrize("bad", [[1.7, 2.2], [[1, 2], [3, 4]], "hello", torch.tensor([1.0, 2.0])])
+def test_logits_rejects_non_integer_ids(llm, bad):
+    with pytest.raises(GenerationError):
+        llm.logits(bad)
+
+
+def test_tiny_temperature_is_greedy(llm):
+    greedy = llm.complete([PROMPT], max_tokens=6, ignore_eos=True)[0].token_ids
+    tiny = llm.complete([PROMPT], max_tokens=6, ignore_eos=True, temperature=1e-40, seed=1)[0]
+    assert tiny.token_ids == greedy
+
+
+def test_kv_cache_larger_than_memory_is_a_clear_error(llm):
+    with pytest.raises(GenerationError, match="KV cache"):
+        llm.complete([PROMPT], max_tokens=10**12)
+
+
+def test_sampling_params_object_and_keywords_agree(llm):
+    from falconet.sampling import SamplingParams
+
+    p = SamplingParams(max_tokens=6, temperature=0.9, seed=4, ignore_eos=True)
+    a = llm.complete([PROMPT], p)[0].token_ids
+    b = llm.complete([PROMPT], max_tokens=6, temperature=0.9, seed=4, ignore_eos=True)[0].token_ids
+    assert a == b
+    assert "".join(llm.stream(PROMPT, params=p)) == llm.tokenizer.decode(
+        a, skip_special_tokens=True
+    )
+    with pytest.raises(GenerationError, match="not both"):
+        llm.complete([PROMPT], p, max_tokens=3)
