@@ -77,6 +77,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     clip: float = 1.0
     dtype: str = "float32"  # or "bfloat16" (autocast; slow on CPUs without bf16 units)
+    save_dtype: str = "float32"  # weights of the output folder: float32 or bfloat16 (half the size)
     eval_every: int = 100
     eval_batches: int = 0  # 0: the whole held-out set
     val_fraction: float = 0.05
@@ -89,6 +90,7 @@ class TrainSettings:
         checks = [
             (self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}"),
             (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
+            (self.save_dtype in ("float32", "bfloat16"), "--save-dtype must be float32 or bfloat16"),
             (self.hidden_size > 0 and self.heads > 0 and self.hidden_size % self.heads == 0,
              f"--hidden {self.hidden_size} must be a positive multiple of --heads {self.heads}"),
             ((self.hidden_size // max(self.heads, 1)) % 2 == 0 or self.variant == "rw",
@@ -352,7 +354,7 @@ class Trainer:
             self.model,
             self.tokenizer,
             self.out,
-            torch.float32,
+            getattr(torch, s.save_dtype),
             model_card(s, final, len(self.blocks.train)),
         )
         return final
