@@ -101,7 +101,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--clip", type=float, default=d.clip)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="training precision")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=d.dtype, help="training precision"
+    )
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default=d.save_dtype,
                    help="weight dtype of the output folder")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=d.eval_every)

@@ -225,21 +225,8 @@ class Trainer:
             self.tokenizer = train_tokenizer(corpus.documents, s.vocab_size)
         tokens = tokenize_corpus(corpus.documents, self.tokenizer)
         self.blocks = pack_blocks(tokens, s.block_size, s.val_fraction)
-        eos = self.tokenizer.eos_token_id
-        config = s.model_config(self.tokenizer.vocab_size, eos)
-        self.model = Falcon(config, torch.float32)
-        self.model.requires_grad_(True)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim == 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
-        )  # fmt: skip
-        self.history: list[dict] = []
-        self.step = 0
-        if saved is None:
-            init_weights(self.model, s.init_std, s.seed)
-        else:
+        self.build_model(s.model_config(self.tokenizer.vocab_size, self.tokenizer.eos_token_id))
+        if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.opt.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["torch_rng"])
@@ -248,6 +235,21 @@ class Trainer:
         atomic_write_text(
             self.run_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in self.history)
         )
+
+    def build_model(self, config: FalconConfig) -> None:
+        """A freshly initialised fp32 model and its AdamW (no decay on biases and norms)."""
+        s = self.s
+        self.model = Falcon(config, torch.float32)
+        self.model.requires_grad_(True)
+        init_weights(self.model, s.init_std, s.seed)
+        decay = [p for p in self.model.parameters() if p.ndim == 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
+        )  # fmt: skip
+        self.history: list[dict] = []
+        self.step = 0
 
     # ---- steps ------------------------------------------------------------------
     def _loss(self, batch: np.ndarray) -> torch.Tensor:
