@@ -406,3 +406,9 @@ def test_n_embed_overrides_hidden_size_as_in_transformers():
         {**RW_7B_LEGACY, "n_embed": 568}
     )  # RW_7B_LEGACY says hidden_size 4544
     assert (cfg.hidden_size, cfg.head_dim) == (568, 8)
+
+
+def test_config_and_model_know_the_same_activations():
+    from falconet import config, model
+
+    assert set(config.ACTIVATIONS) == set(model.ACTIVATIONS)
