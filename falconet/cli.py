@@ -83,6 +83,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="output HF model folder")
     p.add_argument("--run-dir", default="", help="checkpoints and history (default: OUT.run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument(
         "--tokenizer", default="", help="tokenizer.json or folder to use instead of training one"
     )
@@ -274,15 +275,40 @@ def cmd_train(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     import dataclasses
 
     import torch
+    from tqdm import tqdm
 
     from falconet.train.trainer import Trainer, TrainSettings
 
     names = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra"}
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
+    if args.threads < 0:
+        raise FalconetError("--threads must be >= 0 (0: PyTorch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda msg: print(f"falconet: {msg}", file=sys.stderr)  # noqa: E731
-    final = Trainer(settings, resume=args.resume, progress=True, log=log).run()
+    bar = None
+
+    def on_step(record: dict) -> None:
+        nonlocal bar
+        if bar is None:  # drawn from the first step on, so setup errors stay one line
+            bar = tqdm(total=settings.steps, initial=record["step"] - 1, desc="train", unit="step",
+                       dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tok_s']:.0f}"}
+        if "val_ppl" in record:
+            post["val_ppl"] = f"{record['val_ppl']:.1f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(record["step"] - bar.n)
+
+    def log(msg: str) -> None:
+        tqdm.write(f"falconet: {msg}", file=sys.stderr)
+
+    trainer = Trainer(
+        settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
+    )
+    try:
+        final = trainer.run()
+    finally:
+        if bar is not None:
+            bar.close()
     summary = f"step {final['step']}: train loss {final['loss']:.4f}"
     if "val_loss" in final:
         summary += f", held-out loss {final['val_loss']:.4f} (perplexity {final['val_ppl']:.2f})"
@@ -305,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"falconet: error: {e}", file=sys.stderr)
     except FalconetError as e:
         print(f"falconet: error: {e}", file=sys.stderr)
+    except OSError as e:  # the machine's, not the user's: a full disk, a vanished file
+        print(f"falconet: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ temporary name beside the target, then renamed into place.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -68,17 +69,22 @@ def publish_folder(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    # What a process killed mid-publish left behind: its temp folder, or the previous
+    # version it had moved aside.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if old.exists():
+        shutil.rmtree(old)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
         fsync_dir(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
         else:
             os.replace(tmp, target)
         fsync_dir(target.parent)

@@ -8,7 +8,9 @@ and on resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -33,6 +35,11 @@ EOS_TOKEN = "<|endoftext|>"
 
 class DataError(FalconetError):
     """A corpus that cannot be trained on (empty, unreadable, too small)."""
+
+
+HIDDEN_TAGS = ("script", "style", "noscript", "template")
+BLOCK_TAGS = ("p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "pre", "section",
+              "table", "dd", "dt", "blockquote", "article", "header", "footer", "ul", "ol")  # fmt: skip
 
 
 class _VisibleText(HTMLParser):
@@ -72,39 +79,53 @@ class _VisibleText(HTMLParser):
             self.parts.append(data)
 
 
-def html_to_text(html: str) -> str:
+def html_to_text(html: str) -> tuple[str, bool]:
+    """Visible text, and whether a <script>/<style> was left open (its rest was dropped)."""
     parser = _VisibleText()
     parser.feed(html)
     parser.close()
     lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
-    return "\n".join(line for line in lines if line)
+    return "\n".join(line for line in lines if line), parser._skip > 0
 
 
-def _read_text_file(path: Path) -> str | None:
+def _read_text_file(path: Path, warn: Callable[[str], None]) -> str | None:
     """The file's text, or None when it is binary (a NUL byte or not UTF-8)."""
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         return None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte order mark is not text
     except UnicodeDecodeError:
         return None
-    return html_to_text(text) if path.suffix.lower() in HTML_SUFFIXES else text
+    if path.suffix.lower() in HTML_SUFFIXES:
+        text, unclosed = html_to_text(text)
+        if unclosed:
+            warn(f"{path}: an unclosed <script> or <style> hides the rest of the page")
+    return text
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not a JSON line ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}:{n}: expected an object with a string "text" field')
-            docs.append(record["text"])
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON line ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}:{n}: expected an object with a string "text" field')
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{path}:{n}: the text holds a lone surrogate (\\ud800-\\udfff escape)"
+            ) from None
+        docs.append(record["text"])
     return docs
 
 
@@ -118,18 +139,25 @@ class Corpus:
         return sum(len(d) for d in self.documents)
 
 
-def read_corpus(paths: list[Path]) -> Corpus:
+def _corpus_files(folder: Path) -> list[Path]:
+    """Text files under `folder`, sorted, skipping hidden entries (.git, .venv, ...)."""
+    suffixes = TEXT_SUFFIXES + HTML_SUFFIXES + JSONL_SUFFIXES
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+    )
+
+
+def read_corpus(paths: list[Path], warn: Callable[[str], None] = lambda _m: None) -> Corpus:
     """Documents from files and folders (recursively, sorted), or JSONL files."""
     files: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in TEXT_SUFFIXES + HTML_SUFFIXES + JSONL_SUFFIXES
-            )
+            files += _corpus_files(p)
         elif p.is_file():
             files.append(p)
         else:
@@ -141,10 +169,7 @@ def read_corpus(paths: list[Path]) -> Corpus:
             if f.suffix.lower() in JSONL_SUFFIXES:
                 docs += [d for d in _read_jsonl(f) if d.strip()]
                 continue
-            text = _read_text_file(f)
-        except UnicodeDecodeError:
-            skipped.append(f)
-            continue
+            text = _read_text_file(f, warn)
         except OSError as e:
             raise DataError(f"{f}: cannot be read ({e.strerror})") from None
         if text is None:
@@ -198,6 +223,13 @@ class Blocks:
 
     train: np.ndarray  # (n_train, block_size + 1) int32
     val: np.ndarray  # (n_val, block_size + 1) int32
+
+    def digest(self) -> str:
+        """Identifies the exact data, so a resumed run can check it trains on the same."""
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.train, self.val):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return f"{len(self.train)}+{len(self.val)}:{h.hexdigest()}"
 
 
 def pack_blocks(tokens: np.ndarray, block_size: int, val_fraction: float) -> Blocks:

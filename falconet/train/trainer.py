@@ -41,6 +41,9 @@ from falconet.train.data import (
 from falconet.weights.save import save_hf
 
 CHECKPOINT = "checkpoint.pt"
+# Settings a resumed run may change: they do not change what is computed.
+FREE_ON_RESUME = ("steps", "data", "out", "run_dir", "eval_every", "eval_batches", "checkpoint_every",
+                  "save_dtype", "extra")  # fmt: skip
 HISTORY = "history.jsonl"
 
 # Falcon layouts by name: FalconConfig switches (see config.py's table).
@@ -113,6 +116,8 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise FalconetError(message)
+        if not Path(self.out).resolve().name or Path(self.out).resolve() == Path.cwd():
+            raise FalconetError(f"--out {self.out!r} must name a new folder, not . or /")
         if not self.run_dir:
             self.run_dir = str(Path(self.out).with_name(Path(self.out).name + ".run"))
 
@@ -130,12 +135,14 @@ class TrainSettings:
         )
 
     def same_run(self, saved: dict) -> list[str]:
-        """Names of the settings that differ from a checkpoint's (steps may grow)."""
+        """Names of the settings that differ from a checkpoint's, among those that change
+        the computation (paths, evaluation and checkpoint intervals may change; the data
+        itself is compared by digest)."""
         mine = asdict(self)
         return [
             f.name
             for f in fields(self)
-            if f.name not in ("steps", "extra") and saved.get(f.name) != mine[f.name]
+            if f.name not in FREE_ON_RESUME and saved.get(f.name) != mine[f.name]
         ]
 
 
@@ -155,7 +162,7 @@ def init_weights(model: Falcon, std: float, seed: int) -> None:
 def lr_at(step: int, s: TrainSettings) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
-    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    progress = (step - s.warmup) / max(1, s.steps - 1 - s.warmup)  # the last step is at the floor
     floor = s.lr * s.min_lr_ratio
     return floor + 0.5 * (s.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -183,13 +190,41 @@ def _check_writable(folder: Path, what: str) -> None:
         ) from None
 
 
+def _check_paths(s: TrainSettings, overwrite: bool, resume: bool) -> None:
+    """Never let publishing the output delete the corpus, the run, or an unrelated folder."""
+    out, run = Path(s.out).resolve(), Path(s.run_dir).resolve()
+    for d in map(lambda p: Path(p).resolve(), s.data):
+        if d.is_relative_to(out) or out.is_relative_to(d):
+            raise FalconetError(f"--out {s.out} and the data {d} must not contain one another")
+    if run.is_relative_to(out) or out.is_relative_to(run):
+        raise FalconetError(f"--out {s.out} and --run-dir {s.run_dir} must not contain one another")
+    if run.exists() and not run.is_dir():
+        raise FalconetError(f"--run-dir {s.run_dir} is a file, not a folder")
+    is_model = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if out.exists() and not overwrite and not (resume and is_model):  # a resumed run republishes
+        what = "a model folder" if is_model else ("a file" if out.is_file() else "a folder")
+        raise FalconetError(
+            f"--out {s.out} already exists ({what}); pass --overwrite to replace it"
+        )
+
+
 class Trainer:
-    def __init__(self, settings: TrainSettings, resume: bool = False, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """One training run. `on_step(record)` is called after every step (the CLI draws a
+    progress bar with it); `log(message)` receives warnings."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Callable[[str], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> None:
         self.s = settings
         self.resume = resume
-        self.progress = progress
+        self.overwrite = overwrite
         self.log = log or (lambda _msg: None)
+        self.on_step = on_step or (lambda _record: None)
         self.run_dir = Path(settings.run_dir)
         self.out = Path(settings.out)
 
@@ -197,25 +232,25 @@ class Trainer:
     def prepare(self) -> None:
         """Read the corpus, build tokenizer, blocks, model and optimizer (or restore them)."""
         s = self.s
+        _check_paths(s, self.overwrite, self.resume)
         _check_writable(self.out, "output folder")
         _check_writable(self.run_dir, "run folder")
-        saved = None
-        if self.resume:
-            path = self.run_dir / CHECKPOINT
-            if not path.is_file():
-                raise FalconetError(f"--resume: no checkpoint at {path}; start without --resume")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            differ = s.same_run(saved["settings"])
-            if differ:
-                raise FalconetError(
-                    f"--resume: settings differ from the checkpoint's: {', '.join(differ)}"
-                )
-        corpus = read_corpus([Path(p) for p in s.data])
+        saved = self._load_checkpoint() if self.resume else None
+        if saved is None and (self.run_dir / CHECKPOINT).exists():
+            raise FalconetError(
+                f"{self.run_dir} holds a run; pass --resume to continue it, or delete the folder"
+            )
+        corpus = read_corpus([Path(p) for p in s.data], warn=self.log)
         for f in corpus.skipped:
             self.log(f"skipped {f}: binary or not UTF-8 text")
         if saved is not None:
-            self.tokenizer = Tokenizer(_backend_from_str(saved["tokenizer"]), eos_token_ids=(saved["eos_id"],),
-                                       eos_token=saved["eos_token"])  # fmt: skip
+            self.tokenizer = Tokenizer(
+                _backend_from_str(saved["tokenizer"]),
+                eos_token_ids=(saved["eos_id"],),
+                eos_token=saved["eos_token"],
+                bos_token_id=saved.get("bos_id"),
+                chat_template=saved.get("chat_template"),
+            )
         elif s.tokenizer:
             path = Path(s.tokenizer)
             self.tokenizer = (
@@ -226,15 +261,57 @@ class Trainer:
         tokens = tokenize_corpus(corpus.documents, self.tokenizer)
         self.blocks = pack_blocks(tokens, s.block_size, s.val_fraction)
         self.build_model(s.model_config(self.tokenizer.vocab_size, self.tokenizer.eos_token_id))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(".*.tmp"):  # a save killed midway
+            stale.unlink(missing_ok=True)
         if saved is not None:
+            if saved["data_digest"] != self.blocks.digest():
+                raise FalconetError(
+                    "--resume: the corpus differs from the one this run trained on "
+                    "(files added, removed or edited); restore it or start a new run"
+                )
             self.model.load_state_dict(saved["model"])
             self.opt.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["torch_rng"])
             self.step, self.history = saved["step"], saved["history"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            if saved.get("threads") != torch.get_num_threads():
+                self.log(
+                    f"resuming with {torch.get_num_threads()} threads (the run used "
+                    f"{saved.get('threads')}): sums may round differently"
+                )
         atomic_write_text(
             self.run_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in self.history)
         )
+
+    def _load_checkpoint(self) -> dict:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise FalconetError(f"--resume: no checkpoint at {path}; start without --resume")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            keys = {"settings", "step", "model", "optimizer", "torch_rng", "history", "tokenizer",
+                    "eos_id", "eos_token", "data_digest"}  # fmt: skip
+            if not isinstance(saved, dict) or not keys <= saved.keys():
+                raise ValueError("missing fields")
+        except Exception as e:  # torch.load raises many types for foreign or torn files
+            raise FalconetError(
+                f"--resume: {path} is not a falconet checkpoint ({type(e).__name__})"
+            ) from None
+        differ = self.s.same_run(saved["settings"])
+        if differ:
+            raise FalconetError(
+                f"--resume: settings differ from the checkpoint's: {', '.join(differ)}"
+            )
+        if saved["step"] > self.s.steps:
+            raise FalconetError(
+                f"--resume: the checkpoint is at step {saved['step']}, past --steps {self.s.steps}"
+            )
+        if saved["settings"].get("steps") != self.s.steps:
+            self.log(
+                f"--steps changed from {saved['settings'].get('steps')} to {self.s.steps}: the learning-rate "
+                "schedule stretches from here, so the result matches no uninterrupted run"
+            )
+        return saved
 
     def build_model(self, config: FalconConfig) -> None:
         """A freshly initialised fp32 model and its AdamW (no decay on biases and norms)."""
@@ -280,11 +357,11 @@ class Trainer:
         self.step += 1
         return total
 
-    def evaluate(self) -> float:
-        """Mean held-out loss per token (perplexity = exp of it)."""
+    def evaluate(self) -> float | None:
+        """Mean held-out loss per token (perplexity = exp of it); None without a held-out set."""
         val = self.blocks.val
         if len(val) == 0:
-            return float("nan")
+            return None
         n = (
             len(val)
             if self.s.eval_batches == 0
@@ -309,56 +386,61 @@ class Trainer:
             "tokenizer": self.tokenizer.backend.to_str(),
             "eos_id": self.tokenizer.eos_token_id,
             "eos_token": self.tokenizer.id_to_token(self.tokenizer.eos_token_id),
+            "bos_id": self.tokenizer.bos_token_id,
+            "chat_template": self.tokenizer.chat_template,
+            "data_digest": self.blocks.digest(),
+            "threads": torch.get_num_threads(),
         }
-        atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+        try:
+            atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+        except OSError as e:
+            raise FalconetError(
+                f"cannot write the checkpoint in {self.run_dir} ({e.strerror}); the previous one is intact"
+            ) from None
 
     # ---- the run ----------------------------------------------------------------
     def run(self) -> dict:
+        """Train to `steps` (from a checkpoint with resume), then publish the HF folder.
+
+        Ctrl-C saves a checkpoint before stopping, so `--resume` loses nothing.
+        """
         if not hasattr(self, "model"):
             self.prepare()
         s = self.s
         tokens_per_step = s.batch_size * s.grad_accum * s.block_size
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
-            )
         t_last, step_last = time.perf_counter(), self.step
-        with open(self.run_dir / HISTORY, "a", encoding="utf-8") as hist:
-            while self.step < s.steps:
-                loss = self.train_step()
-                record = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, s)}
-                if self.step % s.eval_every == 0 or self.step == s.steps:
-                    record["val_loss"] = self.evaluate()
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-                now = time.perf_counter()
-                record["tok_s"] = (
-                    tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
-                )
-                t_last, step_last = now, self.step
-                self.history.append(record)
-                hist.write(json.dumps(record) + "\n")
-                hist.flush()
-                if bar is not None:
-                    post = {"loss": f"{loss:.3f}", "tok/s": f"{record['tok_s']:.0f}"}
-                    if "val_loss" in record:
-                        post["val_ppl"] = f"{record['val_ppl']:.1f}"
-                    bar.set_postfix(post)
-                    bar.update(1)
-                if self.step % s.checkpoint_every == 0 or self.step == s.steps:
-                    self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+        try:
+            with open(self.run_dir / HISTORY, "a", encoding="utf-8") as hist:
+                while self.step < s.steps:
+                    record = {"step": self.step + 1, "lr": lr_at(self.step, s)}
+                    record["loss"] = self.train_step()
+                    if self.step % s.eval_every == 0 or self.step == s.steps:
+                        val = self.evaluate()
+                        if val is not None:
+                            record["val_loss"], record["val_ppl"] = val, math.exp(min(val, 50.0))
+                    now = time.perf_counter()
+                    record["tok_s"] = (
+                        tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
+                    )
+                    t_last, step_last = now, self.step
+                    self.history.append(record)
+                    hist.write(json.dumps(record) + "\n")
+                    hist.flush()
+                    self.on_step(record)
+                    if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                        self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
         final = self.history[-1]
-        save_hf(
-            self.model,
-            self.tokenizer,
-            self.out,
-            getattr(torch, s.save_dtype),
-            model_card(s, final, len(self.blocks.train)),
-        )
+        card = model_card(s, final, len(self.blocks.train))
+        try:
+            save_hf(self.model, self.tokenizer, self.out, getattr(torch, s.save_dtype), card)
+        except OSError as e:
+            raise FalconetError(
+                f"cannot write {self.out} ({e.strerror}); the checkpoint in {self.run_dir} is "
+                "intact: fix the problem and run again with --resume"
+            ) from None
         return final
 
 
@@ -368,11 +450,18 @@ def _backend_from_str(text: str):
     return tokenizers.Tokenizer.from_str(text)
 
 
+# Model-card flag names for settings whose CLI flag is not the field name.
+_FLAGS = {"hidden_size": "--hidden"}
+
+
 def model_card(s: TrainSettings, final: dict, n_blocks: int) -> str:
-    args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(s).items()
-                    if k not in ("data", "out", "run_dir", "extra", "tokenizer") and v != "")  # fmt: skip
+    skip = ("data", "out", "run_dir", "extra", "tokenizer", "init_std")
+    args = " ".join(
+        f"{_FLAGS.get(k, '--' + k.replace('_', '-'))} {v}"
+        for k, v in asdict(s).items()
+        if k not in skip and v != ""
+    )
     lines = [
-        "---\nlicense: apache-2.0\nlibrary_name: falconet\n---\n",
         f"# {Path(s.out).name}\n",
         f"A {s.variant}-style Falcon ({s.layers} layers, hidden {s.hidden_size}, {s.heads} heads) "
         "trained from scratch with `falconet train`.\n",
@@ -381,7 +470,7 @@ def model_card(s: TrainSettings, final: dict, n_blocks: int) -> str:
     ]
     if "val_loss" in final:
         lines.append(f"- held-out loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
-    lines.append(f"- settings: `{args}`")
+    lines.append(f"- settings: `falconet train DATA --out OUT {args}`")
     lines += [f"- {k}: {v}" for k, v in s.extra.items()]
     return "\n".join(lines) + "\n"
 
