@@ -58,9 +58,15 @@ def main() -> None:
     ours.build_model(config)
 
     hf = FalconForCausalLM(_hf_config(config)).train()
-    hf.load_state_dict(hf_state_dict(ours.model), strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours.model), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    decay = [p for p in hf.parameters() if p.ndim == 2]  # the same groups as falconet's AdamW
+    no_decay = [p for p in hf.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
 
     def hf_step(i: int) -> float:
         idx = sample_indices(len(blocks), settings.seed, i * args.batch_size, args.batch_size)
