@@ -103,7 +103,6 @@ def _not_falcon(tmp_path):
         (("generate", "x", "--model", "TINY", "--max-tokens", "0"), "max_tokens"),
         (("generate", "x", "--model", "TINY", "--top-k", "abc"), "--top-k"),
         (("generate", "x", "--model", "TINY", "--dtype", "int3"), "--dtype"),
-        (("generate", "x"), "no embedded default model"),
         (("frobnicate",), "invalid choice"),
         (("generate", "x", "--model", "TINY", "--device", "cuda"), "no CUDA GPU"),
         (("generate", "x", "--model", "TINY", "--device", "banana"), "not a torch device"),
@@ -153,3 +152,19 @@ def test_chat_history_is_kept_trimmed_and_reset(tiny_7b):
     assert history == [{"role": "user", "content": "second question"}]
     with pytest.raises(GenerationError, match="shorter message"):
         fit_history(llm, None, [{"role": "user", "content": "word " * 500}], budget=20)
+
+
+def test_generate_with_no_model_uses_the_embedded_default_model():
+    res = run("generate", "The", "--max-tokens", "16")
+    assert res.returncode == 0, res.stderr
+    expected = falconet.load().generate("The", max_tokens=16)
+    assert res.stdout == expected + "\n"
+    assert len(expected.split()) >= 3  # a real continuation, in words
+
+
+def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    from falconet import llm
+
+    monkeypatch.setattr(llm, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(falconet.FalconetError, match="no embedded default model"):
+        falconet.load()

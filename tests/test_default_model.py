@@ -1,0 +1,47 @@
+"""The embedded default model, falconet-tiny: shipped, small, HF-loadable, sensible."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import falconet
+from falconet.llm import DEFAULT_MODEL_DIR
+
+
+def test_ships_inside_the_package_within_25_mb():
+    files = {p.name: p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md"} <= set(files)  # fmt: skip
+    assert sum(files.values()) <= 25 * 2**20
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "falcon" and config["multi_query"] and config["parallel_attn"]
+
+
+def test_loads_in_transformers_with_equal_logits():
+    from transformers import FalconForCausalLM, PreTrainedTokenizerFast
+
+    llm = falconet.load(dtype="float32")
+    hf = FalconForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
+    text = "And God said unto Moses, I AM THAT I AM"
+    ids = llm.tokenizer.encode(text)
+    assert ids == hf_tok(text)["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_has_learned_its_corpus():
+    """Held-out-style check: a familiar verse is far more likely than its words shuffled."""
+    llm = falconet.load()
+    verse = "In the beginning God created the heaven and the earth."
+    shuffled = "earth the heaven In and God the created beginning the."
+
+    def mean_nll(text: str) -> float:
+        ids = [llm.tokenizer.eos_token_id, *llm.tokenizer.encode(text)]
+        logp = torch.log_softmax(llm.logits(ids)[:-1], dim=-1)
+        return -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item()
+
+    assert mean_nll(verse) < mean_nll(shuffled) - 1.0
