@@ -299,17 +299,11 @@ class F32(QuantFormat):
         return blocks["value"].astype(np.float32).reshape(-1, 1)
 
 
-class F16(QuantFormat):
+class F16(F32):
     """IEEE half; rounds to nearest even. Values >= 65520 overflow: QuantError."""
 
     name, ggml_type, block_size = "f16", 1, 1
     layout = np.dtype([("value", "<f2")])
-
-    def _quantize(self, x, out):
-        out["value"] = x[:, 0]
-
-    def _dequantize(self, blocks):
-        return blocks["value"].astype(np.float32).reshape(-1, 1)
 
 
 class BF16(QuantFormat):
