@@ -35,6 +35,8 @@ scale is zero, so it dequantizes to zeros either way.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from falconet.errors import FalconetError
@@ -49,7 +51,7 @@ class QuantError(FalconetError):
 CHUNK_BLOCKS = 1 << 16
 
 
-class QuantFormat:
+class QuantFormat(abc.ABC):
     """One GGML tensor type. Subclasses set the class constants and `_quantize` /
     `_dequantize`; the public methods validate and reshape around them."""
 
@@ -141,11 +143,11 @@ class QuantFormat:
 
     def _quantize(self, x: np.ndarray, out: np.ndarray) -> None:
         """Fill the structured blocks `out` [n] from finite float32 `x` [n, block_size]."""
-        raise NotImplementedError
+        raise QuantError(f"falconet reads {self.name} but cannot write it")
 
+    @abc.abstractmethod
     def _dequantize(self, blocks: np.ndarray) -> np.ndarray:
         """Structured blocks [n] -> float32 [n, block_size]."""
-        raise NotImplementedError
 
     def _overflowed(self, out: np.ndarray) -> np.ndarray:
         """bool [n]: blocks whose float16 fields (scales, mins, values) became Inf."""
