@@ -107,3 +107,19 @@ def hf_checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
 @pytest.fixture(scope="session")
 def tiny_7b(hf_checkpoints) -> Path:
     return hf_checkpoints["7b"][1]
+
+
+def assert_matches_transformers(folder: Path, text: str) -> None:
+    """falconet and transformers on one HF folder: the same token ids for `text`, and
+    fp32 logits within 1e-4."""
+    from transformers import FalconForCausalLM, PreTrainedTokenizerFast
+
+    import falconet
+
+    llm = falconet.load(folder, dtype="float32")
+    hf = FalconForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(text)
+    assert ids == PreTrainedTokenizerFast.from_pretrained(folder)(text)["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4

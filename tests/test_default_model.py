@@ -8,6 +8,7 @@ import torch
 
 import falconet
 from falconet.llm import DEFAULT_MODEL_DIR
+from tests.conftest import assert_matches_transformers
 
 
 def test_ships_inside_the_package_within_25_mb():
@@ -20,17 +21,7 @@ def test_ships_inside_the_package_within_25_mb():
 
 
 def test_loads_in_transformers_with_equal_logits():
-    from transformers import FalconForCausalLM, PreTrainedTokenizerFast
-
-    llm = falconet.load(dtype="float32")
-    hf = FalconForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
-    hf_tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR)
-    text = "And God said unto Moses, I AM THAT I AM"
-    ids = llm.tokenizer.encode(text)
-    assert ids == hf_tok(text)["input_ids"]
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-    assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4
+    assert_matches_transformers(DEFAULT_MODEL_DIR, "And God said unto Moses, I AM THAT I AM")
 
 
 def test_has_learned_its_corpus():

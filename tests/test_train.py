@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import falconet
 from falconet.errors import FalconetError
 from falconet.train.data import DataError
 from falconet.train.trainer import Trainer, TrainSettings
+from tests.conftest import assert_matches_transformers
 
 TEXT = (Path(__file__).parent / "conftest.py").read_text() + (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -117,21 +117,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(corpus, tmp_path):
 
 @pytest.mark.parametrize("variant", ["7b", "40b", "11b", "rw"])
 def test_output_loads_in_transformers_with_equal_logits(corpus, tmp_path, variant):
-    from transformers import FalconForCausalLM, PreTrainedTokenizerFast
-
     out = tmp_path / variant
     Trainer(small(corpus, out, steps=3, variant=variant, heads=4, kv_heads=2)).run()
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                "tokenizer_config.json", "generation_config.json", "README.md"}  # fmt: skip
-    llm = falconet.load(out, dtype="float32")
-    hf = FalconForCausalLM.from_pretrained(out).eval()
-    hf_tok = PreTrainedTokenizerFast.from_pretrained(out)
-    text = "And God said, Let there be light 🦅 東京"
-    ids = llm.tokenizer.encode(text)
-    assert ids == hf_tok(text)["input_ids"]
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-    assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4
+    assert_matches_transformers(out, "And God said, Let there be light 🦅 東京")
 
 
 def test_resume_with_other_settings_is_refused(corpus, tmp_path):

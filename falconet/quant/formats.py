@@ -364,6 +364,16 @@ class Q4_0(QuantFormat):
         return q * fp16_to_f32(blocks["d"])
 
 
+def affine_quants(x: np.ndarray, levels: int, out: np.ndarray) -> np.ndarray:
+    """The Q4_1/Q5_1 rule: d = (max - min) / levels, m = min, q = trunc((x - m)/d + 0.5)
+    capped at `levels`; stores d and m in `out` and returns q."""
+    lo, hi = block_min_max(x)
+    d = (hi - lo) / np.float32(levels)
+    inv, ok = reciprocal(d)
+    out["d"], out["m"] = d[:, 0], lo[:, 0]
+    return truncate_quants((x - lo) * inv + np.float32(0.5), levels, ok)
+
+
 class Q4_1(QuantFormat):
     """d = (max - min) / 15, m = min, q = min(15, trunc((x - min)/d + 0.5));
     x ~ q * d + m."""
@@ -372,11 +382,7 @@ class Q4_1(QuantFormat):
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
 
     def _quantize(self, x, out):
-        lo, hi = block_min_max(x)
-        d = (hi - lo) / np.float32(15)
-        inv, ok = reciprocal(d)
-        q = truncate_quants((x - lo) * inv + np.float32(0.5), 15, ok)
-        out["d"], out["m"] = d[:, 0], lo[:, 0]
+        q = affine_quants(x, 15, out)
         out["qs"] = pack_nibbles(q)
 
     def _dequantize(self, blocks):
@@ -412,11 +418,7 @@ class Q5_1(QuantFormat):
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
 
     def _quantize(self, x, out):
-        lo, hi = block_min_max(x)
-        d = (hi - lo) / np.float32(31)
-        inv, ok = reciprocal(d)
-        q = truncate_quants((x - lo) * inv + np.float32(0.5), 31, ok)
-        out["d"], out["m"] = d[:, 0], lo[:, 0]
+        q = affine_quants(x, 31, out)
         out["qh"] = pack_high_bits(q)
         out["qs"] = pack_nibbles(q & 0x0F)
 
