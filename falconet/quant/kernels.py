@@ -1,0 +1,105 @@
+"""Matmul and dequantize kernels for weights in GGML blocks, and the choice between them.
+
+Paths, fastest first:
+
+- CPU, compiled kernels (`_kernels.c`, built by the package's build; AVX2 with a
+  portable C fallback), formats Q8_0 / Q4_0 / Q4_1 / Q5_0:
+  * up to `GEMV_ROWS` activation rows (decode): each row is rounded to Q8_0 blocks and
+    multiplied with integer dot products straight off the weight blocks, as llama.cpp
+    does. Every activation row is computed alone, so a batch of rows equals each row
+    sent by itself, bit for bit.
+  * more rows (prefill): the weight is dequantized to fp32 one tile of output rows at a
+    time and multiplied by BLAS (PyTorch's GEMM), so no full fp32 copy ever exists.
+- CUDA with Triton, Q4_0 / Q8_0: triton_kernels.py.
+- anything else: the numpy codecs dequantize a tile at a time (slow; exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from falconet.quant import QuantFormat
+
+try:  # the compiled kernels are optional: no C compiler at install -> pure fallback
+    from falconet.quant import _kernels as native
+except ImportError:  # pragma: no cover - depends on the build
+    native = None
+
+# Activation rows up to which the integer GEMV path beats dequantize + GEMM.
+GEMV_ROWS = 8
+# Bytes of the fp32 weight tile of the prefill path; it stays in cache while BLAS reuses it.
+TILE_BYTES = 4 << 20
+NATIVE_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6}
+
+
+def native_available(fmt: QuantFormat) -> bool:
+    return native is not None and fmt.name in NATIVE_TYPES
+
+
+def dequantize(fmt: QuantFormat, data: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 blocks [rows, row_bytes] -> float32 [rows, cols] on the same device."""
+    rows = data.shape[0]
+    if data.device.type == "cpu" and native_available(fmt):
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        src = data.contiguous()
+        native.dequantize(
+            NATIVE_TYPES[fmt.name], src.data_ptr(), rows, cols, out.data_ptr(), _threads()
+        )
+        return out
+    if data.device.type == "cuda" and fmt.name in ("q4_0", "q8_0"):
+        from falconet.quant import triton_kernels
+
+        if triton_kernels.available():
+            return triton_kernels.dequantize(fmt.name, data, cols)
+    raw = data.detach().to("cpu").contiguous().numpy()
+    out = fmt.dequantize(raw, (rows, cols))
+    return torch.from_numpy(np.ascontiguousarray(out)).to(data.device)
+
+
+def quant_linear(
+    x: torch.Tensor, fmt: QuantFormat, blocks: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """x [..., K] @ W.T for W in GGML blocks [N, row_bytes] -> [..., N] in x.dtype."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    M = rows.shape[0]
+    if x.device.type == "cuda" and fmt.name in ("q4_0", "q8_0"):
+        from falconet.quant import triton_kernels
+
+        if triton_kernels.available():
+            y = triton_kernels.matmul(rows, fmt.name, blocks, out_features)
+            return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    xf = rows.to(torch.float32).contiguous()
+    if x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
+        y = torch.empty(M, out_features, dtype=torch.float32)
+        native.gemv(
+            NATIVE_TYPES[fmt.name],
+            blocks.data_ptr(),
+            out_features,
+            K,
+            xf.data_ptr(),
+            M,
+            y.data_ptr(),
+            _threads(),
+        )
+    else:
+        y = _tiled_dequant_matmul(xf, fmt, blocks, out_features)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def _tiled_dequant_matmul(
+    x: torch.Tensor, fmt: QuantFormat, blocks: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    K = x.shape[-1]
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
+    tile = max(16, TILE_BYTES // (K * 4))
+    for start in range(0, out_features, tile):
+        stop = min(start + tile, out_features)
+        w = dequantize(fmt, blocks[start:stop], K)
+        y[:, start:stop] = x @ w.t()
+    return y
+
+
+def _threads() -> int:
+    return torch.get_num_threads()

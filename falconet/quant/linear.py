@@ -1,0 +1,142 @@
+"""Quantized layers: `QuantLinear` and `QuantEmbedding`, module swaps for `Linear` and
+`nn.Embedding` whose weight is kept as GGML blocks.
+
+The weight is stored exactly as a GGUF file stores it: a uint8 tensor [out_features,
+row_bytes], each row `in_features / block_size` blocks of the format's bytes. So a GGUF
+tensor maps in without a copy, one written back is byte-identical, and the CPU kernels
+read the blocks where they lie (as llama.cpp's do). The quant type lives in the module
+(`qtype`) and in the file's metadata, never in a tensor name.
+
+`QuantLinear.forward` picks the path (kernels.py):
+
+- CPU with the compiled kernels: few rows (decode) -> integer dot products on the blocks
+  with the activations rounded to 8 bits per block, as llama.cpp computes them; many rows
+  (prefill) -> dequantize a tile of output rows to fp32 and run a BLAS GEMM.
+- CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
+- anything else: dequantize a tile of output rows and matmul (slow but exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from falconet.quant import kernels
+from falconet.quant import QuantError, QuantFormat, get_format
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """A 2-D weight held as GGML blocks: `data` uint8 [rows, cols/block_size*type_size]."""
+
+    fmt: QuantFormat
+    data: torch.Tensor
+    shape: tuple[int, int]  # (rows, cols) of the float tensor it stands for
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape
+        want = (rows, self.fmt.row_bytes(cols))
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want:
+            raise QuantError(
+                f"{self.fmt.name} tensor of shape {self.shape} needs uint8 {want} bytes, "
+                f"got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, qtype: str | int) -> QuantTensor:
+        """Quantize a float [rows, cols] tensor (any float dtype) to GGML blocks."""
+        fmt = get_format(qtype)
+        if w.ndim != 2:
+            raise QuantError(f"{fmt.name}: can only quantize 2-D weights, got shape {tuple(w.shape)}")
+        raw = fmt.quantize(w.detach().to("cpu", torch.float32).numpy())
+        return cls(fmt, torch.from_numpy(raw), (int(w.shape[0]), int(w.shape[1])))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize(self.fmt, self.data, self.shape[1]).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W in GGML blocks (`weight_blocks`) and an optional float bias."""
+
+    def __init__(
+        self, weight: QuantTensor, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.fmt = weight.fmt
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_blocks", weight.data, persistent=True)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def qtype(self) -> str:
+        return self.fmt.name
+
+    @property
+    def weight(self) -> QuantTensor:
+        return QuantTensor(self.fmt, self.weight_blocks, (self.out_features, self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qtype={self.qtype}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.quant_linear(x, self.fmt, self.weight_blocks, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings in GGML blocks: a lookup dequantizes just the rows it gathers.
+    Tied to the LM head when the model ties them (the head is a QuantLinear on the same
+    blocks)."""
+
+    def __init__(self, weight: QuantTensor, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.fmt = weight.fmt
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype
+        self.register_buffer("weight_blocks", weight.data, persistent=True)
+
+    @property
+    def weight(self) -> QuantTensor:
+        return QuantTensor(self.fmt, self.weight_blocks, (self.num_embeddings, self.embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids.reshape(-1), self.weight_blocks)  # gathers whole block rows
+        out = kernels.dequantize(self.fmt, rows, self.embedding_dim)
+        return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+
+def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> None:
+    """Set the HF-named parameter `name` of a Falcon (e.g. built on the meta device).
+
+    A QuantTensor for a `*.weight` of a Linear or Embedding swaps in a QuantLinear /
+    QuantEmbedding (keeping the Linear's bias, which may be set before or after); a
+    float tensor is set as a plain parameter. A tied LM head follows its embedding.
+    """
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(value, QuantTensor):
+        if attr != "weight":
+            raise QuantError(f"{name}: only weights can be quantized")
+        if isinstance(module, nn.Embedding | QuantEmbedding):
+            dtype = getattr(model, "compute_dtype", torch.float32)
+            new: nn.Module = QuantEmbedding(value, dtype)
+        else:
+            new = QuantLinear(value, getattr(module, "bias", None))
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        if name == "transformer.word_embeddings.weight" and getattr(
+            getattr(model, "config", None), "tie_word_embeddings", False
+        ):
+            model.lm_head = QuantLinear(value)
+        return
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
