@@ -13,6 +13,7 @@ from falconet.config import FalconConfig
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion, complete, generate_text, prefill
 from falconet.model import Falcon
+from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
 from falconet.weights.hf import load_weights, read_config
@@ -67,17 +68,28 @@ def load(
     dtype: str = "auto",
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    quant: str | None = None,
 ) -> LLM:
     """Load a Falcon model: a HF folder, or None for the embedded default model.
 
     progress(done_bytes, total_bytes) is called as tensors load (the CLI draws a bar).
+    quant ("q8_0", "q4_0", ...: falconet.quant.plan.QUANT_TYPES) quantizes the matrices
+    tensor by tensor while the checkpoint streams in, so a model whose float checkpoint
+    is larger than RAM still loads in 4 bits.
     """
+    if quant is not None:
+        quant = check_quant_type(quant)
     if path is not None and not str(path):
         raise FalconetError("model path is empty; give a Hugging Face model folder")
     folder = default_model_path() if path is None else Path(path).expanduser()
     dev = _device(device)
-    if folder.suffix == ".gguf":
-        raise FalconetError(f"{folder}: GGUF files are not supported yet; convert with a HF folder")
+    if folder.suffix == ".gguf" or folder.is_file():
+        if quant is not None:
+            raise FalconetError(
+                f"{folder}: quant is for Hugging Face folders; a GGUF file keeps its own types "
+                "(write another with `falconet convert --type`)"
+            )
+        return _load_gguf(folder, dtype, dev, progress)
     if not folder.exists():
         raise FalconetError(f"{folder}: no such file or folder")
     if not folder.is_dir():
@@ -98,10 +110,33 @@ def load(
         if progress is not None:
             progress(done, total)
 
-    load_weights(model, folder, advance)
+    load_weights(model, folder, advance, quant=quant)
     if dev.type != "cpu":
         model = model.to(dev)
     return LLM(model, tokenizer, folder)
+
+
+def _load_gguf(
+    path: Path, dtype: str, dev: torch.device, progress: Callable[[int, int], None] | None
+) -> LLM:
+    from falconet.weights.gguf import load_gguf_weights, read_gguf
+
+    ckpt = read_gguf(path)
+    storage, compute = resolve_dtypes(dtype, ckpt.config, dev)
+    with torch.device("meta"):
+        model = Falcon(ckpt.config, storage, compute)
+    done, total = 0, ckpt.nbytes
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    load_gguf_weights(model, ckpt, advance)
+    if dev.type != "cpu":
+        model = model.to(dev)
+    return LLM(model, ckpt.tokenizer, path)
 
 
 def _device(name: str) -> torch.device:

@@ -180,7 +180,7 @@ class Falcon(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.ln_f.weight.device
 
     def forward(
         self,
@@ -226,7 +226,23 @@ class Falcon(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        """Weights as float values (a quantized matrix counts its rows x cols); a tied
+        head is counted once."""
+        return sum(n for n, _ in self._weights())
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes the weights take as stored (quantized blocks at their packed size)."""
+        return sum(b for _, b in self._weights())
+
+    def _weights(self) -> list[tuple[int, int]]:
+        # parameters() already skips a tied duplicate; a tied quantized head shares its
+        # embedding's blocks, so blocks count once per storage.
+        out = [(p.numel(), p.numel() * p.element_size()) for p in self.parameters()]
+        seen: set[tuple[int, str]] = set()
+        for m in self.modules():
+            blocks = getattr(m, "weight_blocks", None)
+            if blocks is None or (blocks.data_ptr(), str(blocks.device)) in seen:
+                continue
+            seen.add((blocks.data_ptr(), str(blocks.device)))
+            out.append((m.weight.shape[0] * m.weight.shape[1], blocks.numel()))
+        return out

@@ -18,14 +18,17 @@ read the blocks where they lie (as llama.cpp's do). The quant type lives in the 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from falconet.quant import kernels
-from falconet.quant import QuantError, QuantFormat, get_format
+from falconet.quant import QuantError, QuantFormat, get_format, kernels
+
+# fp32 values converted per quantization step (16 MB).
+QUANT_CHUNK_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,38 @@ class QuantTensor:
             )
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, qtype: str | int) -> QuantTensor:
-        """Quantize a float [rows, cols] tensor (any float dtype) to GGML blocks."""
+    def quantize(cls, w: torch.Tensor, qtype: str | int, name: str = "tensor") -> QuantTensor:
+        """Quantize a float [rows, cols] tensor (any float dtype) to GGML blocks.
+
+        Rows go in chunks converted to fp32 one at a time, two chunks in flight (numpy
+        releases the GIL), so the only large allocation is the result: quantizing at load
+        holds the source tensor, its blocks and a few MB, never a whole fp32 copy.
+        """
         fmt = get_format(qtype)
         if w.ndim != 2:
-            raise QuantError(f"{fmt.name}: can only quantize 2-D weights, got shape {tuple(w.shape)}")
-        raw = fmt.quantize(w.detach().to("cpu", torch.float32).numpy())
-        return cls(fmt, torch.from_numpy(raw), (int(w.shape[0]), int(w.shape[1])))
+            raise QuantError(
+                f"{name}: {fmt.name} quantizes 2-D weights, got shape {tuple(w.shape)}"
+            )
+        rows, cols = int(w.shape[0]), int(w.shape[1])
+        out = torch.empty(rows, fmt.row_bytes(cols), dtype=torch.uint8)
+        src = w.detach().to("cpu")
+        step = max(1, QUANT_CHUNK_VALUES // max(cols, 1))
+
+        def run(r0: int) -> None:
+            r1 = min(r0 + step, rows)
+            try:
+                raw = fmt.quantize(src[r0:r1].to(torch.float32).numpy())
+            except QuantError as e:
+                raise QuantError(f"{name} (rows {r0}..{r1 - 1} of {rows}): {e}") from None
+            out[r0:r1] = torch.from_numpy(raw)
+
+        starts = range(0, rows, step)
+        if len(starts) > 1:
+            with ThreadPoolExecutor(max_workers=min(2, torch.get_num_threads())) as pool:
+                list(pool.map(run, starts))
+        elif starts:
+            run(0)
+        return cls(fmt, out, (rows, cols))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize(self.fmt, self.data, self.shape[1]).to(dtype)
@@ -65,9 +93,7 @@ class QuantTensor:
 class QuantLinear(nn.Module):
     """y = x @ W.T + b with W in GGML blocks (`weight_blocks`) and an optional float bias."""
 
-    def __init__(
-        self, weight: QuantTensor, bias: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.fmt = weight.fmt
         self.out_features, self.in_features = weight.shape
@@ -112,7 +138,6 @@ class QuantEmbedding(nn.Module):
         rows = F.embedding(ids.reshape(-1), self.weight_blocks)  # gathers whole block rows
         out = kernels.dequantize(self.fmt, rows, self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
-
 
 
 def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> None:

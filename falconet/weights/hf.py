@@ -21,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 from falconet.config import FalconConfig
 from falconet.errors import CheckpointError
 from falconet.model import Falcon
+from falconet.quant.linear import QuantTensor, install
+from falconet.quant.plan import tensor_qtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -209,9 +211,17 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torc
 
 
 def load_weights(
-    model: Falcon, folder: Path, progress: Callable[[int], None] | None = None
+    model: Falcon,
+    folder: Path,
+    progress: Callable[[int], None] | None = None,
+    quant: str | None = None,
 ) -> None:
-    """Fill `model` (built on the meta device) with the checkpoint's tensors."""
+    """Fill `model` (built on the meta device) with the checkpoint's tensors.
+
+    With `quant` (a type of falconet.quant.plan), each matrix is quantized as it is read
+    (quant/plan.py picks the type per tensor) and swapped in as a QuantLinear /
+    QuantEmbedding, so the float checkpoint is never held whole.
+    """
     config = model.config
     expected = expected_tensors(config)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -240,12 +250,18 @@ def load_weights(
         target = params[name]
         if _needs_regroup(name, config):
             t = regroup_qkv(t, config)
-        if t.dtype != target.dtype:
-            t = t.to(target.dtype)
-        _set_parameter(model, name, t)
+        nbytes = t.numel() * target.element_size()
+        qtype = quant and tensor_qtype(name, tuple(t.shape), config, quant)
+        if qtype:
+            install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
+        else:
+            if t.dtype != target.dtype:
+                t = t.to(target.dtype)
+            install(model, name, t)
+        del t
         seen[name] = path
         if progress is not None:
-            progress(t.nbytes)
+            progress(nbytes)
     missing = [n for n in expected if n not in seen]
     if missing:
         files = ", ".join(p.name for p in weight_files(folder))
@@ -254,14 +270,10 @@ def load_weights(
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
             + "; is this a complete Falcon checkpoint?"
         )
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(
+        model.transformer.word_embeddings, torch.nn.Embedding
+    ):
         model.lm_head.weight = model.transformer.word_embeddings.weight
-
-
-def _set_parameter(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
 
 
 def read_config(folder: Path) -> FalconConfig:

@@ -1,0 +1,47 @@
+"""Which GGML type each tensor of a Falcon gets when the model is quantized to a type.
+
+The rules are llama.cpp's quantizer's (src/llama-quant.cpp) for Falcon, so a model
+quantized at load and a GGUF quantized by llama.cpp hold the same types:
+
+- 1-D tensors (norms, biases) stay float;
+- the output head -- or the token embeddings when the head is tied to them -- is Q8_0
+  for the 4- and 5-bit types: it is the most sensitive matrix (llama.cpp PR #2816 moved
+  Falcon-7B Q4_0 perplexity from 8.39 to 7.25 with it);
+- every other matrix, token embeddings included, gets the requested type;
+- a matrix whose rows are not a whole number of blocks stays float (llama.cpp falls back
+  to another type there; falconet never pads rows).
+"""
+
+from __future__ import annotations
+
+from falconet.config import FalconConfig
+from falconet.quant import QuantError, get_format
+
+# Types falconet quantizes to (the others in falconet.quant.FORMATS are read-only).
+QUANT_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+HEAD_TYPE = "q8_0"
+
+
+def check_quant_type(qtype: str) -> str:
+    name = str(qtype).lower()
+    if name not in QUANT_TYPES:
+        raise QuantError(
+            f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}"
+        )
+    return name
+
+
+def is_head(name: str, config: FalconConfig) -> bool:
+    return name == "lm_head.weight" or (
+        name == "transformer.word_embeddings.weight" and config.tie_word_embeddings
+    )
+
+
+def tensor_qtype(name: str, shape: tuple[int, ...], config: FalconConfig, qtype: str) -> str | None:
+    """The GGML type for HF tensor `name` of `shape` in a `qtype` model; None = keep float."""
+    if len(shape) != 2:
+        return None
+    chosen = HEAD_TYPE if is_head(name, config) else qtype
+    if shape[1] % get_format(chosen).block_size:
+        return None
+    return chosen
