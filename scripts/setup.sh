@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs falconet with its test extras.
+# Creates .venv and installs falconet; `setup.sh test` adds the test extras (transformers,
+# gguf, llama-cpp-python built from source, triton) and llama.cpp's converter.
 # PyTorch: on a machine without an NVIDIA GPU we install the CPU build first, so that the
 # range in pyproject.toml is already satisfied and pip never pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -20,5 +21,29 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
            --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
+
+if [ "${1:-}" != "test" ]; then
+  "$VPY" -m pip install -q -e .
+  "$VPY" -c "import torch, falconet; print('falconet', falconet.__version__, 'torch', torch.__version__)"
+  exit 0
+fi
+
+# llama.cpp's HF->GGUF converter ships only in llama-cpp-python's source distribution
+# (vendor/llama.cpp); the interop tests run it from .cache/llama.cpp. The same sdist is
+# then built for the test extras (pip's cache serves the second download).
+LLAMA_CPP_VERSION=0.3.36
+if [ ! -f .cache/llama.cpp/convert_hf_to_gguf.py ]; then
+  mkdir -p .cache/sdist
+  "$VPY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cache/sdist
+  tar -xzf ".cache/sdist/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz" -C .cache/sdist \
+    "llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp/conversion" \
+    "llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp/gguf-py"
+  rm -rf .cache/llama.cpp
+  mv ".cache/sdist/llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp" .cache/llama.cpp
+  rm -rf ".cache/sdist/llama_cpp_python-${LLAMA_CPP_VERSION}"
+fi
+# Only the text library is needed (no multimodal part): a shorter build.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "$VPY" -m pip install -q -e ".[test]"
 "$VPY" -c "import torch, falconet; print('falconet', falconet.__version__, 'torch', torch.__version__)"

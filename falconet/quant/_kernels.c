@@ -190,7 +190,8 @@ static void dequant_rows_ref(int type, const uint8_t *W, size_t row_bytes, int64
         for (int64_t b = 0; b < nb; b++) {
             float d, m;
             unpack_block(type, W + n * row_bytes, b, q, &d, &m);
-            for (int i = 0; i < QK; i++) o[b * QK + i] = (float)q[i] * d + m;
+            /* adding Q4_1's min only: q*d + 0 would turn GGML's -0.0 into +0.0 */
+            for (int i = 0; i < QK; i++) o[b * QK + i] = type == T_Q4_1 ? (float)q[i] * d + m : (float)q[i] * d;
         }
     }
 }

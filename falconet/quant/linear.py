@@ -27,8 +27,9 @@ from torch import nn
 
 from falconet.quant import QuantError, QuantFormat, get_format, kernels
 
-# fp32 values converted per quantization step (16 MB).
-QUANT_CHUNK_VALUES = 1 << 22
+# fp32 values converted per quantization step (4 MB): with two in flight and the
+# codecs' temporaries, a few tens of MB beside the weights.
+QUANT_CHUNK_VALUES = 1 << 20
 
 
 @dataclass(frozen=True)
