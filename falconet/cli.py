@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a small Falcon on your own text")
     _add_train_flags(train)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file, as llama.cpp computes it")
+    ppl.add_argument("textfile", help="UTF-8 text file (at least 2 x --ctx tokens)")
+    _add_model_flags(ppl)
+    ppl.add_argument("--ctx", type=int, default=None,
+                     help="window in tokens; the second half of each is scored (default: min(512, model context))")  # fmt: skip
+    ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
+    ppl.add_argument("--quant", default=None, help="quantize the weights on load, e.g. q8_0, q4_0")
     return parser
 
 
@@ -134,7 +142,7 @@ def _sampling(args: argparse.Namespace):
     )
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **load_kw):
     from tqdm import tqdm
 
     import falconet
@@ -156,7 +164,9 @@ def _load(args: argparse.Namespace):
         bar.update(done - bar.n)
 
     try:
-        return falconet.load(args.model, dtype=args.dtype, device=args.device, progress=progress)
+        return falconet.load(
+            args.model, dtype=args.dtype, device=args.device, progress=progress, **load_kw
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -316,7 +326,23 @@ def cmd_train(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train}
+def cmd_perplexity(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    from falconet.perplexity import DEFAULT_CTX, check_window, perplexity, read_text, tokenize_text
+
+    check_window(DEFAULT_CTX if args.ctx is None else args.ctx, args.batch)  # before the load
+    text = read_text(args.textfile)
+    llm = _load(args, **({"quant": args.quant} if args.quant else {}))
+    ctx = min(DEFAULT_CTX, llm.config.max_position_embeddings) if args.ctx is None else args.ctx
+    ids = tokenize_text(llm.tokenizer, text)
+    r = perplexity(llm, ids, ctx, args.batch, lambda i, n, ppl: out(f"[{i}]{ppl:.4f},"))
+    out(f"\nFinal estimate: PPL = {r.ppl:.4f} +/- {r.uncertainty:.5f}\n")
+    out(f"tokens scored: {r.tokens_scored} of {len(ids)} (the last {ctx - ctx // 2 - 1} "
+        f"of each of {r.n_chunks} windows of {ctx})\n")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
+            "perplexity": cmd_perplexity}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
