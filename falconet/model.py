@@ -234,6 +234,17 @@ class Falcon(nn.Module):
         """Bytes the weights take as stored (quantized blocks at their packed size)."""
         return sum(b for _, b in self._weights())
 
+    def storage_summary(self) -> str:
+        """How the matrices are stored, e.g. "q4_0 x 96, q8_0 x 1, bfloat16 x 0" -> "q4_0 x 96, q8_0 x 1"."""
+        counts: dict[str, int] = {}
+        for m in self.modules():
+            kind = getattr(m, "qtype", None) or getattr(getattr(m, "fmt", None), "name", None)
+            if kind is None and isinstance(m, Linear | nn.Embedding):
+                kind = str(m.weight.dtype).replace("torch.", "")
+            if kind is not None:
+                counts[kind] = counts.get(kind, 0) + 1
+        return ", ".join(f"{k} x {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def _weights(self) -> list[tuple[int, int]]:
         # parameters() already skips a tied duplicate; a tied quantized head shares its
         # embedding's blocks, so blocks count once per storage.
