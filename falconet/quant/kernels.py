@@ -37,11 +37,22 @@ def native_available(fmt: QuantFormat) -> bool:
     return native is not None and fmt.name in NATIVE_TYPES
 
 
-def dequantize(fmt: QuantFormat, data: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 blocks [rows, row_bytes] -> float32 [rows, cols] on the same device."""
+def dequantize(
+    fmt: QuantFormat, data: torch.Tensor, cols: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """uint8 blocks [rows, row_bytes] -> float32 [rows, cols] on the same device (into
+    `out`, a contiguous fp32 CPU tensor of that shape, when given)."""
     rows = data.shape[0]
     if data.device.type == "cpu" and native_available(fmt):
-        out = torch.empty(rows, cols, dtype=torch.float32)
+        _check_blocks(fmt, data, rows, cols)
+        if out is None:
+            out = torch.empty(rows, cols, dtype=torch.float32)
+        elif (
+            out.dtype != torch.float32
+            or tuple(out.shape) != (rows, cols)
+            or not out.is_contiguous()
+        ):
+            raise ValueError(f"dequantize: out must be contiguous float32 {(rows, cols)}")
         src = data.contiguous()
         native.dequantize(
             NATIVE_TYPES[fmt.name], src.data_ptr(), rows, cols, out.data_ptr(), _threads()
@@ -72,6 +83,7 @@ def quant_linear(
             return y.to(x.dtype).view(*x.shape[:-1], out_features)
     xf = rows.to(torch.float32).contiguous()
     if x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
+        _check_blocks(fmt, blocks, out_features, K)
         y = torch.empty(M, out_features, dtype=torch.float32)
         native.gemv(
             NATIVE_TYPES[fmt.name],
@@ -94,11 +106,28 @@ def _tiled_dequant_matmul(
     K = x.shape[-1]
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
     tile = max(16, TILE_BYTES // (K * 4))
+    # one tile buffer, reused: a fresh multi-MB allocation per tile would be mapped and
+    # page-faulted anew each time, which costs more than the dequantization itself
+    buf = torch.empty(min(tile, out_features), K, dtype=torch.float32, device=x.device)
+    native = x.device.type == "cpu" and native_available(fmt)
     for start in range(0, out_features, tile):
         stop = min(start + tile, out_features)
-        w = dequantize(fmt, blocks[start:stop], K)
+        if native:
+            w = dequantize(fmt, blocks[start:stop], K, out=buf[: stop - start])
+        else:
+            w = dequantize(fmt, blocks[start:stop], K)
         y[:, start:stop] = x @ w.t()
     return y
+
+
+def _check_blocks(fmt: QuantFormat, blocks: torch.Tensor, rows: int, cols: int) -> None:
+    """The compiled kernels trust their pointers: check what they will read."""
+    want = (rows, fmt.row_bytes(cols))
+    if blocks.dtype != torch.uint8 or tuple(blocks.shape) != want or not blocks.is_contiguous():
+        raise ValueError(
+            f"{fmt.name} kernel needs contiguous uint8 blocks {want}, got "
+            f"{blocks.dtype} {tuple(blocks.shape)}"
+        )
 
 
 def _threads() -> int:
