@@ -7,7 +7,6 @@ every-k-th 256-token blocks, never trained on), written by scripts/make_heldout.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -162,15 +161,26 @@ def test_cli_ctx_batch_and_model_flags(tiny_7b, tmp_path):
     assert f"(the last 19 of each of {n} windows of 40)" in a.stdout
 
 
-@pytest.mark.skipif(
-    "quant" not in inspect.signature(falconet.load).parameters,
-    reason="falconet.load has no quant= yet",
-)
-def test_cli_quant_q8_0_is_close_to_full_precision():
-    full, q8 = run(str(HELDOUT)), run(str(HELDOUT), "--quant", "q8_0")
-    assert full.returncode == 0 and q8.returncode == 0, full.stderr + q8.stderr
-    p_full, p_q8 = (float(FINAL.search(r.stdout).group(1)) for r in (full, q8))
-    assert p_q8 == pytest.approx(p_full, rel=0.02)
+def test_quantized_default_model_perplexity_on_heldout_text():
+    """The acceptance bar of the quantization issue: on held-out text, Q8_0 within 1 % of
+    fp32 and Q4_0 within 10 % (measured: 26.320 fp32, 26.318 q8_0, 26.648 q4_0)."""
+    ids = tokenize_text(falconet.load().tokenizer, read_text(HELDOUT))
+    ppl = {
+        q: perplexity(falconet.load(dtype="float32", quant=q), ids, 256).ppl
+        for q in (None, "q8_0", "q4_0")
+    }
+    assert 15 < ppl[None] < 40  # the model card's held-out perplexity is ~32 at ctx 256
+    assert abs(ppl["q8_0"] / ppl[None] - 1) <= 0.01, ppl
+    assert abs(ppl["q4_0"] / ppl[None] - 1) <= 0.10, ppl
+    assert ppl["q4_0"] != ppl["q8_0"] != ppl[None]  # the quantized paths really ran
+
+
+def test_cli_quant_flag_reaches_the_loader():
+    q8 = run(str(HELDOUT), "--quant", "q8_0", "--ctx", "128")
+    assert q8.returncode == 0, q8.stderr
+    assert 10 < float(FINAL.search(q8.stdout).group(1)) < 60
+    bad = run(str(HELDOUT), "--quant", "q3_x")
+    assert bad.returncode == 2 and "unknown quantization type" in bad.stderr
 
 
 def _write(tmp_path, name: str, data: bytes) -> str:
