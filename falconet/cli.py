@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model: variant, parameters, memory")
     _add_model_flags(info)
 
+    from falconet.weights.gguf import WRITE_TYPES
+
+    conv = sub.add_parser("convert", help="write a HF Falcon folder as a GGUF file for llama.cpp")
+    conv.add_argument("model", help="Hugging Face Falcon folder")
+    conv.add_argument("out", help="GGUF file to write")
+    conv.add_argument("--type", dest="qtype", default="f16", choices=list(WRITE_TYPES),
+                      help="weight type (default f16); quantized files keep the head in q8_0, as llama.cpp does")  # fmt: skip
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     train = sub.add_parser("train", help="train a small Falcon on your own text")
     _add_train_flags(train)
 
@@ -281,6 +290,29 @@ def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    from tqdm import tqdm
+
+    from falconet.weights.gguf import convert_hf_to_gguf
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", delay=1.0,
+                       leave=False, file=sys.stderr)  # fmt: skip
+        bar.update(done - bar.n)
+
+    try:
+        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
+    out(f"wrote {args.out} ({args.qtype})\n")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     import dataclasses
 
@@ -342,7 +374,7 @@ def cmd_perplexity(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
-            "perplexity": cmd_perplexity}  # fmt: skip
+            "convert": cmd_convert, "perplexity": cmd_perplexity}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

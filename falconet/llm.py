@@ -83,7 +83,7 @@ def load(
         raise FalconetError("model path is empty; give a Hugging Face model folder")
     folder = default_model_path() if path is None else Path(path).expanduser()
     dev = _device(device)
-    if folder.suffix == ".gguf" or folder.is_file():
+    if _is_gguf(folder):
         if quant is not None:
             raise FalconetError(
                 f"{folder}: quant is for Hugging Face folders; a GGUF file keeps its own types "
@@ -114,6 +114,17 @@ def load(
     if dev.type != "cpu":
         model = model.to(dev)
     return LLM(model, tokenizer, folder)
+
+
+def _is_gguf(path: Path) -> bool:
+    """A .gguf name, or a file of any name that starts with GGUF's magic bytes."""
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # missing, a folder, unreadable: not for the GGUF loader to explain
+        return False
 
 
 def _load_gguf(

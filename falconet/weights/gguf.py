@@ -1,0 +1,610 @@
+"""GGUF files for Falcon, as llama.cpp reads and writes them.
+
+Reading (`falconet.load("model.gguf")`): `read_gguf` checks the file and rebuilds the
+config and tokenizer from its metadata; `load_gguf_weights` fills a Falcon built on the
+meta device. F32/F16/BF16 tensors become float parameters, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1
+tensors become QuantLinear/QuantEmbedding weights that point into the file's memory map
+(no copy: the blocks are exactly what falconet.quant computes on), and Q4_K/Q5_K/Q6_K
+(which llama.cpp's K-quant mixes put on some Falcon tensors) are dequantized at load.
+
+Writing (`falconet convert HF_DIR OUT.gguf --type q4_0`): `convert_hf_to_gguf` streams a
+Hugging Face folder into a GGUF with llama.cpp's `falcon` architecture: its tensor names,
+the metadata keys its loader reads, and the tensor types its quantizer would pick. Only
+one tensor is in memory at a time, and the file is published atomically.
+
+The file layout (llama.cpp `src/llama-arch.cpp`, `src/models/falcon.cpp`,
+`conversion/falcon.py`):
+
+| GGUF tensor            | HF tensor                                    |
+|------------------------|----------------------------------------------|
+| token_embd             | transformer.word_embeddings                  |
+| blk.N.attn_norm        | transformer.h.N.input_layernorm (7B, 11B)    |
+|                        | transformer.h.N.ln_mlp (40B: the MLP's norm) |
+| blk.N.attn_norm_2      | transformer.h.N.ln_attn (40B only)           |
+| blk.N.attn_qkv         | ...self_attention.query_key_value            |
+| blk.N.attn_output      | ...self_attention.dense                      |
+| blk.N.ffn_up / ffn_down| ...mlp.dense_h_to_4h / dense_4h_to_h         |
+| output_norm            | transformer.ln_f                             |
+| output                 | lm_head (absent: tied to token_embd)         |
+
+attn_qkv holds [all Q heads | all K heads | all V heads] ("jploski" layout), which is
+falconet's own layout, so it maps in as is. llama.cpp's falcon has no linear biases,
+no ALiBi and no sequential block, so falcon-rw models cannot be written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import (
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    RopeScalingType,
+)
+
+from falconet.config import FalconConfig
+from falconet.durable import atomic_write
+from falconet.errors import CheckpointError, ConfigError, FalconetError
+from falconet.model import Falcon
+from falconet.quant import QuantError, get_format
+from falconet.quant.linear import QuantTensor, install
+from falconet.tokenizer import Tokenizer
+from falconet.weights import gguf_vocab
+from falconet.weights.hf import (
+    IGNORED_SUFFIXES,
+    expected_tensors,
+    iter_checkpoint,
+    read_config,
+    regroup_qkv,
+)
+
+ARCH = "falcon"
+T = GGMLQuantizationType
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that is truncated, corrupt, not a Falcon model, or uses tensor types
+    falconet cannot read."""
+
+
+# ---- names and types ------------------------------------------------------------------
+
+_GLOBAL_NAMES = {
+    "transformer.word_embeddings": "token_embd",
+    "transformer.ln_f": "output_norm",
+    "lm_head": "output",
+}
+_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "ln_mlp": "attn_norm",  # 40B: llama.cpp feeds attn_norm to the FFN ...
+    "ln_attn": "attn_norm_2",  # ... and attn_norm_2, when present, to attention
+    "self_attention.query_key_value": "attn_qkv",
+    "self_attention.dense": "attn_output",
+    "mlp.dense_h_to_4h": "ffn_up",
+    "mlp.dense_4h_to_h": "ffn_down",
+}
+_BLOCK_RE = re.compile(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def gguf_name(hf_name: str) -> str:
+    """transformer.h.3.ln_attn.weight -> blk.3.attn_norm_2.weight (names llama.cpp's
+    falcon loader asks for)."""
+    if m := _BLOCK_RE.fullmatch(hf_name):
+        return f"blk.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
+    module, _, kind = hf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[module]}.{kind}"
+
+
+def tensor_names(config: FalconConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF name -> (HF name, HF shape) of every tensor a file of this config holds."""
+    return {gguf_name(n): (n, shape) for n, shape in expected_tensors(config).items()}
+
+
+# --type names -> (type of the 2-D weights, general.file_type as llama.cpp numbers it)
+WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
+    "f32": (T.F32, LlamaFileType.ALL_F32),
+    "f16": (T.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (T.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (T.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+}
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
+DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
+READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
+
+
+def write_type(gguf_tensor: str, shape: tuple[int, ...], qtype: T, tied: bool) -> T:
+    """The type llama.cpp gives a Falcon tensor in a `qtype` file.
+
+    1-D tensors (norms) stay F32. When quantizing, the LM head (token_embd when tied) is
+    Q8_0: llama.cpp's quantizer does this for every Falcon file (`llama_tensor_get_type`,
+    "arch == LLM_ARCH_FALCON"; PR #2816 measured Q4_0 perplexity 8.39 -> 7.25 from it).
+    Rows that do not split into whole blocks fall back to F16, as llama.cpp's converter
+    does.
+    """
+    if len(shape) == 1:
+        return T.F32
+    if qtype in BLOCK_TYPES:
+        if gguf_tensor == ("token_embd.weight" if tied else "output.weight"):
+            qtype = T.Q8_0
+        if shape[-1] % get_format(qtype).block_size:
+            return T.F16
+    return qtype
+
+
+# ---- reading --------------------------------------------------------------------------
+
+
+class _Truncated(Exception):
+    def __init__(self, end: int, tensor: str | None) -> None:
+        self.end, self.tensor = end, tensor
+
+
+class _Reader(GGUFReader):
+    """gguf's reader, with reads past the end of the file reported as truncation (the
+    stock reader returns a short array there, which later fails with an unrelated error)."""
+
+    data_fields: tuple = ()  # the tensor infos, once the header has been read
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            raise _Truncated(end, self._tensor_at(int(offset)))
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs, fields) -> None:
+        self.data_start, self.data_fields = start_offs, fields
+        super()._build_tensors(start_offs, fields)
+
+    def _tensor_at(self, offset: int) -> str | None:
+        for field in self.data_fields:
+            if self.data_start + int(field.parts[-1][0]) == offset:
+                return bytes(field.parts[1]).decode("utf-8", "replace")
+        return None
+
+
+_INTS = {getattr(GGUFValueType, n) for n in ("UINT8", "INT8", "UINT16", "INT16", "UINT32",
+                                               "INT32", "UINT64", "INT64")}  # fmt: skip
+_NUMBERS = _INTS | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+_REQUIRED = object()
+
+
+def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = _REQUIRED) -> Any:
+    """Metadata value `key`, checked to be of `kind` (int, float, str, bool, str[], int[])."""
+    field = reader.get_field(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise GGUFError(
+                f"{path}: metadata key {key} is missing; llama.cpp's falcon loader needs it too, "
+                "so the file is incomplete or was not written for llama.cpp's falcon architecture"
+            )
+        return default
+    t, sub = field.types[0], field.types[-1]
+    ok = {
+        "int": t in _INTS,
+        "float": t in _NUMBERS,
+        "str": t == GGUFValueType.STRING,
+        "bool": t == GGUFValueType.BOOL,
+        "str[]": t == GGUFValueType.ARRAY
+        and (len(field.types) == 1 or sub == GGUFValueType.STRING),
+        "int[]": t == GGUFValueType.ARRAY and (len(field.types) == 1 or sub in _INTS),
+    }[kind]
+    value = field.contents() if ok else None
+    if not ok or (kind == "int" and value < 0):
+        raise GGUFError(
+            f"{path}: metadata key {key} should be {kind.replace('[]', ' array')}, got "
+            f"{'/'.join(ty.name for ty in field.types)}{'' if value is None else f' {value!r}'}"
+        )
+    if kind == "float" and t == GGUFValueType.FLOAT32:
+        # float32 written from a decimal (1e-05): its shortest repr gives that decimal back.
+        value = float(str(np.float32(value)))
+    return value
+
+
+@dataclass
+class GGUFCheckpoint:
+    """An opened, checked GGUF file: its config, tokenizer and tensors (by HF name)."""
+
+    path: Path
+    reader: GGUFReader  # owns the memory map the tensors point into
+    config: FalconConfig
+    tokenizer: Tokenizer
+    tensors: dict[str, Any]  # HF name -> gguf ReaderTensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.tensors.values())
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Open and check a Falcon GGUF file; GGUFError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if len(magic) < 4:
+        raise GGUFError(f"{path}: truncated GGUF file ({size} bytes); download or convert it again")
+    if magic != b"GGUF":
+        raise GGUFError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); falconet loads "
+            ".gguf files and Hugging Face model folders"
+        )
+    try:
+        # mode "c": copy-on-write pages, so torch gets writable arrays without copying.
+        reader = _Reader(path, mode="c")
+    except _Truncated as e:
+        where = f"tensor {e.tensor} is cut off" if e.tensor else "the header is cut off"
+        raise GGUFError(
+            f"{path}: truncated GGUF file: {size} bytes, but it needs at least {e.end} "
+            f"({where}); download or convert it again"
+        ) from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        raise GGUFError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be corrupt, "
+            "or use a tensor type newer than the installed gguf package knows"
+        ) from None
+    try:
+        return _check(reader, path)
+    except UnicodeDecodeError as e:
+        raise GGUFError(f"{path}: a metadata string is not UTF-8 ({e})") from None
+
+
+def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
+    arch = _value(reader, path, "general.architecture", "str")
+    if arch != ARCH:
+        raise GGUFError(
+            f"{path}: architecture {arch!r}, not {ARCH!r}; falconet runs Falcon models only"
+        )
+    by_name = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:
+        if t.tensor_type not in READ_TYPES:
+            raise GGUFError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which falconet cannot "
+                f"read; falconet reads {', '.join(x.name for x in FLOAT_TYPES + BLOCK_TYPES)} "
+                f"and dequantizes {', '.join(x.name for x in DEQUANTIZED_TYPES)}: use a file "
+                "quantized to one of those (llama-quantize Q4_0, Q8_0, Q4_K_M...), or write one "
+                "from the HF folder with `falconet convert --type q4_0`"
+            )
+    config = _config(reader, path, by_name)
+    try:
+        tokenizer = gguf_vocab.tokenizer_from_metadata(_vocab_meta(reader, path), str(path))
+    except GGUFError:
+        raise
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GGUFError(
+            f"{path}: {tokenizer.vocab_size} tokens but token_embd has {config.vocab_size} rows"
+        )
+    expected = tensor_names(config)
+    tensors = {}
+    for name, t in by_name.items():
+        if name not in expected:
+            raise GGUFError(
+                f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
+                f"{config.variant} (llama.cpp's falcon has no such tensor)"
+            )
+        hf_name, shape = expected[name]
+        got = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if got != shape:
+            raise GGUFError(
+                f"{path}: tensor {name} has shape {got}, expected {shape} from the metadata"
+            )
+        tensors[hf_name] = t
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise GGUFError(f"{path}: no tensor {missing[0]}{more}; the file is incomplete")
+    return GGUFCheckpoint(path, reader, config, tokenizer, tensors)
+
+
+def _config(reader: GGUFReader, path: Path, tensors: dict[str, Any]) -> FalconConfig:
+    def key(k: str, kind: str, default: Any = _REQUIRED) -> Any:
+        return _value(reader, path, f"{ARCH}.{k}", kind, default)
+
+    layout = key("tensor_data_layout", "str", "jploski")
+    if layout != "jploski":
+        raise GGUFError(
+            f"{path}: {ARCH}.tensor_data_layout is {layout!r}; falconet reads the 'jploski' "
+            "QKV layout that llama.cpp's converter writes"
+        )
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
+    heads = key("attention.head_count", "int")
+    kv = key("attention.head_count_kv", "int", heads)  # llama.cpp's default
+    scaling = key("rope.scaling.type", "str", "none")
+    if scaling not in ("none", "linear"):
+        raise GGUFError(
+            f"{path}: rope scaling {scaling!r} is not supported; falconet reads none or linear"
+        )
+    factor = key("rope.scaling.factor", "float", 0.0) or key("rope.scale_linear", "float", 1.0)
+    two_norms = "blk.0.attn_norm_2.weight" in tensors
+    if two_norms:  # 40B / 180B
+        layout_kw = dict(new_decoder_architecture=True, num_kv_heads=kv)
+    elif kv == 1:  # 7B: multi-query, one norm
+        layout_kw = dict(multi_query=True, num_kv_heads=1)
+    else:  # Falcon2-11B: grouped, one norm
+        layout_kw = dict(new_decoder_architecture=True, num_kv_heads=kv, num_ln_in_parallel_attn=1)
+    eos = _value(reader, path, gguf_vocab.KEY_EOS, "int", None)
+    types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
+    # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
+    # (half of fp32's memory, its rounding far below theirs); otherwise fp32.
+    dtype = (
+        "float16" if T.F16 in types
+        else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
+        else "float32"
+    )  # fmt: skip
+    try:
+        return FalconConfig(
+            vocab_size=int(embd.shape[1]),
+            hidden_size=key("embedding_length", "int"),
+            num_hidden_layers=key("block_count", "int"),
+            num_attention_heads=heads,
+            ffn_hidden_size=key("feed_forward_length", "int"),
+            max_position_embeddings=key("context_length", "int"),
+            layer_norm_epsilon=float(key("attention.layer_norm_epsilon", "float")),
+            rope_theta=float(key("rope.freq_base", "float", 10000.0)),
+            rope_scaling_type="linear" if scaling == "linear" else None,
+            rope_scaling_factor=float(factor) if scaling == "linear" else 1.0,
+            parallel_attn=True,
+            alibi=False,
+            bias=False,
+            activation="gelu",
+            tie_word_embeddings="output.weight" not in tensors,
+            bos_token_id=_value(reader, path, gguf_vocab.KEY_BOS, "int", None),
+            eos_token_ids=() if eos is None else (eos,),
+            pad_token_id=_value(reader, path, gguf_vocab.KEY_PAD, "int", None),
+            torch_dtype=dtype,
+            **layout_kw,
+        )
+    except ConfigError as e:
+        raise GGUFError(f"{path}: the metadata is not a valid Falcon config: {e}") from None
+
+
+def _vocab_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    kinds = {
+        gguf_vocab.KEY_MODEL: "str",
+        gguf_vocab.KEY_PRE: "str",
+        gguf_vocab.KEY_TOKENS: "str[]",
+        gguf_vocab.KEY_TYPES: "int[]",
+        gguf_vocab.KEY_MERGES: "str[]",
+        gguf_vocab.KEY_BOS: "int",
+        gguf_vocab.KEY_EOS: "int",
+        gguf_vocab.KEY_ADD_BOS: "bool",
+        gguf_vocab.KEY_ADD_EOS: "bool",
+        gguf_vocab.KEY_CHAT_TEMPLATE: "str",
+    }
+    required = {gguf_vocab.KEY_MODEL, gguf_vocab.KEY_TOKENS}
+    meta = {}
+    for k, kind in kinds.items():
+        value = _value(reader, path, k, kind, _REQUIRED if k in required else None)
+        if value is not None:
+            meta[k] = value
+    return meta
+
+
+def _tensor_value(t: Any, dtype: torch.dtype) -> QuantTensor | torch.Tensor:
+    """A file tensor as falconet holds it: blocks stay blocks, the rest becomes `dtype`."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    kind = t.tensor_type
+    if kind in BLOCK_TYPES and len(shape) == 2:
+        return QuantTensor(get_format(kind), torch.from_numpy(t.data), shape)
+    if kind in (T.F32, T.F16):
+        out = torch.from_numpy(t.data)
+    elif kind == T.BF16:
+        out = torch.from_numpy(t.data).view(torch.bfloat16)
+    else:  # K-quants, or a (never written) quantized 1-D tensor
+        out = torch.from_numpy(get_format(kind).dequantize(t.data, shape))
+    return out.reshape(shape).to(dtype)  # no copy when the dtype already matches
+
+
+def load_gguf_weights(
+    model: Falcon, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
+) -> None:
+    """Fill `model` (built from ckpt.config on the meta device) with the file's tensors;
+    progress(nbytes) is called after each."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for hf_name, t in ckpt.tensors.items():
+        try:
+            value = _tensor_value(t, params[hf_name].dtype)
+        except QuantError as e:
+            raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
+        install(model, hf_name, value)
+        if progress is not None:
+            progress(int(t.n_bytes))
+    if model.config.tie_word_embeddings and not isinstance(
+        model.transformer.word_embeddings.weight, QuantTensor
+    ):
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+
+
+# ---- writing --------------------------------------------------------------------------
+
+
+def check_writable(config: FalconConfig, source: str) -> None:
+    """Raise GGUFError for a Falcon variant llama.cpp's falcon architecture cannot run."""
+    reasons = []
+    if config.alibi:
+        reasons.append("it uses ALiBi (llama.cpp's falcon is rotary only)")
+    if config.block_layout == "sequential":
+        reasons.append("its blocks are sequential (llama.cpp's falcon is parallel only)")
+    if config.bias:
+        reasons.append("its linear layers have biases (llama.cpp's falcon has none)")
+    if config.activation != "gelu":
+        reasons.append(f"its activation is {config.activation!r}, not gelu")
+    if config.rope_scaling_type not in (None, "linear"):
+        reasons.append(f"{config.rope_scaling_type} RoPE scaling has no GGUF equivalent")
+    if reasons:
+        raise GGUFError(
+            f"{source}: a {config.variant} model cannot be written as GGUF: "
+            + "; ".join(reasons)
+            + " (falcon-rw models are not supported by llama.cpp's falcon)"
+        )
+
+
+def _metadata(writer: GGUFWriter, config: FalconConfig, ftype: LlamaFileType, name: str) -> None:
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.ffn_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.kv_heads)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_tensor_data_layout("jploski")
+    if config.rope_theta != 10000.0:  # Falcon2-11B: 500042
+        writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling_factor)
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _add_values(writer: GGUFWriter, meta: dict[str, Any]) -> None:
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+
+
+# Rows converted per step: bounds the float32 temporary to ~16 MB whatever the tensor.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _encode(t: torch.Tensor, kind: T) -> np.ndarray:
+    """A float tensor -> its bytes in GGML type `kind` (uint8 [rows, row_bytes])."""
+    fmt = get_format(kind)
+    if t.ndim == 1:
+        return fmt.quantize(t.to(torch.float32).numpy())
+    rows, cols = t.shape
+    out = np.empty((rows, fmt.row_bytes(cols)), np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // cols)
+    for r in range(0, rows, step):
+        out[r : r + step] = fmt.quantize(t[r : r + step].to(torch.float32).numpy())
+    return out
+
+
+def convert_hf_to_gguf(
+    folder: str | Path,
+    out: str | Path,
+    qtype: str = "f16",
+    progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write the HF Falcon folder `folder` as a llama.cpp-compatible GGUF file `out`.
+
+    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`).
+    progress(done_bytes, total_bytes) is called as tensors are written. An existing
+    `out` is replaced only with overwrite=True.
+    """
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    if qtype not in WRITE_TYPES:
+        raise FalconetError(f"GGUF type {qtype!r} is not one of {', '.join(WRITE_TYPES)}")
+    if not folder.is_dir():
+        raise FalconetError(f"{folder}: not a folder; give a Hugging Face Falcon model folder")
+    if not out.parent.is_dir():
+        raise FalconetError(f"{out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise FalconetError(f"{out}: is a folder; give the path of the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise FalconetError(f"{out}: already exists; pass --overwrite to replace it")
+    config = read_config(folder)
+    check_writable(config, str(folder))
+    tokenizer = Tokenizer.from_dir(folder)
+    vocab = gguf_vocab.vocab_metadata(tokenizer, config)
+    kind, ftype = WRITE_TYPES[qtype]
+    names = tensor_names(config)
+    sources = _checkpoint_sources(folder, config)
+    plan = []  # (GGUF name, HF name, HF shape, GGML type, bytes)
+    for name, (hf_name, shape) in names.items():
+        t = write_type(name, shape, kind, config.tie_word_embeddings)
+        fmt = get_format(t)
+        nbytes = math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])
+        plan.append((name, hf_name, shape, t, nbytes))
+    total = sum(p[-1] for p in plan)
+
+    def write(tmp: Path) -> None:
+        writer = GGUFWriter(tmp, ARCH)
+        try:
+            _metadata(writer, config, ftype, folder.resolve().name)
+            _add_values(writer, vocab)
+            for name, _, shape, t, nbytes in plan:
+                # A non-uint8 dtype with raw_dtype: `shape` is taken as the element shape.
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            done = 0
+            for _, hf_name, shape, t, nbytes in plan:
+                path, get = sources[hf_name]
+                tensor = get()
+                if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+                    raise CheckpointError(
+                        f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"expected a float tensor of shape {shape} from config.json"
+                    )
+                if "query_key_value" in hf_name and config.kv_heads != 1:
+                    tensor = regroup_qkv(tensor, config)
+                try:
+                    data = _encode(tensor, t)
+                except QuantError as e:
+                    raise GGUFError(f"{path}: tensor {hf_name}: {e}") from None
+                del tensor
+                writer.write_tensor_data(data)
+                done += nbytes
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            writer.close()
+
+    atomic_write(out, write)
+
+
+def _checkpoint_sources(folder: Path, config: FalconConfig) -> dict[str, tuple[Path, Callable]]:
+    """HF name -> (file, loader) for every tensor the config needs, checking that the
+    checkpoint has each exactly once and nothing else."""
+    expected = expected_tensors(config)
+    sources: dict[str, tuple[Path, Callable]] = {}
+    for path, name, get in iter_checkpoint(folder):
+        if name.endswith(IGNORED_SUFFIXES) or (
+            name == "lm_head.weight" and config.tie_word_embeddings
+        ):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
+                f"({config.variant}, {config.num_hidden_layers} layers)"
+            )
+        if name in sources:
+            raise CheckpointError(f"{path}: tensor {name} also appears in {sources[name][0]}")
+        sources[name] = (path, get)
+    missing = [n for n in expected if n not in sources]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{folder}: checkpoint has no tensor {missing[0]}{more}")
+    return sources
