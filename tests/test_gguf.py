@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 from safetensors.torch import load_file
 
 import falconet
@@ -318,10 +318,11 @@ def test_falconets_gguf_tensors_equal_llama_cpps(llama_cpp_files, ours, variant,
 def rewrite(src: Path, dst: Path, arch: str | None = None, drop_key: str | None = None,
             drop_tensor: str | None = None, retype: tuple[str, T] | None = None,
             reshape: tuple[str, tuple[int, int]] | None = None,
-            set_key: tuple[str, str] | None = None) -> Path:  # fmt: skip
+            set_key: tuple[str, str] | None = None, big_endian: bool = False) -> Path:  # fmt: skip
     """Copy a GGUF with one thing changed."""
     r = GGUFReader(src)
-    w = GGUFWriter(dst, arch or r.get_field("general.architecture").contents())
+    order = GGUFEndian.BIG if big_endian else GGUFEndian.LITTLE
+    w = GGUFWriter(dst, arch or r.get_field("general.architecture").contents(), endianess=order)
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", drop_key):
             continue
@@ -394,6 +395,7 @@ def test_bad_contents(ours, tmp_path):
            r"tensor blk\.0\.ffn_up\.weight has shape \(128, 64\), expected \(256, 64\)")  # fmt: skip
     raises(rewrite(src, tmp_path / "g.gguf", set_key=("tokenizer.ggml.pre", "llama-bpe")),
            "tokenizer.ggml.pre is 'llama-bpe'")  # fmt: skip
+    raises(rewrite(src, tmp_path / "h.gguf", big_endian=True), "big-endian")
     # Every block must have the layout block 0 has.
     raises(rewrite(ours("40b", "f32"), tmp_path / "f.gguf", drop_tensor="blk.1.attn_norm_2.weight"),
            r"blk\.1\.attn_norm_2\.weight")  # fmt: skip

@@ -12,21 +12,8 @@ Hugging Face folder into a GGUF with llama.cpp's `falcon` architecture: its tens
 the metadata keys its loader reads, and the tensor types its quantizer would pick. Only
 one tensor is in memory at a time, and the file is published atomically.
 
-The file layout (llama.cpp `src/llama-arch.cpp`, `src/models/falcon.cpp`,
-`conversion/falcon.py`):
-
-| GGUF tensor            | HF tensor                                    |
-|------------------------|----------------------------------------------|
-| token_embd             | transformer.word_embeddings                  |
-| blk.N.attn_norm        | transformer.h.N.input_layernorm (7B, 11B)    |
-|                        | transformer.h.N.ln_mlp (40B: the MLP's norm) |
-| blk.N.attn_norm_2      | transformer.h.N.ln_attn (40B only)           |
-| blk.N.attn_qkv         | ...self_attention.query_key_value            |
-| blk.N.attn_output      | ...self_attention.dense                      |
-| blk.N.ffn_up / ffn_down| ...mlp.dense_h_to_4h / dense_4h_to_h         |
-| output_norm            | transformer.ln_f                             |
-| output                 | lm_head (absent: tied to token_embd)         |
-
+Names and keys follow llama.cpp (`src/llama-arch.cpp`, `src/models/falcon.cpp`,
+`conversion/falcon.py`); the name table is `_GLOBAL_NAMES` / `_BLOCK_NAMES` below.
 attn_qkv holds [all Q heads | all K heads | all V heads] ("jploski" layout), which is
 falconet's own layout, so it maps in as is. llama.cpp's falcon has no linear biases,
 no ALiBi and no sequential block, so falcon-rw models cannot be written.
@@ -260,6 +247,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be corrupt, "
             "or use a tensor type newer than the installed gguf package knows"
         ) from None
+    if reader.byte_order != "I":
+        raise GGUFError(f"{path}: a big-endian GGUF file; falconet reads little-endian ones")
     try:
         return _check(reader, path)
     except UnicodeDecodeError as e:
@@ -380,24 +369,11 @@ def _config(reader: GGUFReader, path: Path, tensors: dict[str, Any]) -> FalconCo
 
 
 def _vocab_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
-    kinds = {
-        gguf_vocab.KEY_MODEL: "str",
-        gguf_vocab.KEY_PRE: "str",
-        gguf_vocab.KEY_TOKENS: "str[]",
-        gguf_vocab.KEY_TYPES: "int[]",
-        gguf_vocab.KEY_MERGES: "str[]",
-        gguf_vocab.KEY_BOS: "int",
-        gguf_vocab.KEY_EOS: "int",
-        gguf_vocab.KEY_ADD_BOS: "bool",
-        gguf_vocab.KEY_ADD_EOS: "bool",
-        gguf_vocab.KEY_CHAT_TEMPLATE: "str",
-    }
-    required = {gguf_vocab.KEY_MODEL, gguf_vocab.KEY_TOKENS}
     meta = {}
-    for k, kind in kinds.items():
-        value = _value(reader, path, k, kind, _REQUIRED if k in required else None)
+    for key, (kind, required) in gguf_vocab.METADATA.items():
+        value = _value(reader, path, key, kind, _REQUIRED if required else None)
         if value is not None:
-            meta[k] = value
+            meta[key] = value
     return meta
 
 
@@ -576,6 +552,7 @@ def convert_hf_to_gguf(
                     raise GGUFError(f"{path}: tensor {hf_name}: {e}") from None
                 del tensor
                 writer.write_tensor_data(data)
+                del data  # before the next tensor loads: one tensor in memory at a time
                 done += nbytes
                 if progress is not None:
                     progress(done, total)

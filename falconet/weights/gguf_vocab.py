@@ -45,6 +45,20 @@ KEY_ADD_BOS = "tokenizer.ggml.add_bos_token"
 KEY_ADD_EOS = "tokenizer.ggml.add_eos_token"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
 
+# The keys read back: key -> (value kind, required).
+METADATA = {
+    KEY_MODEL: ("str", True),
+    KEY_PRE: ("str", False),
+    KEY_TOKENS: ("str[]", True),
+    KEY_TYPES: ("int[]", False),
+    KEY_MERGES: ("str[]", False),
+    KEY_BOS: ("int", False),
+    KEY_EOS: ("int", False),
+    KEY_ADD_BOS: ("bool", False),
+    KEY_ADD_EOS: ("bool", False),
+    KEY_CHAT_TEMPLATE: ("str", False),
+}
+
 
 def _falcon_pre() -> pre_tokenizers.PreTokenizer:
     """Falcon's tokenizer.json pre-tokenizer (tiiuae/falcon-7b, -40b, -180b, Falcon2):
