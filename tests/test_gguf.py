@@ -17,12 +17,14 @@ from safetensors.torch import load_file
 import falconet
 from falconet.cli import main as cli_main
 from falconet.config import FalconConfig
+from falconet.model import Falcon
 from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
 from falconet.weights.gguf import (
     WRITE_TYPES,
     GGUFError,
     convert_hf_to_gguf,
+    load_gguf_weights,
     read_gguf,
     write_type,
 )
@@ -193,6 +195,23 @@ def test_f32_gguf_gives_the_hf_folders_logits(hf_dir, ours, variant):
     assert from_gguf.generate(ids, max_tokens=8, ignore_eos=True) == from_hf.generate(
         ids, max_tokens=8, ignore_eos=True
     )
+
+
+def test_blocks_and_f32_tensors_are_used_in_place(ours):
+    """Q4_0 blocks and F32 norms point into the file's memory map; nothing is copied."""
+    ckpt = read_gguf(ours("40b", "q4_0"))
+    with torch.device("meta"):
+        model = Falcon(ckpt.config, torch.float32)
+    load_gguf_weights(model, ckpt)
+    block = model.transformer.h[0]
+    for hf_name, value in [
+        ("transformer.h.0.mlp.dense_h_to_4h.weight", block.mlp.dense_h_to_4h.weight_blocks),
+        ("transformer.h.0.ln_attn.weight", block.ln_attn.weight),
+    ]:
+        assert value.data_ptr() == ckpt.tensors[hf_name].data.ctypes.data
+    seen = []
+    falconet.load(ours("40b", "q4_0"), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (ckpt.nbytes, ckpt.nbytes) and len(seen) == len(ckpt.tensors)
 
 
 @pytest.mark.parametrize("pre", ["falcon", "gpt-2"])
