@@ -266,6 +266,16 @@ def fit_history(llm, system: str | None, history: list[dict], budget: int) -> li
         del history[: 2 if len(history) > 2 else 1]  # the oldest user+assistant turn
 
 
+def quant_kernels() -> str:
+    import torch
+
+    from falconet.quant import kernels
+
+    if kernels.native is None:
+        return "PyTorch fallback (the compiled kernels were not built)"
+    return f"compiled CPU kernels ({kernels.native.simd()}, {torch.get_num_threads()} threads)"
+
+
 def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     llm = _load(args)
     c, m = llm.config, llm.model
@@ -277,7 +287,8 @@ def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         ("path", str(llm.path)),
         ("variant", c.variant),
         ("parameters", f"{m.num_parameters():,}"),
-        ("weights", f"{m.weight_bytes():,} bytes ({m.lm_head.weight.dtype}, compute {m.compute_dtype})"),
+        ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),
+        ("kernels", quant_kernels()),
         ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
         ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
         ("context (max_position_embeddings)", str(c.max_position_embeddings)),
