@@ -52,9 +52,12 @@ _Static_assert(sizeof(block_q4_1) == 20, "q4_1 block");
 _Static_assert(sizeof(block_q5_0) == 22, "q5_0 block");
 _Static_assert(sizeof(block_q8_0) == 34, "q8_0 block");
 
-/* An activation block: 32 int8 quants, scale d, and s = d * sum(qs) for the weight
- * formats' min/offset term (llama.cpp's q8_1 carries the same sum). */
-typedef struct { float d, s; int8_t qs[QK]; } block_x8;
+/* An activation block: 32 int8 quants, scale d, s = d * sum(qs) for Q4_1's min term
+ * (llama.cpp's q8_1 carries the same sum), and for the AVX2 path `offset`, the pairwise
+ * sums of o * qs for the weight format's offset o (8 for Q4_0, 16 for Q5_0): subtracting
+ * it from the unsigned-weight products gives sum (q - o) * qs exactly, in integers, once
+ * per activation block instead of once per weight block. */
+typedef struct { float d, s; int8_t qs[QK]; int16_t offset[QK / 2]; } block_x8;
 
 static float half_table[1 << 16];
 static int use_avx2;
@@ -225,32 +228,30 @@ AVX2 static inline __attribute__((always_inline)) __m256i fifth_bits(const uint8
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-/* Weight block -> 32 int8 in a register with its scale d and min m (value = q*d + m):
- * unsigned quants for the 4/5-bit formats, whose offset becomes m = -8d / -16d, so their
- * dot products need no sign juggling; signed quants for Q8_0. */
+/* Weight block -> 32 int8 in a register with its scale d (and Q4_1's min m): unsigned
+ * quants for the 4/5-bit formats, so their dot products need no sign juggling (the
+ * Q4_0/Q5_0 offset comes off in dot_offset); signed quants for Q8_0. */
 AVX2 static inline __attribute__((always_inline)) __m256i load_block(int type, const uint8_t *row, int64_t b, float *d, float *m) {
     switch (type) {
     case T_Q4_0: {
         const block_q4_0 *w = (const block_q4_0 *)row + b;
-        *d = half_table[w->d];
-        *m = -8.0f * *d; /* (q - 8)*d = q*d + m: the offset joins the min term */
-        return nibbles(w->qs);
+        *d = _cvtsh_ss(w->d);
+        return nibbles(w->qs); /* unsigned; the offset 8 is block_x8.offset */
     }
     case T_Q4_1: {
         const block_q4_1 *w = (const block_q4_1 *)row + b;
-        *d = half_table[w->d];
-        *m = half_table[w->m];
+        *d = _cvtsh_ss(w->d);
+        *m = _cvtsh_ss(w->m);
         return nibbles(w->qs);
     }
     case T_Q5_0: {
         const block_q5_0 *w = (const block_q5_0 *)row + b;
-        *d = half_table[w->d];
-        *m = -16.0f * *d;
-        return _mm256_or_si256(nibbles(w->qs), fifth_bits(w->qh));
+        *d = _cvtsh_ss(w->d);
+        return _mm256_or_si256(nibbles(w->qs), fifth_bits(w->qh)); /* unsigned; offset 16 */
     }
     default: {
         const block_q8_0 *w = (const block_q8_0 *)row + b;
-        *d = half_table[w->d];
+        *d = _cvtsh_ss(w->d);
         return _mm256_loadu_si256((const __m256i *)w->qs);
     }
     }
@@ -263,12 +264,16 @@ AVX2 static inline __attribute__((always_inline)) __m256 dot_signed(__m256i a, _
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-AVX2 static inline __attribute__((always_inline)) __m256 dot_unsigned(__m256i a, __m256i b) {
-    __m256i p16 = _mm256_maddubs_epi16(a, b);
+/* sum (a - o) * x for unsigned a, from the products a * x less the activation block's
+ * precomputed o * x pair sums (zero for Q4_1, whose min is applied in float). */
+AVX2 static inline __attribute__((always_inline)) __m256 dot_offset(__m256i a, const block_x8 *x) {
+    __m256i p16 = _mm256_maddubs_epi16(a, _mm256_loadu_si256((const __m256i *)x->qs));
+    p16 = _mm256_sub_epi16(p16, _mm256_loadu_si256((const __m256i *)x->offset));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-AVX2 static void quantize_x8_avx2(const float *x, block_x8 *out, int64_t nb) {
+AVX2 static void quantize_x8_avx2(const float *x, block_x8 *out, int64_t nb, int weight_offset) {
+    const __m256i vo = _mm256_set1_epi8((char)weight_offset);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < nb; b++, x += QK) {
         __m256 v[4], mx = _mm256_setzero_ps();
@@ -291,6 +296,7 @@ AVX2 static void quantize_x8_avx2(const float *x, block_x8 *out, int64_t nb) {
         __m256i p8 = _mm256_packs_epi16(p16a, p16b);
         p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)out[b].qs, p8);
+        _mm256_storeu_si256((__m256i *)out[b].offset, _mm256_maddubs_epi16(vo, p8));
         out[b].d = round_to_half(amax / 127.0f);
         out[b].s = out[b].d * hsum(_mm256_cvtepi32_ps(sum));
     }
@@ -300,6 +306,15 @@ AVX2 static void quantize_x8_avx2(const float *x, block_x8 *out, int64_t nb) {
  * hide FMA latency); the arithmetic per activation row does not depend on M, so a batch
  * equals each row alone. Inlined with M = 1 for decode so the accumulators stay in
  * registers. */
+AVX2 static inline __attribute__((always_inline)) __m256 dot_block(int type, __m256i w, const block_x8 *x) {
+    if (type == T_Q8_0) return dot_signed(w, _mm256_loadu_si256((const __m256i *)x->qs));
+    if (type == T_Q4_1) {
+        __m256i p16 = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)x->qs));
+        return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    }
+    return dot_offset(w, x);
+}
+
 AVX2 static inline __attribute__((always_inline)) void gemv_row_avx2(
     int type, const uint8_t *row, int64_t nb, const block_x8 *xq, int64_t M, int64_t N, float *y) {
     __m256 a0[MAX_ROWS], a1[MAX_ROWS];
@@ -312,13 +327,9 @@ AVX2 static inline __attribute__((always_inline)) void gemv_row_avx2(
         __m256i w1 = load_block(type, row, b + 1, &d1, &m1);
         for (int64_t r = 0; r < M; r++) {
             const block_x8 *x0 = xq + r * nb + b, *x1 = x0 + 1;
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)x0->qs);
-            __m256i v1 = _mm256_loadu_si256((const __m256i *)x1->qs);
-            __m256 p0 = type == T_Q8_0 ? dot_signed(w0, v0) : dot_unsigned(w0, v0);
-            __m256 p1 = type == T_Q8_0 ? dot_signed(w1, v1) : dot_unsigned(w1, v1);
-            a0[r] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0->d), p0, a0[r]);
-            a1[r] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x1->d), p1, a1[r]);
-            if (type != T_Q8_0) macc[r] += m0 * x0->s + m1 * x1->s;
+            a0[r] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0->d), dot_block(type, w0, x0), a0[r]);
+            a1[r] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x1->d), dot_block(type, w1, x1), a1[r]);
+            if (type == T_Q4_1) macc[r] += m0 * x0->s + m1 * x1->s;
         }
     }
     for (; b < nb; b++) {
@@ -326,10 +337,8 @@ AVX2 static inline __attribute__((always_inline)) void gemv_row_avx2(
         __m256i w0 = load_block(type, row, b, &d0, &m0);
         for (int64_t r = 0; r < M; r++) {
             const block_x8 *x0 = xq + r * nb + b;
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)x0->qs);
-            __m256 p0 = type == T_Q8_0 ? dot_signed(w0, v0) : dot_unsigned(w0, v0);
-            a0[r] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0->d), p0, a0[r]);
-            if (type != T_Q8_0) macc[r] += m0 * x0->s;
+            a0[r] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x0->d), dot_block(type, w0, x0), a0[r]);
+            if (type == T_Q4_1) macc[r] += m0 * x0->s;
         }
     }
     for (int64_t r = 0; r < M; r++) y[r * N] = hsum(_mm256_add_ps(a0[r], a1[r])) + macc[r];
@@ -389,7 +398,10 @@ static void gemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *
     if (!xq) return;
     for (int64_t r = 0; r < M; r++) {
 #if HAVE_X86
-        if (use_avx2) { quantize_x8_avx2(x + r * K, xq + r * nb, nb); continue; }
+        if (use_avx2) {
+            quantize_x8_avx2(x + r * K, xq + r * nb, nb, type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 0);
+            continue;
+        }
 #endif
         quantize_x8_ref(x + r * K, xq + r * nb, nb);
     }
