@@ -173,6 +173,47 @@ def test_quantize_refuses_bad_weights():
             kernels.native.dequantize(14, 0, 1, 32, 0, 1)
 
 
+needs_x8 = pytest.mark.skipif(
+    kernels.native is None or "avx2" not in simd_paths(), reason="x8 kernels need AVX2"
+)
+
+
+@needs_x8
+@pytest.mark.parametrize("qtype", sorted(kernels.X8_TYPES))
+def test_x8_layout_same_products_and_bytes(qtype):
+    """The first CPU forward repacks Q4_0/Q8_0 into interleaved tiles of 8 rows: the
+    products match the row-major kernel's algorithm, a batch equals each row alone, the
+    prefill path is unchanged, and the weight reads back as the same GGML bytes."""
+    kernels.native.set_simd("avx2")
+    fmt = get_format(qtype)
+    raw = fmt.quantize(weights(48, 160, seed=7))
+    layer = QuantLinear(QuantTensor(fmt, torch.from_numpy(raw.copy()), (48, 160)))
+    x = torch.from_numpy(np.random.default_rng(8).standard_normal((3, 160)).astype(np.float32))
+    y = layer(x)
+    assert layer.layout == "x8" and not np.array_equal(layer.weight_blocks.numpy(), raw)
+    assert np.array_equal(layer.weight.data.numpy(), raw)
+    want = emulate_gemv(fmt, raw, 160, x.numpy())
+    assert np.abs(y.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    for i in range(3):
+        assert torch.equal(layer(x[i : i + 1])[0], y[i])
+    many = torch.randn(kernels.GEMV_ROWS + 3, 160)
+    ref = many @ torch.from_numpy(fmt.dequantize(raw, (48, 160))).T
+    torch.testing.assert_close(layer(many), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_x8
+def test_tied_embedding_follows_the_heads_repack(hf_checkpoints):
+    _, folder = hf_checkpoints["7b"]
+    llm = falconet.load(folder, dtype="float32", quant="q4_0")
+    emb, head = llm.model.transformer.word_embeddings, llm.model.lm_head
+    ids = torch.tensor([[0, 5, 9, 447, 446]])
+    before = emb(ids)
+    llm.generate("The", max_tokens=2, temperature=0)  # the first forward repacks
+    assert head.layout == "x8" and emb.layout == "x8"
+    assert emb.weight_blocks.data_ptr() == head.weight_blocks.data_ptr()
+    assert torch.equal(emb(ids), before)
+
+
 # --- quantization at load -----------------------------------------------------------
 
 
@@ -190,7 +231,7 @@ def test_load_quantizes_every_matrix_as_planned(hf_checkpoints, variant, qtype):
         layer = blk.get_submodule(name)
         assert isinstance(layer, QuantLinear) and layer.qtype == qtype
         want = get_format(qtype).quantize(hf_state[f"transformer.h.0.{name}.weight"].numpy())
-        assert np.array_equal(layer.weight_blocks.numpy(), want)
+        assert np.array_equal(layer.weight.data.numpy(), want)
     assert blk.self_attention.query_key_value.qtype == qtype
     head = model.lm_head
     assert isinstance(head, QuantLinear) and head.qtype == "q8_0"  # llama.cpp's rule

@@ -27,9 +27,9 @@ from torch import nn
 
 from falconet.quant import QuantError, QuantFormat, get_format, kernels
 
-# fp32 values converted per quantization step (4 MB): with two in flight and the
+# fp32 values converted per quantization step (1 MB): with two in flight and the
 # codecs' temporaries, a few tens of MB beside the weights.
-QUANT_CHUNK_VALUES = 1 << 20
+QUANT_CHUNK_VALUES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,20 @@ class QuantTensor:
 class QuantLinear(nn.Module):
     """y = x @ W.T + b with W in GGML blocks (`weight_blocks`) and an optional float bias."""
 
-    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: QuantTensor, bias: torch.Tensor | None = None, repack: bool = True
+    ) -> None:
         super().__init__()
         self.fmt = weight.fmt
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_blocks", weight.data, persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # "ggml" rows, or "x8" tiles (kernels.py) after the first CPU forward where the
+        # compiled kernels have them.
+        self.layout = "ggml"
+        self.repack = repack
+        # modules reading the same blocks (a tied embedding); they follow a repack
+        self.shared: list[nn.Module] = []
 
     @property
     def qtype(self) -> str:
@@ -107,13 +115,34 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> QuantTensor:
-        return QuantTensor(self.fmt, self.weight_blocks, (self.out_features, self.in_features))
+        """The weight as GGML blocks (a copy when the layer holds x8 tiles)."""
+        blocks = self.weight_blocks
+        if self.layout == "x8":
+            blocks = kernels.repack(self.fmt, blocks, self.in_features, to_x8=False)
+        return QuantTensor(self.fmt, blocks, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qtype={self.qtype}"
 
+    def _set_layout(self, layout: str) -> None:
+        # The repacked copy replaces the buffer, so the old bytes (or the GGUF mapping's
+        # pages) are released once nothing else holds them.
+        device = self.weight_blocks.device
+        self.weight_blocks = kernels.repack(
+            self.fmt, self.weight_blocks.cpu(), self.in_features, to_x8=layout == "x8"
+        ).to(device)
+        self.layout = layout
+        for m in self.shared:
+            m.weight_blocks, m.layout = self.weight_blocks, layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.quant_linear(x, self.fmt, self.weight_blocks, self.out_features)
+        on_cpu = self.weight_blocks.device.type == "cpu"
+        if on_cpu and self.layout == "ggml" and self.repack:
+            if kernels.x8_eligible(self.fmt, self.out_features):
+                self._set_layout("x8")
+        elif not on_cpu and self.layout == "x8":  # moved to a GPU: Triton reads GGML rows
+            self._set_layout("ggml")
+        y = kernels.quant_linear(x, self.fmt, self.weight_blocks, self.out_features, self.layout)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -130,14 +159,26 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = dtype
         self.register_buffer("weight_blocks", weight.data, persistent=True)
+        self.layout = "ggml"  # "x8" when a tied head repacked the shared blocks
 
     @property
     def weight(self) -> QuantTensor:
-        return QuantTensor(self.fmt, self.weight_blocks, (self.num_embeddings, self.embedding_dim))
+        blocks = self.weight_blocks
+        if self.layout == "x8":
+            blocks = kernels.repack(self.fmt, blocks, self.embedding_dim, to_x8=False)
+        return QuantTensor(self.fmt, blocks, (self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids.reshape(-1), self.weight_blocks)  # gathers whole block rows
-        out = kernels.dequantize(self.fmt, rows, self.embedding_dim)
+        flat = ids.reshape(-1)
+        if self.layout == "x8":
+            # gather each id's group of 8 rows, turn those groups back into GGML rows
+            groups = self.weight_blocks.view(self.num_embeddings // 8, -1)[flat // 8]
+            rows = kernels.repack(self.fmt, groups.view(-1, self.weight_blocks.shape[1]),
+                                  self.embedding_dim, to_x8=False)  # fmt: skip
+            rows = rows.view(len(flat), 8, -1)[torch.arange(len(flat)), flat % 8]
+        else:
+            rows = F.embedding(flat, self.weight_blocks)  # gathers whole block rows
+        out = kernels.dequantize(self.fmt, rows.contiguous(), self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
 
@@ -164,5 +205,6 @@ def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> N
             getattr(model, "config", None), "tie_word_embeddings", False
         ):
             model.lm_head = QuantLinear(value)
+            model.lm_head.shared.append(new)  # the embedding reads the head's blocks
         return
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
