@@ -148,7 +148,8 @@ def test_quant_linear_and_embedding_modules():
     y = layer(x)
     assert y.shape == (2, 5, 48) and y.dtype == torch.bfloat16
     ref = x.float() @ qt.dequantize().T + bias
-    torch.testing.assert_close(y.float(), ref, rtol=0.02, atol=0.05)
+    # 8-bit activations (x8 kernels) and a bf16 result: within 2 % of the largest output
+    assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
     emb = QuantEmbedding(qt)
     ids = torch.tensor([[0, 47], [3, 3]])
     assert torch.equal(emb(ids), qt.dequantize()[ids])
@@ -182,8 +183,8 @@ needs_x8 = pytest.mark.skipif(
 @pytest.mark.parametrize("qtype", sorted(kernels.X8_TYPES))
 def test_x8_layout_same_products_and_bytes(qtype):
     """The first CPU forward repacks Q4_0/Q8_0 into interleaved tiles of 8 rows: the
-    products match the row-major kernel's algorithm, a batch equals each row alone, the
-    prefill path is unchanged, and the weight reads back as the same GGML bytes."""
+    products match the row-major kernel's algorithm for decode and prompts alike, any
+    batch equals each row alone, and the weight reads back as the same GGML bytes."""
     kernels.native.set_simd("avx2")
     fmt = get_format(qtype)
     raw = fmt.quantize(weights(48, 160, seed=7))
@@ -196,9 +197,12 @@ def test_x8_layout_same_products_and_bytes(qtype):
     assert np.abs(y.numpy() - want).max() <= 1e-5 * np.abs(want).max()
     for i in range(3):
         assert torch.equal(layer(x[i : i + 1])[0], y[i])
-    many = torch.randn(kernels.GEMV_ROWS + 3, 160)
-    ref = many @ torch.from_numpy(fmt.dequantize(raw, (48, 160))).T
-    torch.testing.assert_close(layer(many), ref, rtol=1e-5, atol=1e-5)
+    many = torch.randn(2 * kernels.GEMV_ROWS + 3, 160)  # a prompt: row chunks in the kernel
+    big = layer(many)
+    want = emulate_gemv(fmt, raw, 160, many.numpy())
+    assert np.abs(big.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    for i in (0, kernels.GEMV_ROWS, len(many) - 1):
+        assert torch.equal(layer(many[i : i + 1])[0], big[i])
 
 
 @needs_x8

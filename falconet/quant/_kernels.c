@@ -493,16 +493,24 @@ AVX2 static inline __attribute__((always_inline)) void gemv_group_x8(
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
 
+/* Groups g0..g1 against all M activation rows, MAX_ROWS rows at a time: a group's tiles
+ * (8 rows x K) stay in cache while every row chunk passes, so a prompt reads the weights
+ * from memory once, and each row's result is the decode kernel's, bit for bit. */
 AVX2 static void gemv_groups_x8(int type, const uint8_t *W, size_t group_bytes, int64_t g0, int64_t g1,
                                 int64_t nb, const block_x8 *xq, int64_t M, int64_t N, float *y) {
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *tiles = W + g * group_bytes;
-        if (type == T_Q4_0)
-            M == 1 ? gemv_group_x8(T_Q4_0, tiles, nb, xq, 1, N, y + X8 * g)
-                   : gemv_group_x8(T_Q4_0, tiles, nb, xq, M, N, y + X8 * g);
-        else
-            M == 1 ? gemv_group_x8(T_Q8_0, tiles, nb, xq, 1, N, y + X8 * g)
-                   : gemv_group_x8(T_Q8_0, tiles, nb, xq, M, N, y + X8 * g);
+        for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+            const int64_t m = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
+            const block_x8 *x = xq + r0 * nb;
+            float *out = y + r0 * N + X8 * g;
+            if (type == T_Q4_0)
+                m == 1 ? gemv_group_x8(T_Q4_0, tiles, nb, x, 1, N, out)
+                       : gemv_group_x8(T_Q4_0, tiles, nb, x, m, N, out);
+            else
+                m == 1 ? gemv_group_x8(T_Q8_0, tiles, nb, x, 1, N, out)
+                       : gemv_group_x8(T_Q8_0, tiles, nb, x, m, N, out);
+        }
     }
 }
 #endif
@@ -657,7 +665,11 @@ static PyObject *py_gemv_x8(PyObject *self, PyObject *args) {
     unsigned long long w, x, y;
     Py_ssize_t N, K, M;
     if (!PyArg_ParseTuple(args, "iKnnKnKi", &type, &w, &N, &K, &x, &M, &y, &threads)) return NULL;
-    if (!check_args(type, K, M, threads)) return NULL;
+    if (!check_args(type, K, 0, threads)) return NULL; /* any M: row chunks loop inside */
+    if (M < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative row count");
+        return NULL;
+    }
     if ((type != T_Q4_0 && type != T_Q8_0) || N % X8 || !use_avx2) {
         PyErr_SetString(PyExc_ValueError, "x8 kernels take Q4_0/Q8_0, rows a multiple of 8, and AVX2");
         return NULL;
@@ -685,7 +697,7 @@ static PyObject *py_repack(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"gemv_x8", py_gemv_x8, METH_VARARGS, "gemv_x8(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): gemv on x8 tiles"},
+    {"gemv_x8", py_gemv_x8, METH_VARARGS, "gemv_x8(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x @ W.T on x8 tiles, any M"},
     {"repack", py_repack, METH_VARARGS, "repack(type, src_ptr, dst_ptr, N, K, to_x8): GGML rows <-> x8 tiles"},
     {"gemv", py_gemv, METH_VARARGS, "gemv(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},

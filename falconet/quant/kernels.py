@@ -109,16 +109,13 @@ def quant_linear(
             y = triton_kernels.matmul(rows, fmt.name, blocks, out_features)
             return y.to(x.dtype).view(*x.shape[:-1], out_features)
     xf = rows.to(torch.float32).contiguous()
-    if layout == "x8":
+    if layout == "x8":  # decode and prompts alike: integer products, weights read once
         _check_blocks(fmt, blocks, out_features, K)
-        if M > GEMV_ROWS:
-            y = _tiled_dequant_matmul(xf, fmt, blocks, out_features, x8=True)
-        else:
-            y = torch.empty(M, out_features, dtype=torch.float32)
-            native.gemv_x8(
-                NATIVE_TYPES[fmt.name], blocks.data_ptr(), out_features, K, xf.data_ptr(), M,
-                y.data_ptr(), _threads(),
-            )  # fmt: skip
+        y = torch.empty(M, out_features, dtype=torch.float32)
+        native.gemv_x8(
+            NATIVE_TYPES[fmt.name], blocks.data_ptr(), out_features, K, xf.data_ptr(), M,
+            y.data_ptr(), _threads(),
+        )  # fmt: skip
     elif x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
         _check_blocks(fmt, blocks, out_features, K)
         y = torch.empty(M, out_features, dtype=torch.float32)
@@ -138,13 +135,11 @@ def quant_linear(
 
 
 def _tiled_dequant_matmul(
-    x: torch.Tensor, fmt: QuantFormat, blocks: torch.Tensor, out_features: int, x8: bool = False
+    x: torch.Tensor, fmt: QuantFormat, blocks: torch.Tensor, out_features: int
 ) -> torch.Tensor:
     K = x.shape[-1]
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
-    tile = max(16, TILE_BYTES // (K * 4)) // 8 * 8  # whole x8 groups
-    if x8:  # tiles go back to GGML rows in a small reused buffer before dequantizing
-        rows_buf = torch.empty(min(tile, out_features), blocks.shape[1], dtype=torch.uint8)
+    tile = max(16, TILE_BYTES // (K * 4))
     # one tile buffer, reused: a fresh multi-MB allocation per tile would be mapped and
     # page-faulted anew each time, which costs more than the dequantization itself
     buf = torch.empty(min(tile, out_features), K, dtype=torch.float32, device=x.device)
@@ -152,10 +147,6 @@ def _tiled_dequant_matmul(
     for start in range(0, out_features, tile):
         stop = min(start + tile, out_features)
         part = blocks[start:stop]
-        if x8:
-            n = stop - start
-            native.repack(NATIVE_TYPES[fmt.name], part.data_ptr(), rows_buf.data_ptr(), n, K, False)
-            part = rows_buf[:n]
         w = dequantize(fmt, part, K, out=buf[: stop - start] if compiled else None)
         y[:, start:stop] = x @ w.t()
     return y
