@@ -18,6 +18,9 @@ read the blocks where they lie (as llama.cpp's do). The quant type lives in the 
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,6 +42,7 @@ class QuantTensor:
     fmt: QuantFormat
     data: torch.Tensor
     shape: tuple[int, int]  # (rows, cols) of the float tensor it stands for
+    mapped: bool = False  # data is a view of a read-only file mapping (a GGUF)
 
     def __post_init__(self) -> None:
         rows, cols = self.shape
@@ -106,7 +110,7 @@ class QuantLinear(nn.Module):
         # compiled kernels have them.
         self.layout = "ggml"
         self.repack = repack
-        # modules reading the same blocks (a tied embedding); they follow a repack
+        self.mapped = weight.mapped        # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
     @property
@@ -127,11 +131,14 @@ class QuantLinear(nn.Module):
     def _set_layout(self, layout: str) -> None:
         # The repacked copy replaces the buffer, so the old bytes (or the GGUF mapping's
         # pages) are released once nothing else holds them.
-        device = self.weight_blocks.device
+        old = self.weight_blocks
         self.weight_blocks = kernels.repack(
-            self.fmt, self.weight_blocks.cpu(), self.in_features, to_x8=layout == "x8"
-        ).to(device)
+            self.fmt, old.cpu(), self.in_features, to_x8=layout == "x8"
+        ).to(old.device)
         self.layout = layout
+        if self.mapped:  # the file's pages we just read would stay in this process's RSS
+            release_pages(old)
+            self.mapped = False
         for m in self.shared:
             m.weight_blocks, m.layout = self.weight_blocks, layout
 
@@ -180,6 +187,21 @@ class QuantEmbedding(nn.Module):
             rows = F.embedding(flat, self.weight_blocks)  # gathers whole block rows
         out = kernels.dequantize(self.fmt, rows.contiguous(), self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop a file-mapped tensor's pages from this process (madvise MADV_DONTNEED): its
+    data stays in the file and the OS cache, and would fault back in if read again, so
+    this is only a hint about memory, never about contents. Pages shared with a
+    neighbouring tensor are kept. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    stop = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if stop > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # MADV_DONTNEED
 
 
 def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> None:

@@ -382,7 +382,8 @@ def _tensor_value(t: Any, dtype: torch.dtype) -> QuantTensor | torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     kind = t.tensor_type
     if kind in BLOCK_TYPES and len(shape) == 2:
-        return QuantTensor(get_format(kind), torch.from_numpy(t.data), shape)
+        # a view of the file's memory map: no copy (mapped: the pages are the file's)
+        return QuantTensor(get_format(kind), torch.from_numpy(t.data), shape, mapped=True)
     if kind in (T.F32, T.F16):
         out = torch.from_numpy(t.data)
     elif kind == T.BF16:
