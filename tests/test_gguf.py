@@ -172,7 +172,7 @@ def test_written_tensors_are_the_checkpoints_in_the_chosen_types(hf_dir, ours, v
         w = state[hf_name]
         if "query_key_value" in hf_name and config.kv_heads != 1:
             w = regroup_qkv(w, config)  # GGUF's "jploski" QKV layout is falconet's own
-        want = write_type(t.name, tuple(w.shape), kind, config.tie_word_embeddings)
+        want = write_type(hf_name, tuple(w.shape), kind, config)
         if w.ndim == 1:
             assert want == T.F32
         elif kind in (T.F32, T.F16, T.BF16, T.Q8_0) or t.name != head:

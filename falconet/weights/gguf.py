@@ -46,6 +46,7 @@ from falconet.errors import CheckpointError, ConfigError, FalconetError
 from falconet.model import Falcon
 from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install
+from falconet.quant.plan import tensor_qtype
 from falconet.tokenizer import Tokenizer
 from falconet.weights import gguf_vocab
 from falconet.weights.hf import (
@@ -115,23 +116,18 @@ DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
-def write_type(gguf_tensor: str, shape: tuple[int, ...], qtype: T, tied: bool) -> T:
-    """The type llama.cpp gives a Falcon tensor in a `qtype` file.
-
-    1-D tensors (norms) stay F32. When quantizing, the LM head (token_embd when tied) is
-    Q8_0: llama.cpp's quantizer does this for every Falcon file (`llama_tensor_get_type`,
-    "arch == LLM_ARCH_FALCON"; PR #2816 measured Q4_0 perplexity 8.39 -> 7.25 from it).
-    Rows that do not split into whole blocks fall back to F16, as llama.cpp's converter
-    does.
-    """
+def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: FalconConfig) -> T:
+    """The type llama.cpp gives a Falcon tensor in a `qtype` file: 1-D tensors (norms)
+    F32; for the block types, quant/plan.py's choice (the one falconet.load(quant=)
+    makes: the head, or token_embd when tied, Q8_0 -- llama.cpp's quantizer does this
+    for every Falcon file), with F16 for rows that split into no whole blocks, as
+    llama.cpp's converter falls back."""
     if len(shape) == 1:
         return T.F32
-    if qtype in BLOCK_TYPES:
-        if gguf_tensor == ("token_embd.weight" if tied else "output.weight"):
-            qtype = T.Q8_0
-        if shape[-1] % get_format(qtype).block_size:
-            return T.F16
-    return qtype
+    if qtype not in BLOCK_TYPES:
+        return qtype
+    chosen = tensor_qtype(hf_name, shape, config, get_format(qtype).name)
+    return T(get_format(chosen).ggml_type) if chosen else T.F16
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -519,7 +515,7 @@ def convert_hf_to_gguf(
     sources = _checkpoint_sources(folder, config)
     plan = []  # (GGUF name, HF name, HF shape, GGML type, bytes)
     for name, (hf_name, shape) in names.items():
-        t = write_type(name, shape, kind, config.tie_word_embeddings)
+        t = write_type(hf_name, shape, kind, config)
         fmt = get_format(t)
         nbytes = math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])
         plan.append((name, hf_name, shape, t, nbytes))
