@@ -3,13 +3,16 @@
 Paths, fastest first:
 
 - CPU, compiled kernels (`_kernels.c`, built by the package's build; AVX2 with a
-  portable C fallback), formats Q8_0 / Q4_0 / Q4_1 / Q5_0:
-  * up to `GEMV_ROWS` activation rows (decode): each row is rounded to Q8_0 blocks and
-    multiplied with integer dot products straight off the weight blocks, as llama.cpp
-    does. Every activation row is computed alone, so a batch of rows equals each row
-    sent by itself, bit for bit.
-  * more rows (prefill): the weight is dequantized to fp32 one tile of output rows at a
-    time and multiplied by BLAS (PyTorch's GEMM), so no full fp32 copy ever exists.
+  portable C fallback). Activations are rounded to 8-bit blocks (as llama.cpp does) and
+  multiplied with integer dot products; every activation row is computed alone, so a
+  batch equals each row sent by itself, bit for bit.
+  * Q4_0 / Q8_0 with AVX2: the first forward repacks the weight into interleaved tiles
+    of 8 rows (`x8`, see _kernels.c) and every call -- a decode step or a whole prompt
+    -- runs the x8 kernel (a prompt passes in chunks of 8 rows over cache-resident
+    tiles, so the weights are read once).
+  * Q4_1 / Q5_0 (and the portable path): the row-major kernel up to `GEMV_ROWS` rows;
+    for more rows the weight is dequantized to fp32 one tile of output rows at a time
+    and multiplied by BLAS, so no full fp32 copy ever exists.
 - CUDA with Triton, Q4_0 / Q8_0: triton_kernels.py.
 - anything else: the numpy codecs dequantize a tile at a time (slow; exact).
 """
