@@ -15,10 +15,17 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch>=2.5,<3"          # the CUDA build from PyPI
   else
-    # A CPU wheel on local disk (find-links) first; else PyTorch's CPU index.
-    "$VPY" -m pip install -q --no-index "torch==${TORCH_VERSION}" 2>/dev/null \
-      || "$VPY" -m pip install -q "torch==${TORCH_VERSION}" \
-           --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    # A CPU wheel on local disk (pip's find-links) first, its small pure-Python
+    # dependencies from the package index; else PyTorch's CPU index.
+    WHEELS=$(mktemp -d)
+    if "$VPY" -m pip download -q --no-index --no-deps "torch==${TORCH_VERSION}" -d "$WHEELS" 2>/dev/null \
+        && ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+      "$VPY" -m pip install -q "$WHEELS"/torch-*.whl
+    else
+      "$VPY" -m pip install -q "torch==${TORCH_VERSION}" \
+        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    fi
+    rm -rf "$WHEELS"
   fi
 fi
 
