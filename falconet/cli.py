@@ -32,6 +32,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype; auto keeps the checkpoint's (compute is fp32 on CPU)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--quant", default=None, metavar="TYPE",
+                   help="quantize a HF checkpoint while loading: q8_0, q5_1, q5_0, q4_1 or q4_0")  # fmt: skip
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -86,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=None,
                      help="window in tokens; the second half of each is scored (default: min(512, model context))")  # fmt: skip
     ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
-    ppl.add_argument("--quant", default=None, help="quantize the weights on load, e.g. q8_0, q4_0")
     return parser
 
 
@@ -151,7 +152,7 @@ def _sampling(args: argparse.Namespace):
     )
 
 
-def _load(args: argparse.Namespace, **load_kw):
+def _load(args: argparse.Namespace):
     from tqdm import tqdm
 
     import falconet
@@ -174,8 +175,9 @@ def _load(args: argparse.Namespace, **load_kw):
 
     try:
         return falconet.load(
-            args.model, dtype=args.dtype, device=args.device, progress=progress, **load_kw
-        )
+            args.model, dtype=args.dtype, device=args.device, progress=progress,
+            quant=getattr(args, "quant", None),
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
@@ -374,7 +376,7 @@ def cmd_perplexity(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
     check_window(DEFAULT_CTX if args.ctx is None else args.ctx, args.batch)  # before the load
     text = read_text(args.textfile)
-    llm = _load(args, **({"quant": args.quant} if args.quant else {}))
+    llm = _load(args)
     ctx = min(DEFAULT_CTX, llm.config.max_position_embeddings) if args.ctx is None else args.ctx
     ids = tokenize_text(llm.tokenizer, text)
     r = perplexity(llm, ids, ctx, args.batch, lambda i, n, ppl: out(f"[{i}]{ppl:.4f},"))

@@ -108,6 +108,9 @@ def _not_falcon(tmp_path):
         (("generate", "x", "--model", "TINY", "--device", "banana"), "not a torch device"),
         (("generate", "x", "--model", ""), "model path is empty"),
         (("chat", "--model", "TINY", "--max-tokens", "5000"), "leaves no room"),
+        (("generate", "x", "--model", "TINY", "--quant", "q9_9"), "unknown quantization type"),
+        (("generate", "x", "--model", "TINY", "--quant", "q4_k"), "unknown quantization type"),
+        (("info", "--model", "TINY", "--quant", ""), "unknown quantization type"),
         ((), "required"),
     ],
 )
@@ -119,6 +122,14 @@ def test_errors_print_one_line_and_exit_2(tmp_path, tiny_7b, args, needle):
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("falconet: error: ") and needle in lines[0]
     assert res.stdout == ""
+
+
+def test_quant_flag_quantizes_while_loading(tiny_7b):
+    res = run("info", "--model", str(tiny_7b), "--quant", "q4_0")
+    assert res.returncode == 0, res.stderr
+    assert "q4_0 x 8" in res.stdout and "q8_0 x 2" in res.stdout  # 2 layers x 4; head + embedding
+    gen = run("generate", "The", "--model", str(tiny_7b), "--quant", "Q8_0", "--max-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.strip()
 
 
 def test_a_file_that_is_not_a_model_folder(tmp_path):
