@@ -69,7 +69,9 @@ class FalconetRunner:
 
         model, ids = self.llm.model, self.ids
         with torch.inference_mode():
-            cache = KVCache(model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device)
+            cache = KVCache(
+                model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device
+            )
             t0 = time.perf_counter()
             tok = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
             t1 = time.perf_counter()
@@ -132,7 +134,9 @@ def decode_bytes(path: Path) -> tuple[int, int]:
         if t.name == "token_embd.weight":
             rows = int(t.shape[1])
             row = int(t.n_bytes) // rows
-            per_token += row if "output.weight" in names else int(t.n_bytes)  # tied: the head reads it all
+            per_token += (
+                row if "output.weight" in names else int(t.n_bytes)
+            )  # tied: the head reads it all
         else:
             per_token += int(t.n_bytes)
     return per_token, total
@@ -199,7 +203,9 @@ def report(results: list[dict], args: argparse.Namespace, bandwidth: float) -> N
                 f"| {r['type']} | {name} | {e['prefill']:.1f} | {e['decode']:.2f} | "
                 f"{100 * e['decode'] / r['roofline']:.0f} % | {e['rss'] / 2**20:.0f} MiB |"
             )
-    print("\nratios falconet / llama.cpp (targets: decode >= 1.0, prefill >= 0.8, decode >= 80 % of roofline)")
+    print(
+        "\nratios falconet / llama.cpp (targets: decode >= 1.0, prefill >= 0.8, decode >= 80 % of roofline)"
+    )
     print("| type | prefill | decode | decode vs roofline | peak RSS | greedy tokens equal |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -215,7 +221,9 @@ def report(results: list[dict], args: argparse.Namespace, bandwidth: float) -> N
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--types", default="q8_0,q4_0")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=128)

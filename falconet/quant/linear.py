@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
         # compiled kernels have them.
         self.layout = "ggml"
         self.repack = repack
-        self.mapped = weight.mapped        # modules reading the same blocks (a tied embedding); they follow a repack
+        self.mapped = weight.mapped
+        # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
     @property
