@@ -396,6 +396,7 @@ AVX2 static void dequant_rows_avx2(int type, const uint8_t *W, size_t row_bytes,
  * side (piece k of row r in 32-bit lane r):
  *
  *   Q4_0 tile (144 B): d[8] | qs[0..3] of rows 0..7 | qs[4..7] ... | qs[12..15] ...
+ *   Q4_1 tile (160 B): d[8] | m[8] | then as Q4_0
  *   Q8_0 tile (272 B): d[8] | qs[0..3] of rows 0..7 | ... | qs[28..31] ...
  *
  * Broadcasting 4 activation values to every lane, maddubs + madd give each row's partial
@@ -410,16 +411,20 @@ static size_t tile_bytes(int type) { return X8 * block_bytes(type); }
 
 /* GGML rows [N, nb blocks] -> x8 tiles, or back (to_x8 = 0). N % 8 == 0. */
 static void repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, int to_x8) {
-    const size_t bb = block_bytes(type), row_bytes = nb * bb, qb = bb - 2; /* quant bytes */
+    const size_t bb = block_bytes(type), row_bytes = nb * bb;
+    const size_t hb = type == T_Q4_1 ? 4 : 2, qb = bb - hb; /* header: d (and m); quants */
     for (int64_t g = 0; g < N / X8; g++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *tile = (uint8_t *)(to_x8 ? dst : src) + g * X8 * row_bytes + b * tile_bytes(type);
             for (int r = 0; r < X8; r++) {
                 uint8_t *block = (uint8_t *)(to_x8 ? src : dst) + (g * X8 + r) * row_bytes + b * bb;
-                uint8_t *d_tile = tile + 2 * r, *q_block = block + 2;
-                if (to_x8) memcpy(d_tile, block, 2); else memcpy(block, d_tile, 2);
+                uint8_t *q_block = block + hb;
+                for (size_t h = 0; h < hb; h += 2) { /* d into the first 16 bytes, m the next */
+                    uint8_t *field = tile + h * X8 + 2 * r;
+                    if (to_x8) memcpy(field, block + h, 2); else memcpy(block + h, field, 2);
+                }
                 for (size_t k = 0; k < qb / 4; k++) {
-                    uint8_t *piece = tile + 2 * X8 + k * 4 * X8 + 4 * r;
+                    uint8_t *piece = tile + hb * X8 + k * 4 * X8 + 4 * r;
                     if (to_x8) memcpy(piece, q_block + 4 * k, 4); else memcpy(q_block + 4 * k, piece, 4);
                 }
             }
@@ -435,7 +440,9 @@ AVX2 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p
 }
 
 /* 8 rows' sums of one block against one activation block, lane r = row r. */
-AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q4_0(const __m256i w[8], const block_x8 *x) {
+/* The unsigned 4-bit products, less Q4_0's offset 8 (offset 0: Q4_1). */
+AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q4(const __m256i w[8], const block_x8 *x,
+                                                                    int offset) {
     /* w[k] holds elements 4k..4k+3 (k < 4) or 16+4(k-4).. (k >= 4) of each row, unsigned;
      * 8 pair sums of at most 2*15*127 stay inside int16. */
     __m256i s16 = _mm256_maddubs_epi16(w[0], bcast4(x->qs));
@@ -447,7 +454,7 @@ AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q4_0(const __
     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[6], bcast4(x->qs + 24)));
     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[7], bcast4(x->qs + 28)));
     __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-    return _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * x->isum)); /* (q - 8) */
+    return offset ? _mm256_sub_epi32(s32, _mm256_set1_epi32(offset * x->isum)) : s32; /* (q - 8) */
 }
 
 AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q8_0(const __m256i w[8], const __m256i aw[8],
@@ -467,14 +474,16 @@ AVX2 static inline __attribute__((always_inline)) void gemv_group_x8(
     int type, const uint8_t *tiles, int64_t nb, const block_x8 *xq, int64_t M, int64_t N, float *y) {
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
-    const size_t tb = tile_bytes(type);
+    const size_t tb = tile_bytes(type), quants = type == T_Q4_1 ? 32 : 16;
     const __m256i mask = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < nb; b++, tiles += tb) {
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
+        __m256 mw = _mm256_setzero_ps();
         __m256i w[8], aw[8];
-        if (type == T_Q4_0) {
+        if (type == T_Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tiles + 16)));
+        if (type != T_Q8_0) {
             for (int k = 0; k < 4; k++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(tiles + 16 + 32 * k));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(tiles + quants + 32 * k));
                 w[k] = _mm256_and_si256(v, mask);
                 w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             }
@@ -486,8 +495,11 @@ AVX2 static inline __attribute__((always_inline)) void gemv_group_x8(
         }
         for (int64_t r = 0; r < M; r++) {
             const block_x8 *x = xq + r * nb + b;
-            __m256i s = type == T_Q4_0 ? tile_dot_q4_0(w, x) : tile_dot_q8_0(w, aw, x);
+            __m256i s = type == T_Q8_0   ? tile_dot_q8_0(w, aw, x)
+                        : type == T_Q4_0 ? tile_dot_q4(w, x, 8)
+                                         : tile_dot_q4(w, x, 0);
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(s), acc[r]);
+            if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x->s), acc[r]); /* + m * sum x */
         }
     }
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
@@ -507,6 +519,9 @@ AVX2 static void gemv_groups_x8(int type, const uint8_t *W, size_t group_bytes, 
             if (type == T_Q4_0)
                 m == 1 ? gemv_group_x8(T_Q4_0, tiles, nb, x, 1, N, out)
                        : gemv_group_x8(T_Q4_0, tiles, nb, x, m, N, out);
+            else if (type == T_Q4_1)
+                m == 1 ? gemv_group_x8(T_Q4_1, tiles, nb, x, 1, N, out)
+                       : gemv_group_x8(T_Q4_1, tiles, nb, x, m, N, out);
             else
                 m == 1 ? gemv_group_x8(T_Q8_0, tiles, nb, x, 1, N, out)
                        : gemv_group_x8(T_Q8_0, tiles, nb, x, m, N, out);
@@ -670,8 +685,8 @@ static PyObject *py_gemv_x8(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "negative row count");
         return NULL;
     }
-    if ((type != T_Q4_0 && type != T_Q8_0) || N % X8 || !use_avx2) {
-        PyErr_SetString(PyExc_ValueError, "x8 kernels take Q4_0/Q8_0, rows a multiple of 8, and AVX2");
+    if (type == T_Q5_0 || N % X8 || !use_avx2) {
+        PyErr_SetString(PyExc_ValueError, "x8 kernels take Q4_0/Q4_1/Q8_0, rows a multiple of 8, and AVX2");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS

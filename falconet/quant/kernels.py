@@ -6,11 +6,11 @@ Paths, fastest first:
   portable C fallback). Activations are rounded to 8-bit blocks (as llama.cpp does) and
   multiplied with integer dot products; every activation row is computed alone, so a
   batch equals each row sent by itself, bit for bit.
-  * Q4_0 / Q8_0 with AVX2: the first forward repacks the weight into interleaved tiles
+  * Q4_0 / Q4_1 / Q8_0 with AVX2: the first forward repacks the weight into interleaved tiles
     of 8 rows (`x8`, see _kernels.c) and every call -- a decode step or a whole prompt
     -- runs the x8 kernel (a prompt passes in chunks of 8 rows over cache-resident
     tiles, so the weights are read once).
-  * Q4_1 / Q5_0 (and the portable path): the row-major kernel up to `GEMV_ROWS` rows;
+  * Q5_0 (and the portable path): the row-major kernel up to `GEMV_ROWS` rows;
     for more rows the weight is dequantized to fp32 one tile of output rows at a time
     and multiplied by BLAS, so no full fp32 copy ever exists.
 - CUDA with Triton, Q4_0 / Q8_0: triton_kernels.py.
@@ -36,7 +36,7 @@ TILE_BYTES = 4 << 20
 NATIVE_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6}
 # Formats with the interleaved-rows layout (_kernels.c, "x8"): the decode GEMV serves 8
 # output rows per instruction, about 2x the row-major kernel's speed per core.
-X8_TYPES = {"q4_0", "q8_0"}
+X8_TYPES = {"q4_0", "q4_1", "q8_0"}
 
 
 def native_available(fmt: QuantFormat) -> bool:

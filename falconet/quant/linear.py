@@ -3,17 +3,17 @@
 
 The weight is stored exactly as a GGUF file stores it: a uint8 tensor [out_features,
 row_bytes], each row `in_features / block_size` blocks of the format's bytes. So a GGUF
-tensor maps in without a copy, one written back is byte-identical, and the CPU kernels
-read the blocks where they lie (as llama.cpp's do). The quant type lives in the module
-(`qtype`) and in the file's metadata, never in a tensor name.
+tensor maps in without a copy and one written back is byte-identical. The quant type
+lives in the module (`qtype`) and in the file's metadata, never in a tensor name.
 
 `QuantLinear.forward` picks the path (kernels.py):
 
-- CPU with the compiled kernels: few rows (decode) -> integer dot products on the blocks
-  with the activations rounded to 8 bits per block, as llama.cpp computes them; many rows
-  (prefill) -> dequantize a tile of output rows to fp32 and run a BLAS GEMM.
+- CPU with the compiled kernels: integer dot products with the activations rounded to
+  8 bits per block, as llama.cpp computes them. Q4_0/Q4_1/Q8_0 are repacked at the
+  first forward into tiles of 8 interleaved rows (`layout == "x8"`, same bytes
+  permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike.
 - CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
-- anything else: dequantize a tile of output rows and matmul (slow but exact).
+- anything else: dequantize a tile of output rows and matmul.
 """
 
 from __future__ import annotations
