@@ -93,6 +93,23 @@ def repack(fmt: QuantFormat, blocks: torch.Tensor, cols: int, to_x8: bool) -> to
     return out
 
 
+def x8_linear(x: torch.Tensor, code: int, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """quant_linear for a CPU weight already in x8 tiles (checked when it was repacked):
+    the per-call work is one conversion, one allocation and the kernel."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    native.gemv_x8(
+        code, tiles.data_ptr(), out_features, K, rows.data_ptr(), rows.shape[0], y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
+
+
 def quant_linear(
     x: torch.Tensor,
     fmt: QuantFormat,

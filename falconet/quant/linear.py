@@ -111,6 +111,7 @@ class QuantLinear(nn.Module):
         self.layout = "ggml"
         self.repack = repack
         self.mapped = weight.mapped
+        self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
@@ -144,13 +145,19 @@ class QuantLinear(nn.Module):
             m.weight_blocks, m.layout = self.weight_blocks, layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        on_cpu = self.weight_blocks.device.type == "cpu"
-        if on_cpu and self.layout == "ggml" and self.repack:
-            if kernels.x8_eligible(self.fmt, self.out_features):
-                self._set_layout("x8")
-        elif not on_cpu and self.layout == "x8":  # moved to a GPU: Triton reads GGML rows
-            self._set_layout("ggml")
-        y = kernels.quant_linear(x, self.fmt, self.weight_blocks, self.out_features, self.layout)
+        if self.layout == "x8" and x.device.type == "cpu":  # the hot path, kept short
+            y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
+        else:
+            on_cpu = self.weight_blocks.device.type == "cpu"
+            if on_cpu and self.layout == "ggml" and self.repack:
+                if kernels.x8_eligible(self.fmt, self.out_features):
+                    self._set_layout("x8")
+                    return self.forward(x)
+            elif not on_cpu and self.layout == "x8":  # moved to a GPU: Triton reads GGML rows
+                self._set_layout("ggml")
+            y = kernels.quant_linear(
+                x, self.fmt, self.weight_blocks, self.out_features, self.layout
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
