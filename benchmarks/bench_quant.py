@@ -82,6 +82,42 @@ class FalconetRunner:
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1, tokens
 
+    def decode_profile(self) -> tuple[float, float]:
+        """(seconds in the quantized matmuls, seconds in total) over D decode steps."""
+        from falconet.cache import KVCache
+        from falconet.generate import decode_step, prefill
+        from falconet.quant import kernels
+
+        spent = [0.0]
+        originals = {name: getattr(kernels, name) for name in ("x8_linear", "quant_linear")}
+
+        def timed(f):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                y = f(*a, **kw)
+                spent[0] += time.perf_counter() - t0
+                return y
+
+            return wrapper
+
+        model, ids = self.llm.model, self.ids
+        with torch.inference_mode():
+            cache = KVCache(
+                model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device
+            )
+            tok = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
+            for name, f in originals.items():
+                setattr(kernels, name, timed(f))
+            try:
+                t0 = time.perf_counter()
+                for _ in range(self.D):
+                    tok = decode_step(model, tok, cache).argmax(-1)
+                total = time.perf_counter() - t0
+            finally:
+                for name, f in originals.items():
+                    setattr(kernels, name, f)
+        return spent[0], total
+
 
 class LlamaCppRunner:
     def __init__(self, path: Path, ids: list[int], decode: int, threads: int) -> None:
@@ -175,10 +211,13 @@ def bench_type(qtype: str, folder: Path, args: argparse.Namespace, bandwidth: fl
             pre, dec, tokens[name] = runner.run()
             if i:
                 times[name].append((pre, dec))
+    kernel_s, step_s = runners["falconet"].decode_profile()
     del runners
     per_token, total = decode_bytes(path)
     out = {"type": qtype, "file_bytes": path.stat().st_size, "tensor_bytes": total,
-           "bytes_per_token": per_token, "roofline": bandwidth / per_token, "engines": {}}  # fmt: skip
+           "bytes_per_token": per_token, "roofline": bandwidth / per_token, "engines": {},
+           "kernel_share": kernel_s / step_s,
+           "kernel_bandwidth": per_token * args.decode_tokens / kernel_s}  # fmt: skip
     for name in times:
         out["engines"][name] = {
             "prefill": args.prompt_len / statistics.median(t[0] for t in times[name]),
@@ -217,7 +256,9 @@ def report(results: list[dict], args: argparse.Namespace, bandwidth: float) -> N
         )
     for r in results:
         print(f"{r['type']}: file {r['file_bytes'] / 1e9:.3f} GB, reads {r['bytes_per_token'] / 1e9:.3f} GB "
-              f"per token -> roofline {r['roofline']:.1f} tok/s")  # fmt: skip
+              f"per token -> roofline {r['roofline']:.1f} tok/s; falconet decode: "
+              f"{100 * r['kernel_share']:.0f} % of a step in the quantized matmuls, which stream "
+              f"the weights at {r['kernel_bandwidth'] / 1e9:.1f} GB/s")  # fmt: skip
 
 
 def main() -> None:
