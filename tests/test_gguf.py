@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -393,6 +394,22 @@ def test_truncated_files(ours, tmp_path):
         raises(path, *patterns)
     (tmp_path / "empty.gguf").write_bytes(b"")
     raises(tmp_path / "empty.gguf", "truncated")
+
+
+@pytest.mark.parametrize(
+    "name, header, pattern",
+    [  # headers that claim absurd sizes must fail fast, without trying to allocate them
+        ("counts", b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62), "truncated"),
+        ("string", b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**60) + b"abc", "truncated"),
+        ("array", b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 3) + b"abc"
+         + struct.pack("<IIQ", 9, 4, 2**61), "truncated"),
+        ("version", b"GGUF" + struct.pack("<IQQ", 9, 0, 0), "version 9"),
+    ],
+)  # fmt: skip
+def test_hostile_headers(tmp_path, name, header, pattern):
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(header)
+    raises(path, pattern)
 
 
 def test_not_a_gguf_file(ours, tmp_path):
