@@ -45,6 +45,7 @@ setup(
         Extension(
             "falconet.quant._kernels",
             ["falconet/quant/_kernels.c"],
+            depends=["falconet/quant/kernels_rows.h", "falconet/quant/kernels_x8.h"],
             extra_compile_args=flags,
             extra_link_args=link,
             optional=True,
