@@ -216,6 +216,10 @@ def test_tied_embedding_follows_the_heads_repack(hf_checkpoints):
     assert head.layout == "x8" and emb.layout == "x8"
     assert emb.weight_blocks.data_ptr() == head.weight_blocks.data_ptr()
     assert torch.equal(emb(ids), before)
+    # a device move copies every module's buffers; the tie must survive it
+    llm.model._apply(lambda t: t.clone())
+    assert emb.weight_blocks.data_ptr() == head.weight_blocks.data_ptr()
+    assert torch.equal(emb(ids), before)
 
 
 # --- quantization at load -----------------------------------------------------------

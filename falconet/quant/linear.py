@@ -130,6 +130,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qtype={self.qtype}"
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) converts each module's buffers separately, which would give a tied
+        # embedding its own copy of the blocks: point it back at the head's.
+        super()._apply(fn, recurse)
+        for m in self.shared:
+            m.weight_blocks, m.layout = self.weight_blocks, self.layout
+        return self
+
     def _set_layout(self, layout: str) -> None:
         # The repacked copy replaces the buffer, so the old bytes (or the GGUF mapping's
         # pages) are released once nothing else holds them.
