@@ -297,17 +297,32 @@ static int check_args(int type, Py_ssize_t K, Py_ssize_t M, int threads) {
     return 1;
 }
 
-static PyObject *py_gemv(PyObject *self, PyObject *args) {
+/* gemv(...) on GGML rows (at most MAX_ROWS activation rows) or gemv_x8(...) on x8 tiles
+ * (any number of rows): the same arguments, checked before the pointers are used. */
+static PyObject *run_gemv(PyObject *args, int x8) {
     int type, threads;
     unsigned long long w, x, y;
     Py_ssize_t N, K, M;
     if (!PyArg_ParseTuple(args, "iKnnKnKi", &type, &w, &N, &K, &x, &M, &y, &threads)) return NULL;
-    if (!check_args(type, K, M, threads)) return NULL;
+    if (!check_args(type, K, x8 ? 0 : M, threads)) return NULL;
+    if (M < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative row count");
+        return NULL;
+    }
+    if (x8 && (type == T_Q5_0 || N % X8 || !use_avx2)) {
+        PyErr_SetString(PyExc_ValueError, "x8 kernels take Q4_0/Q4_1/Q8_0, rows a multiple of 8, and AVX2");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    gemv(type, (const uint8_t *)(uintptr_t)w, N, K, (const float *)(uintptr_t)x, M, (float *)(uintptr_t)y, threads);
+    (x8 ? gemv_x8 : gemv)(type, (const uint8_t *)(uintptr_t)w, N, K, (const float *)(uintptr_t)x, M,
+                          (float *)(uintptr_t)y, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+
+static PyObject *py_gemv(PyObject *self, PyObject *args) { return run_gemv(args, 0); }
+
+static PyObject *py_gemv_x8(PyObject *self, PyObject *args) { return run_gemv(args, 1); }
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int type, threads;
@@ -345,26 +360,6 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "unknown SIMD path %s (avx2 or portable)", name);
         return NULL;
     }
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_gemv_x8(PyObject *self, PyObject *args) {
-    int type, threads;
-    unsigned long long w, x, y;
-    Py_ssize_t N, K, M;
-    if (!PyArg_ParseTuple(args, "iKnnKnKi", &type, &w, &N, &K, &x, &M, &y, &threads)) return NULL;
-    if (!check_args(type, K, 0, threads)) return NULL; /* any M: row chunks loop inside */
-    if (M < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative row count");
-        return NULL;
-    }
-    if (type == T_Q5_0 || N % X8 || !use_avx2) {
-        PyErr_SetString(PyExc_ValueError, "x8 kernels take Q4_0/Q4_1/Q8_0, rows a multiple of 8, and AVX2");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    gemv_x8(type, (const uint8_t *)(uintptr_t)w, N, K, (const float *)(uintptr_t)x, M, (float *)(uintptr_t)y, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 

@@ -49,13 +49,7 @@ from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype
 from falconet.tokenizer import Tokenizer
 from falconet.weights import gguf_vocab
-from falconet.weights.hf import (
-    IGNORED_SUFFIXES,
-    expected_tensors,
-    iter_checkpoint,
-    read_config,
-    regroup_qkv,
-)
+from falconet.weights.hf import checkpoint_sources, expected_tensors, read_config, regroup_qkv
 
 ARCH = "falcon"
 T = GGMLQuantizationType
@@ -512,7 +506,7 @@ def convert_hf_to_gguf(
     vocab = gguf_vocab.vocab_metadata(tokenizer, config)
     kind, ftype = WRITE_TYPES[qtype]
     names = tensor_names(config)
-    sources = _checkpoint_sources(folder, config)
+    sources = checkpoint_sources(folder, config)
     plan = []  # (GGUF name, HF name, HF shape, GGML type, bytes)
     for name, (hf_name, shape) in names.items():
         t = write_type(hf_name, shape, kind, config)
@@ -557,28 +551,3 @@ def convert_hf_to_gguf(
             writer.close()
 
     atomic_write(out, write)
-
-
-def _checkpoint_sources(folder: Path, config: FalconConfig) -> dict[str, tuple[Path, Callable]]:
-    """HF name -> (file, loader) for every tensor the config needs, checking that the
-    checkpoint has each exactly once and nothing else."""
-    expected = expected_tensors(config)
-    sources: dict[str, tuple[Path, Callable]] = {}
-    for path, name, get in iter_checkpoint(folder):
-        if name.endswith(IGNORED_SUFFIXES) or (
-            name == "lm_head.weight" and config.tie_word_embeddings
-        ):
-            continue
-        if name not in expected:
-            raise CheckpointError(
-                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
-                f"({config.variant}, {config.num_hidden_layers} layers)"
-            )
-        if name in sources:
-            raise CheckpointError(f"{path}: tensor {name} also appears in {sources[name][0]}")
-        sources[name] = (path, get)
-    missing = [n for n in expected if n not in sources]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{folder}: checkpoint has no tensor {missing[0]}{more}")
-    return sources

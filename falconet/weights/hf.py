@@ -210,6 +210,38 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torc
             yield path, name, get
 
 
+def checkpoint_sources(
+    folder: Path, config: FalconConfig
+) -> dict[str, tuple[Path, Callable[[], torch.Tensor]]]:
+    """HF name -> (file, lazy loader) for every tensor the config needs, in file order;
+    raises CheckpointError for an unexpected, duplicated or missing tensor before any
+    tensor is read."""
+    expected = expected_tensors(config)
+    sources: dict[str, tuple[Path, Callable[[], torch.Tensor]]] = {}
+    for path, name, get in iter_checkpoint(folder):
+        if name.endswith(IGNORED_SUFFIXES) or (
+            name == "lm_head.weight" and config.tie_word_embeddings
+        ):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
+                f"({config.variant}, {config.num_hidden_layers} layers)"
+            )
+        if name in sources:
+            raise CheckpointError(f"{path}: tensor {name} also appears in {sources[name][0]}")
+        sources[name] = (path, get)
+    missing = [n for n in expected if n not in sources]
+    if missing:
+        files = ", ".join(p.name for p in weight_files(folder))
+        raise CheckpointError(
+            f"{folder}: checkpoint ({files}) has no tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + "; is this a complete Falcon checkpoint?"
+        )
+    return sources
+
+
 def load_weights(
     model: Falcon,
     folder: Path,
@@ -225,19 +257,7 @@ def load_weights(
     config = model.config
     expected = expected_tensors(config)
     params = dict(model.named_parameters(remove_duplicate=False))
-    seen: dict[str, Path] = {}
-    for path, name, get in iter_checkpoint(folder):
-        if name.endswith(IGNORED_SUFFIXES) or (
-            name == "lm_head.weight" and config.tie_word_embeddings
-        ):
-            continue
-        if name not in expected:
-            raise CheckpointError(
-                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
-                f"({config.variant}, {config.num_hidden_layers} layers)"
-            )
-        if name in seen:
-            raise CheckpointError(f"{path}: tensor {name} also appears in {seen[name]}")
+    for name, (path, get) in checkpoint_sources(folder, config).items():
         t = get()
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(
@@ -259,17 +279,8 @@ def load_weights(
                 t = t.to(target.dtype)
             install(model, name, t)
         del t
-        seen[name] = path
         if progress is not None:
             progress(nbytes)
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        files = ", ".join(p.name for p in weight_files(folder))
-        raise CheckpointError(
-            f"{folder}: checkpoint ({files}) has no tensor {missing[0]}"
-            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
-            + "; is this a complete Falcon checkpoint?"
-        )
     if config.tie_word_embeddings and isinstance(
         model.transformer.word_embeddings, torch.nn.Embedding
     ):
