@@ -123,3 +123,12 @@ def assert_matches_transformers(folder: Path, text: str) -> None:
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4
+
+
+def assert_cli_error(res, needle: str) -> None:
+    """A user error from the CLI: exit 2, nothing on stdout, one `falconet: error:` line."""
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("falconet: error: ") and needle in lines[0]
+    assert res.stdout == ""

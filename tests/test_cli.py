@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import falconet
+from tests.conftest import assert_cli_error
 
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 
@@ -117,11 +118,7 @@ def _not_falcon(tmp_path):
 def test_errors_print_one_line_and_exit_2(tmp_path, tiny_7b, args, needle):
     swap = {"NOT_FALCON": str(_not_falcon(tmp_path)), "TINY": str(tiny_7b)}
     res = run(*(swap.get(a, a) for a in args))
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("falconet: error: ") and needle in lines[0]
-    assert res.stdout == ""
+    assert_cli_error(res, needle)
 
 
 def test_quant_flag_quantizes_while_loading(tiny_7b):

@@ -22,7 +22,7 @@ import torch
 
 import falconet
 from falconet.perplexity import PerplexityError, perplexity, read_text, tokenize_text
-from tests.conftest import CORPUS, EOS_ID
+from tests.conftest import CORPUS, EOS_ID, assert_cli_error
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
@@ -213,8 +213,4 @@ def test_bad_inputs_print_one_line_and_exit_2(tmp_path, args, needle):
         "SHORT": _write(tmp_path, "short.txt", b"Jesus wept.\n"),
     }
     res = run(*(swap.get(a, a) for a in args))
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("falconet: error: ") and needle in lines[0]
-    assert res.stdout == ""
+    assert_cli_error(res, needle)
