@@ -59,18 +59,24 @@ def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor
 def rotary_cos_sin(
     config: FalconConfig, positions: torch.Tensor, seq_len: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as HF does."""
+    """cos and signed sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as
+    HF does. The sin's first half is negated: rotate_half's minus sign, applied once per
+    forward instead of once per layer (see apply_rotary)."""
     inv_freq = rotary_inv_freq(config, seq_len).to(positions.device)  # (B, D/2)
     freqs = positions[..., None].float() * inv_freq[:, None, :]  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    sin = emb.sin().to(dtype)
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return emb.cos().to(dtype)[:, None], signed_sin[:, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX-style rotation of the full head dim: x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rotation of the full head dim: x*cos + rotate_half(x)*sin, with
+    rotate_half(x)*sin = [-x2, x1]*sin = roll(x)*signed_sin -- the same products,
+    bit for bit ((-a)*b == a*(-b)), in fewer operations (a decode step runs this 24-80
+    times)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 # ---- ALiBi --------------------------------------------------------------------------

@@ -81,13 +81,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = self.query_key_value(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qk, v = self.query_key_value(x).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D).transpose(1, 2)  # (B, H+K, T, D)
+        if rope is not None:  # queries and keys rotate alike: one call for both
+            qk = apply_rotary(qk, *rope)
+        q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, past, k, v)  # (B, K, S, D)
         y = attend(q, k, v, mask)  # (B, H, T, D)
