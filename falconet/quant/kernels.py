@@ -128,15 +128,11 @@ def quant_linear(
         if triton_kernels.available():
             y = triton_kernels.matmul(rows, fmt.name, blocks, out_features)
             return y.to(x.dtype).view(*x.shape[:-1], out_features)
-    xf = rows.to(torch.float32).contiguous()
     if layout == "x8":  # decode and prompts alike: integer products, weights read once
         _check_blocks(fmt, blocks, out_features, K)
-        y = torch.empty(M, out_features, dtype=torch.float32)
-        native.gemv_x8(
-            NATIVE_TYPES[fmt.name], blocks.data_ptr(), out_features, K, xf.data_ptr(), M,
-            y.data_ptr(), _threads(),
-        )  # fmt: skip
-    elif x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
+        return x8_linear(x, NATIVE_TYPES[fmt.name], blocks, out_features)
+    xf = rows.to(torch.float32).contiguous()
+    if x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
         _check_blocks(fmt, blocks, out_features, K)
         y = torch.empty(M, out_features, dtype=torch.float32)
         native.gemv(
