@@ -1,0 +1,59 @@
+"""End-to-end check of the CUDA path, for a session that is lent a GPU (none on the dev
+machine): the quantized model on the GPU (Triton kernels for Q4_0/Q8_0, the dequantize
+fallback for other types) against the same model on the CPU.
+
+For the embedded default model at fp32 / q8_0 / q4_0 / q4_1 it prints the largest logit
+difference relative to the largest |logit| (GPU vs CPU; both round differently: the CPU
+kernels round activations to 8 bits, Triton multiplies them as they are), whether the 32
+greedy tokens agree, and GPU decode tokens/s. Exits 1 if a relative difference exceeds
+--tol (a wrong kernel shows up as O(1)).
+
+    python benchmarks/gpu_check.py                 # then: python benchmarks/bench_triton.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import falconet
+
+PROMPT = "In the beginning God created the heaven and the earth. And the earth was"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="HF folder (default: the embedded model)")
+    p.add_argument("--tol", type=float, default=0.05)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU; torch sees none")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| weights | max rel logit diff GPU vs CPU | greedy tokens equal | GPU decode tok/s |")
+    print("|---|---|---|---|")
+    worst = 0.0
+    for quant in (None, "q8_0", "q4_0", "q4_1"):
+        cpu = falconet.load(args.model, dtype="float32", quant=quant)
+        gpu = falconet.load(args.model, dtype="float32", quant=quant, device="cuda")
+        ids = cpu.tokenizer.encode(PROMPT)
+        a, b = cpu.logits(ids), gpu.logits(ids).cpu()
+        rel = ((a - b).abs().max() / a.abs().max()).item()
+        worst = max(worst, rel)
+        same = cpu.generate(ids, max_tokens=32, temperature=0) == gpu.generate(
+            ids, max_tokens=32, temperature=0
+        )
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gpu.generate(ids, max_tokens=64, temperature=0, ignore_eos=True)
+        torch.cuda.synchronize()
+        rate = 64 / (time.perf_counter() - t0)
+        print(f"| {quant or 'fp32'} | {rel:.2e} | {same} | {rate:.1f} |")
+    if worst > args.tol:
+        sys.exit(f"a GPU result differs from the CPU's by {worst:.3f} of the largest logit")
+
+
+if __name__ == "__main__":
+    main()
