@@ -45,7 +45,11 @@ setup(
         Extension(
             "falconet.quant._kernels",
             ["falconet/quant/_kernels.c"],
-            depends=["falconet/quant/kernels_rows.h", "falconet/quant/kernels_x8.h"],
+            depends=[
+                "falconet/quant/kernels_rows.h",
+                "falconet/quant/kernels_x8.h",
+                "falconet/quant/kernels_quantize.h",
+            ],
             extra_compile_args=flags,
             extra_link_args=link,
             optional=True,

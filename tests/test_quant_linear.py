@@ -88,6 +88,42 @@ def test_native_dequantize_is_bit_exact(qtype, simd):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.skipif(
+    kernels.native is None or "avx2" not in simd_paths(), reason="compiled quantizers need x86"
+)
+@pytest.mark.parametrize("qtype", NATIVE)
+def test_compiled_quantizer_is_byte_exact(qtype):
+    """The compiled quantizers against the numpy codecs (which tests/test_quant_formats.py
+    holds to gguf.quants): random, heavy-tailed and edge blocks, values on rounding
+    boundaries."""
+    fmt = get_format(qtype)
+    rng = np.random.default_rng(11)
+    halves = np.tile((np.arange(32, dtype=np.float32) - 16) / 2, (8, 2))
+    for x in (
+        weights(33, 256, seed=9),
+        (rng.standard_t(2, (40, 512)) * 0.02).astype(np.float32),
+        halves,
+        halves * np.float32(127 / 8),
+        np.full((2, 64), 1e-39, np.float32),
+        np.where(rng.random((4, 64)) < 0.5, -0.0, 0.0).astype(np.float32),
+    ):
+        out = torch.empty(x.shape[0], fmt.row_bytes(x.shape[1]), dtype=torch.uint8)
+        assert kernels.quantize_into(fmt, torch.from_numpy(x), out)
+        assert np.array_equal(out.numpy(), fmt.quantize(x))
+    # input the codecs refuse goes back to them, for their error message
+    bad = np.ones((1, 32), np.float32)
+    bad[0, 3] = np.nan
+    assert not kernels.quantize_into(
+        fmt, torch.from_numpy(bad), torch.empty(1, fmt.row_bytes(32), dtype=torch.uint8)
+    )
+    huge = np.full((1, 32), 3e38, np.float32)  # fp16 scale overflows
+    assert not kernels.quantize_into(
+        fmt, torch.from_numpy(huge), torch.empty(1, fmt.row_bytes(32), dtype=torch.uint8)
+    )
+    with pytest.raises(QuantError, match="too large"):
+        QuantTensor.quantize(torch.from_numpy(huge), qtype)
+
+
 @needs_native
 @pytest.mark.parametrize("qtype", NATIVE)
 @pytest.mark.parametrize("rows", [1, 3, 8])

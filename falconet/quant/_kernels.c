@@ -202,6 +202,7 @@ static void dequant_rows_ref(int type, const uint8_t *W, size_t row_bytes, int64
 
 #include "kernels_rows.h" /* AVX2 row-major kernels */
 #include "kernels_x8.h"   /* interleaved 8-row tiles */
+#include "kernels_quantize.h" /* reference-exact quantizers */
 
 /* ---- drivers -------------------------------------------------------------------- */
 
@@ -324,6 +325,28 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) { return run_gemv(args,
 
 static PyObject *py_gemv_x8(PyObject *self, PyObject *args) { return run_gemv(args, 1); }
 
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    int type, threads;
+    unsigned long long x, out;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "iKnnKi", &type, &x, &N, &K, &out, &threads)) return NULL;
+    if (!check_args(type, K, 0, threads)) return NULL;
+#if HAVE_X86
+    if (!__builtin_cpu_supports("f16c")) {
+        PyErr_SetString(PyExc_ValueError, "the compiled quantizers need F16C");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = quantize_rows(type, (const float *)(uintptr_t)x, N, K, (uint8_t *)(uintptr_t)out, threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+#else
+    PyErr_SetString(PyExc_ValueError, "the compiled quantizers exist only on x86");
+    return NULL;
+#endif
+}
+
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int type, threads;
     unsigned long long w, out;
@@ -383,6 +406,7 @@ static PyMethodDef methods[] = {
     {"gemv_x8", py_gemv_x8, METH_VARARGS, "gemv_x8(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x @ W.T on x8 tiles, any M"},
     {"repack", py_repack, METH_VARARGS, "repack(type, src_ptr, dst_ptr, N, K, to_x8): GGML rows <-> x8 tiles"},
     {"gemv", py_gemv, METH_VARARGS, "gemv(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T"},
+    {"quantize", py_quantize, METH_VARARGS, "quantize(type, x_ptr, N, K, out_ptr, threads) -> -1 or the first block whose fp16 field overflowed"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},

@@ -74,6 +74,22 @@ def dequantize(
     return torch.from_numpy(np.ascontiguousarray(out)).to(data.device)
 
 
+def quantize_into(fmt: QuantFormat, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Quantize finite fp32 rows `x` [n, K] into uint8 `out` [n, row_bytes] with the
+    compiled quantizers (byte-exact with the numpy codecs; ~5-10x faster). Returns False
+    -- leaving the work, and any error message, to the numpy codecs -- where they are
+    not built, for other formats, and for input they would refuse (non-finite values, an
+    fp16 scale that overflows)."""
+    if native is None or fmt.name not in NATIVE_TYPES or native.simd() != "avx2":
+        return False
+    if not (x.is_contiguous() and out.is_contiguous() and bool(torch.isfinite(x).all())):
+        return False
+    bad = native.quantize(
+        NATIVE_TYPES[fmt.name], x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), 1
+    )
+    return bad < 0
+
+
 def x8_eligible(fmt: QuantFormat, out_features: int) -> bool:
     """Whether the CPU kernels have the interleaved-rows (x8) layout for this weight."""
     return (

@@ -73,8 +73,11 @@ class QuantTensor:
 
         def run(r0: int) -> None:
             r1 = min(r0 + step, rows)
+            chunk = src[r0:r1].to(torch.float32).contiguous()
+            if kernels.quantize_into(fmt, chunk, out[r0:r1]):
+                return
             try:
-                raw = fmt.quantize(src[r0:r1].to(torch.float32).numpy())
+                raw = fmt.quantize(chunk.numpy())
             except QuantError as e:
                 raise QuantError(f"{name} (rows {r0}..{r1 - 1} of {rows}): {e}") from None
             out[r0:r1] = torch.from_numpy(raw)

@@ -459,21 +459,13 @@ def _add_values(writer: GGUFWriter, meta: dict[str, Any]) -> None:
             writer.add_array(key, value)
 
 
-# Rows converted per step: bounds the float32 temporary to ~16 MB whatever the tensor.
-_CHUNK_ELEMENTS = 1 << 22
-
-
 def _encode(t: torch.Tensor, kind: T) -> np.ndarray:
-    """A float tensor -> its bytes in GGML type `kind` (uint8 [rows, row_bytes])."""
+    """A float tensor -> its bytes in GGML type `kind` (uint8 [rows, row_bytes]), through
+    QuantTensor.quantize (chunked, compiled where built) for the matrices."""
     fmt = get_format(kind)
     if t.ndim == 1:
         return fmt.quantize(t.to(torch.float32).numpy())
-    rows, cols = t.shape
-    out = np.empty((rows, fmt.row_bytes(cols)), np.uint8)
-    step = max(1, _CHUNK_ELEMENTS // cols)
-    for r in range(0, rows, step):
-        out[r : r + step] = fmt.quantize(t[r : r + step].to(torch.float32).numpy())
-    return out
+    return QuantTensor.quantize(t, fmt.name).data.numpy()
 
 
 def convert_hf_to_gguf(
