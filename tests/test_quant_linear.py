@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -239,6 +240,31 @@ def test_x8_layout_same_products_and_bytes(qtype):
     assert np.abs(big.numpy() - want).max() <= 1e-5 * np.abs(want).max()
     for i in (0, kernels.GEMV_ROWS, len(many) - 1):
         assert torch.equal(layer(many[i : i + 1])[0], big[i])
+
+
+@needs_x8
+def test_threads_racing_through_the_first_forward_agree():
+    """The first forward repacks; threads arriving together must neither repack twice nor
+    read one layout's bytes as the other's."""
+    kernels.native.set_simd("avx2")
+    qt = QuantTensor.quantize(torch.randn(2048, 1024), "q4_0")
+    x = torch.randn(1, 1024)
+    want = QuantLinear(QuantTensor(qt.fmt, qt.data.clone(), qt.shape))(x)
+    layer = QuantLinear(qt)
+    start = threading.Barrier(8)
+    results = []
+
+    def call():
+        start.wait()
+        results.append(layer(x))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and all(torch.equal(r, want) for r in results)
+    assert layer.layout == "x8" and np.array_equal(layer.weight.data.numpy(), qt.data.numpy())
 
 
 @needs_x8

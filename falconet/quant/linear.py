@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from falconet.quant import QuantError, QuantFormat, get_format, kernels
+
+# Held while a QuantLinear switches its layout (once per layer, at its first forward) and
+# while a reader takes the (blocks, layout) pair, so a request thread never pairs one
+# layout with the other's bytes. Module-level: a lock attribute would make modules
+# impossible to deep-copy.
+LAYOUT_LOCK = threading.Lock()
 
 # fp32 values converted per quantization step (1 MB): with two in flight and the
 # codecs' temporaries, a few tens of MB beside the weights.
@@ -125,8 +132,9 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantTensor:
         """The weight as GGML blocks (a copy when the layer holds x8 tiles)."""
-        blocks = self.weight_blocks
-        if self.layout == "x8":
+        with LAYOUT_LOCK:
+            blocks, layout = self.weight_blocks, self.layout
+        if layout == "x8":
             blocks = kernels.repack(self.fmt, blocks, self.in_features, to_x8=False)
         return QuantTensor(self.fmt, blocks, (self.out_features, self.in_features))
 
@@ -157,18 +165,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "x8" and x.device.type == "cpu":  # the hot path, kept short
+            # (a layout switch swaps the buffer before it sets "x8", so this pair is whole)
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
         else:
-            on_cpu = self.weight_blocks.device.type == "cpu"
-            if on_cpu and self.layout == "ggml" and self.repack:
-                if kernels.x8_eligible(self.fmt, self.out_features):
-                    self._set_layout("x8")
-                    return self.forward(x)
-            elif not on_cpu and self.layout == "x8":  # moved to a GPU: Triton reads GGML rows
-                self._set_layout("ggml")
-            y = kernels.quant_linear(
-                x, self.fmt, self.weight_blocks, self.out_features, self.layout
-            )
+            with LAYOUT_LOCK:  # switch at most once, and read the pair that results
+                on_cpu = self.weight_blocks.device.type == "cpu"
+                if on_cpu and self.layout == "ggml" and self.repack:
+                    if kernels.x8_eligible(self.fmt, self.out_features):
+                        self._set_layout("x8")
+                elif not on_cpu and self.layout == "x8":  # on a GPU: Triton reads GGML rows
+                    self._set_layout("ggml")
+                blocks, layout = self.weight_blocks, self.layout
+            y = kernels.quant_linear(x, self.fmt, blocks, self.out_features, layout)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -189,21 +197,24 @@ class QuantEmbedding(nn.Module):
 
     @property
     def weight(self) -> QuantTensor:
-        blocks = self.weight_blocks
-        if self.layout == "x8":
+        with LAYOUT_LOCK:
+            blocks, layout = self.weight_blocks, self.layout
+        if layout == "x8":
             blocks = kernels.repack(self.fmt, blocks, self.embedding_dim, to_x8=False)
         return QuantTensor(self.fmt, blocks, (self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if self.layout == "x8":
+        with LAYOUT_LOCK:  # a tied head may be swapping the shared blocks right now
+            blocks, layout = self.weight_blocks, self.layout
+        if layout == "x8":
             # gather each id's group of 8 rows, turn those groups back into GGML rows
-            groups = self.weight_blocks.view(self.num_embeddings // 8, -1)[flat // 8]
-            rows = kernels.repack(self.fmt, groups.view(-1, self.weight_blocks.shape[1]),
+            groups = blocks.view(self.num_embeddings // 8, -1)[flat // 8]
+            rows = kernels.repack(self.fmt, groups.view(-1, blocks.shape[1]),
                                   self.embedding_dim, to_x8=False)  # fmt: skip
             rows = rows.view(len(flat), 8, -1)[torch.arange(len(flat)), flat % 8]
         else:
-            rows = F.embedding(flat, self.weight_blocks)  # gathers whole block rows
+            rows = F.embedding(flat, blocks)  # gathers whole block rows
         out = kernels.dequantize(self.fmt, rows.contiguous(), self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
