@@ -125,13 +125,19 @@ def perplexity(
     ctx: int,
     batch: int = 1,
     progress: Callable[[int, int, float], None] | None = None,
+    chunks: int | None = None,
 ) -> PerplexityResult:
     """Sliding-window perplexity of `ids` under `llm` (an LLM), as llama.cpp computes it.
 
     Windows of `ctx` tokens run `batch` at a time; only the second half of each is
-    scored (see the module docstring for exactly which tokens, and why). progress(i,
-    n_chunks, running_ppl) is called after each window i = 1 .. n_chunks.
+    scored (see the module docstring for exactly which tokens, and why). `chunks` caps
+    the number of windows (llama.cpp's --chunks; None = all). progress(i, n_chunks,
+    running_ppl) is called after each window i = 1 .. n_chunks.
     """
+    if chunks is not None and (
+        isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1
+    ):
+        raise PerplexityError(f"chunks must be a positive number of windows, got {chunks!r}")
     config = llm.config
     check_window(ctx, batch, config.max_position_embeddings)
     if not isinstance(ids, (list, tuple)) or not all(
@@ -143,7 +149,7 @@ def perplexity(
             f"the text is {len(ids)} tokens; perplexity with a {ctx}-token window needs at "
             f"least {2 * ctx} (2 x ctx, as llama.cpp): give a longer text or a smaller --ctx"
         )
-    n_chunks = len(ids) // ctx
+    n_chunks = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
     tokens = torch.tensor(ids[: n_chunks * ctx], dtype=torch.long).view(n_chunks, ctx)
     if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
         raise PerplexityError(f"token ids must be in [0, {config.vocab_size})")
@@ -176,7 +182,8 @@ def perplexity(
     variance = max(nll2_sum / count - nll_mean * nll_mean, 0.0)  # rounding can dip below 0
     return PerplexityResult(
         ppl=ppl,
-        uncertainty=ppl * math.sqrt(variance / (count - 1)),
+        # one scored token (a tiny window, one chunk) has no spread to estimate
+        uncertainty=ppl * math.sqrt(variance / (count - 1)) if count > 1 else math.nan,
         nll_mean=nll_mean,
         tokens_scored=count,
         n_chunks=n_chunks,

@@ -101,6 +101,12 @@ def test_windows_and_tokens_scored(tiny_7b, ctx):
     assert len(r.running_ppls) == 2 and r.running_ppls[-1] == r.ppl
     assert perplexity(llm, ids[: 2 * ctx], ctx) == r  # the tail past the last window is unused
     assert perplexity(llm, ids[:ctx] + [0] * ctx, ctx).running_ppls[0] == r.running_ppls[0]
+    one = perplexity(llm, ids, ctx, chunks=1)  # llama.cpp's --chunks: the first windows only
+    assert one.n_chunks == 1 and one.running_ppls == r.running_ppls[:1]
+    assert perplexity(llm, ids, ctx, chunks=99) == r
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PerplexityError, match="chunks"):
+            perplexity(llm, ids, ctx, chunks=bad)
 
 
 def test_needs_two_windows_of_tokens(tiny_7b):
@@ -183,6 +189,17 @@ def test_cli_quant_flag_reaches_the_loader():
     assert bad.returncode == 2 and "unknown quantization type" in bad.stderr
 
 
+def test_oversized_text_with_chunks(tmp_path):
+    """A 4 MB text: tokenized whole (as llama.cpp does), scored only as far as --chunks."""
+    big = tmp_path / "big.txt"
+    big.write_text(HELDOUT.read_text(encoding="utf-8") * 370, encoding="utf-8")
+    assert big.stat().st_size > 4_000_000
+    res = run(str(big), "--ctx", "64", "--chunks", "2")
+    assert res.returncode == 0, res.stderr
+    assert "[2]" in res.stdout and "[3]" not in res.stdout
+    assert "of each of 2 windows of 64" in res.stdout
+
+
 def _write(tmp_path, name: str, data: bytes) -> str:
     (tmp_path / name).write_bytes(data)
     return str(tmp_path / name)
@@ -200,6 +217,7 @@ def _write(tmp_path, name: str, data: bytes) -> str:
         ((str(HELDOUT), "--ctx", "2"), "--ctx 2"),
         ((str(HELDOUT), "--ctx", "257"), "256-token context"),
         ((str(HELDOUT), "--batch", "0"), "--batch 0"),
+        ((str(HELDOUT), "--chunks", "0"), "--chunks must be at least 1"),
         ((str(HELDOUT), "--ctx", "x"), "--ctx"),
         ((str(HELDOUT), "--model", "/no/such/folder"), "no such file or folder"),
     ],
