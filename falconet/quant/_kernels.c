@@ -211,12 +211,18 @@ static void dequant_rows_ref(int type, const uint8_t *W, size_t row_bytes, int64
  * dynamically interleaves the threads' reads and cost a third of the bandwidth here. */
 #define ROW_CHUNK 16
 
-static void gemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M,
-                 float *y, int threads) {
+/* Units of `per` out of n items, and unit c's [lo, hi). */
+static inline int64_t n_units(int64_t n, int64_t per) { return (n + per - 1) / per; }
+static inline void unit_bounds(int64_t c, int64_t n, int64_t per, int64_t *lo, int64_t *hi) {
+    *lo = c * per;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* The M activation rows rounded to 8-bit blocks (malloc'd; NULL when out of memory). */
+static block_x8 *quantize_activations(int type, const float *x, int64_t M, int64_t K) {
     const int64_t nb = K / QK;
-    const size_t row_bytes = (size_t)nb * block_bytes(type);
-    block_x8 *xq = malloc(sizeof(block_x8) * (size_t)(M * nb));
-    if (!xq) return;
+    block_x8 *xq = malloc(sizeof(block_x8) * (size_t)(M * nb ? M * nb : 1));
+    if (!xq) return NULL;
     for (int64_t r = 0; r < M; r++) {
 #if HAVE_X86
         if (use_avx2) {
@@ -226,11 +232,20 @@ static void gemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *
 #endif
         quantize_x8_ref(x + r * K, xq + r * nb, nb);
     }
-    const int64_t chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+    return xq;
+}
+
+static void gemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M,
+                 float *y, int threads) {
+    const int64_t nb = K / QK;
+    const size_t row_bytes = (size_t)nb * block_bytes(type);
+    block_x8 *xq = quantize_activations(type, x, M, K);
+    if (!xq) return;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t n0 = c * ROW_CHUNK, n1 = n0 + ROW_CHUNK < N ? n0 + ROW_CHUNK : N;
+    for (int64_t c = 0; c < n_units(N, ROW_CHUNK); c++) {
+        int64_t n0, n1;
+        unit_bounds(c, N, ROW_CHUNK, &n0, &n1);
 #if HAVE_X86
         if (use_avx2) { gemv_rows_avx2(type, W, row_bytes, n0, n1, nb, xq, M, N, y); continue; }
 #endif
@@ -246,15 +261,14 @@ static void gemv_x8(int type, const uint8_t *W, int64_t N, int64_t K, const floa
 #if HAVE_X86
     const int64_t nb = K / QK, groups = N / X8;
     const size_t group_bytes = (size_t)X8 * nb * block_bytes(type);
-    block_x8 *xq = malloc(sizeof(block_x8) * (size_t)(M * nb));
+    block_x8 *xq = quantize_activations(type, x, M, K); /* use_avx2: kernels.py checks */
     if (!xq) return;
-    for (int64_t r = 0; r < M; r++) quantize_x8_avx2(x + r * K, xq + r * nb, nb, 0);
-    const int64_t per_chunk = ROW_CHUNK / X8 > 0 ? ROW_CHUNK / X8 : 1;
-    const int64_t chunks = (groups + per_chunk - 1) / per_chunk;
+    const int64_t per = ROW_CHUNK / X8;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t g0 = c * per_chunk, g1 = g0 + per_chunk < groups ? g0 + per_chunk : groups;
+    for (int64_t c = 0; c < n_units(groups, per); c++) {
+        int64_t g0, g1;
+        unit_bounds(c, groups, per, &g0, &g1);
         gemv_groups_x8(type, W, group_bytes, g0, g1, nb, xq, M, N, y);
     }
     free(xq);
@@ -264,11 +278,11 @@ static void gemv_x8(int type, const uint8_t *W, int64_t N, int64_t K, const floa
 static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *out, int threads) {
     const int64_t nb = K / QK;
     const size_t row_bytes = (size_t)nb * block_bytes(type);
-    const int64_t chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t n0 = c * ROW_CHUNK, n1 = n0 + ROW_CHUNK < N ? n0 + ROW_CHUNK : N;
+    for (int64_t c = 0; c < n_units(N, ROW_CHUNK); c++) {
+        int64_t n0, n1;
+        unit_bounds(c, N, ROW_CHUNK, &n0, &n1);
 #if HAVE_X86
         if (use_avx2) { dequant_rows_avx2(type, W, row_bytes, n0, n1, nb, out); continue; }
 #endif

@@ -353,15 +353,21 @@ class Q4_0(QuantFormat):
     layout = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
     def _quantize(self, x, out):
-        d = signed_absmax(x) / np.float32(-8)
-        inv, ok = reciprocal(d)
-        q = truncate_quants(x * inv + np.float32(8.5), 15, ok)
-        out["d"] = d[:, 0]
-        out["qs"] = pack_nibbles(q)
+        out["qs"] = pack_nibbles(offset_quants(x, 8, out))
 
     def _dequantize(self, blocks):
         q = unpack_nibbles(blocks["qs"]).astype(np.float32) - np.float32(8)
         return q * fp16_to_f32(blocks["d"])
+
+
+def offset_quants(x: np.ndarray, offset: int, out: np.ndarray) -> np.ndarray:
+    """The Q4_0/Q5_0 rule: d = m / -offset for the signed absmax m (so m lands exactly on
+    q = 0), q = min(2*offset - 1, trunc(x/d + offset + 0.5)); stores d in `out` and
+    returns q."""
+    d = signed_absmax(x) / np.float32(-offset)
+    inv, ok = reciprocal(d)
+    out["d"] = d[:, 0]
+    return truncate_quants(x * inv + np.float32(offset + 0.5), 2 * offset - 1, ok)
 
 
 def affine_quants(x: np.ndarray, levels: int, out: np.ndarray) -> np.ndarray:
@@ -398,10 +404,7 @@ class Q5_0(QuantFormat):
     layout = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
 
     def _quantize(self, x, out):
-        d = signed_absmax(x) / np.float32(-16)
-        inv, ok = reciprocal(d)
-        q = truncate_quants(x * inv + np.float32(16.5), 31, ok)
-        out["d"] = d[:, 0]
+        q = offset_quants(x, 16, out)
         out["qh"] = pack_high_bits(q)
         out["qs"] = pack_nibbles(q & 0x0F)
 

@@ -132,11 +132,7 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantTensor:
         """The weight as GGML blocks (a copy when the layer holds x8 tiles)."""
-        with LAYOUT_LOCK:
-            blocks, layout = self.weight_blocks, self.layout
-        if layout == "x8":
-            blocks = kernels.repack(self.fmt, blocks, self.in_features, to_x8=False)
-        return QuantTensor(self.fmt, blocks, (self.out_features, self.in_features))
+        return ggml_weight(self, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qtype={self.qtype}"
@@ -197,11 +193,7 @@ class QuantEmbedding(nn.Module):
 
     @property
     def weight(self) -> QuantTensor:
-        with LAYOUT_LOCK:
-            blocks, layout = self.weight_blocks, self.layout
-        if layout == "x8":
-            blocks = kernels.repack(self.fmt, blocks, self.embedding_dim, to_x8=False)
-        return QuantTensor(self.fmt, blocks, (self.num_embeddings, self.embedding_dim))
+        return ggml_weight(self, (self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -217,6 +209,15 @@ class QuantEmbedding(nn.Module):
             rows = F.embedding(flat, blocks)  # gathers whole block rows
         out = kernels.dequantize(self.fmt, rows.contiguous(), self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+def ggml_weight(module: nn.Module, shape: tuple[int, int]) -> QuantTensor:
+    """A quantized module's weight as GGML blocks, whatever layout it holds now."""
+    with LAYOUT_LOCK:
+        blocks, layout = module.weight_blocks, module.layout
+    if layout == "x8":
+        blocks = kernels.repack(module.fmt, blocks, shape[1], to_x8=False)
+    return QuantTensor(module.fmt, blocks, shape)
 
 
 def release_pages(t: torch.Tensor) -> None:
