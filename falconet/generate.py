@@ -202,6 +202,25 @@ class TextEvent:
     logprob: TokenLogprobs | None = None
 
 
+class SequenceText:
+    """One sequence's tokens -> text pieces: streaming-safe UTF-8, stop strings held back
+    and cut. Special tokens (eos) are not part of the text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.filter = StopStringFilter(stop)
+
+    def add(self, token_id: int, stop_token: bool, finish: str | None) -> tuple[str, str | None]:
+        """Append a token; returns the new text and the finish reason, which becomes
+        "stop" when a stop string completes (the caller then ends the sequence)."""
+        text = "" if stop_token else self.filter.push(self.decoder.add(token_id))
+        if self.filter.stopped:
+            return text, "stop"
+        if finish is not None:
+            text += self.filter.push(self.decoder.flush()) + self.filter.flush()
+        return text, finish
+
+
 def generate_text(
     model: Falcon,
     tokenizer: Tokenizer,
@@ -210,21 +229,14 @@ def generate_text(
     eos_ids: tuple[int, ...] = (),
 ) -> Iterator[TextEvent]:
     """Yield text pieces per row: valid UTF-8, stop strings removed; the last event of a
-    row carries its finish_reason. Special tokens (eos) are not part of the text."""
+    row carries its finish_reason."""
     cancelled: set[int] = set()
-    decoders = [StreamDecoder(tokenizer, skip_special_tokens=True) for _ in prompts]
-    filters = [StopStringFilter(p.stop) for p in params]
+    texts = [SequenceText(tokenizer, p.stop) for p in params]
     for events in generate_tokens(model, prompts, params, eos_ids, cancelled):
         for ev in events:
-            finish = ev.finish_reason
-            text = ""
-            if not ev.stop_token:
-                text = filters[ev.row].push(decoders[ev.row].add(ev.token_id))
-            if filters[ev.row].stopped:
-                finish = "stop"
+            text, finish = texts[ev.row].add(ev.token_id, ev.stop_token, ev.finish_reason)
+            if finish == "stop" and texts[ev.row].filter.stopped:
                 cancelled.add(ev.row)
-            elif finish is not None:
-                text += filters[ev.row].push(decoders[ev.row].flush()) + filters[ev.row].flush()
             yield TextEvent(ev.row, text, ev.token_id, finish, ev.logprob)
 
 

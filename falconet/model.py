@@ -26,6 +26,8 @@ on CPU): see linear.py. Activations, norms, the residual stream and the KV cache
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,9 @@ from falconet.cache import KVCache
 from falconet.config import FalconConfig
 from falconet.linear import Linear
 
+if TYPE_CHECKING:
+    from falconet.paged import PackedStep
+
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -50,6 +55,30 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+class AttentionStep(Protocol):
+    """How one forward stores new keys/values and attends: `DenseStep` for a padded batch
+    with an optional static cache, `paged.PackedStep` for continuous batching."""
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class DenseStep:
+    """A left-padded batch: new k/v go into the static KVCache (if any) at slot `past`,
+    and every layer attends under the same mask."""
+
+    def __init__(self, mask: AttentionMask, cache: KVCache | None, past: int) -> None:
+        self.mask, self.cache, self.past = mask, cache, past
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.update(layer, self.past, k, v)  # (B, K, S, D)
+        return attend(q, k, v, self.mask)  # (B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -75,9 +104,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         layer: int,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: AttentionMask,
-        cache: KVCache | None,
-        past: int,
+        attention: AttentionStep,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
@@ -87,9 +114,7 @@ class Attention(nn.Module):
             qk = apply_rotary(qk, *rope)
         q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if cache is not None:
-            k, v = cache.update(layer, past, k, v)  # (B, K, S, D)
-        y = attend(q, k, v, mask)  # (B, H, T, D)
+        y = attention(layer, q, k, v)  # (B, H, T, D): caches k/v, attends to all keys so far
         return self.dense(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -131,15 +156,15 @@ class Block(nn.Module):
         self.self_attention = Attention(config, dtype, compute_dtype)
         self.mlp = MLP(config, dtype, compute_dtype)
 
-    def forward(self, x, layer, rope, mask, cache, past) -> torch.Tensor:
+    def forward(self, x, layer, rope, attention) -> torch.Tensor:
         if self.layout == "sequential":
-            h = x + self.self_attention(self.input_layernorm(x), layer, rope, mask, cache, past)
+            h = x + self.self_attention(self.input_layernorm(x), layer, rope, attention)
             return h + self.mlp(self.post_attention_layernorm(h))
         if self.layout == "parallel_2ln":
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:
             attn_in = mlp_in = self.input_layernorm(x)
-        attn = self.self_attention(attn_in, layer, rope, mask, cache, past)
+        attn = self.self_attention(attn_in, layer, rope, attention)
         # transformers adds attention into the MLP output, then the residual.
         return x + (self.mlp(mlp_in) + attn)
 
@@ -217,12 +242,30 @@ class Falcon(nn.Module):
                 rope_len = positions.max(dim=-1).values + 1
             rope = rotary_cos_sin(config, positions, rope_len, self.compute_dtype)
 
-        x = self.transformer.word_embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, i, rope, mask, cache, past)
+        x = self._trunk(input_ids, rope, DenseStep(mask, cache, past))
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+    def forward_packed(
+        self, input_ids: torch.Tensor, step: PackedStep, logit_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Continuous batching: the new tokens of several sequences packed in one row.
+
+        input_ids (N,) are the tokens of `step.segments` side by side (decode tokens and
+        prefill chunks); each attends to its own sequence's paged cache. Returns logits
+        (R, V) for the packed positions `logit_rows` (R,), e.g. each sequence's last token.
+        """
+        x = self._trunk(input_ids[None], step.rope, step)  # (1, N, C)
+        x = x[0].index_select(0, logit_rows)  # (R, C)
+        return self.lm_head(self.transformer.ln_f(x))  # (R, V)
+
+    def _trunk(self, input_ids: torch.Tensor, rope, attention: AttentionStep) -> torch.Tensor:
+        """Embeddings and every block: (B, T) ids -> (B, T, C) hidden states before ln_f."""
+        x = self.transformer.word_embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, i, rope, attention)
+        return x
 
     def num_parameters(self) -> int:
         """Weights as float values (a quantized matrix counts its rows x cols); a tied

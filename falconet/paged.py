@@ -1,0 +1,164 @@
+"""Paged KV cache for continuous batching: one pool of fixed-size blocks shared by all
+running sequences, and the packed forward pass that reads and writes it.
+
+Each sequence owns a block table (a list of block ids); token p of a sequence lives in
+block `table[p // block_size]` at offset `p % block_size`. Memory follows the actual
+lengths: a block is taken from the free list when a sequence grows into it and returned
+when the sequence finishes or is cancelled, and the pool is `torch.empty`, so blocks
+never used cost no resident memory. K/V are stored at the model's real KV-head count.
+
+A step packs the new tokens of every scheduled sequence into one row (1, N): decode
+tokens (one per sequence) and prefill chunks side by side, with no padding. Every
+matmul, norm and activation sees those N rows; attention runs per sequence on that
+sequence's own cached keys. So what a sequence computes depends only on its own tokens
+and its own chunking, never on which other sequences share the step -- with the
+row-invariant Linear (falconet.linear.batch_invariant) a sequence's logits are bit for
+bit those it gets alone.
+
+Notation as in attention.py: B batch, T new tokens, S keys, H heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from falconet.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
+from falconet.config import FalconConfig
+from falconet.errors import GenerationError
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        config: FalconConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise GenerationError("a paged KV cache needs at least one block of at least one token")
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # Slot-major (token slot = block * block_size + offset) so a sequence's keys are
+        # one index_select and new keys one index_copy.
+        shape = (
+            config.num_hidden_layers,
+            num_blocks * block_size,
+            config.kv_heads,
+            config.head_dim,
+        )
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, slots, K, D)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # LIFO: a block freed a moment ago is handed out next, while its pages are warm.
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def token_bytes(self) -> int:
+        """Bytes one cached token takes over all layers (K and V)."""
+        return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+
+    def grow(self, table: list[int], tokens: int) -> None:
+        """Extend a block table in place so it covers `tokens` tokens."""
+        need = self.blocks_for(tokens) - len(table)
+        if need > len(self._free):
+            raise GenerationError(
+                f"the KV cache is out of blocks ({need} needed, {len(self._free)} free)"
+            )
+        for _ in range(need):
+            table.append(self._free.pop())
+
+    def release(self, table: list[int]) -> None:
+        self._free.extend(reversed(table))
+        table.clear()
+
+    def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
+        """Slot indices of token positions [start, stop) of a sequence."""
+        pos = torch.arange(start, stop)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(self.k.device)
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a packed step: `length` new tokens after `past` cached ones."""
+
+    table: list[int]  # the sequence's block table (already grown to past + length)
+    past: int
+    length: int
+    rope_len: int  # sequence length for dynamic RoPE scaling (the whole prompt while prefilling)
+    start: int = 0  # offset of the new tokens in the packed row
+    new_slots: torch.Tensor = field(default=None, repr=False)  # (T,)
+    all_slots: torch.Tensor = field(default=None, repr=False)  # (S,)
+    mask: AttentionMask = field(default=None, repr=False)
+
+
+class PackedStep:
+    """The attention context of one packed forward: writes each sequence's new K/V into
+    its blocks and attends each sequence to its own keys. Built once per step and
+    shared by every layer."""
+
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], dtype: torch.dtype) -> None:
+        config = cache.config
+        self.cache = cache
+        self.segments = segments
+        device = cache.k.device
+        slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
+        cos, sin, offset = [], [], 0
+        for seg in segments:
+            seg.start, offset = offset, offset + seg.length
+            seg.new_slots = cache.slots(seg.table, seg.past, seg.past + seg.length)
+            seg.all_slots = cache.slots(seg.table, 0, seg.past + seg.length)
+            seg.mask = _segment_mask(seg, config, slopes, dtype, device)
+            if not config.alibi:
+                positions = torch.arange(seg.past, seg.past + seg.length, device=device)[None]
+                c, s = rotary_cos_sin(config, positions, torch.tensor([seg.rope_len]), dtype)
+                cos.append(c)
+                sin.append(s)
+        self.tokens = offset
+        # (1, 1, N, D) each; per segment so dynamic scaling follows each sequence's length
+        self.rope = (torch.cat(cos, dim=2), torch.cat(sin, dim=2)) if cos else None
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, K, N, D) for the packed new tokens -> (1, H, N, D)."""
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # (slots, K, D)
+        outs = []
+        for seg in self.segments:
+            new = slice(seg.start, seg.start + seg.length)
+            k_new = k[0, :, new].transpose(0, 1)  # (T, K, D)
+            v_new = v[0, :, new].transpose(0, 1)
+            k_pool.index_copy_(0, seg.new_slots, k_new)
+            v_pool.index_copy_(0, seg.new_slots, v_new)
+            if seg.past == 0:  # nothing cached before: the new keys are all the keys
+                keys, values = k[:, :, new], v[:, :, new]
+            else:
+                keys = k_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]  # (1, K, S, D)
+                values = v_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]
+            outs.append(attend(q[:, :, new], keys, values, seg.mask))
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _segment_mask(
+    seg: Segment,
+    config: FalconConfig,
+    slopes: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AttentionMask:
+    """A sequence alone, no padding: causal over its own keys (plus ALiBi)."""
+    S = seg.past + seg.length
+    query_positions = torch.arange(seg.past, S, device=device)[None]  # (1, T)
+    key_valid = torch.ones(1, S, dtype=torch.bool, device=device)
+    key_positions = torch.arange(S, device=device)[None]  # (1, S)
+    return build_mask(query_positions, key_valid, key_positions, seg.past, config, slopes, dtype)
