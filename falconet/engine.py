@@ -252,9 +252,14 @@ class Engine:
         return [s.stream for s in seqs]
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        """Submit and wait: the whole completion of every prompt (for batch jobs)."""
+        """Submit and wait: the whole completion of every prompt (for batch jobs). An
+        engine that was not started is driven here, in the caller's thread."""
+        streams = self.submit(prompts, params)
+        if not self.alive:
+            while self.step():
+                pass
         out = []
-        for stream, p in zip(self.submit(prompts, params), params, strict=True):
+        for stream, p in zip(streams, params, strict=True):
             text, ids, lps, finish = "", [], [], "length"
             for d in stream:
                 if d.finish_reason == "error":
@@ -403,7 +408,9 @@ class Engine:
         device = self.model.device
         step = PackedStep(self.cache, segments, self.model.compute_dtype)
         logits = self.model.forward_packed(
-            torch.tensor(ids, device=device), step, torch.tensor(logit_rows, device=device)
+            torch.tensor(ids, device=device),
+            step,
+            torch.tensor(logit_rows, dtype=torch.long, device=device),
         ).float()
         for seq, n in scheduled:
             seq.cached += n
