@@ -49,6 +49,7 @@ setup(
                 "falconet/quant/kernels_rows.h",
                 "falconet/quant/kernels_x8.h",
                 "falconet/quant/kernels_quantize.h",
+                "falconet/quant/kernels_float.h",
             ],
             extra_compile_args=flags,
             extra_link_args=link,

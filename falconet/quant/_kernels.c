@@ -11,6 +11,9 @@
  * memory bandwidth on 4-bit weights. Each activation row's result depends only on that
  * row, so a batch equals each row alone, bit for bit.
  *
+ * linear_rows (kernels_float.h): the same for fp32/bf16/fp16 weights, used by
+ * falconet.linear.Linear where a row's result must not depend on its batch neighbours.
+ *
  * Paths: AVX2 (+FMA, F16C) chosen at run time; a portable C path for everything else.
  * Threads: OpenMP over output rows, each thread streaming a contiguous slice of W.
  *
@@ -290,6 +293,8 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
     }
 }
 
+#include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
+
 /* ---- Python bindings ------------------------------------------------------------ */
 
 static int check_args(int type, Py_ssize_t K, Py_ssize_t M, int threads) {
@@ -373,6 +378,28 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_linear_rows(PyObject *self, PyObject *args) {
+    int wt, threads, rc;
+    unsigned long long x, w, out;
+    Py_ssize_t M, K, N;
+    if (!PyArg_ParseTuple(args, "KKKnnnii", &x, &w, &out, &M, &K, &N, &wt, &threads)) return NULL;
+    if (wt != W_F32 && wt != W_BF16 && wt != W_F16) {
+        PyErr_Format(PyExc_ValueError, "weight dtype code %d is not 0 (fp32), 1 (bf16) or 2 (fp16)", wt);
+        return NULL;
+    }
+    if (M < 0 || K <= 0 || N < 0 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "linear_rows needs M >= 0, K > 0, N >= 0, threads >= 1; got %zd, %zd, %zd, %d",
+                     M, K, N, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = linear_rows(wt, (const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)out, M, K,
+                     N, threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -422,12 +449,13 @@ static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS, "gemv(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(type, x_ptr, N, K, out_ptr, threads) -> -1 or the first block whose fp16 field overflowed"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
+    {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "GGML block kernels", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "GGML block and float linear kernels", -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     for (uint32_t h = 0; h < (1u << 16); h++) half_table[h] = half_to_float((uint16_t)h);
