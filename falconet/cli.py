@@ -1,4 +1,4 @@
-"""The `falconet` command: generate, chat, info.
+"""The `falconet` command: generate, chat, serve, info, convert, train, perplexity.
 
 Every user error (missing path, not a Falcon checkpoint, bad flag values) prints one
 line on stderr and exits 2; the library raises typed errors and this file turns them
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_flags(serve)
+    _add_serve_flags(serve)
+
     info = sub.add_parser("info", help="describe a model: variant, parameters, memory")
     _add_model_flags(info)
 
@@ -91,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunks", type=int, default=None,
                      help="score only the first N windows (llama.cpp's --chunks; default all)")  # fmt: skip
     return parser
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $FALCONET_API_KEY)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait; beyond that requests get 429")  # fmt: skip
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated) per sequence (default: the model's context)")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the model folder or file name)")  # fmt: skip
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -280,6 +299,29 @@ def quant_kernels() -> str:
     return f"compiled CPU kernels ({kernels.native.simd()}, {torch.get_num_threads()} threads)"
 
 
+def cmd_serve(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    import os
+    from pathlib import Path
+
+    from falconet.llm import DEFAULT_MODEL_DIR
+    from falconet.server.serve import ServerSettings, serve
+
+    name = args.served_model_name
+    if name is None:
+        name = (DEFAULT_MODEL_DIR if args.model is None else Path(args.model).expanduser()).name
+        name = name or Path(args.model).expanduser().resolve().name  # "." or "~/m/"
+    api_key = args.api_key
+    if api_key is None:  # an unset or empty variable means no key
+        api_key = os.environ.get("FALCONET_API_KEY") or None
+    settings = ServerSettings(
+        model_name=name, host=args.host, port=args.port, api_key=api_key,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+    )  # fmt: skip
+    llm = _load(args)
+    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     llm = _load(args)
     c, m = llm.config, llm.model
@@ -391,8 +433,8 @@ def cmd_perplexity(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train,
-            "convert": cmd_convert, "perplexity": cmd_perplexity}  # fmt: skip
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info,
+            "train": cmd_train, "convert": cmd_convert, "perplexity": cmd_perplexity}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

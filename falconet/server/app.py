@@ -1,0 +1,483 @@
+"""The OpenAI-compatible HTTP API over an `Engine`: `create_app(engine, model_name)`.
+
+    GET  /v1/models, /v1/models/{id}   the one served model, with max_model_len
+    POST /v1/completions               prompt (text or token ids) -> text, streamed or not
+    POST /v1/chat/completions          messages -> assistant message, streamed or not
+    POST /tokenize, /detokenize        the server's tokenizer (vLLM's endpoints)
+    GET  /health                       200 while the engine thread runs (never needs a key)
+    GET  /metrics                      Prometheus text
+
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx
+status for a bad request; nothing a client sends reaches the process as an unhandled
+exception. A streaming request that fails after its first byte ends with an error event
+and `[DONE]`. When a client goes away, its sequences are cancelled so the engine frees
+their slots at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from falconet.engine import Delta, Engine, QueueFull, Stream
+from falconet.errors import FalconetError
+from falconet.server import metrics as metrics_mod
+from falconet.server.protocol import (
+    MAX_BODY_BYTES,
+    APIError,
+    GenerationRequest,
+    bad,
+    chat_messages,
+    chat_prompt,
+    check_model,
+    check_text,
+    check_token_ids,
+    error_body,
+    parse_chat,
+    parse_completion,
+    parse_json_object,
+)
+from falconet.server.responses import DONE, Formatter, TokenStrings, sse, usage
+
+log = logging.getLogger("falconet.server")
+
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+          "/health", "/metrics")  # fmt: skip
+OPEN_ROUTES = ("/health",)  # answered without the API key (load balancers probe it)
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
+# A body that announces more than this is refused without reading it; up to this, an
+# oversized body is read to its end first so the client sees the 413 rather than a reset.
+DRAIN_LIMIT = 64 * 2**20
+
+
+def _sanitize(message: str) -> str:
+    """No memory addresses in messages sent to clients (vLLM does the same)."""
+    return re.sub(r"0x[0-9a-fA-F]{6,}", "0x...", message)
+
+
+def _json_error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+# --- the request gate: API key and per-request metrics -------------------------------
+
+
+class _Gate:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnect detection):
+    checks the API key and counts every answered request by endpoint and status."""
+
+    def __init__(self, app: Any, metrics: metrics_mod.Metrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.key = api_key.encode("utf-8") if api_key else None
+
+    def _authorized(self, scope: dict) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(token.strip(), self.key)
+        return False
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/")
+                                                else "other")  # fmt: skip
+        status = [500]  # an exception before any response is answered with a 500
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+                err = APIError(401, "missing or wrong API key; send it as 'Authorization: "
+                               "Bearer KEY'", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                await _json_error(err)(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.count_request(endpoint, status[0])
+
+
+# --- streaming plumbing --------------------------------------------------------------
+
+
+async def _wait_disconnect(receive: Callable) -> None:
+    """Returns when the client disconnects. Call it only once the body has been read:
+    from then on the server's only message is http.disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _merge(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from several streams as the deltas arrive."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: Stream) -> None:
+        try:
+            async for d in stream:
+                queue.put_nowait((i, d))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class _EventStream(Response):
+    """Server-sent events from an async iterator of bytes. Unlike StreamingResponse it
+    always listens for the client going away (also while a request waits in the queue
+    and no byte is being sent), and it calls `on_close` however the response ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[bool], None]) -> None:
+        self.events = events
+        self.on_close = on_close  # called with True when the client went away first
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        sender = asyncio.ensure_future(stream())
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.events.aclose()  # type: ignore[attr-defined]
+            failure = sender.exception() if sender.done() and not sender.cancelled() else None
+            # OSError: a send to a client that has gone (ASGI spec 2.4 servers)
+            self.on_close(sender.cancelled() or isinstance(failure, OSError))
+        if failure is not None and not isinstance(failure, OSError):
+            log.error("event stream failed", exc_info=failure)
+
+
+# --- the application -----------------------------------------------------------------
+
+
+class _Server:
+    """What the routes share: the engine, tokenizer, model name and metrics."""
+
+    def __init__(
+        self, engine: Engine, model_name: str, max_body_bytes: int, metrics: metrics_mod.Metrics
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.model.config.vocab_size
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.strings = TokenStrings(engine.tokenizer)
+        self.created = int(time.time())
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        """The JSON object body, read up to the size limit (413 beyond it)."""
+        limit = self.max_body_bytes
+        too_big = APIError(413, f"the request body is larger than {limit} bytes; send less")
+        length = request.headers.get("content-length")
+        announced = int(length) if length is not None and length.isdigit() else None
+        if announced is not None and announced > DRAIN_LIMIT:
+            too_big.headers["Connection"] = "close"
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > DRAIN_LIMIT:
+                too_big.headers["Connection"] = "close"
+                raise too_big
+        if size > limit:
+            raise too_big
+        return parse_json_object(b"".join(chunks))
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "falconet", "root": self.model_name, "parent": None,
+                "max_model_len": self.engine.max_context}  # fmt: skip
+
+    # -- generation -----------------------------------------------------------------
+
+    def submit(self, req: GenerationRequest) -> list[Stream]:
+        if not self.engine.alive:
+            raise APIError(503, "the engine is not running; the server is shutting down")
+        stats = self.engine.stats()
+        if len(req.prompts) > stats.max_batch + stats.max_queue:
+            raise bad(f"the request asks for {len(req.prompts)} sequences (prompts x n) but this "
+                      f"server holds at most {stats.max_batch + stats.max_queue} (max batch "
+                      f"{stats.max_batch} + max queue {stats.max_queue}); lower n", "n")  # fmt: skip
+        try:
+            streams = self.engine.submit(req.prompts, req.params, loop=asyncio.get_running_loop())
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from e  # fmt: skip
+        except FalconetError as e:  # GenerationError: beyond the context, bad ids
+            raise bad(str(e)) from e
+        self.metrics.add_prompt_tokens(sum(req.prompt_lengths))
+        return streams
+
+    async def generate(self, request: Request, req: GenerationRequest, chat: bool) -> Response:
+        arrived = request.state.arrived
+        streams = self.submit(req)
+        fmt = Formatter(chat, self.model_name, self.strings, len(streams))
+        if req.stream:
+
+            def on_close(client_gone: bool) -> None:
+                _cancel(streams)
+                if client_gone:
+                    self.metrics.client_gone()
+
+            return _EventStream(self._events(req, fmt, streams, arrived), on_close)
+        task = asyncio.ensure_future(self._collect(req, fmt, streams, arrived))
+        watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            _cancel(streams)  # idempotent: finished streams do not mind
+            await asyncio.gather(task, watcher, return_exceptions=True)
+        if task.cancelled():  # the client went away; nobody reads this answer
+            self.metrics.client_gone()
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(task.result())
+
+    def _timing(self, arrived: float, n: int) -> Callable[[int, Delta], None]:
+        """Feeds the latency histograms as deltas arrive."""
+        last: list[float | None] = [None] * n
+        first = [True]
+
+        def observe(i: int, delta: Delta) -> None:
+            if not delta.token_ids:
+                return
+            now = time.perf_counter()
+            if first[0]:
+                first[0] = False
+                self.metrics.first_token(now - arrived)
+            gap = None if last[i] is None else now - last[i]
+            self.metrics.add_generated(len(delta.token_ids), gap)
+            last[i] = now
+
+        return observe
+
+    async def _collect(
+        self, req: GenerationRequest, fmt: Formatter, streams: list[Stream], arrived: float
+    ) -> dict[str, Any]:
+        n = len(streams)
+        texts: list[list[str]] = [[] for _ in range(n)]
+        tokens, finish = [0] * n, ["length"] * n
+        lps: list[list] = [[] for _ in range(n)]
+        observe = self._timing(arrived, n)
+        async with contextlib.aclosing(_merge(streams)) as deltas:
+            try:
+                async for i, d in deltas:
+                    observe(i, d)
+                    if d.finish_reason == "error":
+                        raise _engine_error(d.error)
+                    texts[i].append(d.text)
+                    tokens[i] += len(d.token_ids)
+                    lps[i] += d.logprobs
+                    finish[i] = d.finish_reason or finish[i]
+            except APIError:
+                raise
+            except Exception as e:  # a stream that broke: the server's fault, not the client's
+                log.exception("generation failed")
+                raise _engine_error(f"{type(e).__name__}: {e}") from e
+        choices = [
+            fmt.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None,
+                       finish[i])
+            for i in range(n)
+        ]  # fmt: skip
+        return fmt.response(choices, usage(sum(req.prompt_lengths), sum(tokens)))
+
+    async def _events(
+        self, req: GenerationRequest, fmt: Formatter, streams: list[Stream], arrived: float
+    ) -> AsyncIterator[bytes]:
+        n = len(streams)
+        tokens = 0
+        observe = self._timing(arrived, n)
+        if fmt.chat:
+            yield fmt.chunk([fmt.role_choice(i) for i in range(n)], req.include_usage)
+        try:
+            async with contextlib.aclosing(_merge(streams)) as deltas:
+                async for i, d in deltas:
+                    observe(i, d)
+                    if d.finish_reason == "error":
+                        yield sse(_engine_error(d.error).body())
+                        break
+                    tokens += len(d.token_ids)
+                    for choice in fmt.delta_choices(i, d.text, d.logprobs, d.finish_reason):
+                        yield fmt.chunk([choice], req.include_usage)
+                else:
+                    if req.include_usage:
+                        yield fmt.chunk([], True, usage(sum(req.prompt_lengths), tokens))
+        except Exception as e:
+            log.exception("generation failed mid-stream")
+            yield sse(_engine_error(f"{type(e).__name__}: {e}").body())
+        yield DONE
+
+
+def _cancel(streams: list[Stream]) -> None:
+    for s in streams:
+        s.cancel()
+
+
+def _engine_error(detail: str | None) -> APIError:
+    return APIError(500, f"internal server error: generation failed "
+                    f"({_sanitize(detail or 'no detail')})", code="internal_error")  # fmt: skip
+
+
+def create_app(
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    metrics: metrics_mod.Metrics | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
+    the engine; with `api_key`, every route but /health needs `Authorization: Bearer`."""
+    metrics = metrics or metrics_mod.Metrics()
+    srv = _Server(engine, model_name, max_body_bytes, metrics)
+    app = FastAPI(title="falconet", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        s = engine.stats()
+        text = metrics.render(s.running, s.queued, s.max_batch, s.max_queue)
+        return PlainTextResponse(text, media_type=metrics_mod.CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [srv.model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        check_model({"model": model_id}, model_name)
+        return JSONResponse(srv.model_card())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        request.state.arrived = time.perf_counter()
+        body = await srv.body(request)
+        req = parse_completion(body, srv.tokenizer, srv.vocab_size, engine.max_context,
+                               model_name)  # fmt: skip
+        return await srv.generate(request, req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        request.state.arrived = time.perf_counter()
+        body = await srv.body(request)
+        req = parse_chat(body, srv.tokenizer, engine.max_context, model_name)
+        return await srv.generate(request, req, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await srv.body(request)
+        check_model(body, model_name)
+        if "messages" in body:
+            ids = chat_prompt(srv.tokenizer, chat_messages(body))
+        elif isinstance(body.get("prompt"), str):
+            ids = srv.tokenizer.encode(check_text(body["prompt"], "prompt"))
+        else:
+            raise bad('send {"prompt": str} or {"messages": [...]}', "prompt")
+        return JSONResponse({"tokens": ids, "count": len(ids),
+                             "max_model_len": engine.max_context})  # fmt: skip
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await srv.body(request)
+        check_model(body, model_name)
+        ids = body.get("tokens")
+        if not isinstance(ids, list):
+            raise bad("'tokens' must be an array of token ids", "tokens")
+        ids = check_token_ids(ids, srv.vocab_size, "tokens")
+        return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return _json_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message = f"no such route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
+        return _json_error(bad(message, param))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        message = f"internal server error ({type(exc).__name__}); the server log has the details"
+        return JSONResponse(error_body(500, message, code="internal_error"), status_code=500)

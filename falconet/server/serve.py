@@ -1,0 +1,126 @@
+"""`falconet serve`: settings, the listening socket, uvicorn and a clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from falconet.errors import FalconetError
+from falconet.server.protocol import MAX_BODY_BYTES
+
+# Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
+GRACEFUL_SHUTDOWN_S = 5
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `falconet serve` is told; checked before the (slow) model load."""
+
+    model_name: str
+    host: str = "127.0.0.1"  # loopback: exposing the server is a decision, not a default
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_context: int | None = None  # None: the model's max_position_embeddings
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FalconetError(f"--port must be in 0..65535 (0: any free port), got {self.port}")
+        if self.max_batch < 1:
+            raise FalconetError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_queue < 0:
+            raise FalconetError(f"--max-queue must be at least 0, got {self.max_queue}")
+        if self.max_context is not None and self.max_context < 2:
+            raise FalconetError(f"--max-context must be at least 2 tokens, got {self.max_context}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise FalconetError("--api-key is empty; give a key or leave the flag out")
+        if not self.host:
+            raise FalconetError("--host is empty; give an address such as 127.0.0.1")
+        if not self.model_name:
+            raise FalconetError("--served-model-name is empty")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise FalconetError(f"--host {host!r} is not an address this machine has ({e})") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise FalconetError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
+    """Serve `llm` until SIGINT or SIGTERM; the engine is shut down on the way out."""
+    import uvicorn
+
+    from falconet.engine import Engine
+    from falconet.server.app import create_app
+
+    context = llm.config.max_position_embeddings
+    if settings.max_context is not None and settings.max_context > context:
+        raise FalconetError(
+            f"--max-context {settings.max_context} is more than the model's context of "
+            f"{context} tokens (max_position_embeddings)"
+        )
+    engine = Engine.from_llm(llm, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                             max_context=settings.max_context)  # fmt: skip
+    app = create_app(engine, settings.model_name, settings.api_key,
+                     max_body_bytes=settings.max_body_bytes)  # fmt: skip
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("falconet: %(name)s: %(levelname)s: %(message)s"))
+    for name in ("falconet.server", "falconet.engine"):
+        logging.getLogger(name).addHandler(handler)
+    sock = _listen(settings.host, settings.port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                say(f"falconet serving {settings.model_name} on {_url(sock)} "
+                    f"(max batch {engine.max_batch})")  # fmt: skip
+
+    # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then restores these
+    # handlers and raises the signal again: it then lands here rather than killing the
+    # process before the engine is shut down.
+    def interrupted(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    engine.start()
+    try:
+        Server(config).run(sockets=[sock])
+    except (_Interrupted, KeyboardInterrupt):
+        pass
+    finally:
+        engine.shutdown()
+        sock.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    say("falconet: server stopped")
