@@ -173,27 +173,43 @@ class _EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        started = False
+
         async def stream() -> None:
+            nonlocal started
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})  # fmt: skip
+            started = True
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         sender = asyncio.ensure_future(stream())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        shutting_down = False
         try:
             await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sender, watcher):
-                task.cancel()
+        except asyncio.CancelledError:  # the server's shutdown grace period ran out
+            shutting_down = True
+        client_left = watcher.done() and not watcher.cancelled()
+        for task in (sender, watcher):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(sender, watcher, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.events.aclose()  # type: ignore[attr-defined]
-            failure = sender.exception() if sender.done() and not sender.cancelled() else None
-            # OSError: a send to a client that has gone (ASGI spec 2.4 servers)
-            self.on_close(sender.cancelled() or isinstance(failure, OSError))
-        if failure is not None and not isinstance(failure, OSError):
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await self.events.aclose()  # type: ignore[attr-defined]
+        failure = sender.exception() if sender.done() and not sender.cancelled() else None
+        # OSError: a send to a client that has gone (ASGI spec 2.4 servers)
+        self.on_close(client_left or isinstance(failure, OSError))
+        if shutting_down:  # end the stream properly rather than cut it mid-event
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                if not started:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})  # fmt: skip
+                error = APIError(503, "the server is shutting down", code="shutting_down")
+                await send({"type": "http.response.body", "body": sse(error.body()) + DONE,
+                            "more_body": False})  # fmt: skip
+        elif failure is not None and not isinstance(failure, OSError):
             log.error("event stream failed", exc_info=failure)
 
 
@@ -275,14 +291,19 @@ class _Server:
             return _EventStream(self._events(req, fmt, streams, arrived), on_close)
         task = asyncio.ensure_future(self._collect(req, fmt, streams, arrived))
         watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+        shutting_down = False
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
-            _cancel(streams)  # idempotent: finished streams do not mind
+        except asyncio.CancelledError:  # the server's shutdown grace period ran out
+            shutting_down = True
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        _cancel(streams)  # idempotent: finished streams do not mind
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(task, watcher, return_exceptions=True)
+        if shutting_down:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if task.cancelled():  # the client went away; nobody reads this answer
             self.metrics.client_gone()
             return Response(status_code=CLIENT_CLOSED)
