@@ -38,11 +38,7 @@ import torch
 from falconet.cache import _available_memory
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
-
-try:
-    from falconet.linear import batch_invariant
-except ImportError:  # lands with the row-invariant kernel
-    from contextlib import nullcontext as batch_invariant
+from falconet.linear import batch_invariant
 from falconet.model import Falcon
 from falconet.paged import PackedStep, PagedKVCache, Segment
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
