@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import re
 import time
@@ -406,7 +407,8 @@ def create_app(
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`."""
     metrics = metrics or metrics_mod.Metrics()
     srv = _Server(engine, model_name, max_body_bytes, metrics)
-    app = FastAPI(title="falconet", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="falconet", docs_url=None, redoc_url=None, openapi_url=None,
+                  **_no_telemetry())  # fmt: skip
     app.state.server = srv
     app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
     _install_error_handlers(app)
@@ -471,6 +473,16 @@ def create_app(
         return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
 
     return app
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """Newer FastAPI versions can export requests and error messages (which may quote
+    prompts) over OpenTelemetry when the environment configures it; prompts stay on
+    this machine, so that is switched off where the option exists."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = ("tracing", "metrics", "logs", "operation_spans", "auto_configure")
+    return {"telemetry": dict.fromkeys(off, False)}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
