@@ -20,7 +20,7 @@ from tests.server_tools import ServerProcess, metric, sse_events
 MODEL = "falconet-tiny"
 CONTEXT = 256  # falconet-tiny's max_position_embeddings
 API_KEY = "test-key-123"
-T = 60  # client timeout: only there so a broken server cannot hang the suite
+T = 120  # client timeout: only there so a broken server cannot hang the suite
 
 PROMPTS = ["In the beginning", "And God said", "Blessed are the", "The LORD is my",
            "And it came to pass", "Thou shalt not", "For God so loved", "Let there be",
@@ -303,7 +303,7 @@ def test_queue_full_gives_429(servers):
                     running.set()
             results[name] = [r.status_code, sse_events(lines)]
 
-    long = threading.Thread(target=stream, args=("long", 200))
+    long = threading.Thread(target=stream, args=("long", 250))  # 1 + 250 tokens: nearly the context
     long.start()
     assert running.wait(T)  # the long request has its first token: it holds the one slot
     queued = threading.Thread(target=stream, args=("queued", 4))
@@ -315,9 +315,9 @@ def test_queue_full_gives_429(servers):
     r = post(q, "/v1/completions", {"prompt": "And", "max_tokens": 4})
     err = assert_openai_error(r, 429)
     assert int(r.headers["Retry-After"]) >= 1 and err["code"] == "queue_full"
-    long.join(T)
-    queued.join(T)
-    for name, tokens in (("long", 200), ("queued", 4)):
+    long.join(5 * T)
+    queued.join(5 * T)
+    for name, tokens in (("long", 250), ("queued", 4)):
         status, events = results[name]
         assert status == 200 and events[-1] == "[DONE]"
         assert not any("error" in e for e in events[:-1])
