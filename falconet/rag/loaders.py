@@ -243,6 +243,7 @@ _PARAGRAPH = frozenset(
 )
 _LINE = frozenset({"br", "li", "dt", "dd", "tr", "caption", "option", "legend", "label"})
 _CELL = frozenset({"td", "th"})
+_HTML_SPACE = re.compile(r"[ \t\n\r\f]+")  # HTML's whitespace; &nbsp; is text
 
 
 class _VisibleText(HTMLParser):
@@ -310,7 +311,7 @@ class _VisibleText(HTMLParser):
         if self.skip_depth:
             return
         if not self.pre_depth:
-            data = re.sub(r"\s+", " ", data)
+            data = _HTML_SPACE.sub(" ", data)
             if data.startswith(" "):
                 self.pending_space = not self.at_line_start
                 data = data[1:]
