@@ -49,7 +49,10 @@ _LINE_RE = re.compile(r"\n\s*")
 _SENTENCE_RE = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f]\s*")
 _WORD_RE = re.compile(r"\s+")
 _ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+# Setext: a one-line paragraph underlined with === or ---.
+_SETEXT_HEADING_RE = re.compile(r"^ {0,3}([^\s#>|-][^\n]*?)[ \t]*\n {0,3}(?:=+|-+)[ \t]*$", re.M)
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})", re.M)
+_FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n.*?\n---[ \t]*\n", re.S)  # YAML metadata
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,10 @@ def chunk_document(
 
 
 def markdown_headings(text: str) -> tuple[tuple[int, str], ...]:
-    """ATX headings ('## Title') outside fenced code blocks, as (offset, title)."""
-    fences = []  # [start, end) of each fenced block
+    """ATX ('## Title') and setext ('Title' over '=====') headings outside fenced code
+    blocks and YAML front matter, as (offset, title) in text order."""
+    front = _FRONT_MATTER_RE.match(text)
+    fences = [(0, front.end())] if front else []  # [start, end) of each skipped block
     opened = None
     for m in _FENCE_RE.finditer(text):
         if opened is None:
@@ -102,13 +107,16 @@ def markdown_headings(text: str) -> tuple[tuple[int, str], ...]:
     if opened is not None:  # an unclosed fence runs to the end, as in CommonMark
         fences.append((opened.start(), len(text)))
     fence_starts = [s for s, _ in fences]
-    found = []
-    for m in _ATX_HEADING_RE.finditer(text):
-        i = bisect.bisect_right(fence_starts, m.start()) - 1
-        if i >= 0 and m.start() < fences[i][1]:
-            continue
-        found.append((m.start(), m.group(2).strip()))
-    return tuple(found)
+
+    def in_fence(offset: int) -> bool:
+        i = bisect.bisect_right(fence_starts, offset) - 1
+        return i >= 0 and offset < fences[i][1]
+
+    found = {m.start(): m.group(2).strip() for m in _ATX_HEADING_RE.finditer(text)}
+    for m in _SETEXT_HEADING_RE.finditer(text):
+        if m.start() == 0 or text.endswith("\n\n", 0, m.start()):  # a one-line paragraph
+            found.setdefault(m.start(), m.group(1).strip())
+    return tuple((o, title) for o, title in sorted(found.items()) if not in_fence(o))
 
 
 class _Chunker:

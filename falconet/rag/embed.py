@@ -8,6 +8,7 @@ must be recomputed rather than mixed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -84,9 +85,10 @@ class SentenceTransformerEmbedder:
         from sentence_transformers import SentenceTransformer
 
         try:
-            self._model = SentenceTransformer(
-                str(folder), device=device, local_files_only=True, trust_remote_code=False
-            )
+            with _quiet_transformers():
+                self._model = SentenceTransformer(
+                    str(folder), device=device, local_files_only=True, trust_remote_code=False
+                )
         except (OSError, ValueError) as e:
             raise RagError(f"cannot load the embedding model in {folder}: {e}") from None
         if packaged is None and folder == packaged_model_path().resolve():
@@ -115,6 +117,20 @@ class SentenceTransformerEmbedder:
             return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
         ids = self._model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return len(ids)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bar on stderr: the CLI draws its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _plain_tokenizer(hf_tokenizer):

@@ -69,9 +69,12 @@ def load_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Docum
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in blocks (no whole-file copy in memory)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as e:
+        raise LoaderError(f"{path} cannot be read: {e.strerror or e}") from None
     return digest.hexdigest()
 
 
