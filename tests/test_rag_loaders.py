@@ -185,6 +185,8 @@ def test_missing_unreadable_and_unsupported(tmp_path):
     (tmp_path / "README").write_text("hi")
     with pytest.raises(LoaderError, match=r"README: unsupported file \(no file extension\)"):
         load_document(tmp_path / "README")
+    with pytest.raises(LoaderError, match=r"cannot be read"):
+        load_document(str(tmp_path / "nul\x00.txt"))
     (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
     with pytest.raises(LoaderError, match=r"loop\.txt cannot be read"):
         load_document(tmp_path / "loop.txt")
@@ -335,6 +337,8 @@ def test_chunk_sections(embedder):
         (setext.index("Title"), "Title"),
         (setext.index("Part two"), "Part two"),
     )
+    tricky = "# C# and F#\n\n```python\n# no\n```js\n# still code\n```\n## Closed ##\n"
+    assert [t for _, t in markdown_headings(tricky)] == ["C# and F#", "Closed"]
     no_headings = Document("/x.txt", "# not a heading in plain text\n\nbody", headings=())
     assert [c.section for c in chunk_document(no_headings, embedder.count_tokens)] == [None]
 

@@ -48,10 +48,10 @@ _LINE_RE = re.compile(r"\n\s*")
 # whitespace; CJK full stops need no space after them.
 _SENTENCE_RE = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f]\s*")
 _WORD_RE = re.compile(r"\s+")
-_ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+_ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.M)
 # Setext: a one-line paragraph underlined with === or ---.
 _SETEXT_HEADING_RE = re.compile(r"^ {0,3}([^\s#>|-][^\n]*?)[ \t]*\n {0,3}(?:=+|-+)[ \t]*$", re.M)
-_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})", re.M)
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})([^\n]*)$", re.M)  # fence, info string
 _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n.*?\n---[ \t]*\n", re.S)  # YAML metadata
 
 
@@ -98,10 +98,14 @@ def markdown_headings(text: str) -> tuple[tuple[int, str], ...]:
     front = _FRONT_MATTER_RE.match(text)
     fences = [(0, front.end())] if front else []  # [start, end) of each skipped block
     opened = None
-    for m in _FENCE_RE.finditer(text):
+    for m in _FENCE_RE.finditer(text, front.end() if front else 0):
         if opened is None:
             opened = m
-        elif m.group(1)[0] == opened.group(1)[0] and len(m.group(1)) >= len(opened.group(1)):
+        elif (
+            m.group(1)[0] == opened.group(1)[0]
+            and len(m.group(1)) >= len(opened.group(1))
+            and not m.group(2).strip()  # a closing fence has no info string
+        ):
             fences.append((opened.start(), m.end()))
             opened = None
     if opened is not None:  # an unclosed fence runs to the end, as in CommonMark

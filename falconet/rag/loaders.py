@@ -126,7 +126,8 @@ def _read_bytes(path: str | Path, max_bytes: int) -> tuple[bytes, str]:
         raise LoaderError(f"{name} does not exist") from None
     except PermissionError:
         raise LoaderError(f"{name} cannot be read (permission denied)") from None
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop in resolve()
+    # RuntimeError: a symlink loop in resolve(); ValueError: a NUL in the path.
+    except (OSError, RuntimeError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise LoaderError(f"{name} cannot be read: {reason}") from None
     if len(data) > max_bytes:
@@ -201,7 +202,7 @@ def _decode_without_bom(data: bytes, sniff_html_charset: bool) -> str | None:
         pass
     text = data.decode("utf-8", "surrogateescape")
     invalid = len(_INVALID_UTF8.findall(text))
-    non_ascii = sum(1 for ch in text if ch > "\x7f") - invalid
+    non_ascii = len(text) - len(text.encode("ascii", "ignore")) - invalid
     if invalid <= len(data) * _MAX_INVALID_UTF8_SHARE and non_ascii >= invalid:
         return _INVALID_UTF8.sub("\ufffd", text)  # mostly UTF-8 with a few bad bytes
     try:
