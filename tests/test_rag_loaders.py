@@ -417,6 +417,39 @@ def test_chunk_long_words_and_lines(embedder):
     assert max(len(c.text) for c in chunks) <= 64 * 16
 
 
+def random_document(rng: random.Random) -> Document:
+    """Paragraphs, headings, lists, code, long tokens, odd whitespace and non-Latin text."""
+    blocks = []
+    for _ in range(rng.randint(1, 25)):
+        kind = rng.random()
+        if kind < 0.15:
+            blocks.append("#" * rng.randint(1, 3) + " " + prose(rng, 1)[:30])
+        elif kind < 0.25:
+            blocks.append("\n".join("- " + prose(rng, 1) for _ in range(rng.randint(1, 6))))
+        elif kind < 0.3:
+            blocks.append(rng.choice(["x" * rng.randint(50, 5000), "東京は日本の首都です。" * 40]))
+        elif kind < 0.35:
+            blocks.append("\t \n  \n" + " " * rng.randint(0, 9))
+        else:
+            blocks.append(prose(rng, rng.randint(1, 12)))
+    return Document("/fuzz.md", rng.choice(["", "\n", "  "]) + "\n\n".join(blocks))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chunk_random_documents(embedder, seed):
+    rng = random.Random(seed)
+    doc = random_document(rng)
+    if not doc.text.strip():
+        assert chunk_document(doc, embedder.count_tokens) == []
+        return
+    max_tokens = rng.choice([8, 32, 64, 200])
+    overlap = rng.choice([0, max_tokens // 5, max_tokens - 1])
+    for count in (embedder.count_tokens, len):  # WordPiece and a character "tokenizer"
+        chunks = chunk_document(doc, count, max_tokens, overlap)
+        check_invariants(doc, chunks, count, max_tokens)
+        assert chunks == chunk_document(doc, count, max_tokens, overlap)
+
+
 def test_chunk_edge_cases(embedder):
     count = embedder.count_tokens
     assert chunk_document(Document("/e.txt", ""), count) == []

@@ -11,8 +11,8 @@ are counted once, and chunks are packed greedily from those counts: among the en
 fill at least half the budget (a quarter for a heading), the strongest boundary wins, the
 furthest among equals. Every chunk's tokens are then counted for real, so a tokenizer that
 does not add up across pieces can never produce an oversized chunk. The next chunk starts
-`overlap_tokens` back, at a sentence boundary when one fits, else at a word; never back
-across a heading, so a chunk's section is the section its text is about.
+`overlap_tokens` back, at a sentence boundary when one fits, else at a line, else at a
+word; never back across a heading, so a chunk's section is the section its text is about.
 
 Boundaries sit where the next non-space text begins: the whitespace between two passages
 ends the earlier chunk. The result depends only on the text and the arguments.
@@ -275,14 +275,16 @@ class _Chunker:
         floor = max(start + 1, self.heading_offsets[h] if h >= 0 else 0)
         if floor >= end:
             return end
-        # Sentence-or-stronger piece boundaries, earliest (longest overlap) first.
+        # Sentence-or-stronger piece boundaries, then line starts (list items), earliest
+        # (longest overlap) first.
         lo = bisect.bisect_left(self.bounds, floor)
         hi = bisect.bisect_left(self.bounds, end)
-        for j in range(lo, hi):
-            if self.levels[j] >= SENTENCE and self.prefix[hi] - self.prefix[j] <= self.overlap:
-                b = self.bounds[j]
-                if self.count(self.text[b:end]) <= self.overlap:
-                    return b
+        for min_level in (SENTENCE, LINE):
+            for j in range(lo, hi):
+                if self.levels[j] >= min_level and self.prefix[hi] - self.prefix[j] <= self.overlap:
+                    b = self.bounds[j]
+                    if self.count(self.text[b:end]) <= self.overlap:
+                        return b
         # Else the longest word-aligned suffix that fits (suffix counts shrink as the
         # cut moves right, so bisect over the word starts).
         window = max(floor, end - self.overlap * MAX_CHARS_PER_TOKEN)
