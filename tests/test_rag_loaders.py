@@ -120,8 +120,19 @@ def test_load_each_format(tmp_path):
         ("UTF-32 \u00e9".encode("utf-32"), "UTF-32 é"),
         ("cp1252 caf\u00e9 \u201cquoted\u201d \u20ac5".encode("cp1252"), "cp1252 café “quoted” €5"),
         ("plain UTF-8 na\u00efve \U0001f985".encode(), "plain UTF-8 naïve 🦅"),
+        ("no BOM caf\u00e9\r\n".encode("utf-16-le"), "no BOM café\n"),
+        ("no BOM, big-endian".encode("utf-16-be"), "no BOM, big-endian"),
     ],
-    ids=["utf8-bom", "utf16-le-bom", "utf16-be-bom", "utf32-bom", "cp1252", "utf8"],
+    ids=[
+        "utf8-bom",
+        "utf16-le-bom",
+        "utf16-be-bom",
+        "utf32-bom",
+        "cp1252",
+        "utf8",
+        "utf16-le",
+        "utf16-be",
+    ],  # fmt: skip
 )
 def test_text_encodings(tmp_path, data, expected):
     (tmp_path / "t.txt").write_bytes(data)
@@ -143,9 +154,9 @@ def test_utf8_with_a_few_invalid_bytes_is_utf8(tmp_path):
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10",
         random.Random(0).randbytes(4096),
         bytes(range(1, 9)) * 100,  # control characters without NULs
-        "\u00e9".encode("utf-16-le") * 3,  # UTF-16 without a BOM: NUL bytes
+        b"\x00\x01\x02\x03" * 64,  # NULs in every other byte, but in both halves
     ],
-    ids=["png", "random", "control", "utf16-no-bom"],
+    ids=["png", "random", "control", "nul-pattern"],
 )
 def test_binary_content_is_rejected(tmp_path, data):
     path = tmp_path / "photo.txt"

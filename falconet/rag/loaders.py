@@ -156,7 +156,8 @@ _MAX_INVALID_UTF8_SHARE = 0.01
 
 
 def _decode_text(name: str, data: bytes, sniff_html_charset: bool = False) -> str:
-    """Bytes -> str: BOM, else (HTML) a declared charset, else UTF-8, else cp1252.
+    """Bytes -> str: BOM, else UTF-16 by its NUL pattern, else (HTML) a declared charset,
+    else UTF-8, else cp1252.
 
     Raises LoaderError for bytes that look binary (NUL bytes, many control characters,
     undecodable in every candidate encoding)."""
@@ -172,9 +173,11 @@ def _decode_text(name: str, data: bytes, sniff_html_charset: bool = False) -> st
                 ) from None
             text = text.lstrip("\ufeff")
             break
-    if text is None:
-        if b"\x00" in data:
+    if text is None and b"\x00" in data:
+        text = _decode_utf16_without_bom(data)
+        if text is None:
             raise LoaderError(f"{name} looks binary (it contains NUL bytes); not a text file")
+    if text is None:
         text = _decode_without_bom(data, sniff_html_charset)
         if text is None:
             raise LoaderError(
@@ -186,6 +189,22 @@ def _decode_text(name: str, data: bytes, sniff_html_charset: bool = False) -> st
             f"{name} looks binary ({bad} control characters in {len(text)}); not a text file"
         )
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode_utf16_without_bom(data: bytes) -> str | None:
+    """UTF-16 text saved without a BOM: mostly-Latin text has a NUL in every other byte
+    and none in the others. Binary data with NULs in both places is not tried."""
+    if len(data) % 2:
+        return None
+    even, odd = data[0::2].count(0), data[1::2].count(0)
+    half = len(data) // 2
+    for nuls, other, encoding in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if other == 0 and nuls >= 0.3 * half:
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def _decode_without_bom(data: bytes, sniff_html_charset: bool) -> str | None:
