@@ -61,11 +61,15 @@ def test_packed_paged_forward_matches_dense_logits(hf_checkpoints, variant):
     assert [[t for t, _ in top] for top in tops] == [[t for t, _ in lp.top] for lp in ref.logprobs]
 
 
-@pytest.mark.parametrize("variant", ["7b", "40b", "rw", "default"])
+@pytest.mark.parametrize("variant", ["7b", "40b", "rw", "default", "default-q8_0", "default-q4_0"])
 def test_batching_never_changes_a_sequence(hf_checkpoints, default_llm, variant):
     """Each sequence's tokens and log-probs (bit for bit) are those it gets alone, with
-    neighbours of other lengths joining mid-way so prefill chunks and decodes share steps."""
-    llm = default_llm if variant == "default" else falconet.load(hf_checkpoints[variant][1])
+    neighbours of other lengths joining mid-way so prefill chunks and decodes share steps.
+    Quantized layers are row-invariant by construction (their own kernels)."""
+    if variant.startswith("default-"):
+        llm = falconet.load(quant=variant.split("-")[1])
+    else:
+        llm = default_llm if variant == "default" else falconet.load(hf_checkpoints[variant][1])
     vocab = llm.config.vocab_size
     prompts = [_ids(n, vocab, seed=n) for n in (3, 17, 40, 9, 25)]
     params = [SamplingParams(max_tokens=12, logprobs=5, ignore_eos=True)] * len(prompts)
