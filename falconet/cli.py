@@ -1,4 +1,4 @@
-"""The `falconet` command: generate, chat, serve, info, convert, train, perplexity.
+"""The `falconet` command: generate, chat, serve, info, convert, train, perplexity, rag.
 
 Every user error (missing path, not a Falcon checkpoint, bad flag values) prints one
 line on stderr and exits 2; the library raises typed errors and this file turns them
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
     ppl.add_argument("--chunks", type=int, default=None,
                      help="score only the first N windows (llama.cpp's --chunks; default all)")  # fmt: skip
+
+    from falconet.rag.cli import add_rag_parser
+
+    add_rag_parser(sub, _Parser)
     return parser
 
 
@@ -433,8 +437,15 @@ def cmd_perplexity(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
+def cmd_rag(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    from falconet.rag.cli import cmd_rag
+
+    return cmd_rag(args, out)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info,
-            "train": cmd_train, "convert": cmd_convert, "perplexity": cmd_perplexity}  # fmt: skip
+            "train": cmd_train, "convert": cmd_convert, "perplexity": cmd_perplexity,
+            "rag": cmd_rag}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,167 @@
+"""`falconet rag ...`: ingest, sync, list, remove and search a local document store.
+
+falconet/cli.py registers these; errors are raised as FalconetError subclasses and
+turned into one line + exit 2 there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_STORE = ".falconet-rag"
+EXCERPT_CHARS = 240
+
+Out = Callable[[str], None]
+
+
+def add_rag_parser(sub, parser_class) -> None:
+    rag = sub.add_parser("rag", help="retrieval over your own documents (ingest, sync, search)")
+    cmds = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, help=help)
+        p.add_argument("--store", default=DEFAULT_STORE,
+                       help=f"store folder (default ./{DEFAULT_STORE}; the file store.sqlite3 inside)")  # fmt: skip
+        return p
+
+    ingest = command("ingest", help="add or update files (.txt .md .html .pdf) and folders")
+    ingest.add_argument("paths", nargs="+", metavar="PATH")
+    sync = command("sync", help="make the store match a folder: add, update and remove documents")
+    sync.add_argument("folder")
+    command("list", help="the documents in the store")
+    remove = command("remove", help="remove a document (by id, id prefix or path)")
+    remove.add_argument("doc", metavar="DOC")
+    search = command("search", help="the passages that best match a query")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
+    search.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"],
+                        help="hybrid (default) fuses bm25 and vector rankings (RRF, k=60)")  # fmt: skip
+
+
+def cmd_rag(args: argparse.Namespace, out: Out) -> int:
+    import sqlite3
+
+    from falconet.errors import RagError
+
+    try:
+        return _COMMANDS[args.rag_command](args, out)
+    except sqlite3.DatabaseError as e:  # a page damaged after the store was opened
+        raise RagError(
+            f"the RAG store in {args.store} is damaged ({e}); move it aside and ingest again"
+        ) from e
+
+
+def _open(args: argparse.Namespace, create: bool = False):
+    from falconet.rag.store import open_store
+
+    return open_store(args.store, create=create)
+
+
+def _warn(message: str) -> None:
+    print(f"falconet: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _run_ingest(args: argparse.Namespace, out: Out, desc: str, job) -> int:
+    from tqdm import tqdm
+
+    from falconet.rag.embed import default_embedder
+
+    bar = None
+
+    def progress(done: int, total: int, path: str | None) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    with _open(args, create=True) as store:  # a broken store fails before the slow load
+        embedder = default_embedder()
+        try:
+            report = job(store, embedder, progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    for path, why in report.skipped:
+        _warn(f"skipped {path}: {why}")
+    out(report.summary() + "\n")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, out: Out) -> int:
+    from falconet.errors import RagError
+    from falconet.rag.ingest import ingest
+
+    for p in args.paths:
+        if not Path(p).expanduser().exists():
+            raise RagError(f"{p}: no such file or folder")
+
+    return _run_ingest(args, out, "ingest", lambda s, e, p: ingest(s, args.paths, e, progress=p))
+
+
+def cmd_sync(args: argparse.Namespace, out: Out) -> int:
+    from falconet.errors import RagError
+    from falconet.rag.ingest import sync
+
+    if not Path(args.folder).expanduser().is_dir():
+        raise RagError(f"{args.folder}: not a folder (sync takes a folder; use ingest for files)")
+
+    return _run_ingest(args, out, "sync", lambda s, e, p: sync(s, args.folder, e, progress=p))
+
+
+def cmd_list(args: argparse.Namespace, out: Out) -> int:
+    with _open(args) as store:
+        docs = store.documents()
+    if not docs:
+        out("no documents (add some with `falconet rag ingest PATH`)\n")
+        return 0
+    out(f"{'id':<12}  {'version':>7}  {'chunks':>6}  source\n")
+    for d in docs:
+        out(f"{d.id[:12]}  {d.version:>7}  {d.chunks:>6}  {d.source}\n")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, out: Out) -> int:
+    with _open(args) as store:
+        doc = store.remove_document(args.doc)
+    out(f"removed {doc.source} ({doc.id[:12]}, {doc.chunks} chunks)\n")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, out: Out) -> int:
+    from falconet.errors import RagError
+    from falconet.rag.retrieve import search
+
+    if args.k < 1:
+        raise RagError(f"-k must be at least 1, got {args.k}")
+    with _open(args) as store:
+        embedder = None
+        if args.mode != "bm25" and store.embedder_id is not None:
+            from falconet.rag.embed import default_embedder
+
+            embedder = default_embedder()
+        hits = (
+            []
+            if store.embedder_id is None
+            else search(store, args.query, args.k, args.mode, embedder)
+        )
+    if not hits:
+        out("no matching passages\n")
+        return 0
+    for n, h in enumerate(hits, start=1):
+        where = h.source
+        if h.page is not None:
+            where += f", page {h.page}"
+        if h.section:
+            where += f", {h.section}"
+        text = " ".join(h.text.split())
+        if len(text) > EXCERPT_CHARS:
+            text = text[: EXCERPT_CHARS - 3] + "..."
+        out(f"[{n}] {where} (chars {h.start}-{h.end}, score {h.score:.4f})\n    {text}\n")
+    return 0
+
+
+_COMMANDS = {"ingest": cmd_ingest, "sync": cmd_sync, "list": cmd_list, "remove": cmd_remove,
+             "search": cmd_search}  # fmt: skip

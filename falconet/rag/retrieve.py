@@ -1,0 +1,68 @@
+"""Retrieval: BM25, vector, and hybrid search fused by reciprocal rank fusion (RRF).
+
+RRF (Cormack et al., 2009) scores a chunk by the sum over rankings of 1 / (k + rank),
+rank counted from 1; k = 60 is the paper's constant and what Elasticsearch and
+LlamaIndex use. It needs no score calibration between BM25 and cosine similarity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+from falconet.errors import RagError
+from falconet.rag.embed import Embedder
+from falconet.rag.store import DocumentStore, Hit
+
+RRF_K = 60
+MODES = ("hybrid", "bm25", "vector")
+Mode = Literal["hybrid", "bm25", "vector"]
+
+
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[str]], k: int = RRF_K
+) -> list[tuple[str, float]]:
+    """Fuse rankings of ids (best first) into one: (id, score), best first, ties by id."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, start=1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+
+
+def search(
+    store: DocumentStore,
+    query: str,
+    k: int = 5,
+    mode: Mode = "hybrid",
+    embedder: Embedder | None = None,
+    candidates: int | None = None,
+) -> list[Hit]:
+    """The k best chunks for `query`. Hybrid fuses the top `candidates` (default
+    max(4k, 20)) of each ranking; its hits carry the RRF score."""
+    if mode not in MODES:
+        raise RagError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+    if k < 1:
+        raise RagError(f"k must be at least 1, got {k}")
+    if mode == "bm25":
+        return store.search_bm25(query, k)
+    if embedder is None:
+        raise RagError(f"{mode} search needs an embedder")
+    if store.embedder_id is not None and store.embedder_id != embedder.id:
+        raise RagError(
+            f"the store's vectors come from {store.embedder_id}, not {embedder.id}: run "
+            "`falconet rag sync` or `falconet rag ingest` to re-embed, or search with --mode bm25"
+        )
+    vector = embedder.embed([query])[0]
+    if mode == "vector":
+        return store.search_vector(vector, k)
+    n = candidates or max(4 * k, 20)
+    by_id: dict[str, Hit] = {}
+    rankings = []
+    for hits in (store.search_bm25(query, n), store.search_vector(vector, n)):
+        rankings.append([h.chunk_id for h in hits])
+        for h in hits:
+            by_id.setdefault(h.chunk_id, h)
+    fused = reciprocal_rank_fusion(rankings)[:k]
+    return [dataclasses.replace(by_id[cid], score=score) for cid, score in fused]

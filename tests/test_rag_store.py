@@ -1,0 +1,492 @@
+"""The RAG store and exactly-once ingestion, on real SQLite files with the real embedder.
+
+The crash test at the end kills real ingesting processes with SIGKILL at random moments
+and checks that restarting them leaves the store equal to one clean ingest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from falconet.errors import RagError
+from falconet.rag.chunking import chunk_document
+from falconet.rag.embed import default_embedder
+from falconet.rag.ingest import ingest, sync
+from falconet.rag.loaders import file_sha256, load_document
+from falconet.rag.store import DocMeta, DocumentStore, SQLiteStore, fts_query, open_store
+
+WORDS = ["falcon", "river", "harbor", "lantern", "granite", "meadow", "orchard", "copper",
+         "winter", "signal", "ledger", "quartz", "willow", "beacon", "canyon", "thistle",
+         "marble", "compass", "saddle", "ember", "glacier", "prairie", "anchor", "violet",
+         "summit", "tundra", "cedar", "basalt", "heron", "juniper", "lagoon", "mosaic"]  # fmt: skip
+
+
+class CountingEmbedder:
+    """The real embedder, with its calls counted."""
+
+    def __init__(self, inner, id: str | None = None, rotation: np.ndarray | None = None):
+        self.inner = inner
+        self.id = id or inner.id
+        self.dim = inner.dim
+        self.rotation = rotation  # a different "model": the real vectors, rotated
+        self.calls = 0
+        self.texts = 0
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        self.texts += len(texts)
+        vectors = self.inner.embed(texts)
+        if self.rotation is not None:
+            vectors = (vectors @ self.rotation).astype(np.float32)
+        return vectors
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return default_embedder()
+
+
+@pytest.fixture
+def counting(embedder):
+    return CountingEmbedder(embedder)
+
+
+def write_corpus(
+    folder: Path, n: int, seed: int = 0, paragraphs: int = 4, big_every: int = 1
+) -> list[Path]:
+    """n deterministic .md/.txt files, each with words of its own ("token<i>x<p>"): every
+    `big_every`-th has `paragraphs` paragraphs of 60-110 words (~1 chunk each), the rest one."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        parts = [f"# Notes {i}"] if i % 2 == 0 else []
+        for p in range(paragraphs if i % big_every == 0 else 1):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(60, 110))]
+            words.insert(rng.randrange(len(words)), f"token{i}x{p}")
+            parts.append(" ".join(words).capitalize() + ".")
+        path = folder / f"doc{i:03d}.{'md' if i % 2 == 0 else 'txt'}"
+        path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def store_rows(store: SQLiteStore) -> dict:
+    """Everything two stores must agree on (not versions, timestamps or rowids)."""
+    db = store._db
+    return {
+        "documents": db.execute("SELECT id, source, sha256 FROM documents ORDER BY id").fetchall(),
+        "chunks": db.execute(
+            'SELECT id, doc_id, ord, text, start, "end", section, page FROM chunks ORDER BY id'
+        ).fetchall(),
+        "embeddings": db.execute(
+            "SELECT chunk_id, vector FROM embeddings ORDER BY chunk_id"
+        ).fetchall(),
+        "fts": store.fts_terms(),
+        "fts_rows": db.execute(
+            "SELECT c.id, f.text FROM chunks_fts f JOIN chunks c ON c.rowid = f.rowid ORDER BY c.id"
+        ).fetchall(),
+    }
+
+
+def assert_same_content(a: SQLiteStore, b: SQLiteStore) -> None:
+    ra, rb = store_rows(a), store_rows(b)
+    for key in ra:
+        assert ra[key] == rb[key], key
+    assert a.checksum(versions=False) == b.checksum(versions=False)
+    for s in (a, b):
+        assert s._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert s.integrity_check() == []
+        ((n, distinct),) = s._db.execute("SELECT count(*), count(DISTINCT id) FROM chunks")
+        assert n == distinct
+        (n_fts,) = s._db.execute("SELECT count(*) FROM chunks_fts").fetchone()
+        assert n_fts == n
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def test_new_store_is_wal_with_full_sync_and_the_interface(tmp_path):
+    with open_store(tmp_path / "s") as store:
+        assert isinstance(store, DocumentStore)
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert store.documents() == [] and store.embedder_id is None
+    assert (tmp_path / "s" / "store.sqlite3").is_file()
+
+
+def test_upsert_is_all_or_nothing(tmp_path, counting):
+    (tmp_path / "c").mkdir()
+    doc_path = tmp_path / "c" / "a.md"
+    doc_path.write_text("# Birds\n\nThe peregrine falcon dives faster than any animal.\n")
+    with open_store(tmp_path / "s") as store:
+        ingest(store, [doc_path], counting)
+        before, changes = store.checksum(), store.total_changes
+        (doc,) = store.documents()
+        doc_path.write_text("# Fish\n\nThe sailfish swims in warm oceans.\n" * 3)
+        loaded = load_document(doc_path)
+        chunks = chunk_document(loaded, counting.count_tokens)
+        st = doc_path.stat()
+        meta = DocMeta(
+            loaded.source, file_sha256(doc_path), st.st_size, st.st_mtime_ns, counting.id
+        )
+        bad = np.ones((len(chunks), counting.dim + 1), dtype=np.float32)  # fails mid-transaction
+        with pytest.raises(RagError, match="dimensions"):
+            store.upsert_document(meta, chunks, bad)
+        assert store.checksum() == before
+        assert store.integrity_check() == []
+        assert store.search_bm25("sailfish", 5) == []
+        assert [h.doc_id for h in store.search_bm25("peregrine", 5)] == [doc.id]
+        assert store.total_changes > changes  # rows were written, then rolled back
+
+        store.upsert_document(meta, chunks, counting.embed([c.text for c in chunks]))
+        (new,) = store.documents()
+        assert (new.id, new.version, new.sha256) == (doc.id, 2, meta.sha256)
+        assert store.search_bm25("peregrine", 5) == []
+        assert {h.doc_id for h in store.search_bm25("sailfish", 5)} == {doc.id}
+        assert store.integrity_check() == []
+
+
+def test_reingest_of_an_unchanged_corpus_writes_and_embeds_nothing(tmp_path, counting):
+    corpus = tmp_path / "c"
+    files = write_corpus(corpus, 6)
+    (corpus / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    with open_store(tmp_path / "s") as store:
+        first = ingest(store, [corpus], counting)
+        assert len(first.added) == 6 and first.chunks_written > 6
+        assert [p for p, _ in first.skipped] == [str((corpus / "binary.txt").resolve())]
+        assert counting.calls == 6  # one batch per document
+        rows = store._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        before, changes, calls = store.checksum(), store.total_changes, counting.calls
+
+        again = ingest(store, [corpus], counting)
+        assert len(again.unchanged) == 6 and not (again.added or again.updated)
+        # touched, not changed: the hash is read, nothing is written or embedded
+        os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+        touched = sync(store, corpus, counting)
+        assert len(touched.unchanged) == 6 and touched.chunks_written == 0
+        assert counting.calls == calls
+        assert store.total_changes == changes
+        assert store.checksum() == before
+        assert store._db.execute("SELECT count(*) FROM chunks").fetchone()[0] == rows
+
+
+def test_sync_adds_updates_and_removes(tmp_path, counting):
+    corpus = tmp_path / "c"
+    files = write_corpus(corpus, 5)
+    with open_store(tmp_path / "s") as store:
+        sync(store, corpus, counting)
+        files[1].write_text("A new text about zeppelins and airships.\n")
+        files[2].unlink()
+        (corpus / "sub").mkdir()
+        (corpus / "sub" / "new.md").write_text("# Added\n\nThe kestrel hovers over fields.\n")
+        elsewhere = write_corpus(tmp_path / "other", 1, seed=5)  # not under the folder: kept
+        ingest(store, elsewhere, counting)
+        report = sync(store, corpus, counting)
+        assert report.updated == [str(files[1].resolve())]
+        assert report.removed == [str(files[2].resolve())]
+        assert report.added == [str((corpus / "sub" / "new.md").resolve())]
+        assert len(report.unchanged) == 3
+        assert store.document(str(files[1])).version == 2
+        assert store.document(str(files[2])) is None
+        assert store.document(str(elsewhere[0])) is not None
+        assert store.search_bm25("token2x0", 5) == []  # the deleted file's own word
+        assert store.search_bm25("zeppelins", 1)[0].source == str(files[1].resolve())
+        assert store.integrity_check() == []
+
+        # FTS and every table now equal a clean ingest of the same files
+        with open_store(tmp_path / "clean") as clean:
+            ingest(clean, [*sorted(corpus.rglob("*.*")), *elsewhere], counting)
+            assert_same_content(store, clean)
+
+        removed = store.remove_document(str(files[0]))
+        assert removed.source == str(files[0].resolve())
+        assert all(h.doc_id != removed.id for h in store.search_bm25("token0x1", 5))
+        with pytest.raises(RagError, match="no document"):
+            store.remove_document(str(files[0]))
+        assert store.integrity_check() == []
+
+
+def test_hostile_queries_do_not_raise(tmp_path, counting):
+    corpus = tmp_path / "c"
+    write_corpus(corpus, 2)
+    with open_store(tmp_path / "s") as store:
+        ingest(store, [corpus], counting)
+        hostile = ['"', '""', 'NEAR(', "NEAR(falcon river, 2)", "*", "-", "falcon*", "-falcon",
+                   "falcon AND", "OR", "NOT", "text:falcon", "^falcon", "(falcon", "falcon)",
+                   "'; DROP TABLE chunks; --", "{text}: x", "", "   ", "\x00", "é\u200b😀",
+                   "a" * 5000, 'river" OR "falcon']  # fmt: skip
+        for q in hostile:
+            assert isinstance(store.search_bm25(q, 5), list)
+        assert fts_query("NEAR( falcon*") == '"near" OR "falcon"'
+        assert store.search_bm25('falcon" OR "river', 3)
+        assert store.integrity_check() == []
+
+
+def test_vector_search_is_exact_and_cached(tmp_path, counting):
+    corpus = tmp_path / "c"
+    write_corpus(corpus, 3)
+    with open_store(tmp_path / "s") as store:
+        ingest(store, [corpus], counting)
+        (cid, text), *_ = store.chunk_texts(store.documents()[1].id)
+        vector = counting.embed([text])[0]
+        hits = store.search_vector(vector, 3)
+        assert hits[0].chunk_id == cid and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].score >= hits[1].score >= hits[2].score
+        cached = store._matrix
+        store.search_vector(vector, 3)
+        assert store._matrix is cached  # no reread without a write
+        store.remove_document(store.documents()[1].id)
+        assert all(h.chunk_id != cid for h in store.search_vector(vector, 10))
+        assert store._matrix is not cached
+
+
+def test_corrupt_or_foreign_file_is_a_rag_error(tmp_path):
+    garbage = tmp_path / "g" / "store.sqlite3"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RagError, match="not a readable RAG store"):
+        open_store(garbage.parent)
+    foreign = tmp_path / "f" / "store.sqlite3"
+    foreign.parent.mkdir()
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(RagError, match="not a falconet RAG store"):
+        open_store(foreign.parent)
+    with pytest.raises(RagError, match="no RAG store"):
+        open_store(tmp_path / "missing", create=False)
+    # a store whose header was overwritten
+    good = tmp_path / "s"
+    open_store(good).close()
+    data = bytearray((good / "store.sqlite3").read_bytes())
+    data[:16] = b"garbage garbage!"
+    (good / "store.sqlite3").write_bytes(bytes(data))
+    with pytest.raises(RagError):
+        open_store(good)
+
+
+def test_an_embedder_change_reembeds_and_resumes_after_a_crash(tmp_path, embedder):
+    corpus = tmp_path / "c"
+    write_corpus(corpus, 4)
+    old = CountingEmbedder(embedder)
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(embedder.dim,) * 2))[0]
+    new = CountingEmbedder(embedder, id="rotated-minilm", rotation=rotation.astype(np.float32))
+    with open_store(tmp_path / "s") as store:
+        ingest(store, [corpus], old)
+        assert store.embedder_id == embedder.id
+
+        class Interrupted(Exception):
+            pass
+
+        class Dying(CountingEmbedder):
+            def embed(self, texts):
+                if self.calls == 2:
+                    raise Interrupted
+                return super().embed(texts)
+
+        dying = Dying(embedder, id=new.id, rotation=new.rotation)
+        with pytest.raises(Interrupted):
+            ingest(store, [corpus], dying)
+        assert store.embedder_id == embedder.id  # not recorded until all are done
+        assert sorted(d.embedder for d in store.documents()) == sorted([embedder.id, new.id] * 2)
+
+        report = ingest(store, [corpus], new)
+        assert new.calls == 2 and len(report.reembedded) == 2 and len(report.unchanged) == 4
+        assert store.embedder_id == new.id
+        assert {d.embedder for d in store.documents()} == {new.id}
+        with open_store(tmp_path / "clean") as clean:
+            ingest(clean, [corpus], new)
+            rows, clean_rows = store_rows(store), store_rows(clean)
+            assert rows["chunks"] == clean_rows["chunks"]
+            for (a, va), (b, vb) in zip(rows["embeddings"], clean_rows["embeddings"], strict=True):
+                assert a == b
+                np.testing.assert_allclose(
+                    np.frombuffer(va, np.float32), np.frombuffer(vb, np.float32), atol=1e-6
+                )
+        calls = new.calls
+        ingest(store, [corpus], new)
+        assert new.calls == calls  # nothing left to re-embed
+
+
+# -- the crash test ------------------------------------------------------------------------
+
+# A zygote: pays the imports of torch and sentence-transformers once, then forks a fresh
+# process per run that executes the real CLI (`falconet.cli.main`) and is SIGKILLed by the
+# test. Nothing that touches the store, a thread pool or the model runs before the fork.
+ZYGOTE = r"""
+import json, os, sys
+import torch, sentence_transformers, tqdm
+import falconet.cli
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "run":
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open(cmd["log"], os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            rc = 1
+            try:
+                rc = falconet.cli.main(cmd["argv"])
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(rc)
+        print(pid, flush=True)
+    else:
+        print(os.waitpid(cmd["pid"], 0)[1], flush=True)
+"""
+
+
+# One torch thread in every process of the crash test: the same vectors bit for bit in
+# each of them, and a steady pace on a machine whose other core may be busy (two threads
+# contending with another process are several times slower than one).
+CRASH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class Zygote:
+    def __init__(self, cwd: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=cwd, env=CRASH_ENV,
+        )  # fmt: skip
+
+    def _ask(self, cmd: dict) -> int:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def start(self, argv: list[str], log: Path) -> int:
+        return self._ask({"op": "run", "argv": argv, "log": str(log)})
+
+    def wait(self, pid: int) -> int:
+        """The child's wait status (a zombie keeps its pid until then, so a late kill
+        cannot hit another process)."""
+        return self._ask({"op": "wait", "pid": pid})
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def committed(store_dir: Path, sql: str) -> int:
+    """A count read from the store over a read-only connection (no checkpoint, no
+    recovery written: the restarted process is the one that finds the crashed state)."""
+    path = store_dir / "store.sqlite3"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:  # killed before the schema was committed
+        return 0
+    finally:
+        db.close()
+
+
+def run_with_kills(zygote, argv, log, rng, kills, marker, progress, todo) -> tuple[int, int]:
+    """Run argv again and again, SIGKILLing each run at a random moment after it starts
+    its work (its progress bar appears), until `kills` runs were killed. The window for
+    that moment widens while runs commit nothing (a slow start on a busy machine) and
+    narrows when the work would be done before the last kill; once a run finishes the
+    job, later runs are killed during their start-up. Returns (killed, finished)."""
+    killed = finished = 0
+    window = 0.5
+    while killed < kills:
+        assert killed + finished < 2 * kills, "the runs finish before they can be killed"
+        log.write_text("")
+        started = time.monotonic()
+        before = progress()
+        pid = zygote.start(argv, log)
+        if finished:
+            time.sleep(rng.uniform(0, 0.3))
+        else:
+            while marker not in log.read_text(errors="replace"):
+                assert time.monotonic() < started + 120, log.read_text(errors="replace")
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, window))
+        os.kill(pid, signal.SIGKILL)
+        status = zygote.wait(pid)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            killed += 1
+        else:
+            assert os.WEXITSTATUS(status) == 0, log.read_text(errors="replace")
+            finished += 1
+        done = progress() - before
+        if done == 0:
+            window = min(window * 1.5, 5.0)
+        elif done * (kills - killed) > todo - progress():
+            window *= 0.7
+    return killed, finished
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "falconet", *args], capture_output=True,
+                         text=True, cwd=cwd, timeout=300, env=CRASH_ENV)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
+    corpus = tmp_path / "corpus"
+    # Small files (~120 tokens; every 20th ~500): embedding is the cost, ~20 chunks/s here.
+    files = write_corpus(corpus, 200, seed=1, big_every=20)
+    rng = random.Random(6)
+    log = tmp_path / "run.log"
+    zygote = Zygote(tmp_path)
+    try:
+        # Phase 1: ingest, killed 20 times, then finished by the real command.
+        argv = ["rag", "ingest", str(corpus), "--store", str(tmp_path / "crashed")]
+        docs = lambda: committed(tmp_path / "crashed", "SELECT count(*) FROM documents")  # noqa: E731
+        killed, finished = run_with_kills(zygote, argv, log, rng, 20, "ingest:", docs, 200)
+        assert killed == 20
+        done = docs()
+        assert 0 < done < 200 or finished, "no kill landed during the ingest"
+        res = cli(*argv, cwd=tmp_path)
+        assert f"{200 - done} added" in res.stdout, res.stdout
+        pid = zygote.start(["rag", "ingest", str(corpus), "--store", str(tmp_path / "clean")], log)
+        assert zygote.wait(pid) == 0, log.read_text()
+        with open_store(tmp_path / "crashed") as a, open_store(tmp_path / "clean") as b:
+            assert len(a.documents()) == 200
+            assert_same_content(a, b)
+
+        # Phase 2: edit 20 files, delete 10, sync, killed 20 times, then finished.
+        order = rng.sample(files, 30)
+        for i, path in enumerate(order[:20]):
+            path.write_text(path.read_text() + f"\nAn edit, number {i}: beacon ledger.\n" * 8)
+        for path in order[20:]:
+            path.unlink()
+        argv = ["rag", "sync", str(corpus), "--store", str(tmp_path / "crashed")]
+        changed = lambda: committed(  # noqa: E731
+            tmp_path / "crashed", "SELECT 200 - count(*) + sum(version > 1) FROM documents"
+        )
+        killed, finished = run_with_kills(zygote, argv, log, rng, 20, "sync:", changed, 30)
+        assert killed == 20
+        done = committed(tmp_path / "crashed", "SELECT sum(version > 1) FROM documents")
+        assert 0 < done < 20 or finished, "no kill landed during the sync"
+        res = cli(*argv, cwd=tmp_path)
+        assert f"{20 - done} updated" in res.stdout, res.stdout
+        pid = zygote.start(["rag", "ingest", str(corpus), "--store", str(tmp_path / "clean2")], log)
+        assert zygote.wait(pid) == 0, log.read_text()
+        with open_store(tmp_path / "crashed") as a, open_store(tmp_path / "clean2") as b:
+            assert len(a.documents()) == 190
+            assert_same_content(a, b)
+            versions = {d.source: d.version for d in a.documents()}
+            assert all(versions[str(p.resolve())] >= 2 for p in order[:20])
+    finally:
+        zygote.close()
