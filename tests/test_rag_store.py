@@ -24,6 +24,7 @@ from falconet.rag.chunking import chunk_document
 from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest, sync
 from falconet.rag.loaders import file_sha256, load_document
+from falconet.rag.retrieve import RRF_K, reciprocal_rank_fusion, search
 from falconet.rag.store import DocMeta, DocumentStore, SQLiteStore, fts_query, open_store
 
 WORDS = ["falcon", "river", "harbor", "lantern", "granite", "meadow", "orchard", "copper",
@@ -254,6 +255,29 @@ def test_vector_search_is_exact_and_cached(tmp_path, counting):
         store.remove_document(store.documents()[1].id)
         assert all(h.chunk_id != cid for h in store.search_vector(vector, 10))
         assert store._matrix is not cached
+
+
+def test_reciprocal_rank_fusion_and_hybrid_search(tmp_path, counting):
+    fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "a"]])
+    assert [key for key, _ in fused] == ["a", "c", "b"]
+    assert fused[0][1] == pytest.approx(1 / (RRF_K + 1) + 1 / (RRF_K + 2))
+    assert reciprocal_rank_fusion([["x", "y"], ["y", "x"]])[0][0] == "x"  # a tie: by id
+    corpus = tmp_path / "c"
+    write_corpus(corpus, 6)
+    with open_store(tmp_path / "s") as store:
+        assert search(store, "token3x1", 3, "hybrid", counting) == []  # an empty store
+        ingest(store, [corpus], counting)
+        hits = search(store, "token3x1 falcon", 3, "hybrid", counting)
+        bm25 = store.search_bm25("token3x1 falcon", 12)
+        assert len(hits) == 3 and hits[0].chunk_id == bm25[0].chunk_id
+        assert "token3x1" in hits[0].text
+        assert hits[0].score >= hits[1].score >= hits[2].score
+        assert search(store, "token3x1", 2, "bm25") == store.search_bm25("token3x1", 2)
+        other = CountingEmbedder(counting.inner, id="another-model")
+        with pytest.raises(RagError, match="re-embed"):
+            search(store, "falcon", 3, "vector", other)
+        with pytest.raises(RagError, match="unknown search mode"):
+            search(store, "falcon", 3, "magic", counting)
 
 
 def test_corrupt_or_foreign_file_is_a_rag_error(tmp_path):

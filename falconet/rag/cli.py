@@ -84,8 +84,8 @@ def _run_ingest(args: argparse.Namespace, out: Out, desc: str, job) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    for path, why in report.skipped:
-        _warn(f"skipped {path}: {why}")
+    for path, why in report.skipped:  # loader messages name the file already
+        _warn(f"skipped {why}" if path in why else f"skipped {path}: {why}")
     out(report.summary() + "\n")
     return 0
 

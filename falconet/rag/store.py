@@ -445,11 +445,12 @@ class SQLiteStore:
             "JOIN documents d ON d.id = c.doc_id WHERE d.embedder = ? ORDER BY c.rowid",
             (embedder,),
         ).fetchall()
-        dim = self.dim or 0
         rowids = np.array([r[0] for r in rows], dtype=np.int64)
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        matrix = matrix / np.maximum(norms, 1e-12)
+        if rows:
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+        else:
+            matrix = np.zeros((0, self.dim or 0), dtype=np.float32)
+        matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         self._matrix = (generation, embedder, rowids, matrix)
         return rowids, matrix
 
