@@ -215,6 +215,12 @@ def test_sync_adds_updates_and_removes(tmp_path, counting):
             ingest(clean, [*sorted(corpus.rglob("*.*")), *elsewhere], counting)
             assert_same_content(store, clean)
 
+        files[3].write_bytes(b"\x00\x01 now a binary file")  # cannot be indexed any more
+        report = sync(store, corpus, counting)
+        assert report.removed == [str(files[3].resolve())]
+        assert [p for p, _ in report.skipped] == [str(files[3].resolve())]
+        assert store.document(str(files[3])) is None and store.search_bm25("token3x0", 5) == []
+
         removed = store.remove_document(str(files[0]))
         assert removed.source == str(files[0].resolve())
         assert all(h.doc_id != removed.id for h in store.search_bm25("token0x1", 5))
@@ -345,6 +351,15 @@ def test_an_embedder_change_reembeds_and_resumes_after_a_crash(tmp_path, embedde
         calls = new.calls
         ingest(store, [corpus], new)
         assert new.calls == calls  # nothing left to re-embed
+
+        # vectors computed for chunks that another process has since replaced: refused
+        doc = store.documents()[0]
+        before = store.checksum()
+        ids = [cid for cid, _ in store.chunk_texts(doc.id)]
+        stale = np.ones((len(ids), embedder.dim), dtype=np.float32)
+        with pytest.raises(RagError, match="changed while"):
+            store.replace_embeddings(doc.id, "x", [*ids[:-1], "0" * 64], stale)
+        assert store.checksum() == before
 
 
 # -- the crash test ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from falconet.errors import RagError
+from falconet.errors import LoaderError, RagError
 from falconet.rag.chunking import chunk_document
 from falconet.rag.embed import Embedder
 from falconet.rag.loaders import SUPPORTED_SUFFIXES, file_sha256, load_document
@@ -167,12 +167,20 @@ def _ingest_one(
     if old is not None and old.sha256 == sha:  # touched, not changed: write nothing
         report.unchanged.append(source)
         return
-    doc = load_document(path) if max_bytes is None else load_document(path, max_bytes=max_bytes)
+    try:
+        doc = load_document(path) if max_bytes is None else load_document(path, max_bytes=max_bytes)
+    except LoaderError:
+        # The file changed into something that cannot be indexed (emptied, binary, too
+        # big): its old text must not keep answering queries.
+        if old is not None:
+            store.remove_document(old.id)
+            report.removed.append(source)
+        raise
     chunks = chunk_document(
         doc, embedder.count_tokens, max_tokens=chunking.max_tokens,
         overlap_tokens=chunking.overlap_tokens,
     )  # fmt: skip
-    if not chunks:
+    if not chunks:  # the loader refuses empty documents; kept for other loaders
         report.skipped.append((source, "no text to index"))
         return
     t = time.perf_counter()
@@ -193,11 +201,12 @@ def _finish_embedder_switch(store: DocumentStore, embedder: Embedder, report: In
     for doc in store.documents():
         if doc.embedder == embedder.id:
             continue  # done before an interruption
-        texts = [text for _, text in store.chunk_texts(doc.id)]
+        rows = store.chunk_texts(doc.id)
+        ids, texts = [cid for cid, _ in rows], [text for _, text in rows]
         t = time.perf_counter()
         vectors = embedder.embed(texts)
         report.seconds_embedding += time.perf_counter() - t
-        store.replace_embeddings(doc.id, embedder.id, vectors)
+        store.replace_embeddings(doc.id, embedder.id, ids, vectors)
         report.reembedded.append(doc.source)
     store.set_embedder(embedder.id, embedder.dim)
 

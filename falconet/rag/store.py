@@ -157,7 +157,9 @@ class DocumentStore(Protocol):
     ) -> StoredDocument: ...
     def remove_document(self, id_or_source: str) -> StoredDocument: ...
     def chunk_texts(self, doc_id: str) -> list[tuple[str, str]]: ...
-    def replace_embeddings(self, doc_id: str, embedder: str, vectors: np.ndarray) -> None: ...
+    def replace_embeddings(
+        self, doc_id: str, embedder: str, chunk_ids: Sequence[str], vectors: np.ndarray
+    ) -> None: ...
     def set_embedder(self, embedder: str, dim: int) -> None: ...
     def search_bm25(self, query: str, k: int) -> list[Hit]: ...
     def search_vector(self, vector: np.ndarray, k: int) -> list[Hit]: ...
@@ -401,16 +403,25 @@ class SQLiteStore:
         )
         return rows.fetchall()
 
-    def replace_embeddings(self, doc_id: str, embedder: str, vectors: np.ndarray) -> None:
-        """New vectors for all of a document's chunks (an embedder switch), in one transaction."""
-        ids = [cid for cid, _ in self.chunk_texts(doc_id)]
+    def replace_embeddings(
+        self, doc_id: str, embedder: str, chunk_ids: Sequence[str], vectors: np.ndarray
+    ) -> None:
+        """New vectors, computed for `chunk_ids` (from `chunk_texts`), for all of a
+        document's chunks (an embedder switch), in one transaction."""
         vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        if vectors.ndim != 2 or vectors.shape[0] != len(chunk_ids):
             raise RagError(
-                f"document {doc_id}: {len(ids)} chunks but vectors of shape {vectors.shape}"
+                f"document {doc_id}: {len(chunk_ids)} chunks but vectors of shape {vectors.shape}"
             )
         with self._write() as db:
-            for cid, vector in zip(ids, vectors, strict=True):
+            current = [r[0] for r in db.execute(
+                "SELECT id FROM chunks WHERE doc_id = ? ORDER BY ord", (doc_id,)
+            )]  # fmt: skip
+            if current != list(chunk_ids):
+                raise RagError(
+                    f"document {doc_id} changed while it was being re-embedded; run again"
+                )
+            for cid, vector in zip(chunk_ids, vectors, strict=True):
                 db.execute(
                     "UPDATE embeddings SET vector = ? WHERE chunk_id = ?",
                     (_vector_bytes(vector, vectors.shape[1], doc_id), cid),
