@@ -48,6 +48,13 @@ def cmd_rag(args: argparse.Namespace, out: Out) -> int:
 
     try:
         return _COMMANDS[args.rag_command](args, out)
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "busy" not in str(e):
+            raise RagError(f"the RAG store in {args.store}: {e}") from e
+        raise RagError(
+            f"the RAG store in {args.store} stayed locked by another process writing it; "
+            "try again when that one has finished"
+        ) from e
     except sqlite3.DatabaseError as e:  # a page damaged after the store was opened
         raise RagError(
             f"the RAG store in {args.store} is damaged ({e}); move it aside and ingest again"

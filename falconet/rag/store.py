@@ -201,6 +201,9 @@ class SQLiteStore:
         self._matrix: tuple[str, str | None, np.ndarray, np.ndarray] | None = None
         try:
             self._setup()
+        except sqlite3.OperationalError as e:
+            self._db.close()
+            raise RagError(f"cannot open the RAG store {self.path}: {e}") from e
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise RagError(
