@@ -86,6 +86,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     assert_cli_error(rag("sync", "a.txt", cwd=tmp_path), "not a folder")
     assert_cli_error(rag("list", "--store", "a.txt", cwd=tmp_path), "is a file")
     assert_cli_error(rag("search", "x", "--mode", "magic", cwd=tmp_path), "invalid choice")
+    assert_cli_error(rag(cwd=tmp_path), "required: {ingest,sync,list,remove,search}")
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "store.sqlite3").write_bytes(b"\x00garbage" * 512)

@@ -19,7 +19,8 @@ Out = Callable[[str], None]
 
 def add_rag_parser(sub, parser_class) -> None:
     rag = sub.add_parser("rag", help="retrieval over your own documents (ingest, sync, search)")
-    cmds = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class)
+    cmds = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class,
+                              metavar="{ingest,sync,list,remove,search}")  # fmt: skip
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help)
