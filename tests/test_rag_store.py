@@ -362,6 +362,54 @@ def test_an_embedder_change_reembeds_and_resumes_after_a_crash(tmp_path, embedde
         assert store.checksum() == before
 
 
+# A process that SIGKILL finds inside upsert_document's transaction: the 4th chunk's text
+# is read after the old rows were deleted and the first new ones written.
+IN_TRANSACTION = r"""
+import sys, time
+import numpy as np
+from falconet.rag.store import DocMeta, open_store
+
+class Chunk:
+    def __init__(self, i):
+        self.i, self.start, self.end, self.section, self.page = i, 10 * i, 10 * i + 9, None, None
+
+    @property
+    def text(self):
+        if self.i == 3:
+            print("inside", flush=True)
+            time.sleep(60)
+        return f"zebra crossing number {self.i}"
+
+store = open_store(sys.argv[1])
+meta = DocMeta(sys.argv[2], "b" * 64, 1, 1, store.embedder_id)
+store.upsert_document(meta, [Chunk(i) for i in range(6)], np.ones((6, store.dim), np.float32))
+"""
+
+
+def test_sigkill_inside_the_transaction_leaves_the_old_version(tmp_path, counting):
+    corpus = tmp_path / "c"
+    files = write_corpus(corpus, 2)
+    with open_store(tmp_path / "s") as store:
+        ingest(store, [corpus], counting)
+        before = store.checksum()
+    child = subprocess.Popen(
+        [sys.executable, "-c", IN_TRANSACTION, str(tmp_path / "s"), str(files[0].resolve())],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline() == "inside\n"
+        assert (tmp_path / "s" / "store.sqlite3-wal").exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    with open_store(tmp_path / "s") as store:
+        assert store.checksum() == before
+        assert store.search_bm25("zebra", 5) == []
+        assert store.integrity_check() == []
+        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len(ingest(store, [corpus], counting).unchanged) == 2
+
+
 # -- the crash test ------------------------------------------------------------------------
 
 # A zygote: pays the imports of torch and sentence-transformers once, then forks a fresh
