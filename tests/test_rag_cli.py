@@ -100,3 +100,32 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     assert res.returncode == 0 and res.stdout == "no matching passages\n"
     res = rag("list", "--store", "empty", cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("no documents")
+
+
+def test_ask_streams_an_answer_and_prints_the_numbered_sources(tmp_path):
+    """`rag ask` on the embedded default model: an answer, then the sources it was given."""
+    corpus = Path(__file__).parent / "data" / "rag_corpus"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("jonah-01.txt", "jonah-03.txt", "ruth-01.md"):
+        (docs / name).write_bytes((corpus / name).read_bytes())
+    assert rag("ingest", "docs", cwd=tmp_path).returncode == 0
+    res = rag("ask", "Where did Jonah flee from the LORD?", "-k", "3", "--max-tokens", "24",
+              cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    answer, _, sources = res.stdout.partition("\n\nSources:\n")
+    assert answer.strip() and sources
+    lines = sources.strip().splitlines()
+    assert 1 <= len(lines) <= 3
+    assert [line.split()[0] for line in lines] == [f"[{n}]" for n in range(1, len(lines) + 1)]
+    assert lines[0].split()[1].startswith(str(docs / "jonah-01.txt"))  # the best match first
+
+    empty = rag("ask", "anything", "--store", str(tmp_path / "new"), cwd=tmp_path)
+    assert_cli_error(empty, "no RAG store at")
+
+
+def test_ask_bad_flags_are_one_line_errors(tmp_path):
+    write_docs(tmp_path / "docs")
+    assert rag("ingest", "docs", cwd=tmp_path).returncode == 0
+    assert_cli_error(rag("ask", "q", "-k", "0", cwd=tmp_path), "-k must be at least 1")
+    assert_cli_error(rag("ask", "q", "--max-tokens", "0", cwd=tmp_path), "max_tokens")

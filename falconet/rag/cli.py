@@ -40,6 +40,15 @@ def add_rag_parser(sub, parser_class) -> None:
     search.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
     search.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"],
                         help="hybrid (default) fuses bm25 and vector rankings (RRF, k=60)")  # fmt: skip
+    ask = command("ask", help="answer a question from the store's passages, citing them as [n]")
+    ask.add_argument("question")
+    ask.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
+    ask.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"])
+    ask.add_argument("--max-tokens", type=int, default=128, help="answer length (default 128)")
+    ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    from falconet.cli import _add_model_flags  # the same --model/--dtype/--device/--quant
+
+    _add_model_flags(ask)
 
 
 def cmd_rag(args: argparse.Namespace, out: Out) -> int:
@@ -138,23 +147,25 @@ def cmd_remove(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace, out: Out) -> int:
+def _search(args: argparse.Namespace, query: str) -> list:
     from falconet.errors import RagError
     from falconet.rag.retrieve import search
 
     if args.k < 1:
         raise RagError(f"-k must be at least 1, got {args.k}")
     with _open(args) as store:
+        if store.embedder_id is None:  # nothing ingested yet
+            return []
         embedder = None
-        if args.mode != "bm25" and store.embedder_id is not None:
+        if args.mode != "bm25":
             from falconet.rag.embed import default_embedder
 
             embedder = default_embedder()
-        hits = (
-            []
-            if store.embedder_id is None
-            else search(store, args.query, args.k, args.mode, embedder)
-        )
+        return search(store, query, args.k, args.mode, embedder)
+
+
+def cmd_search(args: argparse.Namespace, out: Out) -> int:
+    hits = _search(args, args.query)
     if not hits:
         out("no matching passages\n")
         return 0
@@ -171,5 +182,33 @@ def cmd_search(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace, out: Out) -> int:
+    """Retrieve, then stream the model's answer and print the numbered sources it saw."""
+    from falconet.cli import _load
+    from falconet.engine import Engine
+    from falconet.rag.answer import stream_answer
+    from falconet.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    hits = _search(args, args.question)
+    if not hits:
+        out("no passages in the store match the question; ingest documents first\n")
+        return 0
+    engine = Engine.from_llm(_load(args), max_batch=1)
+    engine.start()
+    try:
+        sources, pieces = stream_answer(engine, args.question, hits, params)
+        for piece in pieces:
+            out(piece)
+    finally:
+        engine.shutdown()
+    out("\n\nSources:\n")
+    for s in sources:
+        out(f"[{s.number}] {s.hit.source}" + (f", page {s.hit.page}" if s.hit.page else "")
+            + (f", {s.hit.section}" if s.hit.section else "")
+            + f" (chars {s.hit.start}-{s.hit.end})\n")  # fmt: skip
+    return 0
+
+
 _COMMANDS = {"ingest": cmd_ingest, "sync": cmd_sync, "list": cmd_list, "remove": cmd_remove,
-             "search": cmd_search}  # fmt: skip
+             "search": cmd_search, "ask": cmd_ask}  # fmt: skip
