@@ -114,6 +114,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens (prompt + generated) per sequence (default: the model's context)")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model folder or file name)")  # fmt: skip
+    p.add_argument("--rag-store", default=None, metavar="DIR",
+                   help="serve /v1/rag/* over the RAG store in DIR (default: RAG routes off)")  # fmt: skip
+    p.add_argument("--rag-root", action="append", default=[], metavar="DIR",
+                   help="a folder whose files clients may ingest by path (repeatable)")  # fmt: skip
+    p.add_argument("--rag-max-upload-mb", type=int, default=50,
+                   help="largest file accepted by POST /v1/rag/documents (default 50)")  # fmt: skip
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -320,6 +326,8 @@ def cmd_serve(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     settings = ServerSettings(
         model_name=name, host=args.host, port=args.port, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+        rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
+        rag_max_upload_mb=args.rag_max_upload_mb,
     )  # fmt: skip
     llm = _load(args)
     serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))

@@ -49,6 +49,7 @@ from falconet.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from falconet.server.rag_routes import RagSettings, register_rag_routes
 from falconet.server.responses import DONE, Formatter, TokenStrings, sse, usage
 
 log = logging.getLogger("falconet.server")
@@ -402,6 +403,7 @@ def create_app(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     metrics: metrics_mod.Metrics | None = None,
+    rag: RagSettings | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`."""
@@ -472,6 +474,7 @@ def create_app(
         ids = check_token_ids(ids, srv.vocab_size, "tokens")
         return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
 
+    register_rag_routes(app, srv, rag)  # /v1/rag/*: 404 unless started with --rag-store
     return app
 
 

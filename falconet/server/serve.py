@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from falconet.errors import FalconetError
+from falconet.errors import FalconetError, RagError
 from falconet.server.protocol import MAX_BODY_BYTES
 
 # Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
@@ -28,6 +30,9 @@ class ServerSettings:
     max_queue: int = 64
     max_context: int | None = None  # None: the model's max_position_embeddings
     max_body_bytes: int = MAX_BODY_BYTES
+    rag_store: str | None = None  # None: the /v1/rag/* routes answer 404
+    rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
+    rag_max_upload_mb: int = 50
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -44,6 +49,24 @@ class ServerSettings:
             raise FalconetError("--host is empty; give an address such as 127.0.0.1")
         if not self.model_name:
             raise FalconetError("--served-model-name is empty")
+        if self.rag_max_upload_mb < 1:
+            raise FalconetError(f"--rag-max-upload-mb must be at least 1, got "
+                                f"{self.rag_max_upload_mb}")  # fmt: skip
+        if self.rag_roots and self.rag_store is None:
+            raise FalconetError("--rag-root needs --rag-store DIR (where documents are stored)")
+        for root in self.rag_roots:
+            if not Path(root).expanduser().is_dir():
+                raise FalconetError(f"--rag-root {root}: not a folder")
+
+    def rag(self):
+        """The RAG endpoints' settings, or None when --rag-store was not given."""
+        from falconet.server.rag_routes import RagSettings
+
+        if self.rag_store is None:
+            return None
+        roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in self.rag_roots)
+        return RagSettings(Path(self.rag_store).expanduser(), roots,
+                           self.rag_max_upload_mb * 2**20)  # fmt: skip
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -89,8 +112,12 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
         )
     engine = Engine.from_llm(llm, max_batch=settings.max_batch, max_queue=settings.max_queue,
                              max_context=settings.max_context)  # fmt: skip
-    app = create_app(engine, settings.model_name, settings.api_key,
-                     max_body_bytes=settings.max_body_bytes)  # fmt: skip
+    try:
+        rag = settings.rag()
+        app = create_app(engine, settings.model_name, settings.api_key,
+                         max_body_bytes=settings.max_body_bytes, rag=rag)  # fmt: skip
+    except RagError as e:
+        raise FalconetError(f"--rag-store: {e}") from e
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("falconet: %(name)s: %(levelname)s: %(message)s"))
     for name in ("falconet.server", "falconet.engine"):

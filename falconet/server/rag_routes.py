@@ -1,0 +1,448 @@
+"""The RAG endpoints of `falconet serve --rag-store DIR`, in the same app as the OpenAI API.
+
+    POST   /v1/rag/documents        multipart upload (`file` fields) or JSON {"path": ...}
+    GET    /v1/rag/documents        the stored documents
+    DELETE /v1/rag/documents/{id}   remove one
+    POST   /v1/rag/query            search hits, or an answer with numbered sources
+                                    (streamed as SSE: {"sources"}, {"delta"}..., [DONE])
+
+A path on the server's disk is ingested only when its real path (symlinks resolved) lies
+under a `--rag-root`; folders are walked and any file resolving outside the roots is
+skipped. Uploads are written to `<store>/uploads/<sha256>/<name>` (temp file, fsync,
+rename) after they load as a supported document, so a refused upload leaves the store as
+it was. SQLiteStore connections are not shared between threads: every store call runs
+in a worker thread (never on the event loop) on that thread's own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from falconet.errors import LoaderError, RagError
+from falconet.sampling import SamplingParams
+from falconet.server.protocol import APIError, GenerationRequest, bad
+from falconet.server.responses import DONE, sse, usage
+
+DEFAULT_MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_NAME_CHARS = 120
+UPLOADS = "uploads"
+
+
+@dataclass(frozen=True)
+class RagSettings:
+    store: Path  # the store folder
+    roots: tuple[Path, ...] = ()  # resolved; server-side paths must lie under one
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+
+
+class _LockedEmbedder:
+    """The embedder shared by worker threads: one call at a time (a Hugging Face fast
+    tokenizer is not safe to use from two threads at once)."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._inner: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        if self._inner is None:
+            self._inner = self._load()
+        return self._inner
+
+    @property
+    def id(self) -> str:
+        with self._lock:
+            return self._get().id
+
+    @property
+    def dim(self) -> int:
+        with self._lock:
+            return self._get().dim
+
+    def embed(self, texts: list[str]):
+        with self._lock:
+            return self._get().embed(texts)
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            return self._get().count_tokens(text)
+
+
+class _Rag:
+    def __init__(self, settings: RagSettings) -> None:
+        from falconet.rag.embed import default_embedder
+        from falconet.rag.store import open_store
+
+        self.settings = settings
+        self.uploads = (settings.store / UPLOADS).resolve()
+        self._local = threading.local()
+        self.embedder = _LockedEmbedder(default_embedder)
+        open_store(settings.store).close()  # created (or checked) once, at startup
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    def store(self):
+        """This thread's connection to the store (kept: it caches the vector matrix)."""
+        from falconet.rag.store import open_store
+
+        s = getattr(self._local, "store", None)
+        if s is None:
+            s = self._local.store = open_store(self.settings.store)
+        return s
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return await run_in_threadpool(fn, *args)
+        except LoaderError as e:
+            raise bad(str(e), "file") from e
+        except RagError as e:
+            raise bad(str(e)) from e
+
+    # -- documents ------------------------------------------------------------------
+
+    def under_root(self, real: Path) -> bool:
+        return any(real == r or real.is_relative_to(r) for r in self.settings.roots)
+
+    def resolve_path(self, value: Any) -> Path:
+        if not isinstance(value, str):
+            raise bad("'path' must be a string naming a file or folder", "path")
+        if not value or "\x00" in value:
+            raise bad("'path' is empty or holds a NUL byte", "path")
+        if not self.settings.roots:
+            raise bad("this server takes no paths on its disk: start it with --rag-root DIR, "
+                      "or upload the file as multipart/form-data", "path")  # fmt: skip
+        p = Path(value)
+        if not p.is_absolute():  # relative to the first root
+            p = self.settings.roots[0] / p
+        try:
+            real = Path(os.path.realpath(p, strict=True))
+        except (OSError, ValueError) as e:
+            raise bad(f"'path' {value!r}: no such file or folder under a --rag-root", "path") from e
+        if not self.under_root(real):
+            raise bad(f"'path' {value!r} is outside the server's --rag-root folders", "path")
+        return real
+
+    def ingest_path(self, real: Path) -> dict[str, Any]:
+        from falconet.rag.ingest import IngestReport, _walk, ingest
+
+        outside: list[tuple[str, str]] = []
+        files = [real]
+        if real.is_dir():
+            files = []
+            for f in _walk(real):  # resolved: a symlink inside the root may point out
+                if self.under_root(f):
+                    files.append(f)
+                else:
+                    outside.append((str(f), "resolves outside the server's --rag-root folders"))
+        report = ingest(self.store(), files, self.embedder) if files else IngestReport()
+        report.skipped.extend(outside)
+        return self.report_json(report)
+
+    def ingest_upload(self, name: str, tmp: Path, sha: str) -> dict[str, Any]:
+        """Check that the temp file loads, move it into place, ingest it."""
+        from falconet.rag.ingest import ingest
+        from falconet.rag.loaders import load_document
+
+        try:
+            load_document(tmp, max_bytes=self.settings.max_upload_bytes)
+        except LoaderError as e:  # name the upload, not the temp file
+            raise LoaderError(str(e).replace(str(tmp), name)) from e
+        folder = self.uploads / sha
+        folder.mkdir(exist_ok=True)
+        final = folder / name
+        if final.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        return self.report_json(ingest(self.store(), [final], self.embedder))
+
+    def report_json(self, report) -> dict[str, Any]:
+        from falconet.rag.store import document_id
+
+        docs = {s: document_id(s) for s in report.added + report.updated + report.unchanged}
+        return {"added": report.added, "updated": report.updated,
+                "unchanged": report.unchanged, "removed": report.removed,
+                "skipped": [{"source": s, "reason": r} for s, r in report.skipped],
+                "document_ids": docs, "chunks_written": report.chunks_written,
+                "seconds": round(report.seconds_total, 3)}  # fmt: skip
+
+    def documents(self) -> list[dict[str, Any]]:
+        return [_doc_json(d) for d in self.store().documents()]
+
+    def remove(self, doc_id: str) -> dict[str, Any] | None:
+        store = self.store()
+        if store.document(doc_id) is None:
+            return None
+        doc = store.remove_document(doc_id)
+        source = Path(doc.source)
+        if source.parent.parent == self.uploads:  # an upload: its file goes too
+            with contextlib.suppress(OSError):
+                source.unlink()
+                source.parent.rmdir()
+        return _doc_json(doc)
+
+    def search(self, query: str, k: int, mode: str):
+        from falconet.rag.retrieve import search
+
+        return search(self.store(), query, k, mode, None if mode == "bm25" else self.embedder)
+
+
+def _doc_json(d) -> dict[str, Any]:
+    keys = ("id", "source", "sha256", "version", "chunks", "ingested_at", "size")
+    return {k: v for k, v in asdict(d).items() if k in keys}
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sanitize_name(raw: str | None) -> str:
+    """A safe basename for an uploaded file, or a 400."""
+    from falconet.rag.loaders import SUPPORTED_SUFFIXES
+
+    name = (raw or "").replace("\\", "/").split("/")[-1]
+    if "\x00" in (raw or ""):
+        raise bad("the uploaded file's name holds a NUL byte", "file")
+    name = re.sub(r"[^\w.\- ]", "_", name).strip(" .")
+    if not name or name in (".", ".."):
+        raise bad("the uploaded file has no usable name; send a filename such as notes.txt",
+                  "file")  # fmt: skip
+    stem, suffix = os.path.splitext(name)
+    suffix = suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise bad(f"unsupported file type {suffix or '(none)'}; supported: "
+                  f"{', '.join(SUPPORTED_SUFFIXES)}", "file")  # fmt: skip
+    return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
+
+
+def _int(body: dict, key: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise bad(f"'{key}' must be an integer in {lo}..{hi}", key)
+    return v
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise bad(f"'{key}' must be true or false", key)
+    return v
+
+
+def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) -> None:
+    """Adds /v1/rag/*; without settings every RAG route answers a 404 saying how to
+    enable it. `srv` is the app's _Server (engine, body reading, submission)."""
+    from falconet.server.app import _EventStream, _wait_disconnect
+
+    rag = _Rag(settings) if settings is not None else None
+
+    def need() -> _Rag:
+        if rag is None:
+            raise APIError(404, "the RAG endpoints are off: start the server with "
+                           "--rag-store DIR", code="rag_disabled")  # fmt: skip
+        return rag
+
+    @app.get("/v1/rag/documents")
+    async def list_documents() -> Response:
+        r = need()
+        return JSONResponse({"object": "list", "data": await r.run(r.documents)})
+
+    @app.delete("/v1/rag/documents/{doc_id}")
+    async def delete_document(doc_id: str) -> Response:
+        r = need()
+        doc = await r.run(r.remove, doc_id)
+        if doc is None:
+            raise APIError(404, f"no document with id {doc_id!r}", "doc_id")
+        return JSONResponse(doc)
+
+    @app.post("/v1/rag/documents")
+    async def add_documents(request: Request) -> Response:
+        r = need()
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            return JSONResponse(await _upload(r, request))
+        if kind in ("application/json", ""):
+            body = await srv.body(request)
+            if set(body) - {"path"} or "path" not in body:
+                raise bad('send JSON {"path": "..."} or a multipart/form-data upload', "path")
+            real = r.resolve_path(body["path"])
+            return JSONResponse(await r.run(r.ingest_path, real))
+        raise bad(f"unsupported content type {kind!r}: upload files as multipart/form-data "
+                  'or send JSON {"path": "..."}')  # fmt: skip
+
+    @app.post("/v1/rag/query")
+    async def query(request: Request) -> Response:
+        r = need()
+        body = await srv.body(request)
+        q = body.get("query")
+        if not isinstance(q, str) or not q.strip():
+            raise bad("'query' must be a non-empty string", "query")
+        k = _int(body, "k", 5, 1, 100)
+        mode = body.get("mode", "hybrid")
+        if mode not in ("hybrid", "bm25", "vector"):
+            raise bad("'mode' must be 'hybrid', 'bm25' or 'vector'", "mode")
+        answer, stream = _bool(body, "answer", True), _bool(body, "stream", False)
+        max_tokens = _int(body, "max_tokens", 128, 1, srv.engine.max_context - 1)
+        temperature = body.get("temperature", 0)
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (0 <= temperature <= 2)
+        ):
+            raise bad("'temperature' must be a number in 0..2", "temperature")
+        hits = await r.run(r.search, q, k, mode)
+        if not answer:
+            from falconet.rag.answer import Source
+
+            return JSONResponse({"sources": [Source(i + 1, h, h.text).as_dict()
+                                             for i, h in enumerate(hits)]})  # fmt: skip
+        return await _answer(request, q, hits, max_tokens, float(temperature), stream)
+
+    async def _answer(request: Request, q: str, hits, max_tokens: int, temperature: float,
+                      stream: bool) -> Response:  # fmt: skip
+        from falconet.rag.answer import build_prompt
+
+        try:
+            ids, sources = build_prompt(srv.tokenizer, q, hits, srv.engine.max_context,
+                                        max_tokens)  # fmt: skip
+        except RagError as e:
+            raise bad(str(e), "query") from e
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        req = GenerationRequest(prompts=[ids], params=[params], prompt_lengths=[len(ids)], n=1,
+                                stream=stream, include_usage=False, logprobs=None)  # fmt: skip
+        [s] = srv.submit(req)
+        src = [x.as_dict() for x in sources]
+        if stream:
+            return _EventStream(_events(s, src, len(ids)), lambda gone: s.cancel())
+        task = asyncio.ensure_future(_collect(s))
+        watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            s.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(task, watcher, return_exceptions=True)
+        if task.cancelled():
+            return Response(status_code=499)
+        text, n = task.result()
+        return JSONResponse({"answer": text, "sources": src, "usage": usage(len(ids), n)})
+
+    async def _collect(s) -> tuple[str, int]:
+        parts, n = [], 0
+        async for d in s:
+            if d.finish_reason == "error":
+                raise APIError(500, "generation failed", code="internal_error")
+            parts.append(d.text)
+            n += len(d.token_ids)
+        return "".join(parts), n
+
+    async def _events(s, src: list, prompt_tokens: int) -> AsyncIterator[bytes]:
+        yield sse({"sources": src})
+        n = 0
+        try:
+            async for d in s:
+                if d.finish_reason == "error":
+                    yield sse(APIError(500, "generation failed", code="internal_error").body())
+                    break
+                n += len(d.token_ids)
+                if d.text:
+                    yield sse({"delta": d.text})
+            else:
+                yield sse({"usage": usage(prompt_tokens, n)})
+        finally:
+            s.cancel()
+        yield DONE
+
+
+async def _upload(r: _Rag, request: Request) -> dict[str, Any]:
+    limit = r.settings.max_upload_bytes
+    too_big = APIError(413, f"the upload is larger than {limit} bytes (--rag-max-upload-mb)")
+    length = request.headers.get("content-length")
+    # The body may hold a little more than the file (multipart headers and boundaries).
+    allowed = limit + 64 * 1024
+    if length is not None and length.isdigit() and int(length) > allowed:
+        with contextlib.suppress(Exception):  # read it to its end: the client sees the 413
+            async for _ in request.stream():
+                pass
+        raise too_big
+    seen = [0]
+
+    async def receive() -> dict:
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > allowed:
+                raise too_big
+        return message
+
+    limited = Request(request.scope, receive)
+    try:
+        form = await limited.form(max_files=16, max_fields=16)
+    except StarletteHTTPException as e:
+        raise bad(f"malformed multipart/form-data body: {e.detail}", "file") from e
+    try:
+        files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        if not files:
+            raise bad("the upload has no 'file' field holding a file", "file")
+        names = [sanitize_name(f.filename) for f in files]  # all checked before any write
+        results = []
+        for f, name in zip(files, names, strict=True):
+            tmp, sha, size = await r.run(_spool, f, r.uploads, limit, Path(name).suffix)
+            try:
+                if size > limit:
+                    raise too_big
+                if size == 0:
+                    raise bad(f"{name} is empty", "file")
+                results.append(await r.run(r.ingest_upload, name, tmp, sha))
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        return results[0] if len(results) == 1 else {"reports": results}
+    finally:
+        await form.close()
+
+
+def _spool(f: UploadFile, uploads: Path, limit: int, suffix: str) -> tuple[Path, str, int]:
+    """The upload copied to a temp file (fsynced) in the uploads folder; its sha256."""
+    h, size = hashlib.sha256(), 0
+    fd, tmp_name = tempfile.mkstemp(dir=uploads, prefix=".upload-", suffix=suffix)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            f.file.seek(0)
+            while block := f.file.read(1 << 20):
+                size += len(block)
+                if size > limit:
+                    break
+                h.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, h.hexdigest(), size
