@@ -577,3 +577,49 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
             assert all(versions[str(p.resolve())] >= 2 for p in order[:20])
     finally:
         zygote.close()
+
+
+def test_bm25_searches_the_rarer_words(tmp_path, monkeypatch):
+    """Words in more than half of the chunks are left out of the FTS5 query (their IDF is
+    ~0) unless nothing else is left; the rest are taken rarest first within a budget of
+    matched chunks (BM25_MAX_POSTINGS); document frequencies follow every write."""
+    from falconet.rag import store as store_module
+    from falconet.rag.chunking import Chunk
+
+    def put(store, name, texts):
+        chunks, offset = [], 0
+        for text in texts:
+            chunks.append(Chunk(text, offset, offset + len(text), None, None))
+            offset += len(text) + 1
+        meta = DocMeta(source=f"/t/{name}", sha256=name, size=offset, mtime_ns=0, embedder="e")
+        vectors = np.ones((len(texts), 4), dtype=np.float32)
+        return store.upsert_document(meta, chunks, vectors)
+
+    texts = [f"the {'river ' if i % 3 else ''}of chunk{i}" for i in range(60)]
+    texts[7] += " heron"
+    texts[8] += " heron otter"
+    texts[9] += " café"
+    with open_store(tmp_path / "s") as store:
+        put(store, "a", texts)
+        assert store.bm25_terms("The river, of the heron? OTTER") == ["otter", "heron"]
+        assert store.bm25_terms("the river of") == ["river"]  # only common words: the rarest
+        hits = store.search_bm25("of the river the", 5)
+        assert len(hits) == 5 and all("river" in h.text for h in hits)
+        # The rare words decide the ranking; the common ones are not searched for.
+        assert [h.ord for h in store.search_bm25("the river heron of otter", 5)] == [8, 7]
+        assert store.bm25_terms("Café the") == ["café"]  # the index folds diacritics
+        assert [h.ord for h in store.search_bm25("the CAFE", 3)] == [9]
+        # Words the index lacks go last; a pasted page of them still finds the heron.
+        many = " ".join(f"w{i}" for i in range(2000))
+        assert store.bm25_terms(f"{many} heron")[:2] == ["heron", "w0"]
+        assert [h.ord for h in store.search_bm25(f"{many} heron the", 5)] == [7, 8]
+        monkeypatch.setattr(store_module, "BM25_MAX_POSTINGS", 2)
+        assert store.bm25_terms("heron otter chunk5") == ["otter", "chunk5"]
+        monkeypatch.setattr(store_module, "BM25_MAX_TERMS", 1)
+        assert store.bm25_terms("heron otter chunk5") == ["otter"]
+        monkeypatch.undo()
+        # A write moves the generation: the cached frequencies are read again.
+        put(store, "b", [f"otter {i}" for i in range(100)])
+        assert store.bm25_terms("heron otter") == ["heron"]  # otter: 101 of 160 chunks
+        assert store.search_bm25("otter of", 3)
+        assert store.integrity_check() == []

@@ -24,6 +24,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -170,17 +171,42 @@ class DocumentStore(Protocol):
 
 _TERM = re.compile(r"\w+", re.UNICODE)
 
+# BM25 query terms (see `SQLiteStore.bm25_terms`). FTS5 scores every chunk that matches
+# any term of an OR query (~2 us a chunk here), so a word found in most chunks ("the",
+# "what") costs a pass over the whole index while adding little to the ranking. A term in
+# more than half of the chunks is dropped: FTS5's bm25() gives it an IDF of 1e-6, so it
+# cannot change the order. The others are taken rarest first while the chunks they match
+# add up to at most BM25_MAX_POSTINGS, which bounds a query's cost whatever the store's
+# size; a store under that size is searched for all of them. The rarest term is always
+# taken (a query of common words only still finds chunks), and at most BM25_MAX_TERMS.
+BM25_MAX_POSTINGS = 30_000
+BM25_MAX_TERMS = 16
 
-def fts_query(text: str) -> str | None:
-    """The user's words as an FTS5 query of quoted terms joined by OR (None: no words).
+
+def query_terms(text: str) -> list[str]:
+    """The user's words, lowercased, each once, in order."""
+    return list(dict.fromkeys(t.lower() for t in _TERM.findall(text)))
+
+
+def fts_query(text: str, terms: Sequence[str] | None = None) -> str | None:
+    """The user's words (or `terms`) as an FTS5 query of quoted terms joined by OR (None:
+    no words).
 
     Quoting every term makes FTS5 operators in the input (`"`, `NEAR(`, `*`, `-`,
     `AND`, `col:`) plain words, so no query string can raise a syntax error.
     """
-    terms = dict.fromkeys(t.lower() for t in _TERM.findall(text))
+    if terms is None:
+        terms = query_terms(text)
     if not terms:
         return None
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+def _vocab_key(term: str) -> str:
+    """`term` as FTS5's unicode61 tokenizer (remove_diacritics 2) stores it, near enough
+    (see `SQLiteStore.bm25_terms` for a term it misses)."""
+    folded = unicodedata.normalize("NFKD", term)
+    return "".join(c for c in folded if not unicodedata.combining(c))
 
 
 class SQLiteStore:
@@ -199,6 +225,8 @@ class SQLiteStore:
             raise RagError(f"cannot open the RAG store {self.path}: {e}") from e
         self._lock = threading.Lock()
         self._matrix: tuple[str, str | None, np.ndarray, np.ndarray] | None = None
+        # (generation, chunk count, term -> chunks containing it): see `bm25_terms`
+        self._df: tuple[str | None, int, dict[str, int]] | None = None
         try:
             self._setup()
         except sqlite3.OperationalError as e:
@@ -273,6 +301,7 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._matrix = None
+        self._df = None
         self._db.close()
 
     def __enter__(self) -> SQLiteStore:
@@ -435,10 +464,58 @@ class SQLiteStore:
 
     _HIT_COLUMNS = 'c.id, c.doc_id, d.source, c.ord, c.text, c.start, c."end", c.section, c.page'
 
+    def _document_frequencies(self, terms: Sequence[str]) -> tuple[int, dict[str, int]]:
+        """(chunks in the store, term -> chunks containing it) for `terms`, read from the
+        FTS5 vocabulary; cached until any process commits a write (the generation moves)."""
+        generation = self._meta("generation")
+        if self._df is None or self._df[0] != generation:
+            n = self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            self._df = (generation, n, {})
+        _, n, df = self._df
+        keys = {t: _vocab_key(t) for t in terms if t not in df}
+        if keys:
+            self._fts_vocab()
+            wanted = sorted(set(keys.values()))
+            found: dict[str, int] = {}
+            for i in range(0, len(wanted), 500):  # under SQLite's limit on parameters
+                part = wanted[i : i + 500]
+                found.update(
+                    self._db.execute(
+                        "SELECT term, doc FROM temp.fts_vocab WHERE term IN "
+                        f"({','.join('?' * len(part))})",
+                        part,
+                    ).fetchall()
+                )
+            for t, key in keys.items():
+                df[t] = found.get(key, 0)
+        return n, {t: df[t] for t in terms}
+
+    def bm25_terms(self, query: str) -> list[str]:
+        """The query's words that BM25 searches for, rarest first: see BM25_MAX_POSTINGS."""
+        terms = query_terms(query)
+        if len(terms) <= 1:
+            return terms
+        n, df = self._document_frequencies(terms)
+        # Rarest first; ties keep the query's order. A term the vocabulary lacks (df 0)
+        # goes last: absent, or spelled otherwise by the tokenizer ("a_b" is the phrase
+        # "a b"), it costs ~nothing and must not push out a word the index has.
+        ranked = sorted(terms, key=lambda t: (df[t] == 0, df[t]))
+        chosen: list[str] = []
+        postings = 0
+        for t in ranked[:BM25_MAX_TERMS]:
+            if chosen and (2 * df[t] > n or postings + df[t] > BM25_MAX_POSTINGS):
+                break
+            chosen.append(t)
+            postings += df[t]
+        return chosen
+
     def search_bm25(self, query: str, k: int) -> list[Hit]:
-        """BM25 over chunk text; any string is a valid query (see `fts_query`)."""
-        match = fts_query(query)
-        if match is None or k <= 0:
+        """BM25 over chunk text; any string is a valid query (see `fts_query`). Only the
+        rarer query words are searched for (see `bm25_terms`)."""
+        if k <= 0:
+            return []
+        match = fts_query(query, self.bm25_terms(query))
+        if match is None:
             return []
         # The top k first, then the joins: joining every matching row before the sort
         # cost ~40 % more at 100k chunks. Ties in score go to the earlier chunk row.
@@ -523,11 +600,15 @@ class SQLiteStore:
             h.update(repr(row).encode())
         return h.hexdigest()
 
-    def fts_terms(self) -> list[tuple[str, int, int]]:
-        """(term, chunks containing it, occurrences) read from the FTS index itself."""
+    def _fts_vocab(self) -> None:
+        """A per-connection (temp) fts5vocab table over the index; the file is unchanged."""
         self._db.execute(
             "CREATE VIRTUAL TABLE IF NOT EXISTS temp.fts_vocab USING fts5vocab(main, chunks_fts, row)"
         )
+
+    def fts_terms(self) -> list[tuple[str, int, int]]:
+        """(term, chunks containing it, occurrences) read from the FTS index itself."""
+        self._fts_vocab()
         return self._db.execute(
             "SELECT term, doc, cnt FROM temp.fts_vocab ORDER BY term"
         ).fetchall()
