@@ -40,10 +40,14 @@ def add_rag_parser(sub, parser_class) -> None:
     search.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
     search.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"],
                         help="hybrid (default) fuses bm25 and vector rankings (RRF, k=60)")  # fmt: skip
+    search.add_argument("--ann", action="store_true",
+                        help="vector candidates from an approximate usearch index (cached "
+                        "beside the store, rebuilt when stale; pip install falconet[ann])")  # fmt: skip
     ask = command("ask", help="answer a question from the store's passages, citing them as [n]")
     ask.add_argument("question")
     ask.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
     ask.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"])
+    ask.add_argument("--ann", action="store_true", help="as for `rag search`")
     ask.add_argument("--max-tokens", type=int, default=128, help="answer length (default 128)")
     ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     from falconet.cli import _add_model_flags  # the same --model/--dtype/--device/--quant
@@ -161,7 +165,7 @@ def _search(args: argparse.Namespace, query: str) -> list:
             from falconet.rag.embed import default_embedder
 
             embedder = default_embedder()
-        return search(store, query, args.k, args.mode, embedder)
+        return search(store, query, args.k, args.mode, embedder, ann=args.ann)
 
 
 def cmd_search(args: argparse.Namespace, out: Out) -> int:

@@ -38,9 +38,12 @@ def search(
     mode: Mode = "hybrid",
     embedder: Embedder | None = None,
     candidates: int | None = None,
+    ann: bool = False,
 ) -> list[Hit]:
     """The k best chunks for `query`. Hybrid fuses the top `candidates` (default
-    max(4k, 20)) of each ranking; its hits carry the RRF score."""
+    max(4k, 20)) of each ranking; its hits carry the RRF score. `ann` takes the vector
+    candidates from the approximate usearch index (falconet.rag.ann) instead of the exact
+    numpy scan (the default)."""
     if mode not in MODES:
         raise RagError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
     if k < 1:
@@ -56,11 +59,14 @@ def search(
         )
     vector = embedder.embed([query])[0]
     if mode == "vector":
-        return store.search_vector(vector, k)
+        return store.search_vector(vector, k, ann=True) if ann else store.search_vector(vector, k)
     n = candidates or max(4 * k, 20)
     by_id: dict[str, Hit] = {}
     rankings = []
-    for hits in (store.search_bm25(query, n), store.search_vector(vector, n)):
+    vector_hits = (
+        store.search_vector(vector, n, ann=True) if ann else store.search_vector(vector, n)
+    )
+    for hits in (store.search_bm25(query, n), vector_hits):
         rankings.append([h.chunk_id for h in hits])
         for h in hits:
             by_id.setdefault(h.chunk_id, h)

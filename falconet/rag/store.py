@@ -163,7 +163,7 @@ class DocumentStore(Protocol):
     ) -> None: ...
     def set_embedder(self, embedder: str, dim: int) -> None: ...
     def search_bm25(self, query: str, k: int) -> list[Hit]: ...
-    def search_vector(self, vector: np.ndarray, k: int) -> list[Hit]: ...
+    def search_vector(self, vector: np.ndarray, k: int, ann: bool = False) -> list[Hit]: ...
     def checksum(self, versions: bool = True) -> str: ...
     def integrity_check(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -227,6 +227,7 @@ class SQLiteStore:
         self._matrix: tuple[str, str | None, np.ndarray, np.ndarray] | None = None
         # (generation, chunk count, term -> chunks containing it): see `bm25_terms`
         self._df: tuple[str | None, int, dict[str, int]] | None = None
+        self._ann = None  # falconet.rag.ann.AnnIndex, built on the first search with ann=True
         try:
             self._setup()
         except sqlite3.OperationalError as e:
@@ -302,6 +303,7 @@ class SQLiteStore:
     def close(self) -> None:
         self._matrix = None
         self._df = None
+        self._ann = None
         self._db.close()
 
     def __enter__(self) -> SQLiteStore:
@@ -548,8 +550,28 @@ class SQLiteStore:
         self._matrix = (generation, embedder, rowids, matrix)
         return rowids, matrix
 
-    def search_vector(self, vector: np.ndarray, k: int) -> list[Hit]:
-        """Exact cosine similarity against every stored vector of the store's embedder."""
+    def write_state(self) -> tuple[str | None, str | None]:
+        """(write counter, embedder id) of the last committed write: what caches key on."""
+        return self._meta("generation"), self.embedder_id
+
+    def vector_snapshot(self) -> tuple[str | None, str | None, np.ndarray, np.ndarray]:
+        """(write counter, embedder, chunk rowids, unit-norm matrix), all read in one read
+        transaction, so they reflect one committed state (for the ANN index)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                generation, embedder = self.write_state()
+                rowids, matrix = self._vector_matrix()
+            finally:
+                self._db.execute("COMMIT")
+        return generation, embedder, rowids, matrix
+
+    def search_vector(self, vector: np.ndarray, k: int, ann: bool = False) -> list[Hit]:
+        """Exact cosine similarity against every stored vector of the store's embedder;
+        with `ann`, the candidates come from the usearch index (falconet.rag.ann), a
+        rebuildable cache, and their scores are recomputed exactly from the stored vectors."""
+        if ann:
+            return self._search_ann(vector, k)
         rowids, matrix = self._vector_matrix()
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         if len(rowids) == 0 or k <= 0:
@@ -577,6 +599,30 @@ class SQLiteStore:
             for i in top
             if int(rowids[i]) in by_rowid
         ]
+
+    def _search_ann(self, vector: np.ndarray, k: int) -> list[Hit]:
+        from falconet.rag.ann import ann_index
+
+        if k <= 0:
+            return []
+        index = ann_index(self)
+        keys, _ = index.search(vector, k)
+        if len(keys) == 0:
+            return []
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        hits = []
+        for r in self._db.execute(
+            f"SELECT {self._HIT_COLUMNS}, c.rowid, e.vector FROM chunks c "
+            "JOIN documents d ON d.id = c.doc_id JOIN embeddings e ON e.chunk_id = c.id "
+            f"WHERE d.embedder = ? AND c.rowid IN ({','.join('?' * len(keys))})",
+            [index.embedder, *(int(key) for key in keys)],
+        ):
+            v = np.frombuffer(r[-1], dtype="<f4")
+            score = float(v @ q) / max(float(np.linalg.norm(v)), 1e-12)
+            hits.append((-score, r[-2], Hit(*r[:-2], score=score)))
+        hits.sort(key=lambda h: h[:2])  # best first; ties by rowid, as the exact path
+        return [h[2] for h in hits]
 
     # -- checks ----------------------------------------------------------------------
 
