@@ -36,6 +36,16 @@ INSTRUCTION = (
 MIN_PASSAGE_TOKENS = 16
 
 
+def location(hit: Hit, name_only: bool = False) -> str:
+    """Where a passage comes from: "file, page 3, Section" (the file's name or full path)."""
+    where = Path(hit.source).name if name_only else hit.source
+    if hit.page is not None:
+        where += f", page {hit.page}"
+    if hit.section:
+        where += f", {hit.section}"
+    return where
+
+
 @dataclass(frozen=True)
 class Source:
     number: int  # the [n] used in the prompt and the answer
@@ -43,12 +53,11 @@ class Source:
     text: str  # the passage as the model saw it (possibly cut)
 
     def label(self) -> str:
-        where = Path(self.hit.source).name
-        if self.hit.page is not None:
-            where += f", page {self.hit.page}"
-        if self.hit.section:
-            where += f", {self.hit.section}"
-        return where
+        return location(self.hit, name_only=True)
+
+    def passage(self) -> str:
+        """The passage as numbered in the prompt."""
+        return f"[{self.number}] ({self.label()}) {self.text}"
 
     def as_dict(self) -> dict:
         h = self.hit
@@ -95,23 +104,19 @@ def build_prompt(
         if share < MIN_PASSAGE_TOKENS:
             break
         n = len(sources) + 1
-        label = Source(n, hit, "").label()
-        prefix = f"[{n}] ({label}) "
+        prefix = Source(n, hit, "").passage()
         text = _cut(
             tokenizer,
             " ".join(hit.text.split()),
             share - len(tokenizer.encode(prefix, add_special_tokens=False)) - 2,
         )
         candidate = sources + [Source(n, hit, text)]
-        ids = _render(
-            tokenizer, question, [f"[{s.number}] ({s.label()}) {s.text}" for s in candidate]
-        )
+        ids = _render(tokenizer, question, [s.passage() for s in candidate])
         if len(ids) + max_tokens > context:
             break
         sources = candidate
         budget = context - max_tokens - len(ids)
-    ids = _render(tokenizer, question, [f"[{s.number}] ({s.label()}) {s.text}" for s in sources])
-    return ids, sources
+    return _render(tokenizer, question, [s.passage() for s in sources]), sources
 
 
 def stream_answer(

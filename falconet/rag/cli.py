@@ -173,12 +173,10 @@ def cmd_search(args: argparse.Namespace, out: Out) -> int:
     if not hits:
         out("no matching passages\n")
         return 0
+    from falconet.rag.answer import location
+
     for n, h in enumerate(hits, start=1):
-        where = h.source
-        if h.page is not None:
-            where += f", page {h.page}"
-        if h.section:
-            where += f", {h.section}"
+        where = location(h)
         text = " ".join(h.text.split())
         if len(text) > EXCERPT_CHARS:
             text = text[: EXCERPT_CHARS - 3] + "..."
@@ -190,7 +188,7 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     """Retrieve, then stream the model's answer and print the numbered sources it saw."""
     from falconet.cli import _load
     from falconet.engine import Engine
-    from falconet.rag.answer import stream_answer
+    from falconet.rag.answer import location, stream_answer
     from falconet.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
@@ -208,9 +206,7 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
         engine.shutdown()
     out("\n\nSources:\n")
     for s in sources:
-        out(f"[{s.number}] {s.hit.source}" + (f", page {s.hit.page}" if s.hit.page else "")
-            + (f", {s.hit.section}" if s.hit.section else "")
-            + f" (chars {s.hit.start}-{s.hit.end})\n")  # fmt: skip
+        out(f"[{s.number}] {location(s.hit)} (chars {s.hit.start}-{s.hit.end})\n")
     return 0
 
 
