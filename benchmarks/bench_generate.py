@@ -197,8 +197,8 @@ def worker_rss(args: argparse.Namespace) -> dict:
     dtype_name, torch_dtype = DTYPES[args.dtype]
     if args.engine == "falconet":
         import falconet
-        from falconet.cache import KVCache
-        from falconet.generate import decode_step, prefill
+        from falconet.models.dense import decode_step, prefill
+        from falconet.nn.cache import KVCache
     else:
         from transformers import FalconForCausalLM  # noqa: F401  (import before the baseline)
         from transformers.utils import logging as hf_logging
@@ -297,8 +297,8 @@ class FalconetRunner:
         self.ids, self.D = ids, args.decode_tokens
 
     def run(self) -> tuple[float, float, list[int]]:
-        from falconet.cache import KVCache
-        from falconet.generate import decode_step, prefill
+        from falconet.models.dense import decode_step, prefill
+        from falconet.nn.cache import KVCache
 
         model, ids, D = self.llm.model, self.ids, self.D
         valid = torch.ones_like(ids, dtype=torch.bool)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from falconet import linear  # noqa: E402
+from falconet.nn import linear  # noqa: E402
 
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # (out_features, in_features)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

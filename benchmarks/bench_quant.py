@@ -64,8 +64,8 @@ class FalconetRunner:
         self.ids, self.D = torch.tensor([ids]), decode
 
     def run(self) -> tuple[float, float, list[int]]:
-        from falconet.cache import KVCache
-        from falconet.generate import decode_step, prefill
+        from falconet.models.dense import decode_step, prefill
+        from falconet.nn.cache import KVCache
 
         model, ids = self.llm.model, self.ids
         with torch.inference_mode():
@@ -84,8 +84,8 @@ class FalconetRunner:
 
     def decode_profile(self) -> tuple[float, float]:
         """(seconds in the quantized matmuls, seconds in total) over D decode steps."""
-        from falconet.cache import KVCache
-        from falconet.generate import decode_step, prefill
+        from falconet.models.dense import decode_step, prefill
+        from falconet.nn.cache import KVCache
         from falconet.quant import kernels
 
         spent = [0.0]

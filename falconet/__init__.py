@@ -5,7 +5,6 @@ llm = falconet.load("path/to/falcon")      # HF folder; None = the embedded defa
 llm.generate("The capital of France is", max_tokens=16)
 """
 
-from falconet.config import FalconConfig
 from falconet.errors import (
     CheckpointError,
     ConfigError,
@@ -14,6 +13,7 @@ from falconet.errors import (
     TokenizerError,
 )
 from falconet.llm import LLM, load
+from falconet.models.falcon_config import FalconConfig
 from falconet.sampling import SamplingParams
 
 __version__ = "0.1.0"

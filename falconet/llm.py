@@ -1,4 +1,8 @@
-"""The public API: `falconet.load(path)` -> `LLM` with generate / stream / logits / tokenizer."""
+"""The public API: `falconet.load(path)` -> `LLM` with generate / stream / logits / tokenizer.
+
+`LLM` is a face like the server: every call runs through an `Engine` (the same scheduler,
+packed forward and sampler the server uses), driven in the caller's thread, so
+`llm.generate` and the server return the same tokens for the same request."""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from falconet.cache import KVCache
-from falconet.config import FalconConfig
+from falconet.engine import Engine
 from falconet.errors import CheckpointError, FalconetError, GenerationError
-from falconet.generate import Completion, complete, generate_text, prefill
-from falconet.model import Falcon
+from falconet.generate import Completion
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
@@ -173,6 +177,9 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
 
 
 class LLM:
+    # Sequences the caller-driven engine runs at once; more prompts wait their turn.
+    MAX_BATCH = 8
+
     def __init__(self, model: Falcon, tokenizer: Tokenizer, path: Path | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -182,10 +189,23 @@ class LLM:
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
             )
         self.eos_ids = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+        self._engine: Engine | None = None
 
     @property
     def config(self) -> FalconConfig:
         return self.model.config
+
+    def engine(self, context: int = 0) -> Engine:
+        """The engine this LLM drives, with room for `context` tokens per sequence (the
+        model's context at least; ALiBi and scaled-RoPE models may go past it, as in
+        transformers, so a longer request gets a larger engine)."""
+        need = max(context, self.config.max_position_embeddings)
+        if self._engine is None or self._engine.max_context < need:
+            self._engine = Engine(
+                self.model, self.tokenizer, self.eos_ids,
+                max_batch=self.MAX_BATCH, max_queue=1 << 20, max_context=need,
+            )  # fmt: skip
+        return self._engine
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -199,13 +219,16 @@ class LLM:
     def complete(
         self, prompts: list[str | list[int]], params: SamplingParams | None = None, **sampling
     ) -> list[Completion]:
-        """Several prompts decoded together in one left-padded batch. Sampling settings are
-        a SamplingParams or its fields as keywords."""
+        """Several prompts decoded together by the engine. Sampling settings are a
+        SamplingParams or its fields as keywords."""
         if not isinstance(prompts, (list, tuple)):
             raise GenerationError("complete() takes a list of prompts; use generate() for one")
         params = _params(params, sampling)
         ids = [self._prompt_ids(p) for p in prompts]
-        return complete(self.model, self.tokenizer, ids, [params] * len(ids), self.eos_ids)
+        if not ids:
+            raise GenerationError("complete() needs at least one prompt")
+        longest = max(len(p) for p in ids) + params.max_tokens
+        return self.engine(longest).generate(ids, [params] * len(ids))
 
     def generate(
         self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling
@@ -228,10 +251,14 @@ class LLM:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
         elif sampling:
             raise GenerationError("give either a SamplingParams or keyword settings, not both")
-        ids = [self._prompt_ids(prompt)]
-        for ev in generate_text(self.model, self.tokenizer, ids, [params], self.eos_ids):
-            if ev.text:
-                yield ev.text
+        ids = self._prompt_ids(prompt)
+        engine = self.engine(len(ids) + params.max_tokens)
+        [stream] = engine.submit([ids], [params])
+        for delta in engine.iterate(stream):
+            if delta.finish_reason == "error":
+                raise GenerationError(f"generation failed: {delta.error}")
+            if delta.text:
+                yield delta.text
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -242,16 +269,14 @@ class LLM:
         if isinstance(ids, torch.Tensor):
             if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise GenerationError("logits: expected a 1-D integer tensor of token ids")
+            ids = ids.tolist()
         elif not isinstance(ids, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in ids
         ):
             raise GenerationError("logits: expected a list of int token ids")
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.model.device)
-        if ids.numel() == 0:
+        ids = list(ids)
+        if not ids:
             raise GenerationError("logits: need at least one token id")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise GenerationError(f"logits: token ids must be in [0, {self.config.vocab_size})")
-        cache = KVCache(self.config, 1, ids.shape[1], self.model.compute_dtype, self.model.device)
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        with torch.inference_mode():
-            return prefill(self.model, ids, valid, cache, all_logits=True)[0]
+        return self.engine(len(ids)).score([ids])[0]

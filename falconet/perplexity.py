@@ -161,21 +161,21 @@ def perplexity(
     nll_sum = nll2_sum = 0.0
     count = 0
     running: list[float] = []
-    model = llm.model
-    with torch.inference_mode():
-        for start in range(0, n_chunks, batch):
-            x = tokens[start : start + batch].to(model.device)  # (B, ctx)
-            logits = model(x)  # (B, ctx, V), compute dtype
+    engine = llm.engine(ctx)
+    for start in range(0, n_chunks, batch):
+        x = tokens[start : start + batch]  # (B, ctx)
+        logits = torch.stack(engine.score(x.tolist()))  # (B, ctx, V) fp32, through the engine
+        with torch.inference_mode():
             # logits at first .. ctx-2 predict the tokens at first+1 .. ctx-1
-            nll = token_nll(logits[:, first : ctx - 1], x[:, first + 1 :]).cpu()
-            del logits
-            for row in nll:
-                nll_sum += float(row.sum())
-                nll2_sum += float((row * row).sum())
-                count += row.numel()
-                running.append(math.exp(nll_sum / count))
-                if progress is not None:
-                    progress(len(running), n_chunks, running[-1])
+            nll = token_nll(logits[:, first : ctx - 1], x[:, first + 1 :].to(logits.device))
+        del logits
+        for row in nll.cpu():
+            nll_sum += float(row.sum())
+            nll2_sum += float((row * row).sum())
+            count += row.numel()
+            running.append(math.exp(nll_sum / count))
+            if progress is not None:
+                progress(len(running), n_chunks, running[-1])
 
     nll_mean = nll_sum / count
     ppl = math.exp(nll_mean)

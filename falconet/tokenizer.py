@@ -32,6 +32,10 @@ __all__ = ["StreamDecoder", "Tokenizer"]
 
 CHAT_ROLES = ("system", "user", "assistant")
 
+# Without a chat template, Falcon-instruct's "User: ...\nFalcon:" format is used; the
+# model would go on to write the user's next turn, so that turn ends the reply.
+FALLBACK_CHAT_STOP = "\nUser:"
+
 # Exceptions a broken or hostile chat template can raise while rendering. Templates are
 # untrusted code from a model repo, so all of these become a TokenizerError.
 _TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)

@@ -138,7 +138,7 @@ def test_a_file_that_is_not_a_model_folder(tmp_path):
 
 
 def test_chat_history_is_kept_trimmed_and_reset(tiny_7b):
-    from falconet.cli import fit_history
+    from falconet.cli.generate import fit_history
     from falconet.errors import GenerationError
 
     llm = falconet.load(tiny_7b)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from falconet.config import FalconConfig
 from falconet.errors import ConfigError
+from falconet.models.falcon_config import FalconConfig
 
 # The config.json files of the released models (falcon form, as the Hub serves them now).
 # Numbers: /work/shared/reference/falcon-architecture.md section 3.
@@ -409,6 +409,6 @@ def test_n_embed_overrides_hidden_size_as_in_transformers():
 
 
 def test_config_and_model_know_the_same_activations():
-    from falconet import config, model
+    from falconet.models import falcon, falcon_config
 
-    assert set(config.ACTIVATIONS) == set(model.ACTIVATIONS)
+    assert set(falcon_config.ACTIVATIONS) == set(falcon.ACTIVATIONS)

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import falconet
 from falconet.cli import main as cli_main
-from falconet.config import FalconConfig
-from falconet.model import Falcon
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
 from falconet.weights.gguf import (

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import falconet
-from falconet import linear
-from falconet.linear import (
+from falconet.nn import linear
+from falconet.nn.linear import (
     DECODE_ROWS,
     PREFILL_ROWS,
     TILE_BYTES,

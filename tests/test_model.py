@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import falconet
-from falconet.cache import KVCache
-from falconet.generate import prefill
+from falconet.models.dense import prefill
+from falconet.nn.cache import KVCache
 from tests.conftest import VARIANTS, build_hf_model, save_hf_model
 
 PROMPT = [
@@ -106,7 +106,7 @@ def test_batch_of_three_equals_each_alone(hf_checkpoints, variant, dtype):
         assert b.token_ids == alone.token_ids
     # and the padded rows' logits equal the unpadded ones
     with torch.inference_mode():
-        from falconet.generate import left_pad
+        from falconet.models.dense import left_pad
 
         ids, valid = left_pad(prompts, torch.device("cpu"))
         cache = KVCache(llm.config, 3, ids.shape[1])
@@ -122,7 +122,7 @@ def test_chunked_prefill_equals_unchunked(hf_checkpoints, variant):
     llm = falconet.load(hf_checkpoints[variant][1], dtype="float32")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (100, 61)]
-    from falconet.generate import left_pad
+    from falconet.models.dense import left_pad
 
     ids, valid = left_pad(prompts, torch.device("cpu"))
     with torch.inference_mode():

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import falconet
-from falconet.config import FalconConfig
 from falconet.errors import CheckpointError, ConfigError
+from falconet.models.falcon_config import FalconConfig
 from falconet.weights.hf import expected_tensors, regroup_qkv
 from tests.conftest import VARIANTS, build_hf_model, hf_config, save_hf_model
 

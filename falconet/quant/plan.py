@@ -14,7 +14,7 @@ quantized at load and a GGUF quantized by llama.cpp hold the same types:
 
 from __future__ import annotations
 
-from falconet.config import FalconConfig
+from falconet.models.falcon_config import FalconConfig
 from falconet.quant import QuantError, get_format
 
 # Types falconet quantizes to (the others in falconet.quant.FORMATS are read-only).

@@ -15,10 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from falconet.cli import FALLBACK_CHAT_STOP
 from falconet.errors import FalconetError
 from falconet.sampling import MAX_LOGPROBS, SamplingParams
-from falconet.tokenizer import Tokenizer
+from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
 MAX_N = 16  # choices per request (n)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from falconet.config import FalconConfig
 from falconet.durable import atomic_write, atomic_write_text
 from falconet.errors import FalconetError
-from falconet.model import Falcon
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.tokenizer import Tokenizer
 from falconet.train.data import (
     DataError,

@@ -40,10 +40,10 @@ from gguf import (
     RopeScalingType,
 )
 
-from falconet.config import FalconConfig
 from falconet.durable import atomic_write
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.model import Falcon
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype

@@ -26,8 +26,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from falconet.config import FalconConfig
 from falconet.errors import CheckpointError
+from falconet.models.falcon_config import FalconConfig
 from falconet.tokenizer import Tokenizer
 
 # gguf.TokenType values (llama.cpp's llama_token_type).

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from falconet.config import FalconConfig
 from falconet.errors import CheckpointError
-from falconet.model import Falcon
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from falconet.config import FalconConfig
 from falconet.durable import atomic_write, atomic_write_text, publish_folder
-from falconet.model import Falcon
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FalconConfig
 from falconet.tokenizer import Tokenizer
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

@@ -12,7 +12,7 @@ tokens (one per sequence) and prefill chunks side by side, with no padding. Ever
 matmul, norm and activation sees those N rows; attention runs per sequence on that
 sequence's own cached keys. So what a sequence computes depends only on its own tokens
 and its own chunking, never on which other sequences share the step -- with the
-row-invariant Linear (falconet.linear.batch_invariant) a sequence's logits are bit for
+row-invariant Linear (falconet.nn.linear.batch_invariant) a sequence's logits are bit for
 bit those it gets alone.
 
 Notation as in attention.py: B batch, T new tokens, S keys, H heads, K kv heads, D head dim.
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falconet.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
-from falconet.config import FalconConfig
 from falconet.errors import GenerationError
+from falconet.models.falcon_config import FalconConfig
+from falconet.nn.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
 
 
 class PagedKVCache:

@@ -11,13 +11,23 @@ left-padded: `key_valid` marks the real tokens, `next_position` counts them per 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from falconet.config import FalconConfig
 from falconet.errors import GenerationError
+from falconet.nn.attention import AttentionMask, attend
 
 
-def _available_memory(device: torch.device | str) -> int | None:
+class CacheConfig(Protocol):
+    """What a KV cache reads from a model's config."""
+
+    num_hidden_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def available_memory(device: torch.device | str) -> int | None:
     """Bytes the cache may take: free accelerator memory, or MemAvailable on Linux."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -35,7 +45,7 @@ def _available_memory(device: torch.device | str) -> int | None:
 class KVCache:
     def __init__(
         self,
-        config: FalconConfig,
+        config: CacheConfig,
         batch_size: int,
         max_len: int,
         dtype: torch.dtype = torch.float32,
@@ -43,7 +53,7 @@ class KVCache:
     ) -> None:
         shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_len, config.head_dim)
         need = 2 * torch.Size(shape).numel() * dtype.itemsize
-        available = _available_memory(device)
+        available = available_memory(device)
         if available is not None and need > available:
             raise GenerationError(
                 f"the KV cache for {batch_size} x {max_len} tokens needs {need / 2**30:.1f} GiB but only "
@@ -102,3 +112,18 @@ class KVCache:
         self.key_valid = self.key_valid.index_select(0, rows)
         self.key_positions = self.key_positions.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
+
+
+class DenseStep:
+    """A left-padded batch: new k/v go into the static KVCache (if any) at slot `past`,
+    and every layer attends under the same mask (an `attention.AttentionStep`)."""
+
+    def __init__(self, mask: AttentionMask, cache: KVCache | None, past: int) -> None:
+        self.mask, self.cache, self.past = mask, cache, past
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.update(layer, self.past, k, v)  # (B, K, S, D)
+        return attend(q, k, v, self.mask)  # (B, H, T, D)

@@ -26,26 +26,20 @@ on CPU): see linear.py. Activations, norms, the residual stream and the KV cache
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from falconet.attention import (
-    AttentionMask,
+from falconet.models.falcon_config import FalconConfig
+from falconet.nn.attention import (
+    AttentionStep,
     alibi_slopes,
     apply_rotary,
-    attend,
     build_mask,
     rotary_cos_sin,
 )
-from falconet.cache import KVCache
-from falconet.config import FalconConfig
-from falconet.linear import Linear
-
-if TYPE_CHECKING:
-    from falconet.paged import PackedStep
+from falconet.nn.cache import DenseStep, KVCache
+from falconet.nn.linear import Linear
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
@@ -55,30 +49,6 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
-
-
-class AttentionStep(Protocol):
-    """How one forward stores new keys/values and attends: `DenseStep` for a padded batch
-    with an optional static cache, `paged.PackedStep` for continuous batching."""
-
-    def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor: ...
-
-
-class DenseStep:
-    """A left-padded batch: new k/v go into the static KVCache (if any) at slot `past`,
-    and every layer attends under the same mask."""
-
-    def __init__(self, mask: AttentionMask, cache: KVCache | None, past: int) -> None:
-        self.mask, self.cache, self.past = mask, cache, past
-
-    def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        if self.cache is not None:
-            k, v = self.cache.update(layer, self.past, k, v)  # (B, K, S, D)
-        return attend(q, k, v, self.mask)  # (B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -248,7 +218,7 @@ class Falcon(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
     def forward_packed(
-        self, input_ids: torch.Tensor, step: PackedStep, logit_rows: torch.Tensor
+        self, input_ids: torch.Tensor, step: AttentionStep, logit_rows: torch.Tensor
     ) -> torch.Tensor:
         """Continuous batching: the new tokens of several sequences packed in one row.
 

@@ -1,6 +1,6 @@
 """`falconet rag ...`: ingest, sync, list, remove and search a local document store.
 
-falconet/cli.py registers these; errors are raised as FalconetError subclasses and
+falconet/cli/main.py registers these; errors are raised as FalconetError subclasses and
 turned into one line + exit 2 there.
 """
 
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from falconet.cli.common import Out, add_model_flags, load_model
 
 DEFAULT_STORE = ".falconet-rag"
 EXCERPT_CHARS = 240
-
-Out = Callable[[str], None]
 
 
 def add_rag_parser(sub, parser_class) -> None:
@@ -50,9 +49,8 @@ def add_rag_parser(sub, parser_class) -> None:
     ask.add_argument("--ann", action="store_true", help="as for `rag search`")
     ask.add_argument("--max-tokens", type=int, default=128, help="answer length (default 128)")
     ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    from falconet.cli import _add_model_flags  # the same --model/--dtype/--device/--quant
 
-    _add_model_flags(ask)
+    add_model_flags(ask)  # the same --model/--dtype/--device/--quant
 
 
 def cmd_rag(args: argparse.Namespace, out: Out) -> int:
@@ -186,7 +184,6 @@ def cmd_search(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     """Retrieve, then stream the model's answer and print the numbered sources it saw."""
-    from falconet.cli import _load
     from falconet.engine import Engine
     from falconet.rag.answer import location, stream_answer
     from falconet.sampling import SamplingParams
@@ -196,7 +193,7 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     if not hits:
         out("no passages in the store match the question; ingest documents first\n")
         return 0
-    engine = Engine.from_llm(_load(args), max_batch=1)
+    engine = Engine.from_llm(load_model(args), max_batch=1)
     engine.start()
     try:
         sources, pieces = stream_answer(engine, args.question, hits, params)

@@ -14,25 +14,47 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from falconet.config import FalconConfig
+
+class AttentionConfig(Protocol):
+    """What attention reads from a model's config (every architecture's config has it)."""
+
+    num_attention_heads: int
+    head_dim: int
+    alibi: bool
+    rope_theta: float
+    rope_scaling_type: str | None
+    rope_scaling_factor: float
+    max_position_embeddings: int
+
+
+class AttentionStep(Protocol):
+    """How one forward stores new keys/values and attends: `cache.DenseStep` for a padded
+    batch with an optional static cache, the engine's `PackedStep` for continuous batching.
+    Models call it once per layer and never see how keys are stored."""
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
 
 # Upper bound on mask elements (B·H·T·S) built for one forward; prompts are cut into
 # query chunks so that an 8k-token prompt never needs a T² mask.
 MASK_BUDGET = 1 << 25
 
 
-def prefill_chunk_size(config: FalconConfig, batch: int, keys: int, max_chunk: int = 512) -> int:
+def prefill_chunk_size(config: AttentionConfig, batch: int, keys: int, max_chunk: int = 512) -> int:
     """Query tokens per prefill chunk so the attention mask stays within MASK_BUDGET."""
     heads = config.num_attention_heads if config.alibi else 1  # ALiBi bias is per head
     return max(1, min(max_chunk, MASK_BUDGET // max(1, batch * heads * keys)))
 
 
 # ---- rotary -------------------------------------------------------------------------
-def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor:
+def rotary_inv_freq(config: AttentionConfig, seq_len: torch.Tensor) -> torch.Tensor:
     """Inverse frequencies (B, D/2) as transformers computes them, rope_scaling included.
 
     seq_len (B,) is each row's sequence length. "linear" divides the frequencies by the
@@ -57,7 +79,7 @@ def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor
 
 
 def rotary_cos_sin(
-    config: FalconConfig, positions: torch.Tensor, seq_len: torch.Tensor, dtype: torch.dtype
+    config: AttentionConfig, positions: torch.Tensor, seq_len: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin for `positions` (B, T) -> each (B, 1, T, D), computed in fp32 as
     HF does. The sin's first half is negated: rotate_half's minus sign, applied once per
@@ -123,7 +145,7 @@ def build_mask(
     key_valid: torch.Tensor,
     key_positions: torch.Tensor,
     past: int,
-    config: FalconConfig,
+    config: AttentionConfig,
     slopes: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> AttentionMask:

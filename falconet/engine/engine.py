@@ -1,24 +1,13 @@
-"""The engine: continuous batching over a paged KV cache, driven by one background thread.
+"""The Engine: continuous batching over a paged KV cache, for every face.
 
-Faces (the HTTP server, RAG, batch jobs) `submit` prompts and read `Delta`s from the
-returned `Stream`s; the engine thread runs one model step at a time:
-
-    admit      waiting sequences join the running set while a batch slot and enough
-               KV blocks for their whole budget (prompt + max_tokens) are free, so a
-               running sequence never has to be preempted;
-    schedule   every decoding sequence contributes its last token, and prefilling
-               sequences the next fixed-size chunk of their prompt, up to a per-step
-               prefill budget -- a long prompt is spread over several steps and never
-               freezes the streams already running;
-    forward    all those tokens packed into one row (paged.PackedStep), under the
-               row-invariant Linear, so a sequence's logits do not depend on its
-               neighbours: batching never changes a result;
-    sample     per sequence (own sampler, own seeded generator), then text with stop
-               strings held back, and a Delta to its stream; finished or cancelled
-               sequences give their blocks back at once.
-
-A sequence's chunk boundaries are multiples of `prefill_chunk` from the start of its
-prompt whatever the load, for the same reason.
+Faces (the CLI and `LLM`, the HTTP server, RAG) `submit` prompts and read `Delta`s from
+the returned `Stream`s. Each `step()` asks the scheduler for a plan (scheduler.py: who
+runs, how many tokens each feeds), has the runner execute it (runner.py: one packed
+forward, per-sequence sampling), then turns tokens into text with stop strings held back
+and hands a Delta to each stream; finished or cancelled sequences give their state back
+at once. A background thread (`start()`) runs steps for the server; without it the
+caller drives the engine itself (`generate`, `iterate`, `score`), so the CLI and the
+Python API run exactly the code the server runs.
 """
 
 from __future__ import annotations
@@ -31,17 +20,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from falconet.cache import _available_memory
+from falconet.engine.paged import PagedKVCache
+from falconet.engine.runner import ModelRunner, SequenceState
+from falconet.engine.scheduler import Budget, schedule
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
-from falconet.linear import batch_invariant
-from falconet.model import Falcon
-from falconet.paged import PackedStep, PagedKVCache, Segment
-from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
+from falconet.nn.cache import available_memory
+from falconet.nn.linear import batch_invariant
+from falconet.sampling import SamplingParams, TokenLogprobs
 from falconet.tokenizer import Tokenizer
 
 log = logging.getLogger("falconet.engine")
@@ -67,6 +57,7 @@ class Delta:
     logprobs: list[TokenLogprobs]  # one per token when params.logprobs is set, else []
     finish_reason: str | None  # None while running; "stop" | "length" | "error"
     error: str | None = None
+    prompt_logits: torch.Tensor | None = None  # fp32 (prompt_len, V), when asked for
 
 
 @dataclass
@@ -111,6 +102,15 @@ class Stream:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled = True
 
+    def _drain(self) -> list:
+        """What is queued now, without waiting (a caller-driven engine)."""
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except (queue.Empty, asyncio.QueueEmpty):
+                return items
+
     def __iter__(self) -> Iterator[Delta]:
         if self._loop is not None:
             raise GenerationError("this stream was submitted with an event loop; use `async for`")
@@ -125,29 +125,18 @@ class Stream:
 
 
 @dataclass(eq=False)
-class _Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    stream: Stream
-    text: SequenceText
-    stop_ids: frozenset[int]
-    reserve: int  # KV blocks held for prompt + max_tokens
-    table: list[int] = field(default_factory=list)  # block table
-    cached: int = 0  # tokens in the KV cache
+class _Sequence(SequenceState):
+    stream: Stream | None = None
+    text: SequenceText | None = None
+    stop_ids: frozenset[int] = frozenset()
     generated: int = 0
-    last_token: int = -1
-    sampler: Sampler | None = None
     started: float = 0.0
-
-    @property
-    def prefilled(self) -> bool:
-        return self.cached >= len(self.prompt)
 
 
 class Engine:
     def __init__(
         self,
-        model: Falcon,
+        model,
         tokenizer: Tokenizer,
         eos_ids: tuple[int, ...] = (),
         *,
@@ -179,7 +168,7 @@ class Engine:
         tokens = kv_cache_tokens or max_batch * self.max_context
         per_token = 2 * config.num_hidden_layers * config.kv_heads * config.head_dim
         per_token *= model.compute_dtype.itemsize
-        available = _available_memory(model.device)
+        available = available_memory(model.device)
         if kv_cache_tokens is None and available is not None:
             tokens = min(tokens, int(available * KV_MEMORY_SHARE) // per_token)
         blocks = -(-tokens // block_size)
@@ -189,6 +178,8 @@ class Engine:
                 f"({per_token * self.max_context / 2**20:.0f} MiB of KV cache); lower max_context"
             )
         self.cache = PagedKVCache(config, blocks, block_size, model.compute_dtype, model.device)
+        self.runner = ModelRunner(model, self.cache)
+        self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -224,15 +215,24 @@ class Engine:
         prompts: list[list[int]],
         params: list[SamplingParams],
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        prompt_logits: bool = False,
     ) -> list[Stream]:
         """Queue sequences (all or none); returns one Stream each.
 
         Raises GenerationError for a prompt that cannot run (empty, ids outside the
         vocabulary, prompt + max_tokens beyond the context) and QueueFull when the
-        waiting queue cannot take them all."""
+        waiting queue cannot take them all. With `prompt_logits` the Delta that ends the
+        prefill carries the logits of every prompt position."""
         if not prompts or len(prompts) != len(params):
             raise GenerationError("submit: need one SamplingParams per prompt, at least one")
-        seqs = [self._new_sequence(p, sp, loop) for p, sp in zip(prompts, params, strict=True)]
+        seqs = [
+            self._new_sequence(p, sp, loop, prompt_logits)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        return self._enqueue(seqs)
+
+    def _enqueue(self, seqs: list[_Sequence]) -> list[Stream]:
         with self._lock:
             if self._stop:
                 raise GenerationError("the engine is shutting down")
@@ -247,17 +247,31 @@ class Engine:
             self._lock.notify_all()
         return [s.stream for s in seqs]
 
+    def iterate(self, stream: Stream) -> Iterator[Delta]:
+        """A stream's Deltas; an engine that was not started is driven here, in the
+        caller's thread. Leaving the loop early cancels the sequence."""
+        try:
+            if self.alive:
+                yield from stream
+                return
+            while True:
+                for item in stream._drain():
+                    if item is _END:
+                        return
+                    yield item
+                if not self.step():
+                    raise GenerationError("the engine has nothing to run for this stream")
+        finally:
+            stream.cancel()
+
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
         """Submit and wait: the whole completion of every prompt (for batch jobs). An
         engine that was not started is driven here, in the caller's thread."""
         streams = self.submit(prompts, params)
-        if not self.alive:
-            while self.step():
-                pass
         out = []
         for stream, p in zip(streams, params, strict=True):
             text, ids, lps, finish = "", [], [], "length"
-            for d in stream:
+            for d in self.iterate(stream):
                 if d.finish_reason == "error":
                     raise GenerationError(f"generation failed: {d.error}")
                 text, finish = text + d.text, d.finish_reason or finish
@@ -265,6 +279,23 @@ class Engine:
                 lps += d.logprobs
             logprobs = lps if p.logprobs is not None else None
             out.append(Completion(text, ids, finish, stream.prompt_tokens, logprobs))
+        return out
+
+    def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Next-token logits at every position of each prompt, fp32 (len(prompt), V):
+        the prompts are prefilled like any other and nothing is generated (perplexity,
+        `LLM.logits`)."""
+        if not prompts:
+            raise GenerationError("score: need at least one prompt")
+        seqs = [self._new_sequence(p, None, None, True) for p in prompts]
+        out = []
+        for stream in self._enqueue(seqs):
+            logits = None
+            for d in self.iterate(stream):
+                if d.finish_reason == "error":
+                    raise GenerationError(f"scoring failed: {d.error}")
+                logits = d.prompt_logits if d.prompt_logits is not None else logits
+            out.append(logits)
         return out
 
     def stats(self) -> EngineStats:
@@ -279,19 +310,35 @@ class Engine:
             )
 
     def _new_sequence(
-        self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None
+        self,
+        prompt: list[int],
+        params: SamplingParams | None,
+        loop: asyncio.AbstractEventLoop | None,
+        prompt_logits: bool = False,
     ) -> _Sequence:
+        """The one place a prompt is checked, for every face."""
         vocab = self.model.config.vocab_size
-        if not isinstance(params, SamplingParams):
+        generates = params is not None
+        if generates and not isinstance(params, SamplingParams):
             raise GenerationError("submit: params must be SamplingParams")
+        if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise GenerationError("the prompt must be a list of int token ids")
         if not prompt:
             raise GenerationError("the prompt is empty; give at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise GenerationError(f"the prompt has a token id outside [0, {vocab})")
-        total = len(prompt) + params.max_tokens
+        max_tokens = params.max_tokens if generates else 0
+        total = len(prompt) + max_tokens
         if total > self.max_context:
+            if not generates:
+                raise GenerationError(
+                    f"the text has {len(prompt)} tokens, more than this engine's context of "
+                    f"{self.max_context} tokens"
+                )
             raise GenerationError(
-                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
+                f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: "
                 f"{total} is more than this model's context of {self.max_context} tokens; "
                 "shorten the prompt or lower max_tokens"
             )
@@ -301,11 +348,16 @@ class Engine:
                 f"the prompt and max_tokens need {total} tokens of KV cache but it holds "
                 f"{self.cache.num_blocks * self.cache.block_size}; lower max_tokens"
             )
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stream = Stream(len(prompt), loop)
         stream._engine = self
+        if not generates:
+            return _Sequence(list(prompt), SamplingParams(), reserve, True, False, stream=stream)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         text = SequenceText(self.tokenizer, params.stop)
-        return _Sequence(list(prompt), params, stream, text, frozenset(stop_ids), reserve)
+        return _Sequence(
+            list(prompt), params, reserve, prompt_logits, True,
+            stream=stream, text=text, stop_ids=frozenset(stop_ids),
+        )  # fmt: skip
 
     def _wake(self) -> None:
         with self._lock:
@@ -315,25 +367,55 @@ class Engine:
         rounds = (waiting + 1) / self.max_batch
         return max(1, min(60, math.ceil(rounds * self._seconds_per_request)))
 
-    # ---- the engine thread -----------------------------------------------------------
+    # ---- a step ---------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, run one forward, deliver tokens. False when there was nothing to run.
+        """Plan, run one forward, deliver tokens. False when there was nothing to run.
         The engine thread calls this in a loop; without `start()` a caller may drive the
-        engine itself (batch jobs, tests)."""
-        with self._lock:
-            self._drop_cancelled()
-            self._admit()
-            if not self._running:
-                return False
-        try:
-            with torch.inference_mode(), batch_invariant():
-                self._step()
-        except Exception as e:  # a failed step ends its sequences, not the engine
-            log.exception("engine step failed")
+        engine itself (the CLI, `LLM`, batch jobs, tests)."""
+        with self._step_lock:
             with self._lock:
-                for seq in list(self._running):
-                    self._finish(seq, Delta("", [], [], "error", f"{type(e).__name__}: {e}"))
-        return True
+                self._drop_cancelled()
+                budget = Budget(
+                    self.max_batch,
+                    self.cache.num_blocks - self._reserved,
+                    self.prefill_chunk,
+                    self.prefill_budget,
+                )
+                plan = schedule(self._running, self._waiting, budget)
+                for seq in plan.admitted:
+                    self._waiting.popleft()
+                    self._reserved += seq.reserve
+                    seq.started = time.monotonic()
+                    self._running.append(seq)
+                if not plan:
+                    return False
+            try:
+                with torch.inference_mode(), batch_invariant():
+                    sampled = self.runner.execute(plan.work)
+            except Exception as e:  # a failed step ends its sequences, not the engine
+                log.exception("engine step failed")
+                with self._lock:
+                    for w in plan.work:
+                        error = Delta("", [], [], "error", f"{type(e).__name__}: {e}")
+                        self._finish(w.seq, error)
+                return True
+            self._deliver(plan, sampled)
+            return True
+
+    def _deliver(self, plan, sampled) -> None:
+        for w in plan.work:  # prompts scored only: done once the prefill is
+            seq = w.seq
+            if not seq.generates and seq.cached >= seq.prompt_len:
+                logits = torch.cat(seq.prompt_logits)
+                with self._lock:
+                    self._finish(seq, Delta("", [], [], "length", prompt_logits=logits))
+        for s in sampled:
+            delta = self._text(s.seq, s.token, s.logprobs)
+            if delta.finish_reason is not None:
+                with self._lock:
+                    self._finish(s.seq, delta)
+            else:
+                s.seq.stream._push(delta)
 
     def _run(self) -> None:
         while True:
@@ -357,16 +439,6 @@ class Engine:
                 seq.stream._push(_END)
             self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
 
-    def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_batch:
-            seq = self._waiting[0]
-            if self._reserved + seq.reserve > self.cache.num_blocks:
-                break  # first come, first served: wait for blocks rather than overtake
-            self._waiting.popleft()
-            self._reserved += seq.reserve
-            seq.started = time.monotonic()
-            self._running.append(seq)
-
     def _finish(self, seq: _Sequence, last: Delta | None) -> None:
         """Remove a running (or waiting) sequence, free its blocks, end its stream."""
         if seq in self._running:
@@ -379,62 +451,17 @@ class Engine:
             seq.stream._push(last)
         seq.stream._push(_END)
 
-    def _step(self) -> None:
-        """One forward over every running sequence's next tokens, then sampling."""
-        with self._lock:
-            running = list(self._running)
-        segments, ids, logit_rows, scheduled, sampling = [], [], [], [], []
-        budget = self.prefill_budget
-        for seq in running:
-            if seq.prefilled:
-                tokens, rope_len = [seq.last_token], seq.cached + 1
-            else:
-                tokens = seq.prompt[seq.cached : seq.cached + self.prefill_chunk]
-                if len(tokens) > budget:
-                    continue
-                budget -= len(tokens)
-                rope_len = len(seq.prompt)  # a chunked prompt rotates as one forward
-            self.cache.grow(seq.table, seq.cached + len(tokens))
-            segments.append(Segment(seq.table, seq.cached, len(tokens), rope_len))
-            ids += tokens
-            scheduled.append((seq, len(tokens)))
-            if seq.cached + len(tokens) >= len(seq.prompt):
-                logit_rows.append(len(ids) - 1)
-                sampling.append(seq)
-        device = self.model.device
-        step = PackedStep(self.cache, segments, self.model.compute_dtype)
-        logits = self.model.forward_packed(
-            torch.tensor(ids, device=device),
-            step,
-            torch.tensor(logit_rows, dtype=torch.long, device=device),
-        ).float()
-        for seq, n in scheduled:
-            seq.cached += n
-        for j, seq in enumerate(sampling):
-            delta = self._sample(seq, logits[j : j + 1])
-            if delta.finish_reason is not None:
-                with self._lock:
-                    self._finish(seq, delta)
-            else:
-                seq.stream._push(delta)
-
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> Delta:
-        if seq.sampler is None:
-            seq.sampler = Sampler(
-                [seq.params], [seq.prompt], logits.shape[-1], device=logits.device
-            )
-        token = seq.sampler.sample(logits)
-        lps = []
-        if seq.params.logprobs is not None:
-            lps = [seq.sampler.logprobs(logits, token)[0]]
-        seq.sampler.update(token)
-        tok = int(token[0])
-        seq.last_token = tok
+    def _text(self, seq: _Sequence, token: int, lps: list[TokenLogprobs]) -> Delta:
+        """A sampled token -> the Delta for its stream: finish reason (stop token, stop
+        string, max_tokens) and the text it adds."""
         seq.generated += 1
         seq.stream.completion_tokens = seq.generated
-        by_token = tok in seq.stop_ids
+        by_token = token in seq.stop_ids
         finish = "stop" if by_token else None
         if finish is None and seq.generated >= seq.params.max_tokens:
             finish = "length"
-        text, finish = seq.text.add(tok, by_token, finish)
-        return Delta(text, [tok], lps, finish)
+        text, finish = seq.text.add(token, by_token, finish)
+        logits = None
+        if seq.want_prompt_logits and seq.generated == 1:
+            logits = torch.cat(seq.prompt_logits)
+        return Delta(text, [token], lps, finish, prompt_logits=logits)

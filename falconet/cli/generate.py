@@ -1,0 +1,109 @@
+"""`falconet generate` and `falconet chat`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from falconet.cli.common import (
+    Out,
+    add_model_flags,
+    add_sampling_flags,
+    load_model,
+    sampling_params,
+)
+from falconet.errors import FalconetError
+from falconet.tokenizer import FALLBACK_CHAT_STOP
+
+
+def add_parsers(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt")
+    gen.add_argument("prompt")
+    add_model_flags(gen)
+    add_sampling_flags(gen, max_tokens=64)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+    chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
+    add_model_flags(chat)
+    add_sampling_flags(chat, max_tokens=256)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+
+def cmd_generate(args: argparse.Namespace, out: Out) -> int:
+    params = sampling_params(args)  # validate flags before the (slow) load
+    llm = load_model(args)
+    if args.stream:
+        for piece in llm.stream(args.prompt, params=params):
+            out(piece)
+        out("\n")
+    else:
+        out(llm.complete([args.prompt], params)[0].text + "\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, out: Out) -> int:
+    import dataclasses
+
+    from falconet.errors import GenerationError
+
+    params = sampling_params(args)
+    llm = load_model(args)
+    context = llm.config.max_position_embeddings
+    if params.max_tokens >= context:
+        raise FalconetError(
+            f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
+            f"model's {context}-token context; use a smaller value"
+        )
+    if llm.tokenizer.chat_template is None:
+        params = dataclasses.replace(params, stop=(*params.stop, FALLBACK_CHAT_STOP))
+    history: list[dict] = []
+    out("falconet chat: /reset clears the history, Ctrl-C stops a reply, /exit or Ctrl-D quits\n")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            out("\n")
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            out("(history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            ids = fit_history(llm, args.system, history, context - params.max_tokens)
+        except GenerationError as e:
+            history.pop()
+            print(f"falconet: {e}", file=sys.stderr)
+            continue
+        out("falcon> ")
+        reply = ""
+        try:
+            for piece in llm.stream(ids, params=params):
+                reply += piece
+                out(piece)
+        except KeyboardInterrupt:  # stops this reply, not the session
+            out(" [stopped]")
+        out("\n")
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def fit_history(llm, system: str | None, history: list[dict], budget: int) -> list[int]:
+    """Prompt ids for the chat so far, dropping the oldest turns (never the system
+    prompt or the newest message) to fit `budget` tokens."""
+    from falconet.errors import GenerationError
+
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = llm.chat_prompt(messages)
+        if len(ids) <= budget:
+            return ids
+        if len(history) <= 1:
+            raise GenerationError(
+                f"that message makes a {len(ids)}-token prompt; with --max-tokens the budget is "
+                f"{budget} tokens: send a shorter message or lower --max-tokens"
+            )
+        del history[: 2 if len(history) > 2 else 1]  # the oldest user+assistant turn

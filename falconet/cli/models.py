@@ -1,0 +1,68 @@
+"""`falconet info` and `falconet convert`: describe a model, write it as GGUF."""
+
+from __future__ import annotations
+
+import argparse
+
+from falconet.cli.common import Out, add_model_flags, load_model, progress_bar
+
+
+def add_parsers(sub) -> None:
+    info = sub.add_parser("info", help="describe a model: variant, parameters, memory")
+    add_model_flags(info)
+
+    from falconet.weights.gguf import WRITE_TYPES
+
+    conv = sub.add_parser("convert", help="write a HF Falcon folder as a GGUF file for llama.cpp")
+    conv.add_argument("model", help="Hugging Face Falcon folder")
+    conv.add_argument("out", help="GGUF file to write")
+    conv.add_argument("--type", dest="qtype", default="f16", choices=list(WRITE_TYPES),
+                      help="weight type (default f16); quantized files keep the head in q8_0, as llama.cpp does")  # fmt: skip
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def quant_kernels() -> str:
+    import torch
+
+    from falconet.quant import kernels
+
+    if kernels.native is None:
+        return "PyTorch fallback (the compiled kernels were not built)"
+    return f"compiled CPU kernels ({kernels.native.simd()}, {torch.get_num_threads()} threads)"
+
+
+def cmd_info(args: argparse.Namespace, out: Out) -> int:
+    llm = load_model(args)
+    c, m = llm.config, llm.model
+    kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
+    mha_bytes = (
+        2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
+    )
+    rows = [
+        ("path", str(llm.path)),
+        ("variant", c.variant),
+        ("parameters", f"{m.num_parameters():,}"),
+        ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),
+        ("kernels", quant_kernels()),
+        ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
+        ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
+        ("context (max_position_embeddings)", str(c.max_position_embeddings)),
+        ("vocab", f"{c.vocab_size} (tokenizer {llm.tokenizer.vocab_size})"),
+        ("KV cache per token", f"{kv_bytes:,} bytes" + (f" ({mha_bytes // kv_bytes}x smaller than full MHA)" if mha_bytes > kv_bytes else "")),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out(f"{k:<{width}}  {v}\n")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, out: Out) -> int:
+    from falconet.weights.gguf import convert_hf_to_gguf
+
+    progress, close = progress_bar("convert")
+    try:
+        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite)
+    finally:
+        close()
+    out(f"wrote {args.out} ({args.qtype})\n")
+    return 0

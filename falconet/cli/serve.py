@@ -1,0 +1,60 @@
+"""`falconet serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from falconet.cli.common import Out, add_model_flags, load_model
+
+
+def add_parsers(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    add_model_flags(serve)
+    add_serve_flags(serve)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $FALCONET_API_KEY)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait; beyond that requests get 429")  # fmt: skip
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens (prompt + generated) per sequence (default: the model's context)")  # fmt: skip
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the model folder or file name)")  # fmt: skip
+    p.add_argument("--rag-store", default=None, metavar="DIR",
+                   help="serve /v1/rag/* over the RAG store in DIR (default: RAG routes off)")  # fmt: skip
+    p.add_argument("--rag-root", action="append", default=[], metavar="DIR",
+                   help="a folder whose files clients may ingest by path (repeatable)")  # fmt: skip
+    p.add_argument("--rag-max-upload-mb", type=int, default=50,
+                   help="largest file accepted by POST /v1/rag/documents (default 50)")  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace, out: Out) -> int:
+    import os
+    from pathlib import Path
+
+    from falconet.llm import DEFAULT_MODEL_DIR
+    from falconet.server.serve import ServerSettings, serve
+
+    name = args.served_model_name
+    if name is None:
+        name = (DEFAULT_MODEL_DIR if args.model is None else Path(args.model).expanduser()).name
+        name = name or Path(args.model).expanduser().resolve().name  # "." or "~/m/"
+    api_key = args.api_key
+    if api_key is None:  # an unset or empty variable means no key
+        api_key = os.environ.get("FALCONET_API_KEY") or None
+    settings = ServerSettings(
+        model_name=name, host=args.host, port=args.port, api_key=api_key,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+        rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
+        rag_max_upload_mb=args.rag_max_upload_mb,
+    )  # fmt: skip
+    llm = load_model(args)
+    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,105 @@
+"""The model runner: executes one step's plan and samples.
+
+It grows each scheduled sequence's model state (its KV blocks) to cover the new tokens,
+packs every sequence's new tokens into one row (decode tokens and prefill chunks side by
+side), runs the model once through `paged.PackedStep`, and samples per sequence with the
+sequence's own sampler and seeded generator. Everything it computes for a sequence
+depends only on that sequence (row-invariant Linear, per-sequence attention and
+sampling), so batching never changes a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from falconet.engine.paged import PackedStep, PagedKVCache, Segment
+from falconet.engine.scheduler import Work
+from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """What the runner keeps of a sequence between steps."""
+
+    prompt: list[int]
+    params: SamplingParams
+    reserve: int  # state units (KV blocks) promised for prompt + max_tokens
+    want_prompt_logits: bool = False  # keep the logits of every prompt position
+    generates: bool = True  # False: score the prompt only (perplexity, LLM.logits)
+    table: list[int] = field(default_factory=list)  # KV block table
+    cached: int = 0  # tokens in the KV cache
+    last_token: int = -1
+    sampler: Sampler | None = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # fp32 (n, V) chunks
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass
+class Sampled:
+    """The token a step produced for one sequence."""
+
+    seq: SequenceState
+    token: int
+    logprobs: list[TokenLogprobs]  # [one] when params.logprobs is set, else []
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedKVCache) -> None:
+        self.model, self.cache = model, cache
+
+    def execute(self, work: list[Work]) -> list[Sampled]:
+        """One forward over the planned tokens, then sampling for the sequences whose
+        prompt is done. Call inside `torch.inference_mode()` and `batch_invariant()`."""
+        segments, ids, logit_rows, scored = [], [], [], []
+        for w in work:
+            seq: SequenceState = w.seq  # type: ignore[assignment]
+            if seq.cached >= seq.prompt_len:  # decoding
+                tokens, rope_len = [seq.last_token], seq.cached + 1
+            else:
+                tokens = seq.prompt[seq.cached : seq.cached + w.tokens]
+                rope_len = seq.prompt_len  # a chunked prompt rotates as one forward
+            self.cache.grow(seq.table, seq.cached + len(tokens))
+            segments.append(Segment(seq.table, seq.cached, len(tokens), rope_len))
+            start = len(ids)
+            ids += tokens
+            prefilling = seq.cached < seq.prompt_len
+            rows = list(range(start, len(ids))) if prefilling and seq.want_prompt_logits else []
+            if w.samples and seq.generates and not rows:
+                rows = [len(ids) - 1]
+            logit_rows += rows
+            scored.append((seq, len(tokens), len(rows), w.samples))
+        device = self.model.device
+        step = PackedStep(self.cache, segments, self.model.compute_dtype)
+        logits = self.model.forward_packed(
+            torch.tensor(ids, device=device),
+            step,
+            torch.tensor(logit_rows, dtype=torch.long, device=device),
+        ).float()
+        out, at = [], 0
+        for seq, n, rows, samples in scored:
+            mine = logits[at : at + rows]
+            at += rows
+            if seq.want_prompt_logits and seq.cached < seq.prompt_len:
+                seq.prompt_logits.append(mine)
+            seq.cached += n
+            if samples and seq.generates:
+                out.append(self._sample(seq, mine[-1:]))
+        return out
+
+    def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:
+        if seq.sampler is None:
+            seq.sampler = Sampler(
+                [seq.params], [seq.prompt], logits.shape[-1], device=logits.device
+            )
+        token = seq.sampler.sample(logits)
+        lps = []
+        if seq.params.logprobs is not None:
+            lps = [seq.sampler.logprobs(logits, token)[0]]
+        seq.sampler.update(token)
+        seq.last_token = int(token[0])
+        return Sampled(seq, seq.last_token, lps)
