@@ -28,8 +28,9 @@ class GenerationError(FalconetError):
 
 
 class RagError(FalconetError):
-    """A retrieval (RAG) problem: a store, an embedder or a document that cannot be used."""
+    """A retrieval (RAG) problem: a store or an embedder that cannot be used."""
 
 
-class LoaderError(RagError):
-    """A document that cannot be loaded (unsupported, unreadable, too big, binary, encrypted, empty)."""
+class LoaderError(FalconetError):
+    """A document that cannot be read (unsupported, unreadable, too big, binary, encrypted,
+    empty): raised by `documents.py` for every face that reads files (rag, train)."""

@@ -134,7 +134,10 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
     "make, error",
     [
         (lambda d: (d / "empty.txt").write_text("  \n"), "no text found"),
-        (lambda d: (d / "bin.txt").write_bytes(b"\x00\x01\x02" * 100), "1 binary or non-UTF-8"),
+        (
+            lambda d: (d / "bin.txt").write_bytes(b"\x00\x01\x02" * 100),
+            r"1 skipped \(.*bin\.txt looks binary",
+        ),
         (lambda d: (d / "short.txt").write_text("just a few words"), "too few for two blocks"),
         (
             lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n'),
@@ -190,6 +193,31 @@ def test_corpus_reading(corpus):
     assert "a JSONL record with a byte order mark" in docs
     assert not any("never trained on" in d for d in docs)  # hidden folders are skipped
     assert not any(d.startswith("\ufeff") for d in docs)
+
+
+def test_corpus_reading_through_the_shared_reader(tmp_path):
+    from falconet.train.data import read_corpus
+
+    d = tmp_path / "data"
+    (d / "b").mkdir(parents=True)
+    (d / "a.txt").write_bytes("caf\u00e9 in cp1252".encode("cp1252"))
+    (d / "b" / "guide.rst").write_text("Guide\n=====\n")
+    records = '{"text": "UTF-16 record \u6771\u4eac"}\r\n{"text": "one\u2028line"}\r\n'
+    (d / "c.jsonl").write_bytes(records.encode("utf-16"))
+    (d / "d.html").write_text("<h1>Kept</h1><script>var lost = 1;")
+    (d / "e.txt").write_text(" \n")
+    os.mkfifo(d / "f.txt")
+    (tmp_path / "notes.csv").write_text("x;y\r\n")  # named on its own: read as plain text
+    logs: list[str] = []
+    corpus = read_corpus([d, tmp_path / "notes.csv"], warn=logs.append)
+    # Sorted paths (b/guide.rst between a.txt and c.jsonl), decoded as rag decodes them.
+    from_jsonl = ["UTF-16 record 東京", "one\u2028line"]  # not split at U+2028
+    assert corpus.documents == ["café in cp1252", "Guide\n=====\n", *from_jsonl, "Kept", "x;y\n"]
+    assert corpus.skipped == [
+        (d / "e.txt", f"{d / 'e.txt'} is empty (no text in it)"),
+        (d / "f.txt", f"{d / 'f.txt'} is not a regular file"),
+    ]
+    assert logs == [f"{d / 'd.html'}: an unclosed <script> hides the rest of the page"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

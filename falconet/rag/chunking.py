@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from falconet.rag.loaders import Document
+from falconet.documents import Document
 
 # Boundary strengths.
 CHAR, WORD, LINE, SENTENCE, PARAGRAPH, HEADING, END = range(7)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from falconet.errors import LoaderError, RagError
 from falconet.rag.chunking import chunk_document
 from falconet.rag.embed import Embedder
-from falconet.rag.loaders import SUPPORTED_SUFFIXES, file_sha256, load_document
+from falconet.rag.loaders import file_sha256, find_documents, load_document
 from falconet.rag.store import DocMeta, DocumentStore, document_id
 
 # progress(files done, files in all, the file just done or None when starting)
@@ -86,7 +86,7 @@ def ingest(
         path = Path(p).expanduser()
         if not path.exists():
             raise RagError(f"{p}: no such file or folder")
-        files.extend(_walk(path) if path.is_dir() else [path.resolve()])
+        files.extend(find_documents(path) if path.is_dir() else [path.resolve()])
     _finish_embedder_switch(store, embedder, report)
     _ingest_files(
         store, list(dict.fromkeys(files)), embedder, chunking, max_bytes, progress, report
@@ -112,7 +112,7 @@ def sync(
         raise RagError(f"{folder}: not a folder (sync takes a folder; use ingest for files)")
     root = root.resolve()
     report = IngestReport()
-    files = list(_walk(root))
+    files = find_documents(root)
     present = {str(f) for f in files}
     if progress:
         progress(0, len(files), None)
@@ -142,7 +142,7 @@ def _ingest_files(
             _ingest_one(store, path, embedder, chunking, max_bytes, report)
         except OSError as e:  # vanished or unreadable between the walk and the read
             report.skipped.append((str(path), e.strerror or str(e)))
-        except RagError as e:  # LoaderError: binary, too big, broken PDF, empty, ...
+        except (LoaderError, RagError) as e:  # binary, too big, broken PDF, empty, ...
             report.skipped.append((str(path), str(e)))
         if progress:
             progress(i + 1, len(files), str(path))
@@ -211,15 +211,8 @@ def _finish_embedder_switch(store: DocumentStore, embedder: Embedder, report: In
     store.set_embedder(embedder.id, embedder.dim)
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Supported files under `folder`, sorted, skipping hidden files and folders (such as
-    .git and the store's own .falconet-rag)."""
-    folder = folder.resolve()
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(SUPPORTED_SUFFIXES):
-                yield Path(dirpath, name).resolve()
+# The name server/rag_routes.py imports; loaders.find_documents is the one to use.
+_walk = find_documents
 
 
 def _is_under(source: str, root: Path) -> bool:

@@ -1,9 +1,11 @@
 """Training data: read a corpus, train a byte-level BPE tokenizer, pack token blocks.
 
-A corpus is a folder (or list) of .txt / .md / .html files, or a JSONL file of
-{"text": ...} records. Documents are read in sorted path order and joined with the eos
-token, so the token stream (and with a seed, the batch order) is the same on every run
-and on resume.
+A corpus is a folder (or list) of .txt / .md / .rst / .html files, or a JSONL file of
+{"text": ...} records. Files are read by the shared reader (`falconet.documents`, as
+`rag` reads them: the same decoding, the same visible text of an HTML page); a file it
+refuses (binary, unreadable, empty) is skipped and reported. Documents are read in sorted
+path order and joined with the eos token, so the token stream (and with a seed, the batch
+order) is the same on every run and on resume.
 """
 
 from __future__ import annotations
@@ -12,19 +14,28 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from falconet.errors import FalconetError
+from falconet.documents import (
+    DOCUMENT_SUFFIXES,
+    HTML_SUFFIXES,
+    MARKDOWN_SUFFIXES,
+    PLAIN_TEXT_SUFFIXES,
+    find_documents,
+    load_document,
+    read_text,
+)
+from falconet.errors import FalconetError, LoaderError
 from falconet.tokenizer import Tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
-HTML_SUFFIXES = (".html", ".htm")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# What a folder's walk takes. A file named on its own is read whatever its type: a PDF as
+# a PDF, an unknown type as plain text.
+CORPUS_SUFFIXES = PLAIN_TEXT_SUFFIXES + MARKDOWN_SUFFIXES + HTML_SUFFIXES + JSONL_SUFFIXES
 
 # Falcon's tokenizer: the 11 prompt-format specials, then <|endoftext|> (id 11) as eos.
 SPECIAL_TOKENS = (">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<",
@@ -37,80 +48,11 @@ class DataError(FalconetError):
     """A corpus that cannot be trained on (empty, unreadable, too small)."""
 
 
-HIDDEN_TAGS = ("script", "style", "noscript", "template")
-BLOCK_TAGS = ("p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "pre", "section",
-              "table", "dd", "dt", "blockquote", "article", "header", "footer", "ul", "ol")  # fmt: skip
-
-
-class _VisibleText(HTMLParser):
-    """The text a browser would show: no <script>, <style> or markup."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "noscript", "template"):
-            self._skip += 1
-        elif tag in (
-            "p",
-            "div",
-            "br",
-            "li",
-            "h1",
-            "h2",
-            "h3",
-            "h4",
-            "h5",
-            "h6",
-            "tr",
-            "pre",
-            "section",
-        ):
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in ("script", "style", "noscript", "template") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data):
-        if not self._skip:
-            self.parts.append(data)
-
-
-def html_to_text(html: str) -> tuple[str, bool]:
-    """Visible text, and whether a <script>/<style> was left open (its rest was dropped)."""
-    parser = _VisibleText()
-    parser.feed(html)
-    parser.close()
-    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
-    return "\n".join(line for line in lines if line), parser._skip > 0
-
-
-def _read_text_file(path: Path, warn: Callable[[str], None]) -> str | None:
-    """The file's text, or None when it is binary (a NUL byte or not UTF-8)."""
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        return None
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte order mark is not text
-    except UnicodeDecodeError:
-        return None
-    if path.suffix.lower() in HTML_SUFFIXES:
-        text, unclosed = html_to_text(text)
-        if unclosed:
-            warn(f"{path}: an unclosed <script> or <style> hides the rest of the page")
-    return text
-
-
 def _read_jsonl(path: Path) -> list[str]:
+    # No size limit: a corpus file is read whole into memory in any case.
+    lines = read_text(path, max_bytes=None).split("\n")  # not splitlines(): U+2028 is text
     docs = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -129,26 +71,27 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
+def _read_file(path: Path, warn: Callable[[str], None]) -> list[str]:
+    """The documents in one corpus file; LoaderError if the reader refuses it."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return [d for d in _read_jsonl(path) if d.strip()]
+    if suffix not in DOCUMENT_SUFFIXES:  # named on its own: plain text
+        return [read_text(path, max_bytes=None)]
+    doc = load_document(path, max_bytes=None)
+    for message in doc.warnings:
+        warn(message)
+    return [doc.text]
+
+
 @dataclass
 class Corpus:
     documents: list[str]
-    skipped: list[Path]  # binary or undecodable files, reported to the user
+    skipped: list[tuple[Path, str]]  # (file, why: the reader's message, naming the file)
 
     @property
     def chars(self) -> int:
         return sum(len(d) for d in self.documents)
-
-
-def _corpus_files(folder: Path) -> list[Path]:
-    """Text files under `folder`, sorted, skipping hidden entries (.git, .venv, ...)."""
-    suffixes = TEXT_SUFFIXES + HTML_SUFFIXES + JSONL_SUFFIXES
-    return sorted(
-        f
-        for f in folder.rglob("*")
-        if f.is_file()
-        and f.suffix.lower() in suffixes
-        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
-    )
 
 
 def read_corpus(paths: list[Path], warn: Callable[[str], None] = lambda _m: None) -> Corpus:
@@ -157,30 +100,24 @@ def read_corpus(paths: list[Path], warn: Callable[[str], None] = lambda _m: None
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files += _corpus_files(p)
-        elif p.is_file():
+            files += find_documents(p, CORPUS_SUFFIXES)
+        elif p.exists():
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
     docs: list[str] = []
-    skipped: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for f in files:
         try:
-            if f.suffix.lower() in JSONL_SUFFIXES:
-                docs += [d for d in _read_jsonl(f) if d.strip()]
-                continue
-            text = _read_text_file(f, warn)
-        except OSError as e:
-            raise DataError(f"{f}: cannot be read ({e.strerror})") from None
-        if text is None:
-            skipped.append(f)
-        elif text.strip():
-            docs.append(text)
+            docs += _read_file(f, warn)
+        except LoaderError as e:
+            skipped.append((f, str(e)))
     if not docs:
         where = ", ".join(str(p) for p in paths)
+        why = f"; {len(skipped)} skipped ({skipped[0][1]}{', ...' if len(skipped) > 1 else ''})"
         raise DataError(
             f"no text found in {where}"
-            + (f" ({len(skipped)} binary or non-UTF-8 files skipped)" if skipped else "")
+            + (why if skipped else "")
             + '; give .txt/.md/.html files or a JSONL of {"text": ...}'
         )
     return Corpus(docs, skipped)

@@ -241,8 +241,8 @@ class Trainer:
                 f"{self.run_dir} holds a run; pass --resume to continue it, or delete the folder"
             )
         corpus = read_corpus([Path(p) for p in s.data], warn=self.log)
-        for f in corpus.skipped:
-            self.log(f"skipped {f}: binary or not UTF-8 text")
+        for _, why in corpus.skipped:  # the reader's messages name the file
+            self.log(f"skipped {why}")
         if saved is not None:
             self.tokenizer = Tokenizer(
                 _backend_from_str(saved["tokenizer"]),
