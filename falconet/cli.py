@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from falconet.errors import FalconetError
+from falconet.tokenizer import FALLBACK_CHAT_STOP
 
 EXIT_USAGE = 2
 
@@ -224,11 +225,6 @@ def cmd_generate(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     else:
         out(llm.complete([args.prompt], params)[0].text + "\n")
     return 0
-
-
-# Without a chat template, Falcon-instruct's "User: ...\nFalcon:" format is used; the
-# model would go on to write the user's next turn, so that turn ends the reply.
-FALLBACK_CHAT_STOP = "\nUser:"
 
 
 def cmd_chat(args: argparse.Namespace, out: Callable[[str], None]) -> int:
