@@ -33,6 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from falconet import __version__
 from falconet.engine import Delta, Engine, QueueFull, Stream
 from falconet.errors import FalconetError
 from falconet.server import metrics as metrics_mod
@@ -400,7 +401,12 @@ def create_app(
     # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is served.
     summary = "OpenAI-compatible API over a Falcon model"
     app = FastAPI(
-        title="falconet", summary=summary, docs_url=None, redoc_url=None, **_no_telemetry()
+        title="falconet",
+        version=__version__,
+        summary=summary,
+        docs_url=None,
+        redoc_url=None,
+        **_no_telemetry(),
     )
     app.state.server = srv
     app.state.max_body_bytes = max_body_bytes  # read by JSONBodyRoute
