@@ -83,6 +83,7 @@ def _json_error(exc: APIError) -> JSONResponse:
 
 class _Gate:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnect detection):
+    notes when a request arrived (`request.state.arrived`, before its body is read),
     checks the API key and counts every answered request by endpoint and status."""
 
     def __init__(self, app: Any, metrics: metrics_mod.Metrics, api_key: str | None) -> None:
@@ -101,6 +102,7 @@ class _Gate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()
         path = scope["path"]
         endpoint = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/")
                                                 else "other")  # fmt: skip
@@ -435,14 +437,12 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
-        request.state.arrived = time.perf_counter()
         req = parse_completion(body, srv.tokenizer, srv.vocab_size, engine.max_context,
                                model_name)  # fmt: skip
         return await srv.generate(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        request.state.arrived = time.perf_counter()
         req = parse_chat(body, srv.tokenizer, engine.max_context, model_name)
         return await srv.generate(request, req, chat=True)
 

@@ -116,6 +116,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         message = f"'{param}' {msg}" if param else f"the request body {msg}"
     elif first.get("type") == "missing":
         message = f"'{param}' is required"
+    elif first.get("type") == "extra_forbidden":
+        message = f"'{param}' is not a field of this request; leave it out"
     else:  # pydantic's own words, for anything the fields below do not phrase themselves
         message = f"'{param}': {msg}" if param else f"invalid request: {msg}"
     return bad(message, param or None)
@@ -208,8 +210,8 @@ class _ParsedRequest(Request):
 
 
 class JSONBodyRoute(APIRoute):
-    """A route whose body model FastAPI validates gets the body read by
-    `read_json_object` first, up to the app's `state.max_body_bytes`."""
+    """A route with a body model gets its body read (up to the app's
+    `state.max_body_bytes`) and parsed here, before FastAPI validates it."""
 
     def get_route_handler(self) -> Callable:
         handle = super().get_route_handler()
