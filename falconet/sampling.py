@@ -14,6 +14,7 @@ exactly as HF's Python-float arithmetic does.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import secrets
@@ -23,10 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from falconet.errors import GenerationError
-
-MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
 
 RowParam = float | Sequence[float] | torch.Tensor
 
@@ -40,21 +37,103 @@ def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-# field: (type, valid, allowed range as told to the user). NaN fails every comparison.
-_NUMBER_FIELDS = {
-    "max_tokens": (int, lambda v: v >= 1, "an int >= 1"),
-    "temperature": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
-    "top_k": (int, lambda v: v >= 0, "an int >= 0 (0 = off)"),
-    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
-    "repetition_penalty": (float, lambda v: 0 < v < math.inf, "a finite number > 0 (1 = off)"),
+# --- the request rules -------------------------------------------------------------
+# One table for every face that takes sampling settings: SamplingParams checks it, the
+# OpenAI API and the RAG query route build their pydantic fields (and /openapi.json its
+# bounds) from it, and the CLI's flags end in SamplingParams. Messages come from
+# `must_be`, so each face says the same words about the same value.
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_STOP_STRINGS = 16  # OpenAI takes 4 and vLLM has no cap; each one costs a scan per token
+MAX_STOP_LENGTH = 256  # characters per stop string
+# torch.Generator.manual_seed takes any signed or unsigned 64-bit int (two's complement:
+# -1 and 2**64 - 1 are one seed), which covers OpenAI's and vLLM's int64 seeds.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A numeric sampling field: its type, its bounds, and the range as told to users.
+    Float fields must also be finite; `None` is allowed only where `optional`."""
+
+    kind: type  # int or float
+    allowed: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    optional: bool = False  # None means off
+
+    def ok(self, value: object) -> bool:
+        if self.kind is int:
+            if not _is_int(value):
+                return False
+        elif not _is_real(value) or not _finite(value):  # NaN fails every comparison too
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def bounds(self) -> dict[str, float]:
+        """The bounds as pydantic `Field` arguments (ge, gt, le)."""
+        return {k: v for k in ("ge", "gt", "le") if (v := getattr(self, k)) is not None}
+
+
+RULES: dict[str, Rule] = {
+    "max_tokens": Rule(int, "an integer >= 1", ge=1),
+    "temperature": Rule(float, "a finite number >= 0 (0 = greedy)", ge=0),
+    "top_k": Rule(int, "an integer >= 0 (0 = off)", ge=0),
+    "top_p": Rule(float, "a number in (0, 1] (1 = off)", gt=0, le=1),
+    "min_p": Rule(float, "a number in [0, 1] (0 = off)", ge=0, le=1),
+    "repetition_penalty": Rule(float, "a finite number > 0 (1 = off)", gt=0),
     # OpenAI's bounds for its two penalties.
-    "presence_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
-    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
-    # What torch.Generator.manual_seed takes: any signed or unsigned 64-bit int.
-    "seed": (int, lambda v: -(2**63) <= v < 2**64, "None or an int in [-2**63, 2**64)"),
-    "logprobs": (int, lambda v: 0 <= v <= MAX_LOGPROBS, f"None or an int in [0, {MAX_LOGPROBS}]"),
-}
+    "presence_penalty": Rule(float, "a number in [-2, 2] (0 = off)", ge=-2, le=2),
+    "frequency_penalty": Rule(float, "a number in [-2, 2] (0 = off)", ge=-2, le=2),
+    "seed": Rule(int, "an integer in [-2**63, 2**64)", ge=SEED_MIN, le=SEED_MAX, optional=True),
+    "logprobs": Rule(int, f"an integer in [0, {MAX_LOGPROBS}]", ge=0, le=MAX_LOGPROBS,
+                     optional=True),
+}  # fmt: skip
+STOP_ALLOWED = (
+    f"a string or a list of at most {MAX_STOP_STRINGS} strings, each 1 to {MAX_STOP_LENGTH} "
+    "characters long"
+)
+STOP_TOKEN_IDS_ALLOWED = "a list of token ids (integers >= 0)"
+
+
+def _finite(x: numbers.Real) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def show(value: object) -> str:
+    """A value as the user wrote it (JSON), cut short."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def must_be(allowed: str, value: object) -> str:
+    """The tail of every message about a value outside its rule."""
+    return f"must be {allowed}; got {show(value)}"
+
+
+def stop_strings(stop: object) -> tuple[str, ...] | None:
+    """`stop` (one string or a list of them) as a tuple, or None when it breaks the rule."""
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS:
+        return None
+    if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop):
+        return None
+    return tuple(stop)
+
+
+def seed_for_choice(seed: int, j: int) -> int:
+    """The seed of choice j of a seeded request: seed + j, wrapped into torch's 64-bit
+    seed space, so every allowed seed has successors."""
+    s = seed + j
+    return s - 2**64 if s > SEED_MAX else s
 
 
 GREEDY_BELOW = 1e-5
@@ -80,30 +159,28 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> GenerationError:
-            return GenerationError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
+            return GenerationError(f"'{field}' {must_be(allowed, getattr(self, field))}")
 
         def set_(field: str, value: object) -> None:
             object.__setattr__(self, field, value)  # frozen: normalise once, here
 
-        for field, (kind, valid, allowed) in _NUMBER_FIELDS.items():
+        for field, rule in RULES.items():
             value = getattr(self, field)
-            if value is None and field in ("seed", "logprobs"):
+            if value is None and rule.optional:
                 continue
-            if not (_is_int if kind is int else _is_real)(value) or not valid(value):
-                raise bad(field, allowed)
-            set_(field, kind(value))  # numpy scalars and int temperatures become plain
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS:
-            raise bad("stop", f"a string or a list of at most {MAX_STOP_STRINGS} strings")
-        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop):
-            raise bad("stop", f"non-empty strings of at most {MAX_STOP_LENGTH} characters")
-        set_("stop", tuple(stop))
+            if not rule.ok(value):
+                raise bad(field, rule.allowed)
+            set_(field, rule.kind(value))  # numpy scalars and int temperatures become plain
+        stop = stop_strings(self.stop)
+        if stop is None:
+            raise bad("stop", STOP_ALLOWED)
+        set_("stop", stop)
         ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise bad("stop_token_ids", "a list of ints >= 0")
+            raise bad("stop_token_ids", STOP_TOKEN_IDS_ALLOWED)
         set_("stop_token_ids", tuple(int(i) for i in ids))
         if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "True or False")
+            raise bad("ignore_eos", "true or false")
 
     @property
     def greedy(self) -> bool:

@@ -31,9 +31,9 @@ from falconet.errors import TokenizerError
 __all__ = ["StreamDecoder", "Tokenizer"]
 
 CHAT_ROLES = ("system", "user", "assistant")
-
-# Without a chat template, Falcon-instruct's "User: ...\nFalcon:" format is used; the
-# model would go on to write the user's next turn, so that turn ends the reply.
+# Without a chat template, chats use the Falcon-instruct format ("User: ...\nFalcon:", see
+# `Tokenizer.apply_chat_template`); the model would go on to write the user's next turn,
+# so that turn ends a reply (the CLI's chat and the server's /v1/chat/completions).
 FALLBACK_CHAT_STOP = "\nUser:"
 
 # Exceptions a broken or hostile chat template can raise while rendering. Templates are

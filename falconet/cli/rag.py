@@ -17,6 +17,8 @@ EXCERPT_CHARS = 240
 
 
 def add_rag_parser(sub, parser_class) -> None:
+    from falconet.rag.retrieve import DEFAULT_MODE, MODES
+
     rag = sub.add_parser("rag", help="retrieval over your own documents (ingest, sync, search)")
     cmds = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class,
                               metavar="{ingest,sync,list,remove,search}")  # fmt: skip
@@ -37,7 +39,7 @@ def add_rag_parser(sub, parser_class) -> None:
     search = command("search", help="the passages that best match a query")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5, help="passages to show (default 5)")
-    search.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"],
+    search.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,
                         help="hybrid (default) fuses bm25 and vector rankings (RRF, k=60)")  # fmt: skip
     search.add_argument("--ann", action="store_true",
                         help="vector candidates from an approximate usearch index (cached "
@@ -45,7 +47,7 @@ def add_rag_parser(sub, parser_class) -> None:
     ask = command("ask", help="answer a question from the store's passages, citing them as [n]")
     ask.add_argument("question")
     ask.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
-    ask.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"])
+    ask.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     ask.add_argument("--ann", action="store_true", help="as for `rag search`")
     ask.add_argument("--max-tokens", type=int, default=128, help="answer length (default 128)")
     ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -151,7 +153,7 @@ def cmd_remove(args: argparse.Namespace, out: Out) -> int:
 
 def _search(args: argparse.Namespace, query: str) -> list:
     from falconet.errors import RagError
-    from falconet.rag.retrieve import search
+    from falconet.rag.retrieve import needs_embedder, search
 
     if args.k < 1:
         raise RagError(f"-k must be at least 1, got {args.k}")
@@ -159,7 +161,7 @@ def _search(args: argparse.Namespace, query: str) -> list:
         if store.embedder_id is None:  # nothing ingested yet
             return []
         embedder = None
-        if args.mode != "bm25":
+        if needs_embedder(args.mode):
             from falconet.rag.embed import default_embedder
 
             embedder = default_embedder()

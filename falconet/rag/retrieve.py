@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from falconet.errors import RagError
 from falconet.rag.embed import Embedder
 from falconet.rag.store import DocumentStore, Hit
 
 RRF_K = 60
-MODES = ("hybrid", "bm25", "vector")
+# The search modes, for `search`, `falconet rag search/ask --mode` and POST /v1/rag/query.
 Mode = Literal["hybrid", "bm25", "vector"]
+MODES: tuple[str, ...] = get_args(Mode)
+DEFAULT_MODE: Mode = "hybrid"
+
+
+def needs_embedder(mode: str) -> bool:
+    """Whether a search in `mode` embeds the query (every mode but BM25 does)."""
+    return mode != "bm25"
 
 
 def reciprocal_rank_fusion(
@@ -35,7 +42,7 @@ def search(
     store: DocumentStore,
     query: str,
     k: int = 5,
-    mode: Mode = "hybrid",
+    mode: Mode = DEFAULT_MODE,
     embedder: Embedder | None = None,
     candidates: int | None = None,
     ann: bool = False,
@@ -48,7 +55,7 @@ def search(
         raise RagError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
     if k < 1:
         raise RagError(f"k must be at least 1, got {k}")
-    if mode == "bm25":
+    if not needs_embedder(mode):
         return store.search_bm25(query, k)
     if embedder is None:
         raise RagError(f"{mode} search needs an embedder")

@@ -5,7 +5,8 @@
     POST /v1/chat/completions          messages -> assistant message, streamed or not
     POST /tokenize, /detokenize        the server's tokenizer (vLLM's endpoints)
     GET  /health                       200 while the engine thread runs (never needs a key)
-    GET  /metrics                      Prometheus text
+    GET  /metrics                      Prometheus text (prometheus_client)
+    GET  /openapi.json                 the API's OpenAPI schema, request bodies included
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx
 status for a bad request; nothing a client sends reaches the process as an unhandled
@@ -28,26 +29,34 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from falconet import __version__
 from falconet.engine import Delta, Engine, QueueFull, Stream
 from falconet.errors import FalconetError
 from falconet.server import metrics as metrics_mod
+from falconet.server.generation import (
+    GenerationRequest,
+    chat_prompt,
+    check_model,
+    check_token_ids,
+    parse_chat,
+    parse_completion,
+)
 from falconet.server.protocol import (
     MAX_BODY_BYTES,
     APIError,
-    GenerationRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    JSONBodyRoute,
+    TokenizeRequest,
     bad,
-    chat_messages,
-    chat_prompt,
-    check_model,
-    check_text,
-    check_token_ids,
     error_body,
-    parse_chat,
-    parse_completion,
-    parse_json_object,
+    read_json_object,
+    validation_error,
 )
 from falconet.server.rag_routes import RagSettings, register_rag_routes
 from falconet.server.responses import DONE, Formatter, TokenStrings, sse, usage
@@ -55,12 +64,9 @@ from falconet.server.responses import DONE, Formatter, TokenStrings, sse, usage
 log = logging.getLogger("falconet.server")
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-          "/health", "/metrics")  # fmt: skip
+          "/health", "/metrics", "/openapi.json")  # fmt: skip
 OPEN_ROUTES = ("/health",)  # answered without the API key (load balancers probe it)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
-# A body that announces more than this is refused without reading it; up to this, an
-# oversized body is read to its end first so the client sees the 413 rather than a reset.
-DRAIN_LIMIT = 64 * 2**20
 
 
 def _sanitize(message: str) -> str:
@@ -77,6 +83,7 @@ def _json_error(exc: APIError) -> JSONResponse:
 
 class _Gate:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnect detection):
+    notes when a request arrived (`request.state.arrived`, before its body is read),
     checks the API key and counts every answered request by endpoint and status."""
 
     def __init__(self, app: Any, metrics: metrics_mod.Metrics, api_key: str | None) -> None:
@@ -95,6 +102,7 @@ class _Gate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()
         path = scope["path"]
         endpoint = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/")
                                                 else "other")  # fmt: skip
@@ -234,25 +242,8 @@ class _Server:
         self.created = int(time.time())
 
     async def body(self, request: Request) -> dict[str, Any]:
-        """The JSON object body, read up to the size limit (413 beyond it)."""
-        limit = self.max_body_bytes
-        too_big = APIError(413, f"the request body is larger than {limit} bytes; send less")
-        length = request.headers.get("content-length")
-        announced = int(length) if length is not None and length.isdigit() else None
-        if announced is not None and announced > DRAIN_LIMIT:
-            too_big.headers["Connection"] = "close"
-            raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > DRAIN_LIMIT:
-                too_big.headers["Connection"] = "close"
-                raise too_big
-        if size > limit:
-            raise too_big
-        return parse_json_object(b"".join(chunks))
+        """The JSON object body of a route that reads its own (413 beyond the limit)."""
+        return await read_json_object(request, self.max_body_bytes)
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
@@ -409,9 +400,19 @@ def create_app(
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`."""
     metrics = metrics or metrics_mod.Metrics()
     srv = _Server(engine, model_name, max_body_bytes, metrics)
-    app = FastAPI(title="falconet", docs_url=None, redoc_url=None, openapi_url=None,
-                  **_no_telemetry())  # fmt: skip
+    # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is served.
+    summary = "OpenAI-compatible API over a Falcon model"
+    app = FastAPI(
+        title="falconet",
+        version=__version__,
+        summary=summary,
+        docs_url=None,
+        redoc_url=None,
+        **_no_telemetry(),
+    )
     app.state.server = srv
+    app.state.max_body_bytes = max_body_bytes  # read by JSONBodyRoute
+    app.router.route_class = JSONBodyRoute  # before any route is added
     app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
     _install_error_handlers(app)
 
@@ -421,11 +422,9 @@ def create_app(
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> Response:
-        s = engine.stats()
-        text = metrics.render(s.running, s.queued, s.max_batch, s.max_queue)
-        return PlainTextResponse(text, media_type=metrics_mod.CONTENT_TYPE)
+        return Response(metrics.exposition(engine.stats()), media_type=metrics_mod.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -433,49 +432,75 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        check_model({"model": model_id}, model_name)
+        check_model(model_id, model_name)
         return JSONResponse(srv.model_card())
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        request.state.arrived = time.perf_counter()
-        body = await srv.body(request)
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         req = parse_completion(body, srv.tokenizer, srv.vocab_size, engine.max_context,
                                model_name)  # fmt: skip
         return await srv.generate(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        request.state.arrived = time.perf_counter()
-        body = await srv.body(request)
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         req = parse_chat(body, srv.tokenizer, engine.max_context, model_name)
         return await srv.generate(request, req, chat=True)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        body = await srv.body(request)
-        check_model(body, model_name)
-        if "messages" in body:
-            ids = chat_prompt(srv.tokenizer, chat_messages(body))
-        elif isinstance(body.get("prompt"), str):
-            ids = srv.tokenizer.encode(check_text(body["prompt"], "prompt"))
+    async def tokenize(body: TokenizeRequest) -> Response:
+        check_model(body.model, model_name)
+        if body.messages is not None:
+            ids = chat_prompt(srv.tokenizer, body.messages)
+        elif body.prompt is not None:
+            ids = srv.tokenizer.encode(body.prompt)
         else:
             raise bad('send {"prompt": str} or {"messages": [...]}', "prompt")
         return JSONResponse({"tokens": ids, "count": len(ids),
                              "max_model_len": engine.max_context})  # fmt: skip
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        body = await srv.body(request)
-        check_model(body, model_name)
-        ids = body.get("tokens")
-        if not isinstance(ids, list):
-            raise bad("'tokens' must be an array of token ids", "tokens")
-        ids = check_token_ids(ids, srv.vocab_size, "tokens")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        check_model(body.model, model_name)
+        ids = check_token_ids(body.tokens, srv.vocab_size, "tokens")
         return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
 
     register_rag_routes(app, srv, rag)  # /v1/rag/*: 404 unless started with --rag-store
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the 400 this server answers for a body that fails
+    validation in place of FastAPI's 422 (see the RequestValidationError handler)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+    )
+    error = {
+        "description": "OpenAI-shaped error naming the invalid field in `param`",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            if operation.get("responses", {}).pop("422", None) is not None:
+                operation["responses"]["400"] = error
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    nullable = {"type": ["string", "null"]}
+    fields = {
+        "message": {"type": "string"},
+        "type": {"type": "string"},
+        "param": nullable,
+        "code": nullable,
+    }
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {"error": {"type": "object", "properties": fields}},
+    }
+    app.openapi_schema = schema
+    return schema
 
 
 def _no_telemetry() -> dict[str, Any]:
@@ -505,12 +530,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
-        return _json_error(bad(message, param))
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        return _json_error(validation_error(exc.errors()))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

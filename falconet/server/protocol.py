@@ -1,34 +1,64 @@
-"""Requests of the OpenAI-compatible server: JSON bodies -> validated generation requests.
+"""The server's wire protocol: request bodies as pydantic models, and OpenAI-shaped errors.
 
-Validation is by hand, field by field, so that every error names the field the way the
-OpenAI API does (`param`) and says what values it takes. The ranges are the ones
-`SamplingParams` enforces (OpenAI's where OpenAI has one); SamplingParams still runs
-last, as a second guard. Fields the server cannot honour (`echo`, `suffix`, `best_of`,
-`tools`, ...) are refused with 400 instead of being silently ignored; fields that do not
-change the output (`user`, `metadata`, ...) are ignored, as unknown fields are.
+FastAPI validates every JSON body against its model, so /openapi.json describes the API
+as it really is. The sampling fields take their types and bounds from the one table in
+`falconet.sampling.RULES`; each field turns whatever pydantic finds wrong with its value
+into one message that says what the field takes ("'top_p' must be a number in (0, 1]
+(1 = off); got 1.5"), and the app's RequestValidationError handler answers it as a 400
+with the field in `param`, as the OpenAI API does. Bodies are read and parsed before
+FastAPI sees them (`JSONBodyRoute`), so an oversized, non-UTF-8 or malformed body gets
+its own message rather than pydantic's.
+
+JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
+`null` means the field's default; `bool` is never a number. Fields the engine cannot
+honour (`echo`, `best_of`, `tools`, ...) are declared so that a value other than their
+"off" value is refused rather than silently ignored; fields that do not change the
+output (`user`, `metadata`, ...) are ignored, as unknown fields are.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
-from falconet.errors import FalconetError
-from falconet.sampling import MAX_LOGPROBS, SamplingParams
-from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    StrictInt,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, PydanticUseDefault
+
+from falconet.sampling import (
+    RULES,
+    STOP_ALLOWED,
+    STOP_TOKEN_IDS_ALLOWED,
+    must_be,
+    show,
+    stop_strings,
+)
 
 MAX_N = 16  # choices per request (n)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
-MAX_STOP = 8  # stop strings per request (OpenAI allows 4; vLLM has no cap)
 MAX_BODY_BYTES = 4 * 2**20
+# A body that announces more than this is refused without reading it; up to this, an
+# oversized body is read to its end first so the client sees the 413 rather than a reset.
+DRAIN_LIMIT = 64 * 2**20
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-SEED_RANGE = (-(2**63), 2**63)  # int64, as vLLM bounds it; seed + i stays a valid seed
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "server_error"}  # fmt: skip
+
+
+# --- errors --------------------------------------------------------------------------
 
 
 class APIError(Exception):
@@ -64,6 +94,43 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param, code)
 
 
+_FIELD_ERROR = "falconet"  # the pydantic error type of every message written here
+
+
+def _field_error(message: str) -> PydanticCustomError:
+    """`message` follows the field's name: "'top_p' " + message."""
+    return PydanticCustomError(_FIELD_ERROR, message)
+
+
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The first of pydantic's errors as an OpenAI 400 naming the field
+    (`messages[0].role`: list indices in brackets, nested fields after dots)."""
+    first = dict(errors[0]) if errors else {}
+    param = ""
+    for part in first.get("loc", ()):
+        if part == "body":
+            continue
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    msg = first.get("msg", "is invalid")
+    if first.get("type") == _FIELD_ERROR:
+        message = f"'{param}' {msg}" if param else f"the request body {msg}"
+    elif first.get("type") == "missing":
+        message = f"'{param}' is required"
+    elif first.get("type") == "extra_forbidden":
+        message = f"'{param}' is not a field of this request; leave it out"
+    else:  # pydantic's own words, for anything the fields below do not phrase themselves
+        message = f"'{param}': {msg}" if param else f"invalid request: {msg}"
+    return bad(message, param or None)
+
+
+def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """`data` validated as `model`, for bodies read by hand; errors as `validation_error`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from e
+
+
 # --- JSON bodies ---------------------------------------------------------------------
 
 
@@ -95,371 +162,355 @@ def _json_type(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return "an array" if isinstance(value, list) else "an object"
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The body read up to `limit` bytes (413 beyond it), as a JSON object."""
+    return parse_json_object(await read_body(request, limit))
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read up to `limit` bytes; a 413 beyond that."""
+    too_big = APIError(413, f"the request body is larger than {limit} bytes; send less")
+    length = request.headers.get("content-length")
+    announced = int(length) if length is not None and length.isdigit() else None
+    if announced is not None and announced > DRAIN_LIMIT:
+        too_big.headers["Connection"] = "close"
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT:
+            too_big.headers["Connection"] = "close"
+            raise too_big
+    if size > limit:
+        raise too_big
+    return b"".join(chunks)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+class _ParsedRequest(Request):
+    """The request with its body already read and parsed. It says `application/json`
+    whatever the client sent (curl -d sends form-urlencoded), so FastAPI validates the
+    parsed object rather than refusing the content type."""
+
+    def __init__(self, request: Request, raw: bytes, data: dict[str, Any]) -> None:
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        super().__init__(scope, request.receive)
+        self._raw, self._data = raw, data
+
+    async def body(self) -> bytes:
+        return self._raw
+
+    async def json(self) -> Any:
+        return self._data
 
 
-def check_text(value: str, param: str) -> str:
+class JSONBodyRoute(APIRoute):
+    """A route with a body model gets its body read (up to the app's
+    `state.max_body_bytes`) and parsed here, before FastAPI validates it."""
+
+    def get_route_handler(self) -> Callable:
+        handle = super().get_route_handler()
+        if self.body_field is None:
+            return handle
+
+        async def read_then_handle(request: Request) -> Response:
+            raw = await read_body(request, request.app.state.max_body_bytes)
+            return await handle(_ParsedRequest(request, raw, parse_json_object(raw)))
+
+        return read_then_handle
+
+
+# --- fields --------------------------------------------------------------------------
+
+
+def check_text(value: str) -> str:
     """A JSON string that is real text: "\\ud800" escapes decode to lone surrogates,
     which no tokenizer can encode."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise bad(f"'{param}' contains an invalid unicode escape (a lone surrogate)", param) from e
+        raise _field_error("contains an invalid unicode escape (a lone surrogate)") from e
     return value
 
 
-def get_int(
-    body: dict, name: str, default: int | None, lo: int, hi: int | None = None
-) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, float) and v.is_integer() and math.isfinite(v):
-        v = int(v)  # 16.0 is 16, as Python clients sometimes send
-    if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise bad(f"'{name}' must be {allowed}; got {_show(v)}", name)
-    return v
+def checked(
+    allowed: str,
+    *,
+    integral: bool = False,
+    null_is_default: bool = True,
+    then: Callable[[Any], Any] | None = None,
+) -> WrapValidator:
+    """One error per field, in the field's own words: pydantic's errors about the value
+    become "must be <allowed>; got <value>". `then` checks or converts the valid value."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        if value is None and null_is_default:
+            raise PydanticUseDefault
+        given = value
+        if integral and isinstance(value, float) and value.is_integer():
+            value = int(value)  # 16.0 is 16
+        try:
+            value = handler(value)
+        except ValidationError:
+            raise _field_error(must_be(allowed, given)) from None
+        return value if then is None else then(value)
+
+    return WrapValidator(validate)
 
 
-def get_number(body: dict, name: str, default: float, allowed: str, ok) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_number(v) or not ok(v):  # NaN and inf fail every `ok`
-        raise bad(f"'{name}' must be {allowed}; got {_show(v)}", name)
-    return float(v)
+def ruled(name: str) -> Any:
+    """A field typed and bounded by `falconet.sampling.RULES[name]`."""
+    rule = RULES[name]
+    finite = {} if rule.kind is int else {"allow_inf_nan": False}
+    number = Field(strict=True, **rule.bounds(), **finite)
+    return Annotated[rule.kind | None, number, checked(rule.allowed, integral=rule.kind is int)]
 
 
-def get_bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad(f"'{name}' must be true or false; got {_show(v)}", name)
-    return v
+def unsupported(*off: Any) -> Any:
+    """A field this server cannot honour: only null and its "off" values are accepted."""
+
+    def validate(value: Any) -> Any:
+        if value is None or any(value == v and type(value) is type(v) for v in off):
+            return value
+        raise _field_error("is not supported by this server; leave it out")
+
+    description = f"Not supported; accepted only as {', '.join(show(v) for v in off)}."
+    return Annotated[Any, Field(None, description=description), BeforeValidator(validate)]
 
 
-def check_model(body: dict, model_name: str) -> None:
-    """`model` may be left out; when given it must be the served model."""
-    model = body.get("model")
-    if model is None:
-        return
-    if not isinstance(model, str):
-        raise bad(f"'model' must be a string; got {_show(model)}", "model")
-    if model != model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {model_name!r}",
-            "model",
-            "model_not_found",
-        )
-
-
-# Fields that would change the output in ways this server does not implement, with the
-# values that mean "off" (those are accepted).
-_UNSUPPORTED_COMMON = {
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
-    "min_tokens": (None, 0),
-    "prompt_logprobs": (None,),
-    "use_beam_search": (None, False),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-}
-_UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, "")}
-_UNSUPPORTED_CHAT = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "audio": (None,),
-    "modalities": (None, ["text"]),
-    "prediction": (None,),
-    "web_search_options": (None,),
-}
-
-
-def reject_unsupported(body: dict, table: dict[str, tuple]) -> None:
-    for name, off in {**_UNSUPPORTED_COMMON, **table}.items():
-        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in off):
-            raise bad(f"'{name}' is not supported by this server; leave it out", name)
-
-
-# --- generation requests -------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    """A validated /v1/completions or /v1/chat/completions request.
-
-    `prompts` and `params` have one entry per choice, prompt-major (choice i*n + j is
-    prompt i's j-th sample, OpenAI's order); `prompt_lengths` one per distinct prompt.
-    """
-
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    prompt_lengths: list[int]
-    n: int
-    stream: bool
-    include_usage: bool
-    logprobs: int | None  # alternatives per token when logprobs are asked for, else None
-
-
-def _sampling_kwargs(body: dict) -> dict[str, Any]:
-    """SamplingParams fields shared by both endpoints (everything but max_tokens,
-    logprobs and seed). Unset values are OpenAI's defaults: temperature 1, top_p 1."""
-    top_k = get_int(body, "top_k", 0, -1)
-    kw: dict[str, Any] = {
-        "temperature": get_number(body, "temperature", 1.0, "a number >= 0 (0 = greedy)",
-                                  lambda v: 0 <= v < math.inf),
-        "top_p": get_number(body, "top_p", 1.0, "a number in (0, 1]", lambda v: 0 < v <= 1),
-        "top_k": 0 if top_k == -1 else top_k,  # vLLM's -1 means off, as 0 does here
-        "min_p": get_number(body, "min_p", 0.0, "a number in [0, 1]", lambda v: 0 <= v <= 1),
-        "repetition_penalty": get_number(body, "repetition_penalty", 1.0, "a number > 0 (1 = off)",
-                                         lambda v: 0 < v < math.inf),
-        "presence_penalty": get_number(body, "presence_penalty", 0.0, "a number in [-2, 2]",
-                                       lambda v: -2 <= v <= 2),
-        "frequency_penalty": get_number(body, "frequency_penalty", 0.0, "a number in [-2, 2]",
-                                        lambda v: -2 <= v <= 2),
-        "ignore_eos": get_bool(body, "ignore_eos", False),
-    }  # fmt: skip
-    stop = body.get("stop")
+def _stop(value: str | list[str]) -> tuple[str, ...]:
+    stop = stop_strings(value)
     if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise bad(f"'stop' must be a non-empty string or an array of them; got {_show(stop)}",
-                  "stop")  # fmt: skip
-    if len(stop) > MAX_STOP:
-        raise bad(f"'stop' takes at most {MAX_STOP} strings; got {len(stop)}", "stop")
-    kw["stop"] = tuple(check_text(s, "stop") for s in stop)
-    ids = body.get("stop_token_ids")
-    if ids is None:
-        ids = []
-    if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
-        raise bad(f"'stop_token_ids' must be an array of token ids (integers >= 0); got "
-                  f"{_show(ids)}", "stop_token_ids")  # fmt: skip
-    kw["stop_token_ids"] = tuple(ids)
-    return kw
+        raise _field_error(must_be(STOP_ALLOWED, value))
+    return tuple(check_text(s) for s in stop)
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = get_bool(body, "stream", False)
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not isinstance(options, dict):
-        raise bad(f"'stream_options' must be an object; got {_show(options)}", "stream_options")
-    if not stream:
-        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise bad("'stream_options.include_usage' must be true or false",
-                  "stream_options.include_usage")  # fmt: skip
-    return stream, include
+def _vllm_top_k(value: Any, handler: Callable[[Any], Any]) -> Any:
+    return handler(0 if value == -1 and not isinstance(value, bool) else value)
 
 
-def _max_tokens(body: dict) -> int | None:
-    """max_completion_tokens (the newer name) wins over max_tokens when both are set."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        v = get_int(body, name, None, 1)
-        if v is not None:
-            return v
-    return None
+Flag = Annotated[bool | None, Field(strict=True), checked("true or false")]
+Name = Annotated[str | None, Field(strict=True), checked("a string")]
+Stop = Annotated[str | list[str] | None, checked(STOP_ALLOWED, then=_stop)]
+StopTokenIds = Annotated[
+    list[Annotated[StrictInt, Field(ge=0)]] | None, checked(STOP_TOKEN_IDS_ALLOWED, then=tuple)
+]
+TopK = Annotated[ruled("top_k"), WrapValidator(_vllm_top_k)]  # vLLM's -1 is off, as 0 is
+Choices = Annotated[
+    int | None,
+    Field(strict=True, ge=1, le=MAX_N),
+    checked(f"an integer in [1, {MAX_N}]", integral=True),
+]
 
 
-def _check_context(
-    lengths: list[int], max_tokens: int | None, max_context: int, prompt_param: str
-) -> None:
-    for n in lengths:
-        if n >= max_context:
-            raise bad(
-                f"this model's maximum context length is {max_context} tokens and the prompt "
-                f"has {n} tokens, which leaves no room to generate; shorten the prompt",
-                prompt_param,
-                "context_length_exceeded",
-            )
-        if max_tokens is not None and n + max_tokens > max_context:
-            raise bad(
-                f"this model's maximum context length is {max_context} tokens; the prompt has "
-                f"{n} tokens and max_tokens is {max_tokens} ({n} + {max_tokens} = "
-                f"{n + max_tokens} > {max_context}); lower max_tokens or shorten the prompt",
-                "max_tokens",
-                "context_length_exceeded",
-            )
+class _Object(BaseModel):
+    """A nested JSON object: anything else is refused in the field's own words."""
+
+    shape: ClassVar[str] = "an object"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise _field_error(must_be(cls.shape, data))
+        return data
 
 
-def _build(
-    body: dict,
-    prompts: list[list[int]],
-    max_tokens: int | None,
-    logprobs: int | None,
-    extra_stop: tuple[str, ...],
-    max_context: int,
-) -> GenerationRequest:
-    """Shared tail of both endpoints: n, seed, streaming flags and one SamplingParams
-    per choice (max_tokens None = the rest of the context, per prompt)."""
-    n = get_int(body, "n", 1, 1, MAX_N)
-    seed = get_int(body, "seed", None, SEED_RANGE[0])
-    if seed is not None and seed >= SEED_RANGE[1]:
-        raise bad(f"'seed' must be an integer in [-2**63, 2**63); got {seed}", "seed")
-    stream, include_usage = _stream_flags(body)
-    kw = _sampling_kwargs(body)
-    kw["stop"] += tuple(s for s in extra_stop if s not in kw["stop"])
-    all_prompts, params = [], []
-    try:
-        for ids in prompts:
-            budget = max_context - len(ids) if max_tokens is None else max_tokens
-            for j in range(n):
-                # choice j of a seeded request draws from seed + j: n samples that differ,
-                # and the same n samples for the same request
-                s = None if seed is None else seed + j
-                params.append(SamplingParams(max_tokens=budget, seed=s, logprobs=logprobs, **kw))
-                all_prompts.append(ids)
-    except FalconetError as e:  # a second guard; the checks above should catch it first
-        raise bad(str(e)) from e
-    return GenerationRequest(all_prompts, params, [len(p) for p in prompts], n, stream,
-                             include_usage, logprobs)  # fmt: skip
+# --- request bodies ------------------------------------------------------------------
 
 
-def check_token_ids(ids: list, vocab_size: int, param: str) -> list[int]:
-    if not all(_is_int(t) for t in ids):
-        raise bad(f"'{param}' must hold integer token ids", param)
-    bad_ids = [t for t in ids if not 0 <= t < vocab_size]
-    if bad_ids:
-        raise bad(f"'{param}' has token id {bad_ids[0]}, outside this model's vocabulary "
-                  f"[0, {vocab_size})", param)  # fmt: skip
-    return list(ids)
+class SamplingFields(BaseModel):
+    """The sampling fields every generating route takes (OpenAI's defaults)."""
+
+    temperature: ruled("temperature") = Field(1.0, description="0 = greedy")
+    top_p: ruled("top_p") = Field(1.0, description="nucleus sampling; 1 = off")
+    top_k: TopK = Field(0, description="0 = off (-1 too, as in vLLM)")
+    min_p: ruled("min_p") = Field(0.0, description="0 = off")
+    repetition_penalty: ruled("repetition_penalty") = Field(
+        1.0, description="HF/CTRL style, over prompt and output; 1 = off"
+    )
+    presence_penalty: ruled("presence_penalty") = Field(0.0, description="OpenAI's; 0 = off")
+    frequency_penalty: ruled("frequency_penalty") = Field(0.0, description="OpenAI's; 0 = off")
+    seed: ruled("seed") = Field(None, description="choice j of a seeded request uses seed + j")
+    stop: Stop = Field((), description="strings that end generation (not in the output)")
+    stop_token_ids: StopTokenIds = Field((), description="token ids that end generation")
+    ignore_eos: Flag = Field(False, description="generate past the end-of-sequence token")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """SamplingParams arguments, but for max_tokens, seed and logprobs."""
+        return {name: getattr(self, name) for name in SamplingFields.model_fields if name != "seed"}
 
 
-def completion_prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
-    """`prompt`: a string, an array of token ids, or an array of either (several prompts)."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise bad("'prompt' is required: a string or an array of token ids", "prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_int(prompt[0])):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        items = prompt
-    else:
-        raise bad("'prompt' must be a non-empty string, an array of token ids, or an array of "
-                  f"those; got {_show(prompt)}", "prompt")  # fmt: skip
+class StreamOptions(_Object):
+    shape = 'an object such as {"include_usage": true}'
+
+    include_usage: Flag = Field(False, description="end the stream with a usage chunk")
+
+
+class _OpenAIRequest(SamplingFields):
+    """What /v1/completions and /v1/chat/completions share."""
+
+    model: Name = Field(None, description="the served model's id; may be left out")
+    max_completion_tokens: ruled("max_tokens") = Field(
+        None, description="the newer name of max_tokens; wins when both are set"
+    )
+    n: Choices = Field(1, description="choices per prompt")
+    stream: Flag = Field(False, description="send server-sent events as tokens arrive")
+    stream_options: StreamOptions | None = None
+    # Fields that would change the output in ways this server does not implement.
+    best_of: unsupported(1)
+    logit_bias: unsupported({})
+    response_format: unsupported({"type": "text"})
+    min_tokens: unsupported(0)
+    prompt_logprobs: unsupported()
+    use_beam_search: unsupported(False)
+    guided_json: unsupported()
+    guided_regex: unsupported()
+    guided_choice: unsupported()
+    guided_grammar: unsupported()
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: Any) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise _field_error("is only allowed when 'stream' is true")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+_PROMPT_ALLOWED = "a non-empty string, an array of token ids, or an array of those"
+
+
+def _prompt_shape(value: Any) -> Any:
+    if isinstance(value, str):
+        return check_text(value)
+    if not value:
+        raise _field_error(must_be(_PROMPT_ALLOWED, value))
+    items = value if isinstance(value[0], (str, list)) else [value]
     if len(items) > MAX_PROMPTS:
-        raise bad(f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS} per request",
-                  "prompt")  # fmt: skip
-    out = []
+        raise _field_error(f"holds {len(items)} prompts; at most {MAX_PROMPTS} per request")
     for item in items:
         if isinstance(item, str):
-            ids = tokenizer.encode(check_text(item, "prompt"))
-        elif isinstance(item, list):
-            ids = check_token_ids(item, vocab_size, "prompt")
-        else:
-            raise bad(f"'prompt' items must be strings or arrays of token ids; got {_show(item)}",
-                      "prompt")  # fmt: skip
-        if not ids:
-            raise bad("'prompt' is empty (no tokens); send some text", "prompt")
-        out.append(ids)
-    return out
+            check_text(item)
+    return value
 
 
-def parse_completion(
-    body: dict, tokenizer: Tokenizer, vocab_size: int, max_context: int, model_name: str
-) -> GenerationRequest:
-    check_model(body, model_name)
-    reject_unsupported(body, _UNSUPPORTED_COMPLETION)
-    logprobs = get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    max_tokens = _max_tokens(body)
-    if max_tokens is None:
-        max_tokens = COMPLETION_MAX_TOKENS
-    prompts = completion_prompts(body, tokenizer, vocab_size)
-    _check_context([len(p) for p in prompts], max_tokens, max_context, "prompt")
-    return _build(body, prompts, max_tokens, logprobs, (), max_context)
+Prompt = Annotated[
+    str | list[StrictInt] | list[str | list[StrictInt]],
+    checked(_PROMPT_ALLOWED, null_is_default=False, then=_prompt_shape),
+]
 
 
-# --- chat ----------------------------------------------------------------------------
+class CompletionRequest(_OpenAIRequest):
+    """POST /v1/completions."""
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def chat_messages(body: dict) -> list[dict[str, str]]:
-    """`messages` as the tokenizer's chat template takes them: role + string content.
-    Content given as an array of text parts is joined; OpenAI's newer `developer` role
-    is a system message."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"'{where}' must be an object with role and content", where)
-        role = m.get("role")
-        if role not in _ROLES:
-            raise bad(f"'{where}.role' is {_show(role)}; it must be one of system, user, "
-                      "assistant (or developer)", f"{where}.role")  # fmt: skip
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):  # fmt: skip
-                    raise bad(f"'{where}.content[{j}]' is not a text part; only "
-                              '{"type": "text", "text": ...} parts are supported',
-                              f"{where}.content")  # fmt: skip
-                parts.append(part["text"])
-            content = "\n".join(parts)  # vLLM joins text parts with newlines
-        if not isinstance(content, str):
-            raise bad(f"'{where}.content' must be a string or an array of text parts; got "
-                      f"{_show(content)}", f"{where}.content")  # fmt: skip
-        out.append({"role": _ROLES[role], "content": check_text(content, f"{where}.content")})
-    return out
+    prompt: Prompt = Field(
+        description=f"the text to continue, its token ids, or up to {MAX_PROMPTS} of either"
+    )
+    max_tokens: ruled("max_tokens") = Field(COMPLETION_MAX_TOKENS, description="tokens to generate")
+    logprobs: ruled("logprobs") = Field(
+        None, description="log-probabilities of the chosen token and this many alternatives"
+    )
+    echo: unsupported(False)
+    suffix: unsupported("")
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The same prompt `LLM.chat_prompt` builds: the chat template, then the tokens
-    without special tokens added (the template writes its own)."""
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except FalconetError as e:
-        raise bad(str(e), "messages") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+# OpenAI's newer `developer` role is a system message.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TEXT_PART = '{"type": "text", "text": ...}'
 
 
-def parse_chat(
-    body: dict, tokenizer: Tokenizer, max_context: int, model_name: str
-) -> GenerationRequest:
-    check_model(body, model_name)
-    reject_unsupported(body, _UNSUPPORTED_CHAT)
-    want = get_bool(body, "logprobs", False)
-    top = get_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-    if top is not None and not want:
-        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    max_tokens = _max_tokens(body)
-    ids = chat_prompt(tokenizer, chat_messages(body))
-    if not ids:
-        raise bad("the messages make an empty prompt", "messages")
-    _check_context([len(ids)], max_tokens, max_context, "messages")
-    # Without a chat template the model was tuned on "User: ...\nFalcon:" turns and
-    # would go on to write the user's next one; that turn ends the reply (as in the CLI).
-    extra_stop = (FALLBACK_CHAT_STOP,) if tokenizer.chat_template is None else ()
-    return _build(body, [ids], max_tokens, (top or 0) if want else None, extra_stop, max_context)
+class TextPart(_Object):
+    shape = _TEXT_PART
+
+    type: Literal["text"]
+    text: str
+
+
+def _joined(content: str | list[TextPart]) -> str:
+    if isinstance(content, list):  # vLLM joins text parts with newlines
+        content = "\n".join(part.text for part in content)
+    return check_text(content)
+
+
+Role = Annotated[
+    Literal["system", "developer", "user", "assistant"],
+    checked("one of system, user, assistant (or developer)", null_is_default=False),
+]
+Content = Annotated[
+    str | list[TextPart],
+    checked(f"a string or an array of {_TEXT_PART} parts", null_is_default=False, then=_joined),
+]
+
+
+class ChatMessage(_Object):
+    """One message of a conversation."""
+
+    shape = "an object with role and content"
+
+    role: Role
+    content: Content = Field(description="text; an array of text parts is joined with newlines")
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as the tokenizer's chat template takes it."""
+        return {"role": CHAT_ROLES[self.role], "content": self.content}
+
+
+def _messages(value: Any) -> Any:
+    if not isinstance(value, list) or not value:
+        raise _field_error(must_be("a non-empty array of {role, content} objects", value))
+    return value
+
+
+Messages = Annotated[list[ChatMessage], BeforeValidator(_messages)]
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Messages = Field(description="the conversation so far")
+    max_tokens: ruled("max_tokens") = Field(
+        None, description="tokens to generate (default: the rest of the context)"
+    )
+    logprobs: Flag = Field(False, description="return log-probabilities of the chosen tokens")
+    top_logprobs: ruled("logprobs") = Field(None, description="alternatives per token")
+    tools: unsupported([])
+    tool_choice: unsupported("none", "auto")
+    functions: unsupported([])
+    function_call: unsupported("none", "auto")
+    audio: unsupported()
+    modalities: unsupported(["text"])
+    prediction: unsupported()
+    web_search_options: unsupported()
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise _field_error("needs 'logprobs': true")
+        return value
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    model: Name = None
+    prompt: Annotated[str | None, Field(strict=True), checked("a string", then=check_text)] = None
+    messages: Messages | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+
+    model: Name = None
+    tokens: Annotated[
+        list[StrictInt],
+        checked("an array of token ids (integers)", null_is_default=False),
+    ]

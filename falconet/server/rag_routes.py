@@ -26,22 +26,86 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from falconet.errors import LoaderError, RagError
+from falconet.errors import FalconetError, LoaderError, RagError
+from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
-from falconet.server.protocol import APIError, GenerationRequest, bad
+from falconet.server.generation import GenerationRequest
+from falconet.server.protocol import (
+    APIError,
+    Flag,
+    SamplingFields,
+    bad,
+    checked,
+    parse_model,
+    ruled,
+)
 from falconet.server.responses import DONE, sse, usage
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_NAME_CHARS = 120
+MAX_K = 100  # passages per query
 UPLOADS = "uploads"
+
+
+Query = Annotated[
+    str, Field(strict=True, pattern=r"\S"), checked("a non-empty string", null_is_default=False)
+]
+Passages = Annotated[
+    int | None,
+    Field(strict=True, ge=1, le=MAX_K),
+    checked(f"an integer in [1, {MAX_K}]", integral=True),
+]
+SearchMode = Annotated[Mode | None, checked(f"one of {', '.join(MODES)}")]
+ServerPath = Annotated[
+    str, Field(strict=True), checked("a string naming a file or folder", null_is_default=False)
+]
+
+
+class RagQueryRequest(SamplingFields):
+    """POST /v1/rag/query: retrieve passages, and by default answer from them. The
+    sampling fields are the OpenAI routes' (with greedy decoding by default)."""
+
+    query: Query = Field(description="the question, or the words to search for")
+    k: Passages = Field(5, description="passages to retrieve")
+    mode: SearchMode = Field(
+        DEFAULT_MODE, description="hybrid fuses the bm25 and vector rankings (RRF, k=60)"
+    )
+    answer: Flag = Field(True, description="false: the passages only")
+    stream: Flag = Field(False, description="stream the answer as server-sent events")
+    max_tokens: ruled("max_tokens") = Field(128, description="answer length")
+    temperature: ruled("temperature") = Field(0.0, description="0 = greedy")
+
+
+class RagDocumentRequest(BaseModel):
+    """POST /v1/rag/documents as JSON: a file or folder on the server's disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: ServerPath = Field(
+        description="a file or folder under a --rag-root (relative: to the first root)"
+    )
+
+
+# The route reads its own body (an upload or JSON), so its schema is written here.
+_UPLOAD = {"type": "array", "items": {"type": "string", "format": "binary"}}
+_DOCUMENTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _UPLOAD}}},
+            "application/json": {"schema": RagDocumentRequest.model_json_schema()},
+        },
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -118,9 +182,7 @@ class _Rag:
     def under_root(self, real: Path) -> bool:
         return any(real == r or real.is_relative_to(r) for r in self.settings.roots)
 
-    def resolve_path(self, value: Any) -> Path:
-        if not isinstance(value, str):
-            raise bad("'path' must be a string naming a file or folder", "path")
+    def resolve_path(self, value: str) -> Path:
         if not value or "\x00" in value:
             raise bad("'path' is empty or holds a NUL byte", "path")
         if not self.settings.roots:
@@ -197,10 +259,10 @@ class _Rag:
                 source.parent.rmdir()
         return _doc_json(doc)
 
-    def search(self, query: str, k: int, mode: str):
+    def search(self, query: str, k: int, mode: Mode):
         from falconet.rag.retrieve import search
 
-        return search(self.store(), query, k, mode, None if mode == "bm25" else self.embedder)
+        return search(self.store(), query, k, mode, self.embedder if needs_embedder(mode) else None)
 
 
 def _doc_json(d) -> dict[str, Any]:
@@ -236,20 +298,6 @@ def sanitize_name(raw: str | None) -> str:
     return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
 
 
-def _int(body: dict, key: str, default: int, lo: int, hi: int) -> int:
-    v = body.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise bad(f"'{key}' must be an integer in {lo}..{hi}", key)
-    return v
-
-
-def _bool(body: dict, key: str, default: bool) -> bool:
-    v = body.get(key, default)
-    if not isinstance(v, bool):
-        raise bad(f"'{key}' must be true or false", key)
-    return v
-
-
 def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) -> None:
     """Adds /v1/rag/*; without settings every RAG route answers a 404 saying how to
     enable it. `srv` is the app's _Server (engine, body reading, submission)."""
@@ -276,59 +324,51 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
             raise APIError(404, f"no document with id {doc_id!r}", "doc_id")
         return JSONResponse(doc)
 
-    @app.post("/v1/rag/documents")
+    @app.post("/v1/rag/documents", openapi_extra=_DOCUMENTS_BODY)
     async def add_documents(request: Request) -> Response:
         r = need()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             return JSONResponse(await _upload(r, request))
         if kind in ("application/json", ""):
-            body = await srv.body(request)
-            if set(body) - {"path"} or "path" not in body:
-                raise bad('send JSON {"path": "..."} or a multipart/form-data upload', "path")
-            real = r.resolve_path(body["path"])
+            body = parse_model(RagDocumentRequest, await srv.body(request))
+            real = r.resolve_path(body.path)
             return JSONResponse(await r.run(r.ingest_path, real))
         raise bad(f"unsupported content type {kind!r}: upload files as multipart/form-data "
                   'or send JSON {"path": "..."}')  # fmt: skip
 
     @app.post("/v1/rag/query")
-    async def query(request: Request) -> Response:
+    async def query(request: Request, body: RagQueryRequest) -> Response:
         r = need()
-        body = await srv.body(request)
-        q = body.get("query")
-        if not isinstance(q, str) or not q.strip():
-            raise bad("'query' must be a non-empty string", "query")
-        k = _int(body, "k", 5, 1, 100)
-        mode = body.get("mode", "hybrid")
-        if mode not in ("hybrid", "bm25", "vector"):
-            raise bad("'mode' must be 'hybrid', 'bm25' or 'vector'", "mode")
-        answer, stream = _bool(body, "answer", True), _bool(body, "stream", False)
-        max_tokens = _int(body, "max_tokens", 128, 1, srv.engine.max_context - 1)
-        temperature = body.get("temperature", 0)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (0 <= temperature <= 2)
-        ):
-            raise bad("'temperature' must be a number in 0..2", "temperature")
-        hits = await r.run(r.search, q, k, mode)
-        if not answer:
+        context = srv.engine.max_context
+        if body.max_tokens >= context:
+            message = (
+                f"'max_tokens' is {body.max_tokens}; it must be less than this model's "
+                f"context of {context} tokens"
+            )
+            raise bad(message, "max_tokens", "context_length_exceeded")
+        try:  # a second guard: the body's fields obey the same rules
+            kw = body.sampling_kwargs()
+            params = SamplingParams(max_tokens=body.max_tokens, seed=body.seed, **kw)
+        except FalconetError as e:
+            raise bad(str(e)) from e
+        hits = await r.run(r.search, body.query, body.k, body.mode)
+        if not body.answer:
             from falconet.rag.answer import Source
 
             return JSONResponse({"sources": [Source(i + 1, h, h.text).as_dict()
                                              for i, h in enumerate(hits)]})  # fmt: skip
-        return await _answer(request, q, hits, max_tokens, float(temperature), stream)
+        return await _answer(request, body.query, hits, params, body.stream)
 
-    async def _answer(request: Request, q: str, hits, max_tokens: int, temperature: float,
+    async def _answer(request: Request, q: str, hits, params: SamplingParams,
                       stream: bool) -> Response:  # fmt: skip
         from falconet.rag.answer import build_prompt
 
         try:
             ids, sources = build_prompt(srv.tokenizer, q, hits, srv.engine.max_context,
-                                        max_tokens)  # fmt: skip
+                                        params.max_tokens)  # fmt: skip
         except RagError as e:
             raise bad(str(e), "query") from e
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         req = GenerationRequest(prompts=[ids], params=[params], prompt_lengths=[len(ids)], n=1,
                                 stream=stream, include_usage=False, logprobs=None)  # fmt: skip
         [s] = srv.submit(req)

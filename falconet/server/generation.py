@@ -1,0 +1,164 @@
+"""From a validated request body to the engine's work: prompts as token ids, the
+context checks, and one `SamplingParams` per choice.
+
+The bodies' fields are already checked against `falconet.sampling.RULES`
+(server/protocol.py); what is left needs the served model: its name, tokenizer,
+vocabulary and context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from falconet.errors import FalconetError
+from falconet.sampling import SamplingParams, seed_for_choice
+from falconet.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    bad,
+)
+from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
+
+
+@dataclass
+class GenerationRequest:
+    """A validated /v1/completions or /v1/chat/completions request.
+
+    `prompts` and `params` have one entry per choice, prompt-major (choice i*n + j is
+    prompt i's j-th sample, OpenAI's order); `prompt_lengths` one per distinct prompt.
+    """
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    prompt_lengths: list[int]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives per token when logprobs are asked for, else None
+
+
+def check_model(model: str | None, model_name: str) -> None:
+    """`model` may be left out; when given it must be the served model."""
+    if model is not None and model != model_name:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+    if bad_ids:
+        raise bad(f"'{param}' has token id {bad_ids[0]}, outside this model's vocabulary "
+                  f"[0, {vocab_size})", param)  # fmt: skip
+    return list(ids)
+
+
+def check_context(
+    lengths: list[int], max_tokens: int | None, max_context: int, prompt_param: str
+) -> None:
+    for n in lengths:
+        if n >= max_context:
+            raise bad(
+                f"this model's maximum context length is {max_context} tokens and the prompt "
+                f"has {n} tokens, which leaves no room to generate; shorten the prompt",
+                prompt_param,
+                "context_length_exceeded",
+            )
+        if max_tokens is not None and n + max_tokens > max_context:
+            raise bad(
+                f"this model's maximum context length is {max_context} tokens; the prompt has "
+                f"{n} tokens and max_tokens is {max_tokens} ({n} + {max_tokens} = "
+                f"{n + max_tokens} > {max_context}); lower max_tokens or shorten the prompt",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+
+
+def _build(
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    extra_stop: tuple[str, ...],
+    max_context: int,
+) -> GenerationRequest:
+    """Shared tail of both endpoints: one SamplingParams per choice (max_tokens None =
+    the rest of the context, per prompt)."""
+    kw: dict[str, Any] = body.sampling_kwargs()
+    kw["stop"] += tuple(s for s in extra_stop if s not in kw["stop"])
+    all_prompts, params = [], []
+    try:
+        for ids in prompts:
+            budget = max_context - len(ids) if max_tokens is None else max_tokens
+            for j in range(body.n):
+                # choice j of a seeded request draws from seed + j: n samples that differ,
+                # and the same n samples for the same request
+                seed = None if body.seed is None else seed_for_choice(body.seed, j)
+                params.append(SamplingParams(max_tokens=budget, seed=seed, logprobs=logprobs, **kw))
+                all_prompts.append(ids)
+    except FalconetError as e:  # a second guard; the body's fields obey the same rules
+        raise bad(str(e)) from e
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return GenerationRequest(all_prompts, params, [len(p) for p in prompts], body.n,
+                             body.stream, include_usage, logprobs)  # fmt: skip
+
+
+def completion_prompts(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+    """`prompt` (a string, token ids, or a list of either; shapes checked by
+    CompletionRequest) as token ids, one list per prompt."""
+    items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+        else:
+            ids = check_token_ids(item, vocab_size, "prompt")
+        if not ids:
+            raise bad("'prompt' is empty (no tokens); send some text", "prompt")
+        out.append(ids)
+    return out
+
+
+def parse_completion(
+    body: CompletionRequest, tokenizer: Tokenizer, vocab_size: int, max_context: int,
+    model_name: str,
+) -> GenerationRequest:  # fmt: skip
+    check_model(body.model, model_name)
+    max_tokens = body.requested_max_tokens()
+    prompts = completion_prompts(body.prompt, tokenizer, vocab_size)
+    check_context([len(p) for p in prompts], max_tokens, max_context, "prompt")
+    return _build(body, prompts, max_tokens, body.logprobs, (), max_context)
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The same prompt `LLM.chat_prompt` builds: the chat template, then the tokens
+    without special tokens added (the template writes its own)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], add_generation_prompt=True
+        )
+    except FalconetError as e:
+        raise bad(str(e), "messages") from e
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def parse_chat(
+    body: ChatCompletionRequest, tokenizer: Tokenizer, max_context: int, model_name: str
+) -> GenerationRequest:
+    check_model(body.model, model_name)
+    max_tokens = body.requested_max_tokens()
+    ids = chat_prompt(tokenizer, body.messages)
+    if not ids:
+        raise bad("the messages make an empty prompt", "messages")
+    check_context([len(ids)], max_tokens, max_context, "messages")
+    # Without a chat template the model was tuned on "User: ...\nFalcon:" turns and
+    # would go on to write the user's next one; that turn ends the reply (as in the CLI).
+    extra_stop = (FALLBACK_CHAT_STOP,) if tokenizer.chat_template is None else ()
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
