@@ -37,7 +37,8 @@ def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor
 
     seq_len (B,) is each row's sequence length. "linear" divides the frequencies by the
     factor; "dynamic" (NTK) raises the base once a row outgrows max_position_embeddings,
-    with transformers' fp32 arithmetic; "llama3" rescales by wavelength (below). Per row,
+    with transformers' fp32 arithmetic; "llama3" rescales by wavelength (below); a llama
+    GGUF's `rope_freq_factors` divide them as llama.cpp does. Per row,
     so a row in a batch (or a prompt prefilled in chunks) rotates exactly as it would
     alone in one forward.
     """
@@ -62,6 +63,9 @@ def rotary_inv_freq(config: FalconConfig, seq_len: torch.Tensor) -> torch.Tensor
             config.rope_high_freq_factor,
             config.rope_original_max_position_embeddings,
         )
+    factors = getattr(config, "rope_freq_factors", None)  # a llama GGUF's rope_freqs
+    if factors:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     return inv_freq
 
 

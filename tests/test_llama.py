@@ -450,3 +450,12 @@ def test_bad_config_file_names_the_file(checkpoints, tmp_path):
         json.dumps({k: v for k, v in cfg.items() if k != "model_type"})
     )
     assert isinstance(falconet.load(folder).model, Llama)
+
+
+def test_rope_freq_factors_are_checked():
+    """A GGUF's rope_freqs become rope_freq_factors: one positive number per frequency."""
+    base = dict(hidden_size=64, num_attention_heads=4, head_dim=8)
+    assert LlamaConfig(**base, rope_freq_factors=(1.0, 2.0, 4.0, 8.0)).rope_freq_factors
+    for bad in ((1.0, 2.0), (1.0, 2.0, 0.0, 8.0), [1.0, 2.0, 4.0, 8.0]):
+        with pytest.raises(ConfigError, match="rope_freq_factors must be 4 positive numbers"):
+            LlamaConfig(**base, rope_freq_factors=bad)

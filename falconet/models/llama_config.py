@@ -91,6 +91,9 @@ class LlamaConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_position_embeddings: int | None = None
+    # Per-frequency divisors of the rotary frequencies (head_dim / 2 of them): how a GGUF
+    # file stores llama3 scaling (llama.cpp's rope_freqs tensor). Not an HF key.
+    rope_freq_factors: tuple[float, ...] | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -139,6 +142,7 @@ class LlamaConfig:
         H, K = self.num_attention_heads, self.kv_heads
         heads = "MHA" if K == H else "multi-query" if K == 1 else f"GQA {H}q/{K}kv"
         rope = f", {self.rope_scaling_type} rope scaling" if self.rope_scaling_type else ""
+        rope += ", rope_freqs" if self.rope_freq_factors else ""
         head = "tied" if self.tie_word_embeddings else "untied"
         return f"llama-style ({heads}, head_dim {self.head_dim}{rope}, {head} head)"
 
@@ -193,6 +197,16 @@ class LlamaConfig:
                 f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
             )
         self._validate_rope_scaling(head_dim)
+        factors = self.rope_freq_factors
+        if factors is not None and not (
+            isinstance(factors, tuple)
+            and len(factors) == head_dim // 2
+            and all(_is_finite_number(f) and f > 0 for f in factors)
+        ):
+            raise ConfigError(
+                f"config: rope_freq_factors must be {head_dim // 2} positive numbers (one per "
+                f"rotary frequency), got {factors!r}"
+            )
 
     def _validate_rope_scaling(self, head_dim: int) -> None:
         kind = self.rope_scaling_type

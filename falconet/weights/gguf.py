@@ -242,6 +242,8 @@ def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
     expected = layout.tensor_names(config)
     tensors = {}
     for name, t in by_name.items():
+        if name in layout.EXTRA_TENSORS:  # read into the config
+            continue
         if name not in expected:
             raise GGUFError(
                 f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
@@ -432,7 +434,8 @@ def convert_hf_to_gguf(
         fmt = get_format(t)
         nbytes = math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])
         plan.append((name, hf_name, shape, t, nbytes))
-    total = sum(p[-1] for p in plan)
+    extra = layout.extra_tensors(config)  # e.g. llama3's rope_freqs: F32, after the weights
+    total = sum(p[-1] for p in plan) + sum(a.nbytes for a in extra.values())
 
     def write(tmp: Path) -> None:
         writer = GGUFWriter(tmp, arch.gguf_architecture)
@@ -442,6 +445,10 @@ def convert_hf_to_gguf(
             for name, _, shape, t, nbytes in plan:
                 # A non-uint8 dtype with raw_dtype: `shape` is taken as the element shape.
                 writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+            for name, array in extra.items():
+                writer.add_tensor_info(
+                    name, array.shape, array.dtype, array.nbytes, raw_dtype=T.F32
+                )
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -469,6 +476,10 @@ def convert_hf_to_gguf(
                 done += nbytes
                 if progress is not None:
                     progress(done, total)
+            for array in extra.values():
+                writer.write_tensor_data(array)
+            if extra and progress is not None:
+                progress(total, total)
         finally:
             writer.close()
 
@@ -477,10 +488,11 @@ def convert_hf_to_gguf(
 
 # ---- the architectures ----------------------------------------------------------------
 
-# llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE and
-# tensor_names(config), read_config(key, fail, tensors, common), problems(config),
-# write_metadata(writer, config), rows(hf_name, config, to_file) (row order between
-# falconet and the file, None = the same).
+# llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
+# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
+# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
+# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
+# (row order between falconet and the file, None = the same).
 LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
 
 

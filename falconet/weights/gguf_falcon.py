@@ -20,6 +20,7 @@ from falconet.model import Falcon
 
 ARCH = "falcon"
 TITLE = "Falcon"
+EXTRA_TENSORS: tuple[str, ...] = ()  # tensors of the file that are no model weight
 
 Key = Callable[..., Any]  # key(name, kind, default=required) -> the checked `falcon.<name>` value
 
@@ -54,6 +55,10 @@ def tensor_names(config: FalconConfig) -> dict[str, tuple[str, tuple[int, ...]]]
     return {
         gguf_name(n): (n, shape) for n, shape in Falcon.checkpoint_layout(config).shapes.items()
     }
+
+
+def extra_tensors(config: FalconConfig) -> dict:
+    return {}
 
 
 def rows(hf_name: str, config: FalconConfig, to_file: bool) -> None:

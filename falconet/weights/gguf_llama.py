@@ -21,17 +21,22 @@ half", NeoX); llama.cpp's llama rope rotates (x[2i], x[2i + 1]). llama.cpp's con
 kv head for K. Reading undoes it and writing redoes it; it moves whole rows, so it
 applies to quantized blocks (one row = whole blocks) as to floats.
 
-Not representable here: dynamic (NTK) rope scaling (llama.cpp has no such mode for
-llama) and llama3 scaling (llama.cpp's converter turns it into a `rope_freqs` tensor of
-per-frequency divisors, which falconet does not read back yet).
+llama3 rope scaling is not metadata: llama.cpp's converter stores it as a tensor,
+`rope_freqs.weight`, of head_dim/2 divisors of the rotary frequencies (1 for short
+wavelengths, the factor for long ones, interpolated between), computed in fp32 as
+`llama3_rope_freqs` does; llama.cpp divides each frequency by its entry. Reading a file
+with that tensor gives a LlamaConfig with `rope_freq_factors`. Dynamic (NTK) scaling has
+no llama.cpp equivalent for llama and is not written.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from gguf import GGUFWriter, RopeScalingType
 
@@ -59,6 +64,7 @@ BLOCK_NAMES = {
 }
 BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 ROPE_FREQS = "rope_freqs.weight"  # llama3 scaling as llama.cpp's converter writes it
+EXTRA_TENSORS = (ROPE_FREQS,)  # tensors of the file that are no model weight
 
 Key = Callable[..., Any]  # key(name, kind, default=required) -> the checked `llama.<name>` value
 
@@ -98,11 +104,12 @@ def read_config(
 ) -> LlamaConfig:
     """The LlamaConfig a `llama` GGUF describes; `common` holds what every architecture
     reads alike (vocab_size, tied head, token ids, dtype)."""
-    if ROPE_FREQS in tensors:
-        raise fail(
-            f"tensor {ROPE_FREQS} (llama3 rope scaling) is not supported yet; falconet runs "
-            "llama models without it, or the HF folder with its llama3 rope_scaling"
-        )
+    freqs = tensors.get(ROPE_FREQS)
+    factors = None
+    if freqs is not None:
+        if freqs.tensor_type.name != "F32" or len(freqs.shape) != 1:
+            raise fail(f"tensor {ROPE_FREQS} should be a 1-D F32 tensor")
+        factors = tuple(float(f) for f in np.asarray(freqs.data))
     heads, hidden = key("attention.head_count", "int"), key("embedding_length", "int")
     head_dim = key("attention.key_length", "int", hidden // heads if heads else 0)
     if key("attention.value_length", "int", head_dim) != head_dim:
@@ -130,6 +137,7 @@ def read_config(
         rope_theta=float(key("rope.freq_base", "float", 10000.0)),
         rope_scaling_type="linear" if scaling == "linear" else None,
         rope_scaling_factor=float(factor) if scaling == "linear" else 1.0,
+        rope_freq_factors=factors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         mlp_bias="blk.0.ffn_up.bias" in tensors,
         **common,
@@ -143,10 +151,6 @@ def problems(config: LlamaConfig) -> list[str]:
         reasons.append(f"its activation is {config.hidden_act!r}, not silu")
     if config.rope_scaling_type == "dynamic":
         reasons.append("dynamic RoPE scaling has no GGUF equivalent")
-    if config.rope_scaling_type == "llama3":
-        reasons.append(
-            f"llama3 RoPE scaling is a {ROPE_FREQS} tensor in GGUF, which falconet does not write yet"
-        )
     return reasons
 
 
@@ -167,3 +171,30 @@ def write_metadata(writer: GGUFWriter, config: LlamaConfig) -> None:
     if config.rope_scaling_type == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling_factor)
+
+
+def extra_tensors(config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Tensors the file holds besides the weights: llama3 scaling's rope_freqs."""
+    if config.rope_scaling_type == "llama3":
+        return {ROPE_FREQS: llama3_rope_freqs(config)}
+    if config.rope_freq_factors:
+        return {ROPE_FREQS: np.array(config.rope_freq_factors, dtype=np.float32)}
+    return {}
+
+
+def llama3_rope_freqs(config: LlamaConfig) -> np.ndarray:
+    """The divisors llama.cpp's converter (`LlamaModel.generate_extra_tensors`) stores for
+    llama3 scaling, in its fp32 arithmetic: 1 where the wavelength is under
+    original / high_freq_factor, the factor above original / low_freq_factor, and
+    1 / ((1 - s) / factor + s) between, s the position of original / wavelength in
+    [low_freq_factor, high_freq_factor]."""
+    d, factor = config.head_dim, config.rope_scaling_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_position_embeddings
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen > original / low, torch.tensor(float(factor)), between)
+    out = torch.where(wavelen < original / high, torch.tensor(1.0), out)
+    return out.to(torch.float32).numpy()
