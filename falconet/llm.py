@@ -15,8 +15,8 @@ import torch
 from falconet.engine import Engine
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion
-from falconet.models.falcon import Falcon
-from falconet.models.falcon_config import FalconConfig
+from falconet.models.base import CausalLM
+from falconet.models.registry import ModelConfig, for_config
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
@@ -36,7 +36,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "falconet-tiny"
 
 
 def resolve_dtypes(
-    dtype: str, config: FalconConfig, device: torch.device
+    dtype: str, config: ModelConfig, device: torch.device
 ) -> tuple[torch.dtype, torch.dtype]:
     """(weight storage dtype, compute dtype) for a dtype name.
 
@@ -74,7 +74,8 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     quant: str | None = None,
 ) -> LLM:
-    """Load a Falcon model: a HF folder, or None for the embedded default model.
+    """Load a model: a HF folder (Falcon, or Llama for Falcon3), a .gguf file, or None for
+    the embedded default model. The config's model_type picks the classes (models/registry.py).
 
     progress(done_bytes, total_bytes) is called as tensors load (the CLI draws a bar).
     quant ("q8_0", "q4_0", ...: falconet.quant.plan.QUANT_TYPES) quantizes the matrices
@@ -104,7 +105,7 @@ def load(
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
     with torch.device("meta"):
-        model = Falcon(config, storage, compute)
+        model = for_config(config).model(config, storage, compute)
     total = model.weight_bytes()
     done = 0
 
@@ -139,7 +140,7 @@ def _load_gguf(
     ckpt = read_gguf(path)
     storage, compute = resolve_dtypes(dtype, ckpt.config, dev)
     with torch.device("meta"):
-        model = Falcon(ckpt.config, storage, compute)
+        model = for_config(ckpt.config).model(ckpt.config, storage, compute)
     done, total = 0, ckpt.nbytes
 
     def advance(nbytes: int) -> None:
@@ -180,7 +181,7 @@ class LLM:
     # Sequences the caller-driven engine runs at once; more prompts wait their turn.
     MAX_BATCH = 8
 
-    def __init__(self, model: Falcon, tokenizer: Tokenizer, path: Path | None = None) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: Path | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -192,7 +193,7 @@ class LLM:
         self._engine: Engine | None = None
 
     @property
-    def config(self) -> FalconConfig:
+    def config(self) -> ModelConfig:
         return self.model.config
 
     def engine(self, context: int = 0) -> Engine:

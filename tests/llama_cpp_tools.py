@@ -57,6 +57,16 @@ def _convert_main(folder: str, outtype: str, *paths: str) -> None:
     # trained in the test (unknown hashes) but use Falcon's pre-tokenizer, so this one
     # method is replaced to give the answer it gives for tiiuae/falcon-7b.
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "falcon"
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        # The llama converter imports sentencepiece before it looks for tokenizer.model.
+        # Without the package, answer as it does for a folder without tokenizer.model
+        # (the tests' tokenizers are byte-level BPE): it then tries the next vocab kind.
+        def no_tokenizer_model(self):
+            raise FileNotFoundError("no tokenizer.model (sentencepiece is not installed)")
+
+        base.TextModel._create_vocab_sentencepiece = no_tokenizer_model
     import convert_hf_to_gguf
 
     for hf_dir, out in zip(paths[::2], paths[1::2], strict=True):

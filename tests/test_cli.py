@@ -88,9 +88,9 @@ def test_chat_keeps_history_and_resets(tiny_7b):
 
 
 def _not_falcon(tmp_path):
-    d = tmp_path / "llama"
+    d = tmp_path / "mistral"  # llama is a model type falconet runs (Falcon3)
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (d / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 64}))
     return d
 
 
@@ -98,7 +98,7 @@ def _not_falcon(tmp_path):
     "args, needle",
     [
         (("generate", "x", "--model", "/no/such/folder"), "no such file or folder"),
-        (("generate", "x", "--model", "NOT_FALCON"), "model_type 'llama' is not a Falcon model"),
+        (("generate", "x", "--model", "NOT_FALCON"), "model_type 'mistral' is not a Falcon model"),
         (("generate", "x", "--model", "TINY", "--temperature", "-1"), "temperature"),
         (("generate", "x", "--model", "TINY", "--top-p", "2"), "top_p"),
         (("generate", "x", "--model", "TINY", "--max-tokens", "0"), "max_tokens"),

@@ -420,7 +420,10 @@ def test_not_a_gguf_file(ours, tmp_path):
 
 def test_bad_contents(ours, tmp_path):
     src = ours("7b", "f32")
-    raises(rewrite(src, tmp_path / "a.gguf", arch="llama"), "architecture 'llama', not 'falcon'")
+    raises(rewrite(src, tmp_path / "a.gguf", arch="gpt2"),
+           r"architecture 'gpt2' is not one falconet runs \(falcon, llama\)")  # fmt: skip
+    # llama is an architecture falconet runs (Falcon3); a falcon file labelled so is not one
+    raises(rewrite(src, tmp_path / "a2.gguf", arch="llama"), r"metadata key llama\.\S+ is missing")
     raises(rewrite(src, tmp_path / "b.gguf", retype=("blk.0.ffn_down.weight", T.Q2_K)),
            r"tensor blk\.0\.ffn_down\.weight has type Q2_K", "Q4_0", "Q6_K")  # fmt: skip
     raises(rewrite(src, tmp_path / "c.gguf", drop_tensor="blk.1.ffn_up.weight"),

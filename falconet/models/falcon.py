@@ -16,7 +16,7 @@ in Falcon2-11B). The variants differ only inside the block:
        └──────────────+─ out
 
 Module and parameter names follow transformers' FalconForCausalLM, so an HF state dict
-maps one to one; only the fused QKV weight is regrouped at load time (weights/hf.py)
+maps one to one; only the fused QKV weight is regrouped at load time (`regroup_qkv`)
 from its three HF layouts into one: [all Q heads | all K heads | all V heads].
 
 Weights may be stored narrower than the compute dtype (bf16 weights, fp32 activations
@@ -26,19 +26,15 @@ on CPU): see linear.py. Activations, norms, the residual stream and the KV cache
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from falconet.models.base import AttentionStep, CausalLM, CheckpointLayout
 from falconet.models.falcon_config import FalconConfig
-from falconet.nn.attention import (
-    AttentionStep,
-    alibi_slopes,
-    apply_rotary,
-    build_mask,
-    rotary_cos_sin,
-)
-from falconet.nn.cache import DenseStep, KVCache
+from falconet.nn.attention import apply_rotary
 from falconet.nn.linear import Linear
 
 ACTIVATIONS = {
@@ -154,8 +150,10 @@ class Transformer(nn.Module):
         )
 
 
-class Falcon(nn.Module):
+class Falcon(CausalLM):
     """FalconForCausalLM. `forward` returns next-token logits for every (or the last) position."""
+
+    embeddings_name = "transformer.word_embeddings"
 
     def __init__(
         self,
@@ -176,96 +174,71 @@ class Falcon(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.ln_f.weight.device
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: KVCache | None = None,
-        valid: torch.Tensor | None = None,
-        last_only: bool = False,
-        rope_len: torch.Tensor | None = None,
+    def _embed_and_blocks(
+        self, input_ids: torch.Tensor, rope, attention: AttentionStep
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T or 1, V) in compute dtype.
-
-        valid (B, T) is False at left-padding positions. With a cache, the new tokens are
-        appended after what it holds; without one, the tokens attend only to each other.
-        rope_len (B,) is each row's sequence length for dynamic RoPE scaling (default: up
-        to the last token of this call); a chunked prefill passes the whole prompt's.
-        """
-        config = self.config
-        B, T = input_ids.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        if cache is not None:
-            positions, past = cache.reserve(valid)
-            key_valid = cache.key_valid[:, : past + T]
-            key_positions = cache.key_positions[:, : past + T]
-        else:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0) * valid
-            past, key_valid, key_positions = 0, valid, positions
-        slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
-        mask = build_mask(
-            positions, key_valid, key_positions, past, config, slopes, self.compute_dtype
-        )
-        rope = None
-        if not config.alibi:
-            if rope_len is None:
-                rope_len = positions.max(dim=-1).values + 1
-            rope = rotary_cos_sin(config, positions, rope_len, self.compute_dtype)
-
-        x = self._trunk(input_ids, rope, DenseStep(mask, cache, past))
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-
-    def forward_packed(
-        self, input_ids: torch.Tensor, step: AttentionStep, logit_rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Continuous batching: the new tokens of several sequences packed in one row.
-
-        input_ids (N,) are the tokens of `step.segments` side by side (decode tokens and
-        prefill chunks); each attends to its own sequence's paged cache. Returns logits
-        (R, V) for the packed positions `logit_rows` (R,), e.g. each sequence's last token.
-        """
-        x = self._trunk(input_ids[None], step.rope, step)  # (1, N, C)
-        x = x[0].index_select(0, logit_rows)  # (R, C)
-        return self.lm_head(self.transformer.ln_f(x))  # (R, V)
-
-    def _trunk(self, input_ids: torch.Tensor, rope, attention: AttentionStep) -> torch.Tensor:
         """Embeddings and every block: (B, T) ids -> (B, T, C) hidden states before ln_f."""
         x = self.transformer.word_embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, i, rope, attention)
         return x
 
-    def num_parameters(self) -> int:
-        """Weights as float values (a quantized matrix counts its rows x cols); a tied
-        head is counted once."""
-        return sum(n for n, _ in self._weights())
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transformer.ln_f(x))
 
-    def weight_bytes(self) -> int:
-        """Bytes the weights take as stored (quantized blocks at their packed size)."""
-        return sum(b for _, b in self._weights())
+    @staticmethod
+    def checkpoint_layout(config: FalconConfig) -> CheckpointLayout:
+        """The HF checkpoint's tensors; the fused QKV is regrouped (`regroup_qkv`) except
+        for plain multi-query, which is already [Q heads | K | V] (and so stays zero-copy)."""
+        shapes = hf_tensor_shapes(config)
+        transforms = {}
+        if config.kv_heads != 1:
+            regroup = partial(regroup_qkv, config=config)
+            transforms = {n: regroup for n in shapes if "query_key_value" in n}
+        return CheckpointLayout(shapes, transforms)
 
-    def storage_summary(self) -> str:
-        """How the matrices are stored, e.g. "q4_0 x 96, q8_0 x 1, bfloat16 x 0" -> "q4_0 x 96, q8_0 x 1"."""
-        counts: dict[str, int] = {}
-        for m in self.modules():
-            kind = getattr(m, "qtype", None) or getattr(getattr(m, "fmt", None), "name", None)
-            if kind is None and isinstance(m, Linear | nn.Embedding):
-                kind = str(m.weight.dtype).replace("torch.", "")
-            if kind is not None:
-                counts[kind] = counts.get(kind, 0) + 1
-        return ", ".join(f"{k} x {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
-    def _weights(self) -> list[tuple[int, int]]:
-        # parameters() already skips a tied duplicate; a tied quantized head shares its
-        # embedding's blocks, so blocks count once per storage.
-        out = [(p.numel(), p.numel() * p.element_size()) for p in self.parameters()]
-        seen: set[tuple[int, str]] = set()
-        for m in self.modules():
-            blocks = getattr(m, "weight_blocks", None)
-            if blocks is None or (blocks.data_ptr(), str(blocks.device)) in seen:
-                continue
-            seen.add((blocks.data_ptr(), str(blocks.device)))
-            out.append((m.weight.shape[0] * m.weight.shape[1], blocks.numel()))
-        return out
+# ---- the HF checkpoint ------------------------------------------------------------------
+def hf_tensor_shapes(config: FalconConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its HF shape."""
+    C, V, F_ = config.hidden_size, config.vocab_size, config.ffn_size
+    names: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (V, C)}
+    norms = {
+        "sequential": ("input_layernorm", "post_attention_layernorm"),
+        "parallel": ("input_layernorm",),
+        "parallel_2ln": ("ln_attn", "ln_mlp"),
+    }[config.block_layout]
+    linears = {
+        "self_attention.query_key_value": (config.qkv_size, C),
+        "self_attention.dense": (C, C),
+        "mlp.dense_h_to_4h": (F_, C),
+        "mlp.dense_4h_to_h": (C, F_),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        for n in norms:
+            names[p + n + ".weight"] = names[p + n + ".bias"] = (C,)
+        for n, shape in linears.items():
+            names[p + n + ".weight"] = shape
+            if config.bias:
+                names[p + n + ".bias"] = shape[:1]
+    names["transformer.ln_f.weight"] = names["transformer.ln_f.bias"] = (C,)
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = (V, C)
+    return names
+
+
+def regroup_qkv(t: torch.Tensor, config: FalconConfig) -> torch.Tensor:
+    """HF fused QKV rows -> [all Q | all K | all V].
+
+    The three HF layouts are one view (as vLLM and llama.cpp's converter use it):
+    K groups of (H/K query heads, 1 key head, 1 value head). MHA is K = H groups of
+    [q, k, v]; multi-query is 1 group of [q_0..q_{H-1}, k, v].
+    """
+    H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
+    G = H // K
+    grouped = t.reshape(K, G + 2, D, *t.shape[1:])
+    q = grouped[:, :G].reshape(H * D, *t.shape[1:])
+    k = grouped[:, G].reshape(K * D, *t.shape[1:])
+    v = grouped[:, G + 1].reshape(K * D, *t.shape[1:])
+    return torch.cat([q, k, v])

@@ -300,16 +300,7 @@ class FalconConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> FalconConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{path}: no config.json; is this a Hugging Face model folder?"
-            ) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except OSError as e:  # a folder named config.json, no read permission
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+        data = read_config_json(path)
         try:
             return cls.from_hf(data)
         except ConfigError as e:
@@ -345,6 +336,18 @@ class FalconConfig:
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
         return d
+
+
+def read_config_json(path: Path) -> Any:
+    """The parsed config.json at `path`; ConfigError naming the file if it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json; is this a Hugging Face model folder?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder named config.json, no read permission
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -59,8 +59,10 @@ def rotary_inv_freq(config: AttentionConfig, seq_len: torch.Tensor) -> torch.Ten
 
     seq_len (B,) is each row's sequence length. "linear" divides the frequencies by the
     factor; "dynamic" (NTK) raises the base once a row outgrows max_position_embeddings,
-    with transformers' fp32 arithmetic. Per row, so a row in a batch (or a prompt
-    prefilled in chunks) rotates exactly as it would alone in one forward.
+    with transformers' fp32 arithmetic; "llama3" rescales by wavelength (below); a llama
+    GGUF's `rope_freq_factors` divide them as llama.cpp does. Per row,
+    so a row in a batch (or a prompt prefilled in chunks) rotates exactly as it would
+    alone in one forward.
     """
     d = config.head_dim
     theta = float(config.rope_theta)
@@ -75,7 +77,34 @@ def rotary_inv_freq(config: AttentionConfig, seq_len: torch.Tensor) -> torch.Ten
         inv_freq = torch.where(grown.cpu()[:, None], 1.0 / (base[:, None] ** exponents), inv_freq)
     if config.rope_scaling_type == "linear":
         inv_freq = inv_freq / factor
+    if config.rope_scaling_type == "llama3":
+        inv_freq = llama3_inv_freq(
+            inv_freq,
+            factor,
+            config.rope_low_freq_factor,
+            config.rope_high_freq_factor,
+            config.rope_original_max_position_embeddings,
+        )
+    factors = getattr(config, "rope_freq_factors", None)  # a llama GGUF's rope_freqs
+    if factors:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     return inv_freq
+
+
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, original_len: int
+) -> torch.Tensor:
+    """Llama 3.1's scaling, in transformers' `_compute_llama3_parameters` fp32 arithmetic:
+    wavelengths shorter than original_len / high keep their frequency, those longer than
+    original_len / low are divided by `factor`, and the band between is interpolated."""
+    low_freq_wavelen = original_len / low
+    high_freq_wavelen = original_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 def rotary_cos_sin(

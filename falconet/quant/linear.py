@@ -236,7 +236,7 @@ def release_pages(t: torch.Tensor) -> None:
 
 
 def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> None:
-    """Set the HF-named parameter `name` of a Falcon (e.g. built on the meta device).
+    """Set the HF-named parameter `name` of a model (e.g. built on the meta device).
 
     A QuantTensor for a `*.weight` of a Linear or Embedding swaps in a QuantLinear /
     QuantEmbedding (keeping the Linear's bias, which may be set before or after); a
@@ -254,7 +254,7 @@ def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> N
             new = QuantLinear(value, getattr(module, "bias", None))
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        if name == "transformer.word_embeddings.weight" and getattr(
+        if name == f"{getattr(model, 'embeddings_name', None)}.weight" and getattr(
             getattr(model, "config", None), "tie_word_embeddings", False
         ):
             model.lm_head = QuantLinear(value)

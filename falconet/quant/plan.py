@@ -1,12 +1,16 @@
-"""Which GGML type each tensor of a Falcon gets when the model is quantized to a type.
+"""Which GGML type each tensor gets when a model is quantized to a type.
 
-The rules are llama.cpp's quantizer's (src/llama-quant.cpp) for Falcon, so a model
-quantized at load and a GGUF quantized by llama.cpp hold the same types:
+The rules are llama.cpp's quantizer's (src/llama-quant.cpp), so a model quantized at
+load and a GGUF quantized by llama.cpp hold the same types:
 
 - 1-D tensors (norms, biases) stay float;
 - the output head -- or the token embeddings when the head is tied to them -- is Q8_0
   for the 4- and 5-bit types: it is the most sensitive matrix (llama.cpp PR #2816 moved
-  Falcon-7B Q4_0 perplexity from 8.39 to 7.25 with it);
+  Falcon-7B Q4_0 perplexity from 8.39 to 7.25 with it). llama.cpp does this for every
+  Falcon head; for a llama head (Falcon3) it does it when the rows are not a whole
+  number of 256-value K-quant super-blocks and writes Q6_K otherwise. falconet does
+  not write K-quants, so a llama head whose rows would take Q6_K gets Q8_0 as well
+  (slightly larger, at least as exact);
 - every other matrix, token embeddings included, gets the requested type;
 - a matrix whose rows are not a whole number of blocks stays float (llama.cpp falls back
   to another type there; falconet never pads rows).
@@ -14,7 +18,7 @@ quantized at load and a GGUF quantized by llama.cpp hold the same types:
 
 from __future__ import annotations
 
-from falconet.models.falcon_config import FalconConfig
+from falconet.models.registry import ModelConfig, for_config
 from falconet.quant import QuantError, get_format
 
 # Types falconet quantizes to (the others in falconet.quant.FORMATS are read-only).
@@ -31,13 +35,13 @@ def check_quant_type(qtype: str) -> str:
     return name
 
 
-def is_head(name: str, config: FalconConfig) -> bool:
-    return name == "lm_head.weight" or (
-        name == "transformer.word_embeddings.weight" and config.tie_word_embeddings
-    )
+def is_head(name: str, config: ModelConfig) -> bool:
+    """Whether HF tensor `name` is the output head: lm_head, or the embeddings it is tied to."""
+    embeddings = f"{for_config(config).model.embeddings_name}.weight"
+    return name == "lm_head.weight" or (name == embeddings and config.tie_word_embeddings)
 
 
-def tensor_qtype(name: str, shape: tuple[int, ...], config: FalconConfig, qtype: str) -> str | None:
+def tensor_qtype(name: str, shape: tuple[int, ...], config: ModelConfig, qtype: str) -> str | None:
     """The GGML type for HF tensor `name` of `shape` in a `qtype` model; None = keep float."""
     if len(shape) != 2:
         return None

@@ -1,31 +1,30 @@
-"""GGUF files for Falcon, as llama.cpp reads and writes them.
+"""GGUF files for Falcon and Falcon3 (llama), as llama.cpp reads and writes them.
 
 Reading (`falconet.load("model.gguf")`): `read_gguf` checks the file and rebuilds the
-config and tokenizer from its metadata; `load_gguf_weights` fills a Falcon built on the
+config and tokenizer from its metadata; `load_gguf_weights` fills a model built on the
 meta device. F32/F16/BF16 tensors become float parameters, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1
 tensors become QuantLinear/QuantEmbedding weights that point into the file's memory map
 (no copy: the blocks are exactly what falconet.quant computes on), and Q4_K/Q5_K/Q6_K
 (which llama.cpp's K-quant mixes put on some Falcon tensors) are dequantized at load.
 
 Writing (`falconet convert HF_DIR OUT.gguf --type q4_0`): `convert_hf_to_gguf` streams a
-Hugging Face folder into a GGUF with llama.cpp's `falcon` architecture: its tensor names,
-the metadata keys its loader reads, and the tensor types its quantizer would pick. Only
-one tensor is in memory at a time, and the file is published atomically.
+Hugging Face folder into a GGUF with llama.cpp's `falcon` or `llama` architecture: its
+tensor names, the metadata keys its loader reads, and the tensor types its quantizer
+would pick. Only one tensor is in memory at a time, and the file is published atomically.
 
-Names and keys follow llama.cpp (`src/llama-arch.cpp`, `src/models/falcon.cpp`,
-`conversion/falcon.py`); the name table is `_GLOBAL_NAMES` / `_BLOCK_NAMES` below.
-attn_qkv holds [all Q heads | all K heads | all V heads] ("jploski" layout), which is
-falconet's own layout, so it maps in as is. llama.cpp's falcon has no linear biases,
-no ALiBi and no sequential block, so falcon-rw models cannot be written.
+What differs per architecture lives in one module each (`LAYOUTS`, chosen by the
+file's general.architecture or the config's registry entry): gguf_falcon.py (names,
+metadata, the variants llama.cpp's falcon cannot run) and gguf_llama.py (Falcon3: names,
+metadata, the Q/K row order of llama.cpp's rope).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -37,61 +36,28 @@ from gguf import (
     GGUFValueType,
     GGUFWriter,
     LlamaFileType,
-    RopeScalingType,
 )
 
 from falconet.durable import atomic_write
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models.falcon import Falcon
-from falconet.models.falcon_config import FalconConfig
+from falconet.models.base import CausalLM
+from falconet.models.registry import ModelConfig, for_config
 from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype
 from falconet.tokenizer import Tokenizer
-from falconet.weights import gguf_vocab
-from falconet.weights.hf import checkpoint_sources, expected_tensors, read_config, regroup_qkv
+from falconet.weights import gguf_falcon, gguf_llama, gguf_vocab
+from falconet.weights.hf import checkpoint_sources, read_config
 
-ARCH = "falcon"
 T = GGMLQuantizationType
 
 
 class GGUFError(CheckpointError):
-    """A GGUF file that is truncated, corrupt, not a Falcon model, or uses tensor types
-    falconet cannot read."""
+    """A GGUF file that is truncated, corrupt, not a Falcon or llama model, or uses tensor
+    types falconet cannot read."""
 
 
-# ---- names and types ------------------------------------------------------------------
-
-_GLOBAL_NAMES = {
-    "transformer.word_embeddings": "token_embd",
-    "transformer.ln_f": "output_norm",
-    "lm_head": "output",
-}
-_BLOCK_NAMES = {
-    "input_layernorm": "attn_norm",
-    "ln_mlp": "attn_norm",  # 40B: llama.cpp feeds attn_norm to the FFN ...
-    "ln_attn": "attn_norm_2",  # ... and attn_norm_2, when present, to attention
-    "self_attention.query_key_value": "attn_qkv",
-    "self_attention.dense": "attn_output",
-    "mlp.dense_h_to_4h": "ffn_up",
-    "mlp.dense_4h_to_h": "ffn_down",
-}
-_BLOCK_RE = re.compile(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)")
-
-
-def gguf_name(hf_name: str) -> str:
-    """transformer.h.3.ln_attn.weight -> blk.3.attn_norm_2.weight (names llama.cpp's
-    falcon loader asks for)."""
-    if m := _BLOCK_RE.fullmatch(hf_name):
-        return f"blk.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
-    module, _, kind = hf_name.rpartition(".")
-    return f"{_GLOBAL_NAMES[module]}.{kind}"
-
-
-def tensor_names(config: FalconConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """GGUF name -> (HF name, HF shape) of every tensor a file of this config holds."""
-    return {gguf_name(n): (n, shape) for n, shape in expected_tensors(config).items()}
-
+# ---- types ------------------------------------------------------------------------------
 
 # --type names -> (type of the 2-D weights, general.file_type as llama.cpp numbers it)
 WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
@@ -110,8 +76,8 @@ DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
-def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: FalconConfig) -> T:
-    """The type llama.cpp gives a Falcon tensor in a `qtype` file: 1-D tensors (norms)
+def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
+    """The type llama.cpp gives a tensor in a `qtype` file: 1-D tensors (norms)
     F32; for the block types, quant/plan.py's choice (the one falconet.load(quant=)
     makes: the head, or token_embd when tied, Q8_0 -- llama.cpp's quantizer does this
     for every Falcon file), with F16 for rows that split into no whole blocks, as
@@ -167,8 +133,8 @@ def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = _
     if field is None:
         if default is _REQUIRED:
             raise GGUFError(
-                f"{path}: metadata key {key} is missing; llama.cpp's falcon loader needs it too, "
-                "so the file is incomplete or was not written for llama.cpp's falcon architecture"
+                f"{path}: metadata key {key} is missing; llama.cpp's loader needs it too, so the "
+                "file is incomplete or was not written for llama.cpp"
             )
         return default
     t, sub = field.types[0], field.types[-1]
@@ -199,7 +165,7 @@ class GGUFCheckpoint:
 
     path: Path
     reader: GGUFReader  # owns the memory map the tensors point into
-    config: FalconConfig
+    config: ModelConfig
     tokenizer: Tokenizer
     tensors: dict[str, Any]  # HF name -> gguf ReaderTensor
 
@@ -209,7 +175,7 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open and check a Falcon GGUF file; GGUFError names the file and the problem."""
+    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
@@ -247,10 +213,11 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
 
 def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
     arch = _value(reader, path, "general.architecture", "str")
-    if arch != ARCH:
+    if arch not in LAYOUTS:
         raise GGUFError(
-            f"{path}: architecture {arch!r}, not {ARCH!r}; falconet runs Falcon models only"
+            f"{path}: architecture {arch!r} is not one falconet runs ({', '.join(LAYOUTS)})"
         )
+    layout = LAYOUTS[arch]
     by_name = {t.name: t for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type not in READ_TYPES:
@@ -261,7 +228,7 @@ def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
                 "quantized to one of those (llama-quantize Q4_0, Q8_0, Q4_K_M...), or write one "
                 "from the HF folder with `falconet convert --type q4_0`"
             )
-    config = _config(reader, path, by_name)
+    config = _config(reader, path, arch, by_name)
     try:
         tokenizer = gguf_vocab.tokenizer_from_metadata(_vocab_meta(reader, path), str(path))
     except GGUFError:
@@ -272,13 +239,15 @@ def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
         raise GGUFError(
             f"{path}: {tokenizer.vocab_size} tokens but token_embd has {config.vocab_size} rows"
         )
-    expected = tensor_names(config)
+    expected = layout.tensor_names(config)
     tensors = {}
     for name, t in by_name.items():
+        if name in layout.EXTRA_TENSORS:  # read into the config
+            continue
         if name not in expected:
             raise GGUFError(
                 f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
-                f"{config.variant} (llama.cpp's falcon has no such tensor)"
+                f"{config.variant} (llama.cpp's {arch} has no such tensor)"
             )
         hf_name, shape = expected[name]
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -294,34 +263,19 @@ def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(path, reader, config, tokenizer, tensors)
 
 
-def _config(reader: GGUFReader, path: Path, tensors: dict[str, Any]) -> FalconConfig:
-    def key(k: str, kind: str, default: Any = _REQUIRED) -> Any:
-        return _value(reader, path, f"{ARCH}.{k}", kind, default)
+def _config(reader: GGUFReader, path: Path, arch: str, tensors: dict[str, Any]) -> ModelConfig:
+    """The config the metadata describes: what every architecture reads alike here, the
+    rest by the architecture's layout (its `<arch>.*` keys)."""
 
-    layout = key("tensor_data_layout", "str", "jploski")
-    if layout != "jploski":
-        raise GGUFError(
-            f"{path}: {ARCH}.tensor_data_layout is {layout!r}; falconet reads the 'jploski' "
-            "QKV layout that llama.cpp's converter writes"
-        )
+    def key(k: str, kind: str, default: Any = _REQUIRED) -> Any:
+        return _value(reader, path, f"{arch}.{k}", kind, default)
+
+    def fail(msg: str) -> GGUFError:
+        return GGUFError(f"{path}: {msg}")
+
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
-    heads = key("attention.head_count", "int")
-    kv = key("attention.head_count_kv", "int", heads)  # llama.cpp's default
-    scaling = key("rope.scaling.type", "str", "none")
-    if scaling not in ("none", "linear"):
-        raise GGUFError(
-            f"{path}: rope scaling {scaling!r} is not supported; falconet reads none or linear"
-        )
-    factor = key("rope.scaling.factor", "float", 0.0) or key("rope.scale_linear", "float", 1.0)
-    two_norms = "blk.0.attn_norm_2.weight" in tensors
-    if two_norms:  # 40B / 180B
-        layout_kw = dict(new_decoder_architecture=True, num_kv_heads=kv)
-    elif kv == 1:  # 7B: multi-query, one norm
-        layout_kw = dict(multi_query=True, num_kv_heads=1)
-    else:  # Falcon2-11B: grouped, one norm
-        layout_kw = dict(new_decoder_architecture=True, num_kv_heads=kv, num_ln_in_parallel_attn=1)
     eos = _value(reader, path, gguf_vocab.KEY_EOS, "int", None)
     types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
     # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
@@ -331,31 +285,19 @@ def _config(reader: GGUFReader, path: Path, tensors: dict[str, Any]) -> FalconCo
         else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
         else "float32"
     )  # fmt: skip
+    common = dict(
+        vocab_size=int(embd.shape[1]),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=_value(reader, path, gguf_vocab.KEY_BOS, "int", None),
+        eos_token_ids=() if eos is None else (eos,),
+        pad_token_id=_value(reader, path, gguf_vocab.KEY_PAD, "int", None),
+        torch_dtype=dtype,
+    )
+    layout = LAYOUTS[arch]
     try:
-        return FalconConfig(
-            vocab_size=int(embd.shape[1]),
-            hidden_size=key("embedding_length", "int"),
-            num_hidden_layers=key("block_count", "int"),
-            num_attention_heads=heads,
-            ffn_hidden_size=key("feed_forward_length", "int"),
-            max_position_embeddings=key("context_length", "int"),
-            layer_norm_epsilon=float(key("attention.layer_norm_epsilon", "float")),
-            rope_theta=float(key("rope.freq_base", "float", 10000.0)),
-            rope_scaling_type="linear" if scaling == "linear" else None,
-            rope_scaling_factor=float(factor) if scaling == "linear" else 1.0,
-            parallel_attn=True,
-            alibi=False,
-            bias=False,
-            activation="gelu",
-            tie_word_embeddings="output.weight" not in tensors,
-            bos_token_id=_value(reader, path, gguf_vocab.KEY_BOS, "int", None),
-            eos_token_ids=() if eos is None else (eos,),
-            pad_token_id=_value(reader, path, gguf_vocab.KEY_PAD, "int", None),
-            torch_dtype=dtype,
-            **layout_kw,
-        )
+        return layout.read_config(key, fail, tensors, common)
     except ConfigError as e:
-        raise GGUFError(f"{path}: the metadata is not a valid Falcon config: {e}") from None
+        raise GGUFError(f"{path}: the metadata is not a valid {layout.TITLE} config: {e}") from None
 
 
 def _vocab_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -367,82 +309,66 @@ def _vocab_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _tensor_value(t: Any, dtype: torch.dtype) -> QuantTensor | torch.Tensor:
-    """A file tensor as falconet holds it: blocks stay blocks, the rest becomes `dtype`."""
+def _tensor_value(
+    t: Any, dtype: torch.dtype, rows: torch.Tensor | None = None
+) -> QuantTensor | torch.Tensor:
+    """A file tensor as falconet holds it: blocks stay blocks, the rest becomes `dtype`;
+    `rows` reorders the rows (llama's Q/K), which copies."""
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     kind = t.tensor_type
     if kind in BLOCK_TYPES and len(shape) == 2:
+        data = torch.from_numpy(t.data)
+        if rows is not None:  # whole rows of blocks move: the blocks stay exact
+            return QuantTensor(get_format(kind), data.index_select(0, rows), shape)
         # a view of the file's memory map: no copy (mapped: the pages are the file's)
-        return QuantTensor(get_format(kind), torch.from_numpy(t.data), shape, mapped=True)
+        return QuantTensor(get_format(kind), data, shape, mapped=True)
     if kind in (T.F32, T.F16):
         out = torch.from_numpy(t.data)
     elif kind == T.BF16:
         out = torch.from_numpy(t.data).view(torch.bfloat16)
     else:  # K-quants, or a (never written) quantized 1-D tensor
         out = torch.from_numpy(get_format(kind).dequantize(t.data, shape))
-    return out.reshape(shape).to(dtype)  # no copy when the dtype already matches
+    out = out.reshape(shape)
+    if rows is not None:
+        out = out.index_select(0, rows)
+    return out.to(dtype)  # no copy when the dtype already matches
 
 
 def load_gguf_weights(
-    model: Falcon, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
+    model: CausalLM, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
 ) -> None:
     """Fill `model` (built from ckpt.config on the meta device) with the file's tensors;
     progress(nbytes) is called after each."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    layout = _layout(ckpt.config)
     for hf_name, t in ckpt.tensors.items():
+        rows = layout.rows(hf_name, ckpt.config, False)
         try:
-            value = _tensor_value(t, params[hf_name].dtype)
+            value = _tensor_value(t, params[hf_name].dtype, rows)
         except QuantError as e:
             raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
         install(model, hf_name, value)
         if progress is not None:
             progress(int(t.n_bytes))
-    if model.config.tie_word_embeddings and not isinstance(
-        model.transformer.word_embeddings.weight, QuantTensor
-    ):
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+    model.tie_weights()
 
 
 # ---- writing --------------------------------------------------------------------------
 
 
-def check_writable(config: FalconConfig, source: str) -> None:
-    """Raise GGUFError for a Falcon variant llama.cpp's falcon architecture cannot run."""
-    reasons = []
-    if config.alibi:
-        reasons.append("it uses ALiBi (llama.cpp's falcon is rotary only)")
-    if config.block_layout == "sequential":
-        reasons.append("its blocks are sequential (llama.cpp's falcon is parallel only)")
-    if config.bias:
-        reasons.append("its linear layers have biases (llama.cpp's falcon has none)")
-    if config.activation != "gelu":
-        reasons.append(f"its activation is {config.activation!r}, not gelu")
-    if config.rope_scaling_type not in (None, "linear"):
-        reasons.append(f"{config.rope_scaling_type} RoPE scaling has no GGUF equivalent")
+def check_writable(config: ModelConfig, source: str) -> None:
+    """Raise GGUFError for a model llama.cpp's architecture for it cannot run."""
+    reasons = _layout(config).problems(config)
     if reasons:
         raise GGUFError(
-            f"{source}: a {config.variant} model cannot be written as GGUF: "
-            + "; ".join(reasons)
-            + " (falcon-rw models are not supported by llama.cpp's falcon)"
+            f"{source}: a {config.variant} model cannot be written as GGUF: " + "; ".join(reasons)
         )
 
 
-def _metadata(writer: GGUFWriter, config: FalconConfig, ftype: LlamaFileType, name: str) -> None:
+def _metadata(writer: GGUFWriter, config: ModelConfig, ftype: LlamaFileType, name: str) -> None:
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.ffn_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.kv_heads)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_tensor_data_layout("jploski")
-    if config.rope_theta != 10000.0:  # Falcon2-11B: 500042
-        writer.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling_type == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope_scaling_factor)
+    _layout(config).write_metadata(writer, config)
     writer.add_file_type(ftype)
     writer.add_quantization_version(GGML_QUANT_VERSION)
 
@@ -475,7 +401,8 @@ def convert_hf_to_gguf(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write the HF Falcon folder `folder` as a llama.cpp-compatible GGUF file `out`.
+    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
+    GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`).
     progress(done_bytes, total_bytes) is called as tensors are written. An existing
@@ -485,7 +412,7 @@ def convert_hf_to_gguf(
     if qtype not in WRITE_TYPES:
         raise FalconetError(f"GGUF type {qtype!r} is not one of {', '.join(WRITE_TYPES)}")
     if not folder.is_dir():
-        raise FalconetError(f"{folder}: not a folder; give a Hugging Face Falcon model folder")
+        raise FalconetError(f"{folder}: not a folder; give a Hugging Face model folder")
     if not out.parent.is_dir():
         raise FalconetError(f"{out}: the folder {out.parent} does not exist")
     if out.is_dir():
@@ -497,7 +424,9 @@ def convert_hf_to_gguf(
     tokenizer = Tokenizer.from_dir(folder)
     vocab = gguf_vocab.vocab_metadata(tokenizer, config)
     kind, ftype = WRITE_TYPES[qtype]
-    names = tensor_names(config)
+    layout, arch = _layout(config), for_config(config)
+    names = layout.tensor_names(config)
+    to_model = arch.layout(config).transforms  # HF layout -> falconet's (Falcon's QKV)
     sources = checkpoint_sources(folder, config)
     plan = []  # (GGUF name, HF name, HF shape, GGML type, bytes)
     for name, (hf_name, shape) in names.items():
@@ -505,16 +434,21 @@ def convert_hf_to_gguf(
         fmt = get_format(t)
         nbytes = math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])
         plan.append((name, hf_name, shape, t, nbytes))
-    total = sum(p[-1] for p in plan)
+    extra = layout.extra_tensors(config)  # e.g. llama3's rope_freqs: F32, after the weights
+    total = sum(p[-1] for p in plan) + sum(a.nbytes for a in extra.values())
 
     def write(tmp: Path) -> None:
-        writer = GGUFWriter(tmp, ARCH)
+        writer = GGUFWriter(tmp, arch.gguf_architecture)
         try:
             _metadata(writer, config, ftype, folder.resolve().name)
             _add_values(writer, vocab)
             for name, _, shape, t, nbytes in plan:
                 # A non-uint8 dtype with raw_dtype: `shape` is taken as the element shape.
                 writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+            for name, array in extra.items():
+                writer.add_tensor_info(
+                    name, array.shape, array.dtype, array.nbytes, raw_dtype=T.F32
+                )
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -527,8 +461,11 @@ def convert_hf_to_gguf(
                         f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
                         f"expected a float tensor of shape {shape} from config.json"
                     )
-                if "query_key_value" in hf_name and config.kv_heads != 1:
-                    tensor = regroup_qkv(tensor, config)
+                if hf_name in to_model:
+                    tensor = to_model[hf_name](tensor)
+                rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
+                if rows is not None:
+                    tensor = tensor.index_select(0, rows)
                 try:
                     data = _encode(tensor, t)
                 except QuantError as e:
@@ -539,7 +476,25 @@ def convert_hf_to_gguf(
                 done += nbytes
                 if progress is not None:
                     progress(done, total)
+            for array in extra.values():
+                writer.write_tensor_data(array)
+            if extra and progress is not None:
+                progress(total, total)
         finally:
             writer.close()
 
     atomic_write(out, write)
+
+
+# ---- the architectures ----------------------------------------------------------------
+
+# llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
+# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
+# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
+# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
+# (row order between falconet and the file, None = the same).
+LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
+
+
+def _layout(config: ModelConfig) -> ModuleType:
+    return LAYOUTS[for_config(config).gguf_architecture]

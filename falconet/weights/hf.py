@@ -1,4 +1,6 @@
-"""Load a Hugging Face Falcon checkpoint folder: config.json + safetensors or legacy .bin.
+"""Load a Hugging Face checkpoint folder (Falcon, or Llama for Falcon3): config.json +
+safetensors or legacy .bin. The model file's tensor table (`checkpoint_layout`, found
+through models/registry.py) says which tensors to expect and how to transform them.
 
 Tensors are streamed one at a time. A safetensors tensor that needs no change keeps
 pointing into the file's memory map (no copy, pages shared with the OS cache); one that
@@ -19,8 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from falconet.errors import CheckpointError
-from falconet.models.falcon import Falcon
-from falconet.models.falcon_config import FalconConfig
+from falconet.models.base import CausalLM
+from falconet.models.falcon import regroup_qkv  # noqa: F401  (re-exported: gguf.py and tests use it)
+from falconet.models.registry import ModelConfig, for_config, read_hf_config
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype
 
@@ -31,55 +34,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 IGNORED_SUFFIXES = (".inv_freq", ".cos_cached", ".sin_cached", ".masked_bias", ".attn.bias")
 
 
-def expected_tensors(config: FalconConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold, with its HF shape."""
-    C, V, F_ = config.hidden_size, config.vocab_size, config.ffn_size
-    names: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (V, C)}
-    norms = {
-        "sequential": ("input_layernorm", "post_attention_layernorm"),
-        "parallel": ("input_layernorm",),
-        "parallel_2ln": ("ln_attn", "ln_mlp"),
-    }[config.block_layout]
-    linears = {
-        "self_attention.query_key_value": (config.qkv_size, C),
-        "self_attention.dense": (C, C),
-        "mlp.dense_h_to_4h": (F_, C),
-        "mlp.dense_4h_to_h": (C, F_),
-    }
-    for i in range(config.num_hidden_layers):
-        p = f"transformer.h.{i}."
-        for n in norms:
-            names[p + n + ".weight"] = names[p + n + ".bias"] = (C,)
-        for n, shape in linears.items():
-            names[p + n + ".weight"] = shape
-            if config.bias:
-                names[p + n + ".bias"] = shape[:1]
-    names["transformer.ln_f.weight"] = names["transformer.ln_f.bias"] = (C,)
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = (V, C)
-    return names
-
-
-def regroup_qkv(t: torch.Tensor, config: FalconConfig) -> torch.Tensor:
-    """HF fused QKV rows -> [all Q | all K | all V].
-
-    The three HF layouts are one view (as vLLM and llama.cpp's converter use it):
-    K groups of (H/K query heads, 1 key head, 1 value head). MHA is K = H groups of
-    [q, k, v]; multi-query is 1 group of [q_0..q_{H-1}, k, v].
-    """
-    H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
-    G = H // K
-    grouped = t.reshape(K, G + 2, D, *t.shape[1:])
-    q = grouped[:, :G].reshape(H * D, *t.shape[1:])
-    k = grouped[:, G].reshape(K * D, *t.shape[1:])
-    v = grouped[:, G + 1].reshape(K * D, *t.shape[1:])
-    return torch.cat([q, k, v])
-
-
-def _needs_regroup(name: str, config: FalconConfig) -> bool:
-    # Multi-query without grouping is already [Q heads | K | V]; skipping it keeps the
-    # 7B weight zero-copy.
-    return "query_key_value" in name and config.kv_heads != 1
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its HF shape (the model
+    file's table: `checkpoint_layout`)."""
+    return for_config(config).layout(config).shapes
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -211,7 +169,7 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torc
 
 
 def checkpoint_sources(
-    folder: Path, config: FalconConfig
+    folder: Path, config: ModelConfig
 ) -> dict[str, tuple[Path, Callable[[], torch.Tensor]]]:
     """HF name -> (file, lazy loader) for every tensor the config needs, in file order;
     raises CheckpointError for an unexpected, duplicated or missing tensor before any
@@ -237,13 +195,13 @@ def checkpoint_sources(
         raise CheckpointError(
             f"{folder}: checkpoint ({files}) has no tensor {missing[0]}"
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
-            + "; is this a complete Falcon checkpoint?"
+            + f"; is this a complete {for_config(config).name} checkpoint?"
         )
     return sources
 
 
 def load_weights(
-    model: Falcon,
+    model: CausalLM,
     folder: Path,
     progress: Callable[[int], None] | None = None,
     quant: str | None = None,
@@ -255,7 +213,8 @@ def load_weights(
     QuantEmbedding, so the float checkpoint is never held whole.
     """
     config = model.config
-    expected = expected_tensors(config)
+    layout = for_config(config).layout(config)
+    expected = layout.shapes
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, (path, get) in checkpoint_sources(folder, config).items():
         t = get()
@@ -268,8 +227,8 @@ def load_weights(
                 f"{path}: tensor {name} has dtype {t.dtype}, expected a float type"
             )
         target = params[name]
-        if _needs_regroup(name, config):
-            t = regroup_qkv(t, config)
+        if name in layout.transforms:
+            t = layout.transforms[name](t)
         nbytes = t.numel() * target.element_size()
         qtype = quant and tensor_qtype(name, tuple(t.shape), config, quant)
         if qtype:
@@ -281,11 +240,9 @@ def load_weights(
         del t
         if progress is not None:
             progress(nbytes)
-    if config.tie_word_embeddings and isinstance(
-        model.transformer.word_embeddings, torch.nn.Embedding
-    ):
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+    model.tie_weights()
 
 
-def read_config(folder: Path) -> FalconConfig:
-    return FalconConfig.from_file(folder / "config.json")
+def read_config(folder: Path) -> ModelConfig:
+    """The folder's config.json as the config class its model_type names."""
+    return read_hf_config(folder / "config.json")

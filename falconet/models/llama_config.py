@@ -1,0 +1,338 @@
+"""Llama-architecture configuration (Falcon3, Falcon-Arabic): plain data with HF key names.
+
+Falcon3 (TII, Dec 2024) is a `LlamaForCausalLM`. Its published configs:
+
+| model       | hidden | ffn   | layers | heads / kv | head_dim | vocab  | rope_theta | rms eps |
+|-------------|--------|-------|--------|------------|----------|--------|------------|---------|
+| Falcon3-1B  | 2048   | 8192  | 18     | 8 / 4      | 256      | 131072 | 1000042    | 1e-6    |
+| Falcon3-3B  | 3072   | 9216  | 22     | 12 / 4     | 256      | 131072 | 1000042    | 1e-6    |
+| Falcon3-7B  | 3072   | 23040 | 28     | 12 / 4     | 256      | 131072 | 1000042    | 1e-6    |
+| Falcon3-10B | 3072   | 23040 | 40     | 12 / 4     | 256      | 131072 | 1000042    | 1e-6    |
+
+They write head_dim as its own key; other llama checkpoints may make it differ from
+hidden / heads, which is honoured. Any config of this shape -- GQA or MHA, tied or
+untied head, biases, rope scaling of type linear, dynamic (NTK) or llama3 -- is read.
+
+Sources: transformers `models/llama/configuration_llama.py` (v5, `rope_parameters`) and
+v4 (`rope_theta` + `rope_scaling`), `modeling_rope_utils.py` for the scaling keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from falconet.errors import ConfigError
+from falconet.models.falcon_config import (
+    ACTIVATIONS,
+    _is_finite_number,
+    _is_positive_int,
+    _is_token_id,
+    read_config_json,
+)
+
+LLAMA_MODEL_TYPES = ("llama",)
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+# rope_parameters keys only llama3 scaling reads (transformers' _compute_llama3_parameters)
+LLAMA3_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Fields that must be positive integers.
+SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+# Fields read from (and written to) config.json under their own name.
+HF_KEYS = (
+    *SIZES,
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "pad_token_id",
+)
+# config.json keys read into other fields (rope_*, eos_token_ids, torch_dtype).
+READ_APART = (
+    "model_type",
+    "eos_token_id",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "torch_dtype",
+    "dtype",
+)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    # None means what transformers means: num_attention_heads (MHA) and
+    # hidden_size // num_attention_heads. Both are resolved to ints on construction.
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling_type: str | None = None  # None (plain RoPE), "linear", "dynamic", "llama3"
+    rope_scaling_factor: float = 1.0
+    # llama3 scaling only: the band between these wavelengths is interpolated
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position_embeddings: int | None = None
+    # Per-frequency divisors of the rotary frequencies (head_dim / 2 of them): how a GGUF
+    # file stores llama3 scaling (llama.cpp's rope_freqs tensor). Not an HF key.
+    rope_freq_factors: tuple[float, ...] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the checkpoint's dtype, used by dtype="auto"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if (
+            self.rope_scaling_type == "llama3"
+            and self.rope_original_max_position_embeddings is None
+        ):
+            # transformers' standardize_rope_params falls back the same way
+            object.__setattr__(
+                self, "rope_original_max_position_embeddings", self.max_position_embeddings
+            )
+
+    # ---- derived values (the names shared code reads from FalconConfig too) -----------
+    @property
+    def kv_heads(self) -> int:
+        """KV heads the model uses and the KV cache stores."""
+        return self.num_key_value_heads
+
+    @property
+    def alibi(self) -> bool:
+        return False
+
+    @property
+    def rotary(self) -> bool:
+        return True
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def variant(self) -> str:
+        """A human name for the layout (never used to choose behaviour)."""
+        H, K = self.num_attention_heads, self.kv_heads
+        heads = "MHA" if K == H else "multi-query" if K == 1 else f"GQA {H}q/{K}kv"
+        rope = f", {self.rope_scaling_type} rope scaling" if self.rope_scaling_type else ""
+        rope += ", rope_freqs" if self.rope_freq_factors else ""
+        head = "tied" if self.tie_word_embeddings else "untied"
+        return f"llama-style ({heads}, head_dim {self.head_dim}{rope}, {head} head)"
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
+        return 2 * self.num_hidden_layers * self.kv_heads * self.head_dim * bytes_per_value
+
+    # ---- checks -----------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in SIZES:
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+        H, K, D = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if K is not None and not _is_positive_int(K):
+            raise ConfigError(f"config: num_key_value_heads must be a positive integer, got {K!r}")
+        if K is not None and H % K:
+            raise ConfigError(
+                f"config: num_attention_heads {H} is not a multiple of num_key_value_heads {K}; "
+                "each kv head must serve the same number of query heads"
+            )
+        if D is None and self.hidden_size % H:
+            raise ConfigError(
+                f"config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{H}; set head_dim explicitly if the heads are not hidden_size / heads wide"
+            )
+        head_dim = self.hidden_size // H if D is None else D
+        if not _is_positive_int(head_dim) or head_dim % 2:
+            raise ConfigError(
+                f"config: head_dim must be a positive even integer for rotary embeddings, got {head_dim!r}"
+            )
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"config: {name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"config: hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS}"
+            )
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (_is_finite_number(value) and value > 0):
+                raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_token_id(value):
+                raise ConfigError(
+                    f"config: {name} must be a token id (an integer >= 0), got {value!r}"
+                )
+        if not all(_is_token_id(t) for t in self.eos_token_ids):
+            raise ConfigError(
+                f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
+            )
+        self._validate_rope_scaling(head_dim)
+        factors = self.rope_freq_factors
+        if factors is not None and not (
+            isinstance(factors, tuple)
+            and len(factors) == head_dim // 2
+            and all(_is_finite_number(f) and f > 0 for f in factors)
+        ):
+            raise ConfigError(
+                f"config: rope_freq_factors must be {head_dim // 2} positive numbers (one per "
+                f"rotary frequency), got {factors!r}"
+            )
+
+    def _validate_rope_scaling(self, head_dim: int) -> None:
+        kind = self.rope_scaling_type
+        if kind is None:
+            return
+        if kind not in ROPE_SCALING_TYPES:
+            raise ConfigError(
+                f"config: rope_scaling type {kind!r} is not supported; falconet supports "
+                f"{ROPE_SCALING_TYPES}"
+            )
+        factor = self.rope_scaling_factor
+        if not (_is_finite_number(factor) and factor >= 1):
+            raise ConfigError(f"config: rope_scaling factor must be a number >= 1, got {factor!r}")
+        if kind == "dynamic" and head_dim <= 2:
+            raise ConfigError(f"config: dynamic rope_scaling needs a head_dim > 2, got {head_dim}")
+        if kind != "llama3":
+            return
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        for name, value in (("low_freq_factor", low), ("high_freq_factor", high)):
+            if not (_is_finite_number(value) and value > 0):
+                raise ConfigError(
+                    f"config: llama3 rope_scaling needs {name}, a positive number; got {value!r}"
+                )
+        if high <= low:
+            raise ConfigError(
+                f"config: llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
+                f"{high!r} and {low!r}"
+            )
+        original = self.rope_original_max_position_embeddings
+        if original is not None and not _is_positive_int(original):
+            raise ConfigError(
+                "config: rope_scaling original_max_position_embeddings must be a positive "
+                f"integer, got {original!r}"
+            )
+
+    # ---- reading and writing HF config.json --------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
+        """Build from a HF `config.json` dict (transformers v5 `rope_parameters` or v4
+        `rope_theta` + `rope_scaling`)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
+        if hf.get("model_type") not in LLAMA_MODEL_TYPES:
+            raise ConfigError(
+                f"config: model_type {hf.get('model_type')!r} is not a llama model "
+                f"(expected one of {', '.join(LLAMA_MODEL_TYPES)})"
+            )
+        quant = hf.get("quantization_config")
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(
+                f"config: the checkpoint is quantized (quantization_config {method!r}); falconet "
+                "loads float llama checkpoints: use the bfloat16 revision of the model"
+            )
+        defaults = cls.__dataclass_fields__
+        kwargs: dict[str, Any] = {}
+        for name in HF_KEYS:
+            value = hf.get(name)
+            kwargs[name] = defaults[name].default if value is None else value
+        for name in ("num_key_value_heads", "head_dim", "bos_token_id", "pad_token_id"):
+            if name in hf:  # an explicit null means "derive it" / "no token"
+                kwargs[name] = hf[name]
+        eos = hf.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        dtype = hf.get("torch_dtype", hf.get("dtype"))
+        known = set(HF_KEYS) | set(READ_APART)
+        return cls(
+            **kwargs,
+            **_rope_from_hf(hf),
+            eos_token_ids=eos_ids,
+            torch_dtype=dtype if isinstance(dtype, str) else None,
+            extra={k: v for k, v in hf.items() if k not in known},
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> LlamaConfig:
+        path = Path(path)
+        data = read_config_json(path)
+        try:
+            return cls.from_hf(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config as transformers' `LlamaConfig` writes it (v5 `rope_parameters`, and
+        `rope_theta` for v4 readers)."""
+        d = {k: v for k, v in asdict(self).items() if k in HF_KEYS}
+        d["eos_token_id"] = (
+            self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        )
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_scaling_type or "default",
+            "rope_theta": self.rope_theta,
+        }
+        if self.rope_scaling_type:
+            rope["factor"] = self.rope_scaling_factor
+        if self.rope_scaling_type == "llama3":
+            rope["low_freq_factor"] = self.rope_low_freq_factor
+            rope["high_freq_factor"] = self.rope_high_freq_factor
+            rope["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
+        d["rope_parameters"] = rope
+        d["rope_theta"] = self.rope_theta
+        d["model_type"] = "llama"
+        d["architectures"] = ["LlamaForCausalLM"]
+        if self.torch_dtype:
+            d["torch_dtype"] = self.torch_dtype
+        return d
+
+
+def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """The rope_* fields from `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4)."""
+    params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
+    theta = d.get("rope_theta", 10000.0)
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be an object, got {value!r}")
+    if params is not None:
+        theta = params.get("rope_theta", theta)
+        scaling = params
+    out: dict[str, Any] = {"rope_theta": theta}
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in (None, "default"):
+        return out
+    out["rope_scaling_type"] = kind
+    out["rope_scaling_factor"] = scaling.get("factor")
+    if kind == "llama3":
+        for key in LLAMA3_KEYS:
+            out[f"rope_{key}"] = scaling.get(key)
+    return out

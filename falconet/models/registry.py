@@ -1,0 +1,102 @@
+"""Which classes run a checkpoint, from what the checkpoint says it is.
+
+An HF config.json names its architecture by `model_type` (and `architectures`); a GGUF
+file by `general.architecture`. Each maps to one `Architecture`: the model class, its
+config class and its checkpoint tensor table. Never a file or model name: Falcon3 is
+found by `model_type: llama`, not by "Falcon3" in a path.
+
+| architecture | HF model_type                       | HF architectures    | GGUF     |
+|--------------|-------------------------------------|---------------------|----------|
+| falcon       | falcon, RefinedWeb, RefinedWebModel | FalconForCausalLM   | falcon   |
+| llama        | llama                               | LlamaForCausalLM    | llama    |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from falconet.errors import ConfigError
+from falconet.models.base import CausalLM, CheckpointLayout
+from falconet.models.falcon import Falcon
+from falconet.models.falcon_config import FALCON_MODEL_TYPES, FalconConfig, read_config_json
+from falconet.models.llama import Llama
+from falconet.models.llama_config import LLAMA_MODEL_TYPES, LlamaConfig
+
+ModelConfig = FalconConfig | LlamaConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model: type[CausalLM]
+    config: type[FalconConfig] | type[LlamaConfig]
+    hf_model_types: tuple[str, ...]
+    hf_architectures: tuple[str, ...]
+    gguf_architecture: str  # llama.cpp's general.architecture
+
+    def layout(self, config: ModelConfig) -> CheckpointLayout:
+        """The HF checkpoint's tensor table for `config` (provided by the model file)."""
+        return self.model.checkpoint_layout(config)
+
+
+ARCHITECTURES = (
+    Architecture(
+        "falcon", Falcon, FalconConfig, FALCON_MODEL_TYPES, ("FalconForCausalLM",), "falcon"
+    ),
+    Architecture("llama", Llama, LlamaConfig, LLAMA_MODEL_TYPES, ("LlamaForCausalLM",), "llama"),
+)
+
+
+def _supported() -> str:
+    return ", ".join(t for a in ARCHITECTURES for t in a.hf_model_types)
+
+
+def for_hf(hf: dict[str, Any]) -> Architecture:
+    """The architecture of a config.json dict: by `model_type`, or by `architectures`
+    when a config has no model_type. ConfigError when falconet has none for it."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    for arch in ARCHITECTURES:
+        if model_type in arch.hf_model_types:
+            return arch
+    if model_type is None:
+        named = hf.get("architectures") or []
+        for arch in ARCHITECTURES:
+            if isinstance(named, list) and set(named) & set(arch.hf_architectures):
+                return arch
+    raise ConfigError(
+        f"config: model_type {model_type!r} is not a Falcon model falconet runs "
+        f"(model types {_supported()}; Falcon3 is llama)"
+    )
+
+
+def for_config(config: ModelConfig) -> Architecture:
+    for arch in ARCHITECTURES:
+        if type(config) is arch.config:
+            return arch
+    raise TypeError(f"no architecture uses config class {type(config).__name__}")
+
+
+def for_gguf(name: str) -> Architecture | None:
+    """The architecture llama.cpp calls `name`, or None."""
+    return next((a for a in ARCHITECTURES if a.gguf_architecture == name), None)
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A config.json dict as the config class its architecture uses."""
+    arch = for_hf(hf)
+    if hf.get("model_type") is None:  # found by `architectures`
+        hf = {**hf, "model_type": arch.hf_model_types[0]}
+    return arch.config.from_hf(hf)
+
+
+def read_hf_config(path: Path) -> ModelConfig:
+    """Read config.json at `path`; ConfigError naming the file and the problem."""
+    data = read_config_json(path)
+    try:
+        return config_from_hf(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
