@@ -16,14 +16,18 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch>=2.5,<3"          # the CUDA build from PyPI
   else
     # A CPU wheel on local disk (pip's find-links) first, its small pure-Python
-    # dependencies from the package index; else PyTorch's CPU index.
+    # dependencies from the package index; else FALCONET_TORCH_INDEX_URL or pip's index.
     WHEELS=$(mktemp -d)
     if "$VPY" -m pip download -q --no-index --no-deps "torch==${TORCH_VERSION}" -d "$WHEELS" 2>/dev/null \
         && ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1; then
       "$VPY" -m pip install -q "$WHEELS"/torch-*.whl
+    elif [ -n "${FALCONET_TORCH_INDEX_URL:-}" ]; then
+      # PyTorch's CPU wheel index (or a mirror of it), named by the user; the small
+      # dependencies still come from pip's configured index.
+      "$VPY" -m pip install -q "torch==${TORCH_VERSION}" --extra-index-url "$FALCONET_TORCH_INDEX_URL"
     else
-      "$VPY" -m pip install -q "torch==${TORCH_VERSION}" \
-        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+      # pip's configured index (PIP_INDEX_URL / pip.conf): a CPU build where it serves one.
+      "$VPY" -m pip install -q "torch==${TORCH_VERSION}"
     fi
     rm -rf "$WHEELS"
   fi
