@@ -31,8 +31,22 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "si
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 
 
+class HFConfigFile:
+    """`from_file` for a config class with `from_hf`: config.json read once, errors
+    naming the file (shared by every architecture's config)."""
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        path = Path(path)
+        data = read_config_json(path)
+        try:
+            return cls.from_hf(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
 @dataclass(frozen=True)
-class FalconConfig:
+class FalconConfig(HFConfigFile):
     vocab_size: int = 65024
     hidden_size: int = 4544
     num_hidden_layers: int = 32
@@ -296,15 +310,6 @@ class FalconConfig:
             torch_dtype=dtype if isinstance(dtype, str) else None,
             extra={k: v for k, v in hf.items() if k not in known},
         )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> FalconConfig:
-        path = Path(path)
-        data = read_config_json(path)
-        try:
-            return cls.from_hf(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The config as transformers' `FalconConfig` writes it (model_type falcon)."""

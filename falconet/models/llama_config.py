@@ -20,16 +20,15 @@ v4 (`rope_theta` + `rope_scaling`), `modeling_rope_utils.py` for the scaling key
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from falconet.errors import ConfigError
 from falconet.models.falcon_config import (
     ACTIVATIONS,
+    HFConfigFile,
     _is_finite_number,
     _is_positive_int,
     _is_token_id,
-    read_config_json,
 )
 
 LLAMA_MODEL_TYPES = ("llama",)
@@ -71,7 +70,7 @@ READ_APART = (
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfigFile):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -280,15 +279,6 @@ class LlamaConfig:
             torch_dtype=dtype if isinstance(dtype, str) else None,
             extra={k: v for k, v in hf.items() if k not in known},
         )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> LlamaConfig:
-        path = Path(path)
-        data = read_config_json(path)
-        try:
-            return cls.from_hf(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The config as transformers' `LlamaConfig` writes it (v5 `rope_parameters`, and
