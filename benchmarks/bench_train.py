@@ -39,8 +39,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from falconet.train.data import Blocks
+    from falconet.train.save import hf_state_dict
     from falconet.train.trainer import Trainer, TrainSettings, sample_indices
-    from falconet.weights.save import hf_state_dict
 
     hf_logging.set_verbosity_error()
     settings = TrainSettings(

@@ -16,11 +16,11 @@ from falconet.engine import Engine
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion
 from falconet.models.base import CausalLM
+from falconet.models.checkpoint import load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
-from falconet.weights.hf import load_weights, read_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -115,7 +115,7 @@ def load(
         if progress is not None:
             progress(done, total)
 
-    load_weights(model, folder, advance, quant=quant)
+    load_hf_weights(model, folder, advance, quant=quant)
     if dev.type != "cpu":
         model = model.to(dev)
     return LLM(model, tokenizer, folder)
@@ -135,7 +135,7 @@ def _is_gguf(path: Path) -> bool:
 def _load_gguf(
     path: Path, dtype: str, dev: torch.device, progress: Callable[[int, int], None] | None
 ) -> LLM:
-    from falconet.weights.gguf import load_gguf_weights, read_gguf
+    from falconet.models.checkpoint import load_gguf_weights, read_gguf
 
     ckpt = read_gguf(path)
     storage, compute = resolve_dtypes(dtype, ckpt.config, dev)
@@ -152,7 +152,7 @@ def _load_gguf(
     load_gguf_weights(model, ckpt, advance)
     if dev.type != "cpu":
         model = model.to(dev)
-    return LLM(model, ckpt.tokenizer, path)
+    return LLM(model, Tokenizer(**ckpt.vocab), path)
 
 
 def _device(name: str) -> torch.device:

@@ -17,19 +17,13 @@ from safetensors.torch import load_file
 
 import falconet
 from falconet.cli import main as cli_main
-from falconet.models.falcon import Falcon
+from falconet.convert import WRITE_TYPES, convert_hf_to_gguf
+from falconet.models.checkpoint import load_gguf_weights, read_gguf, write_type
+from falconet.models.falcon import Falcon, regroup_qkv
 from falconet.models.falcon_config import FalconConfig
 from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
-from falconet.weights.gguf import (
-    WRITE_TYPES,
-    GGUFError,
-    convert_hf_to_gguf,
-    load_gguf_weights,
-    read_gguf,
-    write_type,
-)
-from falconet.weights.hf import regroup_qkv
+from falconet.weights.gguf import GGUFError
 from tests import llama_cpp_tools
 from tests.conftest import (
     CORPUS,
@@ -224,7 +218,7 @@ def test_tokenizer_rebuilt_from_metadata_matches_tokenizer_json(hf_dir, ours, tm
         path = tmp_path / "gpt2.gguf"
         convert_hf_to_gguf(folder, path, "q8_0")
     assert GGUFReader(path).get_field("tokenizer.ggml.pre").contents() == pre
-    ref, got = Tokenizer.from_dir(folder), read_gguf(path).tokenizer
+    ref, got = Tokenizer.from_dir(folder), Tokenizer(**read_gguf(path).vocab)
     for text in TEXTS:
         ids = ref.encode(text)
         assert got.encode(text) == ids, text

@@ -14,19 +14,14 @@ from safetensors.torch import load_file
 
 import falconet
 from falconet.cli import main as cli_main
+from falconet.convert import WRITE_TYPES, convert_hf_to_gguf
+from falconet.models.checkpoint import load_gguf_weights, read_gguf, write_type
+from falconet.models.gguf_llama import rows
 from falconet.models.llama import Llama
 from falconet.models.llama_config import LlamaConfig
 from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
-from falconet.weights.gguf import (
-    WRITE_TYPES,
-    GGUFError,
-    convert_hf_to_gguf,
-    load_gguf_weights,
-    read_gguf,
-    write_type,
-)
-from falconet.weights.gguf_llama import rows
+from falconet.weights.gguf import GGUFError
 from tests import llama_cpp_tools
 from tests.conftest import CORPUS
 from tests.test_gguf import (

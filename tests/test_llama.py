@@ -16,6 +16,7 @@ import torch
 import falconet
 from falconet.engine import Engine
 from falconet.errors import CheckpointError, ConfigError
+from falconet.models.checkpoint import expected_tensors
 from falconet.models.llama import Llama
 from falconet.models.llama_config import LlamaConfig
 from falconet.models.registry import config_from_hf, for_config
@@ -23,7 +24,6 @@ from falconet.nn.cache import KVCache
 from falconet.quant import get_format
 from falconet.quant.linear import QuantEmbedding, QuantLinear
 from falconet.sampling import SamplingParams
-from falconet.weights.hf import expected_tensors
 from tests.conftest import EOS_ID, write_tokenizer
 from tests.test_engine import _drain, _ids, _tokens_and_logprobs
 

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("usearch")
 
-from falconet.rag.ann import AnnIndex, ann_index  # noqa: E402
+from falconet.rag.ann import AnnIndex  # noqa: E402
 from falconet.rag.store import DocMeta, open_store  # noqa: E402
 
 DIM = 384
@@ -163,7 +163,7 @@ def test_empty_store_and_missing_usearch(tmp_path, monkeypatch):
     store = open_store(tmp_path / "store")
     try:
         assert store.search_vector(np.ones(DIM, dtype=np.float32), 5, ann=True) == []
-        assert ann_index(store).rows == 0
+        assert store.ann_index().rows == 0
         store._ann = None
         real_import = builtins.__import__
 

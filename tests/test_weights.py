@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 import falconet
 from falconet.errors import CheckpointError, ConfigError
+from falconet.models.checkpoint import expected_tensors
+from falconet.models.falcon import regroup_qkv
 from falconet.models.falcon_config import FalconConfig
-from falconet.weights.hf import expected_tensors, regroup_qkv
 from tests.conftest import VARIANTS, build_hf_model, hf_config, save_hf_model
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 300, 12, 64, 1, 400]

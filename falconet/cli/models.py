@@ -57,7 +57,7 @@ def cmd_info(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, out: Out) -> int:
-    from falconet.weights.gguf import convert_hf_to_gguf
+    from falconet.convert import convert_hf_to_gguf
 
     progress, close = progress_bar("convert")
     try:

@@ -10,7 +10,7 @@ it is written once:
 - `CausalLM.forward_packed`: the continuous-batching engine's packed step (paged.py);
 - weight counting (`num_parameters`, `weight_bytes`, `storage_summary`) and re-tying a
   shared head after loading;
-- `CheckpointLayout`: the tensor table each model file provides for weights/hf.py.
+- `CheckpointLayout` (weights/hf.py): the tensor table each model file provides.
 
 A subclass sets `embeddings_name` and implements `_embed_and_blocks` (ids -> hidden
 states before the final norm), `_head` (final norm + LM head) and `device`.
@@ -18,9 +18,9 @@ states before the final norm), `_head` (final norm + LM head) and `device`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+__all__ = ["CausalLM", "CheckpointLayout", "Rope"]
 
 import torch
 from torch import nn
@@ -28,18 +28,9 @@ from torch import nn
 from falconet.nn.attention import AttentionStep, alibi_slopes, build_mask, rotary_cos_sin
 from falconet.nn.cache import DenseStep, KVCache
 from falconet.nn.linear import Linear
+from falconet.weights.hf import CheckpointLayout
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, signed sin), each (B, 1, T, D)
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """What a Hugging Face checkpoint of one config holds: every tensor name with its HF
-    shape, and the tiny named transforms (e.g. Falcon's `regroup_qkv`) that turn a stored
-    tensor into the layout the model computes with. Names without a transform load as is."""
-
-    shapes: dict[str, tuple[int, ...]]
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 class CausalLM(nn.Module):
@@ -51,6 +42,19 @@ class CausalLM(nn.Module):
     lm_head: nn.Module
     # HF module name of the token embeddings (the tensor a tied head shares).
     embeddings_name: ClassVar[str]
+
+    def __init__(self, config: Any, dtype: torch.dtype, compute_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype or dtype
+
+    def _add_head(self, dtype: torch.dtype) -> None:
+        """The LM head (after the decoder: HF's parameter order), sharing the embeddings'
+        weight when the config ties them; the model is inference-only, so frozen."""
+        self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.get_submodule(self.embeddings_name).weight
+        self.requires_grad_(False)
 
     # ---- what a model file provides ---------------------------------------------------
     @property

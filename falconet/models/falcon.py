@@ -161,14 +161,9 @@ class Falcon(CausalLM):
         dtype: torch.dtype = torch.float32,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.compute_dtype = compute_dtype or dtype
+        super().__init__(config, dtype, compute_dtype)
         self.transformer = Transformer(config, dtype, self.compute_dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
-        self.requires_grad_(False)
+        self._add_head(dtype)
 
     @property
     def device(self) -> torch.device:

@@ -22,7 +22,7 @@ The block is sequential with pre-norms:
 Module and parameter names equal transformers' (model.embed_tokens,
 model.layers.N.self_attn.q_proj, ..., model.norm, lm_head), so an HF state dict maps
 one to one with no transform (`Llama.checkpoint_layout`). GGUF files store Q and K rows
-permuted for llama.cpp's rope; weights/gguf_llama.py undoes that.
+permuted for llama.cpp's rope; models/gguf_llama.py undoes that.
 
 Weights may be stored narrower than the compute dtype (bf16 weights, fp32 activations
 on CPU): every projection is a falconet.nn.linear.Linear. Activations, norms, the residual
@@ -142,14 +142,9 @@ class Llama(CausalLM):
         dtype: torch.dtype = torch.float32,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.compute_dtype = compute_dtype or dtype
+        super().__init__(config, dtype, compute_dtype)
         self.model = LlamaModel(config, dtype, self.compute_dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.requires_grad_(False)
+        self._add_head(dtype)
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,19 @@ class Architecture:
     gguf_architecture: str  # llama.cpp's general.architecture
 
     def layout(self, config: ModelConfig) -> CheckpointLayout:
-        """The HF checkpoint's tensor table for `config` (provided by the model file)."""
-        return self.model.checkpoint_layout(config)
+        """The HF checkpoint's tensor table for `config` (the model file's), with what
+        the loaders need to know around it: a tied head is not loaded, and which tensor
+        is the output head."""
+        tensors = self.model.checkpoint_layout(config)
+        embeddings = f"{self.model.embeddings_name}.weight"
+        tied = config.tie_word_embeddings
+        return replace(
+            tensors,
+            skipped=frozenset({"lm_head.weight"} if tied else ()),
+            heads=frozenset({embeddings if tied else "lm_head.weight"}),
+            name=self.name,
+            description=f"{config.variant}, {config.num_hidden_layers} layers",
+        )
 
 
 ARCHITECTURES = (

@@ -18,7 +18,6 @@ load and a GGUF quantized by llama.cpp hold the same types:
 
 from __future__ import annotations
 
-from falconet.models.registry import ModelConfig, for_config
 from falconet.quant import QuantError, get_format
 
 # Types falconet quantizes to (the others in falconet.quant.FORMATS are read-only).
@@ -35,17 +34,13 @@ def check_quant_type(qtype: str) -> str:
     return name
 
 
-def is_head(name: str, config: ModelConfig) -> bool:
-    """Whether HF tensor `name` is the output head: lm_head, or the embeddings it is tied to."""
-    embeddings = f"{for_config(config).model.embeddings_name}.weight"
-    return name == "lm_head.weight" or (name == embeddings and config.tie_word_embeddings)
-
-
-def tensor_qtype(name: str, shape: tuple[int, ...], config: ModelConfig, qtype: str) -> str | None:
-    """The GGML type for HF tensor `name` of `shape` in a `qtype` model; None = keep float."""
+def tensor_qtype(shape: tuple[int, ...], qtype: str, head: bool = False) -> str | None:
+    """The GGML type for a tensor of `shape` in a `qtype` model; None = keep float.
+    `head`: the tensor is the output head (the checkpoint layout says which: lm_head, or
+    the token embeddings a tied head shares)."""
     if len(shape) != 2:
         return None
-    chosen = HEAD_TYPE if is_head(name, config) else qtype
+    chosen = HEAD_TYPE if head else qtype
     if shape[1] % get_format(chosen).block_size:
         return None
     return chosen

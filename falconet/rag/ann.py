@@ -9,7 +9,7 @@ current one, is rebuilt from the store's committed embeddings, read in one trans
 
 Keys are SQLite chunk rowids; the index is rebuilt on every committed write, so a rowid
 reused after a delete can never point at the wrong chunk. Exact numpy search stays the
-default (`SQLiteStore.search_vector(ann=False)`); the hits' scores are recomputed exactly
+default (`VectorSource.search_vector(ann=False)`); the hits' scores are recomputed exactly
 from the stored vectors, so only which chunks are found is approximate.
 """
 
@@ -18,15 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from falconet.durable import atomic_write, atomic_write_text
 from falconet.errors import RagError
 
-if TYPE_CHECKING:
-    from falconet.rag.store import SQLiteStore
+
+class VectorSource(Protocol):
+    """What the index needs of a store (rag/store.py's VectorSource has it): where it
+    lives, its committed write state, and its vectors as of one committed state."""
+
+    path: Path
+
+    def write_state(self) -> tuple[str | None, str | None]: ...
+    def vector_snapshot(self) -> tuple[str | None, str | None, np.ndarray, np.ndarray]: ...
+
 
 INDEX_FILE = "vectors.usearch"
 SIDECAR_SUFFIX = ".json"
@@ -58,16 +66,16 @@ class AnnIndex:
         self.rebuilt = False  # True when load_or_build had to build it (tests, logs)
 
     @staticmethod
-    def path_for(store: SQLiteStore) -> Path:
+    def path_for(store: VectorSource) -> Path:
         return store.path.parent / INDEX_FILE
 
     @staticmethod
-    def sidecar_for(store: SQLiteStore) -> Path:
+    def sidecar_for(store: VectorSource) -> Path:
         path = AnnIndex.path_for(store)
         return path.with_name(path.name + SIDECAR_SUFFIX)
 
     @classmethod
-    def load_or_build(cls, store: SQLiteStore) -> AnnIndex:
+    def load_or_build(cls, store: VectorSource) -> AnnIndex:
         """The index file if it reflects the store's current committed state, else a
         rebuild from the store (saved atomically)."""
         Index = _usearch()
@@ -78,7 +86,7 @@ class AnnIndex:
         return cls.build(store)
 
     @classmethod
-    def _load(cls, store: SQLiteStore, Index, generation, embedder) -> AnnIndex | None:
+    def _load(cls, store: VectorSource, Index, generation, embedder) -> AnnIndex | None:
         try:
             info = json.loads(cls.sidecar_for(store).read_text("utf-8"))
             data = cls.path_for(store).read_bytes()
@@ -104,7 +112,7 @@ class AnnIndex:
         return cls(index, generation, embedder, int(dim), int(rows))
 
     @classmethod
-    def build(cls, store: SQLiteStore) -> AnnIndex:
+    def build(cls, store: VectorSource) -> AnnIndex:
         """Index the store's committed vectors (one read transaction) and save it."""
         Index = _usearch()
         generation, embedder, rowids, matrix = store.vector_snapshot()
@@ -154,12 +162,3 @@ class AnnIndex:
         matches = self.index.search(q, min(k, self.rows))
         keys = np.asarray(matches.keys, dtype=np.int64)
         return keys, 1.0 - np.asarray(matches.distances, dtype=np.float32)
-
-
-def ann_index(store: SQLiteStore) -> AnnIndex:
-    """The store's index, kept in memory while the store's committed state is unchanged."""
-    cached = getattr(store, "_ann", None)
-    if cached is not None and (cached.generation, cached.embedder) == store.write_state():
-        return cached
-    store._ann = AnnIndex.load_or_build(store)
-    return store._ann

@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from falconet.errors import RagError
+from falconet.rag.ann import AnnIndex
 
 SCHEMA_NAME = "falconet-rag"
 SCHEMA_VERSION = 1
@@ -227,7 +228,7 @@ class SQLiteStore:
         self._matrix: tuple[str, str | None, np.ndarray, np.ndarray] | None = None
         # (generation, chunk count, term -> chunks containing it): see `bm25_terms`
         self._df: tuple[str | None, int, dict[str, int]] | None = None
-        self._ann = None  # falconet.rag.ann.AnnIndex, built on the first search with ann=True
+        self._ann: AnnIndex | None = None  # built on the first search with ann=True
         try:
             self._setup()
         except sqlite3.OperationalError as e:
@@ -600,12 +601,18 @@ class SQLiteStore:
             if int(rowids[i]) in by_rowid
         ]
 
-    def _search_ann(self, vector: np.ndarray, k: int) -> list[Hit]:
-        from falconet.rag.ann import ann_index
+    def ann_index(self) -> AnnIndex:
+        """The usearch index, kept in memory while the committed state is unchanged."""
+        cached = self._ann
+        if cached is not None and (cached.generation, cached.embedder) == self.write_state():
+            return cached
+        self._ann = AnnIndex.load_or_build(self)
+        return self._ann
 
+    def _search_ann(self, vector: np.ndarray, k: int) -> list[Hit]:
         if k <= 0:
             return []
-        index = ann_index(self)
+        index = self.ann_index()
         keys, _ = index.search(vector, k)
         if len(keys) == 0:
             return []

@@ -49,6 +49,7 @@ from falconet.server.protocol import (
     ruled,
 )
 from falconet.server.responses import DONE, sse, usage
+from falconet.server.streaming import EventStream, wait_disconnect
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_NAME_CHARS = 120
@@ -301,7 +302,6 @@ def sanitize_name(raw: str | None) -> str:
 def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) -> None:
     """Adds /v1/rag/*; without settings every RAG route answers a 404 saying how to
     enable it. `srv` is the app's _Server (engine, body reading, submission)."""
-    from falconet.server.app import _EventStream, _wait_disconnect
 
     rag = _Rag(settings) if settings is not None else None
 
@@ -374,9 +374,9 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         [s] = srv.submit(req)
         src = [x.as_dict() for x in sources]
         if stream:
-            return _EventStream(_events(s, src, len(ids)), lambda gone: s.cancel())
+            return EventStream(_events(s, src, len(ids)), lambda gone: s.cancel())
         task = asyncio.ensure_future(_collect(s))
-        watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+        watcher = asyncio.ensure_future(wait_disconnect(request.receive))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:

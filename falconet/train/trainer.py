@@ -38,7 +38,7 @@ from falconet.train.data import (
     tokenize_corpus,
     train_tokenizer,
 )
-from falconet.weights.save import save_hf
+from falconet.train.save import save_hf
 
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed run may change: they do not change what is computed.

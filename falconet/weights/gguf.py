@@ -1,30 +1,23 @@
-"""GGUF files for Falcon and Falcon3 (llama), as llama.cpp reads and writes them.
+"""GGUF files as llama.cpp reads and writes them: the container, not the architectures.
 
-Reading (`falconet.load("model.gguf")`): `read_gguf` checks the file and rebuilds the
-config and tokenizer from its metadata; `load_gguf_weights` fills a model built on the
-meta device. F32/F16/BF16 tensors become float parameters, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1
-tensors become QuantLinear/QuantEmbedding weights that point into the file's memory map
-(no copy: the blocks are exactly what falconet.quant computes on), and Q4_K/Q5_K/Q6_K
-(which llama.cpp's K-quant mixes put on some Falcon tensors) are dequantized at load.
+Reading: `open_gguf` checks a file (magic, truncation, byte order, tensor types falconet
+can hold) and gives its metadata (`GGUFFile.value`, type-checked) and tensors by GGUF
+name; `tensor_value` turns a file tensor into what falconet computes with: F32/F16/BF16
+become float tensors, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks become QuantTensors that point
+into the file's memory map (no copy), and the K-quants (Q4_K/Q5_K/Q6_K, which llama.cpp's
+K-quant mixes put on some tensors) are dequantized.
 
-Writing (`falconet convert HF_DIR OUT.gguf --type q4_0`): `convert_hf_to_gguf` streams a
-Hugging Face folder into a GGUF with llama.cpp's `falcon` or `llama` architecture: its
-tensor names, the metadata keys its loader reads, and the tensor types its quantizer
-would pick. Only one tensor is in memory at a time, and the file is published atomically.
-
-What differs per architecture lives in one module each (`LAYOUTS`, chosen by the
-file's general.architecture or the config's registry entry): gguf_falcon.py (names,
-metadata, the variants llama.cpp's falcon cannot run) and gguf_llama.py (Falcon3: names,
-metadata, the Q/K row order of llama.cpp's rope).
+Writing: `write_gguf` streams a list of tensors into a file published atomically, one
+tensor in memory at a time, each in the type `write_type` picks as llama.cpp's quantizer
+would. Which tensors and which metadata an architecture has is the model side's
+business (models/checkpoint.py with models/gguf_falcon.py and models/gguf_llama.py).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -39,15 +32,10 @@ from gguf import (
 )
 
 from falconet.durable import atomic_write
-from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models.base import CausalLM
-from falconet.models.registry import ModelConfig, for_config
+from falconet.errors import CheckpointError
 from falconet.quant import QuantError, get_format
-from falconet.quant.linear import QuantTensor, install
+from falconet.quant.linear import QuantTensor
 from falconet.quant.plan import tensor_qtype
-from falconet.tokenizer import Tokenizer
-from falconet.weights import gguf_falcon, gguf_llama, gguf_vocab
-from falconet.weights.hf import checkpoint_sources, read_config
 
 T = GGMLQuantizationType
 
@@ -76,17 +64,17 @@ DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
-def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
+def write_type(shape: tuple[int, ...], qtype: T, head: bool = False) -> T:
     """The type llama.cpp gives a tensor in a `qtype` file: 1-D tensors (norms)
     F32; for the block types, quant/plan.py's choice (the one falconet.load(quant=)
-    makes: the head, or token_embd when tied, Q8_0 -- llama.cpp's quantizer does this
-    for every Falcon file), with F16 for rows that split into no whole blocks, as
-    llama.cpp's converter falls back."""
+    makes: the output `head` Q8_0 -- llama.cpp's quantizer does this for every Falcon
+    file), with F16 for rows that split into no whole blocks, as llama.cpp's converter
+    falls back."""
     if len(shape) == 1:
         return T.F32
     if qtype not in BLOCK_TYPES:
         return qtype
-    chosen = tensor_qtype(hf_name, shape, config, get_format(qtype).name)
+    chosen = tensor_qtype(shape, get_format(qtype).name, head)
     return T(get_format(chosen).ggml_type) if chosen else T.F16
 
 
@@ -124,14 +112,14 @@ class _Reader(GGUFReader):
 _INTS = {getattr(GGUFValueType, n) for n in ("UINT8", "INT8", "UINT16", "INT16", "UINT32",
                                                "INT32", "UINT64", "INT64")}  # fmt: skip
 _NUMBERS = _INTS | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
-_REQUIRED = object()
+REQUIRED = object()
 
 
-def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = _REQUIRED) -> Any:
+def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = REQUIRED) -> Any:
     """Metadata value `key`, checked to be of `kind` (int, float, str, bool, str[], int[])."""
     field = reader.get_field(key)
     if field is None:
-        if default is _REQUIRED:
+        if default is REQUIRED:
             raise GGUFError(
                 f"{path}: metadata key {key} is missing; llama.cpp's loader needs it too, so the "
                 "file is incomplete or was not written for llama.cpp"
@@ -160,22 +148,32 @@ def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = _
 
 
 @dataclass
-class GGUFCheckpoint:
-    """An opened, checked GGUF file: its config, tokenizer and tensors (by HF name)."""
+class GGUFFile:
+    """An opened, checked GGUF file: its architecture and its tensors by GGUF name."""
 
     path: Path
     reader: GGUFReader  # owns the memory map the tensors point into
-    config: ModelConfig
-    tokenizer: Tokenizer
-    tensors: dict[str, Any]  # HF name -> gguf ReaderTensor
+    architecture: str
+    tensors: dict[str, Any]  # GGUF name -> gguf ReaderTensor
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(t.n_bytes) for t in self.tensors.values())
+    def value(self, key: str, kind: str, default: Any = REQUIRED) -> Any:
+        """Metadata `key`, checked to be of `kind`; GGUFError when it is not (or is
+        missing without a default)."""
+        return _value(self.reader, self.path, key, kind, default)
+
+    def values(self, table: dict[str, tuple[str, bool]]) -> dict[str, Any]:
+        """The keys of `table` (key -> (kind, required)) that the file holds."""
+        out = {}
+        for key, (kind, required) in table.items():
+            value = self.value(key, kind, REQUIRED if required else None)
+            if value is not None:
+                out[key] = value
+        return out
 
 
-def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
+def open_gguf(path: str | Path, architectures: Collection[str]) -> GGUFFile:
+    """Open and check a GGUF file of one of `architectures` (general.architecture);
+    GGUFError names the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
@@ -205,20 +203,11 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         ) from None
     if reader.byte_order != "I":
         raise GGUFError(f"{path}: a big-endian GGUF file; falconet reads little-endian ones")
-    try:
-        return _check(reader, path)
-    except UnicodeDecodeError as e:
-        raise GGUFError(f"{path}: a metadata string is not UTF-8 ({e})") from None
-
-
-def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
     arch = _value(reader, path, "general.architecture", "str")
-    if arch not in LAYOUTS:
+    if arch not in architectures:
         raise GGUFError(
-            f"{path}: architecture {arch!r} is not one falconet runs ({', '.join(LAYOUTS)})"
+            f"{path}: architecture {arch!r} is not one falconet runs ({', '.join(architectures)})"
         )
-    layout = LAYOUTS[arch]
-    by_name = {t.name: t for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type not in READ_TYPES:
             raise GGUFError(
@@ -228,93 +217,20 @@ def _check(reader: GGUFReader, path: Path) -> GGUFCheckpoint:
                 "quantized to one of those (llama-quantize Q4_0, Q8_0, Q4_K_M...), or write one "
                 "from the HF folder with `falconet convert --type q4_0`"
             )
-    config = _config(reader, path, arch, by_name)
-    try:
-        tokenizer = gguf_vocab.tokenizer_from_metadata(_vocab_meta(reader, path), str(path))
-    except GGUFError:
-        raise
-    except CheckpointError as e:
-        raise GGUFError(str(e)) from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise GGUFError(
-            f"{path}: {tokenizer.vocab_size} tokens but token_embd has {config.vocab_size} rows"
-        )
-    expected = layout.tensor_names(config)
-    tensors = {}
-    for name, t in by_name.items():
-        if name in layout.EXTRA_TENSORS:  # read into the config
-            continue
-        if name not in expected:
-            raise GGUFError(
-                f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
-                f"{config.variant} (llama.cpp's {arch} has no such tensor)"
-            )
-        hf_name, shape = expected[name]
-        got = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if got != shape:
-            raise GGUFError(
-                f"{path}: tensor {name} has shape {got}, expected {shape} from the metadata"
-            )
-        tensors[hf_name] = t
-    missing = [n for n in expected if n not in by_name]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise GGUFError(f"{path}: no tensor {missing[0]}{more}; the file is incomplete")
-    return GGUFCheckpoint(path, reader, config, tokenizer, tensors)
+    return GGUFFile(path, reader, arch, {t.name: t for t in reader.tensors})
 
 
-def _config(reader: GGUFReader, path: Path, arch: str, tensors: dict[str, Any]) -> ModelConfig:
-    """The config the metadata describes: what every architecture reads alike here, the
-    rest by the architecture's layout (its `<arch>.*` keys)."""
-
-    def key(k: str, kind: str, default: Any = _REQUIRED) -> Any:
-        return _value(reader, path, f"{arch}.{k}", kind, default)
-
-    def fail(msg: str) -> GGUFError:
-        return GGUFError(f"{path}: {msg}")
-
-    embd = tensors.get("token_embd.weight")
-    if embd is None:
-        raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
-    eos = _value(reader, path, gguf_vocab.KEY_EOS, "int", None)
-    types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
-    # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
-    # (half of fp32's memory, its rounding far below theirs); otherwise fp32.
-    dtype = (
-        "float16" if T.F16 in types
-        else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
-        else "float32"
-    )  # fmt: skip
-    common = dict(
-        vocab_size=int(embd.shape[1]),
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=_value(reader, path, gguf_vocab.KEY_BOS, "int", None),
-        eos_token_ids=() if eos is None else (eos,),
-        pad_token_id=_value(reader, path, gguf_vocab.KEY_PAD, "int", None),
-        torch_dtype=dtype,
-    )
-    layout = LAYOUTS[arch]
-    try:
-        return layout.read_config(key, fail, tensors, common)
-    except ConfigError as e:
-        raise GGUFError(f"{path}: the metadata is not a valid {layout.TITLE} config: {e}") from None
+def file_shape(t: Any) -> tuple[int, ...]:
+    """A file tensor's shape in PyTorch order (GGUF lists the fastest dimension first)."""
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
-def _vocab_meta(reader: GGUFReader, path: Path) -> dict[str, Any]:
-    meta = {}
-    for key, (kind, required) in gguf_vocab.METADATA.items():
-        value = _value(reader, path, key, kind, _REQUIRED if required else None)
-        if value is not None:
-            meta[key] = value
-    return meta
-
-
-def _tensor_value(
+def tensor_value(
     t: Any, dtype: torch.dtype, rows: torch.Tensor | None = None
 ) -> QuantTensor | torch.Tensor:
     """A file tensor as falconet holds it: blocks stay blocks, the rest becomes `dtype`;
     `rows` reorders the rows (llama's Q/K), which copies."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = file_shape(t)
     kind = t.tensor_type
     if kind in BLOCK_TYPES and len(shape) == 2:
         data = torch.from_numpy(t.data)
@@ -334,46 +250,30 @@ def _tensor_value(
     return out.to(dtype)  # no copy when the dtype already matches
 
 
-def load_gguf_weights(
-    model: CausalLM, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
-) -> None:
-    """Fill `model` (built from ckpt.config on the meta device) with the file's tensors;
-    progress(nbytes) is called after each."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    layout = _layout(ckpt.config)
-    for hf_name, t in ckpt.tensors.items():
-        rows = layout.rows(hf_name, ckpt.config, False)
-        try:
-            value = _tensor_value(t, params[hf_name].dtype, rows)
-        except QuantError as e:
-            raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
-        install(model, hf_name, value)
-        if progress is not None:
-            progress(int(t.n_bytes))
-    model.tie_weights()
-
-
 # ---- writing --------------------------------------------------------------------------
 
 
-def check_writable(config: ModelConfig, source: str) -> None:
-    """Raise GGUFError for a model llama.cpp's architecture for it cannot run."""
-    reasons = _layout(config).problems(config)
-    if reasons:
-        raise GGUFError(
-            f"{source}: a {config.variant} model cannot be written as GGUF: " + "; ".join(reasons)
-        )
+@dataclass(frozen=True)
+class TensorOut:
+    """One tensor to write: its GGUF name, PyTorch-order shape and GGML type, and how to
+    get it as a float tensor in the file's row order (read when its turn comes)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: T
+    load: Callable[[], torch.Tensor]
+    source: str  # where it comes from, for errors: "file: tensor name"
+
+    @property
+    def nbytes(self) -> int:
+        fmt = get_format(self.kind)
+        rows = 1
+        for d in self.shape[:-1]:
+            rows *= d
+        return rows * fmt.row_bytes(self.shape[-1])
 
 
-def _metadata(writer: GGUFWriter, config: ModelConfig, ftype: LlamaFileType, name: str) -> None:
-    writer.add_type("model")
-    writer.add_name(name)
-    _layout(config).write_metadata(writer, config)
-    writer.add_file_type(ftype)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-
-
-def _add_values(writer: GGUFWriter, meta: dict[str, Any]) -> None:
+def add_values(writer: GGUFWriter, meta: dict[str, Any]) -> None:
     for key, value in meta.items():
         if isinstance(value, bool):
             writer.add_bool(key, value)
@@ -394,57 +294,39 @@ def _encode(t: torch.Tensor, kind: T) -> np.ndarray:
     return QuantTensor.quantize(t, fmt.name).data.numpy()
 
 
-def convert_hf_to_gguf(
-    folder: str | Path,
-    out: str | Path,
-    qtype: str = "f16",
+def write_gguf(
+    out: Path,
+    architecture: str,
+    metadata: Callable[[GGUFWriter], None],
+    file_type: LlamaFileType,
+    values: dict[str, Any],
+    tensors: list[TensorOut],
+    extra: dict[str, np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    overwrite: bool = False,
 ) -> None:
-    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
-    GGUF file `out`.
+    """Write a GGUF file at `out` (atomically: temp file, fsync, rename).
 
-    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`).
-    progress(done_bytes, total_bytes) is called as tensors are written. An existing
-    `out` is replaced only with overwrite=True.
+    metadata(writer) adds general.name and the architecture's `<arch>.*` keys; `values`
+    are plain keys added after them (the tokenizer.* keys); `tensors` are written in order, one in memory at a time; `extra` are
+    F32 arrays that are no weight (llama3's rope_freqs), written after them.
+    progress(done_bytes, total_bytes) is called as tensors are written.
     """
-    folder, out = Path(folder).expanduser(), Path(out).expanduser()
-    if qtype not in WRITE_TYPES:
-        raise FalconetError(f"GGUF type {qtype!r} is not one of {', '.join(WRITE_TYPES)}")
-    if not folder.is_dir():
-        raise FalconetError(f"{folder}: not a folder; give a Hugging Face model folder")
-    if not out.parent.is_dir():
-        raise FalconetError(f"{out}: the folder {out.parent} does not exist")
-    if out.is_dir():
-        raise FalconetError(f"{out}: is a folder; give the path of the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise FalconetError(f"{out}: already exists; pass --overwrite to replace it")
-    config = read_config(folder)
-    check_writable(config, str(folder))
-    tokenizer = Tokenizer.from_dir(folder)
-    vocab = gguf_vocab.vocab_metadata(tokenizer, config)
-    kind, ftype = WRITE_TYPES[qtype]
-    layout, arch = _layout(config), for_config(config)
-    names = layout.tensor_names(config)
-    to_model = arch.layout(config).transforms  # HF layout -> falconet's (Falcon's QKV)
-    sources = checkpoint_sources(folder, config)
-    plan = []  # (GGUF name, HF name, HF shape, GGML type, bytes)
-    for name, (hf_name, shape) in names.items():
-        t = write_type(hf_name, shape, kind, config)
-        fmt = get_format(t)
-        nbytes = math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])
-        plan.append((name, hf_name, shape, t, nbytes))
-    extra = layout.extra_tensors(config)  # e.g. llama3's rope_freqs: F32, after the weights
-    total = sum(p[-1] for p in plan) + sum(a.nbytes for a in extra.values())
+    extra = extra or {}
+    total = sum(t.nbytes for t in tensors) + sum(a.nbytes for a in extra.values())
 
     def write(tmp: Path) -> None:
-        writer = GGUFWriter(tmp, arch.gguf_architecture)
+        writer = GGUFWriter(tmp, architecture)
         try:
-            _metadata(writer, config, ftype, folder.resolve().name)
-            _add_values(writer, vocab)
-            for name, _, shape, t, nbytes in plan:
+            writer.add_type("model")
+            metadata(writer)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+            add_values(writer, values)
+            for t in tensors:
                 # A non-uint8 dtype with raw_dtype: `shape` is taken as the element shape.
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+                writer.add_tensor_info(
+                    t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.kind
+                )
             for name, array in extra.items():
                 writer.add_tensor_info(
                     name, array.shape, array.dtype, array.nbytes, raw_dtype=T.F32
@@ -453,27 +335,16 @@ def convert_hf_to_gguf(
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             done = 0
-            for _, hf_name, shape, t, nbytes in plan:
-                path, get = sources[hf_name]
-                tensor = get()
-                if tuple(tensor.shape) != shape or not tensor.is_floating_point():
-                    raise CheckpointError(
-                        f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                        f"expected a float tensor of shape {shape} from config.json"
-                    )
-                if hf_name in to_model:
-                    tensor = to_model[hf_name](tensor)
-                rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
-                if rows is not None:
-                    tensor = tensor.index_select(0, rows)
+            for t in tensors:
+                tensor = t.load()
                 try:
-                    data = _encode(tensor, t)
+                    data = _encode(tensor, t.kind)
                 except QuantError as e:
-                    raise GGUFError(f"{path}: tensor {hf_name}: {e}") from None
+                    raise GGUFError(f"{t.source}: {e}") from None
                 del tensor
                 writer.write_tensor_data(data)
                 del data  # before the next tensor loads: one tensor in memory at a time
-                done += nbytes
+                done += t.nbytes
                 if progress is not None:
                     progress(done, total)
             for array in extra.values():
@@ -484,17 +355,3 @@ def convert_hf_to_gguf(
             writer.close()
 
     atomic_write(out, write)
-
-
-# ---- the architectures ----------------------------------------------------------------
-
-# llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
-# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
-# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
-# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
-# (row order between falconet and the file, None = the same).
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
-
-
-def _layout(config: ModelConfig) -> ModuleType:
-    return LAYOUTS[for_config(config).gguf_architecture]

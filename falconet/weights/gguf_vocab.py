@@ -21,14 +21,39 @@ by name only, and these are the ones Falcon checkpoints (and `falconet train`) u
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from falconet.errors import CheckpointError
-from falconet.models.falcon_config import FalconConfig
-from falconet.tokenizer import Tokenizer
+
+
+class VocabSource(Protocol):
+    """What writing needs of a tokenizer (falconet.tokenizer.Tokenizer has it)."""
+
+    backend: tokenizers.Tokenizer
+    source: str
+    chat_template: str | None
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+class TokenIds(Protocol):
+    """What writing needs of a model config: its size and special token ids."""
+
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: Sequence[int]
+    pad_token_id: int | None
+
 
 # gguf.TokenType values (llama.cpp's llama_token_type).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -88,7 +113,7 @@ def _as_json(pre: pre_tokenizers.PreTokenizer) -> dict[str, Any]:
     return json.loads(probe.to_str())["pre_tokenizer"]
 
 
-def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+def pre_tokenizer_name(tokenizer: VocabSource) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer; CheckpointError if it has none.
 
     Also checks the rest of the pipeline is what a GGUF byte-level BPE implies.
@@ -122,7 +147,7 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     return name
 
 
-def vocab_metadata(tokenizer: Tokenizer, config: FalconConfig) -> dict[str, Any]:
+def vocab_metadata(tokenizer: VocabSource, config: TokenIds) -> dict[str, Any]:
     """The tokenizer.* GGUF keys for `tokenizer`, its token list padded to the model's
     vocab_size (llama.cpp requires one token per embedding row)."""
     pre = pre_tokenizer_name(tokenizer)
@@ -177,9 +202,10 @@ def vocab_metadata(tokenizer: Tokenizer, config: FalconConfig) -> dict[str, Any]
     return meta
 
 
-def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
-    """Rebuild the Tokenizer from GGUF metadata (`meta`: key -> value, already checked
-    for type). Raises CheckpointError naming `source` when it cannot."""
+def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """Rebuild the tokenizer from GGUF metadata (`meta`: key -> value, already checked
+    for type): the keyword arguments of falconet.tokenizer.Tokenizer, its `backend` a
+    `tokenizers.Tokenizer`. Raises CheckpointError naming `source` when it cannot."""
 
     def fail(msg: str) -> CheckpointError:
         return CheckpointError(f"{source}: {msg}")
@@ -228,8 +254,8 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
         if value is not None and not 0 <= value < n:
             raise fail(f"{key} {value} is not a token id (the vocabulary has {n})")
     eos, bos = ids[KEY_EOS], ids[KEY_BOS]
-    return Tokenizer(
-        backend,
+    return dict(
+        backend=backend,
         eos_token_ids=[eos] if eos is not None else [],
         bos_token_id=bos,
         chat_template=meta.get(KEY_CHAT_TEMPLATE),

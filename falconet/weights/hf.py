@@ -1,6 +1,6 @@
-"""Load a Hugging Face checkpoint folder (Falcon, or Llama for Falcon3): config.json +
-safetensors or legacy .bin. The model file's tensor table (`checkpoint_layout`, found
-through models/registry.py) says which tensors to expect and how to transform them.
+"""Read the weights of a Hugging Face checkpoint folder: safetensors (sharded or not) or
+legacy .bin. What the folder must hold is a `CheckpointLayout`, which the model file
+provides (models/ hands it down): this module knows files, not architectures.
 
 Tensors are streamed one at a time. A safetensors tensor that needs no change keeps
 pointing into the file's memory map (no copy, pages shared with the OS cache); one that
@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from falconet.errors import CheckpointError
-from falconet.models.base import CausalLM
-from falconet.models.falcon import regroup_qkv  # noqa: F401  (re-exported: gguf.py and tests use it)
-from falconet.models.registry import ModelConfig, for_config, read_hf_config
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.plan import tensor_qtype
 
@@ -34,10 +33,23 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 IGNORED_SUFFIXES = (".inv_freq", ".cos_cached", ".sin_cached", ".masked_bias", ".attn.bias")
 
 
-def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold, with its HF shape (the model
-    file's table: `checkpoint_layout`)."""
-    return for_config(config).layout(config).shapes
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What a Hugging Face checkpoint of one config holds: every tensor name with its HF
+    shape, and the tiny named transforms (e.g. Falcon's `regroup_qkv`) that turn a stored
+    tensor into the layout the model computes with. Names without a transform load as is.
+
+    `skipped`: names a checkpoint may carry that are not loaded (a tied lm_head);
+    `heads`: the output head's tensor (lm_head, or the embeddings it is tied to), which
+    quantization keeps at Q8_0; `name` and `description` say in errors what was expected.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    skipped: frozenset[str] = frozenset()
+    heads: frozenset[str] = frozenset()
+    name: str = "model"
+    description: str = ""
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -169,22 +181,20 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[Path, str, Callable[[], torc
 
 
 def checkpoint_sources(
-    folder: Path, config: ModelConfig
+    folder: Path, layout: CheckpointLayout
 ) -> dict[str, tuple[Path, Callable[[], torch.Tensor]]]:
-    """HF name -> (file, lazy loader) for every tensor the config needs, in file order;
+    """HF name -> (file, lazy loader) for every tensor the layout needs, in file order;
     raises CheckpointError for an unexpected, duplicated or missing tensor before any
     tensor is read."""
-    expected = expected_tensors(config)
+    expected = layout.shapes
     sources: dict[str, tuple[Path, Callable[[], torch.Tensor]]] = {}
     for path, name, get in iter_checkpoint(folder):
-        if name.endswith(IGNORED_SUFFIXES) or (
-            name == "lm_head.weight" and config.tie_word_embeddings
-        ):
+        if name.endswith(IGNORED_SUFFIXES) or name in layout.skipped:
             continue
         if name not in expected:
             raise CheckpointError(
                 f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
-                f"({config.variant}, {config.num_hidden_layers} layers)"
+                f"({layout.description})"
             )
         if name in sources:
             raise CheckpointError(f"{path}: tensor {name} also appears in {sources[name][0]}")
@@ -195,28 +205,28 @@ def checkpoint_sources(
         raise CheckpointError(
             f"{folder}: checkpoint ({files}) has no tensor {missing[0]}"
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
-            + f"; is this a complete {for_config(config).name} checkpoint?"
+            + f"; is this a complete {layout.name} checkpoint?"
         )
     return sources
 
 
 def load_weights(
-    model: CausalLM,
+    model: nn.Module,
     folder: Path,
+    layout: CheckpointLayout,
     progress: Callable[[int], None] | None = None,
     quant: str | None = None,
 ) -> None:
-    """Fill `model` (built on the meta device) with the checkpoint's tensors.
+    """Fill `model` (built on the meta device, its parameters named as in the checkpoint)
+    with the tensors `layout` lists. The caller re-ties a shared head afterwards.
 
     With `quant` (a type of falconet.quant.plan), each matrix is quantized as it is read
     (quant/plan.py picks the type per tensor) and swapped in as a QuantLinear /
     QuantEmbedding, so the float checkpoint is never held whole.
     """
-    config = model.config
-    layout = for_config(config).layout(config)
     expected = layout.shapes
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, (path, get) in checkpoint_sources(folder, config).items():
+    for name, (path, get) in checkpoint_sources(folder, layout).items():
         t = get()
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(
@@ -230,7 +240,7 @@ def load_weights(
         if name in layout.transforms:
             t = layout.transforms[name](t)
         nbytes = t.numel() * target.element_size()
-        qtype = quant and tensor_qtype(name, tuple(t.shape), config, quant)
+        qtype = quant and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
         if qtype:
             install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
         else:
@@ -240,9 +250,3 @@ def load_weights(
         del t
         if progress is not None:
             progress(nbytes)
-    model.tie_weights()
-
-
-def read_config(folder: Path) -> ModelConfig:
-    """The folder's config.json as the config class its model_type names."""
-    return read_hf_config(folder / "config.json")

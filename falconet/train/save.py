@@ -22,7 +22,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 def ungroup_qkv(t: torch.Tensor, config: FalconConfig) -> torch.Tensor:
-    """[all Q | all K | all V] -> HF's grouped rows (inverse of hf.regroup_qkv)."""
+    """[all Q | all K | all V] -> HF's grouped rows (inverse of models.falcon.regroup_qkv)."""
     H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
     G = H // K
     rest = t.shape[1:]

@@ -1,0 +1,39 @@
+"""`falconet convert`: a Hugging Face folder written as a llama.cpp GGUF file.
+
+The model side (models/checkpoint.py) writes the tensors and the architecture's
+metadata; the tokenizer's keys come from the folder's tokenizer (falconet.tokenizer),
+which lives above the models layer, so the two meet here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from falconet.models.checkpoint import write_hf_as_gguf
+from falconet.models.registry import ModelConfig
+from falconet.tokenizer import Tokenizer
+from falconet.weights.gguf import WRITE_TYPES
+from falconet.weights.gguf_vocab import vocab_metadata
+
+__all__ = ["WRITE_TYPES", "convert_hf_to_gguf"]
+
+
+def convert_hf_to_gguf(
+    folder: str | Path,
+    out: str | Path,
+    qtype: str = "f16",
+    progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a GGUF file `out`
+    that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.
+    progress(done_bytes, total_bytes) is called as tensors are written; an existing
+    `out` is replaced only with overwrite=True."""
+    folder = Path(folder).expanduser()
+
+    def vocab(config: ModelConfig) -> dict[str, Any]:
+        return vocab_metadata(Tokenizer.from_dir(folder), config)
+
+    write_hf_as_gguf(folder, out, qtype, vocab, progress, overwrite)

@@ -1,0 +1,302 @@
+"""Checkpoints of the registered models: Hugging Face folders and GGUF files, both ways.
+
+weights/ reads and writes the containers (safetensors/.bin, GGUF) without knowing an
+architecture; this module tells it what each architecture's files hold:
+
+- HF folders: the model file's `CheckpointLayout` (through the registry) says which
+  tensors to expect, their shapes and transforms (`load_hf_weights`).
+- GGUF: llama.cpp's names and metadata differ per architecture, one module each
+  (`LAYOUTS`, chosen by the file's general.architecture or the config's registry entry):
+  gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run) and
+  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope).
+  `read_gguf` rebuilds the config and the tokenizer's pieces from the metadata;
+  `load_gguf_weights` fills a model built on the meta device; `write_hf_as_gguf` streams an
+  HF folder into a GGUF with the tensor types llama.cpp's quantizer would pick.
+
+The tokenizer is built above this layer (falconet.tokenizer): reading hands up its
+constructor's arguments (`GGUFCheckpoint.vocab`), writing takes the tokenizer.* keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from gguf import GGUFWriter
+
+from falconet.errors import CheckpointError, ConfigError, FalconetError
+from falconet.models import gguf_falcon, gguf_llama
+from falconet.models.base import CausalLM
+from falconet.models.registry import ModelConfig, for_config, read_hf_config
+from falconet.quant import QuantError
+from falconet.quant.linear import install
+from falconet.weights import gguf_vocab
+from falconet.weights.gguf import (
+    DEQUANTIZED_TYPES,
+    REQUIRED,
+    WRITE_TYPES,
+    GGUFError,
+    GGUFFile,
+    T,
+    TensorOut,
+    file_shape,
+    open_gguf,
+    tensor_value,
+    write_gguf,
+)
+from falconet.weights.gguf import write_type as _write_type
+from falconet.weights.hf import checkpoint_sources, load_weights
+
+# ---- Hugging Face folders ---------------------------------------------------------------
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The folder's config.json as the config class its model_type names."""
+    return read_hf_config(Path(folder) / "config.json")
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its HF shape."""
+    return for_config(config).layout(config).shapes
+
+
+def load_hf_weights(
+    model: CausalLM,
+    folder: Path,
+    progress: Callable[[int], None] | None = None,
+    quant: str | None = None,
+) -> None:
+    """Fill `model` (built on the meta device) from the HF folder; `quant` quantizes each
+    matrix as it is read (see weights.hf.load_weights)."""
+    config = model.config
+    load_weights(model, folder, for_config(config).layout(config), progress, quant)
+    model.tie_weights()
+
+
+# ---- GGUF: reading ----------------------------------------------------------------------
+
+# llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
+# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
+# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
+# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
+# (row order between falconet and the file, None = the same).
+LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
+
+
+def _layout(config: ModelConfig) -> ModuleType:
+    return LAYOUTS[for_config(config).gguf_architecture]
+
+
+@dataclass
+class GGUFCheckpoint:
+    """An opened, checked GGUF file: its config, tokenizer pieces and tensors (by HF name)."""
+
+    file: GGUFFile  # owns the memory map the tensors point into
+    config: ModelConfig
+    vocab: dict[str, Any]  # falconet.tokenizer.Tokenizer's keyword arguments
+    tensors: dict[str, Any]  # HF name -> gguf ReaderTensor
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.tensors.values())
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
+    file = open_gguf(path, LAYOUTS)
+    try:
+        return _check(file)
+    except UnicodeDecodeError as e:
+        raise GGUFError(f"{file.path}: a metadata string is not UTF-8 ({e})") from None
+
+
+def _check(file: GGUFFile) -> GGUFCheckpoint:
+    path, arch = file.path, file.architecture
+    layout = LAYOUTS[arch]
+    config = _config(file)
+    try:
+        vocab = gguf_vocab.tokenizer_from_metadata(file.values(gguf_vocab.METADATA), str(path))
+    except GGUFError:
+        raise
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    n_tokens = vocab["backend"].get_vocab_size(with_added_tokens=True)
+    if n_tokens > config.vocab_size:
+        raise GGUFError(f"{path}: {n_tokens} tokens but token_embd has {config.vocab_size} rows")
+    expected = layout.tensor_names(config)
+    tensors = {}
+    for name, t in file.tensors.items():
+        if name in layout.EXTRA_TENSORS:  # read into the config
+            continue
+        if name not in expected:
+            raise GGUFError(
+                f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
+                f"{config.variant} (llama.cpp's {arch} has no such tensor)"
+            )
+        hf_name, shape = expected[name]
+        got = file_shape(t)
+        if got != shape:
+            raise GGUFError(
+                f"{path}: tensor {name} has shape {got}, expected {shape} from the metadata"
+            )
+        tensors[hf_name] = t
+    missing = [n for n in expected if n not in file.tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise GGUFError(f"{path}: no tensor {missing[0]}{more}; the file is incomplete")
+    return GGUFCheckpoint(file, config, vocab, tensors)
+
+
+def _config(file: GGUFFile) -> ModelConfig:
+    """The config the metadata describes: what every architecture reads alike here, the
+    rest by the architecture's layout (its `<arch>.*` keys)."""
+    path, arch, tensors = file.path, file.architecture, file.tensors
+
+    def key(k: str, kind: str, default: Any = REQUIRED) -> Any:
+        return file.value(f"{arch}.{k}", kind, default)
+
+    def fail(msg: str) -> GGUFError:
+        return GGUFError(f"{path}: {msg}")
+
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
+    eos = file.value(gguf_vocab.KEY_EOS, "int", None)
+    types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
+    # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
+    # (half of fp32's memory, its rounding far below theirs); otherwise fp32.
+    dtype = (
+        "float16" if T.F16 in types
+        else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
+        else "float32"
+    )  # fmt: skip
+    common = dict(
+        vocab_size=int(embd.shape[1]),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=file.value(gguf_vocab.KEY_BOS, "int", None),
+        eos_token_ids=() if eos is None else (eos,),
+        pad_token_id=file.value(gguf_vocab.KEY_PAD, "int", None),
+        torch_dtype=dtype,
+    )
+    layout = LAYOUTS[arch]
+    try:
+        return layout.read_config(key, fail, tensors, common)
+    except ConfigError as e:
+        raise GGUFError(f"{path}: the metadata is not a valid {layout.TITLE} config: {e}") from None
+
+
+def load_gguf_weights(
+    model: CausalLM, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
+) -> None:
+    """Fill `model` (built from ckpt.config on the meta device) with the file's tensors;
+    progress(nbytes) is called after each."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    layout = _layout(ckpt.config)
+    for hf_name, t in ckpt.tensors.items():
+        rows = layout.rows(hf_name, ckpt.config, False)
+        try:
+            value = tensor_value(t, params[hf_name].dtype, rows)
+        except QuantError as e:
+            raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
+        install(model, hf_name, value)
+        if progress is not None:
+            progress(int(t.n_bytes))
+    model.tie_weights()
+
+
+# ---- GGUF: writing ----------------------------------------------------------------------
+
+
+def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
+    """The type llama.cpp gives HF tensor `hf_name` in a `qtype` file of this model (the
+    output head, or the embeddings a tied head shares, at Q8_0)."""
+    heads = for_config(config).layout(config).heads
+    return _write_type(shape, qtype, hf_name in heads)
+
+
+def check_writable(config: ModelConfig, source: str) -> None:
+    """Raise GGUFError for a model llama.cpp's architecture for it cannot run."""
+    reasons = _layout(config).problems(config)
+    if reasons:
+        raise GGUFError(
+            f"{source}: a {config.variant} model cannot be written as GGUF: " + "; ".join(reasons)
+        )
+
+
+def write_hf_as_gguf(
+    folder: str | Path,
+    out: str | Path,
+    qtype: str,
+    vocab: Callable[[ModelConfig], dict[str, Any]],
+    progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
+    GGUF file `out`.
+
+    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`). vocab(config)
+    gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
+    are written. An existing `out` is replaced only with overwrite=True.
+    """
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    if qtype not in WRITE_TYPES:
+        raise FalconetError(f"GGUF type {qtype!r} is not one of {', '.join(WRITE_TYPES)}")
+    if not folder.is_dir():
+        raise FalconetError(f"{folder}: not a folder; give a Hugging Face model folder")
+    if not out.parent.is_dir():
+        raise FalconetError(f"{out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise FalconetError(f"{out}: is a folder; give the path of the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise FalconetError(f"{out}: already exists; pass --overwrite to replace it")
+    config = read_config(folder)
+    check_writable(config, str(folder))
+    values = vocab(config)
+    kind, ftype = WRITE_TYPES[qtype]
+    layout, arch = _layout(config), for_config(config)
+    hf_layout = arch.layout(config)
+    to_model = hf_layout.transforms  # HF layout -> falconet's (Falcon's QKV)
+    sources = checkpoint_sources(folder, hf_layout)
+
+    def loader(hf_name: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            path, get = sources[hf_name]
+            tensor = get()
+            if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                    f"expected a float tensor of shape {shape} from config.json"
+                )
+            if hf_name in to_model:
+                tensor = to_model[hf_name](tensor)
+            rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
+            return tensor if rows is None else tensor.index_select(0, rows)
+
+        return load
+
+    tensors = [
+        TensorOut(
+            name,
+            shape,
+            _write_type(shape, kind, hf_name in hf_layout.heads),
+            loader(hf_name, shape),
+            f"{sources[hf_name][0]}: tensor {hf_name}",
+        )
+        for name, (hf_name, shape) in layout.tensor_names(config).items()
+    ]
+
+    def metadata(writer: GGUFWriter) -> None:
+        writer.add_name(folder.resolve().name)
+        layout.write_metadata(writer, config)
+
+    # e.g. llama3's rope_freqs: F32, after the weights
+    extra = layout.extra_tensors(config)
+    write_gguf(out, arch.gguf_architecture, metadata, ftype, values, tensors, extra, progress)
