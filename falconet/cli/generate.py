@@ -17,6 +17,7 @@ from falconet.cli.common import (
 )
 from falconet.errors import FalconetError
 from falconet.generate import Completion, TokenStrings, completion_logprobs, usage
+from falconet.sampling import RULES
 from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
 
@@ -32,15 +33,16 @@ def add_parsers(sub) -> None:
         help="print one JSON object: the choice /v1/completions returns (text, logprobs, "
         "finish_reason) and usage",
     )
-    # The cap (20, OpenAI's) is checked by SamplingParams against sampling.RULES, so the
-    # CLI and the server refuse the same values in the same words.
+    # The range comes from sampling.RULES and SamplingParams checks it, so the CLI and the
+    # server refuse the same values in the same words.
     gen.add_argument(
         "--logprobs",
         type=int,
         default=None,
         metavar="N",
         help="with --json: each token's log-probability and the N likeliest alternatives "
-        "(0 = the chosen token only), from the raw model distribution",
+        f"(N {RULES['logprobs'].allowed}; 0 = the chosen token only), from the raw model "
+        "distribution",
     )
 
     chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
@@ -70,8 +72,8 @@ def cmd_generate(args: argparse.Namespace, out: Out) -> int:
 
 
 def completion_choice(tokenizer: Tokenizer, completion: Completion) -> dict[str, Any]:
-    """`completion` as the server's /v1/completions answers a one-choice request: the
-    choice (logprobs built by the server's own function) with the usage beside it."""
+    """`completion` as /v1/completions answers a one-choice request: the choice, its
+    logprobs built by the function the server uses, and the usage beside it."""
     logprobs = None
     if completion.logprobs is not None:
         logprobs, _ = completion_logprobs(TokenStrings(tokenizer), completion.logprobs)
