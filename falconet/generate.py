@@ -1,14 +1,25 @@
 """The text side of generation, shared by every face through the engine: token ids ->
 text pieces that are always whole UTF-8 characters, with stop strings held back (even
-split across tokens) and cut; and the `Completion` a finished request returns.
+split across tokens) and cut; the `Completion` a finished request returns; and how
+logprobs and token counts are shown (the OpenAI shapes the server and
+`falconet generate --json` both print, built here once).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import decoders
 
 from falconet.sampling import TokenLogprobs
 from falconet.tokenizer import StreamDecoder, Tokenizer
+
+# JSON has no -inf; vLLM sends this for a token the model gives no chance at all.
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -81,3 +92,94 @@ class SequenceText:
         if finish is not None:
             text += self.filter.push(self.decoder.flush()) + self.filter.flush()
         return text, finish
+
+
+# ---- logprobs and usage as OpenAI shows them ------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def finite_logprob(x: float) -> float:
+    return x if math.isfinite(x) else LOGPROB_FLOOR
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted: character -> byte. Byte-level
+    BPE vocabularies (Falcon's) spell every token's bytes in these characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class TokenStrings:
+    """How logprobs show a token: its raw bytes, and its text. A token that is not whole
+    UTF-8 on its own (part of an emoji) is written "bytes:\\xf0\\x9f" as OpenAI does,
+    never as replacement characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
+        self._fallback = tokenizer.byte_fallback_ids
+        self._cache: dict[int, tuple[bytes, str]] = {}
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is not None and self._byte_level:
+            table = _byte_level_alphabet()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if piece is not None and token_id in self._fallback:  # "<0xE2>"
+            return bytes([int(piece[3:5], 16)])
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def get(self, token_id: int) -> tuple[bytes, str]:
+        if token_id not in self._cache:
+            raw = self._bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self._cache[token_id] = (raw, text)
+        return self._cache[token_id]
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[1]
+
+    def chat_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        """One token of the chat API's logprobs `content`."""
+        raw, text = self.get(token_id)
+        return {"token": text, "logprob": finite_logprob(logprob), "bytes": list(raw)}
+
+
+def completion_logprobs(
+    strings: TokenStrings, lps: Sequence[TokenLogprobs], offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """The legacy /v1/completions logprobs object for `lps` (tokens, token_logprobs,
+    top_logprobs, text_offset), its offsets counted from `offset` (a stream carries it
+    across chunks), and the offset after its last token."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = strings.text(lp.token)
+        tokens.append(text)
+        values.append(finite_logprob(lp.logprob))
+        top = {strings.text(t): finite_logprob(v) for t, v in lp.top}
+        # OpenAI: "the API will always return the logprob of the sampled token"
+        top.setdefault(text, finite_logprob(lp.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    body = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}  # fmt: skip
+    return body, offset

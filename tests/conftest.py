@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny real Falcon checkpoints written by transformers, and a tiny
-byte-level BPE tokenizer trained in the test session."""
+"""Shared fixtures: tiny real Falcon and Llama (Falcon3) checkpoints written by
+transformers, and a tiny byte-level BPE tokenizer trained in the test session."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,10 +90,70 @@ def build_hf_model(variant: str, seed: int = 0, **over):
     return model
 
 
+# ---- Llama / Falcon3 ----------------------------------------------------------------
+
+
+def rope(kind: str, **extra) -> dict:
+    return {"rope_type": kind, "rope_theta": 10000.0, **extra}
+
+
+# Tiny configs (HF LlamaConfig kwargs). heads / kv heads: the GQA ratio; head_dim set apart
+# from hidden / heads where given. The rope variants keep 16 positions so prompts and
+# generations run past max_position_embeddings (dynamic rescales there).
+LLAMA_VARIANTS: dict[str, dict] = {
+    "mha_3heads": dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=48),
+    "gqa2_head_dim": dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=20),
+    "gqa3_tied": dict(num_attention_heads=3, num_key_value_heads=1, hidden_size=96, head_dim=24,
+                      tie_word_embeddings=True),
+    "falcon3_shape": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=32,
+                          rms_norm_eps=1e-6, rope_parameters=rope("default", rope_theta=1000042.0)),
+    "biases": dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, attention_bias=True,
+                   mlp_bias=True),
+    "rope_linear": dict(max_position_embeddings=16, rope_parameters=rope("linear", factor=2.0)),
+    "rope_dynamic": dict(max_position_embeddings=16, rope_parameters=rope("dynamic", factor=2.0)),
+    "rope_llama3": dict(max_position_embeddings=64, rope_parameters=rope(
+        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+}  # fmt: skip
+
+
+def llama_hf_config(variant: str, **over):
+    from transformers import LlamaConfig as HFConfig
+
+    kw = dict(vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2, bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
+    kw.update(LLAMA_VARIANTS[variant])
+    kw.update(over)
+    return HFConfig(**kw)
+
+
+def build_llama_hf_model(variant: str, seed: int = 0, **over):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_hf_config(variant, **over)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong wiring shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
 def save_hf_model(model, folder: Path, **save_kw) -> Path:
     model.save_pretrained(folder, **save_kw)
     write_tokenizer(folder)
     return folder
+
+
+# Tiny HF model builders and their variants by architecture name (falconet/models/registry.py
+# ARCHITECTURES), for tests that must cover every registered architecture.
+TINY_HF_MODELS: dict[str, tuple[Callable[..., Any], dict[str, dict]]] = {
+    "falcon": (build_hf_model, VARIANTS),
+    "llama": (build_llama_hf_model, LLAMA_VARIANTS),
+}
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import falconet
+from falconet.sampling import RULES, must_be
 from tests.conftest import assert_cli_error
 
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
@@ -60,6 +61,30 @@ def test_generate_sampling_flags_and_seed(tiny_7b):
     assert a.stdout == expected + "\n"
 
 
+def test_generate_json_is_the_api_completion():
+    # The embedded default model: trained, so its tokens are whole words, each its own text.
+    llm = falconet.load()
+    args = ("generate", "In the beginning", "--max-tokens", "6", "--ignore-eos", "--json")
+    [c] = llm.complete(["In the beginning"], max_tokens=6, ignore_eos=True, logprobs=0)
+    usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": 6,
+             "total_tokens": c.prompt_tokens + 6}  # fmt: skip
+    plain = run(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout) == {
+        "index": 0, "text": c.text, "logprobs": None, "finish_reason": "length", "usage": usage
+    }  # fmt: skip
+    res = run(*args, "--logprobs", "0")
+    assert res.returncode == 0, res.stderr
+    lp = json.loads(res.stdout)["logprobs"]
+    tokens = [llm.tokenizer.decode([t.token]) for t in c.logprobs]
+    assert lp["tokens"] == tokens and "".join(tokens) == c.text
+    assert lp["token_logprobs"] == [t.logprob for t in c.logprobs]  # exact: floats round-trip
+    assert lp["top_logprobs"] == [
+        {tok: t.logprob} for tok, t in zip(tokens, c.logprobs, strict=True)
+    ]
+    assert lp["text_offset"] == [len("".join(tokens[:i])) for i in range(6)]
+
+
 def test_info_reports_variant_and_sizes(hf_checkpoints):
     folder = hf_checkpoints["40b"][1]
     res = run("info", "--model", str(folder))
@@ -85,6 +110,10 @@ def test_chat_keeps_history_and_resets(tiny_7b):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("falcon> ") == 2
     assert "(history cleared)" in res.stdout
+
+
+def logprobs_refused(value: int) -> str:  # the server's words for the same value
+    return f"'logprobs' {must_be(RULES['logprobs'].allowed, value)}"
 
 
 def _not_falcon(tmp_path):
@@ -113,6 +142,14 @@ def _not_falcon(tmp_path):
         (("generate", "x", "--model", "TINY", "--quant", "q4_k"), "unknown quantization type"),
         (("info", "--model", "TINY", "--quant", ""), "unknown quantization type"),
         ((), "required"),
+        (("generate", "x", "--model", "TINY", "--json", "--logprobs", "-1"), logprobs_refused(-1)),
+        (("generate", "x", "--model", "TINY", "--json", "--logprobs", "21"), logprobs_refused(21)),
+        (
+            ("generate", "x", "--model", "TINY", "--json", "--logprobs", "abc"),
+            "argument --logprobs: invalid int value: 'abc'",
+        ),
+        (("generate", "x", "--model", "TINY", "--logprobs", "2"), "--logprobs needs --json"),
+        (("generate", "x", "--model", "TINY", "--json", "--stream"), "drop --stream"),
     ],
 )
 def test_errors_print_one_line_and_exit_2(tmp_path, tiny_7b, args, needle):

@@ -23,7 +23,7 @@ from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
 from falconet.weights.gguf import GGUFError
 from tests import llama_cpp_tools
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, build_llama_hf_model
 from tests.test_gguf import (
     TEXTS,
     falconet_greedy,
@@ -33,7 +33,6 @@ from tests.test_gguf import (
     rewrite,
     write_falcon_tokenizer,
 )
-from tests.test_llama import build_hf_model
 
 T = GGMLQuantizationType
 
@@ -45,7 +44,7 @@ VARIANTS = ("falcon3_shape", "gqa3_tied", "biases", "rope_linear", "rope_llama3"
 def memorizing_model(variant: str, ids: list[int], steps: int = 30):
     """A tiny HF Llama trained to continue `ids`, so greedy tokens have margins of several
     logits over llama.cpp's rounding (8-bit activations, fp16 K/V); see test_gguf."""
-    model = build_hf_model(variant, intermediate_size=256).train()
+    model = build_llama_hf_model(variant, intermediate_size=256).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.tensor([ids])
     for _ in range(steps):
@@ -263,9 +262,10 @@ def test_convert_command(hf_dir, tmp_path, capsys):
 
 
 def test_convert_refuses_what_it_cannot_write(tmp_path):
-    from tests.test_llama import hf_config
+    from tests.conftest import llama_hf_config
 
-    hf_config("rope_dynamic").save_pretrained(tmp_path / "hf")  # refused from config.json alone
+    # refused from config.json alone
+    llama_hf_config("rope_dynamic").save_pretrained(tmp_path / "hf")
     with pytest.raises(GGUFError, match="dynamic RoPE scaling has no GGUF equivalent"):
         convert_hf_to_gguf(tmp_path / "hf", tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()

@@ -24,70 +24,24 @@ from falconet.nn.cache import KVCache
 from falconet.quant import get_format
 from falconet.quant.linear import QuantEmbedding, QuantLinear
 from falconet.sampling import SamplingParams
-from tests.conftest import EOS_ID, write_tokenizer
+from tests.conftest import (
+    LLAMA_VARIANTS,
+    build_llama_hf_model,
+    llama_hf_config,
+    rope,
+    save_hf_model,
+)
 from tests.test_engine import _drain, _ids, _tokens_and_logprobs
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 300, 12, 64, 128, 1, 400, 33, 21, 8, 77, 150, 200]
 
 
-def rope(kind: str, **extra) -> dict:
-    return {"rope_type": kind, "rope_theta": 10000.0, **extra}
-
-
-# Tiny configs (HF LlamaConfig kwargs). heads / kv heads: the GQA ratio; head_dim set apart
-# from hidden / heads where given. The rope variants keep 16 positions so prompts and
-# generations run past max_position_embeddings (dynamic rescales there).
-VARIANTS: dict[str, dict] = {
-    "mha_3heads": dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=48),
-    "gqa2_head_dim": dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=20),
-    "gqa3_tied": dict(num_attention_heads=3, num_key_value_heads=1, hidden_size=96, head_dim=24,
-                      tie_word_embeddings=True),
-    "falcon3_shape": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=32,
-                          rms_norm_eps=1e-6, rope_parameters=rope("default", rope_theta=1000042.0)),
-    "biases": dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, attention_bias=True,
-                   mlp_bias=True),
-    "rope_linear": dict(max_position_embeddings=16, rope_parameters=rope("linear", factor=2.0)),
-    "rope_dynamic": dict(max_position_embeddings=16, rope_parameters=rope("dynamic", factor=2.0)),
-    "rope_llama3": dict(max_position_embeddings=64, rope_parameters=rope(
-        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)),
-}  # fmt: skip
-
-
-def hf_config(variant: str, **over):
-    from transformers import LlamaConfig as HFConfig
-
-    kw = dict(vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              initializer_range=0.2, bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
-    kw.update(VARIANTS[variant])
-    kw.update(over)
-    return HFConfig(**kw)
-
-
-def build_hf_model(variant: str, seed: int = 0, **over):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(variant, **over)).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a wrong wiring shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    return model
-
-
-def save(model, folder: Path, **save_kw) -> Path:
-    model.save_pretrained(folder, **save_kw)
-    write_tokenizer(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
-    return {v: (m := build_hf_model(v), save(m, tmp_path_factory.mktemp(v))) for v in VARIANTS}
+    return {
+        v: (m := build_llama_hf_model(v), save_hf_model(m, tmp_path_factory.mktemp(v)))
+        for v in LLAMA_VARIANTS
+    }
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +51,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- parity with transformers ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
 def test_logits_match_transformers(checkpoints, variant):
     hf_model, folder = checkpoints[variant]
     llm = falconet.load(folder, dtype="float32")
@@ -110,7 +64,7 @@ def test_logits_match_transformers(checkpoints, variant):
     assert max_diff(ours, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
 def test_greedy_tokens_match_transformers_generate(checkpoints, variant):
     hf_model, folder = checkpoints[variant]
     llm = falconet.load(folder, dtype="float32")
@@ -136,7 +90,7 @@ def test_module_names_are_transformers_names(checkpoints):
 
 # Not dynamic RoPE: its frequencies change as the sequence grows, so cached keys were
 # rotated with older ones (in transformers too); the greedy test covers it against HF.
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "rope_dynamic"])
+@pytest.mark.parametrize("variant", [v for v in LLAMA_VARIANTS if v != "rope_dynamic"])
 def test_cached_decoding_equals_full_forward(checkpoints, variant):
     llm = falconet.load(checkpoints[variant][1], dtype="float32")
     ids = torch.tensor([PROMPT])
@@ -207,8 +161,8 @@ def test_engine_batch_equals_alone_bit_for_bit(checkpoints, variant, dtype):
 
 
 def test_expected_tensors_match_transformers_state_dict():
-    for variant in VARIANTS:
-        hf = build_hf_model(variant)
+    for variant in LLAMA_VARIANTS:
+        hf = build_llama_hf_model(variant)
         theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
         if hf.config.tie_word_embeddings:
             del theirs["lm_head.weight"]
@@ -216,8 +170,8 @@ def test_expected_tensors_match_transformers_state_dict():
 
 
 def test_sharded_safetensors(tmp_path):
-    hf_model = build_hf_model("falcon3_shape")
-    folder = save(hf_model, tmp_path / "sharded", max_shard_size="20KB")
+    hf_model = build_llama_hf_model("falcon3_shape")
+    folder = save_hf_model(hf_model, tmp_path / "sharded", max_shard_size="20KB")
     assert len(list(folder.glob("model-*.safetensors"))) > 1
     llm = falconet.load(folder, dtype="float32")
     with torch.no_grad():
@@ -230,7 +184,9 @@ def test_bf16_checkpoint(tmp_path):
     stays close to transformers running the same weights in bf16 and fp32."""
     from transformers import LlamaForCausalLM
 
-    folder = save(build_hf_model("falcon3_shape").to(torch.bfloat16), tmp_path / "bf16")
+    folder = save_hf_model(
+        build_llama_hf_model("falcon3_shape").to(torch.bfloat16), tmp_path / "bf16"
+    )
     llm = falconet.load(folder)
     assert llm.config.torch_dtype == "bfloat16"
     params = dict(llm.model.named_parameters())
@@ -255,8 +211,8 @@ def test_bf16_checkpoint(tmp_path):
 def gentle(tmp_path_factory) -> tuple[object, Path]:
     """Falcon3's shape with weights of std 0.05: the std 0.2 models above amplify any
     rounding through their layers (Q8_0 weights alone move their logits by 7 %)."""
-    hf_model = build_hf_model("falcon3_shape", initializer_range=0.05)
-    return hf_model, save(hf_model, tmp_path_factory.mktemp("gentle"))
+    hf_model = build_llama_hf_model("falcon3_shape", initializer_range=0.05)
+    return hf_model, save_hf_model(hf_model, tmp_path_factory.mktemp("gentle"))
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
@@ -300,7 +256,7 @@ def test_quantized_tied_head_shares_the_embedding_blocks(checkpoints):
 
 
 def test_checkpoint_of_another_shape_is_refused(checkpoints, tmp_path):
-    folder = save(build_hf_model("falcon3_shape"), tmp_path / "f3")
+    folder = save_hf_model(build_llama_hf_model("falcon3_shape"), tmp_path / "f3")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "head_dim": 16}))
     with pytest.raises(
@@ -308,7 +264,7 @@ def test_checkpoint_of_another_shape_is_refused(checkpoints, tmp_path):
         match=r"k_proj.weight has shape \(64, 96\), expected \(32, 96\) from config.json",
     ):
         falconet.load(folder)
-    tied = save(build_hf_model("gqa3_tied"), tmp_path / "tied")
+    tied = save_hf_model(build_llama_hf_model("gqa3_tied"), tmp_path / "tied")
     cfg = json.loads((tied / "config.json").read_text())
     (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
     with pytest.raises(
@@ -349,8 +305,8 @@ def test_falcon3_config():
 def test_config_agrees_with_transformers_and_round_trips():
     from transformers import LlamaConfig as HFConfig
 
-    for variant in VARIANTS:
-        hf = hf_config(variant)
+    for variant in LLAMA_VARIANTS:
+        hf = llama_hf_config(variant)
         c = LlamaConfig.from_hf(hf.to_dict())
         assert (c.head_dim, c.kv_heads) == (hf.head_dim, hf.num_key_value_heads)
         assert c.rope_theta == hf.rope_parameters["rope_theta"]
@@ -392,7 +348,9 @@ def test_llama3_frequencies_are_transformers(original):
 
     scaling = rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=original)  # fmt: skip
-    hf = hf_config("rope_llama3", hidden_size=256, num_attention_heads=2, rope_parameters=scaling)
+    hf = llama_hf_config(
+        "rope_llama3", hidden_size=256, num_attention_heads=2, rope_parameters=scaling
+    )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](HFConfig(**hf.to_dict()), "cpu")
     ours = rotary_inv_freq(LlamaConfig.from_hf(hf.to_dict()), torch.tensor([1, 50000]))
     assert torch.equal(ours[0], ref) and torch.equal(ours[1], ref)
@@ -437,7 +395,7 @@ def test_bad_config_is_a_config_error(over, message):
 
 
 def test_bad_config_file_names_the_file(checkpoints, tmp_path):
-    folder = save(build_hf_model("gqa3_tied"), tmp_path / "bad")
+    folder = save_hf_model(build_llama_hf_model("gqa3_tied"), tmp_path / "bad")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 2}))
     with pytest.raises(ConfigError, match=r"bad/config.json: config: num_attention_heads 3 is not"):

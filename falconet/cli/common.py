@@ -64,6 +64,7 @@ def sampling_params(args: argparse.Namespace):
         stop=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
+        logprobs=getattr(args, "logprobs", None),  # only `generate` has the flag
     )
 
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from falconet.cli.common import (
     Out,
+    UsageError,
     add_model_flags,
     add_sampling_flags,
     load_model,
     sampling_params,
 )
 from falconet.errors import FalconetError
-from falconet.tokenizer import FALLBACK_CHAT_STOP
+from falconet.generate import Completion, TokenStrings, completion_logprobs, usage
+from falconet.sampling import RULES
+from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
 
 def add_parsers(sub) -> None:
@@ -22,6 +27,23 @@ def add_parsers(sub) -> None:
     add_model_flags(gen)
     add_sampling_flags(gen, max_tokens=64)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: the choice /v1/completions returns (text, logprobs, "
+        "finish_reason) and usage",
+    )
+    # The range comes from sampling.RULES and SamplingParams checks it, so the CLI and the
+    # server refuse the same values in the same words.
+    gen.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --json: each token's log-probability and the N likeliest alternatives "
+        f"(N {RULES['logprobs'].allowed}; 0 = the chosen token only), from the raw model "
+        "distribution",
+    )
 
     chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
     add_model_flags(chat)
@@ -30,15 +52,38 @@ def add_parsers(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, out: Out) -> int:
+    if args.json and args.stream:
+        raise UsageError("--json prints one object when generation ends; drop --stream")
+    if args.logprobs is not None and not args.json:
+        raise UsageError("--logprobs needs --json: the log-probabilities are printed in it")
     params = sampling_params(args)  # validate flags before the (slow) load
     llm = load_model(args)
-    if args.stream:
+    if args.json:
+        [completion] = llm.complete([args.prompt], params)
+        # json's float repr round-trips, so the logprobs printed are the engine's exactly.
+        out(json.dumps(completion_choice(llm.tokenizer, completion)) + "\n")
+    elif args.stream:
         for piece in llm.stream(args.prompt, params=params):
             out(piece)
         out("\n")
     else:
         out(llm.complete([args.prompt], params)[0].text + "\n")
     return 0
+
+
+def completion_choice(tokenizer: Tokenizer, completion: Completion) -> dict[str, Any]:
+    """`completion` as /v1/completions answers a one-choice request: the choice, its
+    logprobs built by the function the server uses, and the usage beside it."""
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs, _ = completion_logprobs(TokenStrings(tokenizer), completion.logprobs)
+    return {
+        "index": 0,
+        "text": completion.text,
+        "logprobs": logprobs,
+        "finish_reason": completion.finish_reason,
+        "usage": usage(completion.prompt_tokens, completion.completion_tokens),
+    }
 
 
 def cmd_chat(args: argparse.Namespace, out: Out) -> int:

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from falconet import __version__
 from falconet.engine import Delta, Engine, QueueFull, Stream
 from falconet.errors import FalconetError
+from falconet.generate import TokenStrings, usage
 from falconet.server import metrics as metrics_mod
 from falconet.server.generation import (
     GenerationRequest,
@@ -59,7 +60,7 @@ from falconet.server.protocol import (
     validation_error,
 )
 from falconet.server.rag_routes import RagSettings, register_rag_routes
-from falconet.server.responses import DONE, Formatter, TokenStrings, sse, usage
+from falconet.server.responses import DONE, Formatter, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 
 log = logging.getLogger("falconet.server")

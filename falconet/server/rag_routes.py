@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from falconet.errors import FalconetError, LoaderError, RagError
+from falconet.generate import usage
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
 from falconet.server.generation import GenerationRequest
@@ -48,7 +49,7 @@ from falconet.server.protocol import (
     parse_model,
     ruled,
 )
-from falconet.server.responses import DONE, sse, usage
+from falconet.server.responses import DONE, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 2**20

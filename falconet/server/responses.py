@@ -1,23 +1,18 @@
-"""OpenAI response bodies: completion and chat choices, stream chunks, logprobs, usage."""
+"""OpenAI response bodies: completion and chat choices, stream chunks. The logprobs
+object and usage counts are built in falconet/generate.py, shared with the CLI."""
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from tokenizers import decoders
-
+from falconet.generate import TokenStrings, completion_logprobs
 from falconet.sampling import TokenLogprobs
-from falconet.tokenizer import Tokenizer
 
 DONE = b"data: [DONE]\n\n"
-# JSON has no -inf; vLLM sends this for a token the model gives no chance at all.
-LOGPROB_FLOOR = -9999.0
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -27,73 +22,6 @@ def sse(payload: dict[str, Any]) -> bytes:
         + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         + b"\n\n"
     )
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _lp(x: float) -> float:
-    return x if math.isfinite(x) else LOGPROB_FLOOR
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte <-> printable character table, inverted: character -> byte. Byte-level
-    BPE vocabularies (Falcon's) spell every token's bytes in these characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-class TokenStrings:
-    """How logprobs show a token: its raw bytes, and its text. A token that is not whole
-    UTF-8 on its own (part of an emoji) is written "bytes:\\xf0\\x9f" as OpenAI does,
-    never as replacement characters."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
-        self._fallback = tokenizer.byte_fallback_ids
-        self._cache: dict[int, tuple[bytes, str]] = {}
-
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self.tokenizer.id_to_token(token_id)
-        if piece is not None and self._byte_level:
-            table = _byte_level_alphabet()
-            if all(c in table for c in piece):
-                return bytes(table[c] for c in piece)
-        if piece is not None and token_id in self._fallback:  # "<0xE2>"
-            return bytes([int(piece[3:5], 16)])
-        return self.tokenizer.decode([token_id]).encode("utf-8")
-
-    def get(self, token_id: int) -> tuple[bytes, str]:
-        if token_id not in self._cache:
-            raw = self._bytes(token_id)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            self._cache[token_id] = (raw, text)
-        return self._cache[token_id]
-
-    def text(self, token_id: int) -> str:
-        return self.get(token_id)[1]
-
-    def chat_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw, text = self.get(token_id)
-        return {"token": text, "logprob": _lp(logprob), "bytes": list(raw)}
 
 
 class Formatter:
@@ -120,19 +48,8 @@ class Formatter:
                 entry["top_logprobs"] = [self.strings.chat_entry(t, v) for t, v in lp.top]
                 content.append(entry)
             return {"content": content}
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in lps:
-            text = self.strings.text(lp.token)
-            tokens.append(text)
-            values.append(_lp(lp.logprob))
-            top = {self.strings.text(t): _lp(v) for t, v in lp.top}
-            # OpenAI: "the API will always return the logprob of the sampled token"
-            top.setdefault(text, _lp(lp.logprob))
-            tops.append(top)
-            offsets.append(self._offsets[index])
-            self._offsets[index] += len(text)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": offsets}  # fmt: skip
+        body, self._offsets[index] = completion_logprobs(self.strings, lps, self._offsets[index])
+        return body
 
     # -- whole responses ------------------------------------------------------------
 
