@@ -67,17 +67,22 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, announce: bool = True):
+    """falconet.load with the command's model flags; `announce`: one stderr line naming
+    the model's family and declared licence (`serve` logs it itself, `info` prints it)."""
     import falconet
 
     progress, close = progress_bar("loading")
     try:
-        return falconet.load(
+        llm = falconet.load(
             args.model, dtype=args.dtype, device=args.device, progress=progress,
             quant=getattr(args, "quant", None),
         )  # fmt: skip
     finally:
         close()
+    if announce:
+        print(f"falconet: {llm.path}: {llm.card.summary()}", file=sys.stderr, flush=True)
+    return llm
 
 
 def progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:

@@ -32,14 +32,16 @@ def quant_kernels() -> str:
 
 
 def cmd_info(args: argparse.Namespace, out: Out) -> int:
-    llm = load_model(args)
-    c, m = llm.config, llm.model
+    llm = load_model(args, announce=False)  # the family and licence rows say it
+    c, m, card = llm.config, llm.model, llm.card
     kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
     mha_bytes = (
         2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
     )
     rows = [
         ("path", str(llm.path)),
+        ("family", f"{card.family} [{card.family_source}: {card.architecture}]"),
+        ("licence", str(card.licence)),
         ("variant", c.variant),
         ("parameters", f"{m.num_parameters():,}"),
         ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),
@@ -57,11 +59,18 @@ def cmd_info(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, out: Out) -> int:
+    from pathlib import Path
+
+    from falconet.models.card import read_licence
     from falconet.weights.gguf import convert_hf_to_gguf
 
+    # The declared licence travels into the file (general.license*), as llama.cpp's
+    # converter does, so `falconet info` on the GGUF names it too.
+    licence = read_licence(Path(args.model).expanduser())
     progress, close = progress_bar("convert")
     try:
-        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite)
+        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite,
+                           metadata=licence.gguf_metadata())  # fmt: skip
     finally:
         close()
     out(f"wrote {args.out} ({args.qtype})\n")

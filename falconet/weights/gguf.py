@@ -21,7 +21,7 @@ metadata, the Q/K row order of llama.cpp's rope).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -157,6 +157,21 @@ def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = _
         # float32 written from a decimal (1e-05): its shortest repr gives that decimal back.
         value = float(str(np.float32(value)))
     return value
+
+
+def metadata_strings(reader: GGUFReader, keys: Iterable[str]) -> dict[str, str]:
+    """The string values among metadata `keys` (informational keys such as general.license:
+    one absent, of another type or not UTF-8 is left out, never an error)."""
+    out = {}
+    for key in keys:
+        field = reader.get_field(key)
+        if field is None or field.types != [GGUFValueType.STRING]:
+            continue
+        try:
+            out[key] = field.contents()
+        except UnicodeDecodeError:
+            continue
+    return out
 
 
 @dataclass
@@ -400,13 +415,15 @@ def convert_hf_to_gguf(
     qtype: str = "f16",
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
     GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`).
     progress(done_bytes, total_bytes) is called as tensors are written. An existing
-    `out` is replaced only with overwrite=True.
+    `out` is replaced only with overwrite=True. `metadata`: more string keys to write
+    (the CLI passes the model card's general.license*).
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if qtype not in WRITE_TYPES:
@@ -441,7 +458,7 @@ def convert_hf_to_gguf(
         writer = GGUFWriter(tmp, arch.gguf_architecture)
         try:
             _metadata(writer, config, ftype, folder.resolve().name)
-            _add_values(writer, vocab)
+            _add_values(writer, {**(metadata or {}), **vocab})
             for name, _, shape, t, nbytes in plan:
                 # A non-uint8 dtype with raw_dtype: `shape` is taken as the element shape.
                 writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
