@@ -67,22 +67,24 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def load_model(args: argparse.Namespace, announce: bool = True):
-    """falconet.load with the command's model flags; `announce`: one stderr line naming
-    the model's family and declared licence (`serve` logs it itself, `info` prints it)."""
+def load_model(args: argparse.Namespace):
     import falconet
 
     progress, close = progress_bar("loading")
     try:
-        llm = falconet.load(
+        return falconet.load(
             args.model, dtype=args.dtype, device=args.device, progress=progress,
             quant=getattr(args, "quant", None),
         )  # fmt: skip
     finally:
         close()
-    if announce:
-        print(f"falconet: {llm.path}: {llm.card.summary()}", file=sys.stderr, flush=True)
-    return llm
+
+
+def announce(llm) -> None:
+    """One stderr line naming the loaded model's family and declared licence (models/card.py),
+    written once the command has checked its flags against the model, so a user error
+    stays one line."""
+    print(f"falconet: {llm.path}: {llm.card.summary()}", file=sys.stderr, flush=True)
 
 
 def progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:

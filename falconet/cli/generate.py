@@ -9,6 +9,7 @@ from falconet.cli.common import (
     Out,
     add_model_flags,
     add_sampling_flags,
+    announce,
     load_model,
     sampling_params,
 )
@@ -32,6 +33,7 @@ def add_parsers(sub) -> None:
 def cmd_generate(args: argparse.Namespace, out: Out) -> int:
     params = sampling_params(args)  # validate flags before the (slow) load
     llm = load_model(args)
+    announce(llm)
     if args.stream:
         for piece in llm.stream(args.prompt, params=params):
             out(piece)
@@ -54,6 +56,7 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
             f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
             f"model's {context}-token context; use a smaller value"
         )
+    announce(llm)
     if llm.tokenizer.chat_template is None:
         params = dataclasses.replace(params, stop=(*params.stop, FALLBACK_CHAT_STOP))
     history: list[dict] = []

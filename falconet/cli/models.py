@@ -32,7 +32,7 @@ def quant_kernels() -> str:
 
 
 def cmd_info(args: argparse.Namespace, out: Out) -> int:
-    llm = load_model(args, announce=False)  # the family and licence rows say it
+    llm = load_model(args)
     c, m, card = llm.config, llm.model, llm.card
     kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
     mha_bytes = (
