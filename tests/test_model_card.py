@@ -168,7 +168,7 @@ def test_names_never_declare_a_licence(hf_7b, tmp_path):
 @pytest.mark.parametrize(
     "variant, family",
     [
-        ("rw", "Falcon-RW (rw-1b/rw-7b: ALiBi, sequential blocks)"),
+        ("rw", "Falcon-RW (rw-1b/rw-7b: ALiBi)"),
         ("7b", "Falcon 7B-style multi-query"),
         ("40b", "Falcon 40B/180B-style grouped KV (2 kv heads, two norms)"),
         ("11b", "Falcon2-11B-style grouped KV (2 kv heads, one norm)"),

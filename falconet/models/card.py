@@ -112,7 +112,7 @@ def family_name(config: ModelConfig) -> str:
     if not isinstance(config, FalconConfig):
         raise TypeError(f"no family name for {arch} config {type(config).__name__}")
     if config.alibi:
-        return "Falcon-RW (rw-1b/rw-7b: ALiBi, sequential blocks)"
+        return "Falcon-RW (rw-1b/rw-7b: ALiBi)"
     if config.block_layout == "parallel_2ln":
         return f"Falcon 40B/180B-style grouped KV ({config.kv_heads} kv heads, two norms)"
     if config.new_decoder_architecture:  # grouped KV, one shared norm
