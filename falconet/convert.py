@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from falconet.models.card import read_licence
 from falconet.models.checkpoint import write_hf_as_gguf
 from falconet.models.registry import ModelConfig
 from falconet.tokenizer import Tokenizer
@@ -30,10 +31,14 @@ def convert_hf_to_gguf(
     """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a GGUF file `out`
     that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.
     progress(done_bytes, total_bytes) is called as tensors are written; an existing
-    `out` is replaced only with overwrite=True."""
+    `out` is replaced only with overwrite=True. The model card's licence (README.md front
+    matter) is written as general.license*."""
     folder = Path(folder).expanduser()
 
     def vocab(config: ModelConfig) -> dict[str, Any]:
-        return vocab_metadata(Tokenizer.from_dir(folder), config)
+        # The declared licence travels into the file (general.license*), as llama.cpp's
+        # converter does, so `falconet info` on the GGUF names it too.
+        licence = read_licence(folder).gguf_metadata()
+        return {**licence, **vocab_metadata(Tokenizer.from_dir(folder), config)}
 
     write_hf_as_gguf(folder, out, qtype, vocab, progress, overwrite)

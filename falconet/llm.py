@@ -16,6 +16,13 @@ from falconet.engine import Engine
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion
 from falconet.models.base import CausalLM
+from falconet.models.card import (
+    GGUF_LICENCE_KEYS,
+    ModelCard,
+    card_for_config,
+    gguf_card,
+    read_card,
+)
 from falconet.models.checkpoint import load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
 from falconet.quant.plan import check_quant_type
@@ -118,7 +125,7 @@ def load(
     load_hf_weights(model, folder, advance, quant=quant)
     if dev.type != "cpu":
         model = model.to(dev)
-    return LLM(model, tokenizer, folder)
+    return LLM(model, tokenizer, folder, read_card(folder, config))
 
 
 def _is_gguf(path: Path) -> bool:
@@ -136,6 +143,7 @@ def _load_gguf(
     path: Path, dtype: str, dev: torch.device, progress: Callable[[int, int], None] | None
 ) -> LLM:
     from falconet.models.checkpoint import load_gguf_weights, read_gguf
+    from falconet.weights.gguf import metadata_strings
 
     ckpt = read_gguf(path)
     storage, compute = resolve_dtypes(dtype, ckpt.config, dev)
@@ -152,7 +160,8 @@ def _load_gguf(
     load_gguf_weights(model, ckpt, advance)
     if dev.type != "cpu":
         model = model.to(dev)
-    return LLM(model, Tokenizer(**ckpt.vocab), path)
+    card = gguf_card(ckpt.config, metadata_strings(ckpt.file.reader, GGUF_LICENCE_KEYS))
+    return LLM(model, Tokenizer(**ckpt.vocab), path, card)
 
 
 def _device(name: str) -> torch.device:
@@ -181,10 +190,18 @@ class LLM:
     # Sequences the caller-driven engine runs at once; more prompts wait their turn.
     MAX_BATCH = 8
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        path: Path | None = None,
+        card: ModelCard | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
+        # family and declared licence (models/card.py); a model built in memory declares none
+        self.card = card or card_for_config(model.config, "the model's config")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise CheckpointError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"

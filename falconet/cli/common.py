@@ -81,6 +81,13 @@ def load_model(args: argparse.Namespace):
         close()
 
 
+def announce(llm) -> None:
+    """One stderr line naming the loaded model's family and declared licence (models/card.py),
+    written once the command has checked its flags against the model, so a user error
+    stays one line."""
+    print(f"falconet: {llm.path}: {llm.card.summary()}", file=sys.stderr, flush=True)
+
+
 def progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """(progress(done, total), close()) drawing a tqdm byte bar on stderr, shown only once
     the work has taken a second."""

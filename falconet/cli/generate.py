@@ -12,6 +12,7 @@ from falconet.cli.common import (
     UsageError,
     add_model_flags,
     add_sampling_flags,
+    announce,
     load_model,
     sampling_params,
 )
@@ -58,6 +59,7 @@ def cmd_generate(args: argparse.Namespace, out: Out) -> int:
         raise UsageError("--logprobs needs --json: the log-probabilities are printed in it")
     params = sampling_params(args)  # validate flags before the (slow) load
     llm = load_model(args)
+    announce(llm)
     if args.json:
         [completion] = llm.complete([args.prompt], params)
         # json's float repr round-trips, so the logprobs printed are the engine's exactly.
@@ -99,6 +101,7 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
             f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
             f"model's {context}-token context; use a smaller value"
         )
+    announce(llm)
     if llm.tokenizer.chat_template is None:
         params = dataclasses.replace(params, stop=(*params.stop, FALLBACK_CHAT_STOP))
     history: list[dict] = []

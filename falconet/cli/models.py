@@ -33,13 +33,15 @@ def quant_kernels() -> str:
 
 def cmd_info(args: argparse.Namespace, out: Out) -> int:
     llm = load_model(args)
-    c, m = llm.config, llm.model
+    c, m, card = llm.config, llm.model, llm.card
     kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
     mha_bytes = (
         2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
     )
     rows = [
         ("path", str(llm.path)),
+        ("family", f"{card.family} [{card.family_source}: {card.architecture}]"),
+        ("licence", str(card.licence)),
         ("variant", c.variant),
         ("parameters", f"{m.num_parameters():,}"),
         ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),

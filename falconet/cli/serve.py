@@ -55,6 +55,6 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
         rag_max_upload_mb=args.rag_max_upload_mb,
     )  # fmt: skip
-    llm = load_model(args)
+    llm = load_model(args)  # the server's startup log names its family and licence
     serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))
     return 0

@@ -130,6 +130,7 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if not self.should_exit:
+                say(f"falconet: model {llm.path}: {llm.card.summary()}")
                 say(f"falconet serving {settings.model_name} on {_url(sock)} "
                     f"(max batch {engine.max_batch})")  # fmt: skip
 

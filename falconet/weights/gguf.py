@@ -15,7 +15,7 @@ business (models/checkpoint.py with models/gguf_falcon.py and models/gguf_llama.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,21 @@ def _value(reader: GGUFReader, path: Path, key: str, kind: str, default: Any = R
         # float32 written from a decimal (1e-05): its shortest repr gives that decimal back.
         value = float(str(np.float32(value)))
     return value
+
+
+def metadata_strings(reader: GGUFReader, keys: Iterable[str]) -> dict[str, str]:
+    """The string values among metadata `keys` (informational keys such as general.license:
+    one absent, of another type or not UTF-8 is left out, never an error)."""
+    out = {}
+    for key in keys:
+        field = reader.get_field(key)
+        if field is None or field.types != [GGUFValueType.STRING]:
+            continue
+        try:
+            out[key] = field.contents()
+        except UnicodeDecodeError:
+            continue
+    return out
 
 
 @dataclass
