@@ -91,14 +91,8 @@ def add_shape_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--arch", choices=list(SHAPES), default="falcon")
     keys = dict.fromkeys(k for shape in SHAPES.values() for k in shape)
     for key in keys:
-        owners = "/".join(a for a, shape in SHAPES.items() if key in shape)
         defaults = ", ".join(f"{a} {shape[key]}" for a, shape in SHAPES.items() if key in shape)
-        ap.add_argument(
-            "--" + key.replace("_", "-"),
-            type=int,
-            default=None,
-            help=f"{owners}; default {defaults}",
-        )
+        ap.add_argument("--" + key.replace("_", "-"), type=int, help=f"default: {defaults}")
 
 
 def fill_shape_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -454,7 +448,8 @@ def main() -> None:
     ap.add_argument(
         "--cache-dir",
         default=None,
-        help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default shape)",
+        help="checkpoint folder (default: .bench_cache/falcon-1b-mq or falcon3-1b for the "
+        "default shapes)",
     )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)

@@ -43,7 +43,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import (  # noqa: E402
-    DEFAULT_CACHE,
     add_shape_flags,
     cache_dir_for,
     common_prefix,
@@ -55,7 +54,6 @@ from bench_generate import (  # noqa: E402
     proc_status,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("falconet direct", "falconet API", "llama.cpp")
 
 
@@ -287,8 +285,8 @@ def main() -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default "
-        "shape; its GGUFs are written beside it)",
+        help="checkpoint folder (default: .bench_cache/falcon-1b-mq or falcon3-1b for the "
+        "default shapes); its GGUFs are written beside it",
     )
     p.add_argument("--worker-rss", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
