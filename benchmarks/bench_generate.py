@@ -1,23 +1,26 @@
 """Benchmark falconet against transformers on CPU: prefill, decode, load memory, roofline.
 
-Builds (once, cached) a randomly initialised Falcon-7B-shaped model scaled down to
-~1.15 B parameters -- hidden 2048, 24 layers, 32 heads of 64, multi-query, parallel
-attention, vocab 65,024, no biases -- saved in bf16 safetensors with a tiny byte-level
-BPE tokenizer, then measures side by side, at each requested dtype:
+Builds (once, cached) a randomly initialised model -- by default Falcon-7B's design
+scaled down to ~1.15 B parameters (hidden 2048, 24 layers, 32 heads of 64, multi-query,
+parallel attention, vocab 65,024, no biases); with --arch falcon3 Falcon3-1B's shape
+(1.67 B) -- saved in bf16 safetensors with a tiny byte-level BPE tokenizer, then
+measures side by side, at each requested dtype, falconet two ways (falconet_runners.py)
+and transformers:
 
-- prefill tokens/s: one forward over a random --prompt-len prompt, filling a KV cache
-  (falconet: `generate.prefill` into a `KVCache`; transformers: one forward with
+- prefill tokens/s: a random --prompt-len prompt up to its first token (falconet
+  direct: `models.dense.prefill` into a static `KVCache`; falconet API: the engine
+  `LLM.stream` runs, submit -> first token; transformers: one forward with
   use_cache=True and logits_to_keep=1, as `generate()` does);
-- decode tokens/s: --decode-tokens greedy steps after that prompt (falconet:
-  `generate.decode_step` loop; transformers: a manual loop feeding back its cache -- not
-  `generate()`, so both sides do the same work);
+- decode tokens/s: --decode-tokens greedy steps after it (direct: a `decode_step` loop;
+  API: the engine's next tokens; transformers: a manual loop feeding back its cache --
+  not `generate()`, so every side does the same work);
 - peak RSS growth while loading, and while loading + prefill + one decode step, each
   loader in a fresh subprocess, as a multiple of the weight bytes at that dtype;
 - the decode roofline: weight bytes read per token vs the memory read bandwidth
   measured here (a sum over a large fp32 tensor).
 
-Timings are medians over --repeats, after one warm-up, with the two engines run in
-alternation (both loaded at once) so a noisy machine's drift hits both alike. This
+Timings are medians over --repeats, after one warm-up, the three runners alternating
+run by run (all loaded at once) so a noisy machine's drift hits them alike. This
 script is not used by the tests.
 
     python benchmarks/bench_generate.py                     # full size (~2.3 GB bf16 checkpoint)
@@ -44,8 +47,25 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# The shapes a checkpoint can be built in, by architecture; each flag overrides one key.
+# falcon: Falcon-7B's design (multi-query, parallel attention, no biases) scaled down.
 DEFAULT_SHAPE = {"hidden": 2048, "layers": 24, "heads": 32, "vocab": 65024}
+# falcon3: Falcon3-1B's shape (tiiuae/Falcon3-1B-Base config.json): GQA 8q/4kv, head_dim
+# 256 (not hidden/heads), SwiGLU, untied head; 1.67 B parameters.
+FALCON3_1B_SHAPE = {
+    "hidden": 2048,
+    "layers": 18,
+    "heads": 8,
+    "kv_heads": 4,
+    "head_dim": 256,
+    "intermediate": 8192,
+    "vocab": 131072,
+}
+SHAPES = {"falcon": DEFAULT_SHAPE, "falcon3": FALCON3_1B_SHAPE}
+SHORT = {"hidden": "h", "layers": "l", "heads": "a", "kv_heads": "k", "head_dim": "d",
+         "intermediate": "i", "vocab": "v"}  # fmt: skip
 DEFAULT_CACHE = REPO / ".bench_cache" / "falcon-1b-mq"
+DEFAULT_CACHES = {"falcon": DEFAULT_CACHE, "falcon3": REPO / ".bench_cache" / "falcon3-1b"}
 SEED = 0
 DTYPES = {"bf16": ("bfloat16", torch.bfloat16), "fp32": ("float32", torch.float32)}
 EOS = "<|endoftext|>"
@@ -53,25 +73,51 @@ META = "bench_meta.json"  # written last: its presence marks a complete checkpoi
 
 
 # ---- checkpoint ---------------------------------------------------------------------
+def arch_of(args: argparse.Namespace) -> str:
+    return getattr(args, "arch", None) or "falcon"  # bench_server passes no arch
+
+
 def shape_of(args: argparse.Namespace) -> dict:
-    return {
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "heads": args.heads,
-        "vocab": args.vocab,
-        "seed": SEED,
-    }
+    arch = arch_of(args)
+    shape = {key: getattr(args, key) for key in SHAPES[arch]}
+    if arch != "falcon":  # Falcon checkpoints cached before --arch existed carry no arch key
+        shape["arch"] = arch
+    return {**shape, "seed": SEED}
+
+
+def add_shape_flags(ap: argparse.ArgumentParser) -> None:
+    """--arch and one flag per shape key; a key left out takes the arch's default
+    (fill_shape_defaults, after parsing)."""
+    ap.add_argument("--arch", choices=list(SHAPES), default="falcon")
+    keys = dict.fromkeys(k for shape in SHAPES.values() for k in shape)
+    for key in keys:
+        defaults = ", ".join(f"{a} {shape[key]}" for a, shape in SHAPES.items() if key in shape)
+        ap.add_argument("--" + key.replace("_", "-"), type=int, help=f"default: {defaults}")
+
+
+def fill_shape_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    shape = SHAPES[args.arch]
+    for key, value in vars(args).copy().items():
+        if key in shape and value is None:
+            setattr(args, key, shape[key])
+        elif key not in shape and value is not None and any(key in s for s in SHAPES.values()):
+            ap.error(f"--{key.replace('_', '-')} is not a shape key of --arch {args.arch}")
+    if args.arch == "falcon" and args.hidden % args.heads:
+        ap.error("--hidden must be a multiple of --heads")
+    if args.arch == "falcon3" and args.heads % args.kv_heads:
+        ap.error("--heads must be a multiple of --kv-heads")
+    if args.vocab < 512:
+        ap.error("--vocab must be at least 512 (the tokenizer alone holds 257 tokens)")
 
 
 def cache_dir_for(args: argparse.Namespace) -> Path:
     if args.cache_dir:
         return Path(args.cache_dir)
-    if all(getattr(args, k) == v for k, v in DEFAULT_SHAPE.items()):
-        return DEFAULT_CACHE
-    s = shape_of(args)
-    return (
-        REPO / ".bench_cache" / f"falcon-h{s['hidden']}-l{s['layers']}-a{s['heads']}-v{s['vocab']}"
-    )
+    arch = arch_of(args)
+    if all(getattr(args, k) == v for k, v in SHAPES[arch].items()):
+        return DEFAULT_CACHES[arch]
+    name = "-".join(f"{SHORT[k]}{getattr(args, k)}" for k in SHAPES[arch])
+    return REPO / ".bench_cache" / f"{arch}-{name}"  # e.g. falcon-h256-l2-a4-v4096
 
 
 def ensure_checkpoint(args: argparse.Namespace, folder: Path) -> None:
@@ -93,16 +139,11 @@ def ensure_checkpoint(args: argparse.Namespace, folder: Path) -> None:
 
 
 def shape_flags(args: argparse.Namespace) -> list[str]:
-    return [
-        "--hidden",
-        str(args.hidden),
-        "--layers",
-        str(args.layers),
-        "--heads",
-        str(args.heads),
-        "--vocab",
-        str(args.vocab),
-    ]
+    arch = arch_of(args)
+    flags = ["--arch", arch]
+    for key in SHAPES[arch]:
+        flags += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    return flags
 
 
 def build_tokenizer(folder: Path, vocab: int) -> int:
@@ -128,14 +169,32 @@ def build_tokenizer(folder: Path, vocab: int) -> int:
     return tok.token_to_id(EOS)
 
 
-def worker_build(args: argparse.Namespace) -> dict:
-    from transformers import FalconConfig, FalconForCausalLM
+def hf_config(args: argparse.Namespace, eos_id: int):
+    """The transformers config of the --arch checkpoint."""
+    if arch_of(args) == "falcon3":
+        from transformers import LlamaConfig
 
-    folder = Path(args.cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / META).unlink(missing_ok=True)
-    eos_id = build_tokenizer(folder, args.vocab)
-    config = FalconConfig(
+        return LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            hidden_act="silu",
+            rope_theta=1000042.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+        )
+    from transformers import FalconConfig
+
+    return FalconConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -148,8 +207,17 @@ def worker_build(args: argparse.Namespace) -> dict:
         bos_token_id=eos_id,
         eos_token_id=eos_id,
     )
+
+
+def worker_build(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(args.cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).unlink(missing_ok=True)
+    eos_id = build_tokenizer(folder, args.vocab)
     torch.manual_seed(SEED)
-    model = FalconForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(args, eos_id)).eval()
     model.to(torch.bfloat16)
     model.save_pretrained(folder)
     (folder / META).write_text(json.dumps(shape_of(args)))
@@ -200,7 +268,7 @@ def worker_rss(args: argparse.Namespace) -> dict:
         from falconet.models.dense import decode_step, prefill
         from falconet.nn.cache import KVCache
     else:
-        from transformers import FalconForCausalLM  # noqa: F401  (import before the baseline)
+        from transformers import AutoModelForCausalLM  # noqa: F401  (import before the baseline)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -247,11 +315,11 @@ def worker_rss(args: argparse.Namespace) -> dict:
 # ---- transformers helpers -------------------------------------------------------------
 def hf_load(folder, torch_dtype: torch.dtype):
     import transformers
-    from transformers import FalconForCausalLM
+    from transformers import AutoModelForCausalLM
 
     # transformers 5 renamed torch_dtype= to dtype= (the old name still works, with a warning).
     kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = FalconForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         folder, attn_implementation="sdpa", **{kw: torch_dtype}
     )
     return model.eval()
@@ -287,49 +355,6 @@ def measure_bandwidth(gib: float, runs: int = 5) -> float:
     return nbytes / statistics.median(times)
 
 
-class FalconetRunner:
-    """One prefill + decode measurement per `run()`; the model stays loaded."""
-
-    def __init__(self, folder: Path, dtype_name: str, ids: torch.Tensor, args) -> None:
-        import falconet
-
-        self.llm = falconet.load(folder, dtype=dtype_name)
-        self.ids, self.D = ids, args.decode_tokens
-
-    def run(self) -> tuple[float, float, list[int]]:
-        from falconet.models.dense import decode_step, prefill
-        from falconet.nn.cache import KVCache
-
-        model, ids, D = self.llm.model, self.ids, self.D
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        with torch.inference_mode():
-            cache = KVCache(model.config, 1, ids.shape[1] + D, model.compute_dtype, model.device)
-            t0 = time.perf_counter()
-            logits = prefill(model, ids, valid, cache)
-            t1 = time.perf_counter()
-            tok = logits.argmax(-1)
-            tokens = [int(tok)]
-            for _ in range(D):
-                tok = decode_step(model, tok, cache).argmax(-1)
-                tokens.append(int(tok))
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, tokens
-
-    def extra(self, tokens: list[int]) -> dict:
-        # The public API end to end, once (already warm): prefill + D + 1 greedy tokens.
-        model, D = self.llm.model, self.D
-        t0 = time.perf_counter()
-        done = self.llm.complete([self.ids[0].tolist()], max_tokens=D + 1, ignore_eos=True)
-        t_complete = time.perf_counter() - t0
-        return {
-            "complete": (D + 1) / t_complete,
-            "complete_same": done[0].token_ids == tokens,
-            "weight_bytes": model.weight_bytes(),
-            "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
-            "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
-        }
-
-
 class TransformersRunner:
     def __init__(self, folder: Path, torch_dtype: torch.dtype, ids: torch.Tensor, args) -> None:
         self.model = hf_load(folder, torch_dtype)
@@ -351,13 +376,11 @@ class TransformersRunner:
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1, tokens
 
-    def extra(self, tokens: list[int]) -> dict:
-        return {"weight_bytes": param_bytes(self.model), "cache_kw": self.cache_kw}
-
 
 def bench_side_by_side(runners: dict, args) -> dict[str, dict]:
-    """Alternate the engines run by run (after one warm-up each), so drift in a noisy
-    machine's speed hits both alike; medians over --repeats."""
+    """Alternate the runners run by run (after one warm-up each), so drift in a noisy
+    machine's speed hits them all alike; medians over --repeats. Each runner's `run()`
+    gives (prefill s, decode s, the --decode-tokens + 1 greedy tokens)."""
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     tokens: dict[str, list[int]] = {}
     for i in range(args.repeats + 1):
@@ -371,7 +394,6 @@ def bench_side_by_side(runners: dict, args) -> dict[str, dict]:
             "prefill": P / statistics.median(t[0] for t in times[name]),
             "decode": D / statistics.median(t[1] for t in times[name]),
             "tokens": tokens[name],
-            **runners[name].extra(tokens[name]),
         }
         for name in runners
     }
@@ -403,16 +425,31 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def describe_shape(args: argparse.Namespace) -> str:
+    if arch_of(args) == "falcon3":
+        return (
+            f"Falcon3-shaped Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+            f"/ {args.kv_heads} KV heads of {args.head_dim}, intermediate {args.intermediate}, "
+            f"vocab {args.vocab}, untied head"
+        )
+    return (
+        f"Falcon-7B-shaped: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+        f"multi-query, parallel attention, vocab {args.vocab}"
+    )
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "—"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=DEFAULT_SHAPE["hidden"])
-    ap.add_argument("--layers", type=int, default=DEFAULT_SHAPE["layers"])
-    ap.add_argument("--heads", type=int, default=DEFAULT_SHAPE["heads"])
-    ap.add_argument("--vocab", type=int, default=DEFAULT_SHAPE["vocab"])
+    add_shape_flags(ap)
     ap.add_argument(
         "--cache-dir",
         default=None,
-        help=f"checkpoint folder (default {DEFAULT_CACHE.relative_to(REPO)} for the default shape)",
+        help="checkpoint folder (default: .bench_cache/falcon-1b-mq or falcon3-1b for the "
+        "default shapes)",
     )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -428,6 +465,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=["falconet", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    fill_shape_defaults(ap, args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -437,10 +475,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    if args.hidden % args.heads:
-        ap.error("--hidden must be a multiple of --heads")
-    if args.vocab < 512:
-        ap.error("--vocab must be at least 512 (the tokenizer alone holds 257 tokens)")
     if args.repeats < 1 or args.decode_tokens < 1 or args.prompt_len < 1:
         ap.error("--repeats, --decode-tokens and --prompt-len must be positive")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -449,7 +483,10 @@ def main() -> None:
             ap.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
 
     import transformers
+    from falconet_runners import APIRunner, DirectRunner
     from transformers.utils import logging as hf_logging
+
+    import falconet
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -462,8 +499,9 @@ def main() -> None:
     bw = measure_bandwidth(args.bw_gib)
     print(f"memory read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
 
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     notes: list[str] = []
+    params = 0
     for d in dtypes:
         dtype_name, torch_dtype = DTYPES[d]
         rss = {}
@@ -476,58 +514,45 @@ def main() -> None:
                     args.threads,
                 )  # fmt: skip
         print(
-            f"[{d}] timing falconet and transformers, alternating ...", file=sys.stderr, flush=True
+            f"[{d}] timing falconet (direct and API) and transformers, alternating ...",
+            file=sys.stderr,
+            flush=True,
         )
+        llm = falconet.load(folder, dtype=dtype_name)
+        hf = TransformersRunner(folder, torch_dtype, ids, args)
+        prompt = ids[0].tolist()
         runners = {
-            "falconet": FalconetRunner(folder, dtype_name, ids, args),
-            "transformers": TransformersRunner(folder, torch_dtype, ids, args),
+            "direct": DirectRunner(llm, prompt, args.decode_tokens),
+            "api": APIRunner(llm, prompt, args.decode_tokens),
+            "transformers": hf,
         }
         res = bench_side_by_side(runners, args)
-        fn, hf = res["falconet"], res["transformers"]
-        del runners, res
+        fn, api, ref = res["direct"], res["api"], res["transformers"]
+        fn_bytes, hf_bytes = llm.model.weight_bytes(), param_bytes(hf.model)
+        params = sum(p.numel() for p in {id(p): p for p in hf.model.parameters()}.values())
+        compute = str(llm.model.compute_dtype).replace("torch.", "")
+        weights = str(llm.model.lm_head.weight.dtype).replace("torch.", "")
+        cache_kw = hf.cache_kw
+        del runners, res, llm, hf
         gc.collect()
 
         P, D = args.prompt_len, args.decode_tokens
+        for key, label in (
+            ("prefill", f"prefill tok/s ({P}-token prompt)"),
+            ("decode", f"decode tok/s ({D} tokens)"),
+        ):
+            a, b, c = fn[key], api[key], ref[key]
+            rows.append((label, d, num(a), num(b), num(c), ratio(b, a), ratio(a, c), ratio(b, c)))
+        roof_fn, roof_hf = bw / fn_bytes, bw / hf_bytes
         rows.append(
-            (
-                f"prefill tok/s ({P}-token prompt)",
-                d,
-                num(fn["prefill"]),
-                num(hf["prefill"]),
-                f"{fn['prefill'] / hf['prefill']:.2f}",
-            )
-        )
+            ("decode roofline tok/s (bandwidth / weight bytes)", d,
+             num(roof_fn), num(roof_fn), num(roof_hf), "—", "—", "—")
+        )  # fmt: skip
         rows.append(
-            (
-                f"decode tok/s ({D} tokens)",
-                d,
-                num(fn["decode"]),
-                num(hf["decode"]),
-                f"{fn['decode'] / hf['decode']:.2f}",
-            )
-        )
-        roof_fn, roof_hf = bw / fn["weight_bytes"], bw / hf["weight_bytes"]
-        rows.append(
-            ("decode roofline tok/s (bandwidth / weight bytes)", d, num(roof_fn), num(roof_hf), "—")
-        )
-        rows.append(
-            (
-                "decode % of roofline",
-                d,
-                f"{100 * fn['decode'] / roof_fn:.0f}%",
-                f"{100 * hf['decode'] / roof_hf:.0f}%",
-                "—",
-            )
-        )
-        rows.append(
-            (
-                f"complete() tok/s ({D + 1} tokens incl. prefill, 1 run)",
-                d,
-                num(fn["complete"]),
-                "—",
-                "—",
-            )
-        )
+            ("decode % of roofline", d, f"{100 * fn['decode'] / roof_fn:.0f}%",
+             f"{100 * api['decode'] / roof_fn:.0f}%", f"{100 * ref['decode'] / roof_hf:.0f}%",
+             "—", "—", "—")
+        )  # fmt: skip
         for key, label in (
             ("load_growth", "peak RSS growth, load / weight bytes"),
             ("run_growth", "peak RSS growth, load+prefill+1 step / weight bytes"),
@@ -536,14 +561,9 @@ def main() -> None:
                 a = rss["falconet"][key] / rss["falconet"]["weight_bytes"]
                 b = rss["transformers"][key] / rss["transformers"]["weight_bytes"]
                 rows.append(
-                    (
-                        label,
-                        d,
-                        f"{a:.2f}× ({gb(rss['falconet'][key])})",
-                        f"{b:.2f}× ({gb(rss['transformers'][key])})",
-                        f"{a / b:.2f}" if b > 0 else "—",
-                    )
-                )
+                    (label, d, f"{a:.2f}× ({gb(rss['falconet'][key])})", "—",
+                     f"{b:.2f}× ({gb(rss['transformers'][key])})", "—", ratio(a, b), "—")
+                )  # fmt: skip
         if rss:
             notes.append(
                 f"{d}: after the first token, RSS grew by anon {gb(rss['falconet']['anon_growth'])} + file-backed "
@@ -551,12 +571,12 @@ def main() -> None:
                 f"file-backed {gb(rss['transformers']['file_growth'])} (transformers); file-backed pages are the "
                 "memory-mapped checkpoint, shared with the page cache"
             )
-        same = common_prefix(fn["tokens"], hf["tokens"])
         notes.append(
-            f"{d}: weights {gb(fn['weight_bytes'])} (falconet, {fn['weight_dtype']} weights, {fn['compute_dtype']} "
-            f"compute) / {gb(hf['weight_bytes'])} (transformers, {dtype_name} compute); greedy tokens agree on the "
-            f"first {same} of {D + 1}; complete() returned the decode_step loop's tokens: "
-            f"{'yes' if fn['complete_same'] else 'NO'}; transformers cache kwarg: {hf['cache_kw']}="
+            f"{d}: weights {gb(fn_bytes)} (falconet, {weights} weights, {compute} compute) / "
+            f"{gb(hf_bytes)} (transformers, {dtype_name} compute); greedy tokens: direct and "
+            f"transformers agree on the first {common_prefix(fn['tokens'], ref['tokens'])} of "
+            f"{D + 1}, API and direct on the first {common_prefix(api['tokens'], fn['tokens'])} "
+            f"of {D + 1}; transformers cache kwarg: {cache_kw}="
         )
 
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -565,12 +585,18 @@ def main() -> None:
         f"`{cmd}` — torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{args.threads} threads, CPU: {cpu_model()} ({os.cpu_count()} logical cores), "
         f"memory read bandwidth {bw / 1e9:.1f} GB/s, model {folder.name} "
-        f"(hidden {args.hidden}, {args.layers} layers, {args.heads} heads, multi-query, vocab {args.vocab})"
+        f"({describe_shape(args)}; {params / 1e9:.3f} B parameters)"
     )
     print()
-    header = ("metric", "dtype", "falconet", "transformers", "ratio")
+    print(
+        "falconet direct: models.dense.prefill/decode_step into a static KVCache; falconet API: "
+        "the engine LLM.stream runs (prefill = time to the first token)"
+    )
+    print()
+    header = ("metric", "dtype", "falconet direct", "falconet API", "transformers",
+              "API / direct", "direct / transformers", "API / transformers")  # fmt: skip
     print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|")
+    print("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print()

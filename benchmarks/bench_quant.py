@@ -1,25 +1,31 @@
 """Benchmark falconet against llama.cpp on the same quantized GGUF: prefill, decode, memory,
 and the memory-bandwidth roofline, side by side in one run.
 
-The model is bench_generate.py's ~1.15 B Falcon-7B-shaped checkpoint (built once and
-cached), written as GGUF by `falconet convert` at each requested type (llama.cpp's type
-plan: the tied head/embedding in Q8_0, every other matrix in the type). Both engines
-read the same file:
+The model is one of bench_generate.py's random checkpoints (built once and cached):
+--arch falcon (default) its ~1.15 B Falcon-7B-shaped model, --arch falcon3 a model of
+Falcon3-1B's shape (Llama: GQA 8q/4kv, head_dim 256, untied head, vocab 131,072;
+1.67 B parameters). It is written as GGUF by `falconet convert` at each requested type
+(llama.cpp's type plan: the head/embedding in Q8_0, every other matrix in the type).
+Every engine reads the same file:
 
 - llama.cpp through llama-cpp-python (`Llama(n_threads=2)`; prefill = `eval` of the
   prompt, decode = one `eval` per greedy token, the argmax taken from its logits);
-- falconet through `falconet.load(gguf)`: `generate.prefill` into a KVCache, then
-  `generate.decode_step` per greedy token.
+- falconet direct (`falconet.load(gguf)`, then `models.dense.prefill` into a static
+  KVCache and `decode_step` per greedy token) and falconet API (the engine `LLM.stream`
+  runs, on the same loaded model: prefill = submit -> first token): falconet_runners.py.
 
 Prefill is a --prompt-len random prompt, decode --decode-tokens greedy steps after it.
-Timings are medians over --repeats after one warm-up, the engines alternating run by
-run (both loaded at once) so a noisy machine's drift hits both alike. Peak RSS is
-measured per engine in a fresh subprocess (load + prefill + one step). The roofline is
+Timings are medians over --repeats after one warm-up, the runners alternating run by
+run (all loaded at once) so a noisy machine's drift hits them alike. Peak RSS is
+measured per runner in a fresh subprocess (load + prefill + one step). The roofline is
 the read bandwidth measured in this run divided by the bytes one decode step reads
 (every matrix once, plus one embedding row).
 
     python benchmarks/bench_quant.py                        # q8_0 and q4_0, full size
+    python benchmarks/bench_quant.py --arch falcon3         # the Falcon3-1B-shaped row
     python benchmarks/bench_quant.py --types q4_0 --repeats 3
+    python benchmarks/bench_quant.py --hidden 256 --layers 2 --heads 4 --vocab 4096 \\
+        --cache-dir /tmp/bench_small --repeats 1            # smoke run
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import (  # noqa: E402
-    DEFAULT_CACHE,
-    DEFAULT_SHAPE,
+    add_shape_flags,
+    cache_dir_for,
+    common_prefix,
     cpu_model,
+    describe_shape,
     ensure_checkpoint,
+    fill_shape_defaults,
     measure_bandwidth,
     proc_status,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+ENGINES = ("falconet direct", "falconet API", "llama.cpp")
 
 
 def gguf_path(folder: Path, qtype: str) -> Path:
@@ -56,67 +65,40 @@ def gguf_path(folder: Path, qtype: str) -> Path:
     return path
 
 
-class FalconetRunner:
-    def __init__(self, path: Path, ids: list[int], decode: int) -> None:
-        import falconet
+def decode_profile(model, ids: list[int], decode: int) -> tuple[float, float]:
+    """(seconds in the quantized matmuls, seconds in total) over `decode` direct-path
+    decode steps."""
+    from falconet.models.dense import decode_step, prefill
+    from falconet.nn.cache import KVCache
+    from falconet.quant import kernels
 
-        self.llm = falconet.load(path)
-        self.ids, self.D = torch.tensor([ids]), decode
+    spent = [0.0]
+    originals = {name: getattr(kernels, name) for name in ("x8_linear", "quant_linear")}
 
-    def run(self) -> tuple[float, float, list[int]]:
-        from falconet.models.dense import decode_step, prefill
-        from falconet.nn.cache import KVCache
-
-        model, ids = self.llm.model, self.ids
-        with torch.inference_mode():
-            cache = KVCache(
-                model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device
-            )
+    def timed(f):
+        def wrapper(*a, **kw):
             t0 = time.perf_counter()
-            tok = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
-            t1 = time.perf_counter()
-            tokens = [int(tok)]
-            for _ in range(self.D):
+            y = f(*a, **kw)
+            spent[0] += time.perf_counter() - t0
+            return y
+
+        return wrapper
+
+    ids = torch.tensor([ids])
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, ids.shape[1] + decode, model.compute_dtype, model.device)
+        tok = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
+        for name, f in originals.items():
+            setattr(kernels, name, timed(f))
+        try:
+            t0 = time.perf_counter()
+            for _ in range(decode):
                 tok = decode_step(model, tok, cache).argmax(-1)
-                tokens.append(int(tok))
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, tokens
-
-    def decode_profile(self) -> tuple[float, float]:
-        """(seconds in the quantized matmuls, seconds in total) over D decode steps."""
-        from falconet.models.dense import decode_step, prefill
-        from falconet.nn.cache import KVCache
-        from falconet.quant import kernels
-
-        spent = [0.0]
-        originals = {name: getattr(kernels, name) for name in ("x8_linear", "quant_linear")}
-
-        def timed(f):
-            def wrapper(*a, **kw):
-                t0 = time.perf_counter()
-                y = f(*a, **kw)
-                spent[0] += time.perf_counter() - t0
-                return y
-
-            return wrapper
-
-        model, ids = self.llm.model, self.ids
-        with torch.inference_mode():
-            cache = KVCache(
-                model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device
-            )
-            tok = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
+            total = time.perf_counter() - t0
+        finally:
             for name, f in originals.items():
-                setattr(kernels, name, timed(f))
-            try:
-                t0 = time.perf_counter()
-                for _ in range(self.D):
-                    tok = decode_step(model, tok, cache).argmax(-1)
-                total = time.perf_counter() - t0
-            finally:
-                for name, f in originals.items():
-                    setattr(kernels, name, f)
-        return spent[0], total
+                setattr(kernels, name, f)
+    return spent[0], total
 
 
 class LlamaCppRunner:
@@ -158,34 +140,46 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(100, vocab, (n,), generator=g).tolist()
 
 
-def decode_bytes(path: Path) -> tuple[int, int]:
-    """(bytes one decode step reads, total tensor bytes) of a GGUF."""
+def gguf_sizes(path: Path) -> tuple[int, int, int]:
+    """(bytes one decode step reads, total tensor bytes, parameters) of a GGUF."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     total = sum(int(t.n_bytes) for t in reader.tensors)
+    params = sum(int(t.n_elements) for t in reader.tensors)
     names = {t.name for t in reader.tensors}
     per_token = 0
     for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            rows = int(t.shape[1])
-            row = int(t.n_bytes) // rows
-            per_token += (
-                row if "output.weight" in names else int(t.n_bytes)
-            )  # tied: the head reads it all
-        else:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            per_token += int(t.n_bytes) // int(t.shape[1])  # one embedding row
+        else:  # every matrix, and a tied embedding read whole as the head
             per_token += int(t.n_bytes)
-    return per_token, total
+    return per_token, total, params
+
+
+def make_runners(names, path: Path, ids: list[int], decode: int, threads: int) -> dict:
+    """The runners called `names`; the falconet ones share one loaded model."""
+    from falconet_runners import APIRunner, DirectRunner
+
+    runners = {}
+    if any(n.startswith("falconet") for n in names):
+        import falconet
+
+        llm = falconet.load(path)
+    for name in names:
+        if name == "falconet direct":
+            runners[name] = DirectRunner(llm, ids, decode)
+        elif name == "falconet API":
+            runners[name] = APIRunner(llm, ids, decode)
+        else:
+            runners[name] = LlamaCppRunner(path, ids, decode, threads)
+    return runners
 
 
 def worker_rss(args: argparse.Namespace) -> dict:
     ids = prompt_ids(args.vocab, args.prompt_len)
     before = proc_status()["VmRSS"]
-    runner = (
-        FalconetRunner(Path(args.gguf), ids, 1)
-        if args.engine == "falconet"
-        else LlamaCppRunner(Path(args.gguf), ids, 1, args.threads)
-    )
+    [runner] = make_runners([args.engine], Path(args.gguf), ids, 1, args.threads).values()
     runner.run()
     return {"peak": proc_status()["VmHWM"] - before}
 
@@ -200,10 +194,7 @@ def rss_of(engine: str, path: Path, args: argparse.Namespace) -> int:
 def bench_type(qtype: str, folder: Path, args: argparse.Namespace, bandwidth: float) -> dict:
     path = gguf_path(folder, qtype)
     ids = prompt_ids(args.vocab, args.prompt_len)
-    runners = {
-        "falconet": FalconetRunner(path, ids, args.decode_tokens),
-        "llama.cpp": LlamaCppRunner(path, ids, args.decode_tokens, args.threads),
-    }
+    runners = make_runners(ENGINES, path, ids, args.decode_tokens, args.threads)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     tokens: dict[str, list[int]] = {}
     for i in range(args.repeats + 1):
@@ -211,12 +202,12 @@ def bench_type(qtype: str, folder: Path, args: argparse.Namespace, bandwidth: fl
             pre, dec, tokens[name] = runner.run()
             if i:
                 times[name].append((pre, dec))
-    kernel_s, step_s = runners["falconet"].decode_profile()
+    kernel_s, step_s = decode_profile(runners["falconet direct"].model, ids, args.decode_tokens)
     del runners
-    per_token, total = decode_bytes(path)
+    per_token, total, params = gguf_sizes(path)
     out = {"type": qtype, "file_bytes": path.stat().st_size, "tensor_bytes": total,
-           "bytes_per_token": per_token, "roofline": bandwidth / per_token, "engines": {},
-           "kernel_share": kernel_s / step_s,
+           "params": params, "bytes_per_token": per_token, "roofline": bandwidth / per_token,
+           "engines": {}, "kernel_share": kernel_s / step_s,
            "kernel_bandwidth": per_token * args.decode_tokens / kernel_s}  # fmt: skip
     for name in times:
         out["engines"][name] = {
@@ -231,6 +222,10 @@ def bench_type(qtype: str, folder: Path, args: argparse.Namespace, bandwidth: fl
 def report(results: list[dict], args: argparse.Namespace, bandwidth: float) -> None:
     print(f"\nCPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}")
     print(f"read bandwidth (measured this run): {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"model: {args.cache_dir.name} ({describe_shape(args)}; "
+        f"{results[0]['params'] / 1e9:.3f} B parameters, random weights)"
+    )
     print(f"prompt {args.prompt_len} tokens, decode {args.decode_tokens} tokens, "
           f"median of {args.repeats}\n")  # fmt: skip
     head = ("type", "engine", "prefill tok/s", "decode tok/s", "decode % roofline", "peak RSS")
@@ -245,18 +240,33 @@ def report(results: list[dict], args: argparse.Namespace, bandwidth: float) -> N
     print(
         "\nratios falconet / llama.cpp (targets: decode >= 1.0, prefill >= 0.8, decode >= 80 % of roofline)"
     )
-    print("| type | prefill | decode | decode vs roofline | peak RSS | greedy tokens equal |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| type | falconet | prefill | decode | decode vs roofline | peak RSS | greedy tokens equal |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        f, ll = r["engines"]["falconet"], r["engines"]["llama.cpp"]
-        same = sum(a == b for a, b in zip(f["tokens"], ll["tokens"], strict=True))
+        ll = r["engines"]["llama.cpp"]
+        for name in ("falconet direct", "falconet API"):
+            f = r["engines"][name]
+            same = sum(a == b for a, b in zip(f["tokens"], ll["tokens"], strict=True))
+            print(
+                f"| {r['type']} | {name.removeprefix('falconet ')} | {f['prefill'] / ll['prefill']:.2f}x | "
+                f"{f['decode'] / ll['decode']:.2f}x | {f['decode'] / r['roofline']:.2f} | "
+                f"{f['rss'] / ll['rss']:.2f}x | {same}/{len(f['tokens'])} |"
+            )
+    print("\nthe public API against the direct path it replaced (target: ~1.00, within noise)")
+    print("| type | API / direct prefill | API / direct decode | greedy tokens: common prefix |")
+    print("|---|---|---|---|")
+    for r in results:
+        f, api = r["engines"]["falconet direct"], r["engines"]["falconet API"]
+        same = common_prefix(api["tokens"], f["tokens"])
         print(
-            f"| {r['type']} | {f['prefill'] / ll['prefill']:.2f}x | {f['decode'] / ll['decode']:.2f}x | "
-            f"{f['decode'] / r['roofline']:.2f} | {f['rss'] / ll['rss']:.2f}x | {same}/{len(f['tokens'])} |"
+            f"| {r['type']} | {api['prefill'] / f['prefill']:.2f}x | "
+            f"{api['decode'] / f['decode']:.2f}x | {same}/{len(f['tokens'])} |"
         )
     for r in results:
         print(f"{r['type']}: file {r['file_bytes'] / 1e9:.3f} GB, reads {r['bytes_per_token'] / 1e9:.3f} GB "
-              f"per token -> roofline {r['roofline']:.1f} tok/s; falconet decode: "
+              f"per token -> roofline {r['roofline']:.1f} tok/s; falconet direct decode: "
               f"{100 * r['kernel_share']:.0f} % of a step in the quantized matmuls, which stream "
               f"the weights at {r['kernel_bandwidth'] / 1e9:.1f} GB/s")  # fmt: skip
 
@@ -265,29 +275,36 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_shape_flags(p)
     p.add_argument("--types", default="q8_0,q4_0")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--vocab", type=int, default=DEFAULT_SHAPE["vocab"])
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="checkpoint folder (default: .bench_cache/falcon-1b-mq or falcon3-1b for the "
+        "default shapes); its GGUFs are written beside it",
+    )
     p.add_argument("--worker-rss", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker_rss:
         print(json.dumps(worker_rss(args)))
         return
-    folder = args.cache_dir
-    build = argparse.Namespace(
-        hidden=DEFAULT_SHAPE["hidden"], layers=DEFAULT_SHAPE["layers"], heads=DEFAULT_SHAPE["heads"],
-        vocab=args.vocab, cache_dir=folder, threads=args.threads,
-    )  # fmt: skip
-    ensure_checkpoint(build, folder)
+    fill_shape_defaults(p, args)
+    if args.repeats < 1 or args.decode_tokens < 1 or args.prompt_len < 1:
+        p.error("--repeats, --decode-tokens and --prompt-len must be positive")
+    args.cache_dir = cache_dir_for(args)
+    ensure_checkpoint(args, args.cache_dir)
     bandwidth = measure_bandwidth(1.0)
-    results = [bench_type(t.strip(), folder, args, bandwidth) for t in args.types.split(",")]
+    results = [
+        bench_type(t.strip(), args.cache_dir, args, bandwidth) for t in args.types.split(",")
+    ]
     report(results, args, bandwidth)
 
 
