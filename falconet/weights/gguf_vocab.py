@@ -4,7 +4,8 @@ A GGUF file carries a byte-level BPE tokenizer the way llama.cpp's converter wri
 (`_set_vocab_gpt2` + `gguf.SpecialVocab`):
 
     tokenizer.ggml.model        "gpt2" (byte-level BPE)
-    tokenizer.ggml.pre          the pre-tokenizer, by llama.cpp's name: "falcon" or "gpt-2"
+    tokenizer.ggml.pre          the pre-tokenizer, by llama.cpp's name: "falcon", "gpt-2"
+                                or "falcon3"
     tokenizer.ggml.tokens       one string per id, padded to the model's vocab_size with
                                 "[PAD{id}]" tokens of type UNUSED
     tokenizer.ggml.token_type   NORMAL, CONTROL (special added tokens), USER_DEFINED, UNUSED
@@ -14,14 +15,15 @@ A GGUF file carries a byte-level BPE tokenizer the way llama.cpp's converter wri
 
 Reading rebuilds a `tokenizers` BPE with the same vocabulary, merges, added tokens and
 pre-tokenizer, so it encodes and decodes exactly as the tokenizer.json it came from.
-Only the two pre-tokenizers below can be represented: llama.cpp knows a pre-tokenizer
-by name only, and these are the ones Falcon checkpoints (and `falconet train`) use.
+Only the pre-tokenizers below can be represented: llama.cpp knows a pre-tokenizer by
+name only, and these are the ones Falcon checkpoints (and `falconet train`) use.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import tokenizers
@@ -103,8 +105,42 @@ def _gpt2_pre() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+# Llama 3's split regex in the `tokenizers` (Rust regex) spelling of its tokenizer.json:
+# contractions, letter runs with one leading non-letter, digits in runs of at most three,
+# symbol runs with an optional leading space and trailing newlines, newline runs, spaces.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _falcon3_pre() -> pre_tokenizers.PreTokenizer:
+    """Falcon3's tokenizer.json pre-tokenizer (tiiuae/Falcon3-*): Llama 3's split regex,
+    then the byte-level alphabet without GPT-2's regex (docs/design.md, GGUF)."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """What a tokenizer.ggml.pre name means to llama.cpp, in `tokenizers` terms."""
+
+    make: Callable[[], pre_tokenizers.PreTokenizer]
+    # llama.cpp emits a pre-token that is itself in the vocabulary as that one token,
+    # without merging (BPE's ignore_merges); it does so for its llama3-family names.
+    ignore_merges: bool = False
+
+
 # llama.cpp's tokenizer.ggml.pre name -> the same pre-tokenizer in `tokenizers`.
-PRE_TOKENIZERS = {"falcon": _falcon_pre, "gpt-2": _gpt2_pre}
+PRE_TOKENIZERS = {
+    "falcon": PreTokenizer(_falcon_pre),
+    "gpt-2": PreTokenizer(_gpt2_pre),
+    "falcon3": PreTokenizer(_falcon3_pre, ignore_merges=True),
+}
 
 
 def _as_json(pre: pre_tokenizers.PreTokenizer) -> dict[str, Any]:
@@ -123,8 +159,8 @@ def pre_tokenizer_name(tokenizer: VocabSource) -> str:
     problems = []
     if model.get("type") != "BPE":
         problems.append(f"model {model.get('type')!r} is not BPE")
-    if model.get("byte_fallback") or model.get("ignore_merges"):
-        problems.append("byte_fallback/ignore_merges BPE options have no GGUF equivalent")
+    if model.get("byte_fallback"):
+        problems.append("the byte_fallback BPE option has no GGUF equivalent")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         problems.append("subword prefixes/suffixes have no GGUF equivalent")
     if spec.get("normalizer") is not None:
@@ -132,19 +168,47 @@ def pre_tokenizer_name(tokenizer: VocabSource) -> str:
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         problems.append("the decoder is not ByteLevel")
     name = next(
-        (n for n, make in PRE_TOKENIZERS.items() if spec.get("pre_tokenizer") == _as_json(make())),
+        (
+            n
+            for n, pre in PRE_TOKENIZERS.items()
+            if spec.get("pre_tokenizer") == _as_json(pre.make())
+        ),
         None,
     )
     if name is None:
         problems.append(
-            "the pre-tokenizer is neither Falcon's nor GPT-2's byte-level one "
+            "the pre-tokenizer is not Falcon's, Falcon3's or GPT-2's byte-level one "
             "(llama.cpp knows pre-tokenizers by name only)"
         )
+    elif not problems and bool(model.get("ignore_merges")) != PRE_TOKENIZERS[name].ignore_merges:
+        added = {t["id"] for t in spec.get("added_tokens") or []}
+        problems.extend(_ignore_merges_matters(model, added, name))
     if problems:
         raise CheckpointError(
             f"{tokenizer.source}: this tokenizer cannot be written to GGUF: " + "; ".join(problems)
         )
     return name
+
+
+def _ignore_merges_matters(model: dict[str, Any], added: set[int], name: str) -> list[str]:
+    """Why the tokenizer's ignore_merges flag, which differs from what llama.cpp does for
+    `name`, would change its ids; [] when it cannot: the flag only decides pre-tokens that
+    are vocabulary tokens, so it is moot when merging each token's text gives that token.
+    Added tokens (ids in `added`) are matched before BPE and never reach it."""
+    vocab: dict[str, int] = model.get("vocab") or {}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False)
+    for token, i in vocab.items():
+        if i in added:
+            continue
+        pieces = bpe.tokenize(token)
+        if len(pieces) != 1 or pieces[0].id != i:
+            return [
+                f"token {token!r} is not what merging its text gives, so BPE's ignore_merges "
+                f"flag changes ids, and llama.cpp's {name!r} pre-tokenizer sets it "
+                f"{'on' if PRE_TOKENIZERS[name].ignore_merges else 'off'}"
+            ]
+    return []
 
 
 def vocab_metadata(tokenizer: VocabSource, config: TokenIds) -> dict[str, Any]:
@@ -236,10 +300,16 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> dict[str, Any]
             raise fail(f"merge {m!r} is not two tokens of the vocabulary")
         merges.append((pair[0], pair[1]))
     try:
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        bpe = models.BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=False,
+            ignore_merges=PRE_TOKENIZERS[pre].ignore_merges,
+        )
     except Exception as e:  # the Rust binding raises plain Exception
         raise fail(f"the vocabulary and merges do not make a BPE tokenizer ({e})") from None
-    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre].make()
     backend.decoder = decoders.ByteLevel()
     # Added tokens are matched in the raw text before BPE, as in tokenizer.json.
     special = [AddedToken(tokens[i], special=True, normalized=False)
