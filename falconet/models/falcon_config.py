@@ -44,6 +44,29 @@ class HFConfigFile:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+    # Checks of keys every architecture's config.json carries alike.
+    def _check_token_ids(self) -> None:
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_token_id(value):
+                raise ConfigError(
+                    f"config: {name} must be a token id (an integer >= 0), got {value!r}"
+                )
+        if not all(_is_token_id(t) for t in self.eos_token_ids):
+            raise ConfigError(
+                f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
+            )
+
+    def _check_rope_scaling(self, supported: tuple[str, ...]) -> None:
+        if self.rope_scaling_type not in supported:
+            raise ConfigError(
+                f"config: rope_scaling type {self.rope_scaling_type!r} is not supported; "
+                f"falconet supports {supported}"
+            )
+        factor = self.rope_scaling_factor
+        if not (_is_finite_number(factor) and factor >= 1):
+            raise ConfigError(f"config: rope_scaling factor must be a number >= 1, got {factor!r}")
+
 
 @dataclass(frozen=True)
 class FalconConfig(HFConfigFile):
@@ -150,16 +173,7 @@ class FalconConfig(HFConfigFile):
         num_ln = self.num_ln_in_parallel_attn
         if num_ln is not None and not (_is_positive_int(num_ln) and num_ln in (1, 2)):
             raise ConfigError(f"config: num_ln_in_parallel_attn must be 1 or 2, got {num_ln!r}")
-        for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not _is_token_id(value):
-                raise ConfigError(
-                    f"config: {name} must be a token id (an integer >= 0), got {value!r}"
-                )
-        if not all(_is_token_id(t) for t in self.eos_token_ids):
-            raise ConfigError(
-                f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
-            )
+        self._check_token_ids()
         if self.new_decoder_architecture:
             kv = self.kv_heads
             if kv <= 0 or self.num_attention_heads % kv:
@@ -187,15 +201,7 @@ class FalconConfig(HFConfigFile):
                 raise ConfigError(
                     "config: rope_scaling is set but the model uses ALiBi, not rotary"
                 )
-            if self.rope_scaling_type not in ROPE_SCALING_TYPES:
-                raise ConfigError(
-                    f"config: rope_scaling type {self.rope_scaling_type!r} is not supported; "
-                    f"falconet supports {ROPE_SCALING_TYPES}"
-                )
-            if not (_is_finite_number(self.rope_scaling_factor) and self.rope_scaling_factor >= 1):
-                raise ConfigError(
-                    f"config: rope_scaling factor must be a number >= 1, got {self.rope_scaling_factor!r}"
-                )
+            self._check_rope_scaling(ROPE_SCALING_TYPES)
         if not self.alibi and self.head_dim % 2:
             raise ConfigError(
                 f"config: head size {self.head_dim} (hidden_size / num_attention_heads) must be even "

@@ -28,7 +28,6 @@ from falconet.models.falcon_config import (
     HFConfigFile,
     _is_finite_number,
     _is_positive_int,
-    _is_token_id,
 )
 
 LLAMA_MODEL_TYPES = ("llama",)
@@ -185,16 +184,7 @@ class LlamaConfig(HFConfigFile):
             value = getattr(self, name)
             if not (_is_finite_number(value) and value > 0):
                 raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
-        for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not _is_token_id(value):
-                raise ConfigError(
-                    f"config: {name} must be a token id (an integer >= 0), got {value!r}"
-                )
-        if not all(_is_token_id(t) for t in self.eos_token_ids):
-            raise ConfigError(
-                f"config: eos_token_id must be a token id or a list of them, got {list(self.eos_token_ids)!r}"
-            )
+        self._check_token_ids()
         self._validate_rope_scaling(head_dim)
         factors = self.rope_freq_factors
         if factors is not None and not (
@@ -211,14 +201,7 @@ class LlamaConfig(HFConfigFile):
         kind = self.rope_scaling_type
         if kind is None:
             return
-        if kind not in ROPE_SCALING_TYPES:
-            raise ConfigError(
-                f"config: rope_scaling type {kind!r} is not supported; falconet supports "
-                f"{ROPE_SCALING_TYPES}"
-            )
-        factor = self.rope_scaling_factor
-        if not (_is_finite_number(factor) and factor >= 1):
-            raise ConfigError(f"config: rope_scaling factor must be a number >= 1, got {factor!r}")
+        self._check_rope_scaling(ROPE_SCALING_TYPES)
         if kind == "dynamic" and head_dim <= 2:
             raise ConfigError(f"config: dynamic rope_scaling needs a head_dim > 2, got {head_dim}")
         if kind != "llama3":
