@@ -142,6 +142,16 @@ def build_llama_hf_model(variant: str, seed: int = 0, **over):
     return model
 
 
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation of `prompt` (EOS ignored): the reference."""
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def save_hf_model(model, folder: Path, **save_kw) -> Path:
     model.save_pretrained(folder, **save_kw)
     write_tokenizer(folder)
@@ -194,3 +204,22 @@ def assert_cli_error(res, needle: str) -> None:
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("falconet: error: ") and needle in lines[0]
     assert res.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir, tmp_path_factory):
+    """(variant, type) -> the GGUF falconet's writer makes of hf_dir(variant); each GGUF
+    test module defines its own `hf_dir` (variant -> tiny HF folder), which this uses."""
+    from falconet.convert import convert_hf_to_gguf
+
+    out = tmp_path_factory.mktemp("ours")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(variant: str, qtype: str) -> Path:
+        if (variant, qtype) not in cache:
+            path = out / f"{variant}-{qtype}.gguf"
+            convert_hf_to_gguf(hf_dir(variant), path, qtype)
+            cache[variant, qtype] = path
+        return cache[variant, qtype]
+
+    return get

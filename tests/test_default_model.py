@@ -20,6 +20,13 @@ def test_ships_inside_the_package_within_25_mb():
     assert config["model_type"] == "falcon" and config["multi_query"] and config["parallel_attn"]
 
 
+def test_declares_its_family_and_licence():
+    """falconet-tiny ships with falconet, under falconet's Apache-2.0: its model card says so."""
+    card = falconet.load().card
+    assert card.family == "Falcon 7B-style multi-query"
+    assert (card.licence.id, card.licence.source) == ("apache-2.0", "README.md front matter")
+
+
 def test_loads_in_transformers_with_equal_logits():
     assert_matches_transformers(DEFAULT_MODEL_DIR, "And God said unto Moses, I AM THAT I AM")
 

@@ -39,6 +39,28 @@ def _tokens_and_logprobs(deltas) -> tuple[list[int], list[float], list]:
     return ids, [lp.logprob for lp in lps], [lp.top for lp in lps]
 
 
+def batch_and_alone(llm, vocab: int) -> tuple[list, list]:
+    """Five prompts of different lengths run each alone, then together with neighbours
+    joining mid-way (prefill chunks and decodes share steps): (together, alone), each a
+    list of (tokens, log-probs) per prompt."""
+    prompts = [_ids(n, vocab, seed=n) for n in (3, 17, 40, 9, 25)]
+    params = [SamplingParams(max_tokens=12, logprobs=5, ignore_eos=True)] * len(prompts)
+
+    def engine() -> Engine:
+        return Engine.from_llm(llm, max_batch=8, max_context=128, prefill_chunk=16, block_size=8)
+
+    alone = []
+    for p, sp in zip(prompts, params, strict=True):
+        e = engine()
+        alone.append(_tokens_and_logprobs(_drain(e, e.submit([p], [sp]))[0]))
+    e = engine()
+    streams = e.submit(prompts[:2], params[:2])
+    for _ in range(3):  # the first two are decoding when the others arrive
+        e.step()
+    streams += e.submit(prompts[2:], params[2:])
+    return [_tokens_and_logprobs(d) for d in _drain(e, streams)], alone
+
+
 @pytest.fixture(scope="module")
 def default_llm():
     return falconet.load()
@@ -70,24 +92,7 @@ def test_batching_never_changes_a_sequence(hf_checkpoints, default_llm, variant)
         llm = falconet.load(quant=variant.split("-")[1])
     else:
         llm = default_llm if variant == "default" else falconet.load(hf_checkpoints[variant][1])
-    vocab = llm.config.vocab_size
-    prompts = [_ids(n, vocab, seed=n) for n in (3, 17, 40, 9, 25)]
-    params = [SamplingParams(max_tokens=12, logprobs=5, ignore_eos=True)] * len(prompts)
-
-    def engine() -> Engine:
-        return Engine.from_llm(llm, max_batch=8, max_context=128, prefill_chunk=16, block_size=8)
-
-    alone = []
-    for p, sp in zip(prompts, params, strict=True):
-        e = engine()
-        alone.append(_tokens_and_logprobs(_drain(e, e.submit([p], [sp]))[0]))
-
-    e = engine()
-    streams = e.submit(prompts[:2], params[:2])
-    for _ in range(3):  # the first two are decoding when the others arrive
-        e.step()
-    streams += e.submit(prompts[2:], params[2:])
-    together = [_tokens_and_logprobs(d) for d in _drain(e, streams)]
+    together, alone = batch_and_alone(llm, llm.config.vocab_size)
     assert together == alone
 
 

@@ -121,22 +121,6 @@ def hf_dir(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def ours(hf_dir, tmp_path_factory):
-    """(variant, type) -> the GGUF falconet's writer makes of hf_dir(variant)."""
-    out = tmp_path_factory.mktemp("ours")
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(variant: str, qtype: str) -> Path:
-        if (variant, qtype) not in cache:
-            path = out / f"{variant}-{qtype}.gguf"
-            convert_hf_to_gguf(hf_dir(variant), path, qtype)
-            cache[variant, qtype] = path
-        return cache[variant, qtype]
-
-    return get
-
-
 def effective(c: FalconConfig) -> tuple:
     """What a config means for the computation (HF spells the same layout several ways)."""
     return (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.kv_heads,

@@ -72,22 +72,6 @@ def hf_dir(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def ours(hf_dir, tmp_path_factory):
-    """(variant, type) -> the GGUF falconet's writer makes of hf_dir(variant)."""
-    out = tmp_path_factory.mktemp("ours")
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(variant: str, qtype: str) -> Path:
-        if (variant, qtype) not in cache:
-            path = out / f"{variant}-{qtype}.gguf"
-            convert_hf_to_gguf(hf_dir(variant), path, qtype)
-            cache[variant, qtype] = path
-        return cache[variant, qtype]
-
-    return get
-
-
 # ---- falconet's writer -> falconet's reader ---------------------------------------------
 
 

@@ -27,11 +27,12 @@ from falconet.sampling import SamplingParams
 from tests.conftest import (
     LLAMA_VARIANTS,
     build_llama_hf_model,
+    hf_greedy,
     llama_hf_config,
     rope,
     save_hf_model,
 )
-from tests.test_engine import _drain, _ids, _tokens_and_logprobs
+from tests.test_engine import _drain, _ids, _tokens_and_logprobs, batch_and_alone
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 300, 12, 64, 128, 1, 400, 33, 21, 8, 77, 150, 200]
 
@@ -69,13 +70,8 @@ def test_greedy_tokens_match_transformers_generate(checkpoints, variant):
     hf_model, folder = checkpoints[variant]
     llm = falconet.load(folder, dtype="float32")
     prompt = PROMPT[:8]
-    hf_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0
-        )
     out = llm.complete([prompt], max_tokens=32, ignore_eos=True)[0]
-    assert out.token_ids == ref[0, len(prompt) :].tolist()
+    assert out.token_ids == hf_greedy(hf_model, prompt, 32)
     assert out.finish_reason == "length"
 
 
@@ -139,22 +135,8 @@ def test_engine_batch_equals_alone_bit_for_bit(checkpoints, variant, dtype):
     """Each sequence's tokens and log-probs are bit for bit those it gets alone, with
     neighbours of other lengths joining mid-way (prefill chunks and decodes share steps)."""
     llm = falconet.load(checkpoints[variant][1], dtype=dtype)
-    prompts = [_ids(n, 448, seed=n) for n in (3, 17, 40, 9, 25)]
-    params = [SamplingParams(max_tokens=12, logprobs=5, ignore_eos=True)] * len(prompts)
-
-    def engine() -> Engine:
-        return Engine.from_llm(llm, max_batch=8, max_context=128, prefill_chunk=16, block_size=8)
-
-    alone = []
-    for p, sp in zip(prompts, params, strict=True):
-        e = engine()
-        alone.append(_tokens_and_logprobs(_drain(e, e.submit([p], [sp]))[0]))
-    e = engine()
-    streams = e.submit(prompts[:2], params[:2])
-    for _ in range(3):  # the first two are decoding when the others arrive
-        e.step()
-    streams += e.submit(prompts[2:], params[2:])
-    assert [_tokens_and_logprobs(d) for d in _drain(e, streams)] == alone
+    together, alone = batch_and_alone(llm, 448)
+    assert together == alone
 
 
 # ---- loading ----------------------------------------------------------------------------

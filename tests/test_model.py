@@ -13,7 +13,7 @@ import torch
 import falconet
 from falconet.models.dense import prefill
 from falconet.nn.cache import KVCache
-from tests.conftest import VARIANTS, build_hf_model, save_hf_model
+from tests.conftest import VARIANTS, build_hf_model, hf_greedy, save_hf_model
 
 PROMPT = [
     5,
@@ -55,12 +55,7 @@ def test_greedy_tokens_match_transformers_generate(hf_checkpoints, variant):
     hf_model, folder = hf_checkpoints[variant]
     llm = falconet.load(folder, dtype="float32")
     prompt = PROMPT[:8]
-    hf_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0
-        )
-    ref_new = ref[0, len(prompt) :].tolist()
+    ref_new = hf_greedy(hf_model, prompt, 32)
     out = llm.complete([prompt], max_tokens=32, ignore_eos=True)[0]
     assert out.token_ids == ref_new
     assert out.finish_reason == "length"
