@@ -152,6 +152,20 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def memorize(model, ids: list[int], steps: int = 30):
+    """`model` (an HF causal LM) trained to continue `ids`, so its greedy tokens have
+    margins of several logits: comparable across engines that round differently."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.tensor([ids])
+    for _ in range(steps):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def save_hf_model(model, folder: Path, **save_kw) -> Path:
     model.save_pretrained(folder, **save_kw)
     write_tokenizer(folder)

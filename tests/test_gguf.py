@@ -31,6 +31,7 @@ from tests.conftest import (
     SPECIAL_TOKENS,
     build_hf_model,
     hf_config,
+    memorize,
     save_hf_model,
 )
 
@@ -83,15 +84,7 @@ def memorizing_model(variant: str, ids: list[int], steps: int = 30):
     tiny model has near-ties (margins of 0.005 against differences of ~0.08); this one
     continues its text with margins of several logits.
     """
-    model = build_hf_model(variant).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x = torch.tensor([ids])
-    for _ in range(steps):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return memorize(build_hf_model(variant), ids, steps)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from falconet.quant import get_format
 from falconet.tokenizer import Tokenizer
 from falconet.weights.gguf import GGUFError
 from tests import llama_cpp_tools
-from tests.conftest import CORPUS, build_llama_hf_model
+from tests.conftest import CORPUS, build_llama_hf_model, memorize
 from tests.test_gguf import (
     TEXTS,
     falconet_greedy,
@@ -44,15 +44,7 @@ VARIANTS = ("falcon3_shape", "gqa3_tied", "biases", "rope_linear", "rope_llama3"
 def memorizing_model(variant: str, ids: list[int], steps: int = 30):
     """A tiny HF Llama trained to continue `ids`, so greedy tokens have margins of several
     logits over llama.cpp's rounding (8-bit activations, fp16 K/V); see test_gguf."""
-    model = build_llama_hf_model(variant, intermediate_size=256).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x = torch.tensor([ids])
-    for _ in range(steps):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return memorize(build_llama_hf_model(variant, intermediate_size=256), ids, steps)
 
 
 @pytest.fixture(scope="module")
