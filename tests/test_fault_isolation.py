@@ -313,6 +313,26 @@ def test_a_forward_that_fails_for_one_sequence_is_retried_without_it(llm):
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
+def test_a_processor_sees_the_tokens_generated_so_far(llm):
+    """A processor that changes nothing changes no token, and is called once per token
+    with the ids generated before it (vLLM's signature)."""
+    seen = []
+
+    def record(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(ids)
+        ids.append(-1)  # its own copy: the sampler's state is not touched
+        return logits
+
+    prompt = _prompts(llm.config.vocab_size)[0]
+    engine = _engine(llm)
+    [solo] = _run(engine, [prompt], [GREEDY])
+    watched = SamplingParams(**{**GREEDY.__dict__, "logits_processors": [record]})
+    [out] = _run(engine, [prompt], [watched])
+    ids = _output(solo)[0]
+    assert _output(out) == _output(solo)
+    assert seen == [ids[:n] + [-1] for n in range(len(ids))]
+
+
 def test_llm_generate_raises_the_processor_error(llm):
     with pytest.raises(GenerationError, match="constraint broke at call 2"):
         llm.generate("The quick", max_tokens=8, logits_processors=[RaisesAt(2)])
@@ -360,6 +380,10 @@ SERVER_POISONS = {
         },
         "ok",
     ),  # fmt: skip
+    "a logits processor over HTTP (ignored: Python API only)": (
+        {"logits_processors": ["os.system"]},
+        "ok",
+    ),
     "the largest temperature and penalty": (
         {"repetition_penalty": SCALE_MAX, "temperature": SCALE_MAX, "seed": 2},
         "ok",

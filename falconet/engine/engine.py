@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from falconet.engine.paged import PagedKVCache
-from falconet.engine.runner import Failed, ModelRunner, SequenceState, describe
-from falconet.engine.scheduler import Budget, schedule
+from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
+from falconet.engine.scheduler import Budget, StepPlan, schedule
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
 from falconet.nn.cache import available_memory
@@ -405,7 +405,7 @@ class Engine:
             self._deliver(plan, results)
             return True
 
-    def _deliver(self, plan, results: list) -> None:
+    def _deliver(self, plan: StepPlan, results: list[Sampled | Failed]) -> None:
         for r in results:  # first, so a failed sequence is not also reported done below
             if isinstance(r, Failed):
                 with self._lock:
