@@ -283,9 +283,9 @@ def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(llm, name):
     solo = [_output(_run(engine, [p], [GREEDY])[0]) for p in prompts]
     assert all(s[2] == "length" for s in solo)
 
-    # the poison second, so the halving on a failed forward has neighbours on both sides
-    outs = _run(engine, [prompts[0], [20, 21, 22], *prompts[1:]], [GREEDY, _fresh(poison),
-                                                                    GREEDY, GREEDY])  # fmt: skip
+    # all four decode side by side; the poison fails mid-way through
+    batch = [prompts[0], [20, 21, 22], *prompts[1:]]
+    outs = _run(engine, batch, [GREEDY, _fresh(poison), GREEDY, GREEDY])
     ids, _, finish, error = _output(outs[1])
     assert finish == "error" and words in error, error
     assert len(ids) == delivered
