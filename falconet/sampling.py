@@ -10,6 +10,11 @@ Every processor takes its parameter as a scalar or as one value per row (a seque
 a 1-D tensor), so a batch can mix requests; rows whose value means "off" are untouched.
 Per-row values are read on the CPU in float64 (they are tiny) so thresholds round
 exactly as HF's Python-float arithmetic does.
+
+Users may add their own processors (`SamplingParams.logits_processors`, Python API only,
+as in vLLM): functions (generated token ids, (V,) logits) -> (V,) logits, applied to the
+raw logits before the built-in ones. A row the sampler cannot pick from (NaN scores, or
+every token at -inf) raises GenerationError, so the engine ends that sequence alone.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 import math
 import numbers
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,8 @@ import torch
 from falconet.errors import GenerationError
 
 RowParam = float | Sequence[float] | torch.Tensor
+# (token ids generated so far, (V,) float32 logits) -> (V,) logits, as vLLM's processors.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 def _is_int(x: object) -> bool:
@@ -49,6 +56,15 @@ MAX_STOP_LENGTH = 256  # characters per stop string
 # torch.Generator.manual_seed takes any signed or unsigned 64-bit int (two's complement:
 # -1 and 2**64 - 1 are one seed), which covers OpenAI's and vLLM's int64 seeds.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# top_k is an index: it must fit torch's int64. Any k past the vocabulary keeps every
+# token (apply_top_k clamps it to V), as vLLM does.
+TOP_K_MAX = 2**63 - 1
+# The sampler works in float32. A temperature or repetition penalty outside float32's
+# normal range [1.2e-38, 3.4e38] becomes inf, 0 or a subnormal there, and dividing logits
+# by it gives inf and then NaN probabilities; these round bounds stay well inside it.
+# (Within them a product can still overflow float32 -- a logit of 10 over a penalty of
+# 1e-37 -- and the sampler recomputes such a row in float64; see Sampler.sample.)
+SCALE_MIN, SCALE_MAX = 1e-37, 1e37
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,16 @@ class Rule:
 
 RULES: dict[str, Rule] = {
     "max_tokens": Rule(int, "an integer >= 1", ge=1),
-    "temperature": Rule(float, "a finite number >= 0 (0 = greedy)", ge=0),
-    "top_k": Rule(int, "an integer >= 0 (0 = off)", ge=0),
+    "temperature": Rule(float, f"a number in [0, {SCALE_MAX:g}] (0 = greedy)", ge=0,
+                        le=SCALE_MAX),
+    "top_k": Rule(int, "an integer in [0, 2**63) (0 = off; beyond the vocabulary = all)",
+                  ge=0, le=TOP_K_MAX),
     "top_p": Rule(float, "a number in (0, 1] (1 = off)", gt=0, le=1),
     "min_p": Rule(float, "a number in [0, 1] (0 = off)", ge=0, le=1),
-    "repetition_penalty": Rule(float, "a finite number > 0 (1 = off)", gt=0),
-    # OpenAI's bounds for its two penalties.
+    "repetition_penalty": Rule(float, f"a number in [{SCALE_MIN:g}, {SCALE_MAX:g}] (1 = off)",
+                               ge=SCALE_MIN, le=SCALE_MAX),
+    # OpenAI's bounds for its two penalties: subtracted, never divided by, so a tiny or
+    # subnormal value is harmless (it rounds towards 0 in float32).
     "presence_penalty": Rule(float, "a number in [-2, 2] (0 = off)", ge=-2, le=2),
     "frequency_penalty": Rule(float, "a number in [-2, 2] (0 = off)", ge=-2, le=2),
     "seed": Rule(int, "an integer in [-2**63, 2**64)", ge=SEED_MIN, le=SEED_MAX, optional=True),
@@ -99,6 +119,7 @@ STOP_ALLOWED = (
     "characters long"
 )
 STOP_TOKEN_IDS_ALLOWED = "a list of token ids (integers >= 0)"
+LOGITS_PROCESSORS_ALLOWED = "a list of callables (token ids so far, logits) -> logits"
 
 
 def _finite(x: numbers.Real) -> bool:
@@ -156,6 +177,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; 0 = chosen token only; k = also top-k
+    # Python API only (not over HTTP): run on the raw logits, in order, before penalties.
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> GenerationError:
@@ -181,6 +204,10 @@ class SamplingParams:
         set_("stop_token_ids", tuple(int(i) for i in ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "true or false")
+        procs = self.logits_processors
+        if not isinstance(procs, (list, tuple)) or not all(callable(f) for f in procs):
+            raise bad("logits_processors", LOGITS_PROCESSORS_ALLOWED)
+        set_("logits_processors", tuple(procs))
 
     @property
     def greedy(self) -> bool:
@@ -262,8 +289,10 @@ def apply_temperature(logits: torch.Tensor, temperature: RowParam) -> torch.Tens
 
 
 def apply_top_k(logits: torch.Tensor, top_k: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """HF's top-k: drop scores below the k-th largest (ties with it survive). k = 0 is off."""
-    k = _rows(top_k, logits).long().clamp(max=logits.shape[-1])
+    """HF's top-k: drop scores below the k-th largest (ties with it survive). k = 0 is off;
+    k past the vocabulary keeps every token."""
+    # Clamped while still float64: a k near 2**63 would overflow int64 in `.long()`.
+    k = _rows(top_k, logits).clamp(max=logits.shape[-1]).long()
     if bool((k == 0).all()):
         return logits
     top = torch.topk(logits, int(k.max()), dim=-1).values
@@ -354,6 +383,7 @@ class Sampler:
         counts: torch.Tensor | None,
         vocab_size: int,
         device: torch.device,
+        outputs: Sequence[list[int]] | None = None,
     ) -> None:
         self.params: tuple[SamplingParams, ...] = tuple(params)
         self.vocab_size = vocab_size
@@ -361,6 +391,11 @@ class Sampler:
         self._generators: list[torch.Generator] = list(generators)
         self._seen: torch.Tensor | None = seen  # (B, V) bool, prompt + generated
         self._counts: torch.Tensor | None = counts  # (B, V) int32, generated only
+        # Generated ids per row, for the user's logits processors (kept only if there are).
+        self._has_processors = any(p.logits_processors for p in params)
+        self._outputs: list[list[int]] = (
+            [list(o) for o in outputs] if outputs is not None else [[] for _ in params]
+        )
 
         def col(name: str) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=torch.float64)
@@ -379,9 +414,39 @@ class Sampler:
         return len(self.params)
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Penalties for every row, then temperature/top-k/top-p/min-p for sampled rows
-        (HF's order). Greedy rows come back penalised only, ready for argmax."""
-        logits = logits.float()  # processors and softmax in float32 even for bf16 models
+        """The user's logits processors, then penalties for every row, then temperature/
+        top-k/top-p/min-p for sampled rows (HF's order). Greedy rows come back penalised
+        only, ready for argmax."""
+        # processors and softmax in float32 even for bf16 models
+        return self._penalise_and_warp(self._apply_processors(logits.float()))
+
+    def _apply_processors(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self._has_processors:
+            return logits
+        rows = []
+        for i, p in enumerate(self.params):
+            # A copy: processors often write in place, and the raw logits also give the
+            # logprobs.
+            row = logits[i].clone()
+            for j, fn in enumerate(p.logits_processors):
+                name = getattr(fn, "__qualname__", type(fn).__qualname__)
+                try:
+                    out = fn(list(self._outputs[i]), row)
+                except Exception as e:  # the user's code: say whose it was
+                    raise GenerationError(
+                        f"logits processor {j} ({name}) failed: {type(e).__name__}: {e}"
+                    ) from e
+                if not isinstance(out, torch.Tensor) or out.shape != row.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise GenerationError(
+                        f"logits processor {j} ({name}) returned {got}; it must return "
+                        f"a tensor of shape {tuple(row.shape)}"
+                    )
+                row = out.to(device=logits.device, dtype=logits.dtype)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def _penalise_and_warp(self, logits: torch.Tensor) -> torch.Tensor:
         if self._seen is not None:
             logits = apply_repetition_penalty(logits, self._seen, self._rep)
         if self._counts is not None:
@@ -395,18 +460,75 @@ class Sampler:
         x = apply_min_p(x, self._min_p)
         return logits.index_copy(0, self._sampled_idx, x)
 
+    def _rows_to_redo(self, processed: torch.Tensor) -> list[bool]:
+        """Which rows must be recomputed in float64 (+inf somewhere, or no token left:
+        float32 may have overflowed). Raises GenerationError for NaN, which no setting
+        the rules allow can produce: it came from the model or a logits processor."""
+        nan, posinf, empty = torch.stack(
+            [
+                processed.isnan().any(dim=-1),
+                processed.isposinf().any(dim=-1),
+                (processed == -math.inf).all(dim=-1),
+            ]
+        ).tolist()  # one device sync for all rows
+        for i, bad in enumerate(nan):
+            if bad:
+                raise GenerationError(
+                    f"the next-token scores{self._row(i)} hold NaN; the model or a logits "
+                    "processor produced it"
+                )
+        return [p or e for p, e in zip(posinf, empty, strict=True)]
+
+    def _row(self, i: int) -> str:
+        return f" (row {i})" if len(self) > 1 else ""
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, V) logits -> (B,) token ids: argmax for greedy rows, a draw for the rest."""
-        processed = self.process_logits(logits)
+        """(B, V) logits -> (B,) token ids: argmax for greedy rows, a draw for the rest.
+        Raises GenerationError when a row has no token to pick (NaN scores, or every
+        token at -inf)."""
+        base = self._apply_processors(logits.float())
+        processed = self._penalise_and_warp(base)
+        redo = self._rows_to_redo(processed)
         tokens = processed.argmax(dim=-1)
         if self._sampled:
             probs = torch.softmax(processed[self._sampled_idx], dim=-1)
             # One draw per row from that row's own generator: batch-independent seeding.
             draws = [
                 torch.multinomial(probs[j], 1, generator=self._generators[i])
+                if not redo[i]
+                else tokens[i : i + 1]  # drawn in float64 below
                 for j, i in enumerate(self._sampled)
             ]
             tokens = tokens.index_copy(0, self._sampled_idx, torch.cat(draws))
+        if any(redo):
+            tokens = self._sample_in_float64(base, tokens, redo)
+        return tokens
+
+    def _sample_in_float64(
+        self, base: torch.Tensor, tokens: torch.Tensor, redo: list[bool]
+    ) -> torch.Tensor:
+        """Rows where float32 overflowed, so that HF's softmax would give NaN (a logit of
+        10 over a repetition penalty of 1e-37, then a temperature of 1e-5): recomputed
+        in float64, where every setting the rules allow stays finite. Scores still +inf
+        there were forced by a logits processor: those tokens share the mass equally."""
+        wide = self._penalise_and_warp(base.double())
+        sampled = set(self._sampled)
+        tokens = tokens.clone()
+        for i in (i for i, r in enumerate(redo) if r):
+            row = wide[i]
+            forced = row.isposinf()
+            if bool(forced.any()):
+                row = torch.zeros_like(row).masked_fill(~forced, -math.inf)
+            elif bool((row == -math.inf).all()):
+                raise GenerationError(
+                    f"no token is left to pick{self._row(i)}: logits processors or "
+                    "penalties put every token at -inf"
+                )
+            if i in sampled:
+                pick = torch.multinomial(row.softmax(-1), 1, generator=self._generators[i])
+            else:
+                pick = row.argmax().view(1)
+            tokens[i] = pick.to(tokens.device)[0]
         return tokens
 
     def update(self, tokens: torch.Tensor) -> None:
@@ -417,6 +539,9 @@ class Sampler:
             self._seen[rows, tokens] = True
         if self._counts is not None:
             self._counts[rows, tokens] += 1
+        if self._has_processors:
+            for out, t in zip(self._outputs, tokens.tolist(), strict=True):
+                out.append(t)
 
     def logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, k: int | None = None
@@ -454,6 +579,7 @@ class Sampler:
             None if self._counts is None else self._counts[at],
             self.vocab_size,
             self.device,
+            [self._outputs[i] for i in idx],
         )
         return new
 
@@ -488,5 +614,6 @@ class Sampler:
             cat("_counts", torch.int32),
             first.vocab_size,
             first.device,
+            [o for s in samplers for o in s._outputs],
         )
         return new

@@ -59,7 +59,9 @@ def _beyond_the_rules() -> list[tuple[str, object]]:
         if rule.gt is not None:
             cases.append((name, rule.kind(rule.gt)))
         if rule.le is not None:
-            cases.append((name, rule.kind(rule.le + step)))
+            above = rule.kind(rule.le + step)
+            # 1e37 + 0.5 == 1e37 in float64: take the next float instead
+            cases.append((name, above if above > rule.le else math.nextafter(rule.le, math.inf)))
     cases += [
         ("stop", ["x"] * (MAX_STOP_STRINGS + 1)),
         ("stop", ["x" * (MAX_STOP_LENGTH + 1)]),

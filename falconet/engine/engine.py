@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from falconet.engine.paged import PagedKVCache
-from falconet.engine.runner import ModelRunner, SequenceState
-from falconet.engine.scheduler import Budget, schedule
+from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
+from falconet.engine.scheduler import Budget, StepPlan, schedule
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
 from falconet.nn.cache import available_memory
@@ -269,16 +269,20 @@ class Engine:
         engine that was not started is driven here, in the caller's thread."""
         streams = self.submit(prompts, params)
         out = []
-        for stream, p in zip(streams, params, strict=True):
-            text, ids, lps, finish = "", [], [], "length"
-            for d in self.iterate(stream):
-                if d.finish_reason == "error":
-                    raise GenerationError(f"generation failed: {d.error}")
-                text, finish = text + d.text, d.finish_reason or finish
-                ids += d.token_ids
-                lps += d.logprobs
-            logprobs = lps if p.logprobs is not None else None
-            out.append(Completion(text, ids, finish, stream.prompt_tokens, logprobs))
+        try:
+            for stream, p in zip(streams, params, strict=True):
+                text, ids, lps, finish = "", [], [], "length"
+                for d in self.iterate(stream):
+                    if d.finish_reason == "error":
+                        raise GenerationError(f"generation failed: {d.error}")
+                    text, finish = text + d.text, d.finish_reason or finish
+                    ids += d.token_ids
+                    lps += d.logprobs
+                logprobs = lps if p.logprobs is not None else None
+                out.append(Completion(text, ids, finish, stream.prompt_tokens, logprobs))
+        finally:  # after an error, the prompts not yet read give their slots back
+            for stream in streams:
+                stream.cancel()
         return out
 
     def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -391,26 +395,35 @@ class Engine:
                     return False
             try:
                 with torch.inference_mode(), batch_invariant():
-                    sampled = self.runner.execute(plan.work)
-            except Exception as e:  # a failed step ends its sequences, not the engine
+                    results = self.runner.execute(plan.work)
+            except Exception as e:  # the runner fails sequences, not steps: a bug if here
                 log.exception("engine step failed")
                 with self._lock:
                     for w in plan.work:
-                        error = Delta("", [], [], "error", f"{type(e).__name__}: {e}")
-                        self._finish(w.seq, error)
+                        self._finish(w.seq, Delta("", [], [], "error", describe(e)))
                 return True
-            self._deliver(plan, sampled)
+            self._deliver(plan, results)
             return True
 
-    def _deliver(self, plan, sampled) -> None:
+    def _deliver(self, plan: StepPlan, results: list[Sampled | Failed]) -> None:
+        for r in results:  # first, so a failed sequence is not also reported done below
+            if isinstance(r, Failed):
+                with self._lock:
+                    self._finish(r.seq, Delta("", [], [], "error", r.error))
         for w in plan.work:  # prompts scored only: done once the prefill is
             seq = w.seq
-            if not seq.generates and seq.cached >= seq.prompt_len:
+            if not seq.generates and seq.cached >= seq.prompt_len and seq in self._running:
                 logits = torch.cat(seq.prompt_logits)
                 with self._lock:
                     self._finish(seq, Delta("", [], [], "length", prompt_logits=logits))
-        for s in sampled:
-            delta = self._text(s.seq, s.token, s.logprobs)
+        for s in results:
+            if isinstance(s, Failed):
+                continue
+            try:
+                delta = self._text(s.seq, s.token, s.logprobs)
+            except Exception as e:  # detokenizing this sequence's token: it alone ends
+                log.warning("detokenizing failed for one sequence: %s", describe(e))
+                delta = Delta("", [], [], "error", describe(e))
             if delta.finish_reason is not None:
                 with self._lock:
                     self._finish(s.seq, delta)

@@ -6,10 +6,18 @@ side), runs the model once through `paged.PackedStep`, and samples per sequence 
 sequence's own sampler and seeded generator. Everything it computes for a sequence
 depends only on that sequence (row-invariant Linear, per-sequence attention and
 sampling), so batching never changes a result.
+
+That independence also isolates faults. Sampling (and the user's logits processors) runs
+per sequence: one that raises fails that sequence alone. A forward that raises is
+retried on each half of the batch, down to single sequences, so only the sequences that
+fail on their own are failed; the others get the numbers they would have got in the
+full batch. Retrying is safe because a forward only writes each sequence's K/V at its
+new positions (the same values again) and sequence state advances only after it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +25,8 @@ import torch
 from falconet.engine.paged import PackedStep, PagedKVCache, Segment
 from falconet.engine.scheduler import Work
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
+
+log = logging.getLogger("falconet.engine")
 
 
 @dataclass(eq=False)
@@ -48,13 +58,57 @@ class Sampled:
     logprobs: list[TokenLogprobs]  # [one] when params.logprobs is set, else []
 
 
+@dataclass
+class Failed:
+    """A sequence this step could not process: it ends with `error`, the others go on."""
+
+    seq: SequenceState
+    error: str
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
 
-    def execute(self, work: list[Work]) -> list[Sampled]:
+    def execute(self, work: list[Work]) -> list[Sampled | Failed]:
         """One forward over the planned tokens, then sampling for the sequences whose
-        prompt is done. Call inside `torch.inference_mode()` and `batch_invariant()`."""
+        prompt is done. Call inside `torch.inference_mode()` and `batch_invariant()`.
+        Never raises for a sequence's fault: such a sequence comes back as `Failed`."""
+        try:
+            logits, scored = self._forward(work)
+        except Exception as e:
+            if len(work) == 1:
+                log.warning("a sequence's forward failed alone: %s", describe(e))
+                return [Failed(work[0].seq, describe(e))]
+            # Find the culprits by halving; the innocent finish this step all the same.
+            log.warning(
+                "a forward of %d sequences failed (%s); retrying in halves", len(work), describe(e)
+            )
+            half = len(work) // 2
+            return self.execute(work[:half]) + self.execute(work[half:])
+        out: list[Sampled | Failed] = []
+        at = 0
+        for seq, n, rows, samples in scored:
+            mine = logits[at : at + rows]
+            at += rows
+            try:
+                if seq.want_prompt_logits and seq.cached < seq.prompt_len:
+                    seq.prompt_logits.append(mine)
+                seq.cached += n
+                if samples and seq.generates:
+                    out.append(self._sample(seq, mine[-1:]))
+            except Exception as e:  # this sequence's sampling or processors: it alone ends
+                log.warning("sampling failed for one sequence: %s", describe(e))
+                out.append(Failed(seq, describe(e)))
+        return out
+
+    def _forward(self, work: list[Work]) -> tuple[torch.Tensor, list[tuple]]:
+        """The packed forward; no sequence's state changes here but its block table (grown
+        to the new length, which a retry finds already done)."""
         segments, ids, logit_rows, scored = [], [], [], []
         for w in work:
             seq: SequenceState = w.seq  # type: ignore[assignment]
@@ -80,16 +134,7 @@ class ModelRunner:
             step,
             torch.tensor(logit_rows, dtype=torch.long, device=device),
         ).float()
-        out, at = [], 0
-        for seq, n, rows, samples in scored:
-            mine = logits[at : at + rows]
-            at += rows
-            if seq.want_prompt_logits and seq.cached < seq.prompt_len:
-                seq.prompt_logits.append(mine)
-            seq.cached += n
-            if samples and seq.generates:
-                out.append(self._sample(seq, mine[-1:]))
-        return out
+        return logits, scored
 
     def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:
         if seq.sampler is None:
