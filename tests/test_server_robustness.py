@@ -179,6 +179,32 @@ def test_health_answers_while_large_prompts_are_tokenized(server):
         assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
 
 
+def test_request_workers_answer_429_beyond_their_queue():
+    """The worker threads' bound: with one thread busy and one job waiting, a third job
+    is refused at once (429 + Retry-After); the two it holds still finish."""
+    import asyncio
+
+    from falconet.server.protocol import APIError
+    from falconet.server.workers import RequestWorkers
+
+    workers = RequestWorkers(threads=1, max_waiting=1)
+    release = threading.Event()
+
+    async def main() -> None:
+        busy = asyncio.ensure_future(workers.run(release.wait, T))
+        waiting = asyncio.ensure_future(workers.run(lambda: "waited"))
+        await asyncio.sleep(0)  # both tasks take their places before the third comes
+        with pytest.raises(APIError) as refused:
+            await workers.run(lambda: "refused")
+        assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "1"
+        assert not waiting.done()  # it waits for the one thread
+        release.set()
+        assert await busy is True and await waiting == "waited"
+        assert await workers.run(lambda: "free again") == "free again"
+
+    asyncio.run(main())
+
+
 # --- slow clients ------------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 status for a bad request; nothing a client sends reaches the process as an unhandled
 exception. A streaming request that fails after its first byte ends with an error event
 and `[DONE]`. When a client goes away, its sequences are cancelled so the engine frees
-their slots at its next step.
+their slots at its next step. The event loop only moves bytes: parsing bodies,
+tokenizing, chat templates and building large answers run in worker threads
+(workers.py), and slow clients meet deadlines (timeouts.py).
 """
 
 from __future__ import annotations
