@@ -4,14 +4,15 @@ embedded falconet-tiny model (and, for the 500 path, the real app under a real u
 - the disconnect metric counts clients that left before the end, and nothing else;
 - large prompts are tokenized off the event loop: /health answers while they are in
   flight (shown by the order of answers, never by timing them);
-- a request head or body that stalls gets the connection closed (--timeout-header,
-  --timeout-body);
+- a request head or body that stalls, or a keep-alive connection left idle, gets the
+  connection closed (--timeout-header, --timeout-body, --timeout-keep-alive);
 - an unexpected error's 500 says `Connection: close` before the server closes it;
 - the new flags refuse bad values with one line and exit 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -257,28 +258,18 @@ def test_an_unread_body_closes_the_connection(server):
 # --- a 500 closes with Connection: close -------------------------------------------
 
 
-def test_unexpected_error_says_connection_close():
-    """No request reaches an unhandled exception in the real routes, so one is added
-    here: the real app and engine under a real uvicorn, with serve's HTTP options."""
+@contextlib.contextmanager
+def uvicorn_thread(app, keep_alive: float):
+    """`app` under a real uvicorn, with serve's HTTP options, in a thread; yields its port."""
     import uvicorn
 
-    import falconet
-    from falconet.engine import Engine
-    from falconet.server.app import create_app
     from falconet.server.timeouts import uvicorn_options
-
-    app = create_app(Engine.from_llm(falconet.load(), max_batch=1), MODEL)
-
-    @app.get("/boom")
-    async def boom():
-        raise RuntimeError("injected fault")
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
-    port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="critical", lifespan="off",
-                            **uvicorn_options(head_timeout=5, keep_alive=5))  # fmt: skip
+                            **uvicorn_options(head_timeout=5, keep_alive=keep_alive))  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -287,19 +278,53 @@ def test_unexpected_error_says_connection_close():
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port)) as c:
-            c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: falconet\r\n\r\n"  # kept alive
-                      b"GET /boom HTTP/1.1\r\nHost: falconet\r\n\r\n")  # fmt: skip
-            answer = read_until_closed(c)
-        first, _, second = answer.partition(b"HTTP/1.1 500 ")
-        assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()
-        headers, _, payload = second.partition(b"\r\n\r\n")
-        assert b"connection: close" in headers.lower(), answer
-        assert httpx.Response(500, content=payload).json()["error"]["code"] == "internal_error"
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(T)
         sock.close()
+
+
+def tiny_app():
+    import falconet
+    from falconet.engine import Engine
+    from falconet.server.app import create_app
+
+    return create_app(Engine.from_llm(falconet.load(), max_batch=1), MODEL)
+
+
+def test_unexpected_error_says_connection_close():
+    """No request reaches an unhandled exception in the real routes, so one is added
+    here: the real app and engine under a real uvicorn."""
+    app = tiny_app()
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("injected fault")
+
+    with (
+        uvicorn_thread(app, keep_alive=5) as port,
+        socket.create_connection(("127.0.0.1", port)) as c,
+    ):
+        c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: falconet\r\n\r\n"  # kept alive
+                  b"GET /boom HTTP/1.1\r\nHost: falconet\r\n\r\n")  # fmt: skip
+        answer = read_until_closed(c)
+    first, _, second = answer.partition(b"HTTP/1.1 500 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()
+    headers, _, payload = second.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower(), answer
+    assert httpx.Response(500, content=payload).json()["error"]["code"] == "internal_error"
+
+
+def test_idle_keep_alive_connection_is_closed():
+    with (
+        uvicorn_thread(tiny_app(), keep_alive=1) as port,
+        socket.create_connection(("127.0.0.1", port)) as c,
+    ):
+        c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: falconet\r\n\r\n")
+        answer = read_until_closed(c)  # one answer, then the server hangs up
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert b"connection: close" not in answer.lower()
 
 
 # --- flags -------------------------------------------------------------------------
