@@ -182,7 +182,8 @@ def test_health_answers_while_large_prompts_are_tokenized(server):
 
 def test_request_workers_answer_429_beyond_their_queue():
     """The worker threads' bound: with one thread busy and one job waiting, a third job
-    is refused at once (429 + Retry-After); the two it holds still finish."""
+    is refused at once (429 + Retry-After); the two it holds still finish, and so does
+    a job that may not be refused."""
     import asyncio
 
     from falconet.server.protocol import APIError
@@ -199,8 +200,10 @@ def test_request_workers_answer_429_beyond_their_queue():
             await workers.run(lambda: "refused")
         assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "1"
         assert not waiting.done()  # it waits for the one thread
+        # A finished generation's answer is never refused: it waits its turn.
+        answer = asyncio.ensure_future(workers.run(lambda: "answer", may_refuse=False))
         release.set()
-        assert await busy is True and await waiting == "waited"
+        assert await busy is True and await waiting == "waited" and await answer == "answer"
         assert await workers.run(lambda: "free again") == "free again"
 
     asyncio.run(main())

@@ -242,7 +242,7 @@ class _Server:
         if task.cancelled():  # the client went away; nobody reads this answer
             self.metrics.client_gone()
             return Response(status_code=CLIENT_CLOSED)
-        return await self.workers.run(task.result())  # the answer is built in a worker
+        return await self.workers.run(task.result(), may_refuse=False)  # built in a worker
 
     def closer(self, streams: list[Stream]) -> Callable[[bool], None]:
         """An EventStream's `on_close` for `streams`: they are cancelled (a no-op for

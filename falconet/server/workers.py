@@ -46,8 +46,11 @@ class RequestWorkers:
         self.pending = 0  # jobs running or waiting; touched only on the event loop
         self._limiter: anyio.CapacityLimiter | None = None
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self.pending >= self.threads + self.max_waiting:
+    async def run(self, fn: Callable[..., T], *args: Any, may_refuse: bool = True) -> T:
+        """`fn(*args)` in a worker thread. With `may_refuse=False` the job waits however
+        busy the threads are: for work whose cost was already paid (the answer of a
+        finished generation, whose number the engine's own limits bound)."""
+        if may_refuse and self.pending >= self.threads + self.max_waiting:
             raise APIError(
                 429,
                 f"the server is busy: {self.pending} requests are being prepared; retry later",
