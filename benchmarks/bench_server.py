@@ -32,8 +32,16 @@ requests one after another, every prompt distinct. Measured per level:
 Levels run once per --repeats, the servers alternating repeat by repeat; the table
 holds medians over repeats. This script is not used by the tests.
 
+--health-under-load measures something else: falconet alone, on its embedded default
+model, gets --big-prompts requests of a ~4 MiB prompt each at once (a /v1/completions
+body just under the 4 MiB limit; each is tokenized, then refused as longer than the
+context), while /health is polled back to back on one keep-alive connection. It
+reports the /health latencies (p50/p99/max) of polls sent while a large prompt was in
+flight, beside idle ones; --falconet-src serves from another source tree (before/after).
+
     python benchmarks/bench_server.py                       # full size (~2.3 GB + 2.3 GB GGUF)
     python benchmarks/bench_server.py --smoke               # small model, a quick check
+    python benchmarks/bench_server.py --health-under-load   # /health p99 beside 3 x 4 MiB
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +161,7 @@ class ServerSpec:
     argv: list[str]  # without --port
     request_kw: dict  # extra completions.create() arguments
     stream_usage: bool  # True: token counts from the stream's usage chunk
+    src: Path | None = None  # serve the falconet package of this source tree
 
 
 def falconet_spec(folder: Path, ctx: int, args: argparse.Namespace) -> ServerSpec:
@@ -182,8 +192,11 @@ class RunningServer:
         self.cmd = [*spec.argv, "--port", str(self.port)]
         self.log_path = log_dir / f"{spec.name}-{self.port}.log"
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+        if spec.src is not None:  # `python -m` looks in its working folder first
+            env["PYTHONPATH"] = str(spec.src)
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=spec.src)  # fmt: skip
 
     def failure(self, what: str) -> SystemExit:
         tail = self.log_path.read_text(errors="replace")[-4000:]
@@ -429,6 +442,85 @@ def report(results: dict[str, dict[int, list[LevelResult]]], checks: dict, args,
               f"from the stream vs {ck['usage_tokens']} in a non-streamed request's usage")  # fmt: skip
 
 
+# ---- /health while large prompts are tokenized ------------------------------------------
+BIG_BODY_BYTES = 4 * 2**20 - 256  # just under falconet's default 4 MiB body limit
+
+
+def poll_health(c, url: str, until: Callable[[list[float]], bool]) -> list[float]:
+    """/health asked back to back on one connection until `until(latencies)`."""
+    out: list[float] = []
+    while not until(out):
+        t0 = time.perf_counter()
+        if c.get(url).status_code != 200:
+            raise SystemExit("/health did not answer 200")
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def big_prompts_round(c, server: RunningServer, body: bytes, n: int) -> tuple[list, list]:
+    """`n` large requests at once; /health latencies while any is in flight, and how
+    long each large request took."""
+    import threading
+
+    import httpx
+
+    took, statuses = [], []
+
+    def big() -> None:
+        t0 = time.perf_counter()
+        r = httpx.post(server.base_url + "/completions", content=body, timeout=600,
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+        took.append(time.perf_counter() - t0)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=big) for _ in range(n)]
+    for t in threads:
+        t.start()
+    health = f"http://127.0.0.1:{server.port}/health"
+    latencies = poll_health(c, health, lambda _: not any(t.is_alive() for t in threads))
+    if statuses != [400] * n:
+        raise SystemExit(f"large prompts answered {statuses}, expected 400s (beyond the context)")
+    return latencies, took
+
+
+def health_under_load(args: argparse.Namespace) -> None:
+    import httpx
+
+    words = " ".join(f"w{i % 9973}x" for i in range(BIG_BODY_BYTES // 6))
+    body = json.dumps({"prompt": words[: BIG_BODY_BYTES - 64], "max_tokens": 1}).encode()
+    argv = [sys.executable, "-m", "falconet", "serve", "--served-model-name", SERVED_NAME]
+    spec = ServerSpec("falconet", argv, {}, True, args.falconet_src)
+    idle: list[float] = []
+    loaded: list[float] = []
+    big_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench_server_") as log_dir:
+        server = RunningServer(spec, Path(log_dir))
+        try:
+            server.wait_ready()
+            health = f"http://127.0.0.1:{server.port}/health"
+            with httpx.Client(timeout=600) as c:
+                for _ in range(args.repeats):
+                    idle += poll_health(c, health, lambda xs: len(xs) == 200)
+                    wait_quiet(args.wait_quiet, server.proc.pid)
+                    latencies, took = big_prompts_round(c, server, body, args.big_prompts)
+                    loaded += latencies
+                    big_s += took
+        finally:
+            server.stop()
+    src = args.falconet_src or Path(__file__).resolve().parent.parent
+    print(f"\n`python {shlex.join(sys.argv)}` — CPU: {cpu_model()} ({os.cpu_count()} logical "
+          f"cores); falconet from {src}, embedded default model; {args.big_prompts} x "
+          f"{len(body) / 2**20:.2f} MiB /v1/completions bodies at once, {args.repeats} "
+          f"round(s)\n")  # fmt: skip
+    print("| /health polls | n | p50 (ms) | p99 (ms) | max (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, xs in (("idle", idle), ("while large prompts are in flight", loaded)):
+        print(f"| {name} | {len(xs)} | {1e3 * pct(xs, 50):.1f} | {1e3 * pct(xs, 99):.1f} | "
+              f"{1e3 * max(xs):.1f} |")  # fmt: skip
+    print(f"\nlarge requests took {min(big_s):.2f} .. {max(big_s):.2f} s each "
+          "(upload, tokenizing, the 400)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -447,7 +539,18 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"checkpoint folder (default {DEFAULT_CACHE}, or {SMOKE_CACHE} with "
                    "--smoke)")  # fmt: skip
+    p.add_argument("--health-under-load", action="store_true",
+                   help="measure /health latency while large prompts are tokenized")  # fmt: skip
+    p.add_argument("--big-prompts", type=int, default=3,
+                   help="--health-under-load: large prompts sent at once")  # fmt: skip
+    p.add_argument("--falconet-src", type=Path, default=None, metavar="DIR",
+                   help="--health-under-load: serve falconet from this source tree")  # fmt: skip
     args = p.parse_args()
+    if args.health_under_load:
+        if args.big_prompts < 1 or args.repeats < 1:
+            p.error("--big-prompts and --repeats must be positive")
+        health_under_load(args)
+        return
     args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     if not args.clients or min(args.clients) < 1:
         p.error("--clients must list positive integers")

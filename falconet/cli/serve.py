@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from falconet.cli.common import Out, add_model_flags, load_model
+from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
 
 
 def add_parsers(sub) -> None:
@@ -33,6 +34,15 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="a folder whose files clients may ingest by path (repeatable)")  # fmt: skip
     p.add_argument("--rag-max-upload-mb", type=int, default=50,
                    help="largest file accepted by POST /v1/rag/documents (default 50)")  # fmt: skip
+    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
+                   help=f"close a connection idle this long between requests (default "
+                   f"{KEEP_ALIVE_S:g})")  # fmt: skip
+    p.add_argument("--timeout-header", type=float, default=HEAD_TIMEOUT_S, metavar="S",
+                   help=f"a request line and headers must arrive within S seconds, else 408 "
+                   f"and the connection is closed (default {HEAD_TIMEOUT_S:g})")  # fmt: skip
+    p.add_argument("--timeout-body", type=float, default=BODY_TIMEOUT_S, metavar="S",
+                   help=f"a request body must arrive within S seconds plus 1 s per 16 KiB "
+                   f"received, else 408 (default {BODY_TIMEOUT_S:g})")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace, out: Out) -> int:
@@ -53,7 +63,8 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         model_name=name, host=args.host, port=args.port, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
         rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
-        rag_max_upload_mb=args.rag_max_upload_mb,
+        rag_max_upload_mb=args.rag_max_upload_mb, timeout_keep_alive=args.timeout_keep_alive,
+        timeout_header=args.timeout_header, timeout_body=args.timeout_body,
     )  # fmt: skip
     llm = load_model(args)  # the server's startup log names its family and licence
     serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))

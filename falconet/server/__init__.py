@@ -8,4 +8,12 @@ responses.py  response bodies and stream chunks (logprobs objects: falconet/gene
 rag_routes.py /v1/rag/* over a RAG store (`--rag-store`)
 metrics.py    Prometheus metrics (prometheus_client, one registry per app)
 serve.py      ServerSettings and the uvicorn loop behind the CLI
+timeouts.py   deadlines on request heads and bodies (a slow client holds no worker)
+workers.py    worker threads for a request's CPU work (the event loop never computes)
 """
+
+# Defaults of the --timeout-* flags (see timeouts.py), here so that the CLI can name
+# them without importing the web stack.
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 5.0  # uvicorn's default

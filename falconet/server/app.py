@@ -12,7 +12,9 @@ Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 status for a bad request; nothing a client sends reaches the process as an unhandled
 exception. A streaming request that fails after its first byte ends with an error event
 and `[DONE]`. When a client goes away, its sequences are cancelled so the engine frees
-their slots at its next step.
+their slots at its next step. The event loop only moves bytes: parsing bodies,
+tokenizing, chat templates and building large answers run in worker threads
+(workers.py), and slow clients meet deadlines (timeouts.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from falconet import __version__
 from falconet.engine import Delta, Engine, QueueFull, Stream
 from falconet.errors import FalconetError
 from falconet.generate import TokenStrings, usage
+from falconet.server import BODY_TIMEOUT_S
 from falconet.server import metrics as metrics_mod
 from falconet.server.generation import (
     GenerationRequest,
@@ -62,6 +65,8 @@ from falconet.server.protocol import (
 from falconet.server.rag_routes import RagSettings, register_rag_routes
 from falconet.server.responses import DONE, Formatter, sse
 from falconet.server.streaming import EventStream, wait_disconnect
+from falconet.server.timeouts import BodyDeadline
+from falconet.server.workers import RequestWorkers
 
 log = logging.getLogger("falconet.server")
 
@@ -167,12 +172,15 @@ async def _merge(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
 
 
 class _Server:
-    """What the routes share: the engine, tokenizer, model name and metrics."""
+    """What the routes share: the engine, tokenizer, model name, metrics and the worker
+    threads that do a request's CPU work (`await srv.workers.run(fn, *args)`)."""
 
     def __init__(
-        self, engine: Engine, model_name: str, max_body_bytes: int, metrics: metrics_mod.Metrics
-    ) -> None:
+        self, engine: Engine, model_name: str, max_body_bytes: int, metrics: metrics_mod.Metrics,
+        workers: RequestWorkers,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.workers = workers
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.model.config.vocab_size
         self.model_name = model_name
@@ -215,13 +223,7 @@ class _Server:
         streams = self.submit(req)
         fmt = Formatter(chat, self.model_name, self.strings, len(streams))
         if req.stream:
-
-            def on_close(client_gone: bool) -> None:
-                _cancel(streams)
-                if client_gone:
-                    self.metrics.client_gone()
-
-            return EventStream(self._events(req, fmt, streams, arrived), on_close)
+            return EventStream(self._events(req, fmt, streams, arrived), self.closer(streams))
         task = asyncio.ensure_future(self._collect(req, fmt, streams, arrived))
         watcher = asyncio.ensure_future(wait_disconnect(request.receive))
         shutting_down = False
@@ -240,7 +242,18 @@ class _Server:
         if task.cancelled():  # the client went away; nobody reads this answer
             self.metrics.client_gone()
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(task.result())
+        return await self.workers.run(task.result(), may_refuse=False)  # built in a worker
+
+    def closer(self, streams: list[Stream]) -> Callable[[bool], None]:
+        """An EventStream's `on_close` for `streams`: they are cancelled (a no-op for
+        finished ones), and a client that left before the end is counted."""
+
+        def on_close(client_gone: bool) -> None:
+            _cancel(streams)
+            if client_gone:
+                self.metrics.client_gone()
+
+        return on_close
 
     def _timing(self, arrived: float, n: int) -> Callable[[int, Delta], None]:
         """Feeds the latency histograms as deltas arrive."""
@@ -262,7 +275,9 @@ class _Server:
 
     async def _collect(
         self, req: GenerationRequest, fmt: Formatter, streams: list[Stream], arrived: float
-    ) -> dict[str, Any]:
+    ) -> Callable[[], Response]:
+        """Reads the streams to their end; returns what builds the answer from them (n
+        choices with logprobs can make megabytes of JSON: not on the event loop)."""
         n = len(streams)
         texts: list[list[str]] = [[] for _ in range(n)]
         tokens, finish = [0] * n, ["length"] * n
@@ -283,12 +298,16 @@ class _Server:
             except Exception as e:  # a stream that broke: the server's fault, not the client's
                 log.exception("generation failed")
                 raise _engine_error(f"{type(e).__name__}: {e}") from e
-        choices = [
-            fmt.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None,
-                       finish[i])
-            for i in range(n)
-        ]  # fmt: skip
-        return fmt.response(choices, usage(sum(req.prompt_lengths), sum(tokens)))
+
+        def answer() -> Response:
+            choices = [
+                fmt.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None,
+                           finish[i])
+                for i in range(n)
+            ]  # fmt: skip
+            return JSONResponse(fmt.response(choices, usage(sum(req.prompt_lengths), sum(tokens))))
+
+        return answer
 
     async def _events(
         self, req: GenerationRequest, fmt: Formatter, streams: list[Stream], arrived: float
@@ -335,11 +354,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     metrics: metrics_mod.Metrics | None = None,
     rag: RagSettings | None = None,
+    body_timeout: float = BODY_TIMEOUT_S,
+    workers: RequestWorkers | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
-    the engine; with `api_key`, every route but /health needs `Authorization: Bearer`."""
+    the engine; with `api_key`, every route but /health needs `Authorization: Bearer`.
+    A request body must arrive within `body_timeout` seconds (see server/timeouts.py)."""
     metrics = metrics or metrics_mod.Metrics()
-    srv = _Server(engine, model_name, max_body_bytes, metrics)
+    workers = workers or RequestWorkers()
+    srv = _Server(engine, model_name, max_body_bytes, metrics, workers)
     # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is served.
     summary = "OpenAI-compatible API over a Falcon model"
     app = FastAPI(
@@ -352,8 +375,11 @@ def create_app(
     )
     app.state.server = srv
     app.state.max_body_bytes = max_body_bytes  # read by JSONBodyRoute
+    app.state.workers = workers  # JSONBodyRoute parses and validates bodies in them
     app.router.route_class = JSONBodyRoute  # before any route is added
     app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
+    # Outside the gate, so that a 401 to a request whose body is left unread closes too.
+    app.add_middleware(BodyDeadline, timeout=body_timeout)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -375,34 +401,43 @@ def create_app(
         check_model(model_id, model_name)
         return JSONResponse(srv.model_card())
 
+    # Tokenizing, chat templates and large answers are CPU work: in the worker threads.
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
-        req = parse_completion(body, srv.tokenizer, srv.vocab_size, engine.max_context,
-                               model_name)  # fmt: skip
+        req = await workers.run(parse_completion, body, srv.tokenizer, srv.vocab_size,
+                                engine.max_context, model_name)  # fmt: skip
         return await srv.generate(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        req = parse_chat(body, srv.tokenizer, engine.max_context, model_name)
+        req = await workers.run(parse_chat, body, srv.tokenizer, engine.max_context, model_name)
         return await srv.generate(request, req, chat=True)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
         check_model(body.model, model_name)
-        if body.messages is not None:
-            ids = chat_prompt(srv.tokenizer, body.messages)
-        elif body.prompt is not None:
-            ids = srv.tokenizer.encode(body.prompt)
-        else:
-            raise bad('send {"prompt": str} or {"messages": [...]}', "prompt")
-        return JSONResponse({"tokens": ids, "count": len(ids),
-                             "max_model_len": engine.max_context})  # fmt: skip
+
+        def answer() -> Response:
+            if body.messages is not None:
+                ids = chat_prompt(srv.tokenizer, body.messages)
+            elif body.prompt is not None:
+                ids = srv.tokenizer.encode(body.prompt)
+            else:
+                raise bad('send {"prompt": str} or {"messages": [...]}', "prompt")
+            return JSONResponse({"tokens": ids, "count": len(ids),
+                                 "max_model_len": engine.max_context})  # fmt: skip
+
+        return await workers.run(answer)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
         check_model(body.model, model_name)
-        ids = check_token_ids(body.tokens, srv.vocab_size, "tokens")
-        return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
+
+        def answer() -> Response:
+            ids = check_token_ids(body.tokens, srv.vocab_size, "tokens")
+            return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
+
+        return await workers.run(answer)
 
     register_rag_routes(app, srv, rag)  # /v1/rag/*: 404 unless started with --rag-store
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -477,4 +512,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         message = f"internal server error ({type(exc).__name__}); the server log has the details"
-        return JSONResponse(error_body(500, message, code="internal_error"), status_code=500)
+        # Starlette raises the exception again after this answer and uvicorn then closes
+        # the connection: say so, or a keep-alive client sends its next request into it.
+        return JSONResponse(error_body(500, message, code="internal_error"), status_code=500,
+                            headers={"Connection": "close"})  # fmt: skip

@@ -3,7 +3,8 @@
     falconet_http_requests_total{endpoint,status}  requests answered, by route and status
     falconet_prompt_tokens_total                   prompt tokens of accepted requests
     falconet_generation_tokens_total               tokens generated (streamed or not)
-    falconet_client_disconnects_total              requests cancelled because the client left
+    falconet_client_disconnects_total              generation requests (OpenAI routes, RAG
+                                                   answers) whose client left before the end
     falconet_sequences_running / _waiting          engine.stats(), read at scrape time
     falconet_max_batch / falconet_max_queue        the engine's limits
     falconet_time_to_first_token_seconds           request arrival -> first generated token
@@ -60,7 +61,7 @@ class Metrics:
         self.generation_tokens = counter("falconet_generation_tokens_total", "Tokens generated.")
         self.client_disconnects = counter(
             "falconet_client_disconnects_total",
-            "Requests whose sequences were cancelled because the client went away.",
+            "Generation requests whose client went away before the answer ended.",
         )
         self.running = gauge(
             "falconet_sequences_running", "Sequences in the engine's running batch."

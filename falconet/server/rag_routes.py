@@ -375,7 +375,7 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         [s] = srv.submit(req)
         src = [x.as_dict() for x in sources]
         if stream:
-            return EventStream(_events(s, src, len(ids)), lambda gone: s.cancel())
+            return EventStream(_events(s, src, len(ids)), srv.closer([s]))
         task = asyncio.ensure_future(_collect(s))
         watcher = asyncio.ensure_future(wait_disconnect(request.receive))
         try:
@@ -387,7 +387,8 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
             s.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(task, watcher, return_exceptions=True)
-        if task.cancelled():
+        if task.cancelled():  # the client went away
+            srv.metrics.client_gone()
             return Response(status_code=499)
         text, n = task.result()
         return JSONResponse({"answer": text, "sources": src, "usage": usage(len(ids), n)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from falconet.errors import FalconetError, RagError
+from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
 from falconet.server.protocol import MAX_BODY_BYTES
 
 # Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
@@ -33,8 +35,16 @@ class ServerSettings:
     rag_store: str | None = None  # None: the /v1/rag/* routes answer 404
     rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
     rag_max_upload_mb: int = 50
+    timeout_keep_alive: float = KEEP_ALIVE_S  # seconds an idle connection is kept
+    timeout_header: float = HEAD_TIMEOUT_S  # seconds a request head may take to arrive
+    timeout_body: float = BODY_TIMEOUT_S  # seconds a body may take (+1 s per 16 KiB sent)
 
     def __post_init__(self) -> None:
+        for flag, value in (("--timeout-keep-alive", self.timeout_keep_alive),
+                            ("--timeout-header", self.timeout_header),
+                            ("--timeout-body", self.timeout_body)):  # fmt: skip
+            if not (math.isfinite(value) and value > 0):
+                raise FalconetError(f"{flag} must be a number of seconds above 0, got {value}")
         if not 0 <= self.port <= 65535:
             raise FalconetError(f"--port must be in 0..65535 (0: any free port), got {self.port}")
         if self.max_batch < 1:
@@ -103,6 +113,7 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
 
     from falconet.engine import Engine
     from falconet.server.app import create_app
+    from falconet.server.timeouts import uvicorn_options
 
     context = llm.config.max_position_embeddings
     if settings.max_context is not None and settings.max_context > context:
@@ -115,7 +126,8 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
     try:
         rag = settings.rag()
         app = create_app(engine, settings.model_name, settings.api_key,
-                         max_body_bytes=settings.max_body_bytes, rag=rag)  # fmt: skip
+                         max_body_bytes=settings.max_body_bytes, rag=rag,
+                         body_timeout=settings.timeout_body)  # fmt: skip
     except RagError as e:
         raise FalconetError(f"--rag-store: {e}") from e
     handler = logging.StreamHandler(sys.stderr)
@@ -124,7 +136,9 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
         logging.getLogger(name).addHandler(handler)
     sock = _listen(settings.host, settings.port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            **uvicorn_options(settings.timeout_header,
+                                              settings.timeout_keep_alive))  # fmt: skip
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

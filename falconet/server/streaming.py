@@ -37,25 +37,33 @@ class EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        started = False
+        started = ended = False
+        left_early = False  # the client went away before the last byte was sent
 
         async def stream() -> None:
-            nonlocal started
+            nonlocal started, ended
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})  # fmt: skip
             started = True
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ended = True
+
+        async def watch() -> None:
+            nonlocal left_early
+            await wait_disconnect(receive)
+            # Servers answer http.disconnect once a response is complete too: that is a
+            # normal end, not a client that left.
+            left_early = not ended
 
         sender = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        watcher = asyncio.ensure_future(watch())
         shutting_down = False
         try:
             await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the server's shutdown grace period ran out
             shutting_down = True
-        client_left = watcher.done() and not watcher.cancelled()
         for task in (sender, watcher):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -64,7 +72,7 @@ class EventStream(Response):
             await self.events.aclose()  # type: ignore[attr-defined]
         failure = sender.exception() if sender.done() and not sender.cancelled() else None
         # OSError: a send to a client that has gone (ASGI spec 2.4 servers)
-        self.on_close(client_left or isinstance(failure, OSError))
+        self.on_close(left_early or isinstance(failure, OSError))
         if shutting_down:  # end the stream properly rather than cut it mid-event
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 if not started:
