@@ -113,6 +113,7 @@ def load_baseline_chunker(rev: str):
     path.write_text(code)
     spec = importlib.util.spec_from_file_location("baseline_chunking", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.chunk_document
 
@@ -148,7 +149,7 @@ def bench_chunking(embedder, rev: str) -> None:
 def bench_embed(embedder) -> None:
     text = " ".join(kjv_text(20_000).split()[:150])  # ~200 tokens
     rows = []
-    for batch in (1, 8, 16, 32, 64):
+    for batch in (1, 2, 4, 8, 16, 64):
         texts = [text] * batch
         embedder.embed(texts)  # warm
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import pytest
 from falconet.errors import IngestCancelled, LimitError, LoaderError, RagError
 from falconet.rag.chunking import chunk_document, markdown_headings
 from falconet.rag.embed import default_embedder
-from falconet.rag.ingest import IngestLimits, ingest, ingest_file, sync
+from falconet.rag.ingest import EMBED_BATCH, IngestLimits, ingest, ingest_file, sync
 from falconet.rag.loaders import load_document
 from falconet.rag.store import open_store
 from tests.conftest import assert_cli_error
@@ -256,7 +256,7 @@ def test_cancel_stops_at_the_next_batch_and_stores_nothing(tmp_path, embedder):
 
     class CancelAfterTwoBatches(CountingEmbedder):
         def embed(self, texts):
-            if self.embedded >= 16:
+            if self.embedded >= 2 * EMBED_BATCH:
                 cancel.set()
             return super().embed(texts)
 
@@ -264,7 +264,7 @@ def test_cancel_stops_at_the_next_batch_and_stores_nothing(tmp_path, embedder):
     with open_store(tmp_path / "store") as store:
         with pytest.raises(IngestCancelled):
             ingest(store, [tmp_path / "long.md"], counting, cancel=cancel)
-        assert counting.embedded == 24 and store.documents() == []
+        assert counting.embedded == 3 * EMBED_BATCH and store.documents() == []
         assert store.integrity_check() == []
 
 

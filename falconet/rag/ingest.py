@@ -53,9 +53,9 @@ class ChunkSettings:
 
 
 # Chunks embedded per call. A query waiting for a shared embedder (the server's) waits for
-# at most one such batch: 8 chunks of <= 200 tokens take ~0.1-0.2 s on two CPU cores, and
-# larger batches are no faster per chunk there (see benchmarks/bench_rag_limits.py).
-EMBED_BATCH = 8
+# at most one such call: 4 chunks of ~200 tokens take ~0.45 s on one busy CPU core, and
+# larger calls are hardly cheaper per chunk there (benchmarks/bench_rag_limits.py).
+EMBED_BATCH = 4
 # Every document may cost this many tokens whatever its density (see IngestLimits).
 MIN_TOKEN_BUDGET = 65_536
 # The largest file `falconet serve` accepts as an upload (--rag-max-upload-mb): a long

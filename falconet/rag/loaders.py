@@ -7,6 +7,7 @@ is `falconet.documents`, shared with `train`, so a file gives the same text to b
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +45,13 @@ def file_sha256(path: str | Path, max_bytes: int | None = None) -> str:
     """Hex sha256 of a file's bytes, read in blocks (no whole-file copy in memory); only a
     regular file of at most `max_bytes` is opened (see `documents.open_regular_file`)."""
     digest = hashlib.sha256()
-    with documents.open_regular_file(path, max_bytes) as f:
+    try:
+        f = documents.open_regular_file(path, max_bytes)
+    except LoaderError:
+        if os.path.lexists(path):
+            raise
+        raise LoaderError(f"{path} cannot be read: no such file") from None
+    with f:
         try:
             while block := f.read(1 << 20):
                 digest.update(block)
