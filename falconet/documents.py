@@ -472,9 +472,30 @@ class _VisibleText(HTMLParser):
         return "".join(self.parts)
 
 
+# How HTMLParser's comments end (_markupbase's pattern).
+_COMMENT_CLOSE = re.compile(r"--\s*>")
+
+
+def _defuse_unclosed(html: str) -> str:
+    """`html` with each "<" that opens a construct never closed later escaped as "&lt;".
+
+    At the end of its input, Python's HTMLParser (before 3.12.11 and 3.13.4: CVE-2025-6069)
+    rescans to the end for every such "<", so 100 KB of "<a " cost minutes; it then shows
+    each as text, which is what the escaped "<" shows too. Every construct ends at a ">"
+    and a comment at "--" ">", so the "<" after the last ">" and the "<!--" after the last
+    comment end are the ones never closed. A marked section ("<![CDATA[", "<![if ...]>")
+    becomes what a browser makes of it in HTML, a bogus comment up to the next ">": the
+    parser raises on all but a few keywords, and rescans for an unclosed one."""
+    last = html.rfind(">")
+    head, tail = html[: last + 1], html[last + 1 :].replace("<", "&lt;")
+    closed = max((m.end() for m in _COMMENT_CLOSE.finditer(head)), default=0)
+    head = head[:closed] + head[closed:].replace("<!--", "&lt;!--")
+    return head.replace("<![", "<! [") + tail
+
+
 def _parse_html(html: str) -> _VisibleText:
     parser = _VisibleText()
-    parser.feed(html)
+    parser.feed(_defuse_unclosed(html))
     parser.close()
     return parser
 
