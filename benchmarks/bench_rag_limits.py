@@ -10,6 +10,8 @@ Parts (all by default; `--parts` picks some):
 - chunking: CPU seconds and characters tokenized per character of text, for 1 MiB of
   dashes, 1 MiB of prose and a heading line of 30,000 spaces, by this checkout's chunker
   and by the chunker at `--baseline-rev` (git; default main), side by side.
+- html: CPU seconds for the visible text of a page of "<a " never closed, by this
+  checkout's reader and `--baseline-rev`'s.
 - embed: seconds per embedding call of 8, 16, 32 and 64 chunks of 200 tokens: a query
   waits for one ingestion call at most (`falconet.rag.ingest.EMBED_BATCH`).
 - ingest: CPU seconds for `ingest` of 1 MiB of dashes with the default limits (refused).
@@ -106,20 +108,38 @@ def bench_density(embedder) -> None:
 # ----------------------------------------------------------------------------- chunking
 
 
-def load_baseline_chunker(rev: str):
-    code = subprocess.run(["git", "show", f"{rev}:falconet/rag/chunking.py"], cwd=ROOT,
+def load_baseline(rev: str, rel: str):
+    """The module at `rel` (falconet/...) as it was at git revision `rev`."""
+    code = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "baseline_chunking.py"
+    name = "baseline_" + Path(rel).stem
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(code)
-    spec = importlib.util.spec_from_file_location("baseline_chunking", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.chunk_document
+    return module
+
+
+def bench_html(rev: str) -> None:
+    from falconet.documents import html_to_text
+
+    baseline = load_baseline(rev, "falconet/documents.py").html_to_text
+    rows = []
+    for n in (10_000, 20_000):
+        html = "<p>text</p>" + "<a " * n
+        for label, parse in ((rev, baseline), ("this checkout", html_to_text)):
+            t0 = time.process_time()
+            parse(html)
+            rows.append([f"'<a ' x {n:,} ({len(html) // 1024} KB)", label,
+                         f"{time.process_time() - t0:.2f}"])  # fmt: skip
+    print("HTML visible text of a page of tags never closed")
+    table(rows, ["page", "reader", "CPU s"])
 
 
 def bench_chunking(embedder, rev: str) -> None:
-    baseline = load_baseline_chunker(rev)
+    baseline = load_baseline(rev, "falconet/rag/chunking.py").chunk_document
     texts = {
         "1 MiB dashes": "-" * MIB,
         "1 MiB KJV prose": kjv_text(MIB),
@@ -340,7 +360,7 @@ def bench_server() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="density,chunking,embed,ingest,server")
+    p.add_argument("--parts", default="density,chunking,html,embed,ingest,server")
     p.add_argument("--baseline-rev", default="main", help="git revision of the old chunker")
     args = p.parse_args()
     parts = args.parts.split(",")
@@ -350,6 +370,8 @@ def main() -> None:
         bench_density(embedder)
     if "chunking" in parts:
         bench_chunking(embedder, args.baseline_rev)
+    if "html" in parts:
+        bench_html(args.baseline_rev)
     if "embed" in parts:
         bench_embed(embedder)
     if "ingest" in parts:

@@ -70,13 +70,13 @@ class IngestLimits:
     --max-tokens-per-byte, `falconet serve`'s the same with --rag- in front.
 
     - max_file_mb: the file's size, checked before it is opened.
-    - max_chunks: the chunks one document may make (20,000 chunks: ~12 MB of English
-      prose, ~40 minutes of embedding on two CPU cores).
+    - max_chunks: the chunks one document may make (20,000 chunks: ~11 MB of English
+      prose, about half an hour of embedding on two CPU cores).
     - max_tokens_per_byte: embedding costs per token, and text in any language runs at
-      0.2-0.4 embedder tokens per UTF-8 byte (English prose ~0.22, source code ~0.3,
-      Chinese ~0.33); a wall of dashes or digits runs at 1, costs four times as much as
-      prose and retrieves nothing. A document may have MIN_TOKEN_BUDGET tokens, or this
-      many per byte of its text if that is more.
+      0.2-0.4 embedder tokens per UTF-8 byte (English prose ~0.25, Python source and
+      Markdown ~0.32, Chinese ~0.33; a table of numbers ~0.5); a wall of dashes or digits
+      runs at 1, costs four times as much as prose and retrieves nothing. A document may
+      have MIN_TOKEN_BUDGET tokens, or this many per byte of its text if that is more.
     """
 
     max_file_mb: int = DEFAULT_MAX_BYTES // 2**20
