@@ -31,7 +31,7 @@ import re
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,78 +126,15 @@ class RagSettings:
     limits: IngestLimits = IngestLimits(flag_prefix="rag-")
 
 
-class _SharedEmbedder:
-    """The embedder shared by worker threads: one call at a time (a Hugging Face fast
-    tokenizer is not safe to use from two threads at once), queries first. `queries` and
-    `ingestion` are its two doors; a waiting query goes before any ingestion's next call,
-    and ingestion calls with a few chunks at a time, so a query waits for one small batch
-    at most, however big the document being ingested."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load = load
-        self._inner: Any = None
-        self._turns = threading.Condition()
-        self._busy = False
-        self._queries_waiting = 0
-        self.queries = _EmbedderDoor(self, first=True)
-        self.ingestion = _EmbedderDoor(self, first=False)
-
-    @contextlib.contextmanager
-    def turn(self, first: bool) -> Iterator[Any]:
-        with self._turns:
-            self._queries_waiting += first
-            try:
-                self._turns.wait_for(
-                    lambda: not self._busy and (first or not self._queries_waiting)
-                )
-            finally:
-                self._queries_waiting -= first
-            self._busy = True
-        try:
-            if self._inner is None:
-                self._inner = self._load()
-            yield self._inner
-        finally:
-            with self._turns:
-                self._busy = False
-                self._turns.notify_all()
-
-
-class _EmbedderDoor:
-    """An `Embedder` whose every call takes a turn of the shared one."""
-
-    def __init__(self, shared: _SharedEmbedder, first: bool) -> None:
-        self._shared = shared
-        self._first = first
-
-    @property
-    def id(self) -> str:
-        with self._shared.turn(self._first) as e:
-            return e.id
-
-    @property
-    def dim(self) -> int:
-        with self._shared.turn(self._first) as e:
-            return e.dim
-
-    def embed(self, texts: list[str]):
-        with self._shared.turn(self._first) as e:
-            return e.embed(texts)
-
-    def count_tokens(self, text: str) -> int:
-        with self._shared.turn(self._first) as e:
-            return e.count_tokens(text)
-
-
 class _Rag:
     def __init__(self, settings: RagSettings) -> None:
-        from falconet.rag.embed import default_embedder
+        from falconet.rag.embed import SharedEmbedder, default_embedder
         from falconet.rag.store import open_store
 
         self.settings = settings
         self.uploads = (settings.store / UPLOADS).resolve()
         self._local = threading.local()
-        self.embedder = _SharedEmbedder(default_embedder)
+        self.embedder = SharedEmbedder(default_embedder)
         # Uploads being ingested, by final path: a failed one removes its file only when
         # no other request is ingesting the same bytes.
         self._uploading: Counter[Path] = Counter()
