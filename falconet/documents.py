@@ -4,8 +4,9 @@ This module owns reading a document, so that the same file gives the same text w
 face reads it:
 
 - the folder walk (`find_documents`): sorted paths, a suffix filter, hidden entries skipped;
-- reading a file (`load_document`, `read_text`): a regular file only, its size checked
-  against the limit before it is read and the read itself capped;
+- reading a file (`load_document`, `read_text`, `open_regular_file`): a regular file
+  only, checked before it is opened (a FIFO would block the open, a device never end the
+  read), its size checked against the limit before a byte is read and the read capped;
 - decoding: a byte-order mark, else UTF-16 by its NUL pattern, else (HTML) a declared
   charset, else UTF-8 (a few bad bytes become U+FFFD), else cp1252; bytes that look binary
   are refused;
@@ -24,16 +25,19 @@ text (block elements become line breaks, headings their own paragraphs, recorded
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import os
 import re
 import stat
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import BinaryIO
 
-from falconet.errors import LoaderError
+from falconet.errors import LimitError, LoaderError
 
 # How each kind of file is read; a face picks the suffixes it takes (rag: SUPPORTED_SUFFIXES).
 PLAIN_TEXT_SUFFIXES = (".txt", ".text", ".rst")  # kept as is, no headings known
@@ -102,18 +106,28 @@ def read_text(path: str | Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> st
     return text
 
 
-def find_documents(folder: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+def find_documents(
+    folder: str | Path,
+    suffixes: tuple[str, ...],
+    on_error: Callable[[Path, str], None] | None = None,
+) -> list[Path]:
     """The files under `folder` (recursively) whose lower-cased suffix is in `suffixes`,
     in sorted path order (so a corpus reads the same on every run), as `folder / ...`.
 
     Skipped, silently: hidden files and folders (a name starting with "."), such as .git,
     .venv and a RAG store's .falconet-rag; files of other types; symlinked folders (not
-    followed, so a link cannot loop or lead the walk out of the tree); subfolders that
-    cannot be listed. A matching name that is not a readable regular file (a broken link,
-    a FIFO) is kept, so the reader refuses it with a reason the user sees."""
+    followed, so a link cannot loop or lead the walk out of the tree). Subfolders that
+    cannot be listed are skipped and passed to `on_error` (path, why). A matching name
+    that is not a readable regular file (a broken link, a link loop, a FIFO, a socket, a
+    device) is kept, so the reader refuses it with a reason the user sees."""
     folder = Path(folder)
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+    def unlistable(e: OSError) -> None:
+        if on_error is not None and e.filename is not None:
+            on_error(Path(e.filename), f"cannot be listed ({e.strerror or e})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [
             Path(dirpath, name)
@@ -145,36 +159,75 @@ def _empty(name: str) -> LoaderError:
     return LoaderError(f"{name} is empty (no text in it)")
 
 
-def _too_big(name: str, size: int, max_bytes: int) -> LoaderError:
-    return LoaderError(
-        f"{name} is {_human_size(size)}, over the {_human_limit(max_bytes)} limit; "
-        "raise --max-file-mb"
+def _too_big(name: str, size: int, max_bytes: int) -> LimitError:
+    return LimitError(
+        f"{name} is {_human_size(size)}, over the {_human_limit(max_bytes)} limit", "max_file_mb"
     )
+
+
+def _unreadable(name: str, e: OSError | ValueError) -> LoaderError:
+    """The LoaderError for an OSError met while looking at or reading `name`."""
+    if isinstance(e, FileNotFoundError):
+        return LoaderError(f"{name} does not exist")
+    if isinstance(e, PermissionError):
+        return LoaderError(f"{name} cannot be read (permission denied)")
+    if getattr(e, "errno", None) == errno.ELOOP:
+        return LoaderError(f"{name} cannot be read: a symlink loop")
+    reason = getattr(e, "strerror", None) or str(e)  # ValueError: a NUL in the path
+    return LoaderError(f"{name} cannot be read: {reason}")
+
+
+def _check_regular(name: str, info: os.stat_result, max_bytes: int | None) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise LoaderError(f"{name} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end it
+        raise LoaderError(f"{name} is not a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise _too_big(name, info.st_size, max_bytes)
+
+
+def regular_file_stat(path: str | Path, max_bytes: int | None = None) -> os.stat_result:
+    """`path`'s stat (symlinks followed) once it is known to be a regular file of at most
+    `max_bytes`: nothing is opened, so a FIFO cannot block and a 4 GiB file is refused
+    without a byte read. LoaderError (LimitError for the size) names the file."""
+    name = str(path)
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError) as e:
+        raise _unreadable(name, e) from None
+    _check_regular(name, info, max_bytes)
+    return info
+
+
+def open_regular_file(path: str | Path, max_bytes: int | None = None) -> BinaryIO:
+    """`path` opened for reading in binary, checked as `regular_file_stat` does before the
+    open and again on the open file (it may have been swapped for a FIFO in between; the
+    open does not block on one)."""
+    name = str(path)
+    regular_file_stat(path, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except (OSError, ValueError) as e:
+        raise _unreadable(name, e) from None
+    f = os.fdopen(fd, "rb")
+    try:
+        _check_regular(name, os.fstat(fd), max_bytes)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _read_bytes(path: str | Path, max_bytes: int | None) -> tuple[bytes, str]:
     """The file's bytes and its resolved absolute path; size-checked before reading
     (`max_bytes` None: no limit)."""
     name = str(path)
-    try:
-        source = str(Path(path).resolve(strict=True))
-        info = os.stat(source)
-        if stat.S_ISDIR(info.st_mode):
-            raise LoaderError(f"{name} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise LoaderError(f"{name} is not a regular file")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise _too_big(name, info.st_size, max_bytes)
-        with open(source, "rb") as f:  # one byte over the limit at most, if it grew since
+    with open_regular_file(path, max_bytes) as f:
+        try:  # one byte over the limit at most, if it grew since
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise LoaderError(f"{name} does not exist") from None
-    except PermissionError:
-        raise LoaderError(f"{name} cannot be read (permission denied)") from None
-    # RuntimeError: a symlink loop in resolve(); ValueError: a NUL in the path.
-    except (OSError, RuntimeError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise LoaderError(f"{name} cannot be read: {reason}") from None
+            source = os.path.realpath(path)
+        except OSError as e:
+            raise _unreadable(name, e) from None
     if max_bytes is not None and len(data) > max_bytes:
         raise _too_big(name, len(data), max_bytes)
     return data, source
@@ -419,9 +472,30 @@ class _VisibleText(HTMLParser):
         return "".join(self.parts)
 
 
+# How HTMLParser's comments end (_markupbase's pattern).
+_COMMENT_CLOSE = re.compile(r"--\s*>")
+
+
+def _defuse_unclosed(html: str) -> str:
+    """`html` with each "<" that opens a construct never closed later escaped as "&lt;".
+
+    At the end of its input, Python's HTMLParser (before 3.12.11 and 3.13.4: CVE-2025-6069)
+    rescans to the end for every such "<", so 100 KB of "<a " cost minutes; it then shows
+    each as text, which is what the escaped "<" shows too. Every construct ends at a ">"
+    and a comment at "--" ">", so the "<" after the last ">" and the "<!--" after the last
+    comment end are the ones never closed. A marked section ("<![CDATA[", "<![if ...]>")
+    becomes what a browser makes of it in HTML, a bogus comment up to the next ">": the
+    parser raises on all but a few keywords, and rescans for an unclosed one."""
+    last = html.rfind(">")
+    head, tail = html[: last + 1], html[last + 1 :].replace("<", "&lt;")
+    closed = max((m.end() for m in _COMMENT_CLOSE.finditer(head)), default=0)
+    head = head[:closed] + head[closed:].replace("<!--", "&lt;!--")
+    return head.replace("<![", "<! [") + tail
+
+
 def _parse_html(html: str) -> _VisibleText:
     parser = _VisibleText()
-    parser.feed(html)
+    parser.feed(_defuse_unclosed(html))
     parser.close()
     return parser
 

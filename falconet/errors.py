@@ -34,3 +34,27 @@ class RagError(FalconetError):
 class LoaderError(FalconetError):
     """A document that cannot be read (unsupported, unreadable, too big, binary, encrypted,
     empty): raised by `documents.py` for every face that reads files (rag, train)."""
+
+
+class LimitError(LoaderError):
+    """A document over one of the per-document limits (file size, chunks, tokens).
+
+    `setting` is the limit's name as the CLI flag spells it without dashes: "max_file_mb"
+    is `--max-file-mb` for `falconet rag`, `--rag-max-file-mb` for `falconet serve`."""
+
+    def __init__(self, problem: str, setting: str) -> None:
+        self.problem = problem
+        self.setting = setting
+        super().__init__(self.message())
+
+    def flag(self, prefix: str = "") -> str:
+        return "--" + prefix + self.setting.replace("_", "-")
+
+    def message(self, flag_prefix: str = "") -> str:
+        """The message naming the flag that raises the limit (the server's: prefix "rag-")."""
+        return f"{self.problem}; raise {self.flag(flag_prefix)}"
+
+
+class IngestCancelled(RagError):
+    """An ingestion stopped on request (its client went away); the document it was on is
+    not stored."""

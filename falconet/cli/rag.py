@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from falconet.cli.common import Out, add_model_flags, load_model
 
@@ -31,8 +30,10 @@ def add_rag_parser(sub, parser_class) -> None:
 
     ingest = command("ingest", help="add or update files (.txt .md .html .pdf) and folders")
     ingest.add_argument("paths", nargs="+", metavar="PATH")
+    add_limit_flags(ingest)
     sync = command("sync", help="make the store match a folder: add, update and remove documents")
     sync.add_argument("folder")
+    add_limit_flags(sync)
     command("list", help="the documents in the store")
     remove = command("remove", help="remove a document (by id, id prefix or path)")
     remove.add_argument("doc", metavar="DOC")
@@ -53,6 +54,36 @@ def add_rag_parser(sub, parser_class) -> None:
     ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
 
     add_model_flags(ask)  # the same --model/--dtype/--device/--quant
+
+
+def add_limit_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The per-document ingestion limits as flags (`falconet serve`: prefix "rag-")."""
+    from falconet.rag.ingest import MIN_TOKEN_BUDGET, IngestLimits
+
+    default = IngestLimits()
+    p.add_argument(f"--{prefix}max-file-mb", type=int, default=default.max_file_mb, metavar="MB",
+                   help="largest file read, checked before it is opened "
+                   f"(default {default.max_file_mb})")  # fmt: skip
+    p.add_argument(f"--{prefix}max-chunks", type=int, default=default.max_chunks, metavar="N",
+                   help=f"chunks one document may make (default {default.max_chunks})")  # fmt: skip
+    p.add_argument(f"--{prefix}max-tokens-per-byte", type=float, metavar="X",
+                   default=default.max_tokens_per_byte,
+                   help="embedder tokens a document may have per byte of its text, or "
+                   f"{MIN_TOKEN_BUDGET} if more (default {default.max_tokens_per_byte}; text "
+                   "runs at 0.2-0.4, a wall of punctuation at 1)")  # fmt: skip
+
+
+def limits_from_args(args: argparse.Namespace, prefix: str = ""):
+    """The IngestLimits that `add_limit_flags(p, prefix)` parsed, checked."""
+    from falconet.rag.ingest import IngestLimits
+
+    key = prefix.replace("-", "_")
+    return IngestLimits(
+        max_file_mb=getattr(args, key + "max_file_mb"),
+        max_chunks=getattr(args, key + "max_chunks"),
+        max_tokens_per_byte=getattr(args, key + "max_tokens_per_byte"),
+        flag_prefix=prefix,
+    ).checked()
 
 
 def cmd_rag(args: argparse.Namespace, out: Out) -> int:
@@ -112,24 +143,30 @@ def _run_ingest(args: argparse.Namespace, out: Out, desc: str, job) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace, out: Out) -> int:
-    from falconet.errors import RagError
-    from falconet.rag.ingest import ingest
+    from falconet.rag.ingest import checked_path, ingest
 
-    for p in args.paths:
-        if not Path(p).expanduser().exists():
-            raise RagError(f"{p}: no such file or folder")
+    limits = limits_from_args(args)
+    for p in args.paths:  # before the slow embedder load
+        checked_path(p)
 
-    return _run_ingest(args, out, "ingest", lambda s, e, p: ingest(s, args.paths, e, progress=p))
+    def job(store, embedder, progress):
+        return ingest(store, args.paths, embedder, limits=limits, progress=progress)
+
+    return _run_ingest(args, out, "ingest", job)
 
 
 def cmd_sync(args: argparse.Namespace, out: Out) -> int:
     from falconet.errors import RagError
-    from falconet.rag.ingest import sync
+    from falconet.rag.ingest import checked_path, sync
 
-    if not Path(args.folder).expanduser().is_dir():
+    limits = limits_from_args(args)
+    if not checked_path(args.folder)[1]:
         raise RagError(f"{args.folder}: not a folder (sync takes a folder; use ingest for files)")
 
-    return _run_ingest(args, out, "sync", lambda s, e, p: sync(s, args.folder, e, progress=p))
+    def job(store, embedder, progress):
+        return sync(store, args.folder, embedder, limits=limits, progress=progress)
+
+    return _run_ingest(args, out, "sync", job)
 
 
 def cmd_list(args: argparse.Namespace, out: Out) -> int:

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from falconet.cli.common import Out, add_model_flags, load_model
+from falconet.cli.rag import add_limit_flags, limits_from_args
+from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB
 from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
 
 
@@ -32,8 +34,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="serve /v1/rag/* over the RAG store in DIR (default: RAG routes off)")  # fmt: skip
     p.add_argument("--rag-root", action="append", default=[], metavar="DIR",
                    help="a folder whose files clients may ingest by path (repeatable)")  # fmt: skip
-    p.add_argument("--rag-max-upload-mb", type=int, default=50,
-                   help="largest file accepted by POST /v1/rag/documents (default 50)")  # fmt: skip
+    p.add_argument("--rag-max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                   help="largest file accepted as an upload by POST /v1/rag/documents "
+                   f"(default {DEFAULT_MAX_UPLOAD_MB}; larger files can be ingested by path)")  # fmt: skip
+    add_limit_flags(p, prefix="rag-")
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
                    help=f"close a connection idle this long between requests (default "
                    f"{KEEP_ALIVE_S:g})")  # fmt: skip
@@ -63,7 +67,8 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         model_name=name, host=args.host, port=args.port, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
         rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
-        rag_max_upload_mb=args.rag_max_upload_mb, timeout_keep_alive=args.timeout_keep_alive,
+        rag_max_upload_mb=args.rag_max_upload_mb, rag_limits=limits_from_args(args, "rag-"),
+        timeout_keep_alive=args.timeout_keep_alive,
         timeout_header=args.timeout_header, timeout_body=args.timeout_body,
     )  # fmt: skip
     llm = load_model(args)  # the server's startup log names its family and licence

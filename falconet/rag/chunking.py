@@ -48,9 +48,12 @@ _LINE_RE = re.compile(r"\n\s*")
 # whitespace; CJK full stops need no space after them.
 _SENTENCE_RE = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f]\s*")
 _WORD_RE = re.compile(r"\s+")
-_ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.M)
+# The title's closing #s and spaces are stripped in Python (`_atx_title`): a lazy title
+# followed by optional trailing groups backtracks over every run of spaces, quadratic in
+# a long line of them.
+_ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+([^ \t\n][^\n]*)$", re.M)
 # Setext: a one-line paragraph underlined with === or ---.
-_SETEXT_HEADING_RE = re.compile(r"^ {0,3}([^\s#>|-][^\n]*?)[ \t]*\n {0,3}(?:=+|-+)[ \t]*$", re.M)
+_SETEXT_HEADING_RE = re.compile(r"^ {0,3}([^\s#>|-][^\n]*)\n {0,3}(?:=+|-+)[ \t]*$", re.M)
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})([^\n]*)$", re.M)  # fence, info string
 _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n.*?\n---[ \t]*\n", re.S)  # YAML metadata
 
@@ -64,15 +67,22 @@ class Chunk:
     page: int | None  # PDFs: 1-based page of `start`
 
 
+# budget(chunks made, tokens counted): called as chunking goes; it raises to stop it.
+Budget = Callable[[int, int], None]
+
+
 def chunk_document(
     doc: Document,
     count_tokens: Callable[[str], int],
     max_tokens: int = 200,
     overlap_tokens: int = 40,
+    budget: Budget | None = None,
 ) -> list[Chunk]:
     """Cut `doc.text` into chunks covering every character (see the module docstring).
 
-    A whitespace-only document has no chunks."""
+    A whitespace-only document has no chunks. `budget` is called with the tokens counted
+    so far while the text is cut into pieces, then with the chunks made so far; whatever
+    it raises stops the chunking (ingestion's per-document limits)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if not 0 <= overlap_tokens < max_tokens:
@@ -81,7 +91,8 @@ def chunk_document(
     if not text.strip():
         return []
     headings = sorted(markdown_headings(text) if doc.headings is None else doc.headings)
-    spans = _Chunker(text, count_tokens, max_tokens, overlap_tokens, headings).spans()
+    chunker = _Chunker(text, count_tokens, max_tokens, overlap_tokens, headings, budget)
+    spans = chunker.spans()
     heading_starts = [offset for offset, _ in headings]
     chunks = []
     for start, end in spans:
@@ -116,16 +127,27 @@ def markdown_headings(text: str) -> tuple[tuple[int, str], ...]:
         i = bisect.bisect_right(fence_starts, offset) - 1
         return i >= 0 and offset < fences[i][1]
 
-    found = {m.start(): m.group(2).strip() for m in _ATX_HEADING_RE.finditer(text)}
+    found = {m.start(): _atx_title(m.group(2)) for m in _ATX_HEADING_RE.finditer(text)}
     for m in _SETEXT_HEADING_RE.finditer(text):
         if m.start() == 0 or text.endswith("\n\n", 0, m.start()):  # a one-line paragraph
             found.setdefault(m.start(), m.group(1).strip())
     return tuple((o, title) for o, title in sorted(found.items()) if not in_fence(o))
 
 
+def _atx_title(line: str) -> str:
+    """An ATX heading's text without its optional closing sequence (" ##")."""
+    title = line.rstrip(" \t")
+    opened = title.rstrip("#")
+    if opened != title and opened[-1:] in (" ", "\t"):
+        title = opened
+    return title.strip()
+
+
 class _Chunker:
-    def __init__(self, text, count_tokens, max_tokens, overlap_tokens, headings):
+    def __init__(self, text, count_tokens, max_tokens, overlap_tokens, headings, budget):
         self.text = text
+        self.budget = budget
+        self.total_tokens = 0
         self.count = count_tokens
         self.max_tokens = max_tokens
         self.max_chars = max_tokens * MAX_CHARS_PER_TOKEN
@@ -169,6 +191,9 @@ class _Chunker:
         self.tokens.append(tokens)
         self.bounds.append(b)
         self.levels.append(level)
+        self.total_tokens += tokens
+        if self.budget is not None:
+            self.budget(0, self.total_tokens)
 
     def _add_piece(self, a: int, b: int, end_level: int) -> None:
         """Add text[a:b] as one piece, or cut at words (then characters) if it is too big."""
@@ -197,22 +222,53 @@ class _Chunker:
                     self._split_word(wa, wb, end_level if wb == b else WORD)
 
     def _split_word(self, a: int, b: int, end_level: int) -> None:
-        """A single word over the limits: the longest prefixes that fit, by bisection."""
+        """A single word over the limits: the longest prefixes that fit. Each cut is first
+        guessed from the word's characters per token (one count of the whole word), then
+        moved to the exact place by galloping and bisection: a few counts of about one
+        piece each, where bisecting down from max_chars counted ~35 times the text."""
+        chars_per_token = (b - a) / max(1, self.count(self.text[a:b]))
         while a < b:
             hi = min(b, a + self.max_chars)
-            ok, tokens = self._fits(a, hi)
-            if not ok:
-                lo = a + 1  # one character always "fits": nothing smaller exists
-                while lo < hi - 1:
-                    mid = (lo + hi) // 2
-                    if self._fits(a, mid)[0]:
-                        lo = mid
-                    else:
-                        hi = mid
-                hi = lo
-                tokens = self.count(self.text[a:hi])
-            self._push(hi, end_level if hi == b else CHAR, tokens)
-            a = hi
+            guess = min(hi, a + max(1, int(chars_per_token * self.max_tokens)))
+            end, tokens = self._longest_fit(a, guess, hi)
+            self._push(end, end_level if end == b else CHAR, tokens)
+            a = end
+
+    def _longest_fit(self, a: int, guess: int, hi: int) -> tuple[int, int]:
+        """The largest end in (a, hi] such that text[a:end] fits, searched from `guess`,
+        and its tokens (one character always "fits": nothing smaller exists)."""
+        ok, tokens = self._fits(a, guess)
+        step = 1
+        if ok:  # gallop up to the first end that does not fit (or hi)
+            lo, lo_tokens, top = guess, tokens, None
+            while lo < hi:
+                probe = min(hi, lo + step)
+                ok, tokens = self._fits(a, probe)
+                if not ok:
+                    top = probe
+                    break
+                lo, lo_tokens = probe, tokens
+                step *= 2
+            if top is None:
+                return lo, lo_tokens
+        else:  # gallop down to the last end that fits
+            top, lo = guess, None
+            while lo is None:
+                probe = max(a + 1, top - step)
+                ok, tokens = self._fits(a, probe)
+                if ok or probe == a + 1:
+                    lo, lo_tokens = probe, tokens if ok else self.count(self.text[a:probe])
+                else:
+                    top = probe
+                    step *= 2
+        while top - lo > 1:  # text[a:lo] fits, text[a:top] does not
+            mid = (lo + top) // 2
+            ok, tokens = self._fits(a, mid)
+            if ok:
+                lo, lo_tokens = mid, tokens
+            else:
+                top = mid
+        return lo, lo_tokens
 
     # ------------------------------------------------------------------ chunks
 
@@ -230,6 +286,8 @@ class _Chunker:
                 start = done
                 end = self._choose_end(start, done)
             spans.append((start, end))
+            if self.budget is not None:
+                self.budget(len(spans), self.total_tokens)
             done = end
             if end < n:
                 start = self._overlap_start(start, end)

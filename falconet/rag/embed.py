@@ -12,8 +12,10 @@ import contextlib
 import functools
 import hashlib
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -150,6 +152,70 @@ def _plain_tokenizer(hf_tokenizer):
     plain.no_truncation()
     plain.no_padding()
     return plain
+
+
+class SharedEmbedder:
+    """An embedder shared by threads (the server's workers), loaded on first use: one call
+    at a time (a Hugging Face fast tokenizer is not safe to use from two threads at
+    once), queries first. `queries` and `ingestion` are its two doors; a waiting query
+    goes before any ingestion's next call, and ingestion calls with a few chunks at a
+    time (`ingest.EMBED_BATCH`), so a query waits for one small call at most, however
+    big the document being ingested."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._inner: Any = None
+        self._turns = threading.Condition()
+        self._busy = False
+        self._queries_waiting = 0
+        self.queries = EmbedderDoor(self, first=True)
+        self.ingestion = EmbedderDoor(self, first=False)
+
+    @contextlib.contextmanager
+    def turn(self, first: bool) -> Iterator[Any]:
+        with self._turns:
+            self._queries_waiting += first
+            try:
+                self._turns.wait_for(
+                    lambda: not self._busy and (first or not self._queries_waiting)
+                )
+            finally:
+                self._queries_waiting -= first
+            self._busy = True
+        try:
+            if self._inner is None:
+                self._inner = self._load()
+            yield self._inner
+        finally:
+            with self._turns:
+                self._busy = False
+                self._turns.notify_all()
+
+
+class EmbedderDoor:
+    """An `Embedder` whose every call takes a turn of the shared one."""
+
+    def __init__(self, shared: SharedEmbedder, first: bool) -> None:
+        self._shared = shared
+        self._first = first
+
+    @property
+    def id(self) -> str:
+        with self._shared.turn(self._first) as e:
+            return e.id
+
+    @property
+    def dim(self) -> int:
+        with self._shared.turn(self._first) as e:
+            return e.dim
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        with self._shared.turn(self._first) as e:
+            return e.embed(texts)
+
+    def count_tokens(self, text: str) -> int:
+        with self._shared.turn(self._first) as e:
+            return e.count_tokens(text)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,6 +7,8 @@ is `falconet.documents`, shared with `train`, so a file gives the same text to b
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from falconet import documents
@@ -22,21 +24,39 @@ def load_document(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Docum
     return documents.load_document(path, max_bytes, suffixes=SUPPORTED_SUFFIXES)
 
 
-def find_documents(folder: Path) -> list[Path]:
+def find_documents(folder: Path, on_error: Callable[[Path, str], None] | None = None) -> list[Path]:
     """The files under `folder` RAG indexes, sorted and resolved (a symlink inside the
-    folder may point out of it); what the walk skips is `documents.find_documents`'s."""
-    return [f.resolve() for f in documents.find_documents(folder.resolve(), SUPPORTED_SUFFIXES)]
+    folder may point out of it); what the walk skips is `documents.find_documents`'s. A
+    link that resolves nowhere (a loop) is kept as found, for the reader to refuse by name."""
+    found = documents.find_documents(folder.resolve(), SUPPORTED_SUFFIXES, on_error)
+    return [resolve_path(f) for f in found]
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in blocks (no whole-file copy in memory)."""
+def resolve_path(path: Path) -> Path:
+    """`path` with its symlinks resolved, or as it is when they loop (for the reader to
+    refuse by name)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return path
+
+
+def file_sha256(path: str | Path, max_bytes: int | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (no whole-file copy in memory); only a
+    regular file of at most `max_bytes` is opened (see `documents.open_regular_file`)."""
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        f = documents.open_regular_file(path, max_bytes)
+    except LoaderError:
+        if os.path.lexists(path):
+            raise
+        raise LoaderError(f"{path} cannot be read: no such file") from None
+    with f:
+        try:
             while block := f.read(1 << 20):
                 digest.update(block)
-    except OSError as e:
-        raise LoaderError(f"{path} cannot be read: {e.strerror or e}") from None
+        except OSError as e:
+            raise LoaderError(f"{path} cannot be read: {e.strerror or e}") from None
     return digest.hexdigest()
 
 

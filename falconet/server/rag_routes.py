@@ -10,8 +10,15 @@ A path on the server's disk is ingested only when its real path (symlinks resolv
 under a `--rag-root`; folders are walked and any file resolving outside the roots is
 skipped. Uploads are written to `<store>/uploads/<sha256>/<name>` (temp file, fsync,
 rename) after they load as a supported document, so a refused upload leaves the store as
-it was. SQLiteStore connections are not shared between threads: every store call runs
-in a worker thread (never on the event loop) on that thread's own connection.
+it was; an upload whose ingestion fails or is cancelled is removed, and so is any file in
+uploads/ that no stored document references when the server starts (a killed server's).
+SQLiteStore connections are not shared between threads: every store call runs in a
+worker thread (never on the event loop) on that thread's own connection.
+
+Ingestion is bounded per document (`IngestLimits`: --rag-max-file-mb, --rag-max-chunks,
+--rag-max-tokens-per-byte; a refused upload gets a 413 naming the limit), embeds a few
+chunks at a time with queries served first between batches, and stops when its client
+goes away (nothing of the document in progress is stored).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +43,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from falconet.errors import FalconetError, LoaderError, RagError
+from falconet.errors import FalconetError, LimitError, LoaderError, RagError
 from falconet.generate import usage
+from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
 from falconet.server.generation import GenerationRequest
@@ -52,7 +61,6 @@ from falconet.server.protocol import (
 from falconet.server.responses import DONE, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 
-DEFAULT_MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_NAME_CHARS = 120
 MAX_K = 100  # passages per query
 UPLOADS = "uploads"
@@ -114,53 +122,26 @@ _DOCUMENTS_BODY = {
 class RagSettings:
     store: Path  # the store folder
     roots: tuple[Path, ...] = ()  # resolved; server-side paths must lie under one
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-
-
-class _LockedEmbedder:
-    """The embedder shared by worker threads: one call at a time (a Hugging Face fast
-    tokenizer is not safe to use from two threads at once)."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load = load
-        self._inner: Any = None
-        self._lock = threading.Lock()
-
-    def _get(self) -> Any:
-        if self._inner is None:
-            self._inner = self._load()
-        return self._inner
-
-    @property
-    def id(self) -> str:
-        with self._lock:
-            return self._get().id
-
-    @property
-    def dim(self) -> int:
-        with self._lock:
-            return self._get().dim
-
-    def embed(self, texts: list[str]):
-        with self._lock:
-            return self._get().embed(texts)
-
-    def count_tokens(self, text: str) -> int:
-        with self._lock:
-            return self._get().count_tokens(text)
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20
+    limits: IngestLimits = IngestLimits(flag_prefix="rag-")
 
 
 class _Rag:
     def __init__(self, settings: RagSettings) -> None:
-        from falconet.rag.embed import default_embedder
+        from falconet.rag.embed import SharedEmbedder, default_embedder
         from falconet.rag.store import open_store
 
         self.settings = settings
         self.uploads = (settings.store / UPLOADS).resolve()
         self._local = threading.local()
-        self.embedder = _LockedEmbedder(default_embedder)
-        open_store(settings.store).close()  # created (or checked) once, at startup
-        self.uploads.mkdir(parents=True, exist_ok=True)
+        self.embedder = SharedEmbedder(default_embedder)
+        # Uploads being ingested, by final path: a failed one removes its file only when
+        # no other request is ingesting the same bytes.
+        self._uploading: Counter[Path] = Counter()
+        self._uploading_lock = threading.Lock()
+        with open_store(settings.store) as store:  # created (or checked) once, at startup
+            self.uploads.mkdir(parents=True, exist_ok=True)
+            self._remove_orphan_uploads(store)
 
     def store(self):
         """This thread's connection to the store (kept: it caches the vector matrix)."""
@@ -174,10 +155,32 @@ class _Rag:
     async def run(self, fn: Callable, *args: Any) -> Any:
         try:
             return await run_in_threadpool(fn, *args)
+        except LimitError as e:
+            raise APIError(413, e.message(self.settings.limits.flag_prefix), "file",
+                           code="document_too_large") from e  # fmt: skip
         except LoaderError as e:
             raise bad(str(e), "file") from e
         except RagError as e:
             raise bad(str(e)) from e
+
+    async def ingest(self, request: Request, fn: Callable, *args: Any) -> Any:
+        """`fn(*args, cancel)` in a worker thread, cancelled if the client goes away first:
+        the thread stops at its next batch, storing nothing of its document in progress,
+        and the client (gone) is answered 499."""
+        cancel = threading.Event()
+        work = asyncio.ensure_future(self.run(fn, *args, cancel))
+        gone = asyncio.ensure_future(wait_disconnect(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():  # the client left, or the server is stopping
+                cancel.set()
+            gone.cancel()
+        if not cancel.is_set():
+            return work.result()
+        with contextlib.suppress(APIError):  # IngestCancelled, as a 400 nobody reads
+            await work
+        raise APIError(499, "the client closed the connection", code="client_closed")
 
     # -- documents ------------------------------------------------------------------
 
@@ -201,40 +204,75 @@ class _Rag:
             raise bad(f"'path' {value!r} is outside the server's --rag-root folders", "path")
         return real
 
-    def ingest_path(self, real: Path) -> dict[str, Any]:
-        from falconet.rag.ingest import IngestReport, _walk, ingest
+    def ingest_path(self, real: Path, cancel: threading.Event) -> dict[str, Any]:
+        from falconet.rag.ingest import IngestReport, ingest_files
+        from falconet.rag.loaders import find_documents
 
-        outside: list[tuple[str, str]] = []
+        report = IngestReport()
         files = [real]
         if real.is_dir():
             files = []
-            for f in _walk(real):  # resolved: a symlink inside the root may point out
+            # resolved: a symlink inside the root may point out
+            for f in find_documents(real, report.skip):
                 if self.under_root(f):
                     files.append(f)
                 else:
-                    outside.append((str(f), "resolves outside the server's --rag-root folders"))
-        report = ingest(self.store(), files, self.embedder) if files else IngestReport()
-        report.skipped.extend(outside)
+                    report.skip(f, "resolves outside the server's --rag-root folders")
+        ingest_files(self.store(), files, self.embedder.ingestion, report=report,
+                     limits=self.settings.limits, cancel=cancel)  # fmt: skip
         return self.report_json(report)
 
-    def ingest_upload(self, name: str, tmp: Path, sha: str) -> dict[str, Any]:
-        """Check that the temp file loads, move it into place, ingest it."""
-        from falconet.rag.ingest import ingest
+    def ingest_upload(
+        self, name: str, tmp: Path, sha: str, cancel: threading.Event
+    ) -> dict[str, Any]:
+        """Check that the temp file loads, move it into place, ingest it; a file that ends
+        up in no stored document is removed."""
+        from falconet.rag.ingest import ingest_file
         from falconet.rag.loaders import load_document
 
         try:
             load_document(tmp, max_bytes=self.settings.max_upload_bytes)
-        except LoaderError as e:  # name the upload, not the temp file
+        except LimitError as e:  # name the upload, not the temp file
+            raise LimitError(e.problem.replace(str(tmp), name), e.setting) from None
+        except LoaderError as e:
             raise LoaderError(str(e).replace(str(tmp), name)) from e
         folder = self.uploads / sha
-        folder.mkdir(exist_ok=True)
         final = folder / name
-        if final.exists():
-            tmp.unlink()
-        else:
-            os.replace(tmp, final)
-            _fsync_dir(folder)
-        return self.report_json(ingest(self.store(), [final], self.embedder))
+        with self._uploading_lock:
+            folder.mkdir(exist_ok=True)
+            if final.exists():
+                tmp.unlink()
+            else:
+                os.replace(tmp, final)
+                _fsync_dir(folder)
+            self._uploading[final] += 1
+        try:
+            report = ingest_file(self.store(), final, self.embedder.ingestion,
+                                 limits=self.settings.limits, cancel=cancel)  # fmt: skip
+        except LimitError as e:  # name the upload, not where it was put
+            raise LimitError(e.problem.replace(str(final), name), e.setting) from None
+        finally:
+            with self._uploading_lock:
+                self._uploading[final] -= 1
+                if not self._uploading[final]:
+                    del self._uploading[final]
+                    if self.store().document(str(final)) is None:
+                        _remove_upload(final)
+        return self.report_json(report)
+
+    def _remove_orphan_uploads(self, store) -> None:
+        """Files in uploads/ that no stored document references: temp files and ingests
+        that a killed server left behind."""
+        referenced = {d.source for d in store.documents()}
+        for entry in self.uploads.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                for f in entry.iterdir():
+                    if str(f) not in referenced:
+                        _remove_upload(f)
+                with contextlib.suppress(OSError):  # empty: its file was removed by hand
+                    entry.rmdir()
+            elif entry.name.startswith(".upload-"):
+                entry.unlink(missing_ok=True)
 
     def report_json(self, report) -> dict[str, Any]:
         from falconet.rag.store import document_id
@@ -256,20 +294,26 @@ class _Rag:
         doc = store.remove_document(doc_id)
         source = Path(doc.source)
         if source.parent.parent == self.uploads:  # an upload: its file goes too
-            with contextlib.suppress(OSError):
-                source.unlink()
-                source.parent.rmdir()
+            _remove_upload(source)
         return _doc_json(doc)
 
     def search(self, query: str, k: int, mode: Mode):
         from falconet.rag.retrieve import search
 
-        return search(self.store(), query, k, mode, self.embedder if needs_embedder(mode) else None)
+        embedder = self.embedder.queries if needs_embedder(mode) else None
+        return search(self.store(), query, k, mode, embedder)
 
 
 def _doc_json(d) -> dict[str, Any]:
     keys = ("id", "source", "sha256", "version", "chunks", "ingested_at", "size")
     return {k: v for k, v in asdict(d).items() if k in keys}
+
+
+def _remove_upload(path: Path) -> None:
+    """An uploaded file, and its <sha256> folder once empty."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+        path.parent.rmdir()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -334,7 +378,7 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         if kind in ("application/json", ""):
             body = parse_model(RagDocumentRequest, await srv.body(request))
             real = r.resolve_path(body.path)
-            return JSONResponse(await r.run(r.ingest_path, real))
+            return JSONResponse(await r.ingest(request, r.ingest_path, real))
         raise bad(f"unsupported content type {kind!r}: upload files as multipart/form-data "
                   'or send JSON {"path": "..."}')  # fmt: skip
 
@@ -366,8 +410,9 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         from falconet.rag.answer import build_prompt
 
         try:
-            ids, sources = build_prompt(srv.tokenizer, q, hits, srv.engine.max_context,
-                                        params.max_tokens)  # fmt: skip
+            # tokenizing the sources and the question is CPU work: never on the event loop
+            ids, sources = await srv.workers.run(build_prompt, srv.tokenizer, q, hits,
+                                                 srv.engine.max_context, params.max_tokens)  # fmt: skip
         except RagError as e:
             raise bad(str(e), "query") from e
         req = GenerationRequest(prompts=[ids], params=[params], prompt_lengths=[len(ids)], n=1,
@@ -422,7 +467,8 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
 
 async def _upload(r: _Rag, request: Request) -> dict[str, Any]:
     limit = r.settings.max_upload_bytes
-    too_big = APIError(413, f"the upload is larger than {limit} bytes (--rag-max-upload-mb)")
+    too_big = APIError(413, f"the upload is larger than {limit} bytes; raise --rag-max-upload-mb",
+                       "file", code="document_too_large")  # fmt: skip
     length = request.headers.get("content-length")
     # The body may hold a little more than the file (multipart headers and boundaries).
     allowed = limit + 64 * 1024
@@ -459,7 +505,7 @@ async def _upload(r: _Rag, request: Request) -> dict[str, Any]:
                     raise too_big
                 if size == 0:
                     raise bad(f"{name} is empty", "file")
-                results.append(await r.run(r.ingest_upload, name, tmp, sha))
+                results.append(await r.ingest(request, r.ingest_upload, name, tmp, sha))
             finally:
                 with contextlib.suppress(OSError):
                     tmp.unlink()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from falconet.errors import FalconetError, RagError
+from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
 from falconet.server.protocol import MAX_BODY_BYTES
 
@@ -34,7 +35,8 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     rag_store: str | None = None  # None: the /v1/rag/* routes answer 404
     rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
-    rag_max_upload_mb: int = 50
+    rag_max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    rag_limits: IngestLimits = IngestLimits(flag_prefix="rag-")  # per document ingested
     timeout_keep_alive: float = KEEP_ALIVE_S  # seconds an idle connection is kept
     timeout_header: float = HEAD_TIMEOUT_S  # seconds a request head may take to arrive
     timeout_body: float = BODY_TIMEOUT_S  # seconds a body may take (+1 s per 16 KiB sent)
@@ -62,6 +64,7 @@ class ServerSettings:
         if self.rag_max_upload_mb < 1:
             raise FalconetError(f"--rag-max-upload-mb must be at least 1, got "
                                 f"{self.rag_max_upload_mb}")  # fmt: skip
+        self.rag_limits.checked()  # a RagError naming the --rag-max-* flag
         if self.rag_roots and self.rag_store is None:
             raise FalconetError("--rag-root needs --rag-store DIR (where documents are stored)")
         for root in self.rag_roots:
@@ -76,7 +79,7 @@ class ServerSettings:
             return None
         roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in self.rag_roots)
         return RagSettings(Path(self.rag_store).expanduser(), roots,
-                           self.rag_max_upload_mb * 2**20)  # fmt: skip
+                           self.rag_max_upload_mb * 2**20, self.rag_limits)  # fmt: skip
 
 
 def _listen(host: str, port: int) -> socket.socket:
