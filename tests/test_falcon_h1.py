@@ -57,7 +57,10 @@ VARIANTS = {
     "gate_then_norm": dict(
         mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_proj_bias=True, projectors_bias=True
     ),
-    "norm_then_gate": dict(mamba_rms_norm=True, mamba_norm_before_gate=True, attention_bias=True),
+    "norm_then_gate": dict(
+        mamba_rms_norm=True, mamba_norm_before_gate=True, attention_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e11},
+    ),
     "no_norm_tied": dict(mamba_rms_norm=False, tie_word_embeddings=True, mlp_bias=True),
     # d_ssm from mamba_expand, d_head "auto", one group, MHA, conv without bias, and
     # time_step_limit low enough to clamp
@@ -71,10 +74,12 @@ VARIANTS = {
 UNCLAMPED = [v for v in VARIANTS if "clamped" not in v]
 
 
-def build_hf(variant: str) -> transformers.FalconH1ForCausalLM:
+def build_hf(variant: str, changes: dict | None = None) -> transformers.FalconH1ForCausalLM:
+    """A tiny random model: BASE with VARIANTS[variant] (or `changes`) over it."""
     torch.manual_seed(sum(map(ord, variant)))
+    changes = VARIANTS[variant] if changes is None else changes
     model = transformers.FalconH1ForCausalLM(
-        transformers.FalconH1Config(**{**BASE, **VARIANTS[variant]})
+        transformers.FalconH1Config(**{**BASE, **changes})
     ).eval()
     # transformers' init (std 0.02, A_log = log(1..H), D = 1) gives near-constant logits;
     # weights of unit gain make every multiplier and path visible in them.
@@ -151,6 +156,20 @@ def test_greedy_matches_transformers_generate(checkpoints, variant):
     assert greedy(model, PROMPT, 32) == expected
     if not model.config.tie_word_embeddings:  # a random tied head echoes one token
         assert len(set(expected)) > 1
+
+
+def test_dynamic_rope_matches_transformers(tmp_path):
+    """Dynamic (NTK) rope past max_position_embeddings: the base grows with the length at
+    each call, in transformers' generate as here (so not in the chunked/cached matrix)."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    hf_model = build_hf("dynamic_rope", dict(max_position_embeddings=16, rope_parameters=dynamic))
+    hf_model.save_pretrained(tmp_path)
+    model = load(tmp_path)
+    assert model.config.rope_scaling_type == "dynamic"
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert max_diff(model(ids), hf_model(ids).logits) < 1e-4
+    assert greedy(model, PROMPT, 32) == hf_greedy(hf_model, PROMPT, 32)
 
 
 def test_every_multiplier_reaches_the_logits(checkpoints):
@@ -283,6 +302,9 @@ def test_config_reads_hf_json():
     assert c.time_step_limit == (0.0, float("inf"))  # transformers writes {"__float__": ...}
     assert c.rope_theta == 1e11 and c.head_dim == 10 and c.kv_heads == 2
     assert c.ssm_multipliers == (0.5, 1.5, 0.75, 1.3, 0.6)
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e11}
+    scaled = FalconH1Config.from_hf(hf_dict(rope_parameters=linear))
+    assert (scaled.rope_scaling_type, scaled.rope_scaling_factor) == ("linear", 2.0)
     auto = FalconH1Config.from_hf(hf_dict(mamba_d_ssm=None, mamba_d_head="auto", mamba_n_heads=8))
     assert (auto.mamba_d_ssm, auto.mamba_d_head) == (64, 8)
 

@@ -330,7 +330,11 @@ class FalconH1(CausalLM):
             x = x[:, -1:]
         return self._head(x)
 
-    def forward_packed(self, input_ids, step, logit_rows):  # type: ignore[override]
+    def forward_packed(
+        self, input_ids: torch.Tensor, step: AttentionStep, logit_rows: torch.Tensor
+    ) -> torch.Tensor:
+        # The engine's packed step holds attention state only; the SSM state slots per
+        # sequence come with the engine work (docs/design.md, Falcon-H1).
         raise NotImplementedError("Falcon-H1 has no engine slots for its SSM state yet")
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
