@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from falconet.errors import CheckpointError, ConfigError
+from falconet.errors import CheckpointError, ConfigError, GenerationError
 from falconet.models.falcon_h1 import FalconH1
 from falconet.models.falcon_h1_config import FalconH1Config
 from falconet.models.registry import Architecture
@@ -242,6 +242,18 @@ def test_state_is_fixed_size_and_fp32(checkpoints):
     before = state.ssm.clone()
     model(torch.tensor([PROMPT[:4]] * 3), state)
     assert not torch.equal(state.ssm, before)
+
+
+def test_state_misuse_is_a_generation_error(checkpoints):
+    model = load(checkpoints["gate_then_norm"][1])
+    state = model.new_state(2, 8)
+    with pytest.raises(GenerationError, match="state holds 2 sequences"):
+        model(torch.tensor([PROMPT[:3]]), state)
+    model(torch.tensor([PROMPT[:6]] * 2), state)
+    ssm = state.ssm.clone()
+    with pytest.raises(GenerationError, match="KV cache holds 8 tokens"):
+        model(torch.tensor([PROMPT[:3]] * 2), state)
+    assert torch.equal(state.ssm, ssm) and state.length == 6  # refused before any update
 
 
 # ---- the scan ---------------------------------------------------------------------------

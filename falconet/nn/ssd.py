@@ -38,8 +38,8 @@ def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
 def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     """a (..., L) -> (..., L, L) with [i, j] = a[j+1] + ... + a[i] for j <= i and -inf
     above the diagonal, so exp() of it is the decay from step j to step i (and 0 for
-    the future). Summed from masked copies rather than as cumsum differences, which
-    would cancel catastrophically in fp32 for long chunks."""
+    the future). Summed from masked copies rather than as differences of one cumsum,
+    which lose precision in fp32 once the running sum is large."""
     L = a.shape[-1]
     strictly_lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
     # the term a[k] belongs to [i, j] for j < k <= i: cumulate a[k] down the rows from k
