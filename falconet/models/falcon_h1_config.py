@@ -101,7 +101,7 @@ class FalconH1Config(HFConfigFile):
     hidden_act: str = "silu"  # the MLP's gate and the Mamba conv's activation alike
     max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
-    # Falcon-H1 trains with a very large base (1e11) so rotary barely rotates far keys.
+    # Falcon-H1 configs use bases up to 1e11 (tests use that).
     rope_theta: float = 10000.0
     rope_scaling_type: str | None = None
     rope_scaling_factor: float = 1.0
