@@ -408,9 +408,10 @@ def test_a_client_that_hangs_up_cancels_its_ingestion(server):
         wait_for(final.exists, "the upload moved into place, its ingestion begun")
     finally:
         sock.close()
-    # The ingestion stops at its next batch: nothing stored, and its file removed.
-    wait_for(lambda: not final.exists(), "the cancelled upload's file removed")
-    assert not final.parent.exists()
+    # The ingestion stops at its next batch: nothing stored, and its file removed (the
+    # server unlinks the file, then its folder: wait for the second, which implies both).
+    wait_for(lambda: not final.parent.exists(), "the cancelled upload's file and folder removed")
+    assert not final.exists()
     docs = httpx.get(f"{url}/v1/rag/documents", timeout=T).json()["data"]
     assert str(final) not in {d["source"] for d in docs}
     q = {"query": "falcon river", "answer": False}
