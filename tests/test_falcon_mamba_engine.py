@@ -7,6 +7,10 @@ size does not depend on the prompt's length."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +20,7 @@ from falconet.engine.state import SSMSlotPool
 from falconet.sampling import SamplingParams
 from tests.conftest import (
     FALCON_MAMBA_VARIANTS,
+    assert_cli_error,
     build_falcon_mamba_hf_model,
     hf_greedy,
     save_hf_model,
@@ -167,3 +172,31 @@ def test_slot_memory_does_not_grow_with_the_prompt(llm):
     before = (long.pool.conv.data_ptr(), long.pool.ssm.data_ptr(), long.pool.ssm.shape)
     _run(long, [_ids(600, config.vocab_size, seed=6)], [SamplingParams(max_tokens=2)])
     assert (long.pool.conv.data_ptr(), long.pool.ssm.data_ptr(), long.pool.ssm.shape) == before
+
+
+# ---- registration: what is not supported yet says so -----------------------------------
+
+
+def test_a_mamba_gguf_is_refused_as_not_supported_yet(tmp_path):
+    from gguf import GGUFWriter
+
+    from falconet.weights.gguf import GGUFError
+
+    path = tmp_path / "falcon-mamba.gguf"
+    w = GGUFWriter(path, "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="'mamba' \\(falcon_mamba\\) are not supported yet"):
+        falconet.load(path)
+
+
+def test_convert_of_a_falcon_mamba_folder_is_a_clear_cli_error(llm, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "falconet", "convert", str(llm.path), str(tmp_path / "o.gguf")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_cli_error(res, "GGUF files of architecture 'mamba' (falcon_mamba) are not supported yet")
+    assert not (tmp_path / "o.gguf").exists()
