@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from falconet.engine.paged import PagedKVCache
 from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
 from falconet.engine.scheduler import Budget, StepPlan, add_units, schedule
-from falconet.engine.state import pool_for
+from falconet.engine.state import SSMSlotPool
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
 from falconet.nn.cache import available_memory
@@ -40,6 +41,21 @@ log = logging.getLogger("falconet.engine")
 # Share of free memory the state pool (KV blocks, SSM slots) may claim when it is sized
 # automatically.
 KV_MEMORY_SHARE = 0.5
+
+
+# The pools a model class may name as its `state_pool` (engine/state.py).
+POOLS: dict[str, type[PagedKVCache] | type[SSMSlotPool]] = {
+    "paged_kv": PagedKVCache,
+    "ssm_slots": SSMSlotPool,
+}
+
+
+def pool_for(model) -> type[PagedKVCache] | type[SSMSlotPool]:
+    """The pool class `model` keeps its per-sequence state in."""
+    name = getattr(model, "state_pool", "paged_kv")
+    if name not in POOLS:
+        raise GenerationError(f"the engine has no state pool {name!r}")
+    return POOLS[name]
 
 
 class QueueFull(FalconetError):

@@ -5,7 +5,7 @@ keeps K/V per token (`paged.PagedKVCache`, blocks that follow the length), a rec
 model keeps a fixed-size state whatever the length (`SSMSlotPool`, one slot per
 sequence). The engine, the runner and the scheduler speak to either through `StatePool`
 and never ask which kind of model they run: the model class names its pool
-(`CausalLM.state_pool`, looked up in `POOLS`).
+(`CausalLM.state_pool`, looked up in engine.py's `POOLS`).
 
 A pool counts its memory in units: KV blocks, SSM slots. A sequence is admitted only
 when the pool can promise it the units its whole budget (prompt + max_tokens) needs
@@ -227,14 +227,3 @@ class SlotStep:
             )
             for s in self.segments
         ]
-
-
-def pool_for(model) -> type:
-    """The pool class `model` keeps its per-sequence state in."""
-    from falconet.engine.paged import PagedKVCache
-
-    pools: dict[str, type] = {"paged_kv": PagedKVCache, "ssm_slots": SSMSlotPool}
-    name = getattr(model, "state_pool", "paged_kv")
-    if name not in pools:
-        raise GenerationError(f"the engine has no state pool {name!r}")
-    return pools[name]
