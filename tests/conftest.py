@@ -142,6 +142,35 @@ def build_llama_hf_model(variant: str, seed: int = 0, **over):
     return model
 
 
+# Tiny Falcon-Mamba configs (HF FalconMambaConfig kwargs over the base below).
+FALCON_MAMBA_VARIANTS: dict[str, dict] = {
+    "conv4_tied": dict(conv_kernel=4),
+    "conv3_bias_untied": dict(conv_kernel=3, time_step_rank=7, use_bias=True,
+                              tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def build_falcon_mamba_hf_model(variant: str, seed: int = 0, **over):
+    """A tiny FalconMambaForCausalLM (vocabulary 448: room for the test tokenizer)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    kw = dict(vocab_size=448, hidden_size=48, state_size=5, num_hidden_layers=3, expand=2,
+              pad_token_id=0, bos_token_id=EOS_ID, eos_token_id=EOS_ID)  # fmt: skip
+    kw.update(FALCON_MAMBA_VARIANTS[variant])
+    kw.update(over)
+    torch.manual_seed(seed)
+    model = FalconMambaForCausalLM(FalconMambaConfig(**kw)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong wiring shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith(".bias") and "dt_proj" not in name:
+                p.normal_(0, 0.1)
+            elif name.endswith("out_proj.weight"):
+                p.mul_(10)  # else a tied head mostly repeats the last token
+    return model
+
+
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy continuation of `prompt` (EOS ignored): the reference."""
     hf_model.generation_config.eos_token_id = None
@@ -177,6 +206,7 @@ def save_hf_model(model, folder: Path, **save_kw) -> Path:
 TINY_HF_MODELS: dict[str, tuple[Callable[..., Any], dict[str, dict]]] = {
     "falcon": (build_hf_model, VARIANTS),
     "llama": (build_llama_hf_model, LLAMA_VARIANTS),
+    "falcon_mamba": (build_falcon_mamba_hf_model, FALCON_MAMBA_VARIANTS),
 }
 
 

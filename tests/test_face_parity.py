@@ -1,7 +1,7 @@
 """`falconet generate --json` and the server's /v1/completions run the same engine and
 build their logprobs with the same function, so the same request gives the same choice,
 bit for bit: text, tokens, every logprob float, finish reason and usage. Checked for
-every architecture in the registry (a new one fails here until it has a tiny model), on
+every architecture in the registry (attention and recurrent) (a new one fails here until it has a tiny model), on
 real processes: the CLI as a subprocess, the server through the official `openai` client.
 """
 
@@ -28,6 +28,7 @@ FACE_VARIANTS: dict[str, tuple[str, ...]] = {
         "11b",  # Falcon2-11B: grouped KV heads, one norm, untied head, rope_theta 500042
     ),
     "llama": ("falcon3_shape",),  # Falcon3: GQA 6/2, head_dim 32 != 96/6, rope_theta 1000042
+    "falcon_mamba": ("conv4_tied",),  # Falcon-Mamba: recurrent state in SSM slots, no KV
 }
 CASES = [
     pytest.param(arch.name, variant, id=f"{arch.name}-{variant}")

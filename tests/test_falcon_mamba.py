@@ -3,9 +3,9 @@ checkpoints with odd shapes (hidden 48, state 5, conv kernels 4 and 3, dt rank a
 explicit, biases on and off, tied and untied heads), the recurrent state (chunked prefill
 == one-shot, cached == uncached), loading a saved HF folder, and the config's checks.
 
-The model is not registered yet (its engine state slots come later), so the folder is
-loaded here through the same `Architecture.layout` + `load_weights` path the registry
-uses for the registered models."""
+The folder is loaded here through the registry entry's `Architecture.layout` +
+`load_weights` (what `falconet.load` does), so the model is tested apart from the engine
+(tests/test_falcon_mamba_engine.py runs it through the engine)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from falconet.errors import CheckpointError, ConfigError
+from falconet.models import registry
 from falconet.models.falcon_mamba import FalconMamba, MambaState
 from falconet.models.falcon_mamba_config import FalconMambaConfig
-from falconet.models.registry import Architecture
 from falconet.nn.linear import batch_invariant
 from falconet.weights.hf import load_weights
 
@@ -32,14 +32,7 @@ VARIANTS: dict[str, dict] = {
     ),
     "conv4_bias_untied": dict(conv_kernel=4, use_bias=True, tie_word_embeddings=False),
 }
-ARCH = Architecture(
-    "falcon_mamba",
-    FalconMamba,
-    FalconMambaConfig,
-    ("falcon_mamba",),
-    ("FalconMambaForCausalLM",),
-    "mamba",
-)
+ARCH = registry.for_hf({"model_type": "falcon_mamba"})
 
 
 def build_hf_model(variant: str, seed: int = 0):

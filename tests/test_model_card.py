@@ -26,6 +26,7 @@ from falconet.models.registry import config_from_hf
 from falconet.weights.gguf import metadata_strings
 from tests.conftest import (
     VARIANTS,
+    build_falcon_mamba_hf_model,
     build_hf_model,
     build_llama_hf_model,
     hf_config,
@@ -203,6 +204,24 @@ def test_llama_is_falcon3(tmp_path):
     assert f"falcon-llm-license (Falcon-LLM License), {TII_LINK} [README.md front matter]" in [
         line.split(None, 1)[1] for line in lines if line.startswith("licence ")
     ]
+
+
+def test_falcon_mamba_family_and_info(tmp_path):
+    folder = save_hf_model(build_falcon_mamba_hf_model("conv4_tied"), tmp_path / "m")
+    llm = falconet.load(folder)
+    assert (llm.card.family, llm.card.architecture) == (
+        "Falcon-Mamba (Mamba-1, state-space)",
+        "falcon_mamba",
+    )
+    res = falconet_cli("info", "--model", str(folder))
+    assert res.returncode == 0, res.stderr
+    # `key  value` rows, keys padded to one width (keys hold single spaces)
+    rows = dict(line.split("  ", 1) for line in res.stdout.splitlines())
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    # 3 layers x 96 channels x (3 conv inputs + 5 states) x 4 bytes, whatever the length
+    assert rows["state per sequence"].startswith("9,216 bytes, whatever the length")
+    assert "KV cache per token" not in rows
+    assert rows["family"] == "Falcon-Mamba (Mamba-1, state-space) [config.json: falcon_mamba]"
 
 
 # ---- shown by the CLI ------------------------------------------------------------------------

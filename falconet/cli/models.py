@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from falconet.cli.common import Out, add_model_flags, load_model, progress_bar
+from falconet.models.falcon_mamba_config import FalconMambaConfig
 
 
 def add_parsers(sub) -> None:
@@ -34,10 +35,6 @@ def quant_kernels() -> str:
 def cmd_info(args: argparse.Namespace, out: Out) -> int:
     llm = load_model(args)
     c, m, card = llm.config, llm.model, llm.card
-    kv_bytes = c.kv_cache_bytes_per_token(m.compute_dtype.itemsize)
-    mha_bytes = (
-        2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * m.compute_dtype.itemsize
-    )
     rows = [
         ("path", str(llm.path)),
         ("family", f"{card.family} [{card.family_source}: {card.architecture}]"),
@@ -46,16 +43,34 @@ def cmd_info(args: argparse.Namespace, out: Out) -> int:
         ("parameters", f"{m.num_parameters():,}"),
         ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),
         ("kernels", quant_kernels()),
-        ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
-        ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
-        ("context (max_position_embeddings)", str(c.max_position_embeddings)),
+        *(_state_rows(c, m.compute_dtype.itemsize)),
         ("vocab", f"{c.vocab_size} (tokenizer {llm.tokenizer.vocab_size})"),
-        ("KV cache per token", f"{kv_bytes:,} bytes" + (f" ({mha_bytes // kv_bytes}x smaller than full MHA)" if mha_bytes > kv_bytes else "")),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         out(f"{k:<{width}}  {v}\n")
     return 0
+
+
+def _state_rows(c, itemsize: int) -> list[tuple[str, str]]:
+    """The shape rows and what a sequence's state costs: KV bytes per token for an
+    attention model, a fixed state per sequence for a recurrent one."""
+    if isinstance(c, FalconMambaConfig):
+        state = c.state_bytes_per_sequence(itemsize)
+        return [
+            ("layers / hidden / d_inner / state", f"{c.num_hidden_layers} / {c.hidden_size} / {c.intermediate_size} / {c.state_size}"),
+            ("position", "none (recurrent state)"),
+            ("context", f"no positional limit (engine default {c.max_position_embeddings})"),
+            ("state per sequence", f"{state:,} bytes, whatever the length (no KV cache)"),
+        ]  # fmt: skip
+    kv_bytes = c.kv_cache_bytes_per_token(itemsize)
+    mha_bytes = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * itemsize
+    return [
+        ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
+        ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
+        ("context (max_position_embeddings)", str(c.max_position_embeddings)),
+        ("KV cache per token", f"{kv_bytes:,} bytes" + (f" ({mha_bytes // kv_bytes}x smaller than full MHA)" if mha_bytes > kv_bytes else "")),
+    ]  # fmt: skip
 
 
 def cmd_convert(args: argparse.Namespace, out: Out) -> int:

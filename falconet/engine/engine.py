@@ -1,9 +1,10 @@
-"""The Engine: continuous batching over a paged KV cache, for every face.
+"""The Engine: continuous batching over a per-sequence state pool, for every face.
 
 Faces (the CLI and `LLM`, the HTTP server, RAG) `submit` prompts and read `Delta`s from
 the returned `Stream`s. Each `step()` asks the scheduler for a plan (scheduler.py: who
 runs, how many tokens each feeds), has the runner execute it (runner.py: one packed
-forward, per-sequence sampling), then turns tokens into text with stop strings held back
+forward, per-sequence sampling; the model's state lives in the pool its class names:
+paged KV blocks, or SSM slots for a recurrent model, state.py), then turns tokens into text with stop strings held back
 and hands a Delta to each stream; finished or cancelled sequences give their state back
 at once. A background thread (`start()`) runs steps for the server; without it the
 caller drives the engine itself (`generate`, `iterate`, `score`), so the CLI and the
@@ -26,7 +27,8 @@ import torch
 
 from falconet.engine.paged import PagedKVCache
 from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
-from falconet.engine.scheduler import Budget, StepPlan, schedule
+from falconet.engine.scheduler import Budget, StepPlan, add_units, schedule
+from falconet.engine.state import SSMSlotPool
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
 from falconet.nn.cache import available_memory
@@ -36,8 +38,24 @@ from falconet.tokenizer import Tokenizer
 
 log = logging.getLogger("falconet.engine")
 
-# Share of free memory the KV pool may claim when it is sized automatically.
+# Share of free memory the state pool (KV blocks, SSM slots) may claim when it is sized
+# automatically.
 KV_MEMORY_SHARE = 0.5
+
+
+# The pools a model class may name as its `state_pool` (engine/state.py).
+POOLS: dict[str, type[PagedKVCache] | type[SSMSlotPool]] = {
+    "paged_kv": PagedKVCache,
+    "ssm_slots": SSMSlotPool,
+}
+
+
+def pool_for(model) -> type[PagedKVCache] | type[SSMSlotPool]:
+    """The pool class `model` keeps its per-sequence state in."""
+    name = getattr(model, "state_pool", "paged_kv")
+    if name not in POOLS:
+        raise GenerationError(f"the engine has no state pool {name!r}")
+    return POOLS[name]
 
 
 class QueueFull(FalconetError):
@@ -66,7 +84,7 @@ class EngineStats:
     running: int
     max_batch: int
     max_queue: int
-    kv_blocks_used: int
+    kv_blocks_used: int  # units of the state pool: KV blocks, or SSM slots
     kv_blocks_total: int
 
 
@@ -165,25 +183,21 @@ class Engine:
             raise GenerationError(f"max_context must be at least 2 tokens, got {self.max_context}")
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = max(prefill_budget, prefill_chunk)
-        tokens = kv_cache_tokens or max_batch * self.max_context
-        per_token = 2 * config.num_hidden_layers * config.kv_heads * config.head_dim
-        per_token *= model.compute_dtype.itemsize
-        available = available_memory(model.device)
-        if kv_cache_tokens is None and available is not None:
-            tokens = min(tokens, int(available * KV_MEMORY_SHARE) // per_token)
-        blocks = -(-tokens // block_size)
-        if blocks < -(-self.max_context // block_size) and kv_cache_tokens is None:
-            raise GenerationError(
-                f"not enough memory for one sequence of {self.max_context} tokens "
-                f"({per_token * self.max_context / 2**20:.0f} MiB of KV cache); lower max_context"
-            )
-        self.cache = PagedKVCache(config, blocks, block_size, model.compute_dtype, model.device)
-        self.runner = ModelRunner(model, self.cache)
+        self.pool = pool_for(model).for_engine(
+            model,
+            max_batch=max_batch,
+            max_context=self.max_context,
+            block_size=block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            available=available_memory(model.device),
+            memory_share=KV_MEMORY_SHARE,
+        )
+        self.runner = ModelRunner(model, self.pool)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._reserved = 0  # blocks promised to running sequences
+        self._reserved = add_units(self.pool.capacity, self.pool.capacity, -1)  # promised
         self._seconds_per_request = 1.0  # moving average, for Retry-After
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -309,8 +323,8 @@ class Engine:
                 running=len(self._running),
                 max_batch=self.max_batch,
                 max_queue=self.max_queue,
-                kv_blocks_used=self.cache.num_blocks - self.cache.free_blocks,
-                kv_blocks_total=self.cache.num_blocks,
+                kv_blocks_used=self.pool.used,
+                kv_blocks_total=self.pool.capacity,
             )
 
     def _new_sequence(
@@ -346,12 +360,7 @@ class Engine:
                 f"{total} is more than this model's context of {self.max_context} tokens; "
                 "shorten the prompt or lower max_tokens"
             )
-        reserve = self.cache.blocks_for(total)
-        if reserve > self.cache.num_blocks:
-            raise GenerationError(
-                f"the prompt and max_tokens need {total} tokens of KV cache but it holds "
-                f"{self.cache.num_blocks * self.cache.block_size}; lower max_tokens"
-            )
+        reserve = self.pool.units_for(total)  # GenerationError when it can never fit
         stream = Stream(len(prompt), loop)
         stream._engine = self
         if not generates:
@@ -381,14 +390,14 @@ class Engine:
                 self._drop_cancelled()
                 budget = Budget(
                     self.max_batch,
-                    self.cache.num_blocks - self._reserved,
+                    add_units(self.pool.capacity, self._reserved, -1),
                     self.prefill_chunk,
                     self.prefill_budget,
                 )
                 plan = schedule(self._running, self._waiting, budget)
                 for seq in plan.admitted:
                     self._waiting.popleft()
-                    self._reserved += seq.reserve
+                    self._reserved = add_units(self._reserved, seq.reserve)
                     seq.started = time.monotonic()
                     self._running.append(seq)
                 if not plan:
@@ -453,11 +462,11 @@ class Engine:
             self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
 
     def _finish(self, seq: _Sequence, last: Delta | None) -> None:
-        """Remove a running (or waiting) sequence, free its blocks, end its stream."""
+        """Remove a running (or waiting) sequence, free its state, end its stream."""
         if seq in self._running:
             self._running.remove(seq)
-            self._reserved -= seq.reserve
-            self.cache.release(seq.table)
+            self._reserved = add_units(self._reserved, seq.reserve, -1)
+            self.pool.release(seq)
             elapsed = time.monotonic() - seq.started
             self._seconds_per_request += 0.2 * (elapsed - self._seconds_per_request)
         if last is not None:

@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from falconet.engine.state import PooledSequence, StepPart
 from falconet.errors import GenerationError
 from falconet.models.falcon_config import FalconConfig
 from falconet.nn.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
 
 
 class PagedKVCache:
+    """The KV block pool: an engine `StatePool` (state.py) whose units are blocks."""
+
     def __init__(
         self,
         config: FalconConfig,
@@ -56,19 +59,65 @@ class PagedKVCache:
         # LIFO: a block freed a moment ago is handed out next, while its pages are warm.
         self._free = list(range(num_blocks - 1, -1, -1))
 
+    @classmethod
+    def for_engine(
+        cls,
+        model,
+        *,
+        max_batch: int,
+        max_context: int,
+        block_size: int,
+        kv_cache_tokens: int | None,
+        available: int | None,
+        memory_share: float,
+    ) -> PagedKVCache:
+        """A pool for `max_batch` sequences of `max_context` tokens, or `kv_cache_tokens`
+        tokens, within `memory_share` of the `available` memory when sized automatically."""
+        config = model.config
+        tokens = kv_cache_tokens or max_batch * max_context
+        per_token = 2 * config.num_hidden_layers * config.kv_heads * config.head_dim
+        per_token *= model.compute_dtype.itemsize
+        if kv_cache_tokens is None and available is not None:
+            tokens = min(tokens, int(available * memory_share) // per_token)
+        blocks = -(-tokens // block_size)
+        if blocks < -(-max_context // block_size) and kv_cache_tokens is None:
+            raise GenerationError(
+                f"not enough memory for one sequence of {max_context} tokens "
+                f"({per_token * max_context / 2**20:.0f} MiB of KV cache); lower max_context"
+            )
+        return cls(config, blocks, block_size, model.compute_dtype, model.device)
+
     @property
     def free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def units_for(self, tokens: int) -> int:
+        blocks = self.blocks_for(tokens)
+        if blocks > self.num_blocks:
+            raise GenerationError(
+                f"the prompt and max_tokens need {tokens} tokens of KV cache but it holds "
+                f"{self.num_blocks * self.block_size}; lower max_tokens"
+            )
+        return blocks
 
     def token_bytes(self) -> int:
         """Bytes one cached token takes over all layers (K and V)."""
         return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
 
-    def grow(self, table: list[int], tokens: int) -> None:
-        """Extend a block table in place so it covers `tokens` tokens."""
+    def grow(self, seq: PooledSequence, tokens: int) -> None:
+        """Extend the sequence's block table in place so it covers `tokens` tokens."""
+        table = seq.table
         need = self.blocks_for(tokens) - len(table)
         if need > len(self._free):
             raise GenerationError(
@@ -77,9 +126,19 @@ class PagedKVCache:
         for _ in range(need):
             table.append(self._free.pop())
 
-    def release(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
-        table.clear()
+    def release(self, seq: PooledSequence) -> None:
+        self._free.extend(reversed(seq.table))
+        seq.table.clear()
+
+    def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> PackedStep:
+        segments = [Segment(p.seq.table, p.past, p.length, p.rope_len) for p in parts]
+        return PackedStep(self, segments, dtype)
+
+    def snapshot(self, seqs: list[PooledSequence]) -> None:
+        return None  # a retried forward writes the same K/V at the same new positions
+
+    def restore(self, snapshot: None) -> None:
+        pass
 
     def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Slot indices of token positions [start, stop) of a sequence."""

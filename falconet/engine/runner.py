@@ -1,8 +1,9 @@
 """The model runner: executes one step's plan and samples.
 
-It grows each scheduled sequence's model state (its KV blocks) to cover the new tokens,
-packs every sequence's new tokens into one row (decode tokens and prefill chunks side by
-side), runs the model once through `paged.PackedStep`, and samples per sequence with the
+It grows each scheduled sequence's model state (its KV blocks, or its SSM slot: the
+model's state pool, state.py) to cover the new tokens, packs every sequence's new tokens
+into one row (decode tokens and prefill chunks side by side), runs the model once through
+the pool's packed step, and samples per sequence with the
 sequence's own sampler and seeded generator. Everything it computes for a sequence
 depends only on that sequence (row-invariant Linear, per-sequence attention and
 sampling), so batching never changes a result.
@@ -12,7 +13,9 @@ per sequence: one that raises fails that sequence alone. A forward that raises i
 retried on each half of the batch, down to single sequences, so only the sequences that
 fail on their own are failed; the others get the numbers they would have got in the
 full batch. Retrying is safe because a forward only writes each sequence's K/V at its
-new positions (the same values again) and sequence state advances only after it.
+new positions (the same values again) and sequence state advances only after it; a
+recurrent state, which a forward advances in place, is snapshot before a forward that
+may be retried and restored before the retry.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falconet.engine.paged import PackedStep, PagedKVCache, Segment
-from falconet.engine.scheduler import Work
+from falconet.engine.scheduler import Units, Work
+from falconet.engine.state import StatePool, StepPart
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
 
 log = logging.getLogger("falconet.engine")
@@ -35,11 +38,12 @@ class SequenceState:
 
     prompt: list[int]
     params: SamplingParams
-    reserve: int  # state units (KV blocks) promised for prompt + max_tokens
+    reserve: Units  # state units (KV blocks, SSM slot) promised for prompt + max_tokens
     want_prompt_logits: bool = False  # keep the logits of every prompt position
     generates: bool = True  # False: score the prompt only (perplexity, LLM.logits)
     table: list[int] = field(default_factory=list)  # KV block table
-    cached: int = 0  # tokens in the KV cache
+    slot: int | None = None  # SSM state slot
+    cached: int = 0  # tokens in the model state
     last_token: int = -1
     sampler: Sampler | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # fp32 (n, V) chunks
@@ -71,8 +75,8 @@ def describe(e: BaseException) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model, pool: StatePool) -> None:
+        self.model, self.pool = model, pool
 
     def execute(self, work: list[Work]) -> list[Sampled | Failed]:
         """One forward over the planned tokens, then sampling for the sequences whose
@@ -107,9 +111,10 @@ class ModelRunner:
         return out
 
     def _forward(self, work: list[Work]) -> tuple[torch.Tensor, list[tuple]]:
-        """The packed forward; no sequence's state changes here but its block table (grown
-        to the new length, which a retry finds already done)."""
-        segments, ids, logit_rows, scored = [], [], [], []
+        """The packed forward; no sequence's state changes here but its pool handles
+        (grown to the new length, which a retry finds already done) and, for a recurrent
+        model, its state, which is restored when the forward raises."""
+        parts, ids, logit_rows, scored = [], [], [], []
         for w in work:
             seq: SequenceState = w.seq  # type: ignore[assignment]
             if seq.cached >= seq.prompt_len:  # decoding
@@ -117,8 +122,8 @@ class ModelRunner:
             else:
                 tokens = seq.prompt[seq.cached : seq.cached + w.tokens]
                 rope_len = seq.prompt_len  # a chunked prompt rotates as one forward
-            self.cache.grow(seq.table, seq.cached + len(tokens))
-            segments.append(Segment(seq.table, seq.cached, len(tokens), rope_len))
+            self.pool.grow(seq, seq.cached + len(tokens))
+            parts.append(StepPart(seq, seq.cached, len(tokens), rope_len))
             start = len(ids)
             ids += tokens
             prefilling = seq.cached < seq.prompt_len
@@ -128,12 +133,20 @@ class ModelRunner:
             logit_rows += rows
             scored.append((seq, len(tokens), len(rows), w.samples))
         device = self.model.device
-        step = PackedStep(self.cache, segments, self.model.compute_dtype)
-        logits = self.model.forward_packed(
-            torch.tensor(ids, device=device),
-            step,
-            torch.tensor(logit_rows, dtype=torch.long, device=device),
-        ).float()
+        step = self.pool.packed_step(parts, self.model.compute_dtype)
+        # only a batch is retried (a lone sequence that fails is failed), so only a
+        # batch pays for the snapshot
+        snapshot = self.pool.snapshot([p.seq for p in parts]) if len(parts) > 1 else None
+        try:
+            logits = self.model.forward_packed(
+                torch.tensor(ids, device=device),
+                step,
+                torch.tensor(logit_rows, dtype=torch.long, device=device),
+            ).float()
+        except Exception:
+            if snapshot is not None:
+                self.pool.restore(snapshot)
+            raise
         return logits, scored
 
     def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:

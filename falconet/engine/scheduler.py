@@ -6,8 +6,9 @@ tested on plain objects (tests/test_scheduler.py). The engine applies the plan i
     admit      waiting sequences join the running set, first come first served, while a
                batch slot is free and the per-sequence state pool can promise their whole
                budget (prompt + max_tokens): a running sequence never has to be preempted.
-               The state is counted in the pool's own units (KV blocks today; a recurrent
-               model's state slots are units too), so the scheduler never assumes attention.
+               The state is counted in the pool's own units (KV blocks, a recurrent model's
+               state slots, or a tuple of both compared element-wise), so the scheduler
+               never assumes attention.
     feed       every decoding sequence feeds its last token; a prefilling sequence feeds the
                next chunk of its prompt, up to a per-step prefill budget, so a long prompt is
                spread over several steps and never freezes the streams already running.
@@ -21,6 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# State units: an int for a pool of one kind, a tuple for a pool holding several (KV
+# blocks and SSM slots), compared and counted element-wise.
+Units = int | tuple[int, ...]
+
+
+def fits(need: Units, free: Units) -> bool:
+    if isinstance(need, int):
+        return need <= free  # type: ignore[operator]
+    return all(n <= f for n, f in zip(need, free, strict=True))  # type: ignore[arg-type]
+
+
+def add_units(a: Units, b: Units, sign: int = 1) -> Units:
+    """a + b (a - b with sign=-1), element-wise for tuples."""
+    if isinstance(a, int):
+        return a + sign * b  # type: ignore[operator]
+    return tuple(x + sign * y for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+
 
 class Schedulable(Protocol):
     """What the scheduler reads of a sequence."""
@@ -32,7 +50,7 @@ class Schedulable(Protocol):
     def cached(self) -> int: ...  # tokens already in the sequence's model state
 
     @property
-    def reserve(self) -> int: ...  # state units promised to it for its whole budget
+    def reserve(self) -> Units: ...  # state units promised to it for its whole budget
 
 
 @dataclass(frozen=True)
@@ -40,7 +58,7 @@ class Budget:
     """The limits of one step."""
 
     max_batch: int  # sequences running at once
-    free_units: int  # state units not yet promised to a running sequence
+    free_units: Units  # state units not yet promised to a running sequence
     prefill_chunk: int  # prompt tokens one sequence feeds per step, at most
     prefill_tokens: int  # prompt tokens all sequences feed per step, at most (>= prefill_chunk)
 
@@ -70,10 +88,10 @@ def schedule(
     plan = StepPlan()
     free = budget.free_units
     for seq in waiting:
-        if len(running) + len(plan.admitted) >= budget.max_batch or seq.reserve > free:
+        if len(running) + len(plan.admitted) >= budget.max_batch or not fits(seq.reserve, free):
             break  # first come, first served: wait for room rather than overtake
         plan.admitted.append(seq)
-        free -= seq.reserve
+        free = add_units(free, seq.reserve, -1)
     prefill_left = max(budget.prefill_tokens, budget.prefill_chunk)
     for seq in [*running, *plan.admitted]:
         remaining = seq.prompt_len - seq.cached

@@ -42,6 +42,9 @@ class CausalLM(nn.Module):
     lm_head: nn.Module
     # HF module name of the token embeddings (the tensor a tied head shares).
     embeddings_name: ClassVar[str]
+    # The engine pool the per-sequence state lives in (falconet/engine/state.py): K/V
+    # per token in paged blocks, or a fixed-size recurrent state per sequence
+    state_pool: ClassVar[str] = "paged_kv"
 
     def __init__(self, config: Any, dtype: torch.dtype, compute_dtype: torch.dtype | None) -> None:
         super().__init__()

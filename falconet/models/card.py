@@ -109,6 +109,8 @@ def family_name(config: ModelConfig) -> str:
     if arch == "llama":
         # Falcon3 (and Falcon-Arabic, the 1.58-bit Falcon3) are LlamaForCausalLM checkpoints.
         return "Falcon3 (Llama architecture)"
+    if arch == "falcon_mamba":
+        return "Falcon-Mamba (Mamba-1, state-space)"
     if not isinstance(config, FalconConfig):
         raise TypeError(f"no family name for {arch} config {type(config).__name__}")
     if config.alibi:

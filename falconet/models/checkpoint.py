@@ -31,7 +31,13 @@ from gguf import GGUFWriter
 from falconet.errors import CheckpointError, ConfigError, FalconetError
 from falconet.models import gguf_falcon, gguf_llama
 from falconet.models.base import CausalLM
-from falconet.models.registry import ModelConfig, for_config, read_hf_config
+from falconet.models.registry import (
+    ARCHITECTURES,
+    ModelConfig,
+    for_config,
+    for_gguf,
+    read_hf_config,
+)
 from falconet.quant import QuantError
 from falconet.quant.linear import install
 from falconet.weights import gguf_vocab
@@ -88,7 +94,17 @@ LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
 
 
 def _layout(config: ModelConfig) -> ModuleType:
-    return LAYOUTS[for_config(config).gguf_architecture]
+    arch = for_config(config)
+    if arch.gguf_architecture not in LAYOUTS:
+        raise GGUFError(_not_yet(arch.gguf_architecture, arch.name))
+    return LAYOUTS[arch.gguf_architecture]
+
+
+def _not_yet(gguf_arch: str, name: str) -> str:
+    return (
+        f"GGUF files of architecture {gguf_arch!r} ({name}) are not supported yet; "
+        "use the Hugging Face folder"
+    )
 
 
 @dataclass
@@ -111,7 +127,13 @@ class GGUFCheckpoint:
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
-    file = open_gguf(path, LAYOUTS)
+    # registered architectures without a GGUF layout yet are opened too, to say so
+    file = open_gguf(
+        path, list(dict.fromkeys([*LAYOUTS, *(a.gguf_architecture for a in ARCHITECTURES)]))
+    )
+    if file.architecture not in LAYOUTS:
+        arch = for_gguf(file.architecture)
+        raise GGUFError(f"{file.path}: " + _not_yet(file.architecture, arch.name))
     try:
         return _check(file)
     except UnicodeDecodeError as e:

@@ -103,15 +103,17 @@ class Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(E, dtype=dtype), requires_grad=False)
         self.out_proj = Linear(E, C, config.use_bias, dtype, compute_dtype)
 
-    def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
-    ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C); conv_state (B, E, K-1) and ssm_state (B, E, N) are
-        read and advanced in place."""
+    def forward(self, x: torch.Tensor, states: list[SegmentState]) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). `states` cut the T tokens into sequences, each with
+        its conv state (B, E, K-1) and SSM state (B, E, N), read and advanced in place:
+        one segment over all T for a dense batch, several sequences side by side (B = 1)
+        for the engine's packed row. The projections run on every row at once; the conv
+        and the scan, which carry state along a sequence, per segment."""
         dtype = x.dtype
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        bias = self.conv1d.bias
-        u = F.silu(causal_conv(u, conv_state, self.conv1d.weight[:, 0], bias))  # (B, T, E)
+        bias, weight = self.conv1d.bias, self.conv1d.weight[:, 0]
+        u = _per_segment(states, lambda rows, conv, _: causal_conv(u[:, rows], conv, weight, bias))
+        u = F.silu(u)  # (B, T, E)
         R, N = self.time_step_rank, self.state_size
         dt, B, C = self.x_proj(u).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
         dt = weightless_rms_norm(dt, self.eps)
@@ -123,13 +125,28 @@ class Mixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         uf = u.float()
-        if u.shape[1] == 1:  # decode
-            y = selective_step(ssm_state, uf[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
-        else:
-            y = selective_scan(ssm_state, uf, dt, A, B, C)  # (B, T, E) fp32
+
+        def scan(rows: slice, _, ssm: torch.Tensor) -> torch.Tensor:
+            if rows.stop - rows.start == 1:  # decode
+                i = rows.start
+                return selective_step(ssm, uf[:, i], dt[:, i], A, B[:, i], C[:, i])[:, None]
+            return selective_scan(ssm, uf[:, rows], dt[:, rows], A, B[:, rows], C[:, rows])
+
+        y = _per_segment(states, scan)  # (B, T, E) fp32
         y = y + u * self.D.float()
         y = y * F.silu(z)
         return self.out_proj(y.to(dtype))  # (B, T, C)
+
+
+# One sequence's rows of a call and its state of one layer: (rows, conv (B, E, K-1),
+# ssm (B, E, N)).
+SegmentState = tuple[slice, torch.Tensor, torch.Tensor]
+
+
+def _per_segment(states: list[SegmentState], fn) -> torch.Tensor:
+    """fn(rows, conv, ssm) -> (B, rows, E) for each segment, joined along the tokens."""
+    outs = [fn(rows, conv, ssm) for rows, conv, ssm in states]
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 class Block(nn.Module):
@@ -142,11 +159,9 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, compute_dtype)
         self.mixer = Mixer(config, dtype, compute_dtype)
 
-    def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[SegmentState]) -> torch.Tensor:
         residual = x.float() if self.residual_in_fp32 else x
-        h = self.mixer(self.norm(x.to(self.compute_dtype)), conv_state, ssm_state)
+        h = self.mixer(self.norm(x.to(self.compute_dtype)), states)
         return residual + h
 
 
@@ -170,6 +185,7 @@ class FalconMamba(CausalLM):
     advances `state`; without one the tokens start fresh sequences."""
 
     embeddings_name = "backbone.embeddings"
+    state_pool = "ssm_slots"  # one fixed-size state per sequence, whatever its length
 
     def __init__(
         self,
@@ -205,15 +221,27 @@ class FalconMamba(CausalLM):
             x = x[:, -1:]
         return self._head(x)
 
-    def forward_packed(self, *args, **kwargs) -> torch.Tensor:
-        raise NotImplementedError(
-            "Falcon-Mamba does not run in the paged engine yet (its SSM state slots come later)"
-        )
+    def forward_packed(  # type: ignore[override]  # a SlotStep, not an attention step
+        self, input_ids: torch.Tensor, step, logit_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Continuous batching: the new tokens of several sequences packed in one row.
+
+        input_ids (N,) are the tokens of `step.segments` side by side (decode tokens and
+        prefill chunks); each sequence's conv and scan run from its own slot of the
+        engine's SSM pool (engine/state.py `SlotStep`), which is advanced in place.
+        Returns logits (R, V) for the packed positions `logit_rows` (R,).
+        """
+        x = self.backbone.embeddings(input_ids[None]).to(self.compute_dtype)  # (1, N, C)
+        for i, block in enumerate(self.backbone.layers):
+            x = block(x, step.states(i))
+        x = x[0].index_select(0, logit_rows)  # (R, C)
+        return self._head(x)  # (R, V)
 
     def _embed_and_blocks(self, input_ids: torch.Tensor, state: MambaState) -> torch.Tensor:  # type: ignore[override]
         x = self.backbone.embeddings(input_ids).to(self.compute_dtype)  # (B, T, C)
+        everything = slice(0, input_ids.shape[1])
         for i, block in enumerate(self.backbone.layers):
-            x = block(x, state.conv[i], state.ssm[i])
+            x = block(x, [(everything, state.conv[i], state.ssm[i])])
         return x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,10 @@ HF_KEYS = (
 # The keys without which a config.json is not a Falcon-Mamba config: transformers' own
 # defaults for them describe a 130M test model, not a checkpoint, so none is guessed.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "state_size", "num_hidden_layers")
+# The engine's default bound on prompt + completion tokens. Falcon-Mamba has no
+# positions and its state does not grow, so nothing in the model limits the context;
+# a bound still keeps a runaway request finite, and --max-context raises it.
+DEFAULT_CONTEXT = 8192
 # config.json keys read into other fields.
 READ_APART = ("model_type", "eos_token_id", "torch_dtype", "dtype")
 
@@ -85,6 +89,11 @@ class FalconMambaConfig(HFConfigFile):
     def intermediate_size(self) -> int:
         """d_inner: the width the mixer's conv and scan run at (transformers' name)."""
         return self.expand * self.hidden_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The context the faces default to (no positional limit: DEFAULT_CONTEXT)."""
+        return DEFAULT_CONTEXT
 
     @property
     def variant(self) -> str:

@@ -9,6 +9,7 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 |--------------|-------------------------------------|---------------------|----------|
 | falcon       | falcon, RefinedWeb, RefinedWebModel | FalconForCausalLM   | falcon   |
 | llama        | llama                               | LlamaForCausalLM    | llama    |
+| falcon_mamba | falcon_mamba                        | FalconMambaForCausalLM | mamba (not read or written yet) |
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from falconet.errors import ConfigError
 from falconet.models.base import CausalLM, CheckpointLayout
 from falconet.models.falcon import Falcon
 from falconet.models.falcon_config import FALCON_MODEL_TYPES, FalconConfig, read_config_json
+from falconet.models.falcon_mamba import FalconMamba
+from falconet.models.falcon_mamba_config import FALCON_MAMBA_MODEL_TYPES, FalconMambaConfig
 from falconet.models.llama import Llama
 from falconet.models.llama_config import LLAMA_MODEL_TYPES, LlamaConfig
 
-ModelConfig = FalconConfig | LlamaConfig
+ModelConfig = FalconConfig | LlamaConfig | FalconMambaConfig
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     model: type[CausalLM]
-    config: type[FalconConfig] | type[LlamaConfig]
+    config: type[FalconConfig] | type[LlamaConfig] | type[FalconMambaConfig]
     hf_model_types: tuple[str, ...]
     hf_architectures: tuple[str, ...]
     gguf_architecture: str  # llama.cpp's general.architecture
@@ -57,6 +60,14 @@ ARCHITECTURES = (
         "falcon", Falcon, FalconConfig, FALCON_MODEL_TYPES, ("FalconForCausalLM",), "falcon"
     ),
     Architecture("llama", Llama, LlamaConfig, LLAMA_MODEL_TYPES, ("LlamaForCausalLM",), "llama"),
+    Architecture(
+        "falcon_mamba",
+        FalconMamba,
+        FalconMambaConfig,
+        FALCON_MAMBA_MODEL_TYPES,
+        ("FalconMambaForCausalLM",),
+        "mamba",
+    ),
 )
 
 

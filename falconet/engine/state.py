@@ -1,0 +1,229 @@
+"""Per-sequence model state for the engine: the pools a model's state lives in.
+
+What a running sequence keeps between steps depends on the model: an attention model
+keeps K/V per token (`paged.PagedKVCache`, blocks that follow the length), a recurrent
+model keeps a fixed-size state whatever the length (`SSMSlotPool`, one slot per
+sequence). The engine, the runner and the scheduler speak to either through `StatePool`
+and never ask which kind of model they run: the model class names its pool
+(`CausalLM.state_pool`, looked up in engine.py's `POOLS`).
+
+A pool counts its memory in units: KV blocks, SSM slots. A sequence is admitted only
+when the pool can promise it the units its whole budget (prompt + max_tokens) needs
+(`units_for`), so a running sequence is never preempted. Units are an int today; a pool
+holding two kinds at once (Falcon-H1: KV blocks for its attention and one SSM slot for
+its Mamba heads) gives a tuple, which the scheduler compares element-wise
+(scheduler.fits).
+
+Retries: the runner retries a failed forward on halves of its batch. A KV pool needs
+nothing for that (a forward only writes K/V at new positions, the same values again), but
+a recurrent state is advanced in place, so before a forward that may be retried the
+runner takes a `snapshot` of the step's sequences' states and `restore`s it before the
+retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from falconet.engine.scheduler import Units
+from falconet.errors import GenerationError
+
+
+class PooledSequence(Protocol):
+    """What a pool keeps on a sequence: its handles into the pool."""
+
+    table: list[int]  # KV block table
+    slot: int | None  # SSM slot
+
+
+@dataclass
+class StepPart:
+    """One sequence's share of a packed step: `length` new tokens after `past` cached."""
+
+    seq: Any  # a PooledSequence
+    past: int
+    length: int
+    rope_len: int  # sequence length for dynamic RoPE scaling (attention pools only)
+
+
+class StatePool(Protocol):
+    """The per-sequence state of every running sequence, for one model."""
+
+    @property
+    def capacity(self) -> Units: ...  # units in the pool
+
+    @property
+    def used(self) -> Units: ...  # units held by sequences now
+
+    def units_for(self, tokens: int) -> Units:
+        """Units a sequence of `tokens` tokens holds at most. GenerationError when even
+        the whole pool could not hold it."""
+        ...
+
+    def grow(self, seq: PooledSequence, tokens: int) -> None:
+        """Make `seq`'s state cover `tokens` tokens (take blocks, or its slot)."""
+        ...
+
+    def release(self, seq: PooledSequence) -> None:
+        """Give back everything `seq` holds (finished or cancelled)."""
+        ...
+
+    def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> Any:
+        """The state context `model.forward_packed` reads and writes for these parts."""
+        ...
+
+    def snapshot(self, seqs: Sequence[PooledSequence]) -> Any:
+        """What `restore` needs to undo a forward over `seqs` (None: nothing to undo)."""
+        ...
+
+    def restore(self, snapshot: Any) -> None: ...
+
+
+class SSMSlotPool:
+    """Fixed-size recurrent states: `slots` slots, each holding one sequence's conv and
+    SSM state for every layer (Falcon-Mamba's `MambaState` with the batch as slots).
+
+    conv (L, slots, E, K - 1) in the compute dtype, ssm (L, slots, E, N) fp32. A sequence
+    takes one slot when it first runs (zeroed: the start of a sequence) and gives it back
+    when it finishes or is cancelled; the size never depends on the length, so one slot
+    is its whole reservation. `torch.empty`, so slots never used cost no resident memory.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        channels: int,
+        conv_width: int,
+        state_size: int,
+        slots: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if slots < 1:
+            raise GenerationError("an SSM state pool needs at least one slot")
+        self.num_slots = slots
+        self.conv = torch.empty(layers, slots, channels, conv_width, dtype=dtype, device=device)
+        self.ssm = torch.empty(
+            layers, slots, channels, state_size, dtype=torch.float32, device=device
+        )
+        # LIFO, like the KV blocks: a slot freed a moment ago is reused while warm
+        self._free = list(range(slots - 1, -1, -1))
+
+    @classmethod
+    def for_model(cls, model, slots: int) -> SSMSlotPool:
+        c = model.config
+        return cls(
+            c.num_hidden_layers, c.intermediate_size, c.conv_kernel - 1, c.state_size,
+            slots, model.compute_dtype, model.device,
+        )  # fmt: skip
+
+    @classmethod
+    def for_engine(
+        cls,
+        model,
+        *,
+        max_batch: int,
+        max_context: int,
+        block_size: int,
+        kv_cache_tokens: int | None,
+        available: int | None,
+        memory_share: float,
+    ) -> SSMSlotPool:
+        """One slot per batch place: a running sequence always has one. The KV knobs
+        (block_size, kv_cache_tokens) do not apply to a recurrent state."""
+        per_slot = cls.slot_bytes_for(model)
+        if available is not None and per_slot > available * memory_share:
+            raise GenerationError(
+                f"not enough memory for one sequence's recurrent state ({per_slot / 2**20:.0f} MiB)"
+            )
+        slots = max_batch
+        if available is not None:
+            slots = max(1, min(slots, int(available * memory_share) // per_slot))
+        return cls.for_model(model, slots)
+
+    @staticmethod
+    def slot_bytes_for(model) -> int:
+        """Bytes of one sequence's state over all layers (conv + fp32 SSM state)."""
+        c = model.config
+        per_channel = (c.conv_kernel - 1) * model.compute_dtype.itemsize + c.state_size * 4
+        return c.num_hidden_layers * c.intermediate_size * per_channel
+
+    def slot_bytes(self) -> int:
+        conv = self.conv[:, 0].numel() * self.conv.element_size()
+        return conv + self.ssm[:, 0].numel() * self.ssm.element_size()
+
+    @property
+    def capacity(self) -> int:
+        return self.num_slots
+
+    @property
+    def used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def units_for(self, tokens: int) -> int:
+        return 1  # the state does not grow with the length
+
+    def grow(self, seq: PooledSequence, tokens: int) -> None:
+        if seq.slot is not None:
+            return
+        if not self._free:
+            raise GenerationError("the SSM state pool is out of slots")
+        seq.slot = self._free.pop()
+        self.conv[:, seq.slot].zero_()
+        self.ssm[:, seq.slot].zero_()
+
+    def release(self, seq: PooledSequence) -> None:
+        if seq.slot is not None:
+            self._free.append(seq.slot)
+            seq.slot = None
+
+    def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> SlotStep:
+        return SlotStep(self, parts)
+
+    def snapshot(self, seqs: Sequence[PooledSequence]) -> tuple[torch.Tensor, ...]:
+        idx = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.conv.device)
+        return idx, self.conv.index_select(1, idx), self.ssm.index_select(1, idx)
+
+    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
+        idx, conv, ssm = snapshot
+        self.conv.index_copy_(1, idx, conv)
+        self.ssm.index_copy_(1, idx, ssm)
+
+
+@dataclass
+class SlotSegment:
+    """One sequence's rows of a packed step and its slot."""
+
+    slot: int
+    start: int  # offset of its new tokens in the packed row
+    length: int
+
+
+class SlotStep:
+    """The recurrent context of one packed forward: where each sequence's rows are and
+    its state, per layer, as views the model advances in place."""
+
+    def __init__(self, pool: SSMSlotPool, parts: list[StepPart]) -> None:
+        self.pool = pool
+        self.segments, offset = [], 0
+        for p in parts:
+            self.segments.append(SlotSegment(p.seq.slot, offset, p.length))
+            offset += p.length
+        self.tokens = offset
+
+    def states(self, layer: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Per sequence: its rows, conv state (1, E, K - 1) and SSM state (1, E, N) of
+        `layer`, views into the pool."""
+        conv, ssm = self.pool.conv[layer], self.pool.ssm[layer]
+        return [
+            (
+                slice(s.start, s.start + s.length),
+                conv[s.slot : s.slot + 1],
+                ssm[s.slot : s.slot + 1],
+            )
+            for s in self.segments
+        ]
