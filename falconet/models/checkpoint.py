@@ -35,7 +35,6 @@ from falconet.models.registry import (
     ARCHITECTURES,
     ModelConfig,
     for_config,
-    for_gguf,
     read_hf_config,
 )
 from falconet.quant import QuantError
@@ -127,13 +126,13 @@ class GGUFCheckpoint:
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
-    # registered architectures without a GGUF layout yet are opened too, to say so
-    file = open_gguf(
-        path, list(dict.fromkeys([*LAYOUTS, *(a.gguf_architecture for a in ARCHITECTURES)]))
-    )
-    if file.architecture not in LAYOUTS:
-        arch = for_gguf(file.architecture)
-        raise GGUFError(f"{file.path}: " + _not_yet(file.architecture, arch.name))
+    # registered architectures without a GGUF layout yet get their own message
+    pending = {
+        a.gguf_architecture: _not_yet(a.gguf_architecture, a.name)
+        for a in ARCHITECTURES
+        if a.gguf_architecture not in LAYOUTS
+    }
+    file = open_gguf(path, LAYOUTS, pending)
     try:
         return _check(file)
     except UnicodeDecodeError as e:

@@ -15,7 +15,7 @@ business (models/checkpoint.py with models/gguf_falcon.py and models/gguf_llama.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,9 +186,13 @@ class GGUFFile:
         return out
 
 
-def open_gguf(path: str | Path, architectures: Collection[str]) -> GGUFFile:
+def open_gguf(
+    path: str | Path, architectures: Collection[str], pending: Mapping[str, str] | None = None
+) -> GGUFFile:
     """Open and check a GGUF file of one of `architectures` (general.architecture);
-    GGUFError names the file and the problem."""
+    GGUFError names the file and the problem. `pending`: architectures falconet knows but
+    cannot read from GGUF yet -> what to tell the user instead."""
+    pending = pending or {}
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
@@ -219,6 +223,8 @@ def open_gguf(path: str | Path, architectures: Collection[str]) -> GGUFFile:
     if reader.byte_order != "I":
         raise GGUFError(f"{path}: a big-endian GGUF file; falconet reads little-endian ones")
     arch = _value(reader, path, "general.architecture", "str")
+    if arch in pending:
+        raise GGUFError(f"{path}: {pending[arch]}")
     if arch not in architectures:
         raise GGUFError(
             f"{path}: architecture {arch!r} is not one falconet runs ({', '.join(architectures)})"
