@@ -44,6 +44,28 @@ class HFConfigFile:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+    @staticmethod
+    def _check_hf(
+        hf: Any, model_types: tuple[str, ...], family: str, quantized_hint: str | None = None
+    ) -> None:
+        """What every config.json must be before its keys are read: a JSON object of one
+        of `model_types`. With `quantized_hint`, a `quantization_config` (a pre-quantized
+        checkpoint falconet cannot load) is refused, naming its method and the hint."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
+        if hf.get("model_type") not in model_types:
+            raise ConfigError(
+                f"config: model_type {hf.get('model_type')!r} is not a {family} model "
+                f"(expected one of {', '.join(model_types)})"
+            )
+        quant = hf.get("quantization_config")
+        if quantized_hint is not None and quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(
+                f"config: the checkpoint is quantized (quantization_config {method!r}); "
+                + quantized_hint
+            )
+
     # Checks of keys every architecture's config.json carries alike.
     def _check_token_ids(self) -> None:
         for name in ("bos_token_id", "pad_token_id"):
@@ -224,14 +246,7 @@ class FalconConfig(HFConfigFile):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> FalconConfig:
         """Build from a HF `config.json` dict: current `falcon` and legacy RefinedWeb keys."""
-        if not isinstance(hf, dict):
-            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
-        model_type = hf.get("model_type")
-        if model_type not in FALCON_MODEL_TYPES:
-            raise ConfigError(
-                f"config: model_type {model_type!r} is not a Falcon model "
-                f"(expected one of {', '.join(FALCON_MODEL_TYPES)})"
-            )
+        cls._check_hf(hf, FALCON_MODEL_TYPES, "Falcon")
         d = dict(hf)
         # Legacy RefinedWeb names (convert_custom_code_checkpoint.py renames these).
         renames = {
@@ -250,7 +265,7 @@ class FalconConfig(HFConfigFile):
         if "new_decoder_architecture" not in d:
             # The HF converter sets it iff n_head_kv was present; TGI also infers it
             # for model_type RefinedWeb (the 40B custom code).
-            d["new_decoder_architecture"] = "n_head_kv" in hf or model_type == "RefinedWeb"
+            d["new_decoder_architecture"] = "n_head_kv" in hf or hf["model_type"] == "RefinedWeb"
 
         rope_theta, scaling_type, factor = _rope_from_hf(d)
         eos = d.get("eos_token_id", 11)

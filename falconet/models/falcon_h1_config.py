@@ -294,20 +294,9 @@ class FalconH1Config(HFConfigFile):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> FalconH1Config:
         """Build from a HF `config.json` dict (v5 `rope_parameters` or v4 `rope_theta`)."""
-        if not isinstance(hf, dict):
-            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
-        if hf.get("model_type") not in FALCON_H1_MODEL_TYPES:
-            raise ConfigError(
-                f"config: model_type {hf.get('model_type')!r} is not a Falcon-H1 model "
-                f"(expected {', '.join(FALCON_H1_MODEL_TYPES)})"
-            )
-        quant = hf.get("quantization_config")
-        if quant is not None:
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise ConfigError(
-                f"config: the checkpoint is quantized (quantization_config {method!r}); falconet "
-                "loads float Falcon-H1 checkpoints"
-            )
+        cls._check_hf(
+            hf, FALCON_H1_MODEL_TYPES, "Falcon-H1", "falconet loads float Falcon-H1 checkpoints"
+        )
         defaults = cls.__dataclass_fields__
         kwargs: dict[str, Any] = {}
         for name in HF_KEYS:

@@ -147,20 +147,12 @@ class FalconMambaConfig(HFConfigFile):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> FalconMambaConfig:
         """Build from a HF `config.json` dict (`FalconMambaConfig` keys)."""
-        if not isinstance(hf, dict):
-            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
-        if hf.get("model_type") not in FALCON_MAMBA_MODEL_TYPES:
-            raise ConfigError(
-                f"config: model_type {hf.get('model_type')!r} is not a Falcon-Mamba model "
-                f"(expected one of {', '.join(FALCON_MAMBA_MODEL_TYPES)})"
-            )
-        quant = hf.get("quantization_config")
-        if quant is not None:
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise ConfigError(
-                f"config: the checkpoint is quantized (quantization_config {method!r}); "
-                "falconet loads float Falcon-Mamba checkpoints"
-            )
+        cls._check_hf(
+            hf,
+            FALCON_MAMBA_MODEL_TYPES,
+            "Falcon-Mamba",
+            "falconet loads float Falcon-Mamba checkpoints",
+        )
         missing = [k for k in REQUIRED_KEYS if hf.get(k) is None]
         if missing:
             raise ConfigError(

@@ -229,20 +229,12 @@ class LlamaConfig(HFConfigFile):
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """Build from a HF `config.json` dict (transformers v5 `rope_parameters` or v4
         `rope_theta` + `rope_scaling`)."""
-        if not isinstance(hf, dict):
-            raise ConfigError(f"config: expected a JSON object, got {type(hf).__name__}")
-        if hf.get("model_type") not in LLAMA_MODEL_TYPES:
-            raise ConfigError(
-                f"config: model_type {hf.get('model_type')!r} is not a llama model "
-                f"(expected one of {', '.join(LLAMA_MODEL_TYPES)})"
-            )
-        quant = hf.get("quantization_config")
-        if quant is not None:
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise ConfigError(
-                f"config: the checkpoint is quantized (quantization_config {method!r}); falconet "
-                "loads float llama checkpoints: use the bfloat16 revision of the model"
-            )
+        cls._check_hf(
+            hf,
+            LLAMA_MODEL_TYPES,
+            "llama",
+            "falconet loads float llama checkpoints: use the bfloat16 revision of the model",
+        )
         defaults = cls.__dataclass_fields__
         kwargs: dict[str, Any] = {}
         for name in HF_KEYS:
