@@ -19,11 +19,15 @@ from typing import Any
 from falconet.errors import ConfigError
 from falconet.models.falcon_config import (
     ACTIVATIONS,
-    HFConfigFile,
     _is_finite_number,
     _is_positive_int,
 )
-from falconet.models.llama_config import LLAMA3_KEYS, ROPE_SCALING_TYPES, _rope_from_hf
+from falconet.models.llama_config import (
+    LLAMA3_KEYS,
+    ROPE_SCALING_TYPES,
+    RotaryGQAConfig,
+    _rope_from_hf,
+)
 
 FALCON_H1_MODEL_TYPES = ("falcon_h1",)
 # Fields that must be positive integers once resolved.
@@ -90,7 +94,7 @@ READ_APART = (
 
 
 @dataclass(frozen=True)
-class FalconH1Config(HFConfigFile):
+class FalconH1Config(RotaryGQAConfig):
     vocab_size: int = 128000
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -153,31 +157,9 @@ class FalconH1Config(HFConfigFile):
             object.__setattr__(self, name, value)
         if self.mamba_d_head is None:
             object.__setattr__(self, "mamba_d_head", self.mamba_d_ssm // self.mamba_n_heads)
-        if (
-            self.rope_scaling_type == "llama3"
-            and self.rope_original_max_position_embeddings is None
-        ):
-            object.__setattr__(
-                self, "rope_original_max_position_embeddings", self.max_position_embeddings
-            )
+        self._default_llama3_original()
 
     # ---- derived values (names shared code reads from every config) --------------------
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def alibi(self) -> bool:
-        return False
-
-    @property
-    def rotary(self) -> bool:
-        return True
-
-    @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size
-
     @property
     def conv_dim(self) -> int:
         """Channels of the Mamba causal conv: x, B and C side by side."""

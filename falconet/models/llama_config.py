@@ -68,8 +68,46 @@ READ_APART = (
 )
 
 
+class RotaryGQAConfig(HFConfigFile):
+    """What the Llama-style configs (Falcon3, Falcon-H1's attention) share: the names the
+    shared code reads from every config, and transformers' llama3 rope fallback."""
+
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rope_scaling_type: str | None
+    rope_original_max_position_embeddings: int | None
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads the model uses and the KV cache stores."""
+        return self.num_key_value_heads
+
+    @property
+    def alibi(self) -> bool:
+        return False
+
+    @property
+    def rotary(self) -> bool:
+        return True
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size
+
+    def _default_llama3_original(self) -> None:
+        # transformers' standardize_rope_params falls back the same way
+        if (
+            self.rope_scaling_type == "llama3"
+            and self.rope_original_max_position_embeddings is None
+        ):
+            object.__setattr__(
+                self, "rope_original_max_position_embeddings", self.max_position_embeddings
+            )
+
+
 @dataclass(frozen=True)
-class LlamaConfig(HFConfigFile):
+class LlamaConfig(RotaryGQAConfig):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -107,33 +145,9 @@ class LlamaConfig(HFConfigFile):
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if (
-            self.rope_scaling_type == "llama3"
-            and self.rope_original_max_position_embeddings is None
-        ):
-            # transformers' standardize_rope_params falls back the same way
-            object.__setattr__(
-                self, "rope_original_max_position_embeddings", self.max_position_embeddings
-            )
+        self._default_llama3_original()
 
     # ---- derived values (the names shared code reads from FalconConfig too) -----------
-    @property
-    def kv_heads(self) -> int:
-        """KV heads the model uses and the KV cache stores."""
-        return self.num_key_value_heads
-
-    @property
-    def alibi(self) -> bool:
-        return False
-
-    @property
-    def rotary(self) -> bool:
-        return True
-
-    @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size
-
     @property
     def variant(self) -> str:
         """A human name for the layout (never used to choose behaviour)."""
