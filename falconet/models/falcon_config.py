@@ -66,6 +66,18 @@ class HFConfigFile:
                 + quantized_hint
             )
 
+    @staticmethod
+    def _eos_ids(hf: dict[str, Any], default: int) -> tuple[Any, ...]:
+        """config.json's eos_token_id (one id, a list, or null for none) as a tuple."""
+        eos = hf.get("eos_token_id", default)
+        return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+    @staticmethod
+    def _hf_dtype(hf: dict[str, Any]) -> str | None:
+        """The checkpoint's dtype name (transformers v4 `torch_dtype`, v5 `dtype`)."""
+        dtype = hf.get("torch_dtype", hf.get("dtype"))
+        return dtype if isinstance(dtype, str) else None
+
     # Checks of keys every architecture's config.json carries alike.
     def _check_token_ids(self) -> None:
         for name in ("bos_token_id", "pad_token_id"):
@@ -268,8 +280,7 @@ class FalconConfig(HFConfigFile):
             d["new_decoder_architecture"] = "n_head_kv" in hf or hf["model_type"] == "RefinedWeb"
 
         rope_theta, scaling_type, factor = _rope_from_hf(d)
-        eos = d.get("eos_token_id", 11)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos_ids = cls._eos_ids(d, 11)
         defaults = cls.__dataclass_fields__
         kwargs: dict[str, Any] = {}
         for name in (
@@ -308,7 +319,6 @@ class FalconConfig(HFConfigFile):
         ):
             if not isinstance(kwargs[name], bool):
                 raise ConfigError(f"config: {name} must be true or false, got {kwargs[name]!r}")
-        dtype = d.get("torch_dtype", d.get("dtype"))
         known = (
             set(kwargs)
             | set(renames)
@@ -328,7 +338,7 @@ class FalconConfig(HFConfigFile):
             rope_scaling_type=scaling_type,
             rope_scaling_factor=factor,
             eos_token_ids=eos_ids,
-            torch_dtype=dtype if isinstance(dtype, str) else None,
+            torch_dtype=cls._hf_dtype(hf),
             extra={k: v for k, v in hf.items() if k not in known},
         )
 

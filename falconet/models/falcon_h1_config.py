@@ -299,9 +299,7 @@ class FalconH1Config(RotaryGQAConfig):
             value = hf.get(name)
             if value is not None:
                 kwargs[name] = tuple(map(_json_float, value)) if isinstance(value, list) else value
-        eos = hf.get("eos_token_id", 2)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        dtype = hf.get("torch_dtype", hf.get("dtype"))
+        eos_ids = cls._eos_ids(hf, 2)
         rope = _rope_from_hf(hf)
         kind = rope.get("rope_scaling_type")
         if kind is not None and kind not in ROPE_SCALING_TYPES:
@@ -318,7 +316,7 @@ class FalconH1Config(RotaryGQAConfig):
             **kwargs,
             **rope,
             eos_token_ids=eos_ids,
-            torch_dtype=dtype if isinstance(dtype, str) else None,
+            torch_dtype=cls._hf_dtype(hf),
             extra={k: v for k, v in hf.items() if k not in known},
         )
 

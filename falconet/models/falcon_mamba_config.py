@@ -167,14 +167,12 @@ class FalconMambaConfig(HFConfigFile):
         for name in ("bos_token_id", "pad_token_id"):
             if name in hf:  # an explicit null means "no token"
                 kwargs[name] = hf[name]
-        eos = hf.get("eos_token_id", 0)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        dtype = hf.get("torch_dtype", hf.get("dtype"))
+        eos_ids = cls._eos_ids(hf, 0)
         known = set(HF_KEYS) | set(READ_APART)
         return cls(
             **kwargs,
             eos_token_ids=eos_ids,
-            torch_dtype=dtype if isinstance(dtype, str) else None,
+            torch_dtype=cls._hf_dtype(hf),
             extra={k: v for k, v in hf.items() if k not in known},
         )
 
