@@ -171,6 +171,79 @@ def build_falcon_mamba_hf_model(variant: str, seed: int = 0, **over):
     return model
 
 
+# Falcon-H1 (tests/test_falcon_h1.py): two Mamba groups, mamba_d_head 6, every muP
+# multiplier away from 1, a chunk size that divides no prompt, GQA 4/2.
+FALCON_H1_BASE = dict(
+    vocab_size=448,  # room for the test tokenizer
+    pad_token_id=0,
+    bos_token_id=EOS_ID,
+    eos_token_id=EOS_ID,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+    max_position_embeddings=256,
+    rope_theta=1e11,  # Falcon-H1's base
+    mamba_d_ssm=24,
+    mamba_n_heads=4,
+    mamba_d_head=6,
+    mamba_n_groups=2,
+    mamba_d_state=8,
+    mamba_d_conv=4,
+    mamba_chunk_size=5,  # divides neither the 23-token prompt nor the prefill pieces
+    embedding_multiplier=1.3,
+    lm_head_multiplier=0.7,
+    key_multiplier=1.2,
+    attention_in_multiplier=0.9,
+    attention_out_multiplier=1.1,
+    ssm_in_multiplier=0.8,
+    ssm_out_multiplier=1.25,
+    ssm_multipliers=[0.5, 1.5, 0.75, 1.3, 0.6],
+    mlp_multipliers=[1.4, 0.6],
+)
+FALCON_H1_VARIANTS: dict[str, dict] = {
+    "gate_then_norm": dict(
+        mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_proj_bias=True, projectors_bias=True
+    ),
+    "norm_then_gate": dict(
+        mamba_rms_norm=True, mamba_norm_before_gate=True, attention_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e11},
+    ),
+    "no_norm_tied": dict(mamba_rms_norm=False, tie_word_embeddings=True, mlp_bias=True),
+    # d_ssm from mamba_expand, d_head "auto", one group, MHA, conv without bias, and
+    # time_step_limit low enough to clamp
+    "auto_sizes_clamped": dict(
+        mamba_d_ssm=None, mamba_expand=2, mamba_d_head="auto", mamba_n_heads=8, mamba_n_groups=1,
+        num_key_value_heads=4, mamba_conv_bias=False, time_step_limit=[0.05, 0.6],
+    ),
+}  # fmt: skip
+
+
+def build_falcon_h1_hf_model(variant: str, changes: dict | None = None):
+    """A tiny random FalconH1ForCausalLM: FALCON_H1_BASE with FALCON_H1_VARIANTS[variant]
+    (or `changes`) over it."""
+    import transformers
+
+    torch.manual_seed(sum(map(ord, variant)))
+    changes = FALCON_H1_VARIANTS[variant] if changes is None else changes
+    model = transformers.FalconH1ForCausalLM(
+        transformers.FalconH1Config(**{**FALCON_H1_BASE, **changes})
+    ).eval()
+    # transformers' init (std 0.02, A_log = log(1..H), D = 1) gives near-constant logits;
+    # weights of unit gain make every multiplier and path visible in them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name:
+                p.normal_(0, 0.4)
+            elif p.ndim >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.5)
+            else:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy continuation of `prompt` (EOS ignored): the reference."""
     hf_model.generation_config.eos_token_id = None
@@ -207,6 +280,7 @@ TINY_HF_MODELS: dict[str, tuple[Callable[..., Any], dict[str, dict]]] = {
     "falcon": (build_hf_model, VARIANTS),
     "llama": (build_llama_hf_model, LLAMA_VARIANTS),
     "falcon_mamba": (build_falcon_mamba_hf_model, FALCON_MAMBA_VARIANTS),
+    "falcon_h1": (build_falcon_h1_hf_model, FALCON_H1_VARIANTS),
 }
 
 

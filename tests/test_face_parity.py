@@ -29,6 +29,7 @@ FACE_VARIANTS: dict[str, tuple[str, ...]] = {
     ),
     "llama": ("falcon3_shape",),  # Falcon3: GQA 6/2, head_dim 32 != 96/6, rope_theta 1000042
     "falcon_mamba": ("conv4_tied",),  # Falcon-Mamba: recurrent state in SSM slots, no KV
+    "falcon_h1": ("gate_then_norm",),  # Falcon-H1: KV blocks and an SSM slot, muP multipliers
 }
 CASES = [
     pytest.param(arch.name, variant, id=f"{arch.name}-{variant}")

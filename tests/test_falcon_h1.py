@@ -22,76 +22,24 @@ from falconet.models.falcon_h1_config import FalconH1Config
 from falconet.models.registry import Architecture
 from falconet.nn.ssd import ssd_chunked, ssd_step
 from falconet.weights.hf import load_weights
-from tests.conftest import hf_greedy
+from tests.conftest import (
+    FALCON_H1_BASE,
+    FALCON_H1_VARIANTS,
+    build_falcon_h1_hf_model,
+    hf_greedy,
+)
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 290, 12, 64, 128, 1, 200, 33, 21, 8, 77, 150, 201, 9, 4, 60]
 
-BASE = dict(
-    vocab_size=300,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=10,
-    max_position_embeddings=256,
-    rope_theta=1e11,  # Falcon-H1's base
-    mamba_d_ssm=24,
-    mamba_n_heads=4,
-    mamba_d_head=6,
-    mamba_n_groups=2,
-    mamba_d_state=8,
-    mamba_d_conv=4,
-    mamba_chunk_size=5,  # divides neither the 23-token prompt nor the prefill pieces
-    embedding_multiplier=1.3,
-    lm_head_multiplier=0.7,
-    key_multiplier=1.2,
-    attention_in_multiplier=0.9,
-    attention_out_multiplier=1.1,
-    ssm_in_multiplier=0.8,
-    ssm_out_multiplier=1.25,
-    ssm_multipliers=[0.5, 1.5, 0.75, 1.3, 0.6],
-    mlp_multipliers=[1.4, 0.6],
-)
-VARIANTS = {
-    "gate_then_norm": dict(
-        mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_proj_bias=True, projectors_bias=True
-    ),
-    "norm_then_gate": dict(
-        mamba_rms_norm=True, mamba_norm_before_gate=True, attention_bias=True,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e11},
-    ),
-    "no_norm_tied": dict(mamba_rms_norm=False, tie_word_embeddings=True, mlp_bias=True),
-    # d_ssm from mamba_expand, d_head "auto", one group, MHA, conv without bias, and
-    # time_step_limit low enough to clamp
-    "auto_sizes_clamped": dict(
-        mamba_d_ssm=None, mamba_expand=2, mamba_d_head="auto", mamba_n_heads=8, mamba_n_groups=1,
-        num_key_value_heads=4, mamba_conv_bias=False, time_step_limit=[0.05, 0.6],
-    ),
-}  # fmt: skip
+BASE = FALCON_H1_BASE
+VARIANTS = FALCON_H1_VARIANTS
 # The decode step does not clamp dt (as transformers): a clamped model's cached decode
 # differs from its full forward, in transformers too.
 UNCLAMPED = [v for v in VARIANTS if "clamped" not in v]
 
 
-def build_hf(variant: str, changes: dict | None = None) -> transformers.FalconH1ForCausalLM:
-    """A tiny random model: BASE with VARIANTS[variant] (or `changes`) over it."""
-    torch.manual_seed(sum(map(ord, variant)))
-    changes = VARIANTS[variant] if changes is None else changes
-    model = transformers.FalconH1ForCausalLM(
-        transformers.FalconH1Config(**{**BASE, **changes})
-    ).eval()
-    # transformers' init (std 0.02, A_log = log(1..H), D = 1) gives near-constant logits;
-    # weights of unit gain make every multiplier and path visible in them.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed" in name:
-                p.normal_(0, 0.4)
-            elif p.ndim >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.5)
-            else:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
+def build_hf(variant: str, changes: dict | None = None):
+    return build_falcon_h1_hf_model(variant, changes)
 
 
 @pytest.fixture(scope="module")

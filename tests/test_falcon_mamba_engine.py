@@ -100,13 +100,13 @@ def test_cancel_and_finish_return_the_slot(llm):
     prompts = [_ids(20, llm.config.vocab_size, seed=s) for s in (1, 2)]
     streams = engine.submit(prompts, [SamplingParams(max_tokens=50, ignore_eos=True)] * 2)
     engine.step()
-    assert engine.stats().kv_blocks_used == 2  # one slot each, whatever the length
+    assert engine.stats().ssm_slots_used == 2  # one slot each, whatever the length
     streams[0].cancel()
     engine.step()
-    assert engine.stats().kv_blocks_used == 1 and engine.stats().running == 1
+    assert engine.stats().ssm_slots_used == 1 and engine.stats().running == 1
     streams[1].cancel()
     engine.step()
-    assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
+    assert engine.stats().ssm_slots_used == 0 and engine.stats().running == 0
     # a slot taken again starts from zeros: the same output as on a fresh engine
     again = _run(engine, [prompts[0]], [GREEDY])
     assert again == _run(_engine(llm), [prompts[0]], [GREEDY])
@@ -122,10 +122,10 @@ def test_admission_waits_for_a_slot(llm):
     streams = engine.submit(prompts, [GREEDY] * len(prompts))
     while engine.step():
         stats = engine.stats()
-        assert stats.kv_blocks_used == stats.running <= 2
+        assert stats.ssm_slots_used == stats.running <= 2
     assert stats.queued == 0
     assert [_tokens_and_logprobs(list(s)) for s in streams] == alone
-    assert engine.stats().kv_blocks_used == 0
+    assert engine.stats().ssm_slots_used == 0
 
 
 class FailsMidForward:

@@ -26,6 +26,7 @@ from falconet.models.registry import config_from_hf
 from falconet.weights.gguf import metadata_strings
 from tests.conftest import (
     VARIANTS,
+    build_falcon_h1_hf_model,
     build_falcon_mamba_hf_model,
     build_hf_model,
     build_llama_hf_model,
@@ -222,6 +223,26 @@ def test_falcon_mamba_family_and_info(tmp_path):
     assert rows["state per sequence"].startswith("9,216 bytes, whatever the length")
     assert "KV cache per token" not in rows
     assert rows["family"] == "Falcon-Mamba (Mamba-1, state-space) [config.json: falcon_mamba]"
+
+
+def test_falcon_h1_family_and_info(tmp_path):
+    """A hybrid: KV bytes per token for its attention and a fixed state per sequence."""
+    folder = save_hf_model(build_falcon_h1_hf_model("gate_then_norm"), tmp_path / "h1")
+    llm = falconet.load(folder)
+    assert llm.card.architecture == "falcon_h1"
+    res = falconet_cli("info", "--model", str(folder))
+    assert res.returncode == 0, res.stderr
+    rows = dict(line.split("  ", 1) for line in res.stdout.splitlines())
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert rows["family"] == (
+        "Falcon-H1 (hybrid: attention and Mamba-2 in every layer) [config.json: falcon_h1]"
+    )
+    # 2 layers x 2 kv heads x head_dim 10 x K and V x 4 bytes
+    assert rows["KV cache per token"].startswith("320 bytes (2x smaller than full MHA)")
+    # 2 layers x (conv 56 channels x 3 inputs + 4 heads x 6 x 8 states) x 4 bytes
+    assert rows["state per sequence"].startswith(f"{2 * (56 * 3 + 4 * 6 * 8) * 4:,} bytes")
+    assert rows["mamba heads / d_head / groups / state"] == "4 / 6 / 2 / 8"
+    assert rows["context (max_position_embeddings)"] == "256"
 
 
 # ---- shown by the CLI ------------------------------------------------------------------------

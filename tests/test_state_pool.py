@@ -28,7 +28,7 @@ class Seq:
 
 def pool(slots: int = 3) -> SSMSlotPool:
     # 2 layers, 6 channels, conv width 3, state 5
-    return SSMSlotPool(2, 6, 3, 5, slots)
+    return SSMSlotPool(2, (6, 3), (6, 5), slots)
 
 
 def test_a_slot_is_one_unit_whatever_the_length():

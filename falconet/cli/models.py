@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from falconet.cli.common import Out, add_model_flags, load_model, progress_bar
+from falconet.models.falcon_h1_config import FalconH1Config
 from falconet.models.falcon_mamba_config import FalconMambaConfig
 
 
@@ -65,12 +66,19 @@ def _state_rows(c, itemsize: int) -> list[tuple[str, str]]:
         ]  # fmt: skip
     kv_bytes = c.kv_cache_bytes_per_token(itemsize)
     mha_bytes = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * itemsize
-    return [
+    rows = [
         ("layers / hidden / heads / kv heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.kv_heads}"),
         ("position", "ALiBi" if c.alibi else f"rotary theta={c.rope_theta:g}" + (f", {c.rope_scaling_type} x{c.rope_scaling_factor:g}" if c.rope_scaling_type else "")),
         ("context (max_position_embeddings)", str(c.max_position_embeddings)),
         ("KV cache per token", f"{kv_bytes:,} bytes" + (f" ({mha_bytes // kv_bytes}x smaller than full MHA)" if mha_bytes > kv_bytes else "")),
     ]  # fmt: skip
+    if isinstance(c, FalconH1Config):  # a Mamba-2 state beside the attention KV
+        state = c.state_bytes_per_sequence(itemsize)
+        rows += [
+            ("mamba heads / d_head / groups / state", f"{c.mamba_n_heads} / {c.mamba_d_head} / {c.mamba_n_groups} / {c.mamba_d_state}"),
+            ("state per sequence", f"{state:,} bytes, whatever the length (plus the KV cache)"),
+        ]  # fmt: skip
+    return rows
 
 
 def cmd_convert(args: argparse.Namespace, out: Out) -> int:

@@ -21,10 +21,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from falconet.engine.hybrid import HybridPool
 from falconet.engine.paged import PagedKVCache
 from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
 from falconet.engine.scheduler import Budget, StepPlan, add_units, schedule
@@ -44,13 +45,14 @@ KV_MEMORY_SHARE = 0.5
 
 
 # The pools a model class may name as its `state_pool` (engine/state.py).
-POOLS: dict[str, type[PagedKVCache] | type[SSMSlotPool]] = {
+POOLS: dict[str, type[PagedKVCache] | type[SSMSlotPool] | type[HybridPool]] = {
     "paged_kv": PagedKVCache,
     "ssm_slots": SSMSlotPool,
+    "kv_and_ssm": HybridPool,
 }
 
 
-def pool_for(model) -> type[PagedKVCache] | type[SSMSlotPool]:
+def pool_for(model) -> type[PagedKVCache] | type[SSMSlotPool] | type[HybridPool]:
     """The pool class `model` keeps its per-sequence state in."""
     name = getattr(model, "state_pool", "paged_kv")
     if name not in POOLS:
@@ -84,8 +86,10 @@ class EngineStats:
     running: int
     max_batch: int
     max_queue: int
-    kv_blocks_used: int  # units of the state pool: KV blocks, or SSM slots
+    kv_blocks_used: int  # attention KV blocks (0 for a recurrent model)
     kv_blocks_total: int
+    ssm_slots_used: int  # recurrent state slots (0 for an attention model)
+    ssm_slots_total: int
 
 
 _END = object()
@@ -323,8 +327,7 @@ class Engine:
                 running=len(self._running),
                 max_batch=self.max_batch,
                 max_queue=self.max_queue,
-                kv_blocks_used=self.pool.used,
-                kv_blocks_total=self.pool.capacity,
+                **asdict(self.pool.usage()),
             )
 
     def _new_sequence(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falconet.engine.state import PooledSequence, StepPart
+from falconet.engine.state import PooledSequence, PoolUsage, StepPart
 from falconet.errors import GenerationError
 from falconet.models.falcon_config import FalconConfig
 from falconet.nn.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
@@ -139,6 +139,9 @@ class PagedKVCache:
 
     def restore(self, snapshot: None) -> None:
         pass
+
+    def usage(self) -> PoolUsage:
+        return PoolUsage(kv_blocks_used=self.used, kv_blocks_total=self.num_blocks)
 
     def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Slot indices of token positions [start, stop) of a sequence."""

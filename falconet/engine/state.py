@@ -9,10 +9,10 @@ and never ask which kind of model they run: the model class names its pool
 
 A pool counts its memory in units: KV blocks, SSM slots. A sequence is admitted only
 when the pool can promise it the units its whole budget (prompt + max_tokens) needs
-(`units_for`), so a running sequence is never preempted. Units are an int today; a pool
-holding two kinds at once (Falcon-H1: KV blocks for its attention and one SSM slot for
-its Mamba heads) gives a tuple, which the scheduler compares element-wise
-(scheduler.fits).
+(`units_for`), so a running sequence is never preempted. Units are an int for a pool of
+one kind; a pool holding two kinds at once (hybrid.py's `HybridPool`, Falcon-H1: KV
+blocks for its attention and one SSM slot for its Mamba heads) gives a tuple, which the
+scheduler compares element-wise (scheduler.fits).
 
 Retries: the runner retries a failed forward on halves of its batch. A KV pool needs
 nothing for that (a forward only writes K/V at new positions, the same values again), but
@@ -50,6 +50,16 @@ class StepPart:
     rope_len: int  # sequence length for dynamic RoPE scaling (attention pools only)
 
 
+@dataclass(frozen=True)
+class PoolUsage:
+    """What a pool holds now, by kind (for stats and /metrics)."""
+
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    ssm_slots_used: int = 0
+    ssm_slots_total: int = 0
+
+
 class StatePool(Protocol):
     """The per-sequence state of every running sequence, for one model."""
 
@@ -82,23 +92,27 @@ class StatePool(Protocol):
 
     def restore(self, snapshot: Any) -> None: ...
 
+    def usage(self) -> PoolUsage: ...
+
 
 class SSMSlotPool:
     """Fixed-size recurrent states: `slots` slots, each holding one sequence's conv and
-    SSM state for every layer (Falcon-Mamba's `MambaState` with the batch as slots).
+    SSM state for every layer, in the shapes the model's config gives
+    (`ssm_state_shapes`): Falcon-Mamba's conv (E, K - 1) and ssm (E, N), Falcon-H1's
+    conv (conv_dim, K - 1) and ssm (heads, d_head, N).
 
-    conv (L, slots, E, K - 1) in the compute dtype, ssm (L, slots, E, N) fp32. A sequence
-    takes one slot when it first runs (zeroed: the start of a sequence) and gives it back
-    when it finishes or is cancelled; the size never depends on the length, so one slot
-    is its whole reservation. `torch.empty`, so slots never used cost no resident memory.
+    conv (L, slots, *conv_shape) in the compute dtype, ssm (L, slots, *ssm_shape) fp32.
+    A sequence takes one slot when it first runs (zeroed: the start of a sequence) and
+    gives it back when it finishes or is cancelled; the size never depends on the
+    length, so one slot is its whole reservation. `torch.empty`, so slots never used cost
+    no resident memory.
     """
 
     def __init__(
         self,
         layers: int,
-        channels: int,
-        conv_width: int,
-        state_size: int,
+        conv_shape: tuple[int, ...],
+        ssm_shape: tuple[int, ...],
         slots: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -106,20 +120,16 @@ class SSMSlotPool:
         if slots < 1:
             raise GenerationError("an SSM state pool needs at least one slot")
         self.num_slots = slots
-        self.conv = torch.empty(layers, slots, channels, conv_width, dtype=dtype, device=device)
-        self.ssm = torch.empty(
-            layers, slots, channels, state_size, dtype=torch.float32, device=device
-        )
+        self.conv = torch.empty(layers, slots, *conv_shape, dtype=dtype, device=device)
+        self.ssm = torch.empty(layers, slots, *ssm_shape, dtype=torch.float32, device=device)
         # LIFO, like the KV blocks: a slot freed a moment ago is reused while warm
         self._free = list(range(slots - 1, -1, -1))
 
     @classmethod
     def for_model(cls, model, slots: int) -> SSMSlotPool:
         c = model.config
-        return cls(
-            c.num_hidden_layers, c.intermediate_size, c.conv_kernel - 1, c.state_size,
-            slots, model.compute_dtype, model.device,
-        )  # fmt: skip
+        conv, ssm = c.ssm_state_shapes()
+        return cls(c.num_hidden_layers, conv, ssm, slots, model.compute_dtype, model.device)
 
     @classmethod
     def for_engine(
@@ -148,13 +158,14 @@ class SSMSlotPool:
     @staticmethod
     def slot_bytes_for(model) -> int:
         """Bytes of one sequence's state over all layers (conv + fp32 SSM state)."""
-        c = model.config
-        per_channel = (c.conv_kernel - 1) * model.compute_dtype.itemsize + c.state_size * 4
-        return c.num_hidden_layers * c.intermediate_size * per_channel
+        return model.config.state_bytes_per_sequence(model.compute_dtype.itemsize)
 
     def slot_bytes(self) -> int:
         conv = self.conv[:, 0].numel() * self.conv.element_size()
         return conv + self.ssm[:, 0].numel() * self.ssm.element_size()
+
+    def usage(self) -> PoolUsage:
+        return PoolUsage(ssm_slots_used=self.used, ssm_slots_total=self.num_slots)
 
     @property
     def capacity(self) -> int:
@@ -216,8 +227,8 @@ class SlotStep:
         self.tokens = offset
 
     def states(self, layer: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Per sequence: its rows, conv state (1, E, K - 1) and SSM state (1, E, N) of
-        `layer`, views into the pool."""
+        """Per sequence: its rows, conv state (1, *conv_shape) and SSM state
+        (1, *ssm_shape) of `layer`, views into the pool."""
         conv, ssm = self.pool.conv[layer], self.pool.ssm[layer]
         return [
             (

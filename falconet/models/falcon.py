@@ -34,16 +34,19 @@ from torch import nn
 
 from falconet.models.base import AttentionStep, CausalLM, CheckpointLayout
 from falconet.models.falcon_config import FalconConfig
+from falconet.nn import elementwise
 from falconet.nn.attention import apply_rotary
+from falconet.nn.elementwise import invariant
 from falconet.nn.linear import Linear
 
+# Row-invariant in the engine (nn/elementwise.py): a packed neighbour never moves a bit.
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": invariant(F.gelu),  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
+    "gelu_new": invariant(lambda x: F.gelu(x, approximate="tanh")),
+    "gelu_pytorch_tanh": invariant(lambda x: F.gelu(x, approximate="tanh")),
+    "gelu_fast": invariant(lambda x: F.gelu(x, approximate="tanh")),
     "relu": F.relu,
-    "silu": F.silu,
+    "silu": elementwise.silu,
 }
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from falconet.errors import GenerationError
@@ -48,10 +47,12 @@ from falconet.models import llama
 from falconet.models.base import AttentionStep, CausalLM, CheckpointLayout, Rope
 from falconet.models.falcon import ACTIVATIONS
 from falconet.models.falcon_h1_config import FalconH1Config
+from falconet.nn import elementwise
 from falconet.nn.attention import apply_rotary, build_mask, rotary_cos_sin
 from falconet.nn.cache import DenseStep, KVCache
 from falconet.nn.linear import Linear
 from falconet.nn.norms import RMSNorm
+from falconet.nn.segments import SegmentState, per_segment
 from falconet.nn.ssd import causal_conv1d, discretize_dt, ssd_chunked, ssd_step
 
 
@@ -86,14 +87,6 @@ class H1State:
     def length(self) -> int:
         """Tokens seen so far (the same for every row)."""
         return self.kv.length
-
-
-@dataclass
-class MambaStep:
-    """One layer's recurrent state for this forward (None: a stateless forward)."""
-
-    conv: torch.Tensor | None  # (B, conv_dim, d_conv - 1), updated in place
-    ssm: torch.Tensor | None  # (B, Hm, P, N), updated in place
 
 
 class Attention(llama.Attention):
@@ -148,12 +141,12 @@ class GatedRMSNorm(nn.Module):
         B, T, E = y.shape
         h = y.float()
         if not self.norm_before_gate:
-            h = h * F.silu(z.float())
+            h = h * elementwise.silu(z.float())
         h = h.view(B, T, self.groups, E // self.groups)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = (self.weight.view(self.groups, E // self.groups) * h).view(B, T, E)
         if self.norm_before_gate:
-            h = h * F.silu(z.float())
+            h = h * elementwise.silu(z.float())
         return h  # fp32, rounded by the caller
 
 
@@ -203,32 +196,42 @@ class Mamba(nn.Module):
             [torch.full((n,), float(m), dtype=dtype, device=device) for n, m in self.mup_slices]
         )
 
-    def forward(self, x: torch.Tensor, step: MambaStep) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[SegmentState]) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). `states` cut the T tokens into sequences, each with
+        its conv state (B, conv_dim, K-1) and SSM state (B, Hm, P, N) (None and None: a
+        stateless forward), read and advanced in place: one segment over all T for a
+        dense batch, several sequences side by side (B = 1) for the engine's packed row.
+        The projections run on every row at once, the conv and the scan per segment."""
         B, T, _ = x.shape
         Hm, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         zxbcdt = self.in_proj(x * self.in_multiplier)  # (B, T, in_proj_size)
         zxbcdt = zxbcdt * self.mup_vector(x.device, zxbcdt.dtype)
         z, xBC, dt = zxbcdt.split([self.d_ssm, self.conv_dim, Hm], dim=-1)
-        w = self.conv1d.weight
-        xBC = self.act(causal_conv1d(xBC, w, self.conv1d.bias, step.conv))  # (B, T, conv_dim)
-        xs, Bs, Cs = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+        w, bias = self.conv1d.weight, self.conv1d.bias
+        xBC = per_segment(states, lambda rows, conv, _: causal_conv1d(xBC[:, rows], w, bias, conv))
+        xs, Bs, Cs = self.act(xBC).split([self.d_ssm, G * N, G * N], dim=-1)
         A = -torch.exp(self.A_log.float())  # (Hm,)
         dt = discretize_dt(dt, self.dt_bias)  # (B, T, Hm) fp32
-        if step.ssm is not None and T == 1:  # decode: the recurrence, no dt clamp (ssd.py)
-            y = ssd_step(
-                step.ssm, xs.view(B, Hm, P), dt[:, 0], A,
-                Bs.view(B, G, N), Cs.view(B, G, N), self.D,
-            )[:, None]  # fmt: skip
-        else:
-            dt = dt.clamp(*self.time_step_limit)
+
+        def scan(rows: slice, _, ssm: torch.Tensor | None) -> torch.Tensor:
+            n = rows.stop - rows.start
+            if ssm is not None and n == 1:  # decode: the recurrence, no dt clamp (ssd.py)
+                i = rows.start
+                return ssd_step(
+                    ssm, xs[:, i].view(B, Hm, P), dt[:, i], A,
+                    Bs[:, i].view(B, G, N), Cs[:, i].view(B, G, N), self.D,
+                )[:, None]  # fmt: skip
             y, final = ssd_chunked(
-                xs.view(B, T, Hm, P), dt, A, Bs.view(B, T, G, N), Cs.view(B, T, G, N),
-                self.D, self.chunk_size, step.ssm,
+                xs[:, rows].view(B, n, Hm, P), dt[:, rows].clamp(*self.time_step_limit), A,
+                Bs[:, rows].view(B, n, G, N), Cs[:, rows].view(B, n, G, N),
+                self.D, self.chunk_size, ssm,
             )  # fmt: skip
-            if step.ssm is not None:
-                step.ssm.copy_(final)
-        y = y.reshape(B, T, self.d_ssm)  # (B, T, Hm*P) fp32
-        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+            if ssm is not None:
+                ssm.copy_(final)
+            return y
+
+        y = per_segment(states, scan).reshape(B, T, self.d_ssm)  # (B, T, Hm*P) fp32
+        y = self.norm(y, z) if self.norm is not None else y * elementwise.silu(z)
         return self.out_proj(y.to(x.dtype))  # (B, T, C)
 
 
@@ -248,10 +251,15 @@ class Block(nn.Module):
         self.ssm_out = config.ssm_out_multiplier
 
     def forward(
-        self, x: torch.Tensor, layer: int, rope: Rope, attention: AttentionStep, mamba: MambaStep
+        self,
+        x: torch.Tensor,
+        layer: int,
+        rope: Rope,
+        attention: AttentionStep,
+        states: list[SegmentState],
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
-        m = self.mamba(h, mamba) * self.ssm_out
+        m = self.mamba(h, states) * self.ssm_out
         a = self.self_attn(h * self.attn_in, layer, rope, attention) * self.attn_out
         h = x + (m + a)
         return h + self.feed_forward(self.pre_ff_layernorm(h))
@@ -276,6 +284,7 @@ class FalconH1(CausalLM):
     """FalconH1ForCausalLM. `forward(ids, state)` returns logits for every position."""
 
     embeddings_name = "model.embed_tokens"
+    state_pool = "kv_and_ssm"  # KV blocks for the attention, an SSM slot for Mamba-2
 
     def __init__(
         self,
@@ -320,22 +329,36 @@ class FalconH1(CausalLM):
         rope = rotary_cos_sin(config, positions, positions[:, -1] + 1, self.compute_dtype)
         attention = DenseStep(mask, None if state is None else state.kv, past)
 
-        x = self.model.embed_tokens(input_ids).to(self.compute_dtype) * config.embedding_multiplier
+        x = self._embed(input_ids)
+        everything = slice(0, T)
         for i, block in enumerate(self.model.layers):
-            mamba = (
-                MambaStep(None, None) if state is None else MambaStep(state.conv[i], state.ssm[i])
-            )
-            x = block(x, i, rope, attention, mamba)
+            states = [(everything, None, None)]
+            if state is not None:
+                states = [(everything, state.conv[i], state.ssm[i])]
+            x = block(x, i, rope, attention, states)
         if last_only:
             x = x[:, -1:]
         return self._head(x)
 
-    def forward_packed(
-        self, input_ids: torch.Tensor, step: AttentionStep, logit_rows: torch.Tensor
+    def forward_packed(  # type: ignore[override]  # a HybridStep: attention + SSM slots
+        self, input_ids: torch.Tensor, step, logit_rows: torch.Tensor
     ) -> torch.Tensor:
-        # The engine's packed step holds attention state only; the SSM state slots per
-        # sequence come with the engine work (docs/design.md, Falcon-H1).
-        raise NotImplementedError("Falcon-H1 has no engine slots for its SSM state yet")
+        """Continuous batching: the new tokens of several sequences packed in one row.
+
+        input_ids (N,) are the tokens of the step's sequences side by side; attention
+        reads and writes each one's KV blocks (`step.attention`, engine/paged.py), the
+        Mamba mixer runs each one's conv and scan from its SSM slot (`step.slots`,
+        engine/state.py), advanced in place. Returns logits (R, V) for the packed
+        positions `logit_rows` (R,)."""
+        x = self._embed(input_ids[None])  # (1, N, C)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, i, step.rope, step.attention, step.slots.states(i))
+        x = x[0].index_select(0, logit_rows)  # (R, C)
+        return self._head(x)  # (R, V)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
+        return x * self.config.embedding_multiplier
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.final_layernorm(x)) * self.config.lm_head_multiplier

@@ -22,6 +22,7 @@ from falconet.models.falcon_config import (
     _is_finite_number,
     _is_positive_int,
 )
+from falconet.models.falcon_mamba_config import recurrent_state_bytes
 from falconet.models.llama_config import (
     LLAMA3_KEYS,
     ROPE_SCALING_TYPES,
@@ -169,6 +170,18 @@ class FalconH1Config(RotaryGQAConfig):
     def in_proj_size(self) -> int:
         """Rows of the Mamba in_proj: z (gate), then xBC, then dt (one per head)."""
         return self.mamba_d_ssm + self.conv_dim + self.mamba_n_heads
+
+    def ssm_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One sequence's Mamba state of one layer: the conv's last mamba_d_conv - 1
+        inputs (conv_dim, d_conv - 1) and the SSM state (heads, d_head, d_state)."""
+        return (
+            (self.conv_dim, self.mamba_d_conv - 1),
+            (self.mamba_n_heads, self.mamba_d_head, self.mamba_d_state),
+        )
+
+    def state_bytes_per_sequence(self, conv_bytes: int, ssm_bytes: int = 4) -> int:
+        """The recurrent part only; the attention KV grows with the length on top."""
+        return recurrent_state_bytes(self, conv_bytes, ssm_bytes)
 
     @property
     def variant(self) -> str:

@@ -35,13 +35,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from falconet.models.base import CausalLM, CheckpointLayout
 from falconet.models.falcon_mamba_config import FalconMambaConfig
+from falconet.nn import elementwise
 from falconet.nn.linear import Linear
 from falconet.nn.norms import RMSNorm
+from falconet.nn.segments import SegmentState, per_segment
 from falconet.nn.selective_scan import causal_conv, selective_scan, selective_step
 
 
@@ -112,8 +113,8 @@ class Mixer(nn.Module):
         dtype = x.dtype
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
         bias, weight = self.conv1d.bias, self.conv1d.weight[:, 0]
-        u = _per_segment(states, lambda rows, conv, _: causal_conv(u[:, rows], conv, weight, bias))
-        u = F.silu(u)  # (B, T, E)
+        u = per_segment(states, lambda rows, conv, _: causal_conv(u[:, rows], conv, weight, bias))
+        u = elementwise.silu(u)  # (B, T, E)
         R, N = self.time_step_rank, self.state_size
         dt, B, C = self.x_proj(u).split([R, N, N], dim=-1)  # (B, T, R), (B, T, N) x2
         dt = weightless_rms_norm(dt, self.eps)
@@ -122,7 +123,7 @@ class Mixer(nn.Module):
         # transformers adds dt_proj's bias in fp32 inside the scan; here it is added in
         # the compute dtype like every Linear's (the same in fp32, one rounding apart in
         # bf16), which keeps dt_proj an ordinary (batch-invariant, quantizable) Linear
-        dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E)
+        dt = elementwise.softplus(self.dt_proj(dt).float())  # (B, T, E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         uf = u.float()
 
@@ -132,21 +133,10 @@ class Mixer(nn.Module):
                 return selective_step(ssm, uf[:, i], dt[:, i], A, B[:, i], C[:, i])[:, None]
             return selective_scan(ssm, uf[:, rows], dt[:, rows], A, B[:, rows], C[:, rows])
 
-        y = _per_segment(states, scan)  # (B, T, E) fp32
+        y = per_segment(states, scan)  # (B, T, E) fp32
         y = y + u * self.D.float()
-        y = y * F.silu(z)
+        y = y * elementwise.silu(z)
         return self.out_proj(y.to(dtype))  # (B, T, C)
-
-
-# One sequence's rows of a call and its state of one layer: (rows, conv (B, E, K-1),
-# ssm (B, E, N)).
-SegmentState = tuple[slice, torch.Tensor, torch.Tensor]
-
-
-def _per_segment(states: list[SegmentState], fn) -> torch.Tensor:
-    """fn(rows, conv, ssm) -> (B, rows, E) for each segment, joined along the tokens."""
-    outs = [fn(rows, conv, ssm) for rows, conv, ssm in states]
-    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 class Block(nn.Module):

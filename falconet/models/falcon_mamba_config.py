@@ -54,6 +54,14 @@ DEFAULT_CONTEXT = 8192
 READ_APART = ("model_type", "eos_token_id", "torch_dtype", "dtype")
 
 
+def recurrent_state_bytes(config, conv_bytes: int, ssm_bytes: int = 4) -> int:
+    """Bytes of one sequence's recurrent state over all layers, whatever its length:
+    `config.ssm_state_shapes()` per layer, conv inputs at `conv_bytes` each, the SSM
+    state at `ssm_bytes` (fp32)."""
+    conv, ssm = config.ssm_state_shapes()
+    return config.num_hidden_layers * (math.prod(conv) * conv_bytes + math.prod(ssm) * ssm_bytes)
+
+
 @dataclass(frozen=True)
 class FalconMambaConfig(HFConfigFile):
     vocab_size: int = 65024
@@ -104,12 +112,14 @@ class FalconMambaConfig(HFConfigFile):
             f"conv {self.conv_kernel}, dt rank {self.time_step_rank}, {head} head)"
         )
 
-    def state_bytes_per_sequence(self, conv_bytes: int, ssm_bytes: int = 4) -> int:
-        """What one sequence's recurrent state holds, whatever its length: per layer the
-        last conv_kernel - 1 conv inputs and the (d_inner, state_size) SSM state."""
+    def ssm_state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One sequence's state of one layer: the last conv_kernel - 1 conv inputs per
+        channel (d_inner, K - 1) and the SSM state (d_inner, state_size)."""
         E = self.intermediate_size
-        per_layer = E * (self.conv_kernel - 1) * conv_bytes + E * self.state_size * ssm_bytes
-        return self.num_hidden_layers * per_layer
+        return (E, self.conv_kernel - 1), (E, self.state_size)
+
+    def state_bytes_per_sequence(self, conv_bytes: int, ssm_bytes: int = 4) -> int:
+        return recurrent_state_bytes(self, conv_bytes, ssm_bytes)
 
     # ---- checks -----------------------------------------------------------------------
     def _validate(self) -> None:

@@ -95,6 +95,9 @@ class RotaryGQAConfig(HFConfigFile):
     def ffn_size(self) -> int:
         return self.intermediate_size
 
+    def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
+        return 2 * self.num_hidden_layers * self.kv_heads * self.head_dim * bytes_per_value
+
     def _default_llama3_original(self) -> None:
         # transformers' standardize_rope_params falls back the same way
         if (
@@ -157,9 +160,6 @@ class LlamaConfig(RotaryGQAConfig):
         rope += ", rope_freqs" if self.rope_freq_factors else ""
         head = "tied" if self.tie_word_embeddings else "untied"
         return f"llama-style ({heads}, head_dim {self.head_dim}{rope}, {head} head)"
-
-    def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
-        return 2 * self.num_hidden_layers * self.kv_heads * self.head_dim * bytes_per_value
 
     # ---- checks -----------------------------------------------------------------------
     def _validate(self) -> None:

@@ -29,10 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from falconet.nn import elementwise
+
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """softplus(dt + dt_bias) in fp32: (..., H)."""
-    return F.softplus(dt.float() + dt_bias.float())
+    """softplus(dt + dt_bias) in fp32: (..., H), row-invariant in the engine."""
+    return elementwise.softplus(dt.float() + dt_bias.float())
 
 
 def _segment_sums(a: torch.Tensor) -> torch.Tensor:

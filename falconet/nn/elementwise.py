@@ -1,0 +1,54 @@
+"""Elementwise functions whose bits for a row do not depend on the other rows.
+
+PyTorch's CPU elementwise kernels run a vectorized body and a scalar tail: the last
+(numel mod 2 x vector width) elements of a call, and of each thread's share of a large
+call, go through the scalar routine. For exact ops (add, mul, div, sqrt) both give the
+same bits, but transcendental ones (exp in silu, softplus, sigmoid; erf and tanh in
+GELU) use different approximations, one ulp apart now and then. Which elements land in
+the tail depends on how many rows share the call, so a sequence packed with neighbours
+could get other activations than alone -- and then other tokens.
+
+`invariant(fn)` wraps an elementwise fn so that, inside `batch_invariant()` on a CPU
+tensor, every element is computed by the vectorized body: the rows are padded to a
+multiple of ROW_ALIGN elements and fed in slices of at most SLICE_ELEMENTS elements
+(under PyTorch's parallel grain, so one thread, no tail). A row too wide for one slice
+is fed alone, where every row splits across threads the same way. Elsewhere (autograd,
+CUDA, outside the engine) it is fn itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from falconet.nn.linear import batch_invariant_active
+
+# A multiple of twice the widest CPU vector (AVX-512: 16 fp32 lanes, or 32 bf16).
+ROW_ALIGN = 64
+# Below at::internal::GRAIN_SIZE (32768), so PyTorch runs the slice on one thread.
+SLICE_ELEMENTS = 32768 - ROW_ALIGN
+
+
+def invariant(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn, elementwise, made row-invariant inside batch_invariant() (module docstring)."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if not batch_invariant_active() or x.device.type != "cpu" or x.requires_grad:
+            return fn(x)
+        width = x.shape[-1]
+        padded = -(-width // ROW_ALIGN) * ROW_ALIGN
+        rows = x.reshape(-1, width)
+        if padded != width:
+            rows = F.pad(rows, (0, padded - width))
+        step = max(1, SLICE_ELEMENTS // padded)
+        out = torch.cat([fn(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
+        return out[:, :width].reshape(x.shape)
+
+    apply.__name__ = getattr(fn, "__name__", "elementwise")
+    return apply
+
+
+silu = invariant(F.silu)
+softplus = invariant(F.softplus)
