@@ -273,6 +273,8 @@ def test_config_reads_hf_json():
     "changes, key",
     [
         (dict(mamba_n_groups=3), "mamba_n_groups"),
+        (dict(mamba_n_heads=None), "no mamba_n_heads"),  # missing
+        (dict(mamba_d_state=None), "no mamba_d_state"),
         (dict(mamba_d_head=5), "mamba_d_head"),
         (dict(mamba_n_heads=5, mamba_d_head="auto"), "mamba_n_heads"),
         (dict(ssm_multipliers=[1.0, 1.0, 1.0, 1.0]), "ssm_multipliers"),

@@ -22,7 +22,7 @@ import torch
 
 import falconet
 from falconet.perplexity import PerplexityError, perplexity, read_text, tokenize_text
-from tests.conftest import CORPUS, EOS_ID, assert_cli_error
+from tests.conftest import CORPUS, EOS_ID, TINY_HF_MODELS, assert_cli_error, save_hf_model
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
@@ -38,9 +38,9 @@ def reference(folder: Path, ids: list[int], ctx: int, bos: int | None = None):
     """llama.cpp's recipe written out plainly on transformers' fp32 logits: windows of
     ctx, logits at ctx//2 .. ctx-2 scoring the next token, PPL = exp(mean NLL) and
     +/- = PPL * std(NLL) / sqrt(count - 1). Returns (ppl, uncertainty, nlls)."""
-    from transformers import FalconForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = FalconForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     first = ctx // 2
     nlls = []
     for c in range(len(ids) // ctx):
@@ -73,6 +73,21 @@ def test_matches_perplexity_from_transformers_logits(tiny_7b, ctx, batch):
     running = [math.exp(nlls[: (i + 1) * (len(nlls) // r.n_chunks)].mean()) for i in range(r.n_chunks)]  # fmt: skip
     assert list(r.running_ppls) == pytest.approx(running, rel=1e-4)
     assert seen == [(i + 1, r.n_chunks, p) for i, p in enumerate(r.running_ppls)]
+
+
+@pytest.mark.parametrize("arch", ["falcon_mamba", "falcon_h1"])
+def test_recurrent_falcons_match_transformers(arch, tmp_path):
+    """The windows run through the engine's SSM slots (and KV blocks for H1), each
+    window a fresh sequence: the same perplexity as transformers' logits."""
+    build, variants = TINY_HF_MODELS[arch]
+    folder = save_hf_model(build(next(iter(variants))), tmp_path / arch)
+    llm = falconet.load(folder, dtype="float32")
+    ids = tokenize_text(llm.tokenizer, CORPUS)
+    ppl, uncertainty, nlls = reference(folder, ids, 33)
+    r = perplexity(llm, ids, 33, 2)
+    assert r.ppl == pytest.approx(ppl, rel=1e-4)
+    assert r.uncertainty == pytest.approx(uncertainty, rel=1e-4)
+    assert r.tokens_scored == len(nlls)
 
 
 def test_bos_replaces_the_first_token_of_every_window(tiny_7b, tmp_path):

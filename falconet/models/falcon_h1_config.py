@@ -31,6 +31,12 @@ from falconet.models.llama_config import (
 )
 
 FALCON_H1_MODEL_TYPES = ("falcon_h1",)
+# Keys a Falcon-H1 config.json must give (transformers writes them all): without them
+# the class defaults would describe some other model, found only at the first tensor.
+REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "mamba_n_heads", "mamba_d_state", "mamba_d_conv", "mamba_n_groups",
+)  # fmt: skip
 # Fields that must be positive integers once resolved.
 SIZES = (
     "vocab_size",
@@ -292,6 +298,12 @@ class FalconH1Config(RotaryGQAConfig):
         cls._check_hf(
             hf, FALCON_H1_MODEL_TYPES, "Falcon-H1", "falconet loads float Falcon-H1 checkpoints"
         )
+        missing = [k for k in REQUIRED_KEYS if hf.get(k) is None]
+        if missing:
+            raise ConfigError(
+                f"config: no {missing[0]}; a Falcon-H1 config.json must give "
+                f"{', '.join(REQUIRED_KEYS)}"
+            )
         defaults = cls.__dataclass_fields__
         kwargs: dict[str, Any] = {}
         for name in HF_KEYS:
