@@ -111,6 +111,8 @@ def family_name(config: ModelConfig) -> str:
         return "Falcon3 (Llama architecture)"
     if arch == "falcon_mamba":
         return "Falcon-Mamba (Mamba-1, state-space)"
+    if arch == "falcon_h1":
+        return "Falcon-H1 (attention and Mamba-2 in parallel)"
     if not isinstance(config, FalconConfig):
         raise TypeError(f"no family name for {arch} config {type(config).__name__}")
     if config.alibi:

@@ -10,6 +10,7 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 | falcon       | falcon, RefinedWeb, RefinedWebModel | FalconForCausalLM   | falcon   |
 | llama        | llama                               | LlamaForCausalLM    | llama    |
 | falcon_mamba | falcon_mamba                        | FalconMambaForCausalLM | mamba (not read or written yet) |
+| falcon_h1    | falcon_h1                           | FalconH1ForCausalLM | falcon-h1 |
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from falconet.errors import ConfigError
 from falconet.models.base import CausalLM, CheckpointLayout
 from falconet.models.falcon import Falcon
 from falconet.models.falcon_config import FALCON_MODEL_TYPES, FalconConfig, read_config_json
+from falconet.models.falcon_h1 import FalconH1
+from falconet.models.falcon_h1_config import FalconH1Config
 from falconet.models.falcon_mamba import FalconMamba
 from falconet.models.falcon_mamba_config import FALCON_MAMBA_MODEL_TYPES, FalconMambaConfig
 from falconet.models.llama import Llama
 from falconet.models.llama_config import LLAMA_MODEL_TYPES, LlamaConfig
 
-ModelConfig = FalconConfig | LlamaConfig | FalconMambaConfig
+ModelConfig = FalconConfig | LlamaConfig | FalconMambaConfig | FalconH1Config
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     model: type[CausalLM]
-    config: type[FalconConfig] | type[LlamaConfig] | type[FalconMambaConfig]
+    config: type[FalconConfig] | type[LlamaConfig] | type[FalconMambaConfig] | type[FalconH1Config]
     hf_model_types: tuple[str, ...]
     hf_architectures: tuple[str, ...]
     gguf_architecture: str  # llama.cpp's general.architecture
@@ -67,6 +70,9 @@ ARCHITECTURES = (
         FALCON_MAMBA_MODEL_TYPES,
         ("FalconMambaForCausalLM",),
         "mamba",
+    ),
+    Architecture(
+        "falcon_h1", FalconH1, FalconH1Config, ("falcon_h1",), ("FalconH1ForCausalLM",), "falcon-h1"
     ),
 )
 
