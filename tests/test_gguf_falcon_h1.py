@@ -206,8 +206,9 @@ def test_quantized_gguf_keeps_ssm_params_float_and_stays_close(hf_dir, ours, qty
     ids = prompt(folder)
     ref = hf_logits(folder, ids)
     got = logits_of(model, ids)
-    # the tolerance the llama.cpp interop tests allow 8-bit and 4-bit files
-    assert (got - ref).abs().max() <= 0.03 * ref.abs().max() * (1 if qtype == "q8_0" else 4)
+    # 8-bit weights: the 3 % the llama.cpp interop tests allow; 4-bit weights of a model
+    # this narrow move its logits by ~7 %, and its greedy margins (> 6 logits) hold
+    assert (got - ref).abs().max() <= (0.03 if qtype == "q8_0" else 0.10) * ref.abs().max()
     assert greedy(model, ids, 8) == hf_greedy(hf_model(folder), ids, 8)
 
 
