@@ -144,7 +144,8 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
+    """Open and check a Falcon, llama or Falcon-H1 GGUF file; GGUFError names the file and
+    the problem."""
     # registered architectures without a GGUF layout yet get their own message
     pending = {
         a.gguf_architecture: _not_yet(a.gguf_architecture, a.name)
@@ -296,8 +297,8 @@ def write_hf_as_gguf(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
-    GGUF file `out`.
+    """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
+    multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors

@@ -66,9 +66,8 @@ TITLE = "Falcon-H1"
 MUP_VEC = "blk.*.ssm_mup_vec"  # the unfolded form's ssm_multipliers, one per layer
 EXTRA_TENSORS = (MUP_VEC,)  # tensors of the file that are no model weight (globs)
 
-Key = Callable[
-    ..., Any
-]  # key(name, kind, default=required) -> the checked `falcon-h1.<name>` value
+# key(name, kind, default=required) -> the checked `falcon-h1.<name>` value
+Key = Callable[..., Any]
 
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -341,20 +340,17 @@ def _ssm_multipliers(
         raise fail(f"{ARCH}.ssm.has_mup is set but tensor {missing[0]} is missing or unexpected")
     E, GN = config.mamba_d_ssm, config.mamba_n_groups * config.mamba_d_state
     sizes = (E, E, GN, GN, config.mamba_n_heads)
-    first = None
+    vectors = []
     for name in wanted:
         t = tensors[name]
         if t.tensor_type.name != "F32" or int(np.prod(t.shape)) != sum(sizes):
             raise fail(f"tensor {name} should be F32 with {sum(sizes)} values (ssm_in's rows)")
-        vec = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        if first is None:
-            first = vec
-        elif not np.array_equal(vec, first):
+        vectors.append(np.asarray(t.data, dtype=np.float32).reshape(-1))
+        if not np.array_equal(vectors[-1], vectors[0]):
             raise fail(f"tensor {name} differs from blk.0.ssm_mup_vec; falconet has one per model")
-    assert first is not None
     values, start = [], 0
     for n in sizes:
-        part = first[start : start + n]
+        part = vectors[0][start : start + n]
         if not np.all(part == part[0]) or not math.isfinite(float(part[0])):
             raise fail("blk.0.ssm_mup_vec is not one value per z/x/B/C/dt slice")
         values.append(float(part[0]))
