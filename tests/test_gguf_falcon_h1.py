@@ -165,7 +165,7 @@ def fold(name: str, w: torch.Tensor, c: FalconH1Config) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", ["gated_norm", "tied"])
-@pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_written_tensors_are_the_folded_checkpoint(hf_dir, ours, variant, qtype):
     """Every tensor is the HF one with its multipliers folded, in llama.cpp's type: the
     matrices in the file's block type, the SSM parameters and norms in F32."""
