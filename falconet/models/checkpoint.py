@@ -7,8 +7,9 @@ architecture; this module tells it what each architecture's files hold:
   tensors to expect, their shapes and transforms (`load_hf_weights`).
 - GGUF: llama.cpp's names and metadata differ per architecture, one module each
   (`LAYOUTS`, chosen by the file's general.architecture or the config's registry entry):
-  gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run) and
-  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope).
+  gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run),
+  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope) and
+  gguf_falcon_h1.py (Falcon-H1: names, reshapes, the muP multipliers folded or not).
   `read_gguf` rebuilds the config and the tokenizer's pieces from the metadata;
   `load_gguf_weights` fills a model built on the meta device; `write_hf_as_gguf` streams an
   HF folder into a GGUF with the tensor types llama.cpp's quantizer would pick.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from gguf import GGUFWriter
 
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models import gguf_falcon, gguf_llama
+from falconet.models import gguf_falcon, gguf_falcon_h1, gguf_llama
 from falconet.models.base import CausalLM
 from falconet.models.registry import (
     ARCHITECTURES,
@@ -38,7 +40,7 @@ from falconet.models.registry import (
     read_hf_config,
 )
 from falconet.quant import QuantError
-from falconet.quant.linear import install
+from falconet.quant.linear import QuantTensor, install
 from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
     DEQUANTIZED_TYPES,
@@ -85,11 +87,28 @@ def load_hf_weights(
 # ---- GGUF: reading ----------------------------------------------------------------------
 
 # llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
-# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
+# EXTRA_TENSORS (names or globs of file tensors that are no weight) and
+# tensor_names(config) (GGUF name -> (HF name, shape in the file)),
 # read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
 # config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
-# (row order between falconet and the file, None = the same).
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
+# (row order between falconet and the file, None = the same). Optional, where the file
+# holds other values than the checkpoint (Falcon-H1): file_config(config) (the config a
+# file written from `config` describes), to_file / from_file(hf_name, config) (a float
+# tensor's conversion each way, None = as is), keeps_f32(hf_name) (float in every file
+# type) and canonical_name(name) (older spellings of tensor names).
+LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_falcon_h1)}
+
+
+def _file_config(layout: ModuleType, config: ModelConfig) -> ModelConfig:
+    return layout.file_config(config) if hasattr(layout, "file_config") else config
+
+
+def _convert(layout: ModuleType, way: str, hf_name: str, config: ModelConfig) -> Any:
+    return getattr(layout, way)(hf_name, config) if hasattr(layout, way) else None
+
+
+def _keeps_f32(layout: ModuleType, hf_name: str) -> bool:
+    return hasattr(layout, "keeps_f32") and layout.keeps_f32(hf_name)
 
 
 def _layout(config: ModelConfig) -> ModuleType:
@@ -125,7 +144,8 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
+    """Open and check a Falcon, llama or Falcon-H1 GGUF file; GGUFError names the file and
+    the problem."""
     # registered architectures without a GGUF layout yet get their own message
     pending = {
         a.gguf_architecture: _not_yet(a.gguf_architecture, a.name)
@@ -154,9 +174,11 @@ def _check(file: GGUFFile) -> GGUFCheckpoint:
         raise GGUFError(f"{path}: {n_tokens} tokens but token_embd has {config.vocab_size} rows")
     expected = layout.tensor_names(config)
     tensors = {}
-    for name, t in file.tensors.items():
-        if name in layout.EXTRA_TENSORS:  # read into the config
+    canonical = getattr(layout, "canonical_name", str)
+    for file_name, t in file.tensors.items():
+        if any(fnmatchcase(file_name, p) for p in layout.EXTRA_TENSORS):  # read into the config
             continue
+        name = canonical(file_name)
         if name not in expected:
             raise GGUFError(
                 f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
@@ -166,10 +188,13 @@ def _check(file: GGUFFile) -> GGUFCheckpoint:
         got = file_shape(t)
         if got != shape:
             raise GGUFError(
-                f"{path}: tensor {name} has shape {got}, expected {shape} from the metadata"
+                f"{path}: tensor {file_name} has shape {got}, expected {shape} from the metadata"
             )
+        if hf_name in tensors:
+            raise GGUFError(f"{path}: tensor {file_name} appears twice (under two names)")
         tensors[hf_name] = t
-    missing = [n for n in expected if n not in file.tensors]
+    found = {canonical(n) for n in file.tensors}
+    missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise GGUFError(f"{path}: no tensor {missing[0]}{more}; the file is incomplete")
@@ -223,10 +248,20 @@ def load_gguf_weights(
     layout = _layout(ckpt.config)
     for hf_name, t in ckpt.tensors.items():
         rows = layout.rows(hf_name, ckpt.config, False)
+        dtype = params[hf_name].dtype
+        convert = _convert(layout, "from_file", hf_name, ckpt.config)
         try:
-            value = tensor_value(t, params[hf_name].dtype, rows)
+            # a converted tensor is converted in fp32, then stored in the model's dtype
+            value = tensor_value(t, torch.float32 if convert else dtype, rows)
         except QuantError as e:
             raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
+        if convert is not None:
+            if isinstance(value, QuantTensor):
+                raise GGUFError(
+                    f"{ckpt.path}: tensor {t.name} is {t.tensor_type.name}; llama.cpp keeps it "
+                    "in F32 (a float type is needed)"
+                )
+            value = convert(value).to(dtype)
         install(model, hf_name, value)
         if progress is not None:
             progress(int(t.n_bytes))
@@ -239,6 +274,8 @@ def load_gguf_weights(
 def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
     """The type llama.cpp gives HF tensor `hf_name` in a `qtype` file of this model (the
     output head, or the embeddings a tied head shares, at Q8_0)."""
+    if _keeps_f32(_layout(config), hf_name):
+        return T.F32
     heads = for_config(config).layout(config).heads
     return _write_type(shape, qtype, hf_name in heads)
 
@@ -260,8 +297,8 @@ def write_hf_as_gguf(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
-    GGUF file `out`.
+    """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
+    multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
@@ -286,20 +323,34 @@ def write_hf_as_gguf(
     hf_layout = arch.layout(config)
     to_model = hf_layout.transforms  # HF layout -> falconet's (Falcon's QKV)
     sources = checkpoint_sources(folder, hf_layout)
+    # What the file describes: Falcon-H1's multipliers folded into the weights, its head
+    # untied where one matrix cannot hold both multipliers (lm_head from the embeddings).
+    written = _file_config(layout, config)
+    heads = arch.layout(written).heads
+    embeddings = f"{arch.model.embeddings_name}.weight"
 
-    def loader(hf_name: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    def source(hf_name: str) -> str:
+        return embeddings if hf_name not in sources and hf_name == "lm_head.weight" else hf_name
+
+    def loader(hf_name: str) -> Callable[[], torch.Tensor]:
+        shape = hf_layout.shapes[source(hf_name)]
+        to_file = _convert(layout, "to_file", hf_name, config)
+
         def load() -> torch.Tensor:
-            path, get = sources[hf_name]
+            path, get = sources[source(hf_name)]
             tensor = get()
             if tuple(tensor.shape) != shape or not tensor.is_floating_point():
                 raise CheckpointError(
-                    f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"expected a float tensor of shape {shape} from config.json"
+                    f"{path}: tensor {source(hf_name)} is {tensor.dtype} "
+                    f"{tuple(tensor.shape)}, expected a float tensor of shape {shape} from "
+                    "config.json"
                 )
             if hf_name in to_model:
                 tensor = to_model[hf_name](tensor)
             rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
-            return tensor if rows is None else tensor.index_select(0, rows)
+            if rows is not None:
+                tensor = tensor.index_select(0, rows)
+            return tensor if to_file is None else to_file(tensor)
 
         return load
 
@@ -307,11 +358,11 @@ def write_hf_as_gguf(
         TensorOut(
             name,
             shape,
-            _write_type(shape, kind, hf_name in hf_layout.heads),
-            loader(hf_name, shape),
-            f"{sources[hf_name][0]}: tensor {hf_name}",
+            T.F32 if _keeps_f32(layout, hf_name) else _write_type(shape, kind, hf_name in heads),
+            loader(hf_name),
+            f"{sources[source(hf_name)][0]}: tensor {source(hf_name)}",
         )
-        for name, (hf_name, shape) in layout.tensor_names(config).items()
+        for name, (hf_name, shape) in layout.tensor_names(written).items()
     ]
 
     def metadata(writer: GGUFWriter) -> None:
