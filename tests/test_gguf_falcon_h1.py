@@ -3,9 +3,8 @@ against transformers' FalconH1ForCausalLM, against llama.cpp (its converter, qua
 and runtime) and against the unfolded form of TII's first llama.cpp fork; the muP
 multipliers folded into the weights, the SSM parameters kept in F32, and bad files.
 
-The engine has no Falcon-H1 state slots in this branch yet, so falconet's side of the
-greedy comparisons is the model's dense forward with its own state (tests.test_falcon_h1
-`greedy`) on the model falconet.load builds from the GGUF."""
+falconet's side of the greedy comparisons is what users run: `LLM.complete` (the engine,
+KV blocks + SSM slots); logits come from the model's dense forward."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from falconet.tokenizer import Tokenizer
 from falconet.weights.gguf import GGUFError
 from tests import llama_cpp_tools
 from tests.conftest import CORPUS, hf_greedy, memorize
-from tests.test_falcon_h1 import BASE, build_hf, greedy
+from tests.test_falcon_h1 import BASE, build_hf
 from tests.test_gguf import llama_cpp_greedy, prompt, raises, rewrite, write_falcon_tokenizer
 
 T = GGMLQuantizationType
@@ -93,6 +92,12 @@ def model_of(path: Path) -> FalconH1:
     model = falconet.load(path).model
     assert isinstance(model, FalconH1)
     return model
+
+
+def engine_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids` from falconet.load(path), through the engine."""
+    [done] = falconet.load(path).complete([ids], max_tokens=n, ignore_eos=True)
+    return done.token_ids
 
 
 def logits_of(model: FalconH1, ids: list[int]) -> torch.Tensor:
@@ -209,7 +214,7 @@ def test_quantized_gguf_keeps_ssm_params_float_and_stays_close(hf_dir, ours, qty
     # 8-bit weights: the 3 % the llama.cpp interop tests allow; 4-bit weights of a model
     # this narrow move its logits by ~7 %, and its greedy margins (> 6 logits) hold
     assert (got - ref).abs().max() <= (0.03 if qtype == "q8_0" else 0.10) * ref.abs().max()
-    assert greedy(model, ids, 8) == hf_greedy(hf_model(folder), ids, 8)
+    assert engine_greedy(path, ids, 8) == hf_greedy(hf_model(folder), ids, 8)
 
 
 # ---- falconet's GGUF in llama.cpp ----------------------------------------------------------
@@ -222,7 +227,7 @@ def test_llama_cpp_runs_falconets_gguf(hf_dir, ours, variant, qtype):
     path, ids = ours(variant, qtype), prompt(hf_dir(variant))
     ref_tokens, ref_logits = llama_cpp_greedy(path, ids, N_TOKENS)
     model = model_of(path)
-    assert greedy(model, ids, N_TOKENS) == ref_tokens
+    assert engine_greedy(path, ids, N_TOKENS) == ref_tokens
     logits = logits_of(model, ids)[-1].numpy()
     assert np.abs(logits - ref_logits).max() <= 0.03 * np.abs(ref_logits).max()
 
@@ -254,7 +259,7 @@ def test_llama_cpp_converter_output_gives_transformers_tokens(hf_dir, llama_cpp_
     folder, path = hf_dir(variant), llama_cpp_files[variant]["F32"]
     ids = prompt(folder)
     model = model_of(path)
-    assert greedy(model, ids, N_TOKENS) == hf_greedy(hf_model(folder), ids, N_TOKENS)
+    assert engine_greedy(path, ids, N_TOKENS) == hf_greedy(hf_model(folder), ids, N_TOKENS)
     assert (logits_of(model, ids) - hf_logits(folder, ids)).abs().max() <= 1e-4
 
 
@@ -280,7 +285,7 @@ def test_llama_cpp_quantized_gguf_runs_in_falconet(hf_dir, llama_cpp_files, qtyp
     assert types["blk.0.ssm_in.weight"] == T[qtype] and types["blk.0.ssm_a"] == T.F32
     ref_tokens, ref_logits = llama_cpp_greedy(path, ids, N_TOKENS)
     model = model_of(path)
-    assert greedy(model, ids, N_TOKENS) == ref_tokens
+    assert engine_greedy(path, ids, N_TOKENS) == ref_tokens
     logits = logits_of(model, ids)[-1].numpy()
     assert np.abs(logits - ref_logits).max() <= 0.03 * np.abs(ref_logits).max()
 
