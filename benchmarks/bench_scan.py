@@ -101,10 +101,18 @@ def mamba2(T: int, repeats: int) -> list[tuple[str, float]]:
             )
         )
         if t == 1:
-            scan = partial(ssd.ssd_step, state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+            args = (state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+            torch_scan = partial(ssd.torch_ssd_step, *args)
+            kernel = partial(
+                ssd.native_ssd_scan, state, x[:, :1], dt[:, :1], A, B[:, :1], C[:, :1], D
+            )
         else:
-            scan = partial(ssd.ssd_chunked, x[:, :t], dt[:, :t], A, B[:, :t], C[:, :t], D, L, state)
-        rows.append((f"{phase} scan, PyTorch", median_ms(scan, repeats)))
+            args = (x[:, :t], dt[:, :t], A, B[:, :t], C[:, :t], D)
+            torch_scan = partial(ssd.torch_ssd_chunked, *args, L, state)
+            kernel = partial(ssd.native_ssd_scan, state.clone(), *args)
+        rows.append((f"{phase} scan, PyTorch", median_ms(torch_scan, repeats)))
+        if ssd.native_ssd_scan_available():
+            rows.append((f"{phase} scan, compiled", median_ms(kernel, repeats)))
         rows.append((f"{phase} matmuls", median_ms(matmuls(shapes, t), repeats)))
     return rows
 
@@ -142,7 +150,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens")
-    print(f"compiled scan: {'yes' if s1.native_scan_available() else 'no'}")
+    built = s1.native_scan_available() and ssd.native_ssd_scan_available()
+    print(f"compiled scans: {'yes' if built else 'no'}")
     with torch.inference_mode():
         if args.model in ("mamba1", "both"):
             report("Falcon-Mamba-7B, Mamba-1", 64, mamba1(args.tokens, args.repeats))

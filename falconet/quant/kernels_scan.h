@@ -175,3 +175,106 @@ static int selective_scan(float *h, const float *u, const float *dt, const float
     free(scratch);
     return 0;
 }
+
+/* ---- Mamba-2 (SSD) ----------------------------------------------------------------
+ *
+ * falconet/nn/ssd.py's recurrence, per sequence b and head h with a scalar decay:
+ *
+ *   S = exp(dt[t,h] * A[h]) * S + (x[t,h,:] * dt[t,h]) B[t,g,:]^T      S: (P, N) fp32
+ *   y[t,h,p] = sum_n S[p,n] C[t,g,n] + D[h] x[t,h,p]
+ *
+ * with g = h / (H / G). Why compiled: ssd.ssd_chunked's matrix form (masked (L, L)
+ * products per chunk) costs more than the recurrence on a CPU, and pads a short call to
+ * a whole chunk; run token by token, the recurrence is a few times faster at Falcon-H1
+ * shapes (docs/benchmarks.md, issue 13).
+ *
+ * Lanes run over 8 consecutive n of a state row, in the state's own (P, N) layout, so a
+ * decode step streams the state once with nothing to rearrange. The sum over n has one
+ * fixed order: lane l accumulates n = l, l + 8, l + 16, ... (fused multiply-adds), then
+ * the 8 lanes fold as hsum does, ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)); lanes past
+ * N hold zeros. Same determinism as the Mamba-1 kernel: each (b, h) alone, token by
+ * token, the portable path bit-equal. */
+
+static void ssd_head_ref(float *S, const float *x, const float *dt, float A2, float D, const float *B,
+                         const float *C, float *y, int64_t T, int64_t xstride, int64_t dtstride,
+                         int64_t bstride, int64_t P, int64_t N) {
+    const int64_t nv = n_units(N, SCAN_LANES);
+    for (int64_t t = 0; t < T; t++) {
+        const float d = dt[t * dtstride], decay = scan_exp2_ref(d * A2);
+        const float *xt = x + t * xstride, *bt = B + t * bstride, *ct = C + t * bstride;
+        for (int64_t p = 0; p < P; p++) {
+            const float xdt = xt[p] * d;
+            float *row = S + p * N, acc[SCAN_LANES] = {0};
+            for (int64_t v = 0; v < nv; v++)
+                for (int l = 0; l < SCAN_LANES; l++) {
+                    const int64_t n = v * SCAN_LANES + l;
+                    const float b = n < N ? bt[n] : 0.0f, c = n < N ? ct[n] : 0.0f, old = n < N ? row[n] : 0.0f;
+                    const float s = fmaf(xdt, b, decay * old);
+                    if (n < N) row[n] = s;
+                    acc[l] = fmaf(s, c, acc[l]);
+                }
+            y[t * xstride + p] = fmaf(D, xt[p], fold8(acc));
+        }
+    }
+}
+
+#if HAVE_X86
+AVX2 static void ssd_head_avx2(float *S, const float *x, const float *dt, float A2, float D, const float *B,
+                               const float *C, float *y, int64_t T, int64_t xstride, int64_t dtstride,
+                               int64_t bstride, int64_t P, int64_t N) {
+    const int64_t full = N / SCAN_LANES, rem = N % SCAN_LANES;
+    const __m256i mask = tail_mask((int)rem);
+    for (int64_t t = 0; t < T; t++) {
+        const float d = dt[t * dtstride];
+        const __m256 decay = _mm256_set1_ps(scan_exp2_ref(d * A2));
+        const float *xt = x + t * xstride, *bt = B + t * bstride, *ct = C + t * bstride;
+        for (int64_t p = 0; p < P; p++) {
+            const __m256 xdt = _mm256_set1_ps(xt[p] * d);
+            float *row = S + p * N;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t v = 0; v < full; v++) {
+                const int64_t n = v * SCAN_LANES;
+                const __m256 s =
+                    _mm256_fmadd_ps(xdt, _mm256_loadu_ps(bt + n), _mm256_mul_ps(decay, _mm256_loadu_ps(row + n)));
+                _mm256_storeu_ps(row + n, s);
+                acc = _mm256_fmadd_ps(s, _mm256_loadu_ps(ct + n), acc);
+            }
+            if (rem) {
+                const int64_t n = full * SCAN_LANES;
+                const __m256 s = _mm256_fmadd_ps(xdt, _mm256_maskload_ps(bt + n, mask),
+                                                 _mm256_mul_ps(decay, _mm256_maskload_ps(row + n, mask)));
+                _mm256_maskstore_ps(row + n, mask, s);
+                acc = _mm256_fmadd_ps(s, _mm256_maskload_ps(ct + n, mask), acc);
+            }
+            y[t * xstride + p] = fmaf(D, xt[p], hsum(acc));
+        }
+    }
+}
+#endif
+
+/* S (batch, H, P, N) in/out; x (batch, T, H, P); dt (batch, T, H) discretized; A, D (H,);
+ * B, C (batch, T, G, N); y (batch, T, H, P) out, D skip included. All contiguous fp32. */
+static void ssd_scan(float *S, const float *x, const float *dt, const float *A, const float *D, const float *B,
+                    const float *C, float *y, int64_t batch, int64_t T, int64_t H, int64_t P, int64_t G, int64_t N,
+                    int threads) {
+    const int64_t units = batch * H, per_group = H / G;
+    if ((double)units * (double)T * (double)P * (double)N < SCAN_SERIAL_UPDATES) threads = 1;
+    if (threads > units) threads = units > 0 ? (int)units : 1;
+    (void)threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < units; c++) {
+        const int64_t b = c / H, h = c % H, g = h / per_group;
+        const float A2 = A[h] * EXP_LOG2E;
+        float *Sh = S + c * P * N;
+        const float *xh = x + (b * T * H + h) * P, *dth = dt + b * T * H + h;
+        const float *Bg = B + b * T * G * N + g * N, *Cg = C + b * T * G * N + g * N;
+        float *yh = y + (b * T * H + h) * P;
+#if HAVE_X86
+        if (use_avx2) {
+            ssd_head_avx2(Sh, xh, dth, A2, D[h], Bg, Cg, yh, T, H * P, H, G * N, P, N);
+            continue;
+        }
+#endif
+        ssd_head_ref(Sh, xh, dth, A2, D[h], Bg, Cg, yh, T, H * P, H, G * N, P, N);
+    }
+}
