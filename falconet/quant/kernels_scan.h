@@ -195,6 +195,11 @@ static int selective_scan(float *h, const float *u, const float *dt, const float
  * N hold zeros. Same determinism as the Mamba-1 kernel: each (b, h) alone, token by
  * token, the portable path bit-equal. */
 
+/* An SSD update is a few multiply-adds, no exp: about 6x cheaper than Mamba-1's, so
+ * a second thread pays off only from about this many (an H1-0.5B decode step, 24 x 64 x
+ * 128 updates, stays on one thread: ~0.03 ms). */
+#define SSD_SERIAL_UPDATES (1 << 18)
+
 static void ssd_head_ref(float *S, const float *x, const float *dt, float A2, float D, const float *B,
                          const float *C, float *y, int64_t T, int64_t xstride, int64_t dtstride,
                          int64_t bstride, int64_t P, int64_t N) {
@@ -258,7 +263,7 @@ static void ssd_scan(float *S, const float *x, const float *dt, const float *A, 
                     const float *C, float *y, int64_t batch, int64_t T, int64_t H, int64_t P, int64_t G, int64_t N,
                     int threads) {
     const int64_t units = batch * H, per_group = H / G;
-    if ((double)units * (double)T * (double)P * (double)N < SCAN_SERIAL_UPDATES) threads = 1;
+    if ((double)units * (double)T * (double)P * (double)N < SSD_SERIAL_UPDATES) threads = 1;
     if (threads > units) threads = units > 0 ? (int)units : 1;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
