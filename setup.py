@@ -50,6 +50,7 @@ setup(
                 "falconet/quant/kernels_x8.h",
                 "falconet/quant/kernels_quantize.h",
                 "falconet/quant/kernels_float.h",
+                "falconet/quant/kernels_scan.h",
             ],
             extra_compile_args=flags,
             extra_link_args=link,

@@ -2,7 +2,9 @@
 (two Mamba groups, mamba_d_head 6, every muP multiplier away from 1, a chunk size that
 divides no prompt, GQA 4/2, gated norm on/off and before/after the gate, a clamped
 time step), the state (chunked prefill, cached decode), the SSD scan against its
-recurrence, loading a saved HF folder and FalconH1Config's checks."""
+recurrence, loading a saved HF folder and FalconH1Config's checks. The parity and state
+tests run on both CPU scan paths (`scan_path`): the compiled recurrence and the PyTorch
+forms (tests/test_scan_kernels.py compares the two directly)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from falconet.errors import CheckpointError, ConfigError, GenerationError
 from falconet.models.falcon_h1 import FalconH1
 from falconet.models.falcon_h1_config import FalconH1Config
 from falconet.models.registry import Architecture
-from falconet.nn.ssd import ssd_chunked, ssd_step
+from falconet.nn import ssd
+from falconet.nn.ssd import torch_ssd_chunked, torch_ssd_step
 from falconet.weights.hf import load_weights
 from tests.conftest import (
     FALCON_H1_BASE,
@@ -65,6 +68,17 @@ def load(folder: Path) -> FalconH1:
     return model
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def scan_path(request, monkeypatch) -> str:
+    """The SSD scan's two CPU paths: the compiled recurrence, and the PyTorch forms that
+    run where it is not built."""
+    if request.param == "compiled" and not ssd.native_ssd_scan_available():
+        pytest.skip("compiled kernels not built (python setup.py build_ext --inplace)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(ssd, "native", None)
+    return request.param
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -85,7 +99,7 @@ def greedy(model: FalconH1, prompt: list[int], n: int, prefill_chunk: int = 64) 
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_transformers(checkpoints, variant):
+def test_logits_match_transformers(checkpoints, variant, scan_path):
     hf_model, folder = checkpoints[variant]
     model = load(folder)
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
@@ -97,7 +111,7 @@ def test_logits_match_transformers(checkpoints, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_matches_transformers_generate(checkpoints, variant):
+def test_greedy_matches_transformers_generate(checkpoints, variant, scan_path):
     hf_model, folder = checkpoints[variant]
     model = load(folder)
     expected = hf_greedy(hf_model, PROMPT, 32)
@@ -157,7 +171,7 @@ def test_every_multiplier_reaches_the_logits(checkpoints):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("chunk", [3, 7])
-def test_chunked_prefill_equals_one_forward(checkpoints, variant, chunk):
+def test_chunked_prefill_equals_one_forward(checkpoints, variant, chunk, scan_path):
     model = load(checkpoints[variant][1])
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     whole = model(ids)
@@ -168,7 +182,7 @@ def test_chunked_prefill_equals_one_forward(checkpoints, variant, chunk):
 
 
 @pytest.mark.parametrize("variant", UNCLAMPED)
-def test_cached_decode_equals_uncached(checkpoints, variant):
+def test_cached_decode_equals_uncached(checkpoints, variant, scan_path):
     model = load(checkpoints[variant][1])
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     state = model.new_state(2, len(PROMPT))
@@ -209,7 +223,8 @@ def test_state_misuse_is_a_generation_error(checkpoints):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
 def test_ssd_chunked_equals_the_recurrence(chunk_size):
-    """The chunked scan (with a carried initial state) equals ssd_step token by token."""
+    """The chunked matrix form (with a carried initial state) equals the recurrence token
+    by token (the PyTorch forms: on CPU with the kernel built both would be the kernel)."""
     torch.manual_seed(0)
     Bt, T, H, P, G, N = 2, 19, 6, 5, 3, 4
     x = torch.randn(Bt, T, H, P)
@@ -218,9 +233,9 @@ def test_ssd_chunked_equals_the_recurrence(chunk_size):
     B, C = torch.randn(Bt, T, G, N), torch.randn(Bt, T, G, N)
     D = torch.randn(H)
     init = torch.randn(Bt, H, P, N)
-    y, final = ssd_chunked(x, dt, A, B, C, D, chunk_size, init.clone())
+    y, final = torch_ssd_chunked(x, dt, A, B, C, D, chunk_size, init.clone())
     state = init.clone()
-    steps = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(T)]
+    steps = [torch_ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(T)]
     assert max_diff(y, torch.stack(steps, dim=1)) < 1e-4
     assert max_diff(final, state) < 1e-4
 

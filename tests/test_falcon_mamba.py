@@ -2,6 +2,8 @@
 checkpoints with odd shapes (hidden 48, state 5, conv kernels 4 and 3, dt rank auto and
 explicit, biases on and off, tied and untied heads), the recurrent state (chunked prefill
 == one-shot, cached == uncached), loading a saved HF folder, and the config's checks.
+The parity and state tests run on both CPU scan paths (`scan_path`): the compiled
+kernel and the PyTorch fallback.
 
 The folder is loaded here through the registry entry's `Architecture.layout` +
 `load_weights` (what `falconet.load` does), so the model is tested apart from the engine
@@ -19,6 +21,7 @@ from falconet.errors import CheckpointError, ConfigError
 from falconet.models import registry
 from falconet.models.falcon_mamba import FalconMamba, MambaState
 from falconet.models.falcon_mamba_config import FalconMambaConfig
+from falconet.nn import selective_scan
 from falconet.nn.linear import batch_invariant
 from falconet.weights.hf import load_weights
 
@@ -84,6 +87,17 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
     return out
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def scan_path(request, monkeypatch) -> str:
+    """The scan's two CPU paths: the compiled kernel, and the PyTorch fallback that runs
+    where it is not built."""
+    if request.param == "compiled" and not selective_scan.native_scan_available():
+        pytest.skip("compiled kernels not built (python setup.py build_ext --inplace)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(selective_scan, "native", None)
+    return request.param
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -104,7 +118,7 @@ def greedy(model: FalconMamba, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_transformers(checkpoints, variant):
+def test_logits_match_transformers(checkpoints, variant, scan_path):
     hf_model, folder = checkpoints[variant]
     model = load(folder)
     with torch.inference_mode():
@@ -115,7 +129,7 @@ def test_logits_match_transformers(checkpoints, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_tokens_match_transformers_generate(checkpoints, variant):
+def test_greedy_tokens_match_transformers_generate(checkpoints, variant, scan_path):
     hf_model, folder = checkpoints[variant]
     prompt = PROMPT[:8]
     hf_model.generation_config.eos_token_id = None
@@ -141,7 +155,7 @@ def test_module_names_are_transformers_names(checkpoints):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("chunk", [5, 7])
-def test_chunked_prefill_equals_one_shot(checkpoints, variant, chunk):
+def test_chunked_prefill_equals_one_shot(checkpoints, variant, chunk, scan_path):
     model = load(checkpoints[variant][1])
 
     def prefill() -> tuple[torch.Tensor, torch.Tensor, MambaState, MambaState]:
@@ -170,7 +184,7 @@ def test_chunked_prefill_equals_one_shot(checkpoints, variant, chunk):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cached_decoding_equals_uncached_forward(checkpoints, variant):
+def test_cached_decoding_equals_uncached_forward(checkpoints, variant, scan_path):
     model = load(checkpoints[variant][1])
     ids = torch.tensor([PROMPT])
 

@@ -1,4 +1,4 @@
-"""Mamba-1's selective scan and causal depthwise conv, in PyTorch, with a carried state.
+"""Mamba-1's selective scan and causal depthwise conv, with a carried state.
 
 Notation: B batch, T tokens, E d_inner (the scanned channels), N state_size, K conv_kernel.
 
@@ -20,6 +20,13 @@ gives bit-identical states (each step is the same elementwise arithmetic):
   them, carrying the state from chunk to chunk;
 - `selective_step` (decode): one token.
 
+On CPU both run the compiled kernel (falconet/quant/kernels_scan.h) when it is built:
+the Python loop over tokens took three quarters as long as all of a Falcon-Mamba-7B
+layer's matmuls at prefill, the kernel 13x less (docs/benchmarks.md). Prefill and
+decode then share the kernel's step, as they share the PyTorch step elsewhere; the two
+paths agree within 1e-5 relative, not bit for bit (exp and the sum over N round
+differently), so one model never mixes them.
+
 `causal_conv` is the depthwise conv before the scan, reading and updating the last
 K - 1 inputs it keeps per sequence (the conv state), so chunks join without a seam.
 """
@@ -27,6 +34,11 @@ K - 1 inputs it keeps per sequence (the conv state), so chunks join without a se
 from __future__ import annotations
 
 import torch
+
+try:  # the compiled kernels are optional (falconet/quant/kernels_scan.h)
+    from falconet.quant import _kernels as native
+except ImportError:  # pragma: no cover - depends on the build
+    native = None
 
 # Tokens discretized at once by the prefill scan: bounds its temporaries to
 # chunk * E * N fp32 values per sequence (64 * 8192 * 16 * 4 B = 32 MiB for the 7B).
@@ -65,6 +77,8 @@ def selective_step(
 ) -> torch.Tensor:
     """One token: h (B, E, N) fp32 is advanced in place; u, dt (B, E), B, C (B, N), all
     fp32, A (E, N). Returns y (B, E) without the D skip."""
+    if _native_applies(h, u, dt, A, B, C):  # the prefill's kernel, so decode == prefill
+        return native_selective_scan(h, u[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
     dA = torch.exp(dt[..., None] * A)  # (B, E, N)
     dBu = (dt[..., None] * B[:, None, :]) * u[..., None]  # (B, E, N)
     h.copy_(dA * h + dBu)
@@ -83,6 +97,22 @@ def selective_scan(
     """The scan over T tokens from state h (B, E, N) fp32, which ends as the state after
     the last token. u, dt (B, T, E), B, C (B, T, N), all fp32; A (E, N).
     Returns y (B, T, E) without the D skip."""
+    if _native_applies(h, u, dt, A, B, C):
+        return native_selective_scan(h, u, dt, A, B, C)
+    return torch_selective_scan(h, u, dt, A, B, C, chunk)
+
+
+def torch_selective_scan(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk: int = SCAN_CHUNK,
+) -> torch.Tensor:
+    """`selective_scan` in PyTorch ops (any device): each chunk of tokens discretized at
+    once, then a Python loop over its tokens."""
     T = u.shape[1]
     ys = []
     for start in range(0, T, chunk):
@@ -98,3 +128,54 @@ def selective_scan(
         h.copy_(state)
         ys.append((states * C[:, start:end, None, :]).sum(-1))  # (B, L, E)
     return torch.cat(ys, dim=1) if ys else u.new_zeros(u.shape)
+
+
+def native_scan_available() -> bool:
+    """Whether the compiled scan is built (an older build may lack it)."""
+    return native is not None and hasattr(native, "selective_scan")
+
+
+def _native_applies(h: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    """The compiled scan serves CPU tensors outside autograd; PyTorch everything else.
+    The choice depends only on where the tensors live, never on their sizes, so every
+    call of one model (prefill, chunks, decode) takes the same path."""
+    tensors = (h, *inputs)
+    return (
+        native_scan_available()
+        and all(t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def native_selective_scan(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> torch.Tensor:
+    """`selective_scan` by the compiled kernel (CPU): the same recurrence with the
+    state of 8 channels at a time held in cache over all T tokens; within 1e-5 relative
+    of the PyTorch path (its exp and its sum over N round differently), and per
+    (sequence, channel) the same bits however the tokens are cut into calls."""
+    Bt, T, E = u.shape
+    N = A.shape[-1]
+    expected = {"h": (Bt, E, N), "dt": (Bt, T, E), "A": (E, N), "B": (Bt, T, N), "C": (Bt, T, N)}
+    for name, t in zip(expected, (h, dt, A, B, C), strict=True):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"selective_scan: {name} is {tuple(t.shape)}, expected {expected[name]}"
+            )
+    if h.dtype != torch.float32:
+        raise ValueError(f"selective_scan: the state must be float32, got {h.dtype}")
+    u, dt, A, B, C = (t.to(torch.float32).contiguous() for t in (u, dt, A, B, C))
+    state = h if h.is_contiguous() else h.contiguous()
+    y = torch.empty(Bt, T, E, dtype=torch.float32)
+    native.selective_scan(
+        state.data_ptr(), u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
+        y.data_ptr(), Bt, T, E, N, torch.get_num_threads(),
+    )  # fmt: skip
+    if state is not h:
+        h.copy_(state)
+    return y

@@ -17,6 +17,14 @@ pieces carries the state exactly between calls. `ssd_step` is the one-token recu
 for decode. The state is fp32 whatever the model's dtype (an exponential decay summed
 over thousands of steps).
 
+On CPU both run the compiled recurrence (falconet/quant/kernels_scan.h) when it is
+built: token by token with the state in cache it is a few times faster there than the
+chunked matrix form, which also pads a short call to a whole chunk (docs/benchmarks.md).
+It is the same recurrence, so prefill and decode then share one step, bit for bit; the
+PyTorch forms (any device, and where the kernel is not built) agree with it within
+rounding. The choice depends only on the device, never on sizes, so a model never
+mixes the two.
+
 Parity quirk kept on purpose: transformers (and mamba_ssm's `selective_state_update`)
 clamp dt to time_step_limit only in the chunked path, not in the decode step.
 
@@ -30,6 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from falconet.nn import elementwise
+
+try:  # the compiled kernels are optional (falconet/quant/kernels_scan.h)
+    from falconet.quant import _kernels as native
+except ImportError:  # pragma: no cover - depends on the build
+    native = None
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
@@ -65,9 +78,30 @@ def ssd_chunked(
 
     x (Bt, T, H, P); dt (Bt, T, H) already discretized (softplus, clamped), fp32;
     A (H,) negative decay rates; B, C (Bt, T, G, N); D (H,); state (Bt, H, P, N) fp32 the
-    state before the first token (None: zeros). Returns y (Bt, T, H, P) fp32 (D skip
-    included) and the state after the last token (Bt, H, P, N) fp32.
+    state before the first token (None: zeros), left as it is. Returns y (Bt, T, H, P)
+    fp32 (D skip included) and the state after the last token (Bt, H, P, N) fp32.
     """
+    if _native_applies(x, dt, A, B, C, D, *(() if state is None else (state,))):
+        Bt, _, H, P = x.shape
+        if state is None:
+            final = torch.zeros(Bt, H, P, B.shape[-1], dtype=torch.float32)
+        else:
+            final = state.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        return native_ssd_scan(final, x, dt, A, B, C, D), final
+    return torch_ssd_chunked(x, dt, A, B, C, D, chunk_size, state)
+
+
+def torch_ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    chunk_size: int,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ssd_chunked` in PyTorch ops, in the chunked matrix form (any device)."""
     Bt, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     x32 = x.float()
@@ -125,6 +159,21 @@ def ssd_step(
     """One token: updates `state` (Bt, H, P, N) fp32 in place, returns y (Bt, H, P) fp32.
 
     x (Bt, H, P); dt (Bt, H) discretized; A, D (H,); B, C (Bt, G, N)."""
+    if _native_applies(state, x, dt, A, B, C, D):  # the prefill's kernel: decode == prefill
+        return native_ssd_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D)[:, 0]
+    return torch_ssd_step(state, x, dt, A, B, C, D)
+
+
+def torch_ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """`ssd_step` in PyTorch ops (any device)."""
     H, G = x.shape[1], B.shape[1]
     x32 = x.float()
     B = B.float().repeat_interleave(H // G, dim=1)  # (Bt, H, N)
@@ -133,6 +182,58 @@ def ssd_step(
     state.mul_(decay[..., None, None]).add_((dt[..., None] * x32)[..., None] * B[:, :, None, :])
     y = torch.einsum("bhpn,bhn->bhp", state, C)
     return y + D.float()[:, None] * x32
+
+
+def native_ssd_scan_available() -> bool:
+    """Whether the compiled recurrence is built (an older build may lack it)."""
+    return native is not None and hasattr(native, "ssd_scan")
+
+
+def _native_applies(*tensors: torch.Tensor) -> bool:
+    """The compiled recurrence serves CPU tensors outside autograd, PyTorch the rest."""
+    return (
+        native_ssd_scan_available()
+        and all(t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def native_ssd_scan(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """The recurrence over T tokens by the compiled kernel (CPU): `state` (Bt, H, P, N)
+    fp32 advanced in place; x (Bt, T, H, P); dt (Bt, T, H) discretized; A, D (H,);
+    B, C (Bt, T, G, N). Returns y (Bt, T, H, P) fp32, D skip included. Per (sequence,
+    head) the same bits however the tokens are cut into calls."""
+    Bt, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    expected = {
+        "state": (Bt, H, P, N), "dt": (Bt, T, H), "A": (H,), "B": (Bt, T, G, N),
+        "C": (Bt, T, G, N), "D": (H,),
+    }  # fmt: skip
+    for name, t in zip(expected, (state, dt, A, B, C, D), strict=True):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"ssd scan: {name} is {tuple(t.shape)}, expected {expected[name]}")
+    if H % G:
+        raise ValueError(f"ssd scan: {G} groups do not divide {H} heads")
+    if state.dtype != torch.float32:
+        raise ValueError(f"ssd scan: the state must be float32, got {state.dtype}")
+    x, dt, A, B, C, D = (t.to(torch.float32).contiguous() for t in (x, dt, A, B, C, D))
+    S = state if state.is_contiguous() else state.contiguous()
+    y = torch.empty(Bt, T, H, P, dtype=torch.float32)
+    native.ssd_scan(
+        S.data_ptr(), x.data_ptr(), dt.data_ptr(), A.data_ptr(), D.data_ptr(), B.data_ptr(),
+        C.data_ptr(), y.data_ptr(), Bt, T, H, P, G, N, torch.get_num_threads(),
+    )  # fmt: skip
+    if S is not state:
+        state.copy_(S)
+    return y
 
 
 def causal_conv1d(

@@ -14,6 +14,10 @@
  * linear_rows (kernels_float.h): the same for fp32/bf16/fp16 weights, used by
  * falconet.linear.Linear where a row's result must not depend on its batch neighbours.
  *
+ * selective_scan, ssd_scan (kernels_scan.h): Mamba-1's and Mamba-2's recurrences over
+ * a prompt, for falconet/nn/selective_scan.py and ssd.py; not weight kernels, but they
+ * share the build, the SIMD switch and the threads.
+ *
  * Paths: AVX2 (+FMA, F16C) chosen at run time; a portable C path for everything else.
  * Threads: OpenMP over output rows, each thread streaming a contiguous slice of W.
  *
@@ -294,6 +298,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 }
 
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
+#include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 
 /* ---- Python bindings ------------------------------------------------------------ */
 
@@ -400,6 +405,49 @@ static PyObject *py_linear_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_selective_scan(PyObject *self, PyObject *args) {
+    unsigned long long h, u, dt, A, B, C, y;
+    Py_ssize_t batch, T, E, N;
+    int threads, rc;
+    if (!PyArg_ParseTuple(args, "KKKKKKKnnnni", &h, &u, &dt, &A, &B, &C, &y, &batch, &T, &E, &N, &threads))
+        return NULL;
+    if (batch < 0 || T < 0 || E < 1 || N < 1 || threads < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "selective_scan needs batch >= 0, T >= 0, E >= 1, N >= 1, threads >= 1; got %zd, %zd, %zd, %zd, %d",
+                     batch, T, E, N, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = selective_scan((float *)(uintptr_t)h, (const float *)(uintptr_t)u, (const float *)(uintptr_t)dt,
+                        (const float *)(uintptr_t)A, (const float *)(uintptr_t)B, (const float *)(uintptr_t)C,
+                        (float *)(uintptr_t)y, batch, T, E, N, threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ssd_scan(PyObject *self, PyObject *args) {
+    unsigned long long S, x, dt, A, D, B, C, y;
+    Py_ssize_t batch, T, H, P, G, N;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnni", &S, &x, &dt, &A, &D, &B, &C, &y, &batch, &T, &H, &P, &G, &N,
+                          &threads))
+        return NULL;
+    if (batch < 0 || T < 0 || H < 1 || P < 1 || G < 1 || N < 1 || H % G || threads < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "ssd_scan needs batch, T >= 0, H, P, G, N >= 1 with G dividing H, threads >= 1; "
+                     "got %zd, %zd, %zd, %zd, %zd, %zd, %d",
+                     batch, T, H, P, G, N, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ssd_scan((float *)(uintptr_t)S, (const float *)(uintptr_t)x, (const float *)(uintptr_t)dt,
+             (const float *)(uintptr_t)A, (const float *)(uintptr_t)D, (const float *)(uintptr_t)B,
+             (const float *)(uintptr_t)C, (float *)(uintptr_t)y, batch, T, H, P, G, N, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -450,12 +498,14 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "quantize(type, x_ptr, N, K, out_ptr, threads) -> -1 or the first block whose fp16 field overflowed"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
     {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
+    {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
+    {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "GGML block and float linear kernels", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "GGML block, float linear and selective scan kernels", -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     for (uint32_t h = 0; h < (1u << 16); h++) half_table[h] = half_to_float((uint16_t)h);
