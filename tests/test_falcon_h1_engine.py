@@ -194,3 +194,29 @@ def test_slot_size_is_the_config_state_and_kv_follows_length(llm):
     assert long.pool.ssm.ssm.shape[2:] == ssm and long.pool.ssm.conv.shape[2:] == conv
     K, D = config.kv_heads, config.head_dim
     assert long.pool.token_bytes() == 2 * config.num_hidden_layers * K * D * 4
+
+
+# ---- the server's context comes from the config ----------------------------------------
+
+
+def test_server_context_is_the_config_unless_max_context_says_less(checkpoints):
+    import httpx
+
+    from tests.server_tools import ServerProcess
+
+    folder = checkpoints["gate_then_norm"][1].path  # max_position_embeddings 256
+    for flags, context in (((), 256), (("--max-context", "100"), 100)):
+        server = ServerProcess("--model", str(folder), *flags).wait_ready()
+        try:
+            card = httpx.get(f"{server.url}/v1/models", timeout=60).json()["data"][0]
+            assert card["max_model_len"] == context
+            # a prompt + max_tokens beyond it is the client's error, named
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": [5] * (context - 4), "max_tokens": 8})  # fmt: skip
+            assert r.status_code == 400 and f"maximum context length is {context}" in r.text
+        finally:
+            server.stop()
+    more = ServerProcess("--model", str(folder), "--max-context", "300")
+    assert more.proc.wait(timeout=120) != 0
+    more.stop()
+    assert any("more than the model's context of 256" in line for line in more.lines)
