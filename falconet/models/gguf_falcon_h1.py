@@ -60,6 +60,7 @@ from gguf import GGUFWriter
 
 from falconet.models.falcon_h1 import FalconH1
 from falconet.models.falcon_h1_config import MULTIPLIERS, FalconH1Config
+from falconet.models.gguf_llama import write_rotary_gqa_metadata
 
 ARCH = "falcon-h1"
 TITLE = "Falcon-H1"
@@ -388,17 +389,7 @@ def problems(config: FalconH1Config) -> list[str]:
 
 def write_metadata(writer: GGUFWriter, config: FalconH1Config) -> None:
     """The `falcon-h1.*` keys llama.cpp's converter writes (folded form: no multipliers)."""
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.kv_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    write_rotary_gqa_metadata(writer, config)
     writer.add_ssm_conv_kernel(config.mamba_d_conv)
     writer.add_ssm_inner_size(config.mamba_d_ssm)
     writer.add_ssm_state_size(config.mamba_d_state)

@@ -154,8 +154,9 @@ def problems(config: LlamaConfig) -> list[str]:
     return reasons
 
 
-def write_metadata(writer: GGUFWriter, config: LlamaConfig) -> None:
-    """The `llama.*` keys llama.cpp's converter writes for a LlamaForCausalLM."""
+def write_rotary_gqa_metadata(writer: GGUFWriter, config) -> None:
+    """The keys every llama-style GQA transformer writes (llama, falcon-h1): sizes, head
+    counts and lengths, rope base, RMS norm eps. `config` is a RotaryGQAConfig."""
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -165,9 +166,14 @@ def write_metadata(writer: GGUFWriter, config: LlamaConfig) -> None:
     writer.add_head_count_kv(config.kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def write_metadata(writer: GGUFWriter, config: LlamaConfig) -> None:
+    """The `llama.*` keys llama.cpp's converter writes for a LlamaForCausalLM."""
+    write_rotary_gqa_metadata(writer, config)
+    writer.add_rope_dimension_count(config.head_dim)
     if config.rope_scaling_type == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling_factor)
