@@ -76,11 +76,9 @@ class H1State:
         device: torch.device | str = "cpu",
     ) -> H1State:
         L = config.num_hidden_layers
-        conv = torch.zeros(
-            L, batch_size, config.conv_dim, config.mamba_d_conv - 1, dtype=dtype, device=device
-        )
-        ssm_shape = (L, batch_size, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)
-        ssm = torch.zeros(ssm_shape, dtype=torch.float32, device=device)
+        conv_shape, ssm_shape = config.ssm_state_shapes()
+        conv = torch.zeros(L, batch_size, *conv_shape, dtype=dtype, device=device)
+        ssm = torch.zeros(L, batch_size, *ssm_shape, dtype=torch.float32, device=device)
         return cls(KVCache(config, batch_size, max_len, dtype, device), conv, ssm)
 
     @property

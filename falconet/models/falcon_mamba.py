@@ -66,11 +66,11 @@ class MambaState:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> MambaState:
-        L, E = config.num_hidden_layers, config.intermediate_size
-        K, N = config.conv_kernel, config.state_size
+        L = config.num_hidden_layers
+        conv, ssm = config.ssm_state_shapes()  # (E, K - 1), (E, N)
         return cls(
-            conv=torch.zeros(L, batch, E, K - 1, dtype=dtype, device=device),
-            ssm=torch.zeros(L, batch, E, N, dtype=torch.float32, device=device),
+            conv=torch.zeros(L, batch, *conv, dtype=dtype, device=device),
+            ssm=torch.zeros(L, batch, *ssm, dtype=torch.float32, device=device),
         )
 
     @property
