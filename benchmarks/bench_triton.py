@@ -1,4 +1,5 @@
-"""Benchmark the Triton Q4_0 / Q8_0 matmul kernels against torch's bf16 matmul on a CUDA GPU.
+"""Benchmark the Triton kernels on a CUDA GPU: Q4_0 / Q8_0 matmuls against torch's bf16
+matmul, and the SSM scans against their PyTorch paths.
 
 Shapes are the linear layers of the ~1.15 B Falcon-7B-shaped model of bench_generate.py
 (hidden 2048, ffn 8192, fused qkv 2048 + 2*64 for multi-query, vocab 65,024, 24 layers).
@@ -19,8 +20,21 @@ an fp32 matmul on the first rows of the weight (the bf16 prefill path cannot be 
 in Triton's CPU interpreter): "rel err" is max |y - ref| / max |ref|; a value above 1e-2
 (bf16 rounding of the weight tile) means a wrong kernel.
 
+Scans (--parts scan; nn/triton_scan.py): one layer's scan at full width, fp32, batch
+--scan-batch, prefill of --scan-tokens tokens in one call and a decode step (T = 1):
+
+- Falcon-Mamba-7B's Mamba-1 (E 8192 channels, N 16): `triton_selective_scan` against
+  `torch_selective_scan` (a Python loop over tokens);
+- a Falcon-H1-0.5B-like Mamba-2 (24 heads of 64, 1 group, N 128): `triton_ssd_scan`
+  against `torch_ssd_chunked` (chunk 128) at prefill and `torch_ssd_step` at decode.
+
+Each pair starts from the same random state; "rel err" is max |diff| / max |ref| over
+the output and the final state. Both are fp32 with the same recurrence, so anything
+above 1e-4 is a wrong kernel: the script then exits 1 after the table.
+
     python benchmarks/bench_triton.py
     python benchmarks/bench_triton.py --repeats 20 --qtypes q4_0
+    python benchmarks/bench_triton.py --parts scan --scan-tokens 2048
 """
 
 from __future__ import annotations
@@ -45,6 +59,8 @@ SHAPES = {  # name -> (N out_features, K in_features, uses per token)
     "lm_head": (VOCAB, HIDDEN, 1),
 }
 CHECK_ROWS = 256  # weight rows checked against the numpy codec
+SCAN_TOL = 1e-4  # fp32 against fp32: a wrong scan kernel is off by O(1)
+SSD_CHUNK = 128  # Falcon-H1's mamba_chunk_size
 FLUSH_BYTES = 512 << 20  # larger than any GPU's L2
 
 
@@ -88,6 +104,9 @@ def main() -> None:
     p.add_argument("--prefill-rows", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--parts", default="matmul,scan", help="comma-separated: matmul, scan")
+    p.add_argument("--scan-tokens", type=int, default=512)
+    p.add_argument("--scan-batch", type=int, default=1)
     args = p.parse_args()
 
     if not torch.cuda.is_available():
@@ -103,11 +122,22 @@ def main() -> None:
     if tk.triton is None:
         sys.exit("bench_triton.py needs triton (pip install triton)")
 
-    gen = torch.Generator().manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     device = torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}, triton {tk.triton.__version__}")
-    print(f"medians of {args.repeats} calls, L2 flushed before each\n")
+    print(f"medians of {args.repeats} calls, L2 flushed before each")
+    parts = args.parts.split(",")
+    if "matmul" in parts:
+        matmul_table(tk, args, flush)
+    if "scan" in parts:
+        worst = scan_table(args, flush)
+        if worst > SCAN_TOL:
+            sys.exit(f"a Triton scan differs from its PyTorch path by {worst:.1e} (> {SCAN_TOL})")
+
+
+def matmul_table(tk, args: argparse.Namespace, flush: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    print()
     head = ["shape (N x K)", "M", "qtype", "triton ms", "GB/s", "bf16 ms", "GB/s",
             "bf16/triton", "rel err"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
@@ -131,6 +161,70 @@ def main() -> None:
                           w_bf16.numel() * 2, f"{err:.1e}"), flush=True)  # fmt: skip
     for (m, qtype), (t_q, t_b, q_bytes, b_bytes) in totals.items():
         print(row(f"model ({LAYERS} layers + lm_head)", m, qtype, t_q, t_b, q_bytes, b_bytes, ""))
+
+
+def scan_table(args: argparse.Namespace, flush: torch.Tensor) -> float:
+    """Times each Triton scan against its PyTorch path; returns the largest rel err."""
+    from falconet.nn import selective_scan as s1
+    from falconet.nn import ssd
+
+    gen = torch.Generator().manual_seed(0)
+    Bt, T = args.scan_batch, args.scan_tokens
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).cuda()
+
+    # Falcon-Mamba-7B: E 8192 channels, N 16
+    E, N = 8192, 16
+    u, dt, h = randn(Bt, T, E), F.softplus(randn(Bt, T, E) - 3), randn(Bt, E, N)
+    A, B, C = -torch.exp(randn(E, N)), randn(Bt, T, N), randn(Bt, T, N)
+    # H1-0.5B-like: 24 heads of 64, 1 group, N 128
+    H, P, G, N2 = 24, 64, 1, 128
+    x, dt2, state = randn(Bt, T, H, P), F.softplus(randn(Bt, T, H) - 3), randn(Bt, H, P, N2)
+    A2, D2, B2, C2 = -torch.rand(H).cuda() * 8, randn(H), randn(Bt, T, G, N2), randn(Bt, T, G, N2)
+
+    # (scan, phase, initial state, triton, PyTorch): each fn takes a state (advanced in
+    # place by the recurrences) and returns (y, the state after)
+    def m1(fn, t):
+        return lambda s: (fn(s, u[:, :t], dt[:, :t], A, B[:, :t], C[:, :t]), s)
+
+    def m2_args(t):
+        return x[:, :t], dt2[:, :t], A2, B2[:, :t], C2[:, :t], D2
+
+    def m2(t):
+        return lambda s: (ssd.triton_ssd_scan(s, *m2_args(t)), s)
+
+    def m2_step(s):
+        return ssd.torch_ssd_step(s, x[:, 0], dt2[:, 0], A2, B2[:, 0], C2[:, 0], D2)[:, None], s
+
+    mamba1, mamba2 = (
+        "Falcon-Mamba-7B, Mamba-1 (E 8192, N 16)",
+        "H1-0.5B-like, Mamba-2 (24 x 64, N 128)",
+    )
+    cases = [
+        (mamba1, f"prefill {T}", h, m1(s1.triton_selective_scan, T), m1(s1.torch_selective_scan, T)),
+        (mamba1, "decode", h, m1(s1.triton_selective_scan, 1), m1(s1.torch_selective_scan, 1)),
+        (mamba2, f"prefill {T}", state, m2(T),
+         lambda s: ssd.torch_ssd_chunked(*m2_args(T), SSD_CHUNK, s)),
+        (mamba2, "decode", state, m2(1), m2_step),
+    ]  # fmt: skip
+    print(f"\nscans, fp32, batch {Bt}\n")
+    print("| scan | phase | triton ms | PyTorch ms | PyTorch/triton | rel err |")
+    print("|---|---|---:|---:|---:|---:|")
+    worst = 0.0
+    with torch.inference_mode():
+        for name, phase, start, kernel, reference in cases:
+            got, ref = kernel(start.clone()), reference(start.clone())
+            err = max(
+                ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref, strict=True)
+            )
+            worst = max(worst, err)
+            # the timed calls advance a scratch state in place, as the models do
+            t_k = time_ms(partial(kernel, start.clone()), flush, args.warmup, args.repeats)
+            t_t = time_ms(partial(reference, start.clone()), flush, args.warmup, args.repeats)
+            cells = [name, phase, f"{t_k:.3f}", f"{t_t:.3f}", f"{t_t / t_k:.1f}", f"{err:.1e}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    return worst
 
 
 def row(

@@ -25,7 +25,9 @@ the Python loop over tokens took three quarters as long as all of a Falcon-Mamba
 layer's matmuls at prefill, the kernel 13x less (docs/benchmarks.md). Prefill and
 decode then share the kernel's step, as they share the PyTorch step elsewhere; the two
 paths agree within 1e-5 relative, not bit for bit (exp and the sum over N round
-differently), so one model never mixes them.
+differently), so one model never mixes them. On CUDA they run the Triton kernel
+(nn/triton_scan.py) when triton is installed, the same sequential step with the state
+in registers; PyTorch serves every other case.
 
 `causal_conv` is the depthwise conv before the scan, reading and updating the last
 K - 1 inputs it keeps per sequence (the conv state), so chunks join without a seam.
@@ -79,6 +81,8 @@ def selective_step(
     fp32, A (E, N). Returns y (B, E) without the D skip."""
     if _native_applies(h, u, dt, A, B, C):  # the prefill's kernel, so decode == prefill
         return native_selective_scan(h, u[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
+    if _triton_applies(h, u, dt, A, B, C):
+        return triton_selective_scan(h, u[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
     dA = torch.exp(dt[..., None] * A)  # (B, E, N)
     dBu = (dt[..., None] * B[:, None, :]) * u[..., None]  # (B, E, N)
     h.copy_(dA * h + dBu)
@@ -99,6 +103,8 @@ def selective_scan(
     Returns y (B, T, E) without the D skip."""
     if _native_applies(h, u, dt, A, B, C):
         return native_selective_scan(h, u, dt, A, B, C)
+    if _triton_applies(h, u, dt, A, B, C):
+        return triton_selective_scan(h, u, dt, A, B, C)
     return torch_selective_scan(h, u, dt, A, B, C, chunk)
 
 
@@ -136,15 +142,51 @@ def native_scan_available() -> bool:
 
 
 def _native_applies(h: torch.Tensor, *inputs: torch.Tensor) -> bool:
-    """The compiled scan serves CPU tensors outside autograd; PyTorch everything else.
-    The choice depends only on where the tensors live, never on their sizes, so every
-    call of one model (prefill, chunks, decode) takes the same path."""
+    """The compiled scan serves CPU tensors outside autograd (Triton CUDA ones, PyTorch
+    the rest). The choice depends only on where the tensors live, never on their sizes,
+    so every call of one model (prefill, chunks, decode) takes the same path."""
     tensors = (h, *inputs)
     return (
         native_scan_available()
         and all(t.device.type == "cpu" for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
+
+
+def _triton_applies(*tensors: torch.Tensor) -> bool:
+    """The Triton kernel serves CUDA tensors outside autograd when triton is installed
+    (imported only then: CPU runs never load it)."""
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    from falconet.nn import triton_scan
+
+    return triton_scan.available()
+
+
+def _prepared(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The kernels' inputs: shapes checked, the state fp32 and contiguous (a copy to
+    write back when it was not), the rest contiguous fp32."""
+    Bt, T, E = u.shape
+    N = A.shape[-1]
+    expected = {"h": (Bt, E, N), "dt": (Bt, T, E), "A": (E, N), "B": (Bt, T, N), "C": (Bt, T, N)}
+    for name, t in zip(expected, (h, dt, A, B, C), strict=True):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"selective_scan: {name} is {tuple(t.shape)}, expected {expected[name]}"
+            )
+    if h.dtype != torch.float32:
+        raise ValueError(f"selective_scan: the state must be float32, got {h.dtype}")
+    state = h if h.is_contiguous() else h.contiguous()
+    return (state, *(t.to(torch.float32).contiguous() for t in (u, dt, A, B, C)))
 
 
 def native_selective_scan(
@@ -159,23 +201,36 @@ def native_selective_scan(
     state of 8 channels at a time held in cache over all T tokens; within 1e-5 relative
     of the PyTorch path (its exp and its sum over N round differently), and per
     (sequence, channel) the same bits however the tokens are cut into calls."""
+    state, u, dt, A, B, C = _prepared(h, u, dt, A, B, C)
     Bt, T, E = u.shape
     N = A.shape[-1]
-    expected = {"h": (Bt, E, N), "dt": (Bt, T, E), "A": (E, N), "B": (Bt, T, N), "C": (Bt, T, N)}
-    for name, t in zip(expected, (h, dt, A, B, C), strict=True):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(
-                f"selective_scan: {name} is {tuple(t.shape)}, expected {expected[name]}"
-            )
-    if h.dtype != torch.float32:
-        raise ValueError(f"selective_scan: the state must be float32, got {h.dtype}")
-    u, dt, A, B, C = (t.to(torch.float32).contiguous() for t in (u, dt, A, B, C))
-    state = h if h.is_contiguous() else h.contiguous()
     y = torch.empty(Bt, T, E, dtype=torch.float32)
     native.selective_scan(
         state.data_ptr(), u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(),
         y.data_ptr(), Bt, T, E, N, torch.get_num_threads(),
     )  # fmt: skip
+    if state is not h:
+        h.copy_(state)
+    return y
+
+
+def triton_selective_scan(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    block_e: int | None = None,
+) -> torch.Tensor:
+    """`selective_scan` by the Triton kernel (nn/triton_scan.py; CUDA, or any device in
+    Triton's interpreter): the same recurrence, each block of channels' state held in
+    registers over all T tokens; decode is T = 1 of the same kernel. `block_e` overrides
+    the channels per program (a power of two)."""
+    from falconet.nn import triton_scan
+
+    state, u, dt, A, B, C = _prepared(h, u, dt, A, B, C)
+    y = triton_scan.selective_scan(state, u, dt, A, B, C, block_e)
     if state is not h:
         h.copy_(state)
     return y

@@ -22,8 +22,9 @@ built: token by token with the state in cache it is a few times faster there tha
 chunked matrix form, which also pads a short call to a whole chunk (docs/benchmarks.md).
 It is the same recurrence, so prefill and decode then share one step, bit for bit; the
 PyTorch forms (any device, and where the kernel is not built) agree with it within
-rounding. The choice depends only on the device, never on sizes, so a model never
-mixes the two.
+rounding. On CUDA the same recurrence runs as a Triton kernel (nn/triton_scan.py) when
+triton is installed. The choice depends only on the device, never on sizes, so a model
+never mixes paths.
 
 Parity quirk kept on purpose: transformers (and mamba_ssm's `selective_state_update`)
 clamp dt to time_step_limit only in the chunked path, not in the decode step.
@@ -81,14 +82,19 @@ def ssd_chunked(
     state before the first token (None: zeros), left as it is. Returns y (Bt, T, H, P)
     fp32 (D skip included) and the state after the last token (Bt, H, P, N) fp32.
     """
-    if _native_applies(x, dt, A, B, C, D, *(() if state is None else (state,))):
-        Bt, _, H, P = x.shape
-        if state is None:
-            final = torch.zeros(Bt, H, P, B.shape[-1], dtype=torch.float32)
-        else:
-            final = state.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-        return native_ssd_scan(final, x, dt, A, B, C, D), final
-    return torch_ssd_chunked(x, dt, A, B, C, D, chunk_size, state)
+    tensors = (x, dt, A, B, C, D, *(() if state is None else (state,)))
+    if _native_applies(*tensors):
+        recurrence = native_ssd_scan
+    elif _triton_applies(*tensors):
+        recurrence = triton_ssd_scan
+    else:
+        return torch_ssd_chunked(x, dt, A, B, C, D, chunk_size, state)
+    Bt, _, H, P = x.shape
+    if state is None:
+        final = torch.zeros(Bt, H, P, B.shape[-1], dtype=torch.float32, device=x.device)
+    else:
+        final = state.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    return recurrence(final, x, dt, A, B, C, D), final
 
 
 def torch_ssd_chunked(
@@ -161,6 +167,8 @@ def ssd_step(
     x (Bt, H, P); dt (Bt, H) discretized; A, D (H,); B, C (Bt, G, N)."""
     if _native_applies(state, x, dt, A, B, C, D):  # the prefill's kernel: decode == prefill
         return native_ssd_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D)[:, 0]
+    if _triton_applies(state, x, dt, A, B, C, D):
+        return triton_ssd_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D)[:, 0]
     return torch_ssd_step(state, x, dt, A, B, C, D)
 
 
@@ -190,12 +198,53 @@ def native_ssd_scan_available() -> bool:
 
 
 def _native_applies(*tensors: torch.Tensor) -> bool:
-    """The compiled recurrence serves CPU tensors outside autograd, PyTorch the rest."""
+    """The compiled recurrence serves CPU tensors outside autograd (Triton CUDA ones,
+    PyTorch the rest)."""
     return (
         native_ssd_scan_available()
         and all(t.device.type == "cpu" for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
+
+
+def _triton_applies(*tensors: torch.Tensor) -> bool:
+    """The Triton recurrence serves CUDA tensors outside autograd when triton is
+    installed (imported only then: CPU runs never load it)."""
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    from falconet.nn import triton_scan
+
+    return triton_scan.available()
+
+
+def _prepared(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The kernels' inputs: shapes checked, the state fp32 and contiguous (a copy to
+    write back when it was not), the rest contiguous fp32."""
+    Bt, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    expected = {
+        "state": (Bt, H, P, N), "dt": (Bt, T, H), "A": (H,), "B": (Bt, T, G, N),
+        "C": (Bt, T, G, N), "D": (H,),
+    }  # fmt: skip
+    for name, t in zip(expected, (state, dt, A, B, C, D), strict=True):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"ssd scan: {name} is {tuple(t.shape)}, expected {expected[name]}")
+    if H % G:
+        raise ValueError(f"ssd scan: {G} groups do not divide {H} heads")
+    if state.dtype != torch.float32:
+        raise ValueError(f"ssd scan: the state must be float32, got {state.dtype}")
+    S = state if state.is_contiguous() else state.contiguous()
+    return (S, *(t.to(torch.float32).contiguous() for t in (x, dt, A, B, C, D)))
 
 
 def native_ssd_scan(
@@ -211,26 +260,37 @@ def native_ssd_scan(
     fp32 advanced in place; x (Bt, T, H, P); dt (Bt, T, H) discretized; A, D (H,);
     B, C (Bt, T, G, N). Returns y (Bt, T, H, P) fp32, D skip included. Per (sequence,
     head) the same bits however the tokens are cut into calls."""
+    S, x, dt, A, B, C, D = _prepared(state, x, dt, A, B, C, D)
     Bt, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    expected = {
-        "state": (Bt, H, P, N), "dt": (Bt, T, H), "A": (H,), "B": (Bt, T, G, N),
-        "C": (Bt, T, G, N), "D": (H,),
-    }  # fmt: skip
-    for name, t in zip(expected, (state, dt, A, B, C, D), strict=True):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"ssd scan: {name} is {tuple(t.shape)}, expected {expected[name]}")
-    if H % G:
-        raise ValueError(f"ssd scan: {G} groups do not divide {H} heads")
-    if state.dtype != torch.float32:
-        raise ValueError(f"ssd scan: the state must be float32, got {state.dtype}")
-    x, dt, A, B, C, D = (t.to(torch.float32).contiguous() for t in (x, dt, A, B, C, D))
-    S = state if state.is_contiguous() else state.contiguous()
     y = torch.empty(Bt, T, H, P, dtype=torch.float32)
     native.ssd_scan(
         S.data_ptr(), x.data_ptr(), dt.data_ptr(), A.data_ptr(), D.data_ptr(), B.data_ptr(),
         C.data_ptr(), y.data_ptr(), Bt, T, H, P, G, N, torch.get_num_threads(),
     )  # fmt: skip
+    if S is not state:
+        state.copy_(S)
+    return y
+
+
+def triton_ssd_scan(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    block_p: int | None = None,
+) -> torch.Tensor:
+    """`native_ssd_scan`'s recurrence by the Triton kernel (nn/triton_scan.py; CUDA, or
+    any device in Triton's interpreter), same arguments: each block of a head's
+    channels keeps its (P, N) state rows in registers over all T tokens; decode is
+    T = 1 of the same kernel. `block_p` overrides the head channels per program."""
+    from falconet.nn import triton_scan
+
+    S, x, dt, A, B, C, D = _prepared(state, x, dt, A, B, C, D)
+    y = triton_scan.ssd_scan(S, x, dt, A, B, C, D, block_p)
     if S is not state:
         state.copy_(S)
     return y
