@@ -47,6 +47,7 @@ VARIANTS = {
     "state32_untied": ("conv3_bias_untied", dict(state_size=32, use_bias=False)),
 }
 PROMPT_LEN, GREEDY = 8, 32
+GENTLE = "-gentle"
 LAYERS = 3
 
 
@@ -55,19 +56,36 @@ def build(variant: str):
     return build_falcon_mamba_hf_model(base, hidden_size=64, **over)
 
 
+def build_gentle(variant: str):
+    """A variant whose logits are not dominated by rounding through its layers, for
+    comparing quantized with float logits: smaller initial weights, and out_proj at
+    transformers' scale (conftest multiplies it by 10 so greedy tokens vary)."""
+    base, over = VARIANTS[variant]
+    model = build_falcon_mamba_hf_model(base, hidden_size=64, initializer_range=0.05, **over)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("out_proj.weight"):
+                p.div_(10)
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """variant -> a tiny HF Falcon-Mamba folder with a Falcon-style tokenizer, trained to
     continue its text past the prompt and the greedy tokens, so those have margins of
-    several logits over llama.cpp's rounding (see test_gguf.memorizing_model)."""
+    several logits over llama.cpp's rounding (see test_gguf.memorizing_model);
+    "<variant>-gentle": `build_gentle`'s, untrained."""
     cache: dict[str, Path] = {}
 
     def get(variant: str) -> Path:
         if variant not in cache:
             folder = tmp_path_factory.mktemp(f"hf_{variant}")
             write_falcon_tokenizer(folder)
-            ids = text_ids(folder)[: PROMPT_LEN + GREEDY + 8]
-            memorize(build(variant), ids, steps=40).save_pretrained(folder)
+            if variant.endswith(GENTLE):
+                build_gentle(variant.removesuffix(GENTLE)).save_pretrained(folder)
+            else:
+                ids = text_ids(folder)[: PROMPT_LEN + GREEDY + 8]
+                memorize(build(variant), ids, steps=40).save_pretrained(folder)
             cache[variant] = folder
         return cache[variant]
 
@@ -178,6 +196,7 @@ def test_quantized_matrices_and_float_ssm_parameters(hf_dir, ours, variant, qtyp
     dt_proj (where its rows are whole blocks), out_proj, embeddings and head quantized;
     A_log, D, the conv filters and the norms float and equal to the checkpoint's; the
     logits close to the float model's."""
+    variant += GENTLE
     folder = hf_dir(variant)
     if source == "gguf":
         llm = falconet.load(ours(variant, qtype), dtype="float32")
