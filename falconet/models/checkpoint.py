@@ -9,7 +9,8 @@ architecture; this module tells it what each architecture's files hold:
   (`LAYOUTS`, chosen by the file's general.architecture or the config's registry entry):
   gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run),
   gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope) and
-  gguf_falcon_h1.py (Falcon-H1: names, reshapes, the muP multipliers folded or not).
+  gguf_falcon_h1.py (Falcon-H1: names, reshapes, the muP multipliers folded or not) and
+  gguf_mamba.py (Falcon-Mamba: names, metadata, A stored as -exp(A_log)).
   `read_gguf` rebuilds the config and the tokenizer's pieces from the metadata;
   `load_gguf_weights` fills a model built on the meta device; `write_hf_as_gguf` streams an
   HF folder into a GGUF with the tensor types llama.cpp's quantizer would pick.
@@ -31,7 +32,7 @@ import torch
 from gguf import GGUFWriter
 
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models import gguf_falcon, gguf_falcon_h1, gguf_llama
+from falconet.models import gguf_falcon, gguf_falcon_h1, gguf_llama, gguf_mamba
 from falconet.models.base import CausalLM
 from falconet.models.registry import (
     ARCHITECTURES,
@@ -92,11 +93,13 @@ def load_hf_weights(
 # read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
 # config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
 # (row order between falconet and the file, None = the same). Optional, where the file
-# holds other values than the checkpoint (Falcon-H1): file_config(config) (the config a
+# holds other values than the checkpoint (Falcon-H1, Falcon-Mamba): file_config(config) (the config a
 # file written from `config` describes), to_file / from_file(hf_name, config) (a float
 # tensor's conversion each way, None = as is), keeps_f32(hf_name) (float in every file
 # type) and canonical_name(name) (older spellings of tensor names).
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_falcon_h1)}
+LAYOUTS: dict[str, ModuleType] = {
+    m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_falcon_h1, gguf_mamba)
+}
 
 
 def _file_config(layout: ModuleType, config: ModelConfig) -> ModelConfig:
@@ -261,7 +264,10 @@ def load_gguf_weights(
                     f"{ckpt.path}: tensor {t.name} is {t.tensor_type.name}; llama.cpp keeps it "
                     "in F32 (a float type is needed)"
                 )
-            value = convert(value).to(dtype)
+            try:
+                value = convert(value).to(dtype)
+            except ValueError as e:  # a value the file's form cannot hold (a positive A)
+                raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
         install(model, hf_name, value)
         if progress is not None:
             progress(int(t.n_bytes))
@@ -273,11 +279,12 @@ def load_gguf_weights(
 
 def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
     """The type llama.cpp gives HF tensor `hf_name` in a `qtype` file of this model (the
-    output head, or the embeddings a tied head shares, at Q8_0)."""
-    if _keeps_f32(_layout(config), hf_name):
+    output head, or the embeddings a tied head shares, at Q8_0; F32 for what the model's
+    layout keeps float and what llama.cpp keeps F32)."""
+    hf_layout = for_config(config).layout(config)
+    if _keeps_f32(_layout(config), hf_name) or hf_name in hf_layout.keep_float:
         return T.F32
-    heads = for_config(config).layout(config).heads
-    return _write_type(shape, qtype, hf_name in heads)
+    return _write_type(shape, qtype, hf_name in hf_layout.heads)
 
 
 def check_writable(config: ModelConfig, source: str) -> None:
@@ -326,7 +333,6 @@ def write_hf_as_gguf(
     # What the file describes: Falcon-H1's multipliers folded into the weights, its head
     # untied where one matrix cannot hold both multipliers (lm_head from the embeddings).
     written = _file_config(layout, config)
-    heads = arch.layout(written).heads
     embeddings = f"{arch.model.embeddings_name}.weight"
 
     def source(hf_name: str) -> str:
@@ -358,7 +364,7 @@ def write_hf_as_gguf(
         TensorOut(
             name,
             shape,
-            T.F32 if _keeps_f32(layout, hf_name) else _write_type(shape, kind, hf_name in heads),
+            write_type(hf_name, shape, kind, written),
             loader(hf_name),
             f"{sources[source(hf_name)][0]}: tensor {source(hf_name)}",
         )

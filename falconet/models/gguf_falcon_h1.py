@@ -61,6 +61,7 @@ from gguf import GGUFWriter
 from falconet.models.falcon_h1 import FalconH1
 from falconet.models.falcon_h1_config import MULTIPLIERS, FalconH1Config
 from falconet.models.gguf_llama import write_rotary_gqa_metadata
+from falconet.models.gguf_mamba import a_log_from_a
 
 ARCH = "falcon-h1"
 TITLE = "Falcon-H1"
@@ -228,8 +229,8 @@ def from_file(
     """The file's float tensor -> falconet's (HF) layout, or None for those stored as they
     are: ssm_a back to A_log, and the reshapes undone."""
     if hf_name.endswith("mamba.A_log"):
-        # log(-A) of -exp(A_log) in fp32 gives A_log back within an ulp or two
-        return lambda a: torch.log(-a.reshape(-1))
+        # the fp32 A_log whose -exp() is the file's A to the bit (gguf_mamba)
+        return lambda a: a_log_from_a(a.reshape(-1))
     if hf_name.endswith("mamba.D") or hf_name.endswith("mamba.norm.weight"):
         return lambda t: t.reshape(-1)
     if hf_name.endswith("mamba.conv1d.weight"):
