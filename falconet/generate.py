@@ -174,7 +174,9 @@ def completion_logprobs(
         text = strings.text(lp.token)
         tokens.append(text)
         values.append(finite_logprob(lp.logprob))
-        top = {strings.text(t): finite_logprob(v) for t, v in lp.top}
+        top: dict[str, float] = {}
+        for t, v in lp.top:  # ids that read alike (ids past the tokenizer's vocabulary
+            top.setdefault(strings.text(t), finite_logprob(v))  # all read ""): the likeliest
         # OpenAI: "the API will always return the logprob of the sampled token"
         top.setdefault(text, finite_logprob(lp.logprob))
         tops.append(top)

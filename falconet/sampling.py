@@ -177,6 +177,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; 0 = chosen token only; k = also top-k
+    # vLLM's prompt_logprobs: None = off; k = each prompt token's logprob (from the
+    # prefill's own logits) and the top-k alternatives at its position
+    prompt_logprobs: int | None = None
     # Python API only (not over HTTP): run on the raw logits, in order, before penalties.
     logits_processors: tuple[LogitsProcessor, ...] = ()
 
@@ -194,6 +197,10 @@ class SamplingParams:
             if not rule.ok(value):
                 raise bad(field, rule.allowed)
             set_(field, rule.kind(value))  # numpy scalars and int temperatures become plain
+        if self.prompt_logprobs is not None:
+            if not RULES["logprobs"].ok(self.prompt_logprobs):
+                raise bad("prompt_logprobs", RULES["logprobs"].allowed)
+            set_("prompt_logprobs", int(self.prompt_logprobs))
         stop = stop_strings(self.stop)
         if stop is None:
             raise bad("stop", STOP_ALLOWED)
@@ -339,6 +346,27 @@ class TokenLogprobs:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None  # 1 + tokens more likely than `token`, where computed
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprobs]:
+    """Each target's log-probability under the row before it, with its rank in the
+    vocabulary and the top-k alternatives: row i of the (n, V) `logits` scores
+    `targets[i]` (n >= len(targets)). Raw logits, fp32 log_softmax, as `Sampler.logprobs`."""
+    m = len(targets)
+    logp = torch.log_softmax(logits[:m].float(), dim=-1)  # (m, V)
+    ids = torch.tensor(list(targets), dtype=torch.long, device=logp.device).view(-1, 1)
+    chosen = logp.gather(1, ids)  # (m, 1)
+    # Ties with the chosen token do not push it down, as in vLLM's rank.
+    ranks = (logp > chosen).sum(dim=-1) + 1
+    top_lp, top_ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+    chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
+    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()  # one device sync for all
+    return [
+        TokenLogprobs(int(t), chosen_l[i], tuple(zip(top_ids_l[i], top_lp_l[i], strict=True)),
+                      ranks_l[i])
+        for i, t in enumerate(targets)
+    ]  # fmt: skip
 
 
 class Sampler:

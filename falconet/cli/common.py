@@ -26,7 +26,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--model", "-m", default=None, help="HF Falcon folder (default: the embedded default model)"
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype; auto keeps the checkpoint's (compute is fp32 on CPU)")  # fmt: skip
+                   help="weight dtype. auto keeps the checkpoint's: for a bf16 (fp16) checkpoint "
+                   "every linear layer rounds its inputs and outputs to bf16 (fp16), the rest "
+                   "computes in fp32 on CPU and in bf16 (fp16) on GPU. float32 computes all in "
+                   "fp32: the logits and logprobs transformers gives in fp32")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--quant", default=None, metavar="TYPE",
                    help="quantize a HF checkpoint while loading: q8_0, q5_1, q5_0, q4_1 or q4_0")  # fmt: skip

@@ -78,6 +78,9 @@ class Delta:
     finish_reason: str | None  # None while running; "stop" | "length" | "error"
     error: str | None = None
     prompt_logits: torch.Tensor | None = None  # fp32 (prompt_len, V), when asked for
+    # params.prompt_logprobs: prompt tokens 1.. (token 0 has no logprob), on the Delta
+    # that ends the prefill (the first token's, or the only one when nothing is generated)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -235,17 +238,21 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         prompt_logits: bool = False,
+        generate: bool = True,
     ) -> list[Stream]:
         """Queue sequences (all or none); returns one Stream each.
 
         Raises GenerationError for a prompt that cannot run (empty, ids outside the
         vocabulary, prompt + max_tokens beyond the context) and QueueFull when the
         waiting queue cannot take them all. With `prompt_logits` the Delta that ends the
-        prefill carries the logits of every prompt position."""
+        prefill carries the logits of every prompt position. With `generate=False` the
+        prompts are only prefilled (max_tokens is not used): one Delta each, finish
+        reason "length", carrying what `params.prompt_logprobs` and `prompt_logits` ask
+        for (OpenAI's `max_tokens: 0` with `echo`)."""
         if not prompts or len(prompts) != len(params):
             raise GenerationError("submit: need one SamplingParams per prompt, at least one")
         seqs = [
-            self._new_sequence(p, sp, loop, prompt_logits)
+            self._new_sequence(p, sp, loop, prompt_logits, generate)
             for p, sp in zip(prompts, params, strict=True)
         ]
         return self._enqueue(seqs)
@@ -336,11 +343,14 @@ class Engine:
         params: SamplingParams | None,
         loop: asyncio.AbstractEventLoop | None,
         prompt_logits: bool = False,
+        generates: bool = True,
     ) -> _Sequence:
-        """The one place a prompt is checked, for every face."""
+        """The one place a prompt is checked, for every face. `params` None: scored only
+        (`score`), with nothing to return but the logits."""
         vocab = self.model.config.vocab_size
-        generates = params is not None
-        if generates and not isinstance(params, SamplingParams):
+        if params is None:
+            params, generates = SamplingParams(), False
+        elif not isinstance(params, SamplingParams):
             raise GenerationError("submit: params must be SamplingParams")
         if not isinstance(prompt, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
@@ -367,7 +377,7 @@ class Engine:
         stream = Stream(len(prompt), loop)
         stream._engine = self
         if not generates:
-            return _Sequence(list(prompt), SamplingParams(), reserve, True, False, stream=stream)
+            return _Sequence(list(prompt), params, reserve, prompt_logits, False, stream=stream)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         text = SequenceText(self.tokenizer, params.stop)
         return _Sequence(
@@ -425,9 +435,8 @@ class Engine:
         for w in plan.work:  # prompts scored only: done once the prefill is
             seq = w.seq
             if not seq.generates and seq.cached >= seq.prompt_len and seq in self._running:
-                logits = torch.cat(seq.prompt_logits)
                 with self._lock:
-                    self._finish(seq, Delta("", [], [], "length", prompt_logits=logits))
+                    self._finish(seq, Delta("", [], [], "length", **self._prompt_results(seq)))
         for s in results:
             if isinstance(s, Failed):
                 continue
@@ -486,7 +495,15 @@ class Engine:
         if finish is None and seq.generated >= seq.params.max_tokens:
             finish = "length"
         text, finish = seq.text.add(token, by_token, finish)
-        logits = None
-        if seq.want_prompt_logits and seq.generated == 1:
-            logits = torch.cat(seq.prompt_logits)
-        return Delta(text, [token], lps, finish, prompt_logits=logits)
+        prompt = self._prompt_results(seq) if seq.generated == 1 else {}
+        return Delta(text, [token], lps, finish, **prompt)
+
+    @staticmethod
+    def _prompt_results(seq: _Sequence) -> dict:
+        """What the prefill kept for the Delta that ends it: Delta's keyword arguments."""
+        out: dict = {}
+        if seq.want_prompt_logits:
+            out["prompt_logits"] = torch.cat(seq.prompt_logits)
+        if seq.params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = seq.prompt_logprobs
+        return out

@@ -27,7 +27,7 @@ import torch
 
 from falconet.engine.scheduler import Units, Work
 from falconet.engine.state import StatePool, StepPart
-from falconet.sampling import Sampler, SamplingParams, TokenLogprobs
+from falconet.sampling import Sampler, SamplingParams, TokenLogprobs, prompt_logprobs
 
 log = logging.getLogger("falconet.engine")
 
@@ -47,10 +47,19 @@ class SequenceState:
     last_token: int = -1
     sampler: Sampler | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # fp32 (n, V) chunks
+    # params.prompt_logprobs: prompt tokens 1.. scored as their chunks run (token 0 has
+    # nothing before it), so only k + 1 numbers per token outlive the step
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
+
+    @property
+    def keeps_prompt_rows(self) -> bool:
+        """The prefill computes logits at every prompt position, not only the last. A
+        prefix cache must not skip such a sequence's prompt: its logits are the answer."""
+        return self.want_prompt_logits or self.params.prompt_logprobs is not None
 
 
 @dataclass
@@ -100,8 +109,8 @@ class ModelRunner:
             mine = logits[at : at + rows]
             at += rows
             try:
-                if seq.want_prompt_logits and seq.cached < seq.prompt_len:
-                    seq.prompt_logits.append(mine)
+                if seq.cached < seq.prompt_len:
+                    self._keep_prompt_rows(seq, mine)
                 seq.cached += n
                 if samples and seq.generates:
                     out.append(self._sample(seq, mine[-1:]))
@@ -127,7 +136,7 @@ class ModelRunner:
             start = len(ids)
             ids += tokens
             prefilling = seq.cached < seq.prompt_len
-            rows = list(range(start, len(ids))) if prefilling and seq.want_prompt_logits else []
+            rows = list(range(start, len(ids))) if prefilling and seq.keeps_prompt_rows else []
             if w.samples and seq.generates and not rows:
                 rows = [len(ids) - 1]
             logit_rows += rows
@@ -148,6 +157,20 @@ class ModelRunner:
                 self.pool.restore(snapshot)
             raise
         return logits, scored
+
+    @staticmethod
+    def _keep_prompt_rows(seq: SequenceState, rows: torch.Tensor) -> None:
+        """A prefill chunk's logits (one row per token fed): kept whole for
+        `want_prompt_logits`, or turned into logprobs of the prompt tokens they predict."""
+        if seq.want_prompt_logits:
+            seq.prompt_logits.append(rows)
+        k = seq.params.prompt_logprobs
+        if k is not None:
+            # row i sits at position cached + i and predicts the prompt token after it;
+            # the last prompt position predicts the first generated token instead
+            targets = seq.prompt[seq.cached + 1 : seq.cached + 1 + rows.shape[0]]
+            if targets:
+                seq.prompt_logprobs += prompt_logprobs(rows, targets, k)
 
     def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:
         if seq.sampler is None:

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API over an `Engine`: `create_app(engine, model_name)`.
 
     GET  /v1/models, /v1/models/{id}   the one served model, with max_model_len
-    POST /v1/completions               prompt (text or token ids) -> text, streamed or not
+    POST /v1/completions               prompt (text or token ids) -> text, streamed or not;
+                                       echo + logprobs, prompt_logprobs score the prompt
     POST /v1/chat/completions          messages -> assistant message, streamed or not
     POST /tokenize, /detokenize        the server's tokenizer (vLLM's endpoints)
+    GET  /tokenizer_info               its special tokens and chat template (vLLM's)
     GET  /health                       200 while the engine thread runs (never needs a key)
     GET  /metrics                      Prometheus text (prometheus_client)
     GET  /openapi.json                 the API's OpenAPI schema, request bodies included
@@ -59,11 +61,12 @@ from falconet.server.protocol import (
     TokenizeRequest,
     bad,
     error_body,
+    prompt_items,
     read_json_object,
     validation_error,
 )
 from falconet.server.rag_routes import RagSettings, register_rag_routes
-from falconet.server.responses import DONE, Formatter, sse
+from falconet.server.responses import DONE, Formatter, PromptShow, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 from falconet.server.timeouts import BodyDeadline
 from falconet.server.workers import RequestWorkers
@@ -71,7 +74,7 @@ from falconet.server.workers import RequestWorkers
 log = logging.getLogger("falconet.server")
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-          "/health", "/metrics", "/openapi.json")  # fmt: skip
+          "/tokenizer_info", "/health", "/metrics", "/openapi.json")  # fmt: skip
 OPEN_ROUTES = ("/health",)  # answered without the API key (load balancers probe it)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
 
@@ -193,6 +196,16 @@ class _Server:
         """The JSON object body of a route that reads its own (413 beyond the limit)."""
         return await read_json_object(request, self.max_body_bytes)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does
+        (lm-evaluation-harness's remote tokenizer reads eos_token and chat_template)."""
+        tok = self.tokenizer
+        return {"tokenizer_class": f"tokenizers.{type(tok.backend.model).__name__}",
+                "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "eos_token_ids": list(tok.eos_token_ids), "bos_token_id": tok.bos_token_id,
+                "chat_template": tok.chat_template, "model_max_length": self.engine.max_context,
+                "vocab_size": self.vocab_size}  # fmt: skip
+
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "falconet", "root": self.model_name, "parent": None,
@@ -200,16 +213,24 @@ class _Server:
 
     # -- generation -----------------------------------------------------------------
 
+    def check_room(self, sequences: int, n: int) -> None:
+        """A request for more sequences than the batch and the queue together hold could
+        never run; fewer are queued (or get 429 while the queue is full)."""
+        stats = self.engine.stats()
+        if sequences > stats.max_batch + stats.max_queue:
+            raise bad(f"the request asks for {sequences} sequences (prompts x n) but this "
+                      f"server holds at most {stats.max_batch + stats.max_queue} (max batch "
+                      f"{stats.max_batch} + max queue {stats.max_queue}); "
+                      f"{'lower n' if n > 1 else 'send fewer prompts per request'}",
+                      "n" if n > 1 else "prompt")  # fmt: skip
+
     def submit(self, req: GenerationRequest) -> list[Stream]:
         if not self.engine.alive:
             raise APIError(503, "the engine is not running; the server is shutting down")
-        stats = self.engine.stats()
-        if len(req.prompts) > stats.max_batch + stats.max_queue:
-            raise bad(f"the request asks for {len(req.prompts)} sequences (prompts x n) but this "
-                      f"server holds at most {stats.max_batch + stats.max_queue} (max batch "
-                      f"{stats.max_batch} + max queue {stats.max_queue}); lower n", "n")  # fmt: skip
+        self.check_room(len(req.prompts), req.n)
         try:
-            streams = self.engine.submit(req.prompts, req.params, loop=asyncio.get_running_loop())
+            streams = self.engine.submit(req.prompts, req.params, loop=asyncio.get_running_loop(),
+                                         generate=req.generate)  # fmt: skip
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from e  # fmt: skip
@@ -221,7 +242,11 @@ class _Server:
     async def generate(self, request: Request, req: GenerationRequest, chat: bool) -> Response:
         arrived = request.state.arrived
         streams = self.submit(req)
-        fmt = Formatter(chat, self.model_name, self.strings, len(streams))
+        show = None
+        if req.echo_texts is not None or req.prompt_logprobs is not None:
+            texts = req.echo_texts and [req.echo_texts[i // req.n] for i in range(len(streams))]
+            show = PromptShow(req.prompts, texts, req.logprobs, req.prompt_logprobs)
+        fmt = Formatter(chat, self.model_name, self.strings, len(streams), show)
         if req.stream:
             return EventStream(self._events(req, fmt, streams, arrived), self.closer(streams))
         task = asyncio.ensure_future(self._collect(req, fmt, streams, arrived))
@@ -282,6 +307,7 @@ class _Server:
         texts: list[list[str]] = [[] for _ in range(n)]
         tokens, finish = [0] * n, ["length"] * n
         lps: list[list] = [[] for _ in range(n)]
+        prompt_lps: list[list | None] = [None] * n
         observe = self._timing(arrived, n)
         async with contextlib.aclosing(_merge(streams)) as deltas:
             try:
@@ -292,6 +318,7 @@ class _Server:
                     texts[i].append(d.text)
                     tokens[i] += len(d.token_ids)
                     lps[i] += d.logprobs
+                    prompt_lps[i] = d.prompt_logprobs or prompt_lps[i]
                     finish[i] = d.finish_reason or finish[i]
             except APIError:
                 raise
@@ -302,7 +329,7 @@ class _Server:
         def answer() -> Response:
             choices = [
                 fmt.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None,
-                           finish[i])
+                           finish[i], prompt_lps[i])
                 for i in range(n)
             ]  # fmt: skip
             return JSONResponse(fmt.response(choices, usage(sum(req.prompt_lengths), sum(tokens))))
@@ -325,7 +352,9 @@ class _Server:
                         yield sse(_engine_error(d.error).body())
                         break
                     tokens += len(d.token_ids)
-                    for choice in fmt.delta_choices(i, d.text, d.logprobs, d.finish_reason):
+                    choices = fmt.delta_choices(i, d.text, d.logprobs, d.finish_reason,
+                                                d.prompt_logprobs)  # fmt: skip
+                    for choice in choices:
                         yield fmt.chunk([choice], req.include_usage)
                 else:
                     if req.include_usage:
@@ -404,6 +433,7 @@ def create_app(
     # Tokenizing, chat templates and large answers are CPU work: in the worker threads.
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
+        srv.check_room(len(prompt_items(body.prompt)) * body.n, body.n)  # before tokenizing
         req = await workers.run(parse_completion, body, srv.tokenizer, srv.vocab_size,
                                 engine.max_context, model_name)  # fmt: skip
         return await srv.generate(request, req, chat=False)
@@ -421,13 +451,17 @@ def create_app(
             if body.messages is not None:
                 ids = chat_prompt(srv.tokenizer, body.messages)
             elif body.prompt is not None:
-                ids = srv.tokenizer.encode(body.prompt)
+                ids = srv.tokenizer.encode(body.prompt, body.add_special_tokens)
             else:
                 raise bad('send {"prompt": str} or {"messages": [...]}', "prompt")
             return JSONResponse({"tokens": ids, "count": len(ids),
                                  "max_model_len": engine.max_context})  # fmt: skip
 
         return await workers.run(answer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        return JSONResponse(srv.tokenizer_info())
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from falconet.errors import FalconetError
-from falconet.sampling import SamplingParams, seed_for_choice
+from falconet.sampling import RULES, SamplingParams, must_be, seed_for_choice
 from falconet.server.protocol import (
     APIError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     bad,
+    prompt_items,
 )
 from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
@@ -38,6 +39,10 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # alternatives per token when logprobs are asked for, else None
+    generate: bool = True  # False: max_tokens 0, the prompts are only scored
+    # /v1/completions with echo: the text each distinct prompt is echoed as
+    echo_texts: list[str] | None = None
+    prompt_logprobs: int | None = None  # vLLM's field: alternatives per prompt token
 
 
 def check_model(model: str | None, model_name: str) -> None:
@@ -63,6 +68,15 @@ def check_context(
     lengths: list[int], max_tokens: int | None, max_context: int, prompt_param: str
 ) -> None:
     for n in lengths:
+        if max_tokens == 0:  # scored only: the prompt may fill the context
+            if n > max_context:
+                raise bad(
+                    f"this model's maximum context length is {max_context} tokens and the "
+                    f"prompt has {n} tokens; shorten the prompt",
+                    prompt_param,
+                    "context_length_exceeded",
+                )
+            continue
         if n >= max_context:
             raise bad(
                 f"this model's maximum context length is {max_context} tokens and the prompt "
@@ -87,15 +101,18 @@ def _build(
     logprobs: int | None,
     extra_stop: tuple[str, ...],
     max_context: int,
+    prompt_logprobs: int | None = None,
 ) -> GenerationRequest:
     """Shared tail of both endpoints: one SamplingParams per choice (max_tokens None =
-    the rest of the context, per prompt)."""
+    the rest of the context, per prompt; 0 = score the prompt only)."""
     kw: dict[str, Any] = body.sampling_kwargs()
     kw["stop"] += tuple(s for s in extra_stop if s not in kw["stop"])
+    kw["prompt_logprobs"] = prompt_logprobs
     all_prompts, params = [], []
     try:
         for ids in prompts:
             budget = max_context - len(ids) if max_tokens is None else max_tokens
+            budget = max(budget, 1)  # max_tokens 0 generates nothing (not submitted as such)
             for j in range(body.n):
                 # choice j of a seeded request draws from seed + j: n samples that differ,
                 # and the same n samples for the same request
@@ -106,15 +123,15 @@ def _build(
         raise bad(str(e)) from e
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return GenerationRequest(all_prompts, params, [len(p) for p in prompts], body.n,
-                             body.stream, include_usage, logprobs)  # fmt: skip
+                             body.stream, include_usage, logprobs,
+                             generate=max_tokens != 0)  # fmt: skip
 
 
 def completion_prompts(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
     """`prompt` (a string, token ids, or a list of either; shapes checked by
     CompletionRequest) as token ids, one list per prompt."""
-    items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     out = []
-    for item in items:
+    for item in prompt_items(prompt):
         if isinstance(item, str):
             ids = tokenizer.encode(item)
         else:
@@ -131,9 +148,23 @@ def parse_completion(
 ) -> GenerationRequest:  # fmt: skip
     check_model(body.model, model_name)
     max_tokens = body.requested_max_tokens()
+    k = body.prompt_logprobs_k()
+    if max_tokens == 0 and not body.echo and k is None:
+        # the rule's own words: only echo or prompt_logprobs give 0 tokens a meaning
+        raise bad(f"'max_tokens' {must_be(RULES['max_tokens'].allowed, 0)}", "max_tokens")
     prompts = completion_prompts(body.prompt, tokenizer, vocab_size)
     check_context([len(p) for p in prompts], max_tokens, max_context, "prompt")
-    return _build(body, prompts, max_tokens, body.logprobs, (), max_context)
+    req = _build(body, prompts, max_tokens, body.logprobs, (), max_context, k)
+    if body.echo:
+        # vLLM echoes a text prompt as sent and token ids as they decode
+        req.echo_texts = [
+            item if isinstance(item, str) else tokenizer.decode(ids)
+            for item, ids in zip(prompt_items(body.prompt), prompts, strict=True)
+        ]
+    # as vLLM: echo with logprobs fills the prompt_logprobs field too
+    shown = body.prompt_logprobs
+    req.prompt_logprobs = shown if shown is not None else (body.logprobs if body.echo else None)
+    return req
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:

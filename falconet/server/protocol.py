@@ -11,7 +11,7 @@ its own message rather than pydantic's.
 
 JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
 `null` means the field's default; `bool` is never a number. Fields the engine cannot
-honour (`echo`, `best_of`, `tools`, ...) are declared so that a value other than their
+honour (`best_of`, `tools`, ...) are declared so that a value other than their
 "off" value is refused rather than silently ignored; fields that do not change the
 output (`user`, `metadata`, ...) are ignored, as unknown fields are.
 """
@@ -46,7 +46,6 @@ from falconet.sampling import (
 )
 
 MAX_N = 16  # choices per request (n)
-MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_BODY_BYTES = 4 * 2**20
 # A body that announces more than this is refused without reading it; up to this, an
 # oversized body is read to its end first so the client sees the 413 rather than a reset.
@@ -405,13 +404,25 @@ def _prompt_shape(value: Any) -> Any:
         return check_text(value)
     if not value:
         raise _field_error(must_be(_PROMPT_ALLOWED, value))
-    items = value if isinstance(value[0], (str, list)) else [value]
-    if len(items) > MAX_PROMPTS:
-        raise _field_error(f"holds {len(items)} prompts; at most {MAX_PROMPTS} per request")
-    for item in items:
+    # Any number of prompts: the engine queues what it cannot run at once, and the
+    # server refuses only what its batch and queue together could never hold.
+    for item in prompt_items(value):
         if isinstance(item, str):
             check_text(item)
     return value
+
+
+def prompt_items(prompt: str | list) -> list:
+    """A checked `prompt` as a list with one item (text or token ids) per prompt."""
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+
+
+def _max_tokens_zero(value: Any, handler: Callable[[Any], Any]) -> Any:
+    # 0 passes here and is checked with the fields it needs (echo, prompt_logprobs) by
+    # server/generation.py; the schema keeps the rule's bound for generating requests
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return handler(value)
 
 
 Prompt = Annotated[
@@ -424,14 +435,37 @@ class CompletionRequest(_OpenAIRequest):
     """POST /v1/completions."""
 
     prompt: Prompt = Field(
-        description=f"the text to continue, its token ids, or up to {MAX_PROMPTS} of either"
+        description="the text to continue, its token ids, or a list of either (a batch)"
     )
-    max_tokens: ruled("max_tokens") = Field(COMPLETION_MAX_TOKENS, description="tokens to generate")
+    max_tokens: Annotated[ruled("max_tokens"), WrapValidator(_max_tokens_zero)] = Field(
+        COMPLETION_MAX_TOKENS,
+        description="tokens to generate; 0 with echo or prompt_logprobs scores the prompt only",
+    )
     logprobs: ruled("logprobs") = Field(
-        None, description="log-probabilities of the chosen token and this many alternatives"
+        None,
+        description="log-probabilities of the chosen token and this many alternatives "
+        "(of the prompt's tokens too, with echo)",
     )
-    echo: unsupported(False)
+    echo: Flag = Field(False, description="return the prompt before the completion")
+    prompt_logprobs: ruled("logprobs") = Field(
+        None,
+        description="vLLM's: each prompt token's log-probability, rank and this many "
+        "alternatives (not with stream)",
+    )
     suffix: unsupported("")
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise _field_error("is not available with 'stream': true (vLLM's rule)")
+        return value
+
+    def prompt_logprobs_k(self) -> int | None:
+        """Alternatives per prompt token the engine must find: vLLM's prompt_logprobs,
+        or `logprobs` when the prompt is echoed (its tokens get logprobs too)."""
+        ks = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        return max((k for k in ks if k is not None), default=None)
 
 
 # OpenAI's newer `developer` role is a system message.
@@ -493,6 +527,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     )
     logprobs: Flag = Field(False, description="return log-probabilities of the chosen tokens")
     top_logprobs: ruled("logprobs") = Field(None, description="alternatives per token")
+    echo: unsupported(False)  # vLLM's chat echo (of the last message) is not served
     tools: unsupported([])
     tool_choice: unsupported("none", "auto")
     functions: unsupported([])
@@ -516,6 +551,9 @@ class TokenizeRequest(BaseModel):
     model: Name = None
     prompt: Annotated[str | None, Field(strict=True), checked("a string", then=check_text)] = None
     messages: Messages | None = None
+    add_special_tokens: Flag = Field(
+        True, description="add the tokenizer's BOS/EOS as a completion prompt gets them"
+    )
 
 
 class DetokenizeRequest(BaseModel):
