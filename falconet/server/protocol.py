@@ -350,6 +350,8 @@ def _logit_bias(value: Any) -> Any:
 
 
 def _vllm_top_k(value: Any, handler: Callable[[Any], Any]) -> Any:
+    if value is None:  # the default, said here: pydantic takes it only from the outer validator
+        raise PydanticUseDefault
     return handler(0 if value == -1 and not isinstance(value, bool) else value)
 
 
