@@ -10,11 +10,12 @@ FastAPI sees them (`JSONBodyRoute`), so an oversized, non-UTF-8 or malformed bod
 its own message rather than pydantic's.
 
 JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
-`null` means the field's default; `bool` is never a number; an integer of more digits than
-Python converts (4300) is read as an `OversizedInt`, which every field refuses by name. Fields the engine cannot
-honour (`echo`, `best_of`, `tools`, ...) are declared so that a value other than their
-"off" value is refused rather than silently ignored; fields that do not change the
-output (`user`, `metadata`, ...) are ignored, as unknown fields are.
+`null` means the field's default; `bool` is never a number; an integer of more digits
+than Python converts (4300) is read as an `OversizedInt`, which every field refuses by
+name. Fields the engine cannot honour (`echo`, `best_of`, `tools`, ...) are declared so
+that a value other than their "off" value is refused rather than silently ignored; fields
+that do not change the output (`user`, `metadata`, ...) are ignored, as unknown fields
+are.
 """
 
 from __future__ import annotations
@@ -163,6 +164,15 @@ def _int_or_oversized(literal: str) -> int | OversizedInt:
     return OversizedInt(digits) if limit and digits > limit else int(literal)
 
 
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer past the digit limit: parsed again, marking it
+        return json.loads(text, parse_int=_int_or_oversized)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -172,12 +182,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise bad("the request body is empty; send a JSON object")
     try:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            raise
-        except ValueError:  # an integer past the digit limit: parsed again, marking it
-            data = json.loads(text, parse_int=_int_or_oversized)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise bad(f"the request body is not valid JSON: {e}") from e
     except RecursionError as e:
@@ -361,11 +366,11 @@ Stop = Annotated[str | list[str] | None, checked(STOP_ALLOWED, then=_stop)]
 StopTokenIds = Annotated[
     list[Annotated[StrictInt, Field(ge=0)]] | None, checked(STOP_TOKEN_IDS_ALLOWED, then=tuple)
 ]
-TopK = Annotated[ruled("top_k"), WrapValidator(_vllm_top_k)]
+TopK = Annotated[ruled("top_k"), WrapValidator(_vllm_top_k)]  # vLLM's -1 is off, as 0 is
 LogitBias = Annotated[
     dict[str, Annotated[float, Field(ge=LOGIT_BIAS_MIN, le=LOGIT_BIAS_MAX)]] | None,
     BeforeValidator(_logit_bias),
-]  # vLLM's -1 is off, as 0 is
+]
 Choices = Annotated[
     int | None,
     Field(strict=True, ge=1, le=MAX_N),
