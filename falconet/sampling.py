@@ -11,6 +11,9 @@ a 1-D tensor), so a batch can mix requests; rows whose value means "off" are unt
 Per-row values are read on the CPU in float64 (they are tiny) so thresholds round
 exactly as HF's Python-float arithmetic does.
 
+A request's `logit_bias` (OpenAI's: token id -> bias in [-100, 100]) is added to the raw
+logits of its row first, before everything else, as vLLM applies it.
+
 Users may add their own processors (`SamplingParams.logits_processors`, Python API only,
 as in vLLM): functions (generated token ids, (V,) logits) -> (V,) logits, applied to the
 raw logits before the built-in ones. A row the sampler cannot pick from (NaN scores, or
@@ -119,6 +122,14 @@ STOP_ALLOWED = (
     "characters long"
 )
 STOP_TOKEN_IDS_ALLOWED = "a list of token ids (integers >= 0)"
+# OpenAI's bias range: -100 bans a token and +100 all but forces it. Each entry costs a
+# scattered add per step; the cap bounds that and the body that validates it.
+LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100, 100
+MAX_LOGIT_BIAS = 1024
+LOGIT_BIAS_ALLOWED = (
+    f'an object mapping token ids (as strings, such as "42") to numbers in '
+    f"[{LOGIT_BIAS_MIN}, {LOGIT_BIAS_MAX}], at most {MAX_LOGIT_BIAS} of them"
+)
 LOGITS_PROCESSORS_ALLOWED = "a list of callables (token ids so far, logits) -> logits"
 
 
@@ -148,6 +159,26 @@ def stop_strings(stop: object) -> tuple[str, ...] | None:
     if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop):
         return None
     return tuple(stop)
+
+
+def logit_bias_pairs(bias: object) -> tuple[tuple[int, float], ...] | None:
+    """`bias` ({token id: bias}, ids as ints or as decimal strings, the JSON form) as
+    (id, bias) pairs sorted by id, or None when it breaks the rule."""
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        return None
+    pairs = {}
+    for key, value in bias.items():
+        # at most 10 digits: no int() of a thousand-digit key, and every id fits int64
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+            key = int(key)
+        if not (_is_int(key) and key >= 0 and _is_real(value) and _finite(value)):
+            return None
+        if key in pairs:  # "5" and "05"
+            return None
+        if not LOGIT_BIAS_MIN <= value <= LOGIT_BIAS_MAX:
+            return None
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def seed_for_choice(seed: int, j: int) -> int:
@@ -180,6 +211,8 @@ class SamplingParams:
     # vLLM's prompt_logprobs: None = off; k = each prompt token's logprob (from the
     # prefill's own logits) and the top-k alternatives at its position
     prompt_logprobs: int | None = None
+    # {token id: bias} added to the raw logits; kept as (id, bias) pairs sorted by id
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Python API only (not over HTTP): run on the raw logits, in order, before penalties.
     logits_processors: tuple[LogitsProcessor, ...] = ()
 
@@ -211,10 +244,27 @@ class SamplingParams:
         set_("stop_token_ids", tuple(int(i) for i in ids))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "true or false")
+        bias = self.logit_bias
+        try:  # (id, bias) pairs, as kept here, are taken back too
+            bias = dict(bias) if isinstance(bias, (list, tuple)) else bias
+        except (TypeError, ValueError):
+            bias = None
+        if (pairs := logit_bias_pairs(bias)) is None:
+            raise bad("logit_bias", LOGIT_BIAS_ALLOWED)
+        set_("logit_bias", pairs)
         procs = self.logits_processors
         if not isinstance(procs, (list, tuple)) or not all(callable(f) for f in procs):
             raise bad("logits_processors", LOGITS_PROCESSORS_ALLOWED)
         set_("logits_processors", tuple(procs))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises GenerationError when a token id the params name lies outside the
+        vocabulary (the rules above cannot know the model)."""
+        if self.logit_bias and self.logit_bias[-1][0] >= vocab_size:
+            raise GenerationError(
+                f"'logit_bias' has token id {self.logit_bias[-1][0]}, outside this model's "
+                f"vocabulary [0, {vocab_size})"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -390,6 +440,8 @@ class Sampler:
         if len(params) != len(prompt_ids):
             raise GenerationError(f"{len(params)} sampling params for {len(prompt_ids)} prompts")
         device = torch.device(device)
+        for p in params:
+            p.check_vocab(vocab_size)
         generators = []
         for p in params:
             g = torch.Generator(device=device)
@@ -421,6 +473,12 @@ class Sampler:
         self._counts: torch.Tensor | None = counts  # (B, V) int32, generated only
         # Generated ids per row, for the user's logits processors (kept only if there are).
         self._has_processors = any(p.logits_processors for p in params)
+        # (row, token ids, biases) of the rows with a logit_bias
+        self._bias = [
+            (i, torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device),
+             torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32, device=device))
+            for i, p in enumerate(params) if p.logit_bias
+        ]  # fmt: skip
         self._outputs: list[list[int]] = (
             [list(o) for o in outputs] if outputs is not None else [[] for _ in params]
         )
@@ -446,7 +504,17 @@ class Sampler:
         top-k/top-p/min-p for sampled rows (HF's order). Greedy rows come back penalised
         only, ready for argmax."""
         # processors and softmax in float32 even for bf16 models
-        return self._penalise_and_warp(self._apply_processors(logits.float()))
+        return self._penalise_and_warp(self._apply_processors(self._apply_bias(logits.float())))
+
+    def _apply_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's logit_bias added to its logits (a copy: the raw logits also give
+        the logprobs). Row by row, so a row's sums do not depend on the batch."""
+        if not self._bias:
+            return logits
+        logits = logits.clone()
+        for i, ids, bias in self._bias:
+            logits[i, ids] += bias.to(logits.dtype)
+        return logits
 
     def _apply_processors(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._has_processors:
@@ -514,7 +582,7 @@ class Sampler:
         """(B, V) logits -> (B,) token ids: argmax for greedy rows, a draw for the rest.
         Raises GenerationError when a row has no token to pick (NaN scores, or every
         token at -inf)."""
-        base = self._apply_processors(logits.float())
+        base = self._apply_processors(self._apply_bias(logits.float()))
         processed = self._penalise_and_warp(base)
         redo = self._rows_to_redo(processed)
         tokens = processed.argmax(dim=-1)

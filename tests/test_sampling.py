@@ -341,6 +341,16 @@ BAD = [
     ("logprobs", 21),
     ("logprobs", -1),
     ("logprobs", True),
+    ("logit_bias", {5: 100.5}),
+    ("logit_bias", {5: -101}),
+    ("logit_bias", {5: float("nan")}),
+    ("logit_bias", {5: True}),
+    ("logit_bias", {-1: 1}),
+    ("logit_bias", {"x": 1}),
+    ("logit_bias", {"5": 1, "05": 2}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}),
+    ("logit_bias", [5, 1]),
+    ("logit_bias", None),
 ]
 
 
@@ -364,3 +374,50 @@ def test_params_normalised():
     assert run(Sampler(edge, [[]] * 2, 50), x, 8) == [run(Sampler(edge, [[]] * 2, 50), x, 8)[1]] * 2
     with pytest.raises(GenerationError, match="2 sampling params for 1 prompts"):
         Sampler([p, p], [[]], 4)
+
+
+def test_logit_bias_is_added_to_the_raw_logits_first():
+    x = random_logits("normal", 11)[:3]
+    plain = SamplingParams(temperature=0.7, repetition_penalty=1.3)
+    biased = SamplingParams(temperature=0.7, repetition_penalty=1.3, logit_bias={"3": 2.5, 7: -4})
+    assert biased.logit_bias == ((3, 2.5), (7, -4.0))  # JSON's string ids become ints
+    prompts = [[3, 9]] * 3
+    got = Sampler([plain, biased, plain], prompts, V).process_logits(x)
+    shifted = x.clone()
+    shifted[1, 3] += 2.5
+    shifted[1, 7] -= 4
+    # the bias goes in before the penalties and warpers, as vLLM applies it
+    want = Sampler([plain] * 3, prompts, V).process_logits(shifted)
+    assert_same(got, want)
+    # logprobs describe the model: the raw logits, before the bias
+    tokens = torch.tensor([0, 3, 0])
+    [_, lp, _] = Sampler([plain, biased, plain], prompts, V).logprobs(x, tokens, k=2)
+    assert lp.logprob == torch.log_softmax(x[1], -1)[3].item()
+
+
+def test_logit_bias_bans_and_forces_tokens():
+    x = random_logits("normal", 12)[:1]
+    top = int(x[0].argmax())
+    banned = SamplingParams(logit_bias={top: -100})
+    assert run(Sampler([banned], [[]], V), x, 1)[0][0] != top
+    forced = SamplingParams(temperature=1.0, seed=3, logit_bias={5: 100})
+    assert set(run(Sampler([forced], [[]], V), torch.zeros(1, V), 20)[0]) == {5}
+
+
+def test_logit_bias_row_is_independent_of_batch():
+    x = random_logits("normal", 13)[:3]
+    mine = SamplingParams(temperature=1.0, seed=4, logit_bias={1: 3.0, 2: -1.5, 9: 0.5})
+    alone = run(Sampler([mine], [[1]], V), x[1:2], 12)[0]
+    others = [SamplingParams(temperature=0.5, seed=1, logit_bias={1: -100}), SamplingParams()]
+    batch = Sampler([others[0], mine, others[1]], [[2], [1], [3]], V)
+    assert run(batch, x, 12)[1] == alone
+    alone_logits = Sampler([mine], [[1]], V).process_logits(x[1:2])
+    batch_logits = Sampler([others[0], mine, others[1]], [[2], [1], [3]], V).process_logits(x)
+    assert torch.equal(batch_logits[1:2], alone_logits)  # bit for bit
+    # and it travels with its row when the batch is reshaped
+    assert torch.equal(batch.select([1]).process_logits(x[1:2]), alone_logits)
+
+
+def test_logit_bias_outside_the_vocabulary_raises():
+    with pytest.raises(GenerationError, match=rf"'logit_bias' has token id {V}, outside"):
+        Sampler([SamplingParams(logit_bias={V: 1})], [[]], V)

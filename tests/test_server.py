@@ -241,6 +241,66 @@ def test_logprobs(server, client):
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
 
 
+def test_logit_bias(server, client):
+    """OpenAI's logit_bias, through the official client: +100 forces a token, -100 bans
+    one, and a biased request answers what the library answers with the same bias, alone
+    or beside other requests in the engine's batch."""
+    import falconet
+
+    llm = falconet.load()
+    prompt = "The LORD is my"
+    greedy = llm.complete([prompt], max_tokens=6, temperature=0, ignore_eos=True)[0].token_ids
+    forced = post(server, "/tokenize", {"prompt": " light"}).json()["tokens"][-1]
+    cases = [
+        {"logit_bias": {str(forced): 100}},
+        {"logit_bias": {str(greedy[0]): -100, str(greedy[1]): -100}},
+        {"logit_bias": {str(greedy[0]): 2.5, "7": -1.25}, "temperature": 1.0, "seed": 11},
+    ]
+
+    def library(case: dict) -> str:
+        kw = {"temperature": 0.0, **case}
+        kw["logit_bias"] = {int(k): v for k, v in case["logit_bias"].items()}
+        return llm.complete([prompt], max_tokens=6, ignore_eos=True, **kw)[0].text
+
+    def served(case: dict) -> str:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,
+                                      extra_body={"ignore_eos": True},
+                                      **{"temperature": 0.0, **case})  # fmt: skip
+        return r.choices[0].text
+
+    want = [library(c) for c in cases]
+    assert want[0] == llm.tokenizer.decode([forced] * 6)
+    assert llm.complete([prompt], max_tokens=6, temperature=0, ignore_eos=True,
+                        logit_bias={greedy[0]: -100})[0].token_ids[0] != greedy[0]  # fmt: skip
+    assert [served(c) for c in cases] == want
+    with ThreadPoolExecutor(6) as pool:  # batched with each other and with unbiased requests
+        together = list(pool.map(served, [*cases, *([{"logit_bias": {}}] * 3)]))
+    assert together[:3] == want
+    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0,
+                                          logit_bias={str(forced): 100})  # fmt: skip
+    assert chat.choices[0].message.content == llm.tokenizer.decode([forced] * 4)
+
+
+def test_embeddings_default_model(client):
+    """/v1/embeddings on a server started without --embedding-model: the packaged
+    all-MiniLM-L6-v2 under its hub name (tests/test_server_embeddings.py goes further)."""
+    from sentence_transformers import SentenceTransformer
+
+    from falconet.rag.embed import packaged_model_path
+
+    texts = ["In the beginning God created the heaven and the earth.", "Let there be light"]
+    r = client.embeddings.create(model=EMBEDDER, input=texts)
+    assert r.model == EMBEDDER and [d.index for d in r.data] == [0, 1]
+    want = SentenceTransformer(str(packaged_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
+    for d, w in zip(r.data, want, strict=True):
+        assert len(d.embedding) == 384
+        assert float(sum(a * b for a, b in zip(d.embedding, w, strict=True))) > 0.9999
+    short = client.embeddings.create(model="all-MiniLM-L6-v2", input="x", encoding_format="float")
+    assert short.model == EMBEDDER and short.usage.prompt_tokens == 3  # [CLS] x [SEP]
+
+
 # --- concurrency, disconnects, backpressure ----------------------------------------
 
 
@@ -329,6 +389,8 @@ def test_queue_full_gives_429(servers):
 
 CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
+EMBED = "/v1/embeddings"
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged default
 USER = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
     # (id, path, body, status, param)
@@ -428,7 +490,74 @@ BAD_REQUESTS = [
      400, "add_special_tokens"),
     ("suffix", CMPL, {"prompt": "x", "suffix": "end"}, 400, "suffix"),
     ("best_of", CMPL, {"prompt": "x", "best_of": 3}, 400, "best_of"),
-    ("logit_bias", CMPL, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    # logit_bias: token id strings -> [-100, 100]
+    ("logit_bias a list", CMPL, {"prompt": "x", "logit_bias": [[5, 10]]}, 400, "logit_bias"),
+    ("logit_bias a string", CHAT, {"messages": USER, "logit_bias": "5:10"}, 400, "logit_bias"),
+    ("logit_bias key not an id", CMPL, {"prompt": "x", "logit_bias": {"five": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias key negative", CMPL, {"prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ("logit_bias key 11 digits", CMPL, {"prompt": "x", "logit_bias": {"1" * 11: 1}}, 400,
+     "logit_bias"),
+    ("logit_bias key 5000 digits", CMPL, {"prompt": "x", "logit_bias": {"9" * 5000: 1}}, 400,
+     "logit_bias"),
+    ("logit_bias key outside vocab", CHAT, {"messages": USER, "logit_bias": {"999999": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias key twice", CMPL, {"prompt": "x", "logit_bias": {"5": 1, "005": 2}}, 400,
+     "logit_bias"),
+    ("logit_bias 101", CMPL, {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("logit_bias -100.5", CHAT, {"messages": USER, "logit_bias": {"5": -100.5}}, 400,
+     "logit_bias"),
+    ("logit_bias true", CMPL, {"prompt": "x", "logit_bias": {"5": True}}, 400, "logit_bias"),
+    ("logit_bias a string bias", CMPL, {"prompt": "x", "logit_bias": {"5": "10"}}, 400,
+     "logit_bias"),
+    ("logit_bias nested", CMPL, {"prompt": "x", "logit_bias": {"5": {"5": 1}}}, 400, "logit_bias"),
+    ("logit_bias 1025 entries", CMPL,
+     {"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, 400, "logit_bias"),
+    ("logit_bias 5000 digits", CMPL,
+     b'{"prompt": "x", "logit_bias": {"5": ' + b"9" * 5000 + b"}}", 400, "logit_bias"),
+    ("logit_bias NaN", CMPL, b'{"prompt": "x", "logit_bias": {"5": NaN}}', 400, "logit_bias"),
+    # integers past Python's 4300-digit int/str limit, and a list where a string goes
+    ("max_tokens 5000 digits", CMPL, b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400,
+     "max_tokens"),
+    ("n 5000 digits", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "n": -'
+     + b"9" * 5000 + b"}", 400, "n"),
+    ("prompt id 5000 digits", CMPL, b'{"prompt": [1, ' + b"9" * 5000 + b"]}", 400, "prompt"),
+    ("seed 5000 digits", CMPL, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, "seed"),
+    ("detokenize id 5000 digits", "/detokenize", b'{"tokens": [' + b"9" * 5000 + b"]}", 400,
+     "tokens"),
+    ("max_tokens 4000 digits", CMPL, {"prompt": "x", "max_tokens": 10**3999}, 400, "max_tokens"),
+    ("role a list", CHAT, {"messages": [{"role": [], "content": "hi"}]}, 400, "messages[0].role"),
+    ("role an object", CHAT, {"messages": [{"role": {}, "content": "hi"}]}, 400,
+     "messages[0].role"),
+    ("tokenize role a list", "/tokenize", {"messages": [{"role": [], "content": "hi"}]}, 400,
+     "messages[0].role"),
+    # /v1/embeddings
+    ("embeddings input missing", EMBED, {"model": EMBEDDER}, 400, "input"),
+    ("embeddings input null", EMBED, {"input": None}, 400, "input"),
+    ("embeddings input empty", EMBED, {"input": ""}, 400, "input"),
+    ("embeddings input []", EMBED, {"input": []}, 400, "input"),
+    ("embeddings an empty item", EMBED, {"input": ["a", ""]}, 400, "input"),
+    ("embeddings an empty id list", EMBED, {"input": [[1], []]}, 400, "input"),
+    ("embeddings text and ids", EMBED, {"input": ["a", [1]]}, 400, "input"),
+    ("embeddings input a number", EMBED, {"input": 5}, 400, "input"),
+    ("embeddings input an object", EMBED, {"input": {"text": "a"}}, 400, "input"),
+    ("embeddings 2049 inputs", EMBED, {"input": ["a"] * 2049}, 400, "input"),
+    ("embeddings lone surrogate", EMBED, b'{"input": ["\\udc80"]}', 400, "input"),
+    ("embeddings id outside vocab", EMBED, {"input": [1, 10**6]}, 400, "input"),
+    ("embeddings id negative", EMBED, {"input": [[1, -1]]}, 400, "input"),
+    ("embeddings id 5000 digits", EMBED, b'{"input": [1, ' + b"9" * 5000 + b"]}", 400, "input"),
+    ("embeddings too many tokens", EMBED, {"input": "word " * 300}, 400, "input"),
+    ("embeddings encoding hex", EMBED, {"input": "a", "encoding_format": "hex"}, 400,
+     "encoding_format"),
+    ("embeddings encoding a list", EMBED, {"input": "a", "encoding_format": ["float"]}, 400,
+     "encoding_format"),
+    ("embeddings dimensions 3", EMBED, {"input": "a", "dimensions": 3}, 400, "dimensions"),
+    ("embeddings dimensions 0", EMBED, {"input": "a", "dimensions": 0}, 400, "dimensions"),
+    ("embeddings dimensions a string", EMBED, {"input": "a", "dimensions": "384"}, 400,
+     "dimensions"),
+    ("embeddings unknown model", EMBED, {"input": "a", "model": "text-embedding-3-small"}, 404,
+     "model"),
+    ("embeddings model a number", EMBED, {"input": "a", "model": 3}, 400, "model"),
     ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tools"),
     ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}},
@@ -590,6 +719,7 @@ def test_internal_errors_are_openai_shaped(monkeypatch):
 @pytest.mark.parametrize("flags,needle", [
     (["--port", "70000"], "--port"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--embedding-model", "/no/such/folder"], "--embedding-model"),
 ])  # fmt: skip
 def test_serve_bad_flags(flags, needle):
     res = subprocess.run([sys.executable, "-m", "falconet", "serve", *flags],

@@ -4,6 +4,7 @@ paths and malformed uploads get 400/413 and leave the store unchanged."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -168,6 +169,10 @@ def test_hostile_paths_are_refused_and_leave_the_store_unchanged(env):
         r = httpx.post(f"{url}/v1/rag/documents", content=raw, timeout=T,
                        headers={"content-type": "application/json"})  # fmt: skip
         assert_error(r, 400)
+    # a lone surrogate (here the one os.fsdecode makes of the byte 0xff): no file name
+    r = httpx.post(f"{url}/v1/rag/documents", content=b'{"path": "babel\\udcff.txt"}',
+                   timeout=T, headers={"content-type": "application/json"})  # fmt: skip
+    assert assert_error(r, 400)["param"] == "path"
     assert checksum(store) == before
     assert httpx.get(f"{url}/health", timeout=T).status_code == 200
 
@@ -223,3 +228,28 @@ def test_without_rag_store_the_routes_answer_404(env):
         err = assert_error(r, 404)
         assert "--rag-store" in err["message"]
     assert httpx.get(f"{url}/health", timeout=T).status_code == 200
+
+
+def test_ingesting_a_root_with_odd_entries_never_fails_the_server(env):
+    """{"path": "."} and a path equal to the --rag-root walk every file under it: a name
+    that is not UTF-8 (the store keys documents by their path as text), a symlink loop, a
+    FIFO and a folder that links to itself are reported as skipped, never a 500."""
+    url, root = env["rag"].url, env["root"]
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "fine.txt").write_text(CAIN)
+    with open(os.fsencode(odd) + b"/caf\xe9.txt", "wb") as f:  # Latin-1, not UTF-8
+        f.write(b"a file whose name is not UTF-8\n")
+    (odd / "loop.txt").symlink_to(odd / "loop.txt")
+    os.mkfifo(odd / "fifo.txt")
+    (odd / "self").symlink_to(odd)
+    for path in [".", str(root), "odd", str(odd)]:
+        r = httpx.post(f"{url}/v1/rag/documents", json={"path": path}, timeout=T)
+        assert r.status_code == 200, (path, r.text)
+        report = r.json()
+        skipped = {Path(x["source"]).name: x["reason"] for x in report["skipped"]}
+        assert "not valid UTF-8" in skipped["caf\\xe9.txt"], skipped
+        assert {"loop.txt", "fifo.txt"} <= set(skipped)
+        sources = report["added"] + report["updated"] + report["unchanged"]
+        assert str((odd / "fine.txt").resolve()) in sources
+    assert httpx.get(f"{url}/health", timeout=T).json() == {"status": "ok"}

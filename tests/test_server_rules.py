@@ -127,6 +127,21 @@ def test_the_bounds_themselves_are_accepted_everywhere(server):
             assert r.status_code == 200, (path, r.text)
 
 
+def test_null_is_the_default_for_every_sampling_field(server):
+    """`null` means "the default" for each field every generating route shares (top_k,
+    whose validator wraps another, once answered null with a 500)."""
+    from falconet.server.protocol import SamplingFields
+
+    for field in SamplingFields.model_fields:
+        for path, body in [
+            ("/v1/completions", {"prompt": "And", "max_tokens": 2}),
+            ("/v1/chat/completions", {"messages": USER, "max_tokens": 2}),
+            ("/v1/rag/query", {"query": "light", "mode": "bm25", "answer": False}),
+        ]:
+            r = post(server, path, {**body, field: None})
+            assert r.status_code == 200, (field, path, r.text)
+
+
 def test_seeds_span_torch_s_64_bit_range(server):
     """Choice j of a seeded request samples with seed + j, wrapped as torch.Generator
     wraps it: choice 1 of seed 2**64 - 1 is seed 0, and 2**64 - 1 is also seed -1."""

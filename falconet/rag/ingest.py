@@ -142,7 +142,7 @@ class IngestReport:
     seconds_total: float = 0.0
 
     def skip(self, path: str | os.PathLike, why: str) -> None:
-        self.skipped.append((str(path), why))
+        self.skipped.append((printable(path), why))
 
     def summary(self) -> str:
         parts = [
@@ -265,6 +265,16 @@ def ingest_file(
     return report
 
 
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that encodes to UTF-8: Linux names may hold any bytes, and the odd
+    ones show as \\xNN escapes."""
+    text = str(os.fspath(path))
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class _Work:
     store: DocumentStore
@@ -280,13 +290,13 @@ class _Work:
             try:
                 self.one(path, report)
             except OSError as e:  # vanished or unreadable between the walk and the read
-                report.skipped.append((str(path), e.strerror or str(e)))
+                report.skip(path, e.strerror or str(e))
             except LimitError as e:  # named with the flag that raises the limit
-                report.skipped.append((str(path), e.message(self.limits.flag_prefix)))
+                report.skip(path, e.message(self.limits.flag_prefix))
             except IngestCancelled:
                 raise
             except (LoaderError, RagError) as e:  # binary, empty, not a regular file, ...
-                report.skipped.append((str(path), str(e)))
+                report.skip(path, str(e))
             if progress:
                 progress(i + 1, len(files), str(path))
 
@@ -294,6 +304,8 @@ class _Work:
         _check_cancel(self.cancel)
         store, limits = self.store, self.limits
         source = str(path)
+        if printable(source) != source:  # the store keys documents by their UTF-8 path
+            raise LoaderError(f"{printable(source)}: the name is not valid UTF-8; rename the file")
         old = store.document(document_id(source))
         try:
             # Before anything is opened: a FIFO would block, a 4 GB file take minutes.

@@ -4,6 +4,7 @@
     POST /v1/completions               prompt (text or token ids) -> text, streamed or not;
                                        echo + logprobs, prompt_logprobs score the prompt
     POST /v1/chat/completions          messages -> assistant message, streamed or not
+    POST /v1/embeddings                text or token ids -> unit vectors (the RAG embedder)
     POST /tokenize, /detokenize        the server's tokenizer (vLLM's endpoints)
     GET  /tokenizer_info               its special tokens and chat template (vLLM's)
     GET  /health                       200 while the engine thread runs (never needs a key)
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import inspect
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +46,7 @@ from falconet.errors import FalconetError
 from falconet.generate import TokenStrings, usage
 from falconet.server import BODY_TIMEOUT_S
 from falconet.server import metrics as metrics_mod
+from falconet.server.embeddings import EmbeddingRequest, create_embeddings
 from falconet.server.generation import (
     GenerationRequest,
     chat_prompt,
@@ -73,8 +77,9 @@ from falconet.server.workers import RequestWorkers
 
 log = logging.getLogger("falconet.server")
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-          "/tokenizer_info", "/health", "/metrics", "/openapi.json")  # fmt: skip
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+          "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics",
+          "/openapi.json")  # fmt: skip
 OPEN_ROUTES = ("/health",)  # answered without the API key (load balancers probe it)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
 
@@ -175,15 +180,22 @@ async def _merge(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
 
 
 class _Server:
-    """What the routes share: the engine, tokenizer, model name, metrics and the worker
-    threads that do a request's CPU work (`await srv.workers.run(fn, *args)`)."""
+    """What the routes share: the engine, tokenizer, model name, metrics, the embedder
+    (/v1/embeddings and RAG's, loaded on first use) and the worker threads that do a
+    request's CPU work (`await srv.workers.run(fn, *args)`)."""
 
     def __init__(
         self, engine: Engine, model_name: str, max_body_bytes: int, metrics: metrics_mod.Metrics,
-        workers: RequestWorkers,
+        workers: RequestWorkers, embedding_model: str | Path | None = None,
     ) -> None:  # fmt: skip
+        from falconet.rag.embed import SentenceTransformerEmbedder, SharedEmbedder, default_embedder
+
         self.engine = engine
         self.workers = workers
+        load = default_embedder
+        if embedding_model is not None:
+            load = functools.partial(SentenceTransformerEmbedder, embedding_model)
+        self.embedder = SharedEmbedder(load)
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.model.config.vocab_size
         self.model_name = model_name
@@ -228,6 +240,8 @@ class _Server:
         if not self.engine.alive:
             raise APIError(503, "the engine is not running; the server is shutting down")
         self.check_room(len(req.prompts), req.n)
+        if req.params:  # one request, one logit_bias
+            check_token_ids([t for t, _ in req.params[0].logit_bias], self.vocab_size, "logit_bias")
         try:
             streams = self.engine.submit(req.prompts, req.params, loop=asyncio.get_running_loop(),
                                          generate=req.generate)  # fmt: skip
@@ -385,13 +399,16 @@ def create_app(
     rag: RagSettings | None = None,
     body_timeout: float = BODY_TIMEOUT_S,
     workers: RequestWorkers | None = None,
+    embedding_model: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`.
-    A request body must arrive within `body_timeout` seconds (see server/timeouts.py)."""
+    A request body must arrive within `body_timeout` seconds (see server/timeouts.py).
+    /v1/embeddings and RAG embed with the sentence-transformers model in the folder
+    `embedding_model` (default: the packaged all-MiniLM-L6-v2)."""
     metrics = metrics or metrics_mod.Metrics()
     workers = workers or RequestWorkers()
-    srv = _Server(engine, model_name, max_body_bytes, metrics, workers)
+    srv = _Server(engine, model_name, max_body_bytes, metrics, workers, embedding_model)
     # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is served.
     summary = "OpenAI-compatible API over a Falcon model"
     app = FastAPI(
@@ -442,6 +459,12 @@ def create_app(
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         req = await workers.run(parse_chat, body, srv.tokenizer, engine.max_context, model_name)
         return await srv.generate(request, req, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        # tokenizing and the model's forward are CPU work: in a worker thread
+        answer = await workers.run(create_embeddings, body, srv.embedder.queries)
+        return JSONResponse(answer)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:

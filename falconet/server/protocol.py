@@ -10,15 +10,17 @@ FastAPI sees them (`JSONBodyRoute`), so an oversized, non-UTF-8 or malformed bod
 its own message rather than pydantic's.
 
 JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
-`null` means the field's default; `bool` is never a number. Fields the engine cannot
-honour (`best_of`, `tools`, ...) are declared so that a value other than their
-"off" value is refused rather than silently ignored; fields that do not change the
-output (`user`, `metadata`, ...) are ignored, as unknown fields are.
+`null` means the field's default; `bool` is never a number; an integer of more digits
+than Python converts (4300) is read as an `OversizedInt`, which every field refuses by
+name. Fields the engine cannot honour (`best_of`, `tools`, ...) are declared so that a
+value other than their "off" value is refused rather than silently ignored; fields that
+do not change the output (`user`, `metadata`, ...) are ignored, as unknown fields are.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -37,9 +39,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, PydanticUseDefault
 
 from falconet.sampling import (
+    LOGIT_BIAS_ALLOWED,
+    LOGIT_BIAS_MAX,
+    LOGIT_BIAS_MIN,
     RULES,
     STOP_ALLOWED,
     STOP_TOKEN_IDS_ALLOWED,
+    logit_bias_pairs,
     must_be,
     show,
     stop_strings,
@@ -101,6 +107,11 @@ def _field_error(message: str) -> PydanticCustomError:
     return PydanticCustomError(_FIELD_ERROR, message)
 
 
+def field_error(message: str) -> PydanticCustomError:
+    """For validators written beside other routes: `message` follows the field's name."""
+    return _field_error(message)
+
+
 def validation_error(errors: Sequence[Any]) -> APIError:
     """The first of pydantic's errors as an OpenAI 400 naming the field
     (`messages[0].role`: list indices in brackets, nested fields after dots)."""
@@ -133,6 +144,33 @@ def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
 # --- JSON bodies ---------------------------------------------------------------------
 
 
+class OversizedInt:
+    """A JSON integer of more digits than Python converts to an int (its `int_max_str_digits`
+    guard against quadratic-time conversion): kept as a marker that no field accepts, so
+    the 400 names the field that held it."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _int_or_oversized(literal: str) -> int | OversizedInt:
+    limit = sys.get_int_max_str_digits()
+    digits = len(literal.lstrip("-"))
+    return OversizedInt(digits) if limit and digits > limit else int(literal)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer past the digit limit: parsed again, marking it
+        return json.loads(text, parse_int=_int_or_oversized)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -142,7 +180,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise bad("the request body is empty; send a JSON object")
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise bad(f"the request body is not valid JSON: {e}") from e
     except RecursionError as e:
@@ -262,12 +300,16 @@ def checked(
     def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
         if value is None and null_is_default:
             raise PydanticUseDefault
+        if isinstance(value, OversizedInt):
+            raise _field_error(f"must be {allowed}; got an integer of {value.digits} digits")
         given = value
         if integral and isinstance(value, float) and value.is_integer():
             value = int(value)  # 16.0 is 16
         try:
             value = handler(value)
-        except ValidationError:
+        except (ValidationError, TypeError):
+            # TypeError: some pydantic-core versions look an unhashable value (a list, an
+            # object) up in a Literal's table and let the lookup's error out
             raise _field_error(must_be(allowed, given)) from None
         return value if then is None else then(value)
 
@@ -301,7 +343,18 @@ def _stop(value: str | list[str]) -> tuple[str, ...]:
     return tuple(check_text(s) for s in stop)
 
 
+def _logit_bias(value: Any) -> Any:
+    """Checked whole against the rule, so the message quotes the value as sent."""
+    if value is None:
+        raise PydanticUseDefault
+    if logit_bias_pairs(value) is None:
+        raise _field_error(must_be(LOGIT_BIAS_ALLOWED, value))
+    return value
+
+
 def _vllm_top_k(value: Any, handler: Callable[[Any], Any]) -> Any:
+    if value is None:  # the default, said here: pydantic takes it only from the outer validator
+        raise PydanticUseDefault
     return handler(0 if value == -1 and not isinstance(value, bool) else value)
 
 
@@ -312,6 +365,10 @@ StopTokenIds = Annotated[
     list[Annotated[StrictInt, Field(ge=0)]] | None, checked(STOP_TOKEN_IDS_ALLOWED, then=tuple)
 ]
 TopK = Annotated[ruled("top_k"), WrapValidator(_vllm_top_k)]  # vLLM's -1 is off, as 0 is
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=LOGIT_BIAS_MIN, le=LOGIT_BIAS_MAX)]] | None,
+    BeforeValidator(_logit_bias),
+]
 Choices = Annotated[
     int | None,
     Field(strict=True, ge=1, le=MAX_N),
@@ -351,6 +408,10 @@ class SamplingFields(BaseModel):
     stop: Stop = Field((), description="strings that end generation (not in the output)")
     stop_token_ids: StopTokenIds = Field((), description="token ids that end generation")
     ignore_eos: Flag = Field(False, description="generate past the end-of-sequence token")
+    logit_bias: LogitBias = Field(
+        default_factory=dict,
+        description="token id (a string) -> bias in [-100, 100], added to the logits",
+    )
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams arguments, but for max_tokens, seed and logprobs."""
@@ -375,7 +436,6 @@ class _OpenAIRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     # Fields that would change the output in ways this server does not implement.
     best_of: unsupported(1)
-    logit_bias: unsupported({})
     response_format: unsupported({"type": "text"})
     min_tokens: unsupported(0)
     prompt_logprobs: unsupported()

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from falconet.errors import FalconetError, LimitError, LoaderError, RagError
 from falconet.generate import usage
+from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
@@ -54,6 +55,7 @@ from falconet.server.protocol import (
     Flag,
     SamplingFields,
     bad,
+    check_text,
     checked,
     parse_model,
     ruled,
@@ -76,7 +78,9 @@ Passages = Annotated[
 ]
 SearchMode = Annotated[Mode | None, checked(f"one of {', '.join(MODES)}")]
 ServerPath = Annotated[
-    str, Field(strict=True), checked("a string naming a file or folder", null_is_default=False)
+    str,
+    Field(strict=True),
+    checked("a string naming a file or folder", null_is_default=False, then=check_text),
 ]
 
 
@@ -127,14 +131,13 @@ class RagSettings:
 
 
 class _Rag:
-    def __init__(self, settings: RagSettings) -> None:
-        from falconet.rag.embed import SharedEmbedder, default_embedder
+    def __init__(self, settings: RagSettings, embedder: SharedEmbedder) -> None:
         from falconet.rag.store import open_store
 
         self.settings = settings
         self.uploads = (settings.store / UPLOADS).resolve()
         self._local = threading.local()
-        self.embedder = SharedEmbedder(default_embedder)
+        self.embedder = embedder  # the server's, which /v1/embeddings shares
         # Uploads being ingested, by final path: a failed one removes its file only when
         # no other request is ingesting the same bytes.
         self._uploading: Counter[Path] = Counter()
@@ -218,6 +221,8 @@ class _Rag:
                     files.append(f)
                 else:
                     report.skip(f, "resolves outside the server's --rag-root folders")
+        # a file and a link to it are one document
+        files = list(dict.fromkeys(files))
         ingest_files(self.store(), files, self.embedder.ingestion, report=report,
                      limits=self.settings.limits, cancel=cancel)  # fmt: skip
         return self.report_json(report)
@@ -348,7 +353,7 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
     """Adds /v1/rag/*; without settings every RAG route answers a 404 saying how to
     enable it. `srv` is the app's _Server (engine, body reading, submission)."""
 
-    rag = _Rag(settings) if settings is not None else None
+    rag = _Rag(settings, srv.embedder) if settings is not None else None
 
     def need() -> _Rag:
         if rag is None:

@@ -37,6 +37,8 @@ class ServerSettings:
     rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
     rag_max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     rag_limits: IngestLimits = IngestLimits(flag_prefix="rag-")  # per document ingested
+    # a sentence-transformers folder for /v1/embeddings and RAG; None: all-MiniLM-L6-v2
+    embedding_model: str | None = None
     timeout_keep_alive: float = KEEP_ALIVE_S  # seconds an idle connection is kept
     timeout_header: float = HEAD_TIMEOUT_S  # seconds a request head may take to arrive
     timeout_body: float = BODY_TIMEOUT_S  # seconds a body may take (+1 s per 16 KiB sent)
@@ -70,6 +72,12 @@ class ServerSettings:
         for root in self.rag_roots:
             if not Path(root).expanduser().is_dir():
                 raise FalconetError(f"--rag-root {root}: not a folder")
+        if self.embedding_model is not None:
+            folder = Path(self.embedding_model).expanduser()
+            if not any((folder / f).is_file() for f in ("modules.json", "config.json")):
+                raise FalconetError(f"--embedding-model {self.embedding_model}: not a "
+                                    "sentence-transformers model folder (no modules.json or "
+                                    "config.json)")  # fmt: skip
 
     def rag(self):
         """The RAG endpoints' settings, or None when --rag-store was not given."""
@@ -126,11 +134,15 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
         )
     engine = Engine.from_llm(llm, max_batch=settings.max_batch, max_queue=settings.max_queue,
                              max_context=settings.max_context)  # fmt: skip
+    embedding_model = settings.embedding_model
+    if embedding_model is not None:
+        embedding_model = Path(embedding_model).expanduser()
     try:
         rag = settings.rag()
         app = create_app(engine, settings.model_name, settings.api_key,
                          max_body_bytes=settings.max_body_bytes, rag=rag,
-                         body_timeout=settings.timeout_body)  # fmt: skip
+                         body_timeout=settings.timeout_body,
+                         embedding_model=embedding_model)  # fmt: skip
     except RagError as e:
         raise FalconetError(f"--rag-store: {e}") from e
     handler = logging.StreamHandler(sys.stderr)
