@@ -29,8 +29,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens (prompt + generated) per sequence (default: the model's context)")  # fmt: skip
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of a prompt prefix seen before (default on; "
-                   "outputs are bit-identical either way). Off by itself, with a log line, for "
+                   help="reuse the KV blocks of a prompt prefix seen before, in steps of the "
+                   "prefill chunk (128 tokens); default on, outputs bit-identical either way. "
+                   "Off by itself, with a log line, for "
                    "Falcon-Mamba and Falcon-H1 (their recurrent state is not checkpointed) and "
                    "for dynamic RoPE scaling")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
