@@ -17,7 +17,8 @@ with the cache on must equal the text with it off, and /metrics' hit rate is rea
 after each run. This script is not used by the tests.
 
     python benchmarks/bench_prefix.py            # 1.15 B model (2.3 GB, built once)
-    python benchmarks/bench_prefix.py --smoke    # small model, a quick check
+    python benchmarks/bench_prefix.py --small    # ~0.1 B model of the same shape family
+    python benchmarks/bench_prefix.py --smoke    # tiny model, a quick check
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from bench_server import (  # noqa: E402
 )
 
 ROUNDS = ("alone", "together")
+# A ~0.1 B model of the same family: the full-size model takes over half an hour of
+# prefills on a busy 2-core machine.
+SMALL_SHAPE = {"hidden": 1024, "layers": 8, "heads": 16, "vocab": 4096}
+SMALL_CACHE = Path("/tmp/bench_prefix_small")
 
 
 async def ask(client, prompt: str, max_tokens: int, kw: dict) -> tuple[float, str]:
@@ -97,15 +102,18 @@ def main() -> None:
     p.add_argument("--suffix-len", type=int, default=16, help="distinct tokens per request")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--smoke", action="store_true", help=f"small model {SMOKE_SHAPE}")
+    p.add_argument("--smoke", action="store_true", help=f"tiny model {SMOKE_SHAPE}")
+    p.add_argument("--small", action="store_true", help=f"small model {SMALL_SHAPE}")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"checkpoint folder (default {DEFAULT_CACHE}, or {SMOKE_CACHE} with "
                    "--smoke)")  # fmt: skip
     args = p.parse_args()
     if min(args.prefix_len, args.suffix_len, args.max_tokens) < 1 or args.requests < 2:
         p.error("--prefix-len, --suffix-len, --max-tokens must be positive, --requests >= 2")
-    shape = SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE
-    folder = args.cache_dir or (SMOKE_CACHE if args.smoke else DEFAULT_CACHE)
+    shape, folder = DEFAULT_SHAPE, DEFAULT_CACHE
+    if args.smoke or args.small:
+        shape, folder = (SMOKE_SHAPE, SMOKE_CACHE) if args.smoke else (SMALL_SHAPE, SMALL_CACHE)
+    folder = args.cache_dir or folder
     ensure_checkpoint(argparse.Namespace(**shape, cache_dir=folder, threads=THREADS), folder)
     text_folder = ensure_text_copy(folder, shape["vocab"])
 
@@ -129,6 +137,8 @@ def main() -> None:
                     run_rounds(server.base_url, prompts, words[-1], args, spec.request_kw)
                 )
                 rates[flag] = hit_rate(server.base_url)
+                ttfts = {r: [round(t, 3) for t, _ in results[flag][r]] for r in ROUNDS}
+                print(f"  TTFT (s) {ttfts}", file=sys.stderr, flush=True)
             finally:
                 server.stop()
     same = all(
