@@ -269,6 +269,10 @@ def test_metrics_parse_with_prometheus_client(server):
         "falconet_sequences_waiting": "gauge",
         "falconet_max_batch": "gauge",
         "falconet_max_queue": "gauge",
+        "falconet_prefix_cache_hit_rate": "gauge",
+        "falconet_prefix_cache_hit_tokens": "gauge",
+        "falconet_prefix_cache_query_tokens": "gauge",
+        "falconet_prefix_cache_blocks": "gauge",
         "falconet_time_to_first_token_seconds": "histogram",
         "falconet_inter_token_latency_seconds": "histogram",
     } | {name: "gauge" for name in kinds if name.endswith("_created")}

@@ -28,6 +28,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait; beyond that requests get 429")  # fmt: skip
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens (prompt + generated) per sequence (default: the model's context)")  # fmt: skip
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of a prompt prefix seen before, in steps of the "
+                   "prefill chunk (128 tokens); default on, outputs bit-identical either way. "
+                   "Off by itself, with a log line, for "
+                   "Falcon-Mamba and Falcon-H1 (their recurrent state is not checkpointed) and "
+                   "for dynamic RoPE scaling")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model folder or file name)")  # fmt: skip
     p.add_argument("--rag-store", default=None, metavar="DIR",
@@ -69,6 +75,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
     settings = ServerSettings(
         model_name=name, host=args.host, port=args.port, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+        prefix_cache=args.prefix_cache,
         rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
         rag_max_upload_mb=args.rag_max_upload_mb, rag_limits=limits_from_args(args, "rag-"),
         embedding_model=args.embedding_model,

@@ -9,11 +9,19 @@ and hands a Delta to each stream; finished or cancelled sequences give their sta
 at once. A background thread (`start()`) runs steps for the server; without it the
 caller drives the engine itself (`generate`, `iterate`, `score`), so the CLI and the
 Python API run exactly the code the server runs.
+
+Prefix cache (`prefix_cache=True`, prefix.py): before each plan the waiting sequences
+that may be admitted look up their prompt's cached prefix; one that finds it is priced
+at the blocks it does not share with running sequences, admitted, handed the cached
+blocks and starts its prefill after them. Results stay bit for bit those without the
+cache. A pool that cannot share a prefix (a recurrent state) runs without, saying why in
+the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import queue
@@ -28,7 +36,7 @@ import torch
 from falconet.engine.hybrid import HybridPool
 from falconet.engine.paged import PagedKVCache
 from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
-from falconet.engine.scheduler import Budget, StepPlan, add_units, schedule
+from falconet.engine.scheduler import Budget, StepPlan, Units, add_units, schedule
 from falconet.engine.state import SSMSlotPool
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
@@ -93,6 +101,17 @@ class EngineStats:
     kv_blocks_total: int
     ssm_slots_used: int  # recurrent state slots (0 for an attention model)
     ssm_slots_total: int
+    prefix_cache: bool  # the prefix cache is on
+    prefix_cached_blocks: int  # KV blocks holding a cached prefix (held or idle)
+    prefix_query_tokens: int  # prompt tokens of admitted sequences that looked for a prefix
+    prefix_hit_tokens: int  # of those, found cached and not computed
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens found in the prefix cache (0 before any)."""
+        return (
+            self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+        )
 
 
 _END = object()
@@ -172,6 +191,7 @@ class Engine:
         prefill_budget: int = 256,
         block_size: int = 16,
         kv_cache_tokens: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         for name, value in (
             ("max_batch", max_batch),
@@ -199,12 +219,17 @@ class Engine:
             available=available_memory(model.device),
             memory_share=KV_MEMORY_SHARE,
         )
+        self.prefix_cache = False
+        if prefix_cache:
+            why_not = self.pool.enable_prefix_cache(prefill_chunk)
+            self.prefix_cache = why_not is None
+            if why_not is not None:
+                log.info("prefix cache off for this model: %s", why_not)
         self.runner = ModelRunner(model, self.pool)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._reserved = add_units(self.pool.capacity, self.pool.capacity, -1)  # promised
         self._seconds_per_request = 1.0  # moving average, for Retry-After
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -404,17 +429,17 @@ class Engine:
             with self._lock:
                 self._drop_cancelled()
                 budget = Budget(
-                    self.max_batch,
-                    add_units(self.pool.capacity, self._reserved, -1),
-                    self.prefill_chunk,
-                    self.prefill_budget,
+                    self.max_batch, self._free_units(), self.prefill_chunk, self.prefill_budget
                 )
+                candidates = self._price_waiting()
                 plan = schedule(self._running, self._waiting, budget)
                 for seq in plan.admitted:
                     self._waiting.popleft()
-                    self._reserved = add_units(self._reserved, seq.reserve)
+                    self.pool.attach(seq)  # its cached prefix, priced above
                     seq.started = time.monotonic()
                     self._running.append(seq)
+                for seq in candidates[len(plan.admitted) :]:
+                    seq.cached = 0  # priced but left waiting: priced again next step
                 if not plan:
                     return False
             try:
@@ -467,6 +492,26 @@ class Engine:
                 self._finish(seq, Delta("", [], [], "error", "the engine shut down"))
             self._waiting.clear()
 
+    def _free_units(self) -> Units:
+        """Units admission may promise: what the pool can hand out, less what running
+        sequences may still take (their budget less what they hold), so a running
+        sequence is never preempted."""
+        free = self.pool.available
+        for seq in self._running:
+            free = add_units(free, add_units(seq.units, self.pool.held(seq), -1), -1)
+        return free
+
+    def _price_waiting(self) -> list[_Sequence]:
+        """Price the waiting sequences this step may admit: a cached prefix that running
+        sequences hold costs them nothing, and their prefill would start after it. Only
+        `attach` at admission takes the blocks; the pool does not change in between."""
+        room = max(0, self.max_batch - len(self._running))
+        candidates = list(itertools.islice(self._waiting, room))
+        for seq in candidates:
+            seq.cached, shared = self.pool.lookup(seq)
+            seq.reserve = add_units(seq.units, shared, -1)
+        return candidates
+
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._running if s.stream.cancelled]:
             self._finish(seq, None)
@@ -479,7 +524,6 @@ class Engine:
         """Remove a running (or waiting) sequence, free its state, end its stream."""
         if seq in self._running:
             self._running.remove(seq)
-            self._reserved = add_units(self._reserved, seq.reserve, -1)
             self.pool.release(seq)
             elapsed = time.monotonic() - seq.started
             self._seconds_per_request += 0.2 * (elapsed - self._seconds_per_request)

@@ -69,6 +69,27 @@ class HybridPool:
     def used(self) -> tuple[int, int]:
         return self.kv.used, self.ssm.used
 
+    @property
+    def available(self) -> tuple[int, int]:
+        return self.kv.available, self.ssm.available
+
+    def held(self, seq: PooledSequence) -> tuple[int, int]:
+        return self.kv.held(seq), self.ssm.held(seq)
+
+    def enable_prefix_cache(self, prefill_chunk: int) -> str | None:
+        # the KV half could be shared, but the Mamba-2 state beside it would have to be
+        # checkpointed at the prefix's end: not kept, so the cache stays off
+        return self.ssm.enable_prefix_cache(prefill_chunk)
+
+    def lookup(self, seq: PooledSequence) -> tuple[int, tuple[int, int]]:
+        return 0, (0, 0)
+
+    def attach(self, seq: PooledSequence) -> None:
+        pass
+
+    def commit(self, seq: PooledSequence) -> None:
+        pass
+
     def units_for(self, tokens: int) -> tuple[int, int]:
         return self.kv.units_for(tokens), self.ssm.units_for(tokens)
 

@@ -7,6 +7,12 @@ lengths: a block is taken from the free list when a sequence grows into it and r
 when the sequence finishes or is cancelled, and the pool is `torch.empty`, so blocks
 never used cost no resident memory. K/V are stored at the model's real KV-head count.
 
+With the prefix cache on (prefix.py) a block may be in several block tables at once: it
+holds a prompt prefix that later sequences found by its tokens. Blocks are counted by
+reference; a cached block that no sequence holds any more stays idle (its K/V kept)
+until the free list runs dry, then is evicted least recently used first. `available`
+counts both free and idle blocks: what a sequence can still be handed.
+
 A step packs the new tokens of every scheduled sequence into one row (1, N): decode
 tokens (one per sequence) and prefill chunks side by side, with no padding. Every
 matmul, norm and activation sees those N rows; attention runs per sequence on that
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from falconet.engine.prefix import PrefixCache
 from falconet.engine.state import PooledSequence, PoolUsage, StepPart
 from falconet.errors import GenerationError
 from falconet.models.falcon_config import FalconConfig
@@ -58,6 +65,17 @@ class PagedKVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         # LIFO: a block freed a moment ago is handed out next, while its pages are warm.
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # block tables holding each block
+        self.prefix: PrefixCache | None = None
+
+    def enable_prefix_cache(self, prefill_chunk: int) -> str | None:
+        """Turn the prefix cache on for an engine feeding prompts in chunks of
+        `prefill_chunk`; None when on, else why it stays off."""
+        if getattr(self.config, "rope_scaling_type", None) == "dynamic":
+            # dynamic NTK RoPE rotates a prompt's keys by the whole prompt's length
+            return "dynamic RoPE scaling makes a prefix's keys depend on the prompt's length"
+        self.prefix = PrefixCache(self.block_size, prefill_chunk)
+        return None
 
     @classmethod
     def for_engine(
@@ -97,7 +115,16 @@ class PagedKVCache:
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks held by sequences (idle cached blocks are not)."""
+        return self.num_blocks - self.available
+
+    @property
+    def available(self) -> int:
+        """Blocks a sequence can be handed now: free, or cached and idle (evictable)."""
+        return len(self._free) + (self.prefix.idle if self.prefix is not None else 0)
+
+    def held(self, seq: PooledSequence) -> int:
+        return len(seq.table)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -119,16 +146,71 @@ class PagedKVCache:
         """Extend the sequence's block table in place so it covers `tokens` tokens."""
         table = seq.table
         need = self.blocks_for(tokens) - len(table)
-        if need > len(self._free):
+        if need > self.available:
             raise GenerationError(
-                f"the KV cache is out of blocks ({need} needed, {len(self._free)} free)"
+                f"the KV cache is out of blocks ({need} needed, {self.available} free)"
             )
         for _ in range(need):
-            table.append(self._free.pop())
+            block = self._free.pop() if self._free else self.prefix.evict()
+            self._refs[block] = 1
+            table.append(block)
 
     def release(self, seq: PooledSequence) -> None:
-        self._free.extend(reversed(seq.table))
+        # last block first: LIFO for the free list, and the tail of a cached prefix
+        # becomes the least recently used, so it is evicted before the head
+        for block in reversed(seq.table):
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue  # another sequence still reads it
+            if self.prefix is not None and self.prefix.holds(block):
+                self.prefix.park(block)
+            else:
+                self._free.append(block)
         seq.table.clear()
+
+    # ---- prefix cache -----------------------------------------------------------------
+    def lookup(self, seq: PooledSequence) -> tuple[int, int]:
+        """(prompt tokens of `seq` found cached, blocks of those held by running
+        sequences now, which admitting `seq` costs nothing). No change to the pool."""
+        blocks = self._hit(seq)
+        return len(blocks) * self.block_size, sum(self._refs[b] > 0 for b in blocks)
+
+    def attach(self, seq: PooledSequence) -> None:
+        """Start an admitted sequence from its cached prefix: the blocks go into its table
+        (shared, not copied) and its prefill starts after them."""
+        if self.prefix is None or seq.want_prompt_logits:
+            return
+        blocks = self._hit(seq)
+        for block in blocks:
+            if self._refs[block] == 0:
+                self.prefix.unpark(block)
+            self._refs[block] += 1
+        seq.table[:] = blocks
+        seq.indexed = len(blocks)  # found by their keys: indexed already
+        seq.cached = len(blocks) * self.block_size
+        self.prefix.query_tokens += seq.prompt_len
+        self.prefix.hit_tokens += seq.cached
+
+    def commit(self, seq: PooledSequence) -> None:
+        """Index the cacheable blocks `seq` has computed so far (after a forward)."""
+        if self.prefix is None:
+            return
+        keys = self._keys(seq)
+        done = min(len(keys), seq.cached // self.block_size)
+        for i in range(seq.indexed, done):
+            self.prefix.insert(keys[i], seq.table[i])
+        seq.indexed = max(seq.indexed, done)
+
+    def _keys(self, seq: PooledSequence) -> list[bytes]:
+        if seq.block_keys is None:  # once per sequence: its prompt never changes
+            seq.block_keys = self.prefix.keys(seq.prompt)
+        return seq.block_keys
+
+    def _hit(self, seq: PooledSequence) -> list[int]:
+        # a sequence that wants every prompt position's logits must compute them all
+        if self.prefix is None or seq.want_prompt_logits:
+            return []
+        return self.prefix.match(self._keys(seq), seq.prompt_len)
 
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> PackedStep:
         segments = [Segment(p.seq.table, p.past, p.length, p.rope_len) for p in parts]
@@ -141,7 +223,16 @@ class PagedKVCache:
         pass
 
     def usage(self) -> PoolUsage:
-        return PoolUsage(kv_blocks_used=self.used, kv_blocks_total=self.num_blocks)
+        if self.prefix is None:
+            return PoolUsage(kv_blocks_used=self.used, kv_blocks_total=self.num_blocks)
+        return PoolUsage(
+            kv_blocks_used=self.used,
+            kv_blocks_total=self.num_blocks,
+            prefix_cache=True,
+            prefix_cached_blocks=self.prefix.blocks,
+            prefix_query_tokens=self.prefix.query_tokens,
+            prefix_hit_tokens=self.prefix.hit_tokens,
+        )
 
     def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Slot indices of token positions [start, stop) of a sequence."""

@@ -15,7 +15,9 @@ fail on their own are failed; the others get the numbers they would have got in 
 full batch. Retrying is safe because a forward only writes each sequence's K/V at its
 new positions (the same values again) and sequence state advances only after it; a
 recurrent state, which a forward advances in place, is snapshot before a forward that
-may be retried and restored before the retry.
+may be retried and restored before the retry. A sequence that starts from a cached
+prefix (prefix.py) has `cached` at the prefix's end when it first runs; its forwards
+write only after it, never into the shared blocks.
 """
 
 from __future__ import annotations
@@ -38,18 +40,27 @@ class SequenceState:
 
     prompt: list[int]
     params: SamplingParams
-    reserve: Units  # state units (KV blocks, SSM slot) promised for prompt + max_tokens
+    units: Units  # state units (KV blocks, SSM slot) prompt + max_tokens take at most
     want_prompt_logits: bool = False  # keep the logits of every prompt position
     generates: bool = True  # False: score the prompt only (perplexity, LLM.logits)
     table: list[int] = field(default_factory=list)  # KV block table
     slot: int | None = None  # SSM state slot
-    cached: int = 0  # tokens in the model state
+    cached: int = 0  # tokens in the model state (from the start: a cached prefix)
+    # what admission takes from the pool: `units` less the units of a cached prefix
+    # that running sequences hold already (the engine prices it before each step)
+    reserve: Units | None = None
+    block_keys: list[bytes] | None = None  # prefix-cache keys of its prompt's blocks
+    indexed: int = 0  # blocks of its table found in or added to the prefix cache
     last_token: int = -1
     sampler: Sampler | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # fp32 (n, V) chunks
     # params.prompt_logprobs: prompt tokens 1.. scored as their chunks run (token 0 has
     # nothing before it), so only k + 1 numbers per token outlive the step
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.reserve is None:
+            self.reserve = self.units
 
     @property
     def prompt_len(self) -> int:
@@ -112,6 +123,7 @@ class ModelRunner:
                 if seq.cached < seq.prompt_len:
                     self._keep_prompt_rows(seq, mine)
                 seq.cached += n
+                self.pool.commit(seq)  # its new full prompt blocks, for later sequences
                 if samples and seq.generates:
                     out.append(self._sample(seq, mine[-1:]))
             except Exception as e:  # this sequence's sampling or processors: it alone ends

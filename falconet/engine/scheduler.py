@@ -8,7 +8,9 @@ tested on plain objects (tests/test_scheduler.py). The engine applies the plan i
                budget (prompt + max_tokens): a running sequence never has to be preempted.
                The state is counted in the pool's own units (KV blocks, a recurrent model's
                state slots, or a tuple of both compared element-wise), so the scheduler
-               never assumes attention.
+               never assumes attention. A sequence starting from a cached prefix
+               (engine/prefix.py) comes with `cached` past it and a `reserve` that leaves
+               out the blocks it shares.
     feed       every decoding sequence feeds its last token; a prefilling sequence feeds the
                next chunk of its prompt, up to a per-step prefill budget, so a long prompt is
                spread over several steps and never freezes the streams already running.
@@ -50,7 +52,7 @@ class Schedulable(Protocol):
     def cached(self) -> int: ...  # tokens already in the sequence's model state
 
     @property
-    def reserve(self) -> Units: ...  # state units promised to it for its whole budget
+    def reserve(self) -> Units: ...  # state units admitting it takes for its whole budget
 
 
 @dataclass(frozen=True)

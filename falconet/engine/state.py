@@ -14,6 +14,12 @@ one kind; a pool holding two kinds at once (hybrid.py's `HybridPool`, Falcon-H1:
 blocks for its attention and one SSM slot for its Mamba heads) gives a tuple, which the
 scheduler compares element-wise (scheduler.fits).
 
+Admission counts what the pool can still hand out (`available`: free units, and for
+the KV pool idle cached blocks it may evict) less what running sequences may still take
+(their units less what they `held`), so a prefix shared with running sequences costs a
+new sequence nothing (prefix.py, `lookup`/`attach`/`commit`; only the KV pool has a
+prefix cache).
+
 Retries: the runner retries a failed forward on halves of its batch. A KV pool needs
 nothing for that (a forward only writes K/V at new positions, the same values again), but
 a recurrent state is advanced in place, so before a forward that may be retried the
@@ -38,6 +44,14 @@ class PooledSequence(Protocol):
 
     table: list[int]  # KV block table
     slot: int | None  # SSM slot
+    prompt: list[int]
+    cached: int  # tokens in the state
+    want_prompt_logits: bool  # every prompt position computed: no prefix hit
+    block_keys: list[bytes] | None  # prefix-cache keys of the prompt's blocks (prefix.py)
+    indexed: int  # blocks of its table found in or added to the prefix cache
+
+    @property
+    def prompt_len(self) -> int: ...
 
 
 @dataclass
@@ -58,6 +72,10 @@ class PoolUsage:
     kv_blocks_total: int = 0
     ssm_slots_used: int = 0
     ssm_slots_total: int = 0
+    prefix_cache: bool = False  # the KV prefix cache is on (prefix.py)
+    prefix_cached_blocks: int = 0  # blocks holding a cached prefix (held or idle)
+    prefix_query_tokens: int = 0  # prompt tokens of sequences that looked for a prefix
+    prefix_hit_tokens: int = 0  # of those, found cached
 
 
 class StatePool(Protocol):
@@ -68,6 +86,13 @@ class StatePool(Protocol):
 
     @property
     def used(self) -> Units: ...  # units held by sequences now
+
+    @property
+    def available(self) -> Units: ...  # units that can be handed out now
+
+    def held(self, seq: PooledSequence) -> Units:
+        """Units `seq` holds now."""
+        ...
 
     def units_for(self, tokens: int) -> Units:
         """Units a sequence of `tokens` tokens holds at most. GenerationError when even
@@ -93,6 +118,23 @@ class StatePool(Protocol):
     def restore(self, snapshot: Any) -> None: ...
 
     def usage(self) -> PoolUsage: ...
+
+    def enable_prefix_cache(self, prefill_chunk: int) -> str | None:
+        """Turn on prefix caching; None when on, else why this pool cannot."""
+        ...
+
+    def lookup(self, seq: PooledSequence) -> tuple[int, Units]:
+        """(prompt tokens of `seq` the pool holds already, units of those held by
+        running sequences now). Changes nothing."""
+        ...
+
+    def attach(self, seq: PooledSequence) -> None:
+        """Start an admitted `seq` from what `lookup` found (sets its state and cached)."""
+        ...
+
+    def commit(self, seq: PooledSequence) -> None:
+        """Offer what `seq` has computed so far to later sequences."""
+        ...
 
 
 class SSMSlotPool:
@@ -175,8 +217,29 @@ class SSMSlotPool:
     def used(self) -> int:
         return self.num_slots - len(self._free)
 
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def held(self, seq: PooledSequence) -> int:
+        return int(seq.slot is not None)
+
     def units_for(self, tokens: int) -> int:
         return 1  # the state does not grow with the length
+
+    def enable_prefix_cache(self, prefill_chunk: int) -> str | None:
+        # A recurrent state is one running summary of every token so far: reusing a
+        # prefix would need the state checkpointed at its end, which is not kept.
+        return "a recurrent (SSM) state is not checkpointed at block boundaries"
+
+    def lookup(self, seq: PooledSequence) -> tuple[int, int]:
+        return 0, 0
+
+    def attach(self, seq: PooledSequence) -> None:
+        pass
+
+    def commit(self, seq: PooledSequence) -> None:
+        pass
 
     def grow(self, seq: PooledSequence, tokens: int) -> None:
         if seq.slot is not None:

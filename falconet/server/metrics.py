@@ -7,6 +7,12 @@
                                                    answers) whose client left before the end
     falconet_sequences_running / _waiting          engine.stats(), read at scrape time
     falconet_max_batch / falconet_max_queue        the engine's limits
+    falconet_prefix_cache_hit_rate                 prompt tokens found in the prefix cache /
+                                                   prompt tokens looked up (tokens, not blocks)
+    falconet_prefix_cache_hit_tokens /             the two counts behind it, since the start
+      falconet_prefix_cache_query_tokens
+    falconet_prefix_cache_blocks                   KV blocks holding a cached prefix (shared
+                                                   by running sequences or idle)
     falconet_time_to_first_token_seconds           request arrival -> first generated token
     falconet_inter_token_latency_seconds           gap between tokens of one sequence
 
@@ -38,6 +44,12 @@ class EngineStats(Protocol):
     queued: int
     max_batch: int
     max_queue: int
+    prefix_cached_blocks: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float: ...
 
 
 class Metrics:
@@ -71,6 +83,20 @@ class Metrics:
         )
         self.max_batch = gauge("falconet_max_batch", "Running sequences the engine allows.")
         self.max_queue = gauge("falconet_max_queue", "Waiting sequences the engine allows.")
+        self.prefix_hit_rate = gauge(
+            "falconet_prefix_cache_hit_rate",
+            "Share of looked-up prompt tokens found in the prefix cache (0 before any).",
+        )
+        self.prefix_hit_tokens = gauge(
+            "falconet_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."
+        )
+        self.prefix_query_tokens = gauge(
+            "falconet_prefix_cache_query_tokens",
+            "Prompt tokens of sequences that looked for a cached prefix.",
+        )
+        self.prefix_blocks = gauge(
+            "falconet_prefix_cache_blocks", "KV blocks holding a cached prompt prefix."
+        )
         self.ttft = Histogram("falconet_time_to_first_token_seconds",
                               "Seconds from a request's arrival to its first generated token.",
                               buckets=TTFT_BUCKETS, registry=self.registry)  # fmt: skip
@@ -104,4 +130,8 @@ class Metrics:
         self.waiting.set(stats.queued)
         self.max_batch.set(stats.max_batch)
         self.max_queue.set(stats.max_queue)
+        self.prefix_hit_rate.set(stats.prefix_hit_rate)
+        self.prefix_hit_tokens.set(stats.prefix_hit_tokens)
+        self.prefix_query_tokens.set(stats.prefix_query_tokens)
+        self.prefix_blocks.set(stats.prefix_cached_blocks)
         return generate_latest(self.registry)

@@ -32,6 +32,7 @@ class ServerSettings:
     max_batch: int = 8
     max_queue: int = 64
     max_context: int | None = None  # None: the model's max_position_embeddings
+    prefix_cache: bool = True  # off by itself for models that cannot share a prefix
     max_body_bytes: int = MAX_BODY_BYTES
     rag_store: str | None = None  # None: the /v1/rag/* routes answer 404
     rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
@@ -133,7 +134,8 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
             f"{context} tokens (max_position_embeddings)"
         )
     engine = Engine.from_llm(llm, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                             max_context=settings.max_context)  # fmt: skip
+                             max_context=settings.max_context,
+                             prefix_cache=settings.prefix_cache)  # fmt: skip
     embedding_model = settings.embedding_model
     if embedding_model is not None:
         embedding_model = Path(embedding_model).expanduser()
@@ -160,8 +162,9 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
             await super().startup(sockets)
             if not self.should_exit:
                 say(f"falconet: model {llm.path}: {llm.card.summary()}")
+                prefix = "on" if engine.prefix_cache else "off"
                 say(f"falconet serving {settings.model_name} on {_url(sock)} "
-                    f"(max batch {engine.max_batch})")  # fmt: skip
+                    f"(max batch {engine.max_batch}, prefix cache {prefix})")  # fmt: skip
 
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then restores these
     # handlers and raises the signal again: it then lands here rather than killing the
