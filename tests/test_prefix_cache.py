@@ -211,6 +211,21 @@ def test_prompt_logits_are_computed_not_looked_up(default_llm):
     assert e.stats().prefix_query_tokens == looked  # scoring does not even look
 
 
+def test_prompt_logprobs_are_computed_not_looked_up(default_llm):
+    """vLLM's prompt_logprobs (and echo + logprobs) need every prompt position's logits:
+    such a request prefills in full even when its prefix is cached."""
+    e = _engine(default_llm)
+    prompt = _ids(40, 8192, seed=10)
+    e.generate([prompt], [PARAMS])  # its prefix is cached
+    looked = e.stats().prefix_query_tokens
+    asking = SamplingParams(max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    [ours] = list(e.iterate(e.submit([prompt], [asking])[0]))[:1]
+    off = _engine(default_llm, prefix_cache=False)
+    [ref] = list(off.iterate(off.submit([prompt], [asking])[0]))[:1]
+    assert ours.prompt_logprobs == ref.prompt_logprobs and len(ours.prompt_logprobs) == 39
+    assert e.stats().prefix_query_tokens == looked
+
+
 def test_models_that_cannot_share_a_prefix_run_without(hf_checkpoints, tmp_path, caplog):
     # dynamic NTK RoPE rotates keys by the whole prompt's length
     llm = falconet.load(hf_checkpoints["7b_rope_dynamic"][1], dtype="float32")

@@ -178,7 +178,7 @@ class PagedKVCache:
     def attach(self, seq: PooledSequence) -> None:
         """Start an admitted sequence from its cached prefix: the blocks go into its table
         (shared, not copied) and its prefill starts after them."""
-        if self.prefix is None or seq.want_prompt_logits:
+        if self.prefix is None or seq.keeps_prompt_rows:
             return
         blocks = self._hit(seq)
         for block in blocks:
@@ -208,7 +208,7 @@ class PagedKVCache:
 
     def _hit(self, seq: PooledSequence) -> list[int]:
         # a sequence that wants every prompt position's logits must compute them all
-        if self.prefix is None or seq.want_prompt_logits:
+        if self.prefix is None or seq.keeps_prompt_rows:
             return []
         return self.prefix.match(self._keys(seq), seq.prompt_len)
 

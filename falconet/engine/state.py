@@ -46,7 +46,9 @@ class PooledSequence(Protocol):
     slot: int | None  # SSM slot
     prompt: list[int]
     cached: int  # tokens in the state
-    want_prompt_logits: bool  # every prompt position computed: no prefix hit
+    keeps_prompt_rows: (
+        bool  # every prompt position computed (logits, prompt logprobs): no prefix hit
+    )
     block_keys: list[bytes] | None  # prefix-cache keys of the prompt's blocks (prefix.py)
     indexed: int  # blocks of its table found in or added to the prefix cache
 
