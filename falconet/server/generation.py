@@ -13,6 +13,7 @@ from typing import Any
 
 from falconet.errors import FalconetError
 from falconet.sampling import SamplingParams, seed_for_choice
+from falconet.server.guided import constrain, request_grammar
 from falconet.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -133,7 +134,9 @@ def parse_completion(
     max_tokens = body.requested_max_tokens()
     prompts = completion_prompts(body.prompt, tokenizer, vocab_size)
     check_context([len(p) for p in prompts], max_tokens, max_context, "prompt")
-    return _build(body, prompts, max_tokens, body.logprobs, (), max_context)
+    req = _build(body, prompts, max_tokens, body.logprobs, (), max_context)
+    req.params = constrain(req.params, request_grammar(body, tokenizer))
+    return req
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
@@ -161,4 +164,6 @@ def parse_chat(
     # would go on to write the user's next one; that turn ends the reply (as in the CLI).
     extra_stop = (FALLBACK_CHAT_STOP,) if tokenizer.chat_template is None else ()
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
+    req = _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
+    req.params = constrain(req.params, request_grammar(body, tokenizer))
+    return req

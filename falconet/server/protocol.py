@@ -333,6 +333,109 @@ class _Object(BaseModel):
         return data
 
 
+# --- structured output ---------------------------------------------------------------
+# What a request may ask its output to follow (compiled by falconet/constraints.py). The
+# sizes bound the work of compiling a grammar in the request's worker thread; llguidance's
+# own limits (grammar size, lexer fuel) bound what a short but hostile grammar costs.
+
+MAX_GRAMMAR_CHARS = 65536  # a schema (as compact JSON), a regex or a grammar
+MAX_CHOICES = 256  # strings in guided_choice
+SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for json_schema.name
+_GRAMMAR_TEXT = f"a non-empty string of at most {MAX_GRAMMAR_CHARS} characters"
+_SCHEMA = f"a JSON schema (an object) of at most {MAX_GRAMMAR_CHARS} characters as JSON"
+_CHOICES = f"an array of 1 to {MAX_CHOICES} strings"
+# the fields that constrain the output, in the order they are declared below
+GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")  # fmt: skip
+
+
+def _schema(value: Any) -> dict[str, Any] | None:
+    """A JSON schema: an object, or (vLLM's guided_json) a string holding one."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise _field_error(must_be(_SCHEMA, value)) from None
+    if not isinstance(value, dict):
+        raise _field_error(must_be(_SCHEMA, value))
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_GRAMMAR_CHARS:
+        raise _field_error(f"is longer than {MAX_GRAMMAR_CHARS} characters as JSON; send a "
+                           "smaller schema")  # fmt: skip
+    return value
+
+
+def _grammar_text(value: str) -> str:
+    if not value or len(value) > MAX_GRAMMAR_CHARS:
+        raise _field_error(must_be(_GRAMMAR_TEXT, value))
+    return check_text(value)
+
+
+def _choices(value: list[str]) -> list[str]:
+    if not 0 < len(value) <= MAX_CHOICES:
+        raise _field_error(must_be(_CHOICES, value))
+    if sum(len(c) for c in value) > MAX_GRAMMAR_CHARS:
+        raise _field_error(f"holds more than {MAX_GRAMMAR_CHARS} characters; send fewer")
+    return [check_text(c) for c in value]
+
+
+Schema = Annotated[Any, BeforeValidator(_schema)]
+GrammarText = Annotated[str | None, Field(strict=True), checked(_GRAMMAR_TEXT, then=_grammar_text)]
+ChoiceList = Annotated[list[str] | None, Field(strict=True), checked(_CHOICES, then=_choices)]
+
+
+class JSONSchemaFormat(_Object):
+    """response_format's json_schema: OpenAI's {name, description, schema, strict}."""
+
+    shape = 'an object such as {"name": "answer", "schema": {"type": "object"}}'
+
+    name: Annotated[
+        str,
+        Field(strict=True, pattern=SCHEMA_NAME),
+        checked("1 to 64 letters, digits, '_' or '-'", null_is_default=False),
+    ]
+    description: Name = None
+    # `schema` is a BaseModel method's name, hence the alias; absent = any JSON value
+    json_schema: Schema = Field(None, alias="schema")
+    strict: Flag = None  # the schema is always enforced
+
+
+class ResponseFormat(_Object):
+    shape = '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}'
+
+    type: Annotated[
+        Literal["text", "json_object", "json_schema"],
+        checked("one of text, json_object, json_schema", null_is_default=False),
+    ]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise _field_error(
+                "needs 'json_schema' when (and only when) 'type' is \"json_schema\"; got "
+                f"type {show(self.type)}"
+            )
+        return self
+
+
+def _one_guide(value: Any, info: Any) -> Any:
+    """A constraint field is set at most once per request, and never with ignore_eos
+    (the grammar ends the output with the end-of-sequence token)."""
+    if value is None or (isinstance(value, ResponseFormat) and value.type == "text"):
+        return value
+    earlier = [f for f in GUIDED_FIELDS if f != info.field_name and info.data.get(f) is not None]
+    earlier = [f for f in earlier if not (f == "response_format"
+                                          and info.data[f].type == "text")]  # fmt: skip
+    if earlier:
+        raise _field_error(f"cannot be combined with '{earlier[0]}'; send one constraint")
+    if info.data.get("ignore_eos"):
+        raise _field_error("cannot be combined with 'ignore_eos': the output ends with the "
+                           "end-of-sequence token once the grammar is complete")  # fmt: skip
+    return value
+
+
 # --- request bodies ------------------------------------------------------------------
 
 
@@ -375,16 +478,29 @@ class _OpenAIRequest(SamplingFields):
     stream: Flag = Field(False, description="send server-sent events as tokens arrive")
     stream_options: StreamOptions | None = None
     # Fields that would change the output in ways this server does not implement.
+    # Structured output (OpenAI's response_format; vLLM's guided_* extras).
+    response_format: ResponseFormat | None = Field(
+        None,
+        description='{"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema"}}: the output parses as JSON and follows the schema',
+    )
+    guided_json: Schema = Field(None, description="vLLM's: a JSON schema the output follows")
+    guided_regex: GrammarText = Field(None, description="vLLM's: a regex the output matches")
+    guided_choice: ChoiceList = Field(None, description="vLLM's: the output is one of these")
+    guided_grammar: GrammarText = Field(
+        None, description="vLLM's: a Lark or GBNF grammar the output follows"
+    )
+    # Fields that would change the output in ways this server does not implement.
     best_of: unsupported(1)
     logit_bias: unsupported({})
-    response_format: unsupported({"type": "text"})
     min_tokens: unsupported(0)
     prompt_logprobs: unsupported()
     use_beam_search: unsupported(False)
-    guided_json: unsupported()
-    guided_regex: unsupported()
-    guided_choice: unsupported()
-    guided_grammar: unsupported()
+
+    @field_validator(*GUIDED_FIELDS)
+    @classmethod
+    def _one_constraint(cls, value: Any, info: Any) -> Any:
+        return _one_guide(value, info)
 
     @field_validator("stream_options")
     @classmethod
@@ -395,6 +511,20 @@ class _OpenAIRequest(SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def guide(self) -> tuple[str, Any, str] | None:
+        """The constraint asked for, as (grammar kind, spec, field), or None."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return "json_object", None, "response_format"
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.json_schema  # type: ignore[union-attr]
+            return "json_schema", {} if schema is None else schema, "response_format"
+        for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"),
+                           ("choice", "guided_choice"), ("grammar", "guided_grammar")):  # fmt: skip
+            if getattr(self, name) is not None:
+                return kind, getattr(self, name), name
+        return None
 
 
 _PROMPT_ALLOWED = "a non-empty string, an array of token ids, or an array of those"
