@@ -38,7 +38,7 @@ from falconet.tokenizer import Tokenizer
 
 __all__ = ["Grammar", "GrammarProcessor", "GrammarKind"]
 
-GrammarKind = Literal["json_schema", "json_object", "regex", "grammar", "choice"]
+GrammarKind = Literal["json_schema", "json_object", "regex", "grammar", "lark", "choice"]
 # The JSON layout described above (llguidance's JSON compile options).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}
@@ -48,6 +48,7 @@ _WHAT = {
     "json_object": "a JSON object",
     "regex": "a regular expression (Rust regex syntax)",
     "grammar": "a Lark or GBNF grammar",
+    "lark": "a Lark grammar (llguidance's syntax)",
     "choice": "a list of strings",
 }
 
@@ -100,8 +101,8 @@ class Grammar:
         cls, kind: GrammarKind, spec: Any, tokenizer: Tokenizer, name: str = "the grammar"
     ) -> Grammar:
         """`spec` as a grammar over `tokenizer`'s tokens: a JSON schema (a dict) for
-        "json_schema", ignored for "json_object", a pattern or grammar text for "regex"
-        and "grammar", a list of strings for "choice". Raises GrammarError saying what
+        "json_schema", ignored for "json_object", a pattern or grammar text for "regex",
+        "grammar" and "lark", a list of strings for "choice". Raises GrammarError saying what
         is wrong with `spec`, which its message calls `name`."""
         llg = _llguidance()
         try:
@@ -112,6 +113,8 @@ class Grammar:
                 source = llg.LLMatcher.grammar_from_regex(spec)
             elif kind == "grammar":  # Lark, or llama.cpp's GBNF converted to Lark
                 source = llg.grammar_from("grammar", spec)
+            elif kind == "lark":  # with llguidance's extensions (%json), unconverted
+                source = llg.LLMatcher.grammar_from_lark(spec)
             elif kind == "choice":
                 source = llg.grammar_from("choice", json.dumps(spec))
             else:

@@ -378,8 +378,34 @@ BAD_REQUESTS = [
     ("suffix", CMPL, {"prompt": "x", "suffix": "end"}, 400, "suffix"),
     ("best_of", CMPL, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("logit_bias", CMPL, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
-    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     400, "tools"),
+    ("tools not an array", CHAT, {"messages": USER, "tools": {"name": "f"}}, 400, "tools"),
+    ("tools too many", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, 400, "tools"),
+    ("tool type not function", CHAT, {"messages": USER, "tools": [
+        {"type": "code_interpreter", "function": {"name": "f"}}]}, 400, "tools[0].type"),
+    ("tool name hostile", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f(); rm -rf /"}}]}, 400,
+     "tools[0].function.name"),
+    ("tool names twice", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}] * 2}, 400, "tools"),
+    ("tool parameters not a schema", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": "{"}}]}, 400,
+     "tools[0].function.parameters"),
+    ("tool_choice unknown", CHAT, {"messages": USER, "tool_choice": "always"}, 400, "tool_choice"),
+    ("tool_choice required without tools", CHAT, {"messages": USER, "tool_choice": "required"},
+     400, "tool_choice"),
+    ("tool_choice names a missing function", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("parallel_tool_calls a string", CHAT, {"messages": USER, "parallel_tool_calls": "yes"}, 400,
+     "parallel_tool_calls"),
+    ("tool message without tool_call_id", CHAT,
+     {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].tool_call_id"),
+    ("tool_calls on a user message", CHAT, {"messages": [{"role": "user", "content": "hi",
+     "tool_calls": []}]}, 400, "messages[0].tool_calls"),
+    ("tool call arguments not text", CHAT, {"messages": [{"role": "assistant", "content": None,
+     "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}]}]},
+     400, "messages[0].tool_calls[0].function.arguments"),
     ("response_format unknown type", CHAT, {"messages": USER, "response_format": {"type": "xml"}},
      400, "response_format.type"),
     ("response_format a string", CHAT, {"messages": USER, "response_format": "json"}, 400,
@@ -430,7 +456,6 @@ BAD_REQUESTS = [
     ("message not an object", CHAT, {"messages": ["hi"]}, 400, "messages[0]"),
     ("bad role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages[0].role"),
-    ("tool role", CHAT, {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role"),
     ("content null", CHAT, {"messages": [{"role": "user", "content": None}]}, 400,
      "messages[0].content"),
     ("image content", CHAT, {"messages": [{"role": "user", "content": [

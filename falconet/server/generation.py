@@ -13,7 +13,7 @@ from typing import Any
 
 from falconet.errors import FalconetError
 from falconet.sampling import SamplingParams, seed_for_choice
-from falconet.server.guided import constrain, request_grammar
+from falconet.server.guided import constrain, request_grammar, tool_grammar
 from falconet.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -39,6 +39,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # alternatives per token when logprobs are asked for, else None
+    tool_calls: bool = False  # read tool calls out of the answers (chat with tools)
 
 
 def check_model(model: str | None, model_name: str) -> None:
@@ -139,12 +140,14 @@ def parse_completion(
     return req
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(
+    tokenizer: Tokenizer, messages: list[ChatMessage], tools: list[dict] | None = None
+) -> list[int]:
     """The same prompt `LLM.chat_prompt` builds: the chat template, then the tokens
     without special tokens added (the template writes its own)."""
     try:
         text = tokenizer.apply_chat_template(
-            [m.as_dict() for m in messages], add_generation_prompt=True
+            [m.as_dict() for m in messages], add_generation_prompt=True, tools=tools
         )
     except FalconetError as e:
         raise bad(str(e), "messages") from e
@@ -156,7 +159,9 @@ def parse_chat(
 ) -> GenerationRequest:
     check_model(body.model, model_name)
     max_tokens = body.requested_max_tokens()
-    ids = chat_prompt(tokenizer, body.messages)
+    mode = body.tool_mode()  # with "none" the tools are not offered at all
+    tools = None if mode == "none" else [t.model_dump(exclude_none=True) for t in body.tools]
+    ids = chat_prompt(tokenizer, body.messages, tools)
     if not ids:
         raise bad("the messages make an empty prompt", "messages")
     check_context([len(ids)], max_tokens, max_context, "messages")
@@ -165,5 +170,7 @@ def parse_chat(
     extra_stop = (FALLBACK_CHAT_STOP,) if tokenizer.chat_template is None else ()
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     req = _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
-    req.params = constrain(req.params, request_grammar(body, tokenizer))
+    grammar = request_grammar(body, tokenizer) if mode == "none" else tool_grammar(body, tokenizer)
+    req.params = constrain(req.params, grammar)
+    req.tool_calls = mode != "none"
     return req

@@ -10,6 +10,7 @@ from falconet.constraints import Grammar
 from falconet.errors import GrammarError
 from falconet.server.protocol import ChatCompletionRequest, CompletionRequest, bad
 from falconet.tokenizer import Tokenizer
+from falconet.tools import Function, tool_call_grammar
 
 
 def request_grammar(
@@ -27,6 +28,33 @@ def request_grammar(
         return Grammar.compile(kind, spec, tokenizer, f"'{where}'")  # type: ignore[arg-type]
     except GrammarError as e:
         raise bad(str(e), field) from e
+
+
+def tool_grammar(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Grammar | None:
+    """With tool_choice "required" or a named function, the grammar of an answer that is
+    only calls (to that function), arguments following the functions' schemas."""
+    mode = body.tool_mode()
+    if mode not in ("required", "named"):
+        return None
+    tools = body.tools or []
+    if mode == "named":
+        name = body.tool_choice.function.name  # type: ignore[union-attr]
+        tools = [t for t in tools if t.function.name == name]
+    functions = []
+    for i, tool in enumerate(body.tools or []):
+        if tool in tools and tool.function.parameters is not None:
+            # each schema on its own first, so a 400 names the one llguidance refuses
+            where = f"tools[{i}].function.parameters"
+            try:
+                Grammar.compile("json_schema", tool.function.parameters, tokenizer, f"'{where}'")
+            except GrammarError as e:
+                raise bad(str(e), where) from e
+        if tool in tools:
+            functions.append(Function(tool.function.name, tool.function.parameters))
+    try:
+        return tool_call_grammar(functions, bool(body.parallel_tool_calls), tokenizer)
+    except GrammarError as e:  # the calls' grammar as a whole hit a limit
+        raise bad(str(e), "tools") from e
 
 
 def constrain(params: list, grammar: Grammar | None) -> list:

@@ -25,6 +25,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -565,8 +566,11 @@ class CompletionRequest(_OpenAIRequest):
 
 
 # OpenAI's newer `developer` role is a system message.
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool"}  # fmt: skip
 _TEXT_PART = '{"type": "text", "text": ...}'
+MAX_TOOLS = 128  # OpenAI's limit on tools per request (and here on calls per message)
+_FUNCTION_NAME = "1 to 64 letters, digits, '_' or '-'"
 
 
 class TextPart(_Object):
@@ -583,13 +587,53 @@ def _joined(content: str | list[TextPart]) -> str:
 
 
 Role = Annotated[
-    Literal["system", "developer", "user", "assistant"],
-    checked("one of system, user, assistant (or developer)", null_is_default=False),
+    Literal["system", "developer", "user", "assistant", "tool"],
+    checked("one of system, user, assistant, tool (or developer)", null_is_default=False),
 ]
-Content = Annotated[
-    str | list[TextPart],
-    checked(f"a string or an array of {_TEXT_PART} parts", null_is_default=False, then=_joined),
+_CONTENT = f"a string or an array of {_TEXT_PART} parts"
+Content = Annotated[str | list[TextPart], checked(_CONTENT, null_is_default=False, then=_joined)]
+FunctionName = Annotated[
+    str, Field(strict=True, pattern=SCHEMA_NAME), checked(_FUNCTION_NAME, null_is_default=False)
 ]
+Function = Annotated[Literal["function"], checked('"function"', null_is_default=False)]
+Text = Annotated[
+    str, Field(strict=True), checked("a string", null_is_default=False, then=check_text)
+]
+
+
+def _at_most_tools(value: Any) -> Any:
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise _field_error(must_be(f"an array of at most {MAX_TOOLS} tools", value))
+    return value
+
+
+class FunctionCall(_Object):
+    shape = '{"name": ..., "arguments": "<JSON text>"}'
+
+    name: FunctionName
+    arguments: Text
+
+
+class AssistantToolCall(_Object):
+    """A call an earlier assistant message made (OpenAI's message.tool_calls[])."""
+
+    shape = '{"id": ..., "type": "function", "function": {"name", "arguments"}}'
+
+    id: Text
+    type: Function
+    function: FunctionCall
+
+    def as_dict(self) -> dict[str, Any]:
+        """As chat templates take it: arguments as an object where they are JSON text
+        of one (templates write `arguments | tojson`), as vLLM passes them."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except (json.JSONDecodeError, RecursionError):
+            args = self.function.arguments
+        if not isinstance(args, dict):
+            args = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
 
 
 class ChatMessage(_Object):
@@ -598,11 +642,47 @@ class ChatMessage(_Object):
     shape = "an object with role and content"
 
     role: Role
-    content: Content = Field(description="text; an array of text parts is joined with newlines")
+    tool_calls: Annotated[
+        list[AssistantToolCall] | None, BeforeValidator(lambda v: v if v is None else
+                                                        _at_most_tools(v))
+    ] = Field(None, description="an assistant message's calls")  # fmt: skip
+    tool_call_id: Annotated[
+        str | None, Field(strict=True), checked("a string", null_is_default=False)
+    ] = Field(None, validate_default=True, description="a tool message: the call it answers")
+    content: Content | None = Field(
+        None, validate_default=True,
+        description="text; an array of text parts is joined with newlines",
+    )  # fmt: skip
 
-    def as_dict(self) -> dict[str, str]:
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, value: str | None, info: Any) -> str | None:
+        if (value is None) == (info.data.get("role") == "tool"):
+            raise _field_error("is required on a tool message, and only there")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | None, info: Any) -> str | None:
+        if value is None and not info.data.get("tool_calls"):
+            raise _field_error(must_be(_CONTENT + " (null only beside tool_calls)", value))
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call(cls, value: list | None, info: Any) -> list | None:
+        if value is not None and info.data.get("role") != "assistant":
+            raise _field_error("is only allowed on an assistant message")
+        return value
+
+    def as_dict(self) -> dict[str, Any]:
         """The message as the tokenizer's chat template takes it."""
-        return {"role": CHAT_ROLES[self.role], "content": self.content}
+        message: dict[str, Any] = {"role": CHAT_ROLES[self.role], "content": self.content}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 def _messages(value: Any) -> Any:
@@ -614,6 +694,62 @@ def _messages(value: Any) -> Any:
 Messages = Annotated[list[ChatMessage], BeforeValidator(_messages)]
 
 
+class FunctionDef(_Object):
+    shape = 'an object such as {"name": "get_weather", "parameters": {"type": "object"}}'
+
+    name: FunctionName
+    description: Name = None
+    parameters: Schema = None  # a JSON schema; absent = any object
+    strict: Flag = None  # the schema is always enforced where the call is constrained
+
+
+class Tool(_Object):
+    shape = '{"type": "function", "function": {"name": ..., "parameters": ...}}'
+
+    type: Function
+    function: FunctionDef
+
+
+class FunctionRef(_Object):
+    shape = '{"name": ...}'
+
+    name: FunctionName
+
+
+class NamedToolChoice(_Object):
+    shape = '{"type": "function", "function": {"name": ...}}'
+
+    type: Function
+    function: FunctionRef
+
+
+_TOOL_CHOICE = 'none, auto, required or {"type": "function", "function": {"name": ...}}'
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None or isinstance(value, dict) or value in ("none", "auto", "required"):
+        return value
+    raise _field_error(must_be(_TOOL_CHOICE, value))
+
+
+def _unique_names(tools: list[Tool] | None) -> list[Tool] | None:
+    names = [t.function.name for t in tools or ()]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise _field_error(f"names the function {show(twice)} twice; names must be unique")
+    return tools
+
+
+Tools = Annotated[
+    list[Tool] | None,
+    BeforeValidator(lambda v: v if v is None else _at_most_tools(v)),
+    AfterValidator(_unique_names),
+]
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice | None, BeforeValidator(_tool_choice)
+]
+
+
 class ChatCompletionRequest(_OpenAIRequest):
     """POST /v1/chat/completions."""
 
@@ -623,8 +759,11 @@ class ChatCompletionRequest(_OpenAIRequest):
     )
     logprobs: Flag = Field(False, description="return log-probabilities of the chosen tokens")
     top_logprobs: ruled("logprobs") = Field(None, description="alternatives per token")
-    tools: unsupported([])
-    tool_choice: unsupported("none", "auto")
+    tools: Tools = Field(None, description="functions the model may call")
+    tool_choice: ToolChoice = Field(
+        None, description="none, auto (the default with tools), required, or one named function"
+    )
+    parallel_tool_calls: Flag = Field(True, description="allow several calls in one answer")
     functions: unsupported([])
     function_call: unsupported("none", "auto")
     audio: unsupported()
@@ -638,6 +777,36 @@ class ChatCompletionRequest(_OpenAIRequest):
         if value is not None and not info.data.get("logprobs"):
             raise _field_error("needs 'logprobs': true")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_alone(cls, value: list[Tool] | None, info: Any) -> list[Tool] | None:
+        """Tool calls have their own grammar: no other constraint beside them."""
+        guided = [f for f in GUIDED_FIELDS if info.data.get(f) is not None]
+        guided = [f for f in guided if not (f == "response_format"
+                                            and info.data[f].type == "text")]  # fmt: skip
+        if value and guided:
+            raise _field_error(f"cannot be combined with '{guided[0]}'; send one of them")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, value: Any, info: Any) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if (value == "required" or isinstance(value, NamedToolChoice)) and not names:
+            raise _field_error("needs 'tools' to choose from")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise _field_error(f"names the function {show(value.function.name)}, which is "
+                               "not among 'tools'")  # fmt: skip
+        return value
+
+    def tool_mode(self) -> str:
+        """none, auto, required or named: what the answer may or must be."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
 
 class TokenizeRequest(BaseModel):
