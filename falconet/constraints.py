@@ -181,17 +181,24 @@ class GrammarProcessor:
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         if self.matcher.is_error():
             raise GrammarError(f"the grammar cannot go on: {self._error()}")
-        allowed = self.allowed(logits.shape[-1])
-        return logits.masked_fill(~allowed.to(logits.device), -math.inf)
+        return self.mask(logits)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (V,) with every token the last mask forbids at -inf, in place (the
+        sampler hands each processor its own copy). Ids past the grammar's tokenizer
+        are never allowed (a model's padded vocabulary)."""
+        vocab = logits.shape[-1]
+        # Inverted words unpack straight into the forbidden tokens: two passes over V.
+        forbidden = np.unpackbits((~self._bitmask).view(np.uint8), bitorder="little")
+        n = min(vocab, forbidden.shape[0])
+        rows = torch.from_numpy(forbidden[:n].view(np.bool_)).to(logits.device)
+        logits[:n].masked_fill_(rows, -math.inf)
+        logits[n:] = -math.inf
+        return logits
 
     def allowed(self, vocab: int) -> torch.Tensor:
-        """(vocab,) bool: the tokens the last mask allows. Ids past the grammar's
-        tokenizer are never allowed (a model's padded vocabulary)."""
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        allowed = torch.zeros(vocab, dtype=torch.bool)
-        n = min(vocab, bits.shape[0])
-        allowed[:n] = torch.from_numpy(bits[:n].astype(np.bool_))
-        return allowed
+        """(vocab,) bool: the tokens the last mask allows."""
+        return self.mask(torch.zeros(vocab)) == 0
 
     def _error(self) -> str:
         return _first_line(self.matcher.get_error() or self.matcher.stop_reason())
