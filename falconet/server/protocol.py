@@ -11,7 +11,7 @@ its own message rather than pydantic's.
 
 JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
 `null` means the field's default; `bool` is never a number. Fields the engine cannot
-honour (`echo`, `best_of`, `tools`, ...) are declared so that a value other than their
+honour (`echo`, `best_of`, `functions`, ...) are declared so that a value other than their
 "off" value is refused rather than silently ignored; fields that do not change the
 output (`user`, `metadata`, ...) are ignored, as unknown fields are.
 """
