@@ -36,25 +36,25 @@ def tool_grammar(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Grammar |
     mode = body.tool_mode()
     if mode not in ("required", "named"):
         return None
-    tools = body.tools or []
-    if mode == "named":
-        name = body.tool_choice.function.name  # type: ignore[union-attr]
-        tools = [t for t in tools if t.function.name == name]
-    functions = []
-    for i, tool in enumerate(body.tools or []):
-        if tool in tools and tool.function.parameters is not None:
-            # each schema on its own first, so a 400 names the one llguidance refuses
+    chosen = [
+        (i, t) for i, t in enumerate(body.tools or [])
+        if mode == "required" or t.function.name == body.tool_choice.function.name  # type: ignore[union-attr]
+    ]  # fmt: skip
+    functions = [Function(t.function.name, t.function.parameters) for _, t in chosen]
+    try:
+        return tool_call_grammar(functions, bool(body.parallel_tool_calls), tokenizer)
+    except GrammarError as e:
+        # Which function's schema? Each alone, so the 400 names the one llguidance refuses
+        # (only now: compiling up to 128 schemas one by one costs seconds).
+        for i, tool in chosen:
+            if tool.function.parameters is None:
+                continue
             where = f"tools[{i}].function.parameters"
             try:
                 Grammar.compile("json_schema", tool.function.parameters, tokenizer, f"'{where}'")
-            except GrammarError as e:
-                raise bad(str(e), where) from e
-        if tool in tools:
-            functions.append(Function(tool.function.name, tool.function.parameters))
-    try:
-        return tool_call_grammar(functions, bool(body.parallel_tool_calls), tokenizer)
-    except GrammarError as e:  # the calls' grammar as a whole hit a limit
-        raise bad(str(e), "tools") from e
+            except GrammarError as alone:
+                raise bad(str(alone), where) from alone
+        raise bad(str(e), "tools") from e  # the calls' grammar as a whole hit a limit
 
 
 def constrain(params: list, grammar: Grammar | None) -> list:
