@@ -58,3 +58,8 @@ class LimitError(LoaderError):
 class IngestCancelled(RagError):
     """An ingestion stopped on request (its client went away); the document it was on is
     not stored."""
+
+
+class GrammarError(GenerationError):
+    """A structured-output request (JSON schema, regex, grammar) that cannot be enforced,
+    or a sequence whose output can no longer follow its grammar."""

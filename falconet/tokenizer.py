@@ -30,7 +30,9 @@ from falconet.errors import TokenizerError
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Tool calls are written in these tags (Falcon3-Instruct's format; falconet/tools.py).
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Without a chat template, chats use the Falcon-instruct format ("User: ...\nFalcon:", see
 # `Tokenizer.apply_chat_template`); the model would go on to write the user's next turn,
 # so that turn ends a reply (the CLI's chat and the server's /v1/chat/completions).
@@ -146,6 +148,7 @@ def _compile_chat_template(source: str) -> jinja2.Template:
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise TokenizerError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    chat = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise TokenizerError(f"messages[{i}] must be a dict, got {type(m).__name__}")
@@ -153,12 +156,43 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             raise TokenizerError(
                 f"messages[{i}] has role {m.get('role')!r}; it must be one of {', '.join(CHAT_ROLES)}"
             )
+        # Shallow copies: the template sees plain dicts, never the caller's objects.
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
+            raise TokenizerError(f"messages[{i}] tool_calls must be a list on an assistant message")
+        if calls and m.get("content") is None:  # OpenAI's null content beside tool calls
+            m["content"] = ""
         if not isinstance(m.get("content"), str):
             raise TokenizerError(
                 f"messages[{i}] content must be a string, got {type(m.get('content')).__name__}"
             )
-    # Shallow copies: the template sees plain dicts, never the caller's objects.
-    return [dict(m) for m in messages]
+        chat.append(m)
+    return chat
+
+
+def _fallback_chat(chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """The Falcon-instruct format (see `Tokenizer.apply_chat_template`); tools, tool
+    calls and tool results are written as Falcon3-Instruct's template writes them."""
+    prefix = {"system": "", "user": "User: ", "assistant": "Falcon: ", "tool": "Tool: "}
+    text = FALLBACK_TOOLS.format(tools=json.dumps(tools, ensure_ascii=False)) if tools else ""
+    for m in chat:
+        content = m["content"]
+        if m.get("tool_calls"):
+            calls = json.dumps(m["tool_calls"], ensure_ascii=False)
+            content += f"{TOOL_CALL_OPEN}\n{calls}\n{TOOL_CALL_CLOSE}"
+        text += f"{prefix[m['role']]}{content}\n"
+    return text
+
+
+# Falcon3-Instruct's words for offering tools, for models without a chat template.
+FALLBACK_TOOLS = (
+    "You have access to the following functions. For each function call, return a JSON "
+    f"list inside {TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} tags.\n\n<tools>{{tools}}</tools>\n\n"
+    f"Function calls look like this:\n{TOOL_CALL_OPEN}\n"
+    '[{{"name": "function_name", "arguments": {{"arg1": "value1"}}}}]\n'
+    f"{TOOL_CALL_CLOSE}\nIf no function call is needed, answer normally.\n"
+)
 
 
 class Tokenizer:
@@ -336,7 +370,10 @@ class Tokenizer:
     # -- chat -----------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render a conversation into the prompt text the model was tuned on.
 
@@ -351,17 +388,19 @@ class Tokenizer:
             Falcon:                        (only with add_generation_prompt; no newline)
 
         Messages are written in the order given (a system message normally comes first).
+        `tools` (OpenAI's tool objects) go to the template as HF passes them; without a
+        template they are offered in Falcon3-Instruct's words, ahead of the messages,
+        and "tool" messages are written as "Tool: ..." lines.
         """
         chat = _check_messages(messages)
         if self.chat_template is None:
-            prefix = {"system": "", "user": "User: ", "assistant": "Falcon: "}
-            text = "".join(f"{prefix[m['role']]}{m['content']}\n" for m in chat)
+            text = _fallback_chat(chat, tools)
             return text + "Falcon:" if add_generation_prompt else text
 
         variables: dict[str, Any] = {
             "messages": chat,
             "add_generation_prompt": add_generation_prompt,
-            "tools": None,
+            "tools": tools or None,
             "documents": None,
         }
         # HF passes only the special tokens that are set, so an unset one stays undefined.

@@ -229,9 +229,14 @@ def test_openapi_describes_the_request_bodies(server):
         "developer",
         "user",
         "assistant",
+        "tool",  # tool calling (issue 14)
     }
     assert types(ch["logprobs"]) == {"boolean", "null"}
-    assert "echo" in c and "tools" in ch  # declared, to be refused unless "off"
+    assert "echo" in c and "functions" in ch  # declared, to be refused unless "off"
+    # structured output and tools (issue 14) are described, not just accepted
+    assert types(ch["tools"]) == {"array", "null"} and "tool_choice" in ch
+    assert types(c["guided_regex"]) == {"string", "null"}
+    assert {"response_format", "guided_json", "guided_choice", "guided_grammar"} <= set(c)
     r = rag["properties"]
     assert r["mode"]["anyOf"][0]["enum"] == list(MODES) and r["mode"]["default"] == DEFAULT_MODE
     assert r["temperature"]["default"] == 0.0 and rag["required"] == ["query"]

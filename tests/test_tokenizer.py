@@ -389,7 +389,16 @@ def test_hostile_or_broken_templates(
         ({"role": "user", "content": "hi"}, "must be a list"),
         (["hi"], r"messages\[0\] must be a dict"),
         ([{"content": "hi"}], r"messages\[0\] has role None"),
-        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], r"messages\[1\]"),
+        # "tool" is a role since issue 14 (tool calling); OpenAI's old "function" is not
+        (
+            [{"role": "user", "content": "a"}, {"role": "function", "content": "b"}],
+            r"messages\[1\]",
+        ),
+        (
+            [{"role": "user", "content": "a", "tool_calls": []}],
+            r"tool_calls must be a list on an "
+            "assistant",
+        ),
         ([{"role": "user", "content": 3}], r"messages\[0\] content must be a string, got int"),
         ([{"role": "user"}], r"content must be a string, got NoneType"),
     ],

@@ -74,6 +74,7 @@ from falconet.server.responses import DONE, Formatter, PromptShow, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 from falconet.server.timeouts import BodyDeadline
 from falconet.server.workers import RequestWorkers
+from falconet.tools import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("falconet.server")
 
@@ -341,11 +342,14 @@ class _Server:
                 raise _engine_error(f"{type(e).__name__}: {e}") from e
 
         def answer() -> Response:
-            choices = [
-                fmt.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None,
-                           finish[i], prompt_lps[i])
-                for i in range(n)
-            ]  # fmt: skip
+            choices = []
+            for i in range(n):
+                text: str | None = "".join(texts[i])
+                calls = []
+                if req.tool_calls:
+                    text, calls = parse_tool_calls(text)
+                choices.append(fmt.choice(i, text, lps[i] if req.logprobs is not None else None,
+                                          _finish(finish[i], calls), prompt_lps[i], calls))  # fmt: skip
             return JSONResponse(fmt.response(choices, usage(sum(req.prompt_lengths), sum(tokens))))
 
         return answer
@@ -356,6 +360,7 @@ class _Server:
         n = len(streams)
         tokens = 0
         observe = self._timing(arrived, n)
+        tool_streams = [ToolCallStream() for _ in range(n)] if req.tool_calls else None
         if fmt.chat:
             yield fmt.chunk([fmt.role_choice(i) for i in range(n)], req.include_usage)
         try:
@@ -366,9 +371,19 @@ class _Server:
                         yield sse(_engine_error(d.error).body())
                         break
                     tokens += len(d.token_ids)
-                    choices = fmt.delta_choices(i, d.text, d.logprobs, d.finish_reason,
-                                                d.prompt_logprobs)  # fmt: skip
-                    for choice in choices:
+                    text, finish, calls = d.text, d.finish_reason, []
+                    if tool_streams is not None:  # content until a call starts; calls at the end
+                        text = tool_streams[i].add(text)
+                        if finish is not None:
+                            rest, calls = tool_streams[i].finish()
+                            text += rest
+                    if calls:
+                        entries = fmt.delta_choices(i, text, d.logprobs, None, d.prompt_logprobs)
+                        entries += fmt.tool_call_choices(i, calls)
+                        entries += fmt.delta_choices(i, "", [], _finish(finish, calls))
+                    else:
+                        entries = fmt.delta_choices(i, text, d.logprobs, finish, d.prompt_logprobs)
+                    for choice in entries:
                         yield fmt.chunk([choice], req.include_usage)
                 else:
                     if req.include_usage:
@@ -377,6 +392,11 @@ class _Server:
             log.exception("generation failed mid-stream")
             yield sse(_engine_error(f"{type(e).__name__}: {e}").body())
         yield DONE
+
+
+def _finish(finish: str | None, calls: list) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" for an answer that ended with its calls."""
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 def _cancel(streams: list[Stream]) -> None:

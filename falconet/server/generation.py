@@ -13,6 +13,7 @@ from typing import Any
 
 from falconet.errors import FalconetError
 from falconet.sampling import RULES, SamplingParams, must_be, seed_for_choice
+from falconet.server.guided import constrain, request_grammar, tool_grammar
 from falconet.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -43,6 +44,7 @@ class GenerationRequest:
     # /v1/completions with echo: the text each distinct prompt is echoed as
     echo_texts: list[str] | None = None
     prompt_logprobs: int | None = None  # vLLM's field: alternatives per prompt token
+    tool_calls: bool = False  # read tool calls out of the answers (chat with tools)
 
 
 def check_model(model: str | None, model_name: str) -> None:
@@ -164,15 +166,18 @@ def parse_completion(
     # as vLLM: echo with logprobs fills the prompt_logprobs field too
     shown = body.prompt_logprobs
     req.prompt_logprobs = shown if shown is not None else (body.logprobs if body.echo else None)
+    req.params = constrain(req.params, request_grammar(body, tokenizer))
     return req
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(
+    tokenizer: Tokenizer, messages: list[ChatMessage], tools: list[dict] | None = None
+) -> list[int]:
     """The same prompt `LLM.chat_prompt` builds: the chat template, then the tokens
     without special tokens added (the template writes its own)."""
     try:
         text = tokenizer.apply_chat_template(
-            [m.as_dict() for m in messages], add_generation_prompt=True
+            [m.as_dict() for m in messages], add_generation_prompt=True, tools=tools
         )
     except FalconetError as e:
         raise bad(str(e), "messages") from e
@@ -184,7 +189,9 @@ def parse_chat(
 ) -> GenerationRequest:
     check_model(body.model, model_name)
     max_tokens = body.requested_max_tokens()
-    ids = chat_prompt(tokenizer, body.messages)
+    mode = body.tool_mode()  # with "none" the tools are not offered at all
+    tools = None if mode == "none" else [t.model_dump(exclude_none=True) for t in body.tools]
+    ids = chat_prompt(tokenizer, body.messages, tools)
     if not ids:
         raise bad("the messages make an empty prompt", "messages")
     check_context([len(ids)], max_tokens, max_context, "messages")
@@ -192,4 +199,8 @@ def parse_chat(
     # would go on to write the user's next one; that turn ends the reply (as in the CLI).
     extra_stop = (FALLBACK_CHAT_STOP,) if tokenizer.chat_template is None else ()
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
+    req = _build(body, [ids], max_tokens, logprobs, extra_stop, max_context)
+    grammar = request_grammar(body, tokenizer) if mode == "none" else tool_grammar(body, tokenizer)
+    req.params = constrain(req.params, grammar)
+    req.tool_calls = mode != "none"
+    return req

@@ -12,9 +12,10 @@ its own message rather than pydantic's.
 JSON has one number type: an integer field takes 16.0 as 16, as Python clients send it;
 `null` means the field's default; `bool` is never a number; an integer of more digits
 than Python converts (4300) is read as an `OversizedInt`, which every field refuses by
-name. Fields the engine cannot honour (`best_of`, `tools`, ...) are declared so that a
-value other than their "off" value is refused rather than silently ignored; fields that
-do not change the output (`user`, `metadata`, ...) are ignored, as unknown fields are.
+name. Fields the engine cannot honour (`best_of`, `functions`, ...) are declared so that
+a value other than their "off" value is refused rather than silently ignored; fields
+that do not change the output (`user`, `metadata`, ...) are ignored, as unknown fields
+are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -389,6 +391,109 @@ class _Object(BaseModel):
         return data
 
 
+# --- structured output ---------------------------------------------------------------
+# What a request may ask its output to follow (compiled by falconet/constraints.py). The
+# sizes bound the work of compiling a grammar in the request's worker thread; llguidance's
+# own limits (grammar size, lexer fuel) bound what a short but hostile grammar costs.
+
+MAX_GRAMMAR_CHARS = 65536  # a schema (as compact JSON), a regex or a grammar
+MAX_CHOICES = 256  # strings in guided_choice
+SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for json_schema.name
+_GRAMMAR_TEXT = f"a non-empty string of at most {MAX_GRAMMAR_CHARS} characters"
+_SCHEMA = f"a JSON schema (an object) of at most {MAX_GRAMMAR_CHARS} characters as JSON"
+_CHOICES = f"an array of 1 to {MAX_CHOICES} strings"
+# the fields that constrain the output, in the order they are declared below
+GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")  # fmt: skip
+
+
+def _schema(value: Any) -> dict[str, Any] | None:
+    """A JSON schema: an object, or (vLLM's guided_json) a string holding one."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise _field_error(must_be(_SCHEMA, value)) from None
+    if not isinstance(value, dict):
+        raise _field_error(must_be(_SCHEMA, value))
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_GRAMMAR_CHARS:
+        raise _field_error(f"is longer than {MAX_GRAMMAR_CHARS} characters as JSON; send a "
+                           "smaller schema")  # fmt: skip
+    return value
+
+
+def _grammar_text(value: str) -> str:
+    if not value or len(value) > MAX_GRAMMAR_CHARS:
+        raise _field_error(must_be(_GRAMMAR_TEXT, value))
+    return check_text(value)
+
+
+def _choices(value: list[str]) -> list[str]:
+    if not 0 < len(value) <= MAX_CHOICES:
+        raise _field_error(must_be(_CHOICES, value))
+    if sum(len(c) for c in value) > MAX_GRAMMAR_CHARS:
+        raise _field_error(f"holds more than {MAX_GRAMMAR_CHARS} characters; send fewer")
+    return [check_text(c) for c in value]
+
+
+Schema = Annotated[Any, BeforeValidator(_schema)]
+GrammarText = Annotated[str | None, Field(strict=True), checked(_GRAMMAR_TEXT, then=_grammar_text)]
+ChoiceList = Annotated[list[str] | None, Field(strict=True), checked(_CHOICES, then=_choices)]
+
+
+class JSONSchemaFormat(_Object):
+    """response_format's json_schema: OpenAI's {name, description, schema, strict}."""
+
+    shape = 'an object such as {"name": "answer", "schema": {"type": "object"}}'
+
+    name: Annotated[
+        str,
+        Field(strict=True, pattern=SCHEMA_NAME),
+        checked("1 to 64 letters, digits, '_' or '-'", null_is_default=False),
+    ]
+    description: Name = None
+    # `schema` is a BaseModel method's name, hence the alias; absent = any JSON value
+    json_schema: Schema = Field(None, alias="schema")
+    strict: Flag = None  # the schema is always enforced
+
+
+class ResponseFormat(_Object):
+    shape = '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}'
+
+    type: Annotated[
+        Literal["text", "json_object", "json_schema"],
+        checked("one of text, json_object, json_schema", null_is_default=False),
+    ]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise _field_error(
+                "needs 'json_schema' when (and only when) 'type' is \"json_schema\"; got "
+                f"type {show(self.type)}"
+            )
+        return self
+
+
+def _one_guide(value: Any, info: Any) -> Any:
+    """A constraint field is set at most once per request, and never with ignore_eos
+    (the grammar ends the output with the end-of-sequence token)."""
+    if value is None or (isinstance(value, ResponseFormat) and value.type == "text"):
+        return value
+    earlier = [f for f in GUIDED_FIELDS if f != info.field_name and info.data.get(f) is not None]
+    earlier = [f for f in earlier if not (f == "response_format"
+                                          and info.data[f].type == "text")]  # fmt: skip
+    if earlier:
+        raise _field_error(f"cannot be combined with '{earlier[0]}'; send one constraint")
+    if info.data.get("ignore_eos"):
+        raise _field_error("cannot be combined with 'ignore_eos': the output ends with the "
+                           "end-of-sequence token once the grammar is complete")  # fmt: skip
+    return value
+
+
 # --- request bodies ------------------------------------------------------------------
 
 
@@ -434,16 +539,28 @@ class _OpenAIRequest(SamplingFields):
     n: Choices = Field(1, description="choices per prompt")
     stream: Flag = Field(False, description="send server-sent events as tokens arrive")
     stream_options: StreamOptions | None = None
+    # Structured output (OpenAI's response_format; vLLM's guided_* extras).
+    response_format: ResponseFormat | None = Field(
+        None,
+        description='{"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema"}}: the output parses as JSON and follows the schema',
+    )
+    guided_json: Schema = Field(None, description="vLLM's: a JSON schema the output follows")
+    guided_regex: GrammarText = Field(None, description="vLLM's: a regex the output matches")
+    guided_choice: ChoiceList = Field(None, description="vLLM's: the output is one of these")
+    guided_grammar: GrammarText = Field(
+        None, description="vLLM's: a Lark or GBNF grammar the output follows"
+    )
     # Fields that would change the output in ways this server does not implement.
     best_of: unsupported(1)
-    response_format: unsupported({"type": "text"})
     min_tokens: unsupported(0)
     prompt_logprobs: unsupported()
     use_beam_search: unsupported(False)
-    guided_json: unsupported()
-    guided_regex: unsupported()
-    guided_choice: unsupported()
-    guided_grammar: unsupported()
+
+    @field_validator(*GUIDED_FIELDS)
+    @classmethod
+    def _one_constraint(cls, value: Any, info: Any) -> Any:
+        return _one_guide(value, info)
 
     @field_validator("stream_options")
     @classmethod
@@ -454,6 +571,20 @@ class _OpenAIRequest(SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def guide(self) -> tuple[str, Any, str] | None:
+        """The constraint asked for, as (grammar kind, spec, field), or None."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return "json_object", None, "response_format"
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.json_schema  # type: ignore[union-attr]
+            return "json_schema", {} if schema is None else schema, "response_format"
+        for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"),
+                           ("choice", "guided_choice"), ("grammar", "guided_grammar")):  # fmt: skip
+            if getattr(self, name) is not None:
+                return kind, getattr(self, name), name
+        return None
 
 
 _PROMPT_ALLOWED = "a non-empty string, an array of token ids, or an array of those"
@@ -529,8 +660,11 @@ class CompletionRequest(_OpenAIRequest):
 
 
 # OpenAI's newer `developer` role is a system message.
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool"}  # fmt: skip
 _TEXT_PART = '{"type": "text", "text": ...}'
+MAX_TOOLS = 128  # OpenAI's limit on tools per request (and here on calls per message)
+_FUNCTION_NAME = "1 to 64 letters, digits, '_' or '-'"
 
 
 class TextPart(_Object):
@@ -547,13 +681,53 @@ def _joined(content: str | list[TextPart]) -> str:
 
 
 Role = Annotated[
-    Literal["system", "developer", "user", "assistant"],
-    checked("one of system, user, assistant (or developer)", null_is_default=False),
+    Literal["system", "developer", "user", "assistant", "tool"],
+    checked("one of system, user, assistant, tool (or developer)", null_is_default=False),
 ]
-Content = Annotated[
-    str | list[TextPart],
-    checked(f"a string or an array of {_TEXT_PART} parts", null_is_default=False, then=_joined),
+_CONTENT = f"a string or an array of {_TEXT_PART} parts"
+Content = Annotated[str | list[TextPart], checked(_CONTENT, null_is_default=False, then=_joined)]
+FunctionName = Annotated[
+    str, Field(strict=True, pattern=SCHEMA_NAME), checked(_FUNCTION_NAME, null_is_default=False)
 ]
+Function = Annotated[Literal["function"], checked('"function"', null_is_default=False)]
+Text = Annotated[
+    str, Field(strict=True), checked("a string", null_is_default=False, then=check_text)
+]
+
+
+def _at_most_tools(value: Any) -> Any:
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise _field_error(must_be(f"an array of at most {MAX_TOOLS} tools", value))
+    return value
+
+
+class FunctionCall(_Object):
+    shape = '{"name": ..., "arguments": "<JSON text>"}'
+
+    name: FunctionName
+    arguments: Text
+
+
+class AssistantToolCall(_Object):
+    """A call an earlier assistant message made (OpenAI's message.tool_calls[])."""
+
+    shape = '{"id": ..., "type": "function", "function": {"name", "arguments"}}'
+
+    id: Text
+    type: Function
+    function: FunctionCall
+
+    def as_dict(self) -> dict[str, Any]:
+        """As chat templates take it: arguments as an object where they are JSON text
+        of one (templates write `arguments | tojson`), as vLLM passes them."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except (json.JSONDecodeError, RecursionError):
+            args = self.function.arguments
+        if not isinstance(args, dict):
+            args = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
 
 
 class ChatMessage(_Object):
@@ -562,11 +736,47 @@ class ChatMessage(_Object):
     shape = "an object with role and content"
 
     role: Role
-    content: Content = Field(description="text; an array of text parts is joined with newlines")
+    tool_calls: Annotated[
+        list[AssistantToolCall] | None, BeforeValidator(lambda v: v if v is None else
+                                                        _at_most_tools(v))
+    ] = Field(None, description="an assistant message's calls")  # fmt: skip
+    tool_call_id: Annotated[
+        str | None, Field(strict=True), checked("a string", null_is_default=False)
+    ] = Field(None, validate_default=True, description="a tool message: the call it answers")
+    content: Content | None = Field(
+        None, validate_default=True,
+        description="text; an array of text parts is joined with newlines",
+    )  # fmt: skip
 
-    def as_dict(self) -> dict[str, str]:
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, value: str | None, info: Any) -> str | None:
+        if (value is None) == (info.data.get("role") == "tool"):
+            raise _field_error("is required on a tool message, and only there")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | None, info: Any) -> str | None:
+        if value is None and not info.data.get("tool_calls"):
+            raise _field_error(must_be(_CONTENT + " (null only beside tool_calls)", value))
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call(cls, value: list | None, info: Any) -> list | None:
+        if value is not None and info.data.get("role") != "assistant":
+            raise _field_error("is only allowed on an assistant message")
+        return value
+
+    def as_dict(self) -> dict[str, Any]:
         """The message as the tokenizer's chat template takes it."""
-        return {"role": CHAT_ROLES[self.role], "content": self.content}
+        message: dict[str, Any] = {"role": CHAT_ROLES[self.role], "content": self.content}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 def _messages(value: Any) -> Any:
@@ -576,6 +786,62 @@ def _messages(value: Any) -> Any:
 
 
 Messages = Annotated[list[ChatMessage], BeforeValidator(_messages)]
+
+
+class FunctionDef(_Object):
+    shape = 'an object such as {"name": "get_weather", "parameters": {"type": "object"}}'
+
+    name: FunctionName
+    description: Name = None
+    parameters: Schema = None  # a JSON schema; absent = any object
+    strict: Flag = None  # the schema is always enforced where the call is constrained
+
+
+class Tool(_Object):
+    shape = '{"type": "function", "function": {"name": ..., "parameters": ...}}'
+
+    type: Function
+    function: FunctionDef
+
+
+class FunctionRef(_Object):
+    shape = '{"name": ...}'
+
+    name: FunctionName
+
+
+class NamedToolChoice(_Object):
+    shape = '{"type": "function", "function": {"name": ...}}'
+
+    type: Function
+    function: FunctionRef
+
+
+_TOOL_CHOICE = 'none, auto, required or {"type": "function", "function": {"name": ...}}'
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None or isinstance(value, dict) or value in ("none", "auto", "required"):
+        return value
+    raise _field_error(must_be(_TOOL_CHOICE, value))
+
+
+def _unique_names(tools: list[Tool] | None) -> list[Tool] | None:
+    names = [t.function.name for t in tools or ()]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise _field_error(f"names the function {show(twice)} twice; names must be unique")
+    return tools
+
+
+Tools = Annotated[
+    list[Tool] | None,
+    BeforeValidator(lambda v: v if v is None else _at_most_tools(v)),
+    AfterValidator(_unique_names),
+]
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice | None, BeforeValidator(_tool_choice)
+]
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -588,8 +854,11 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: Flag = Field(False, description="return log-probabilities of the chosen tokens")
     top_logprobs: ruled("logprobs") = Field(None, description="alternatives per token")
     echo: unsupported(False)  # vLLM's chat echo (of the last message) is not served
-    tools: unsupported([])
-    tool_choice: unsupported("none", "auto")
+    tools: Tools = Field(None, description="functions the model may call")
+    tool_choice: ToolChoice = Field(
+        None, description="none, auto (the default with tools), required, or one named function"
+    )
+    parallel_tool_calls: Flag = Field(True, description="allow several calls in one answer")
     functions: unsupported([])
     function_call: unsupported("none", "auto")
     audio: unsupported()
@@ -603,6 +872,36 @@ class ChatCompletionRequest(_OpenAIRequest):
         if value is not None and not info.data.get("logprobs"):
             raise _field_error("needs 'logprobs': true")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_alone(cls, value: list[Tool] | None, info: Any) -> list[Tool] | None:
+        """Tool calls have their own grammar: no other constraint beside them."""
+        guided = [f for f in GUIDED_FIELDS if info.data.get(f) is not None]
+        guided = [f for f in guided if not (f == "response_format"
+                                            and info.data[f].type == "text")]  # fmt: skip
+        if value and guided:
+            raise _field_error(f"cannot be combined with '{guided[0]}'; send one of them")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, value: Any, info: Any) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if (value == "required" or isinstance(value, NamedToolChoice)) and not names:
+            raise _field_error("needs 'tools' to choose from")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise _field_error(f"names the function {show(value.function.name)}, which is "
+                               "not among 'tools'")  # fmt: skip
+        return value
+
+    def tool_mode(self) -> str:
+        """none, auto, required or named: what the answer may or must be."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
 
 class TokenizeRequest(BaseModel):

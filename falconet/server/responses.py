@@ -19,6 +19,7 @@ from typing import Any
 
 from falconet.generate import TokenStrings, completion_logprobs, finite_logprob
 from falconet.sampling import TokenLogprobs
+from falconet.tools import ToolCall
 
 DONE = b"data: [DONE]\n\n"
 
@@ -115,13 +116,20 @@ class Formatter:
     # -- whole responses ------------------------------------------------------------
 
     def choice(
-        self, index: int, text: str, lps: Sequence[TokenLogprobs] | None, finish: str | None,
+        self,
+        index: int,
+        text: str | None,
+        lps: Sequence[TokenLogprobs] | None,
+        finish: str | None,
         prompt_lps: Sequence[TokenLogprobs] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+        tool_calls: Sequence[ToolCall] = (),
+    ) -> dict[str, Any]:
         echo, echo_lps = self._echo(index, prompt_lps)
         logprobs = None if lps is None else self.logprobs(index, lps) or _empty(self.chat)
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:  # OpenAI: finish_reason "tool_calls", content null when empty
+                message["tool_calls"] = [c.as_openai() for c in tool_calls]
             return {"index": index, "message": message, "logprobs": logprobs,
                     "finish_reason": finish}  # fmt: skip
         out = {"index": index, "text": echo + text, "logprobs": _joined(echo_lps, logprobs),
@@ -182,6 +190,19 @@ class Formatter:
         elif text or logprobs or finish is not None:
             out.append({"index": index, "text": text, "logprobs": logprobs,
                         "finish_reason": finish})  # fmt: skip
+        return out
+
+    def tool_call_choices(self, index: int, calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+        """Stream entries for a choice's calls, in OpenAI's shape: per call, one delta
+        with its id, type and name, then its arguments (a client joins them by index)."""
+        out = []
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}  # fmt: skip
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            for entry in (head, args):
+                out.append({"index": index, "delta": {"tool_calls": [entry]}, "logprobs": None,
+                            "finish_reason": None})  # fmt: skip
         return out
 
 
