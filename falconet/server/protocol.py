@@ -613,6 +613,8 @@ def _max_tokens_zero(value: Any, handler: Callable[[Any], Any]) -> Any:
     # server/generation.py; the schema keeps the rule's bound for generating requests
     if value == 0 and not isinstance(value, bool):
         return 0
+    if value is None:  # the default; raised here, as pydantic cannot take it from handler
+        raise PydanticUseDefault
     return handler(value)
 
 
