@@ -47,6 +47,15 @@ from falconet.generate import TokenStrings, usage
 from falconet.server import BODY_TIMEOUT_S
 from falconet.server import metrics as metrics_mod
 from falconet.server.embeddings import EmbeddingRequest, create_embeddings
+from falconet.server.fields import (
+    MAX_BODY_BYTES,
+    APIError,
+    JSONBodyRoute,
+    bad,
+    error_body,
+    read_json_object,
+    validation_error,
+)
 from falconet.server.generation import (
     GenerationRequest,
     chat_prompt,
@@ -56,18 +65,11 @@ from falconet.server.generation import (
     parse_completion,
 )
 from falconet.server.protocol import (
-    MAX_BODY_BYTES,
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    JSONBodyRoute,
     TokenizeRequest,
-    bad,
-    error_body,
     prompt_items,
-    read_json_object,
-    validation_error,
 )
 from falconet.server.rag_routes import RagSettings, register_rag_routes
 from falconet.server.responses import DONE, Formatter, PromptShow, sse

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, StrictInt
 
 from falconet.errors import RagError
 from falconet.sampling import must_be
-from falconet.server.protocol import APIError, Name, bad, check_text, checked, field_error
+from falconet.server.fields import APIError, Name, bad, check_text, checked, field_error
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 EMBED_CALL = 16  # inputs per call to the shared embedder: RAG queries wait for one call at most

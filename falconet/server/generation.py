@@ -13,13 +13,12 @@ from typing import Any
 
 from falconet.errors import FalconetError
 from falconet.sampling import RULES, SamplingParams, must_be, seed_for_choice
+from falconet.server.fields import APIError, bad
 from falconet.server.guided import constrain, request_grammar, tool_grammar
 from falconet.server.protocol import (
-    APIError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    bad,
     prompt_items,
 )
 from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from falconet.constraints import Grammar
 from falconet.errors import GrammarError
-from falconet.server.protocol import ChatCompletionRequest, CompletionRequest, bad
+from falconet.server.fields import bad
+from falconet.server.protocol import ChatCompletionRequest, CompletionRequest
 from falconet.tokenizer import Tokenizer
 from falconet.tools import Function, tool_call_grammar
 

@@ -1,4 +1,5 @@
-"""The server's wire protocol: request bodies as pydantic models, and OpenAI-shaped errors.
+"""The server's wire protocol: the request bodies as pydantic models, their fields built
+from fields.py's validators (where the OpenAI-shaped errors and body parsing live too).
 
 FastAPI validates every JSON body against its model, so /openapi.json describes the API
 as it really is. The sampling fields take their types and bounds from the one table in
@@ -21,361 +22,40 @@ are.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
     StrictInt,
-    ValidationError,
     WrapValidator,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError, PydanticUseDefault
+from pydantic_core import PydanticUseDefault
 
 from falconet.sampling import (
-    LOGIT_BIAS_ALLOWED,
-    LOGIT_BIAS_MAX,
-    LOGIT_BIAS_MIN,
-    RULES,
-    STOP_ALLOWED,
-    STOP_TOKEN_IDS_ALLOWED,
-    logit_bias_pairs,
     must_be,
     show,
-    stop_strings,
 )
-
-MAX_N = 16  # choices per request (n)
-MAX_BODY_BYTES = 4 * 2**20
-# A body that announces more than this is refused without reading it; up to this, an
-# oversized body is read to its end first so the client sees the 413 rather than a reset.
-DRAIN_LIMIT = 64 * 2**20
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error"}  # fmt: skip
-
-
-# --- errors --------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error the server answers with OpenAI's `{"error": {...}}` body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param, code)
-
-
-_FIELD_ERROR = "falconet"  # the pydantic error type of every message written here
-
-
-def _field_error(message: str) -> PydanticCustomError:
-    """`message` follows the field's name: "'top_p' " + message."""
-    return PydanticCustomError(_FIELD_ERROR, message)
-
-
-def field_error(message: str) -> PydanticCustomError:
-    """For validators written beside other routes: `message` follows the field's name."""
-    return _field_error(message)
-
-
-def validation_error(errors: Sequence[Any]) -> APIError:
-    """The first of pydantic's errors as an OpenAI 400 naming the field
-    (`messages[0].role`: list indices in brackets, nested fields after dots)."""
-    first = dict(errors[0]) if errors else {}
-    param = ""
-    for part in first.get("loc", ()):
-        if part == "body":
-            continue
-        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-    msg = first.get("msg", "is invalid")
-    if first.get("type") == _FIELD_ERROR:
-        message = f"'{param}' {msg}" if param else f"the request body {msg}"
-    elif first.get("type") == "missing":
-        message = f"'{param}' is required"
-    elif first.get("type") == "extra_forbidden":
-        message = f"'{param}' is not a field of this request; leave it out"
-    else:  # pydantic's own words, for anything the fields below do not phrase themselves
-        message = f"'{param}': {msg}" if param else f"invalid request: {msg}"
-    return bad(message, param or None)
-
-
-def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    """`data` validated as `model`, for bodies read by hand; errors as `validation_error`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from e
-
-
-# --- JSON bodies ---------------------------------------------------------------------
-
-
-class OversizedInt:
-    """A JSON integer of more digits than Python converts to an int (its `int_max_str_digits`
-    guard against quadratic-time conversion): kept as a marker that no field accepts, so
-    the 400 names the field that held it."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"<an integer of {self.digits} digits>"
-
-
-def _int_or_oversized(literal: str) -> int | OversizedInt:
-    limit = sys.get_int_max_str_digits()
-    digits = len(literal.lstrip("-"))
-    return OversizedInt(digits) if limit and digits > limit else int(literal)
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise
-    except ValueError:  # an integer past the digit limit: parsed again, marking it
-        return json.loads(text, parse_int=_int_or_oversized)
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad(f"the request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from e
-    if not text.strip():
-        raise bad("the request body is empty; send a JSON object")
-    try:
-        data = _loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(f"the request body is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise bad("the request body is JSON nested too deeply") from e
-    if not isinstance(data, dict):
-        raise bad(f"the request body must be a JSON object, not {_json_type(data)}")
-    return data
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body read up to `limit` bytes (413 beyond it), as a JSON object."""
-    return parse_json_object(await read_body(request, limit))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, read up to `limit` bytes; a 413 beyond that."""
-    too_big = APIError(413, f"the request body is larger than {limit} bytes; send less")
-    length = request.headers.get("content-length")
-    announced = int(length) if length is not None and length.isdigit() else None
-    if announced is not None and announced > DRAIN_LIMIT:
-        too_big.headers["Connection"] = "close"
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > DRAIN_LIMIT:
-            too_big.headers["Connection"] = "close"
-            raise too_big
-    if size > limit:
-        raise too_big
-    return b"".join(chunks)
-
-
-class _ParsedRequest(Request):
-    """The request with its body already read, parsed and validated. It says
-    `application/json` whatever the client sent (curl -d sends form-urlencoded), so
-    FastAPI takes the body rather than refusing the content type; its `json()` is the
-    validated model, which FastAPI's own validation passes through unchanged."""
-
-    def __init__(self, request: Request, raw: bytes, data: Any) -> None:
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        super().__init__(scope, request.receive)
-        self._raw, self._data = raw, data
-
-    async def body(self) -> bytes:
-        return self._raw
-
-    async def json(self) -> Any:
-        return self._data
-
-
-class JSONBodyRoute(APIRoute):
-    """A route with a body model gets its body read (up to the app's
-    `state.max_body_bytes`), parsed and validated here, before FastAPI sees it. Parsing
-    and validating run in the app's `state.workers` threads: a 4 MiB body takes tens of
-    milliseconds (a list of a million token ids far longer), which the event loop must
-    not spend."""
-
-    def get_route_handler(self) -> Callable:
-        handle = super().get_route_handler()
-        if self.body_field is None:
-            return handle
-        model = getattr(self.body_field.field_info, "annotation", None)
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            model = None
-
-        def parse(raw: bytes) -> Any:
-            data = parse_json_object(raw)
-            return data if model is None else parse_model(model, data)
-
-        async def read_then_handle(request: Request) -> Response:
-            raw = await read_body(request, request.app.state.max_body_bytes)
-            data = await request.app.state.workers.run(parse, raw)
-            return await handle(_ParsedRequest(request, raw, data))
-
-        return read_then_handle
-
-
-# --- fields --------------------------------------------------------------------------
-
-
-def check_text(value: str) -> str:
-    """A JSON string that is real text: "\\ud800" escapes decode to lone surrogates,
-    which no tokenizer can encode."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise _field_error("contains an invalid unicode escape (a lone surrogate)") from e
-    return value
-
-
-def checked(
-    allowed: str,
-    *,
-    integral: bool = False,
-    null_is_default: bool = True,
-    then: Callable[[Any], Any] | None = None,
-) -> WrapValidator:
-    """One error per field, in the field's own words: pydantic's errors about the value
-    become "must be <allowed>; got <value>". `then` checks or converts the valid value."""
-
-    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
-        if value is None and null_is_default:
-            raise PydanticUseDefault
-        if isinstance(value, OversizedInt):
-            raise _field_error(f"must be {allowed}; got an integer of {value.digits} digits")
-        given = value
-        if integral and isinstance(value, float) and value.is_integer():
-            value = int(value)  # 16.0 is 16
-        try:
-            value = handler(value)
-        except (ValidationError, TypeError):
-            # TypeError: some pydantic-core versions look an unhashable value (a list, an
-            # object) up in a Literal's table and let the lookup's error out
-            raise _field_error(must_be(allowed, given)) from None
-        return value if then is None else then(value)
-
-    return WrapValidator(validate)
-
-
-def ruled(name: str) -> Any:
-    """A field typed and bounded by `falconet.sampling.RULES[name]`."""
-    rule = RULES[name]
-    finite = {} if rule.kind is int else {"allow_inf_nan": False}
-    number = Field(strict=True, **rule.bounds(), **finite)
-    return Annotated[rule.kind | None, number, checked(rule.allowed, integral=rule.kind is int)]
-
-
-def unsupported(*off: Any) -> Any:
-    """A field this server cannot honour: only null and its "off" values are accepted."""
-
-    def validate(value: Any) -> Any:
-        if value is None or any(value == v and type(value) is type(v) for v in off):
-            return value
-        raise _field_error("is not supported by this server; leave it out")
-
-    description = f"Not supported; accepted only as {', '.join(show(v) for v in off)}."
-    return Annotated[Any, Field(None, description=description), BeforeValidator(validate)]
-
-
-def _stop(value: str | list[str]) -> tuple[str, ...]:
-    stop = stop_strings(value)
-    if stop is None:
-        raise _field_error(must_be(STOP_ALLOWED, value))
-    return tuple(check_text(s) for s in stop)
-
-
-def _logit_bias(value: Any) -> Any:
-    """Checked whole against the rule, so the message quotes the value as sent."""
-    if value is None:
-        raise PydanticUseDefault
-    if logit_bias_pairs(value) is None:
-        raise _field_error(must_be(LOGIT_BIAS_ALLOWED, value))
-    return value
-
-
-def _vllm_top_k(value: Any, handler: Callable[[Any], Any]) -> Any:
-    if value is None:  # the default, said here: pydantic takes it only from the outer validator
-        raise PydanticUseDefault
-    return handler(0 if value == -1 and not isinstance(value, bool) else value)
-
-
-Flag = Annotated[bool | None, Field(strict=True), checked("true or false")]
-Name = Annotated[str | None, Field(strict=True), checked("a string")]
-Stop = Annotated[str | list[str] | None, checked(STOP_ALLOWED, then=_stop)]
-StopTokenIds = Annotated[
-    list[Annotated[StrictInt, Field(ge=0)]] | None, checked(STOP_TOKEN_IDS_ALLOWED, then=tuple)
-]
-TopK = Annotated[ruled("top_k"), WrapValidator(_vllm_top_k)]  # vLLM's -1 is off, as 0 is
-LogitBias = Annotated[
-    dict[str, Annotated[float, Field(ge=LOGIT_BIAS_MIN, le=LOGIT_BIAS_MAX)]] | None,
-    BeforeValidator(_logit_bias),
-]
-Choices = Annotated[
-    int | None,
-    Field(strict=True, ge=1, le=MAX_N),
-    checked(f"an integer in [1, {MAX_N}]", integral=True),
-]
+from falconet.server.fields import (
+    COMPLETION_MAX_TOKENS,
+    Choices,
+    Flag,
+    LogitBias,
+    Name,
+    Stop,
+    StopTokenIds,
+    TopK,
+    check_text,
+    checked,
+    field_error,
+    ruled,
+    unsupported,
+)
 
 
 class _Object(BaseModel):
@@ -387,7 +67,7 @@ class _Object(BaseModel):
     @classmethod
     def _an_object(cls, data: Any) -> Any:
         if not isinstance(data, dict):
-            raise _field_error(must_be(cls.shape, data))
+            raise field_error(must_be(cls.shape, data))
         return data
 
 
@@ -415,26 +95,26 @@ def _schema(value: Any) -> dict[str, Any] | None:
         try:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError):
-            raise _field_error(must_be(_SCHEMA, value)) from None
+            raise field_error(must_be(_SCHEMA, value)) from None
     if not isinstance(value, dict):
-        raise _field_error(must_be(_SCHEMA, value))
+        raise field_error(must_be(_SCHEMA, value))
     if len(json.dumps(value, separators=(",", ":"))) > MAX_GRAMMAR_CHARS:
-        raise _field_error(f"is longer than {MAX_GRAMMAR_CHARS} characters as JSON; send a "
+        raise field_error(f"is longer than {MAX_GRAMMAR_CHARS} characters as JSON; send a "
                            "smaller schema")  # fmt: skip
     return value
 
 
 def _grammar_text(value: str) -> str:
     if not value or len(value) > MAX_GRAMMAR_CHARS:
-        raise _field_error(must_be(_GRAMMAR_TEXT, value))
+        raise field_error(must_be(_GRAMMAR_TEXT, value))
     return check_text(value)
 
 
 def _choices(value: list[str]) -> list[str]:
     if not 0 < len(value) <= MAX_CHOICES:
-        raise _field_error(must_be(_CHOICES, value))
+        raise field_error(must_be(_CHOICES, value))
     if sum(len(c) for c in value) > MAX_GRAMMAR_CHARS:
-        raise _field_error(f"holds more than {MAX_GRAMMAR_CHARS} characters; send fewer")
+        raise field_error(f"holds more than {MAX_GRAMMAR_CHARS} characters; send fewer")
     return [check_text(c) for c in value]
 
 
@@ -471,7 +151,7 @@ class ResponseFormat(_Object):
     @model_validator(mode="after")
     def _schema_iff_json_schema(self) -> ResponseFormat:
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise _field_error(
+            raise field_error(
                 "needs 'json_schema' when (and only when) 'type' is \"json_schema\"; got "
                 f"type {show(self.type)}"
             )
@@ -487,9 +167,9 @@ def _one_guide(value: Any, info: Any) -> Any:
     earlier = [f for f in earlier if not (f == "response_format"
                                           and info.data[f].type == "text")]  # fmt: skip
     if earlier:
-        raise _field_error(f"cannot be combined with '{earlier[0]}'; send one constraint")
+        raise field_error(f"cannot be combined with '{earlier[0]}'; send one constraint")
     if info.data.get("ignore_eos"):
-        raise _field_error("cannot be combined with 'ignore_eos': the output ends with the "
+        raise field_error("cannot be combined with 'ignore_eos': the output ends with the "
                            "end-of-sequence token once the grammar is complete")  # fmt: skip
     return value
 
@@ -566,7 +246,7 @@ class _OpenAIRequest(SamplingFields):
     @classmethod
     def _only_when_streaming(cls, value: StreamOptions | None, info: Any) -> Any:
         if value is not None and not info.data.get("stream"):
-            raise _field_error("is only allowed when 'stream' is true")
+            raise field_error("is only allowed when 'stream' is true")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -594,7 +274,7 @@ def _prompt_shape(value: Any) -> Any:
     if isinstance(value, str):
         return check_text(value)
     if not value:
-        raise _field_error(must_be(_PROMPT_ALLOWED, value))
+        raise field_error(must_be(_PROMPT_ALLOWED, value))
     # Any number of prompts: the engine queues what it cannot run at once, and the
     # server refuses only what its batch and queue together could never hold.
     for item in prompt_items(value):
@@ -651,7 +331,7 @@ class CompletionRequest(_OpenAIRequest):
     @classmethod
     def _not_streamed(cls, value: int | None, info: Any) -> int | None:
         if value is not None and info.data.get("stream"):
-            raise _field_error("is not available with 'stream': true (vLLM's rule)")
+            raise field_error("is not available with 'stream': true (vLLM's rule)")
         return value
 
     def prompt_logprobs_k(self) -> int | None:
@@ -699,7 +379,7 @@ Text = Annotated[
 
 def _at_most_tools(value: Any) -> Any:
     if not isinstance(value, list) or len(value) > MAX_TOOLS:
-        raise _field_error(must_be(f"an array of at most {MAX_TOOLS} tools", value))
+        raise field_error(must_be(f"an array of at most {MAX_TOOLS} tools", value))
     return value
 
 
@@ -754,21 +434,21 @@ class ChatMessage(_Object):
     @classmethod
     def _tool_answers_a_call(cls, value: str | None, info: Any) -> str | None:
         if (value is None) == (info.data.get("role") == "tool"):
-            raise _field_error("is required on a tool message, and only there")
+            raise field_error("is required on a tool message, and only there")
         return value
 
     @field_validator("content")
     @classmethod
     def _content(cls, value: str | None, info: Any) -> str | None:
         if value is None and not info.data.get("tool_calls"):
-            raise _field_error(must_be(_CONTENT + " (null only beside tool_calls)", value))
+            raise field_error(must_be(_CONTENT + " (null only beside tool_calls)", value))
         return value
 
     @field_validator("tool_calls")
     @classmethod
     def _only_assistants_call(cls, value: list | None, info: Any) -> list | None:
         if value is not None and info.data.get("role") != "assistant":
-            raise _field_error("is only allowed on an assistant message")
+            raise field_error("is only allowed on an assistant message")
         return value
 
     def as_dict(self) -> dict[str, Any]:
@@ -783,7 +463,7 @@ class ChatMessage(_Object):
 
 def _messages(value: Any) -> Any:
     if not isinstance(value, list) or not value:
-        raise _field_error(must_be("a non-empty array of {role, content} objects", value))
+        raise field_error(must_be("a non-empty array of {role, content} objects", value))
     return value
 
 
@@ -825,14 +505,14 @@ _TOOL_CHOICE = 'none, auto, required or {"type": "function", "function": {"name"
 def _tool_choice(value: Any) -> Any:
     if value is None or isinstance(value, dict) or value in ("none", "auto", "required"):
         return value
-    raise _field_error(must_be(_TOOL_CHOICE, value))
+    raise field_error(must_be(_TOOL_CHOICE, value))
 
 
 def _unique_names(tools: list[Tool] | None) -> list[Tool] | None:
     names = [t.function.name for t in tools or ()]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
-        raise _field_error(f"names the function {show(twice)} twice; names must be unique")
+        raise field_error(f"names the function {show(twice)} twice; names must be unique")
     return tools
 
 
@@ -872,7 +552,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: Any) -> int | None:
         if value is not None and not info.data.get("logprobs"):
-            raise _field_error("needs 'logprobs': true")
+            raise field_error("needs 'logprobs': true")
         return value
 
     @field_validator("tools")
@@ -883,7 +563,7 @@ class ChatCompletionRequest(_OpenAIRequest):
         guided = [f for f in guided if not (f == "response_format"
                                             and info.data[f].type == "text")]  # fmt: skip
         if value and guided:
-            raise _field_error(f"cannot be combined with '{guided[0]}'; send one of them")
+            raise field_error(f"cannot be combined with '{guided[0]}'; send one of them")
         return value
 
     @field_validator("tool_choice")
@@ -891,9 +571,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     def _choice_among_tools(cls, value: Any, info: Any) -> Any:
         names = [t.function.name for t in info.data.get("tools") or ()]
         if (value == "required" or isinstance(value, NamedToolChoice)) and not names:
-            raise _field_error("needs 'tools' to choose from")
+            raise field_error("needs 'tools' to choose from")
         if isinstance(value, NamedToolChoice) and value.function.name not in names:
-            raise _field_error(f"names the function {show(value.function.name)}, which is "
+            raise field_error(f"names the function {show(value.function.name)}, which is "
                                "not among 'tools'")  # fmt: skip
         return value
 

@@ -49,17 +49,9 @@ from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
+from falconet.server.fields import APIError, Flag, bad, check_text, checked, parse_model, ruled
 from falconet.server.generation import GenerationRequest
-from falconet.server.protocol import (
-    APIError,
-    Flag,
-    SamplingFields,
-    bad,
-    check_text,
-    checked,
-    parse_model,
-    ruled,
-)
+from falconet.server.protocol import SamplingFields
 from falconet.server.responses import DONE, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 

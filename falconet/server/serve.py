@@ -15,7 +15,7 @@ from pathlib import Path
 from falconet.errors import FalconetError, RagError
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
-from falconet.server.protocol import MAX_BODY_BYTES
+from falconet.server.fields import MAX_BODY_BYTES
 
 # Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
 GRACEFUL_SHUTDOWN_S = 5

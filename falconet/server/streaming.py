@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import Response
 
-from falconet.server.protocol import APIError
+from falconet.server.fields import APIError
 from falconet.server.responses import DONE, sse
 
 log = logging.getLogger("falconet.server")

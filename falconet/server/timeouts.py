@@ -27,7 +27,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from falconet.server import BODY_TIMEOUT_S
-from falconet.server.protocol import APIError
+from falconet.server.fields import APIError
 
 MIN_BODY_RATE = 16 * 1024  # bytes/s (128 kbit/s) a body must keep up to extend its deadline
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; larger gets a 400 (h11's default)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from falconet.server.protocol import APIError
+from falconet.server.fields import APIError
 
 T = TypeVar("T")
 
