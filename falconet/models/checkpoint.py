@@ -7,8 +7,9 @@ architecture; this module tells it what each architecture's files hold:
   tensors to expect, their shapes and transforms (`load_hf_weights`).
 - GGUF: llama.cpp's names and metadata differ per architecture, one module each
   (`LAYOUTS`, chosen by the file's general.architecture or the config's registry entry):
-  gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run) and
-  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope).
+  gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run),
+  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope) and
+  gguf_mamba.py (Falcon-Mamba: names, metadata, A stored as -exp(A_log)).
   `read_gguf` rebuilds the config and the tokenizer's pieces from the metadata;
   `load_gguf_weights` fills a model built on the meta device; `write_hf_as_gguf` streams an
   HF folder into a GGUF with the tensor types llama.cpp's quantizer would pick.
@@ -29,8 +30,8 @@ import torch
 from gguf import GGUFWriter
 
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models import gguf_falcon, gguf_llama
-from falconet.models.base import CausalLM
+from falconet.models import gguf_falcon, gguf_llama, gguf_mamba
+from falconet.models.base import CausalLM, CheckpointLayout
 from falconet.models.registry import (
     ARCHITECTURES,
     ModelConfig,
@@ -85,11 +86,15 @@ def load_hf_weights(
 # ---- GGUF: reading ----------------------------------------------------------------------
 
 # llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
-# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config),
-# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
-# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
-# (row order between falconet and the file, None = the same).
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama)}
+# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config) (GGUF name ->
+# (HF name, shape in the file)), read_config(key, fail, tensors, common),
+# problems(config), write_metadata(writer, config), extra_tensors(config) (name -> F32
+# array), rows(hf_name, config, to_file) (row order between falconet and the file, None =
+# the same); optionally transforms(config) (HF name -> (file -> falconet, falconet ->
+# file) for float tensors stored in another form: Mamba's A and conv filters).
+LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_mamba)}
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _layout(config: ModelConfig) -> ModuleType:
@@ -97,6 +102,11 @@ def _layout(config: ModelConfig) -> ModuleType:
     if arch.gguf_architecture not in LAYOUTS:
         raise GGUFError(_not_yet(arch.gguf_architecture, arch.name))
     return LAYOUTS[arch.gguf_architecture]
+
+
+def _transforms(layout: ModuleType, config: ModelConfig) -> dict[str, tuple[Transform, Transform]]:
+    fn = getattr(layout, "transforms", None)
+    return {} if fn is None else fn(config)
 
 
 def _not_yet(gguf_arch: str, name: str) -> str:
@@ -125,7 +135,8 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open and check a Falcon or llama GGUF file; GGUFError names the file and the problem."""
+    """Open and check a GGUF file of an architecture in LAYOUTS; GGUFError names the file
+    and the problem."""
     # registered architectures without a GGUF layout yet get their own message
     pending = {
         a.gguf_architecture: _not_yet(a.gguf_architecture, a.name)
@@ -221,11 +232,21 @@ def load_gguf_weights(
     progress(nbytes) is called after each."""
     params = dict(model.named_parameters(remove_duplicate=False))
     layout = _layout(ckpt.config)
+    transforms = _transforms(layout, ckpt.config)
     for hf_name, t in ckpt.tensors.items():
         rows = layout.rows(hf_name, ckpt.config, False)
+        dtype = params[hf_name].dtype
         try:
-            value = tensor_value(t, params[hf_name].dtype, rows)
-        except QuantError as e:
+            if hf_name in transforms:  # converted from the file's floats, then rounded
+                value = tensor_value(t, torch.float32, rows)
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(
+                        f"type {t.tensor_type.name}, but it must be float (llama.cpp keeps it F32)"
+                    )
+                value = transforms[hf_name][0](value).to(dtype)
+            else:
+                value = tensor_value(t, dtype, rows)
+        except (QuantError, ValueError) as e:
             raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
         install(model, hf_name, value)
         if progress is not None:
@@ -237,10 +258,16 @@ def load_gguf_weights(
 
 
 def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
-    """The type llama.cpp gives HF tensor `hf_name` in a `qtype` file of this model (the
-    output head, or the embeddings a tied head shares, at Q8_0)."""
-    heads = for_config(config).layout(config).heads
-    return _write_type(shape, qtype, hf_name in heads)
+    """The type llama.cpp gives HF tensor `hf_name` (of `shape` in the file) in a `qtype`
+    file of this model (the output head, or the embeddings a tied head shares, at Q8_0;
+    the layout's keep_float tensors F32)."""
+    return _tensor_type(for_config(config).layout(config), hf_name, shape, qtype)
+
+
+def _tensor_type(hf_layout: CheckpointLayout, hf_name: str, shape: tuple[int, ...], qtype: T) -> T:
+    if hf_name in hf_layout.keep_float:
+        return T.F32
+    return _write_type(shape, qtype, hf_name in hf_layout.heads)
 
 
 def check_writable(config: ModelConfig, source: str) -> None:
@@ -285,9 +312,12 @@ def write_hf_as_gguf(
     layout, arch = _layout(config), for_config(config)
     hf_layout = arch.layout(config)
     to_model = hf_layout.transforms  # HF layout -> falconet's (Falcon's QKV)
+    to_file = {name: pair[1] for name, pair in _transforms(layout, config).items()}
     sources = checkpoint_sources(folder, hf_layout)
 
-    def loader(hf_name: str, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    def loader(hf_name: str) -> Callable[[], torch.Tensor]:
+        shape = hf_layout.shapes[hf_name]
+
         def load() -> torch.Tensor:
             path, get = sources[hf_name]
             tensor = get()
@@ -299,7 +329,9 @@ def write_hf_as_gguf(
             if hf_name in to_model:
                 tensor = to_model[hf_name](tensor)
             rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
-            return tensor if rows is None else tensor.index_select(0, rows)
+            if rows is not None:
+                tensor = tensor.index_select(0, rows)
+            return to_file[hf_name](tensor) if hf_name in to_file else tensor
 
         return load
 
@@ -307,8 +339,8 @@ def write_hf_as_gguf(
         TensorOut(
             name,
             shape,
-            _write_type(shape, kind, hf_name in hf_layout.heads),
-            loader(hf_name, shape),
+            _tensor_type(hf_layout, hf_name, shape, kind),
+            loader(hf_name),
             f"{sources[hf_name][0]}: tensor {hf_name}",
         )
         for name, (hf_name, shape) in layout.tensor_names(config).items()

@@ -241,10 +241,14 @@ class FalconMamba(CausalLM):
 
     @staticmethod
     def checkpoint_layout(config: FalconMambaConfig) -> CheckpointLayout:
-        """Every tensor of the HF checkpoint with its shape; all load as stored."""
+        """Every tensor of the HF checkpoint with its shape; all load as stored. A_log and
+        the conv filters stay float when the model is quantized: the state decays by
+        exp(dt * A) at every step, so an error in A compounds along the sequence, and
+        both are small; llama.cpp keeps them F32 too."""
         C, V, E = config.hidden_size, config.vocab_size, config.intermediate_size
         N, R, K = config.state_size, config.time_step_rank, config.conv_kernel
         shapes: dict[str, tuple[int, ...]] = {"backbone.embeddings.weight": (V, C)}
+        keep_float = set()
         for i in range(config.num_hidden_layers):
             p = f"backbone.layers.{i}."
             m = p + "mixer."
@@ -252,6 +256,7 @@ class FalconMamba(CausalLM):
             shapes[m + "A_log"] = (E, N)
             shapes[m + "D"] = (E,)
             shapes[m + "conv1d.weight"] = (E, 1, K)
+            keep_float |= {m + "A_log", m + "conv1d.weight"}
             if config.use_conv_bias:
                 shapes[m + "conv1d.bias"] = (E,)
             shapes[m + "in_proj.weight"] = (2 * E, C)
@@ -266,4 +271,4 @@ class FalconMamba(CausalLM):
         shapes["backbone.norm_f.weight"] = (C,)
         if not config.tie_word_embeddings:
             shapes["lm_head.weight"] = (V, C)
-        return CheckpointLayout(shapes)
+        return CheckpointLayout(shapes, keep_float=frozenset(keep_float))

@@ -9,7 +9,7 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 |--------------|-------------------------------------|---------------------|----------|
 | falcon       | falcon, RefinedWeb, RefinedWebModel | FalconForCausalLM   | falcon   |
 | llama        | llama                               | LlamaForCausalLM    | llama    |
-| falcon_mamba | falcon_mamba                        | FalconMambaForCausalLM | mamba (not read or written yet) |
+| falcon_mamba | falcon_mamba                        | FalconMambaForCausalLM | mamba    |
 | falcon_h1    | falcon_h1                           | FalconH1ForCausalLM | falcon-h1 |
 """
 

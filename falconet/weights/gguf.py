@@ -10,7 +10,7 @@ K-quant mixes put on some tensors) are dequantized.
 Writing: `write_gguf` streams a list of tensors into a file published atomically, one
 tensor in memory at a time, each in the type `write_type` picks as llama.cpp's quantizer
 would. Which tensors and which metadata an architecture has is the model side's
-business (models/checkpoint.py with models/gguf_falcon.py and models/gguf_llama.py).
+business (models/checkpoint.py with one models/gguf_<arch>.py per architecture).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ T = GGMLQuantizationType
 
 
 class GGUFError(CheckpointError):
-    """A GGUF file that is truncated, corrupt, not a Falcon or llama model, or uses tensor
+    """A GGUF file that is truncated, corrupt, not a model falconet runs, or uses tensor
     types falconet cannot read."""
 
 

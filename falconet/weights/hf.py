@@ -41,13 +41,16 @@ class CheckpointLayout:
 
     `skipped`: names a checkpoint may carry that are not loaded (a tied lm_head);
     `heads`: the output head's tensor (lm_head, or the embeddings it is tied to), which
-    quantization keeps at Q8_0; `name` and `description` say in errors what was expected.
+    quantization keeps at Q8_0; `keep_float`: tensors quantization leaves in float whatever
+    the type (Mamba's A_log and conv1d filters, as llama.cpp does); `name` and
+    `description` say in errors what was expected.
     """
 
     shapes: dict[str, tuple[int, ...]]
     transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     skipped: frozenset[str] = frozenset()
     heads: frozenset[str] = frozenset()
+    keep_float: frozenset[str] = frozenset()
     name: str = "model"
     description: str = ""
 
@@ -240,7 +243,11 @@ def load_weights(
         if name in layout.transforms:
             t = layout.transforms[name](t)
         nbytes = t.numel() * target.element_size()
-        qtype = quant and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
+        qtype = (
+            quant
+            and name not in layout.keep_float
+            and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
+        )
         if qtype:
             install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
         else:
