@@ -392,7 +392,7 @@ def test_not_a_gguf_file(ours, tmp_path):
 def test_bad_contents(ours, tmp_path):
     src = ours("7b", "f32")
     raises(rewrite(src, tmp_path / "a.gguf", arch="gpt2"),
-           r"architecture 'gpt2' is not one falconet runs \(falcon, llama\)")  # fmt: skip
+           r"architecture 'gpt2' is not one falconet runs \(falcon, llama, mamba, falcon-h1\)")  # fmt: skip
     # llama is an architecture falconet runs (Falcon3); a falcon file labelled so is not one
     raises(rewrite(src, tmp_path / "a2.gguf", arch="llama"), r"metadata key llama\.\S+ is missing")
     raises(rewrite(src, tmp_path / "b.gguf", retype=("blk.0.ffn_down.weight", T.Q2_K)),

@@ -8,8 +8,9 @@ architecture; this module tells it what each architecture's files hold:
 - GGUF: llama.cpp's names and metadata differ per architecture, one module each
   (`LAYOUTS`, chosen by the file's general.architecture or the config's registry entry):
   gguf_falcon.py (names, metadata, the variants llama.cpp's falcon cannot run),
-  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope) and
-  gguf_mamba.py (Falcon-Mamba: names, metadata, A stored as -exp(A_log)).
+  gguf_llama.py (Falcon3: names, metadata, the Q/K row order of llama.cpp's rope),
+  gguf_mamba.py (Falcon-Mamba: names, metadata, A stored as -exp(A_log)) and
+  gguf_falcon_h1.py (Falcon-H1: names, reshapes, the muP multipliers folded or not).
   `read_gguf` rebuilds the config and the tokenizer's pieces from the metadata;
   `load_gguf_weights` fills a model built on the meta device; `write_hf_as_gguf` streams an
   HF folder into a GGUF with the tensor types llama.cpp's quantizer would pick.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,7 +32,7 @@ import torch
 from gguf import GGUFWriter
 
 from falconet.errors import CheckpointError, ConfigError, FalconetError
-from falconet.models import gguf_falcon, gguf_llama, gguf_mamba
+from falconet.models import gguf_falcon, gguf_falcon_h1, gguf_llama, gguf_mamba
 from falconet.models.base import CausalLM, CheckpointLayout
 from falconet.models.registry import (
     ARCHITECTURES,
@@ -39,7 +41,7 @@ from falconet.models.registry import (
     read_hf_config,
 )
 from falconet.quant import QuantError
-from falconet.quant.linear import install
+from falconet.quant.linear import QuantTensor, install
 from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
     DEQUANTIZED_TYPES,
@@ -86,15 +88,44 @@ def load_hf_weights(
 # ---- GGUF: reading ----------------------------------------------------------------------
 
 # llama.cpp architecture -> the module describing its files. Each has ARCH, TITLE,
-# EXTRA_TENSORS (file tensors that are no weight) and tensor_names(config) (GGUF name ->
-# (HF name, shape in the file)), read_config(key, fail, tensors, common),
-# problems(config), write_metadata(writer, config), extra_tensors(config) (name -> F32
-# array), rows(hf_name, config, to_file) (row order between falconet and the file, None =
-# the same); optionally transforms(config) (HF name -> (file -> falconet, falconet ->
-# file) for float tensors stored in another form: Mamba's A and conv filters).
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_mamba)}
+# EXTRA_TENSORS (names or globs of file tensors that are no weight) and
+# tensor_names(config) (GGUF name -> (HF name, shape in the file)),
+# read_config(key, fail, tensors, common), problems(config), write_metadata(writer,
+# config), extra_tensors(config) (name -> F32 array), rows(hf_name, config, to_file)
+# (row order between falconet and the file, None = the same). Optional, where the file
+# holds other values than the checkpoint (Falcon-H1): file_config(config) (the config a
+# file written from `config` describes), to_file / from_file(hf_name, config) (a float
+# tensor's conversion each way, None = as is), keeps_f32(hf_name) (float in every file
+# type) and canonical_name(name) (older spellings of tensor names); or, for float
+# tensors stored in another form (Mamba's A and conv filters), transforms(config) (HF name
+# -> (file -> falconet, falconet -> file)).
+LAYOUTS: dict[str, ModuleType] = {
+    m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_mamba, gguf_falcon_h1)
+}
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _file_config(layout: ModuleType, config: ModelConfig) -> ModelConfig:
+    return layout.file_config(config) if hasattr(layout, "file_config") else config
+
+
+def _transforms(layout: ModuleType, config: ModelConfig) -> dict[str, tuple[Transform, Transform]]:
+    fn = getattr(layout, "transforms", None)
+    return {} if fn is None else fn(config)
+
+
+def _convert(layout: ModuleType, way: str, hf_name: str, config: ModelConfig) -> Any:
+    """The conversion of float tensor `hf_name` `way` ("from_file" or "to_file"), None
+    if it is stored as is: the layout's hook of that name, or its transforms pair."""
+    if hasattr(layout, way):
+        return getattr(layout, way)(hf_name, config)
+    pair = _transforms(layout, config).get(hf_name)
+    return None if pair is None else pair[0 if way == "from_file" else 1]
+
+
+def _keeps_f32(layout: ModuleType, hf_name: str) -> bool:
+    return hasattr(layout, "keeps_f32") and layout.keeps_f32(hf_name)
 
 
 def _layout(config: ModelConfig) -> ModuleType:
@@ -102,11 +133,6 @@ def _layout(config: ModelConfig) -> ModuleType:
     if arch.gguf_architecture not in LAYOUTS:
         raise GGUFError(_not_yet(arch.gguf_architecture, arch.name))
     return LAYOUTS[arch.gguf_architecture]
-
-
-def _transforms(layout: ModuleType, config: ModelConfig) -> dict[str, tuple[Transform, Transform]]:
-    fn = getattr(layout, "transforms", None)
-    return {} if fn is None else fn(config)
 
 
 def _not_yet(gguf_arch: str, name: str) -> str:
@@ -165,9 +191,11 @@ def _check(file: GGUFFile) -> GGUFCheckpoint:
         raise GGUFError(f"{path}: {n_tokens} tokens but token_embd has {config.vocab_size} rows")
     expected = layout.tensor_names(config)
     tensors = {}
-    for name, t in file.tensors.items():
-        if name in layout.EXTRA_TENSORS:  # read into the config
+    canonical = getattr(layout, "canonical_name", str)
+    for file_name, t in file.tensors.items():
+        if any(fnmatchcase(file_name, p) for p in layout.EXTRA_TENSORS):  # read into the config
             continue
+        name = canonical(file_name)
         if name not in expected:
             raise GGUFError(
                 f"{path}: unexpected tensor {name} for a {config.num_hidden_layers}-layer "
@@ -177,10 +205,13 @@ def _check(file: GGUFFile) -> GGUFCheckpoint:
         got = file_shape(t)
         if got != shape:
             raise GGUFError(
-                f"{path}: tensor {name} has shape {got}, expected {shape} from the metadata"
+                f"{path}: tensor {file_name} has shape {got}, expected {shape} from the metadata"
             )
+        if hf_name in tensors:
+            raise GGUFError(f"{path}: tensor {file_name} appears twice (under two names)")
         tensors[hf_name] = t
-    missing = [n for n in expected if n not in file.tensors]
+    found = {canonical(n) for n in file.tensors}
+    missing = [n for n in expected if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise GGUFError(f"{path}: no tensor {missing[0]}{more}; the file is incomplete")
@@ -232,22 +263,25 @@ def load_gguf_weights(
     progress(nbytes) is called after each."""
     params = dict(model.named_parameters(remove_duplicate=False))
     layout = _layout(ckpt.config)
-    transforms = _transforms(layout, ckpt.config)
     for hf_name, t in ckpt.tensors.items():
         rows = layout.rows(hf_name, ckpt.config, False)
         dtype = params[hf_name].dtype
+        convert = _convert(layout, "from_file", hf_name, ckpt.config)
         try:
-            if hf_name in transforms:  # converted from the file's floats, then rounded
-                value = tensor_value(t, torch.float32, rows)
-                if not isinstance(value, torch.Tensor):
-                    raise ValueError(
-                        f"type {t.tensor_type.name}, but it must be float (llama.cpp keeps it F32)"
-                    )
-                value = transforms[hf_name][0](value).to(dtype)
-            else:
-                value = tensor_value(t, dtype, rows)
-        except (QuantError, ValueError) as e:
+            # a converted tensor is converted in fp32, then stored in the model's dtype
+            value = tensor_value(t, torch.float32 if convert else dtype, rows)
+        except QuantError as e:
             raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
+        if convert is not None:
+            if isinstance(value, QuantTensor):
+                raise GGUFError(
+                    f"{ckpt.path}: tensor {t.name} is {t.tensor_type.name}; llama.cpp keeps it "
+                    "in F32 (a float type is needed)"
+                )
+            try:  # a conversion refuses values its form cannot hold (Mamba's A >= 0)
+                value = convert(value).to(dtype)
+            except ValueError as e:
+                raise GGUFError(f"{ckpt.path}: tensor {t.name}: {e}") from None
         install(model, hf_name, value)
         if progress is not None:
             progress(int(t.n_bytes))
@@ -260,14 +294,22 @@ def load_gguf_weights(
 def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
     """The type llama.cpp gives HF tensor `hf_name` (of `shape` in the file) in a `qtype`
     file of this model (the output head, or the embeddings a tied head shares, at Q8_0;
-    the layout's keep_float tensors F32)."""
-    return _tensor_type(for_config(config).layout(config), hf_name, shape, qtype)
+    the layout's keep_float tensors and the GGUF layout's keeps_f32 ones F32)."""
+    hf_layout = for_config(config).layout(config)
+    return _tensor_type(_layout(config), hf_layout, hf_name, shape, qtype, hf_layout.heads)
 
 
-def _tensor_type(hf_layout: CheckpointLayout, hf_name: str, shape: tuple[int, ...], qtype: T) -> T:
-    if hf_name in hf_layout.keep_float:
+def _tensor_type(
+    layout: ModuleType,
+    hf_layout: CheckpointLayout,
+    hf_name: str,
+    shape: tuple[int, ...],
+    qtype: T,
+    heads: frozenset[str],
+) -> T:
+    if hf_name in hf_layout.keep_float or _keeps_f32(layout, hf_name):
         return T.F32
-    return _write_type(shape, qtype, hf_name in hf_layout.heads)
+    return _write_type(shape, qtype, hf_name in heads)
 
 
 def check_writable(config: ModelConfig, source: str) -> None:
@@ -287,8 +329,8 @@ def write_hf_as_gguf(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write the HF folder `folder` (Falcon, or llama for Falcon3) as a llama.cpp-compatible
-    GGUF file `out`.
+    """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
+    multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
@@ -312,26 +354,35 @@ def write_hf_as_gguf(
     layout, arch = _layout(config), for_config(config)
     hf_layout = arch.layout(config)
     to_model = hf_layout.transforms  # HF layout -> falconet's (Falcon's QKV)
-    to_file = {name: pair[1] for name, pair in _transforms(layout, config).items()}
     sources = checkpoint_sources(folder, hf_layout)
+    # What the file describes: Falcon-H1's multipliers folded into the weights, its head
+    # untied where one matrix cannot hold both multipliers (lm_head from the embeddings).
+    written = _file_config(layout, config)
+    heads = arch.layout(written).heads
+    embeddings = f"{arch.model.embeddings_name}.weight"
+
+    def source(hf_name: str) -> str:
+        return embeddings if hf_name not in sources and hf_name == "lm_head.weight" else hf_name
 
     def loader(hf_name: str) -> Callable[[], torch.Tensor]:
-        shape = hf_layout.shapes[hf_name]
+        shape = hf_layout.shapes[source(hf_name)]
+        to_file = _convert(layout, "to_file", hf_name, config)
 
         def load() -> torch.Tensor:
-            path, get = sources[hf_name]
+            path, get = sources[source(hf_name)]
             tensor = get()
             if tuple(tensor.shape) != shape or not tensor.is_floating_point():
                 raise CheckpointError(
-                    f"{path}: tensor {hf_name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"expected a float tensor of shape {shape} from config.json"
+                    f"{path}: tensor {source(hf_name)} is {tensor.dtype} "
+                    f"{tuple(tensor.shape)}, expected a float tensor of shape {shape} from "
+                    "config.json"
                 )
             if hf_name in to_model:
                 tensor = to_model[hf_name](tensor)
             rows = layout.rows(hf_name, config, True)  # falconet's layout -> the file's
             if rows is not None:
                 tensor = tensor.index_select(0, rows)
-            return to_file[hf_name](tensor) if hf_name in to_file else tensor
+            return tensor if to_file is None else to_file(tensor)
 
         return load
 
@@ -339,11 +390,11 @@ def write_hf_as_gguf(
         TensorOut(
             name,
             shape,
-            _tensor_type(hf_layout, hf_name, shape, kind),
+            _tensor_type(layout, hf_layout, hf_name, shape, kind, heads),
             loader(hf_name),
-            f"{sources[hf_name][0]}: tensor {hf_name}",
+            f"{sources[source(hf_name)][0]}: tensor {source(hf_name)}",
         )
-        for name, (hf_name, shape) in layout.tensor_names(config).items()
+        for name, (hf_name, shape) in layout.tensor_names(written).items()
     ]
 
     def metadata(writer: GGUFWriter) -> None:
