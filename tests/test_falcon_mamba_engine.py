@@ -174,29 +174,43 @@ def test_slot_memory_does_not_grow_with_the_prompt(llm):
     assert (long.pool.conv.data_ptr(), long.pool.ssm.data_ptr(), long.pool.ssm.shape) == before
 
 
-# ---- registration: what is not supported yet says so -----------------------------------
+# ---- GGUF (llama.cpp's mamba; tests/test_gguf_mamba.py has the details) -------------------
 
 
-def test_a_mamba_gguf_is_refused_as_not_supported_yet(tmp_path):
+def test_converted_gguf_runs_in_the_engine_as_the_folder(llm, tmp_path):
+    out = tmp_path / "o.gguf"
+    res = subprocess.run(
+        [sys.executable, "-m", "falconet", "convert", str(llm.path), str(out), "--type", "f32"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    from_gguf = falconet.load(out)
+    prompts = [_ids(n, llm.config.vocab_size, seed=n) for n in (11, 4)]
+    params = [GREEDY] * len(prompts)
+    assert _run(_engine(from_gguf), prompts, params) == _run(_engine(llm), prompts, params)
+
+
+def test_a_classic_mamba_gguf_is_refused(tmp_path):
     from gguf import GGUFWriter
 
     from falconet.weights.gguf import GGUFError
 
-    path = tmp_path / "falcon-mamba.gguf"
-    w = GGUFWriter(path, "mamba")
+    path = tmp_path / "mamba.gguf"
+    w = GGUFWriter(path, "mamba")  # no mamba.ssm.dt_b_c_rms: llama.cpp reads classic Mamba
     w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFError, match="'mamba' \\(falcon_mamba\\) are not supported yet"):
+    with pytest.raises(GGUFError, match="classic Mamba .* falconet runs Falcon-Mamba only"):
         falconet.load(path)
 
 
-def test_convert_of_a_falcon_mamba_folder_is_a_clear_cli_error(llm, tmp_path):
+def test_convert_of_what_llama_cpp_cannot_run_is_a_clear_cli_error(checkpoints, tmp_path):
+    folder = checkpoints["conv3_bias_untied"][1].path  # in_proj / out_proj biases
     res = subprocess.run(
-        [sys.executable, "-m", "falconet", "convert", str(llm.path), str(tmp_path / "o.gguf")],
+        [sys.executable, "-m", "falconet", "convert", str(folder), str(tmp_path / "o.gguf")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert_cli_error(res, "GGUF files of architecture 'mamba' (falcon_mamba) are not supported yet")
+    assert_cli_error(res, "in_proj and out_proj have biases (llama.cpp's mamba has none)")
     assert not (tmp_path / "o.gguf").exists()

@@ -52,6 +52,7 @@ TITLE = "Falcon-Mamba"
 EXTRA_TENSORS: tuple[str, ...] = ()  # tensors of the file that are no model weight
 
 Key = Callable[..., Any]  # key(name, kind, default=required) -> the checked `mamba.<name>` value
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 GLOBAL_NAMES = {
     "backbone.embeddings": "token_embd",
@@ -117,7 +118,7 @@ def a_log_from_a(a: torch.Tensor) -> torch.Tensor:
     if not bool(((a < 0) & torch.isfinite(a)).all()):
         raise ValueError(
             "it holds values that are not negative finite numbers; llama.cpp stores "
-            "A = -exp(A_log), which always is"
+            "A = -exp(A_log), which always is one"
         )
     a_log = torch.log(-a.double()).float()
     for direction in (math.inf, -math.inf):
@@ -135,11 +136,7 @@ def _conv_to_file(w: torch.Tensor) -> torch.Tensor:
     return w[:, 0, :].contiguous()  # (E, 1, K) -> (E, K)
 
 
-def transforms(
-    config: FalconMambaConfig,
-) -> dict[
-    str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
-]:
+def transforms(config: FalconMambaConfig) -> dict[str, tuple[Transform, Transform]]:
     """HF name -> (file value -> falconet's, falconet's -> file value) for the tensors
     llama.cpp stores in another form. Reading hands them fp32 tensors."""
     out = {}
