@@ -46,6 +46,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recurrent_shapes  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 # The shapes a checkpoint can be built in, by architecture; each flag overrides one key.
 # falcon: Falcon-7B's design (multi-query, parallel attention, no biases) scaled down.
@@ -61,11 +64,16 @@ FALCON3_1B_SHAPE = {
     "intermediate": 8192,
     "vocab": 131072,
 }
-SHAPES = {"falcon": DEFAULT_SHAPE, "falcon3": FALCON3_1B_SHAPE}
+# falcon_h1, falcon_mamba: Falcon-H1-0.5B's shape, Falcon-Mamba-7B's layers (recurrent_shapes.py).
+SHAPES = {"falcon": DEFAULT_SHAPE, "falcon3": FALCON3_1B_SHAPE, **recurrent_shapes.RECURRENT_SHAPES}
 SHORT = {"hidden": "h", "layers": "l", "heads": "a", "kv_heads": "k", "head_dim": "d",
-         "intermediate": "i", "vocab": "v"}  # fmt: skip
+         "intermediate": "i", "vocab": "v", **recurrent_shapes.SHORT}  # fmt: skip
 DEFAULT_CACHE = REPO / ".bench_cache" / "falcon-1b-mq"
-DEFAULT_CACHES = {"falcon": DEFAULT_CACHE, "falcon3": REPO / ".bench_cache" / "falcon3-1b"}
+DEFAULT_CACHES = {
+    "falcon": DEFAULT_CACHE,
+    "falcon3": REPO / ".bench_cache" / "falcon3-1b",
+    **{a: REPO / ".bench_cache" / n for a, n in recurrent_shapes.CACHE_NAMES.items()},
+}
 SEED = 0
 DTYPES = {"bf16": ("bfloat16", torch.bfloat16), "fp32": ("float32", torch.float32)}
 EOS = "<|endoftext|>"
@@ -106,6 +114,7 @@ def fill_shape_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -
         ap.error("--hidden must be a multiple of --heads")
     if args.arch == "falcon3" and args.heads % args.kv_heads:
         ap.error("--heads must be a multiple of --kv-heads")
+    recurrent_shapes.check_shape(ap, args)
     if args.vocab < 512:
         ap.error("--vocab must be at least 512 (the tokenizer alone holds 257 tokens)")
 
@@ -171,6 +180,8 @@ def build_tokenizer(folder: Path, vocab: int) -> int:
 
 def hf_config(args: argparse.Namespace, eos_id: int):
     """The transformers config of the --arch checkpoint."""
+    if arch_of(args) in recurrent_shapes.RECURRENT_SHAPES:
+        return recurrent_shapes.hf_config(args, eos_id)
     if arch_of(args) == "falcon3":
         from transformers import LlamaConfig
 
@@ -218,6 +229,8 @@ def worker_build(args: argparse.Namespace) -> dict:
     eos_id = build_tokenizer(folder, args.vocab)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(hf_config(args, eos_id)).eval()
+    if arch_of(args) in recurrent_shapes.RECURRENT_SHAPES:
+        recurrent_shapes.unit_gain(model, SEED)
     model.to(torch.bfloat16)
     model.save_pretrained(folder)
     (folder / META).write_text(json.dumps(shape_of(args)))
@@ -426,6 +439,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def describe_shape(args: argparse.Namespace) -> str:
+    if arch_of(args) in recurrent_shapes.RECURRENT_SHAPES:
+        return recurrent_shapes.describe(args)
     if arch_of(args) == "falcon3":
         return (
             f"Falcon3-shaped Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "

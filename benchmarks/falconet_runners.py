@@ -3,7 +3,10 @@ weights and run in alternation with the anchors (bench_generate.py, bench_quant.
 
 - direct: `falconet.models.dense.prefill` into a static `KVCache`, then one
   `decode_step` per greedy token. Before issue 11 the CLI and `LLM` ran this path; now
-  it is the tests' oracle, and here the baseline the public API must keep up with.
+  it is the tests' oracle, and here the baseline the public API must keep up with. The
+  recurrent models (Falcon-Mamba, Falcon-H1), which hold a state rather than a KV cache,
+  run their own dense forward instead: `model(ids, state, last_only=True)` on a
+  `model.new_state(...)`, then one `model(token, state)` per greedy token.
 - API: what `LLM.stream` runs -- `LLM.engine()`'s `submit` and caller-driven `iterate`
   (the scheduler, the paged KV cache, the packed forward under `batch_invariant`, the
   sampler, the detokenizer) -- with greedy `SamplingParams(ignore_eos=True)`. The
@@ -23,6 +26,8 @@ import torch
 
 from falconet import LLM, GenerationError, SamplingParams
 from falconet.models.dense import decode_step, prefill
+from falconet.models.falcon_h1 import FalconH1
+from falconet.models.falcon_mamba import FalconMamba
 from falconet.nn.cache import KVCache
 
 
@@ -30,20 +35,39 @@ class DirectRunner:
     def __init__(self, llm: LLM, ids: list[int], decode: int) -> None:
         self.model, self.D = llm.model, decode
         self.ids = torch.tensor([ids], device=self.model.device)
+        self.recurrent = isinstance(self.model, FalconMamba | FalconH1)
+
+    def new_cache(self):
+        """A KVCache, or the recurrent model's state, for the prompt and D tokens."""
+        model, n = self.model, self.ids.shape[1] + self.D
+        if isinstance(model, FalconH1):
+            return model.new_state(1, n)
+        if isinstance(model, FalconMamba):
+            return model.new_state(1)
+        return KVCache(model.config, 1, n, model.compute_dtype, model.device)
+
+    def prefill(self, cache) -> torch.Tensor:
+        """The prompt into `cache`; the first greedy token (1,)."""
+        ids = self.ids
+        if self.recurrent:
+            return self.model(ids, cache, last_only=True)[:, -1].argmax(-1)
+        return prefill(self.model, ids, torch.ones_like(ids, dtype=torch.bool), cache).argmax(-1)
+
+    def step(self, tok: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step: token (1,) in, the next greedy token (1,) out."""
+        if self.recurrent:
+            return self.model(tok[:, None], cache)[:, -1].argmax(-1)
+        return decode_step(self.model, tok, cache).argmax(-1)
 
     def run(self) -> tuple[float, float, list[int]]:
-        model, ids = self.model, self.ids
         with torch.inference_mode():
-            cache = KVCache(
-                model.config, 1, ids.shape[1] + self.D, model.compute_dtype, model.device
-            )
+            cache = self.new_cache()
             t0 = time.perf_counter()
-            logits = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
+            tok = self.prefill(cache)
             t1 = time.perf_counter()
-            tok = logits.argmax(-1)
             tokens = [int(tok)]
             for _ in range(self.D):
-                tok = decode_step(model, tok, cache).argmax(-1)
+                tok = self.step(tok, cache)
                 tokens.append(int(tok))
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1, tokens

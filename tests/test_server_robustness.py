@@ -186,7 +186,7 @@ def test_request_workers_answer_429_beyond_their_queue():
     a job that may not be refused."""
     import asyncio
 
-    from falconet.server.protocol import APIError
+    from falconet.server.fields import APIError
     from falconet.server.workers import RequestWorkers
 
     workers = RequestWorkers(threads=1, max_waiting=1)
