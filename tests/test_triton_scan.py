@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from falconet.nn import selective_scan as scan
 from falconet.nn import ssd
+from falconet.nn.scan_paths import triton_applies
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -203,14 +204,14 @@ def test_bad_shapes_are_refused_before_a_launch():
 def test_cpu_tensors_never_take_the_triton_path():
     # the path depends on the device only: CPU runs the compiled kernel or PyTorch
     tensors = selective_inputs(1, 3, 5, 4)
-    assert not scan._triton_applies(*tensors)
-    assert not ssd._triton_applies(*ssd_inputs(1, 3, 4, 6, 2, 5))
+    assert not triton_applies(*tensors)
+    assert not triton_applies(*ssd_inputs(1, 3, 4, 6, 2, 5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_dispatch_matches_the_pytorch_path():
     h, u, dt, A, B, C = (t.cuda() for t in selective_inputs(2, 37, 13, 5))
-    assert scan._triton_applies(h, u, dt, A, B, C)
+    assert triton_applies(h, u, dt, A, B, C)
     h_ref, h_got = h.clone(), h.clone()
     ref = scan.torch_selective_scan(h_ref, u, dt, A, B, C)
     assert rel_diff(scan.selective_scan(h_got, u, dt, A, B, C), ref) <= 1e-5

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import torch
 
+from falconet.nn.scan_paths import native_applies, triton_applies
+
 try:  # the compiled kernels are optional (falconet/quant/kernels_scan.h)
     from falconet.quant import _kernels as native
 except ImportError:  # pragma: no cover - depends on the build
@@ -79,9 +81,11 @@ def selective_step(
 ) -> torch.Tensor:
     """One token: h (B, E, N) fp32 is advanced in place; u, dt (B, E), B, C (B, N), all
     fp32, A (E, N). Returns y (B, E) without the D skip."""
-    if _native_applies(h, u, dt, A, B, C):  # the prefill's kernel, so decode == prefill
+    if native_applies(
+        native_scan_available(), h, u, dt, A, B, C
+    ):  # the prefill's kernel, so decode == prefill
         return native_selective_scan(h, u[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
-    if _triton_applies(h, u, dt, A, B, C):
+    if triton_applies(h, u, dt, A, B, C):
         return triton_selective_scan(h, u[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
     dA = torch.exp(dt[..., None] * A)  # (B, E, N)
     dBu = (dt[..., None] * B[:, None, :]) * u[..., None]  # (B, E, N)
@@ -101,9 +105,9 @@ def selective_scan(
     """The scan over T tokens from state h (B, E, N) fp32, which ends as the state after
     the last token. u, dt (B, T, E), B, C (B, T, N), all fp32; A (E, N).
     Returns y (B, T, E) without the D skip."""
-    if _native_applies(h, u, dt, A, B, C):
+    if native_applies(native_scan_available(), h, u, dt, A, B, C):
         return native_selective_scan(h, u, dt, A, B, C)
-    if _triton_applies(h, u, dt, A, B, C):
+    if triton_applies(h, u, dt, A, B, C):
         return triton_selective_scan(h, u, dt, A, B, C)
     return torch_selective_scan(h, u, dt, A, B, C, chunk)
 
@@ -139,30 +143,6 @@ def torch_selective_scan(
 def native_scan_available() -> bool:
     """Whether the compiled scan is built (an older build may lack it)."""
     return native is not None and hasattr(native, "selective_scan")
-
-
-def _native_applies(h: torch.Tensor, *inputs: torch.Tensor) -> bool:
-    """The compiled scan serves CPU tensors outside autograd (Triton CUDA ones, PyTorch
-    the rest). The choice depends only on where the tensors live, never on their sizes,
-    so every call of one model (prefill, chunks, decode) takes the same path."""
-    tensors = (h, *inputs)
-    return (
-        native_scan_available()
-        and all(t.device.type == "cpu" for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
-
-
-def _triton_applies(*tensors: torch.Tensor) -> bool:
-    """The Triton kernel serves CUDA tensors outside autograd when triton is installed
-    (imported only then: CPU runs never load it)."""
-    if not all(t.is_cuda for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    from falconet.nn import triton_scan
-
-    return triton_scan.available()
 
 
 def _prepared(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from falconet.nn import elementwise
+from falconet.nn.scan_paths import native_applies, triton_applies
 
 try:  # the compiled kernels are optional (falconet/quant/kernels_scan.h)
     from falconet.quant import _kernels as native
@@ -83,9 +84,9 @@ def ssd_chunked(
     fp32 (D skip included) and the state after the last token (Bt, H, P, N) fp32.
     """
     tensors = (x, dt, A, B, C, D, *(() if state is None else (state,)))
-    if _native_applies(*tensors):
+    if native_applies(native_ssd_scan_available(), *tensors):
         recurrence = native_ssd_scan
-    elif _triton_applies(*tensors):
+    elif triton_applies(*tensors):
         recurrence = triton_ssd_scan
     else:
         return torch_ssd_chunked(x, dt, A, B, C, D, chunk_size, state)
@@ -165,9 +166,11 @@ def ssd_step(
     """One token: updates `state` (Bt, H, P, N) fp32 in place, returns y (Bt, H, P) fp32.
 
     x (Bt, H, P); dt (Bt, H) discretized; A, D (H,); B, C (Bt, G, N)."""
-    if _native_applies(state, x, dt, A, B, C, D):  # the prefill's kernel: decode == prefill
+    if native_applies(
+        native_ssd_scan_available(), state, x, dt, A, B, C, D
+    ):  # the prefill's kernel: decode == prefill
         return native_ssd_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D)[:, 0]
-    if _triton_applies(state, x, dt, A, B, C, D):
+    if triton_applies(state, x, dt, A, B, C, D):
         return triton_ssd_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D)[:, 0]
     return torch_ssd_step(state, x, dt, A, B, C, D)
 
@@ -195,28 +198,6 @@ def torch_ssd_step(
 def native_ssd_scan_available() -> bool:
     """Whether the compiled recurrence is built (an older build may lack it)."""
     return native is not None and hasattr(native, "ssd_scan")
-
-
-def _native_applies(*tensors: torch.Tensor) -> bool:
-    """The compiled recurrence serves CPU tensors outside autograd (Triton CUDA ones,
-    PyTorch the rest)."""
-    return (
-        native_ssd_scan_available()
-        and all(t.device.type == "cpu" for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
-
-
-def _triton_applies(*tensors: torch.Tensor) -> bool:
-    """The Triton recurrence serves CUDA tensors outside autograd when triton is
-    installed (imported only then: CPU runs never load it)."""
-    if not all(t.is_cuda for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    from falconet.nn import triton_scan
-
-    return triton_scan.available()
 
 
 def _prepared(
