@@ -95,8 +95,9 @@ def load_hf_weights(
 # (row order between falconet and the file, None = the same). Optional, where the file
 # holds other values than the checkpoint (Falcon-H1, Falcon-Mamba): file_config(config) (the config a
 # file written from `config` describes), to_file / from_file(hf_name, config) (a float
-# tensor's conversion each way, None = as is), keeps_f32(hf_name) (float in every file
-# type) and canonical_name(name) (older spellings of tensor names).
+# tensor's conversion each way, None = as is) and canonical_name(name) (older spellings
+# of tensor names). What stays F32 in every file type is the model's to say
+# (`CheckpointLayout.keep_float`), so quantizing at load keeps the same tensors float.
 LAYOUTS: dict[str, ModuleType] = {
     m.ARCH: m for m in (gguf_falcon, gguf_llama, gguf_falcon_h1, gguf_mamba)
 }
@@ -108,10 +109,6 @@ def _file_config(layout: ModuleType, config: ModelConfig) -> ModelConfig:
 
 def _convert(layout: ModuleType, way: str, hf_name: str, config: ModelConfig) -> Any:
     return getattr(layout, way)(hf_name, config) if hasattr(layout, way) else None
-
-
-def _keeps_f32(layout: ModuleType, hf_name: str) -> bool:
-    return hasattr(layout, "keeps_f32") and layout.keeps_f32(hf_name)
 
 
 def _layout(config: ModelConfig) -> ModuleType:
@@ -282,7 +279,7 @@ def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConf
     output head, or the embeddings a tied head shares, at Q8_0; F32 for what the model's
     layout keeps float and what llama.cpp keeps F32)."""
     hf_layout = for_config(config).layout(config)
-    if _keeps_f32(_layout(config), hf_name) or hf_name in hf_layout.keep_float:
+    if hf_name in hf_layout.keep_float:
         return T.F32
     return _write_type(shape, qtype, hf_name in hf_layout.heads)
 

@@ -399,4 +399,7 @@ class FalconH1(CausalLM):
         shapes["model.final_layernorm.weight"] = (C,)
         if not config.tie_word_embeddings:
             shapes["lm_head.weight"] = (V, C)
-        return CheckpointLayout(shapes)
+        # llama.cpp keeps these in F32 in every file type (its converter's SSM_CONV1D rule,
+        # A and D, the norms), and quantizing at load leaves them float too
+        kept = (".conv1d.weight", ".A_log", ".D", "norm.weight")
+        return CheckpointLayout(shapes, keep_float=frozenset(n for n in shapes if n.endswith(kept)))

@@ -148,12 +148,6 @@ def rows(hf_name: str, config: FalconH1Config, to_file: bool) -> None:
     return None
 
 
-def keeps_f32(hf_name: str) -> bool:
-    """Tensors llama.cpp keeps in F32 in every file type: the conv (its converter's
-    SSM_CONV1D rule), A and D (no .weight suffix) and the norms."""
-    return hf_name.endswith((".conv1d.weight", ".A_log", ".D", "norm.weight"))
-
-
 # ---- the folded multipliers ------------------------------------------------------------
 
 
