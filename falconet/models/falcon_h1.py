@@ -182,17 +182,23 @@ class Mamba(nn.Module):
         self.out_proj = Linear(E, C, config.projectors_bias, dtype, compute_dtype)
         self.act = ACTIVATIONS[config.hidden_act]
         # muP: one multiplier per slice of in_proj's output (z, x, B, C, dt). Not in the
-        # checkpoint (transformers' mup_vector buffer); built per forward from the
-        # config, so a model made on the meta device and then loaded has it right.
+        # checkpoint (transformers' mup_vector buffer); built from the config on first
+        # use per device and dtype (not at construction), so a model made on the meta
+        # device and then loaded has it right, and no step rebuilds it.
         GN = self.n_groups * self.d_state
+        self._mup_vectors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.mup_slices = tuple(
             zip((E, E, GN, GN, self.n_heads), config.ssm_multipliers, strict=True)
         )
 
     def mup_vector(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat(
-            [torch.full((n,), float(m), dtype=dtype, device=device) for n, m in self.mup_slices]
-        )
+        vector = self._mup_vectors.get((device, dtype))
+        if vector is None:
+            vector = torch.cat(
+                [torch.full((n,), float(m), dtype=dtype, device=device) for n, m in self.mup_slices]
+            )
+            self._mup_vectors[(device, dtype)] = vector
+        return vector
 
     def forward(self, x: torch.Tensor, states: list[SegmentState]) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). `states` cut the T tokens into sequences, each with
