@@ -203,7 +203,7 @@ class SQLiteLedger:
             if stored is None:
                 db.execute("INSERT INTO meta VALUES ('job', ?)", (text,))
                 return
-        old = json.loads(stored)
+        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
         changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
         if changed:
             raise BatchError(

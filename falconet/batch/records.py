@@ -155,7 +155,7 @@ def parse(line: Line, key_field: str | None, max_bytes: int) -> Record | Rejecte
     try:
         text = line.data.decode("utf-8")
     except UnicodeDecodeError as e:
-        return reject(f"the line is not UTF-8 text (byte {e.start})")
+        return reject(f"the line is not UTF-8 text (at byte offset {e.start})")
     if not text.strip():
         return None
     try:

@@ -74,10 +74,10 @@ def cmd_batch(args: argparse.Namespace, out: Out) -> int:
         max_record_bytes=args.max_record_bytes,
     )
     llm = load_model(args)
+    job = BatchJob(llm, settings)  # checks the input, template, schema and ledger
     announce(llm)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    job = BatchJob(llm, settings)
     bar = _Bar()
     try:
         final = job.run(bar.update, stop.is_set)
