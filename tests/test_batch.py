@@ -88,6 +88,7 @@ def test_bad_records_are_rejected_with_reasons_and_the_run_goes_on(llm, tmp_path
         {"id": 4, "text": "x" * 25000},  # over --max-record-bytes
         "",  # a blank line is no record
         {"id": 5, "text": "also fine"},
+        "[" * 15000,  # deeper than Python's json parser goes
     ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     with path.open("ab") as f:
@@ -95,7 +96,7 @@ def test_bad_records_are_rejected_with_reasons_and_the_run_goes_on(llm, tmp_path
     results, rejects = run_job(llm, tmp_path, max_record_bytes=20000)
     assert [r["key"] for r in results] == ["1", "5"]
     reasons = {r["source"]: r["reason"] for r in rejects}
-    assert list(reasons) == [f"in.jsonl:{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 12, 13)]
+    assert list(reasons) == [f"in.jsonl:{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14)]
     assert reasons["in.jsonl:2"].startswith("invalid JSON: Expecting value")
     assert reasons["in.jsonl:3"] == "the record is a JSON array, not an object"
     assert reasons["in.jsonl:4"] == "the record is a JSON string, not an object"
@@ -104,11 +105,12 @@ def test_bad_records_are_rejected_with_reasons_and_the_run_goes_on(llm, tmp_path
     assert reasons["in.jsonl:7"] == "template error: 'text' is undefined"
     assert "tokens; with --max-tokens 5 the model's context of 2048" in reasons["in.jsonl:8"]
     assert "over the limit of 20000 (--max-record-bytes)" in reasons["in.jsonl:9"]
-    assert reasons["in.jsonl:12"] == "the line is not UTF-8 text (at byte offset 22)"
-    assert "the file's last line has no newline: truncated?" in reasons["in.jsonl:13"]
+    assert reasons["in.jsonl:12"] == "invalid JSON: nested too deeply"
+    assert reasons["in.jsonl:13"] == "the line is not UTF-8 text (at byte offset 22)"
+    assert "the file's last line has no newline: truncated?" in reasons["in.jsonl:14"]
     assert rejects[1]["excerpt"] == "[1, 2, 3]"
     with open_ledger(tmp_path / "out.jsonl.ledger") as ledger:
-        assert ledger.counts() == {"pending": 0, "done": 2, "rejected": 10, "duplicates": 0}
+        assert ledger.counts() == {"pending": 0, "done": 2, "rejected": 11, "duplicates": 0}
 
 
 def test_the_sandbox_keeps_records_data_and_templates_out_of_python(llm, tmp_path):

@@ -65,6 +65,16 @@ class BatchSettings:
     commit_every: float = 0.5  # seconds between commits while records finish
     poll_every: float = 0.2  # seconds between looks at a followed input
 
+    def check(self) -> None:
+        """What can be checked without a model (the CLI calls this before loading one):
+        the input exists, the template compiles, the limits are sane. Raises BatchError."""
+        if self.max_batch < 1:
+            raise BatchError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_record_bytes < 1:
+            raise BatchError(f"max_record_bytes must be at least 1, got {self.max_record_bytes}")
+        input_files(self.input)
+        PromptTemplate(self.template)
+
     @property
     def ledger_location(self) -> str:
         return self.ledger or str(self.out.with_name(self.out.name + ".ledger"))
@@ -109,10 +119,7 @@ class BatchJob:
     """One run of a job over a model; `run()` returns the final counts."""
 
     def __init__(self, llm, settings: BatchSettings, ledger: Ledger | None = None) -> None:
-        if settings.max_batch < 1:
-            raise BatchError(f"max_batch must be at least 1, got {settings.max_batch}")
-        if settings.max_record_bytes < 1:
-            raise BatchError("max_record_bytes must be at least 1")
+        settings.check()
         self.llm, self.settings = llm, settings
         self.template = PromptTemplate(settings.template)
         self.grammar: Grammar | None = None

@@ -73,6 +73,7 @@ def cmd_batch(args: argparse.Namespace, out: Out) -> int:
         max_batch=args.max_batch,
         max_record_bytes=args.max_record_bytes,
     )
+    settings.check()  # before the (slow) load
     llm = load_model(args)
     job = BatchJob(llm, settings)  # checks the input, template, schema and ledger
     announce(llm)
