@@ -10,10 +10,12 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.crash_tools import Zygote, run_with_kills
+from tests.crash_tools import CRASH_ENV, Zygote, run_with_kills
 
 RECORDS = 1000
 KILLS = 20
@@ -108,3 +110,51 @@ def test_sigterm_stops_a_followed_job_and_the_next_run_finishes_it(tmp_path, tin
     )
     keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
     assert keys == [str(i) for i in range(RECORDS)]
+
+
+# A job that SIGKILL finds between appending lines to the outputs and recording that it
+# did: the ledger's first mark_emitted pauses.
+BETWEEN_APPEND_AND_RECORD = r"""
+import sys, time
+from pathlib import Path
+import falconet
+from falconet.batch import BatchJob, BatchSettings, SQLiteLedger
+from falconet.sampling import SamplingParams
+
+class PausingLedger(SQLiteLedger):
+    def mark_emitted(self, emitted):
+        print("inside", flush=True)
+        time.sleep(60)
+
+out = Path(sys.argv[2])
+settings = BatchSettings(Path("in.jsonl"), Path("p.txt").read_text(), out, key_field="id",
+                         params=SamplingParams(max_tokens=3), max_batch=32)
+BatchJob(falconet.load(sys.argv[1]), settings, PausingLedger(str(out) + ".ledger")).run()
+"""
+
+
+def test_sigkill_between_append_and_record_keeps_the_lines_once(tmp_path, tiny_7b):
+    write_input(tmp_path / "in.jsonl")
+    (tmp_path / "p.txt").write_text("Note: {{ text }}\nLabel:")
+    out = tmp_path / "out.jsonl"
+    child = subprocess.Popen(
+        [sys.executable, "-c", BETWEEN_APPEND_AND_RECORD, str(tiny_7b), str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=CRASH_ENV,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline() == "inside\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    written = out.read_bytes()
+    assert written.count(b"\n") > 0  # lines the ledger has not counted yet
+    zygote = Zygote(tmp_path)
+    log = tmp_path / "run.log"
+    try:
+        for folder in ("", "clean"):
+            pid = zygote.start(job_argv(tiny_7b, tmp_path / folder / "out.jsonl"), log)
+            assert zygote.wait(pid) == 0, log.read_text()
+    finally:
+        zygote.close()
+    assert out.read_bytes().startswith(written)
+    assert out.read_bytes() == (tmp_path / "clean" / "out.jsonl").read_bytes()
