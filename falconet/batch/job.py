@@ -133,9 +133,13 @@ class BatchJob:
         settings.params.check_vocab(llm.config.vocab_size)
         self.files = input_files(settings.input)
         self.engine = Engine(
-            llm.model, llm.tokenizer, llm.eos_ids, max_batch=settings.max_batch,
-            max_queue=2 * settings.max_batch, max_context=llm.config.max_position_embeddings,
-        )  # fmt: skip
+            llm.model,
+            llm.tokenizer,
+            llm.eos_ids,
+            max_batch=settings.max_batch,
+            max_queue=2 * settings.max_batch,
+            max_context=llm.config.max_position_embeddings,
+        )
         self.ledger = ledger or open_ledger(settings.ledger_location)
         self.ledger.claim_job(job_identity(settings, str(llm.path)))
         self.outputs = OutputFiles(self.ledger, settings.out, settings.rejects_path)
@@ -222,7 +226,7 @@ class BatchJob:
                     )
                     [stream] = self.engine.submit([ids], [self._params(row.key)])
                 except (TemplateFailed, GenerationError) as e:
-                    outcomes.append(Outcome(row.seq, "rejected", _reject_line(row.key, row.source, str(e), row.record)))  # fmt: skip
+                    outcomes.append(_reject(row.seq, row.key, row.source, str(e), row.record))
                     continue
                 flight.append(_InFlight(row.seq, row.key, row.source, stream))
 
@@ -248,14 +252,18 @@ class BatchJob:
             if should_stop() and delta.finish_reason is None:
                 return None
         if finish == "error":
-            reason = f"generation failed: {error}"
-            return Outcome(item.seq, "rejected", _reject_line(item.key, item.source, reason))
-        result: dict[str, Any] = {"key": item.key, "source": item.source, "text": text,
-                                  "finish_reason": finish, "completion_tokens": tokens}  # fmt: skip
+            return _reject(item.seq, item.key, item.source, f"generation failed: {error}")
+        result: dict[str, Any] = {
+            "key": item.key,
+            "source": item.source,
+            "text": text,
+            "finish_reason": finish,
+            "completion_tokens": tokens,
+        }
         if self.grammar is not None:
             parsed, reason = self._schema_output(text, finish)
             if reason is not None:
-                return Outcome(item.seq, "rejected", _reject_line(item.key, item.source, reason, text))  # fmt: skip
+                return _reject(item.seq, item.key, item.source, reason, text)
             result["json"] = parsed
         return Outcome(item.seq, "done", json.dumps(result, ensure_ascii=False))
 
@@ -340,6 +348,10 @@ def _reject_line(key: str, source: str, reason: str, excerpt: str = "") -> str:
         {"key": key, "source": source, "reason": reason, "excerpt": excerpt[:200]},
         ensure_ascii=False,
     )
+
+
+def _reject(seq: int, key: str, source: str, reason: str, excerpt: str = "") -> Outcome:
+    return Outcome(seq, "rejected", _reject_line(key, source, reason, excerpt))
 
 
 def _rejected(key: str, source: str, reason: str, excerpt: str) -> Admission:

@@ -137,9 +137,11 @@ class SQLiteLedger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                self.path,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_MS / 1000,
                 check_same_thread=False,
-            )  # fmt: skip
+            )
         except (OSError, sqlite3.Error) as e:
             raise BatchError(f"cannot open the ledger {self.path}: {e}") from e
         try:

@@ -30,25 +30,60 @@ def add_batch_parser(sub, parser_class) -> None:
     batch = sub.add_parser("batch", help="score a file of records with a prompt, exactly once")
     cmds = batch.add_subparsers(dest="batch_command", required=True, parser_class=parser_class)
     run = cmds.add_parser("run", help="run (or resume) a batch job")
-    run.add_argument("--input", required=True, type=Path,
-                     help="a JSON Lines file, or a folder of *.jsonl files")  # fmt: skip
-    run.add_argument("--prompt", required=True, type=Path, metavar="TEMPLATE",
-                     help="jinja2 template file over each record's fields (sandboxed)")  # fmt: skip
+    run.add_argument(
+        "--input", required=True, type=Path, help="a JSON Lines file, or a folder of *.jsonl files"
+    )
+    run.add_argument(
+        "--prompt",
+        required=True,
+        type=Path,
+        metavar="TEMPLATE",
+        help="jinja2 template file over each record's fields (sandboxed)",
+    )
     run.add_argument("--out", required=True, type=Path, help="results file (JSON Lines)")
-    run.add_argument("--schema", type=Path, default=None,
-                     help="JSON schema file the output must follow (structured output)")  # fmt: skip
-    run.add_argument("--key", default=None, metavar="FIELD",
-                     help="field that identifies a record (default: its content hash)")  # fmt: skip
-    run.add_argument("--follow", action="store_true",
-                     help="keep reading the growing file or folder until SIGINT/SIGTERM")  # fmt: skip
-    run.add_argument("--ledger", default=None, metavar="PATH",
-                     help="ledger file (default: OUT.ledger beside the results)")  # fmt: skip
-    run.add_argument("--rejects", type=Path, default=None,
-                     help="rejects file (default: OUT's name with .rejects.jsonl)")  # fmt: skip
-    run.add_argument("--max-batch", type=int, default=default.max_batch, metavar="N",
-                     help=f"sequences decoded together (default {default.max_batch})")  # fmt: skip
-    run.add_argument("--max-record-bytes", type=int, default=default.max_record_bytes,
-                     metavar="N", help="longest input line taken as a record")  # fmt: skip
+    run.add_argument(
+        "--schema",
+        type=Path,
+        default=None,
+        help="JSON schema file the output must follow (structured output)",
+    )
+    run.add_argument(
+        "--key",
+        default=None,
+        metavar="FIELD",
+        help="field that identifies a record (default: its content hash)",
+    )
+    run.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep reading the growing file or folder until SIGINT/SIGTERM",
+    )
+    run.add_argument(
+        "--ledger",
+        default=None,
+        metavar="PATH",
+        help="ledger file (default: OUT.ledger beside the results)",
+    )
+    run.add_argument(
+        "--rejects",
+        type=Path,
+        default=None,
+        help="rejects file (default: OUT's name with .rejects.jsonl)",
+    )
+    run.add_argument(
+        "--max-batch",
+        type=int,
+        default=default.max_batch,
+        metavar="N",
+        help=f"sequences decoded together (default {default.max_batch})",
+    )
+    run.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=default.max_record_bytes,
+        metavar="N",
+        help="longest input line taken as a record",
+    )
     add_model_flags(run)
     add_sampling_flags(run, max_tokens=64)
 
@@ -106,10 +141,20 @@ class _Bar:
 
         finished = progress.done + progress.rejected
         if self._bar is None:
-            print(f"falconet batch: {finished} of {progress.total or '?'} records finished "
-                  "before this run", file=sys.stderr, flush=True)  # fmt: skip
-            self._bar = tqdm(total=progress.total, initial=finished, unit="rec", file=sys.stderr,
-                             desc="batch", dynamic_ncols=True)  # fmt: skip
+            print(
+                f"falconet batch: {finished} of {progress.total or '?'} records finished "
+                "before this run",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._bar = tqdm(
+                total=progress.total,
+                initial=finished,
+                unit="rec",
+                file=sys.stderr,
+                desc="batch",
+                dynamic_ncols=True,
+            )
         self._bar.total = progress.total
         self._bar.set_postfix(rejected=progress.rejected, refresh=False)
         self._bar.update(finished - self._bar.n)
