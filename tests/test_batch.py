@@ -274,7 +274,7 @@ def test_cli_runs_a_job_and_reports(tiny_7b, tmp_path):
     "extra,needle",
     [
         (["--input", "missing.jsonl"], "missing.jsonl: no such input file or folder"),
-        (["--prompt", "bad.txt"], "the prompt template: line 1: Expected an expression"),
+        (["--prompt", "bad.txt"], "--prompt bad.txt: line 1: Expected an expression"),
         (["--schema", "p.txt"], "--schema p.txt: not JSON"),
         (["--max-batch", "0"], "--max-batch must be at least 1"),
         (["--temperature", "-1"], "'temperature' must be"),

@@ -54,6 +54,7 @@ class BatchSettings:
     input: Path
     template: str
     out: Path
+    template_name: str = "the prompt template"  # what its errors call it
     params: SamplingParams = SamplingParams(max_tokens=64)
     schema: dict | None = None
     key_field: str | None = None
@@ -73,7 +74,7 @@ class BatchSettings:
         if self.max_record_bytes < 1:
             raise BatchError(f"max_record_bytes must be at least 1, got {self.max_record_bytes}")
         input_files(self.input)
-        PromptTemplate(self.template)
+        PromptTemplate(self.template, self.template_name)
 
     @property
     def ledger_location(self) -> str:
@@ -121,7 +122,7 @@ class BatchJob:
     def __init__(self, llm, settings: BatchSettings, ledger: Ledger | None = None) -> None:
         settings.check()
         self.llm, self.settings = llm, settings
-        self.template = PromptTemplate(settings.template)
+        self.template = PromptTemplate(settings.template, settings.template_name)
         self.grammar: Grammar | None = None
         if settings.schema is not None:
             try:

@@ -98,6 +98,7 @@ def cmd_batch(args: argparse.Namespace, out: Out) -> int:
     settings = BatchSettings(
         input=args.input,
         template=_read_text(args.prompt, "--prompt"),
+        template_name=f"--prompt {args.prompt}",
         out=args.out,
         params=sampling_params(args),
         schema=_read_schema(args.schema) if args.schema else None,
