@@ -63,3 +63,8 @@ class IngestCancelled(RagError):
 class GrammarError(GenerationError):
     """A structured-output request (JSON schema, regex, grammar) that cannot be enforced,
     or a sequence whose output can no longer follow its grammar."""
+
+
+class BatchError(FalconetError):
+    """A batch job that cannot run: unreadable input or template, a ledger that belongs
+    to another job, an output file changed behind the ledger's back."""

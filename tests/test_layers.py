@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("generation", {"sampling", "tokenizer", "generate", "constraints", "tools"}),
     ("engine", {"engine"}),
     ("api", {"llm", "perplexity", "convert", ""}),  # "" = falconet/__init__.py
-    ("faces", {"rag", "train", "server"}),
+    ("faces", {"rag", "train", "server", "batch"}),
     ("cli", {"cli", "__main__"}),
 ]
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}

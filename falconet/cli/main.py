@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from falconet.cli import generate, models, perplexity, rag, serve, train
+from falconet.cli import batch, generate, models, perplexity, rag, serve, train
 from falconet.cli.common import EXIT_USAGE, Parser, UsageError
 from falconet.errors import FalconetError
 
@@ -23,6 +23,7 @@ COMMANDS = {
     "train": train.cmd_train,
     "perplexity": perplexity.cmd_perplexity,
     "rag": rag.cmd_rag,
+    "batch": batch.cmd_batch,
 }
 
 
@@ -32,6 +33,7 @@ def build_parser() -> Parser:
     for module in (generate, serve, models, train, perplexity):
         module.add_parsers(sub)
     rag.add_rag_parser(sub, Parser)
+    batch.add_batch_parser(sub, Parser)
     return parser
 
 

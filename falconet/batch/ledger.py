@@ -1,0 +1,313 @@
+"""The batch ledger: which records a job has taken in, scored and written out.
+
+Exactly-once rests on three facts the ledger keeps, each changed in one transaction:
+
+    records   seq (admission order) · key (unique) · state pending -> done | rejected ·
+              the record while pending · the output line once finished
+    inputs    per input file, the byte offset and line number read so far
+    emitted   the last seq whose line is in the output files, and each file's size then
+
+`admit` inserts a batch of lines' records and moves their file's offset in the same
+transaction, so a line is taken in exactly once; a key seen before is a duplicate and is
+not inserted again. `finish` turns pending rows done (or rejected) with their output line,
+only from pending, so a record is finished once even if two workers scored it. The
+output files are written only from finished rows (outputs.py) and `mark_emitted` records
+how far, so a killed run loses at most work in flight: its rows are still pending, and
+the next run scores them again.
+
+`Ledger` is the protocol the job uses; `SQLiteLedger` is the embedded one (WAL mode,
+synchronous=FULL: a committed row survives a crash or a power cut). A PostgreSQL ledger
+for jobs spread over several workers implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from falconet.batch.records import Cursor
+from falconet.errors import BatchError
+
+SCHEMA_NAME = "falconet-batch-ledger"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+State = Literal["pending", "done", "rejected"]
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE inputs (name TEXT PRIMARY KEY, offset INTEGER NOT NULL, lines INTEGER NOT NULL);
+CREATE TABLE records (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected')),
+    source TEXT NOT NULL,
+    record TEXT,
+    line TEXT
+);
+CREATE INDEX records_pending ON records(seq) WHERE state = 'pending';
+CREATE TABLE emitted (sink TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A record taken in: pending with its record text, or rejected with its line."""
+
+    key: str
+    source: str  # "records.jsonl:17"
+    state: State
+    record: str | None = None
+    line: str | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    seq: int
+    key: str
+    source: str
+    record: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    seq: int
+    state: State  # "done" or "rejected"
+    line: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    seq: int
+    state: State
+    line: str
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """How far the output files reach: every finished row up to `seq` is in them, and
+    each file (by sink name) was `sizes[name]` bytes when that was recorded."""
+
+    seq: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    def claim_job(self, job: dict) -> None:
+        """Record `job` (what makes its results: template, model, sampling) in a new
+        ledger; in a used one, raise BatchError when it was another job."""
+
+    def cursors(self) -> dict[str, Cursor]: ...
+
+    def admit(self, name: str, cursor: Cursor, entries: Sequence[Admission]) -> list[int | None]:
+        """Insert `entries` and move input `name` to `cursor`, in one transaction.
+        Returns each entry's seq, None for a duplicate (a key already in the ledger)."""
+
+    def pending(self, after: int, limit: int) -> list[Pending]:
+        """Pending rows after seq `after`, in seq order."""
+
+    def finish(self, outcomes: Sequence[Outcome]) -> int:
+        """Pending -> done/rejected with their lines, in one transaction. Returns how
+        many changed (a row no longer pending is left as it is)."""
+
+    def finished(self, after: int, limit: int) -> list[Finished]:
+        """Rows after seq `after` in seq order, up to the first still pending."""
+
+    def emitted(self) -> Emitted: ...
+
+    def mark_emitted(self, emitted: Emitted) -> None: ...
+
+    def counts(self) -> dict[str, int]:
+        """Rows by state, and "duplicates" seen."""
+
+    def close(self) -> None: ...
+
+
+class SQLiteLedger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise BatchError(f"cannot open the ledger {self.path}: {e}") from e
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise BatchError(
+                f"{self.path} is not a readable batch ledger ({e}); give another --ledger"
+            ) from e
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise BatchError(f"{self.path}: SQLite could not switch to WAL mode")
+        db.execute("PRAGMA synchronous = FULL")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            # One script, one transaction: the schema appears whole or not at all.
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA}"
+                f" INSERT INTO meta VALUES ('schema', '{SCHEMA_NAME}'),"
+                f" ('schema_version', '{SCHEMA_VERSION}'), ('emitted_seq', '0'),"
+                " ('duplicates', '0'); COMMIT;"
+            )
+            return
+        meta = (
+            dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        )
+        if meta.get("schema") != SCHEMA_NAME:
+            raise BatchError(f"{self.path} is an SQLite file but not a falconet batch ledger")
+        if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
+            raise BatchError(
+                f"{self.path} has ledger schema {meta.get('schema_version')}; this falconet "
+                f"reads schema {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits, or none of it (also on SIGKILL)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def claim_job(self, job: dict) -> None:
+        text = json.dumps(job, sort_keys=True)
+        with self._write() as db:
+            stored = self._meta("job")
+            if stored is None:
+                db.execute("INSERT INTO meta VALUES ('job', ?)", (text,))
+                return
+        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
+        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if changed:
+            raise BatchError(
+                f"the ledger {self.path} belongs to a job with another {', '.join(changed)}; "
+                "resume it with the same settings, or give a new --out (or --ledger) to "
+                "start another job"
+            )
+
+    def cursors(self) -> dict[str, Cursor]:
+        rows = self._db.execute("SELECT name, offset, lines FROM inputs").fetchall()
+        return {name: Cursor(offset, lines) for name, offset, lines in rows}
+
+    def admit(self, name: str, cursor: Cursor, entries: Sequence[Admission]) -> list[int | None]:
+        seqs: list[int | None] = []
+        with self._write() as db:
+            for e in entries:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO records (key, state, source, record, line)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (e.key, e.state, e.source, e.record, e.line),
+                )
+                seqs.append(cur.lastrowid if cur.rowcount else None)
+            duplicates = seqs.count(None)
+            db.execute(
+                "INSERT INTO inputs VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET offset = excluded.offset, lines = excluded.lines",
+                (name, cursor.offset, cursor.lines),
+            )
+            if duplicates:
+                db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'duplicates'",
+                    (duplicates,),
+                )
+        return seqs
+
+    def pending(self, after: int, limit: int) -> list[Pending]:
+        rows = self._db.execute(
+            "SELECT seq, key, source, record FROM records WHERE state = 'pending' AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [Pending(*r) for r in rows]
+
+    def finish(self, outcomes: Sequence[Outcome]) -> int:
+        changed = 0
+        with self._write() as db:
+            for o in outcomes:
+                cur = db.execute(
+                    "UPDATE records SET state = ?, line = ?, record = NULL"
+                    " WHERE seq = ? AND state = 'pending'",
+                    (o.state, o.line, o.seq),
+                )
+                changed += cur.rowcount
+        return changed
+
+    def finished(self, after: int, limit: int) -> list[Finished]:
+        rows = self._db.execute(
+            "SELECT seq, state, line FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        out = []
+        for seq, state, line in rows:
+            if state == "pending":
+                break
+            out.append(Finished(seq, state, line))
+        return out
+
+    def emitted(self) -> Emitted:
+        sizes = dict(self._db.execute("SELECT sink, bytes FROM emitted").fetchall())
+        return Emitted(int(self._meta("emitted_seq") or 0), sizes)
+
+    def mark_emitted(self, emitted: Emitted) -> None:
+        with self._write() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'emitted_seq'", (str(emitted.seq),))
+            db.executemany(
+                "INSERT INTO emitted VALUES (?, ?) ON CONFLICT (sink) DO UPDATE"
+                " SET bytes = excluded.bytes",
+                sorted(emitted.sizes.items()),
+            )
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "done": 0, "rejected": 0}
+        counts.update(self._db.execute("SELECT state, count(*) FROM records GROUP BY state"))
+        counts["duplicates"] = int(self._meta("duplicates") or 0)
+        return counts
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SQLiteLedger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_ledger(location: str | Path) -> Ledger:
+    """The ledger at `location`: an SQLite file path (created when missing)."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        raise BatchError(
+            "a PostgreSQL ledger is not built yet (issue 18, with PostgresStore); give a file "
+            "path for --ledger"
+        )
+    return SQLiteLedger(Path(text).expanduser())
