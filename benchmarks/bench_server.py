@@ -258,10 +258,15 @@ class LevelResult:
 
 
 def new_client(base_url: str):
+    import httpx
     from openai import AsyncOpenAI
 
-    # No retries (a retried request would hide an error and distort the timings).
-    return AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600.0)
+    # No retries (a retried request would hide an error and distort the timings), and a
+    # new connection per request: llama-server closes idle keep-alive connections after
+    # 5 s, and a request sent on one it is closing fails with no retry to hide it.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=3600.0)
+    return AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600.0,
+                       http_client=http)  # fmt: skip
 
 
 async def one_request(client, spec: ServerSpec, prompt: str, max_tokens: int) -> RequestResult:

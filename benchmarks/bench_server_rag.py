@@ -71,13 +71,13 @@ def falconet_spec(gguf: Path, ctx: int, batch: int, prefix_cache: bool) -> Serve
     return ServerSpec(name, argv, kw, stream_usage=True)
 
 
-def llama_server_spec(binary: Path, gguf: Path, ctx: int, slots: int) -> ServerSpec:
+def llama_server_spec(binary: Path, gguf: Path, ctx: int, slots: int, extra: str) -> ServerSpec:
     argv = [str(binary), "-m", str(gguf), "--alias", SERVED_NAME, "--host", "127.0.0.1",
             "-c", str(ctx * slots), "-np", str(slots), "-t", str(THREADS),
-            "-tb", str(THREADS), "--no-warmup"]  # fmt: skip
+            "-tb", str(THREADS), "--no-warmup", *shlex.split(extra)]  # fmt: skip
     # llama-server streams one chunk per token; it has no stream usage, so tokens are
     # counted from the chunks (checked against a non-streamed usage in the warm-up).
-    return ServerSpec(f"llama-server -np {slots}", argv, {"extra_body": {"ignore_eos": True}},
+    return ServerSpec(f"llama-server -np {slots} {extra}".strip(), argv, {"extra_body": {"ignore_eos": True}},
                       stream_usage=False)  # fmt: skip
 
 
@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help=f"small model {SMOKE_SHAPE}")
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: build it, build_llama_server.sh)")
+    p.add_argument("--llama-args", default="", metavar="ARGS",
+                   help="more llama-server flags, e.g. '-kvu' (a unified KV cache)")
     args = p.parse_args()
     levels = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -162,7 +164,8 @@ def main() -> None:
                 specs = []
                 for s in wanted:
                     if s == "llama-server":
-                        specs.append(llama_server_spec(binary, gguf, ctx, max(levels)))
+                        specs.append(llama_server_spec(binary, gguf, ctx, max(levels),
+                                                       args.llama_args))  # fmt: skip
                     else:
                         specs.append(falconet_spec(gguf, ctx, max(levels), s == "cache-on"))
                 for spec in specs:

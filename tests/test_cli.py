@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import falconet
-from falconet.sampling import RULES, must_be
+from falconet.request_rules import RULES, must_be
 from tests.conftest import assert_cli_error
 
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}

@@ -1,7 +1,7 @@
 """One request never hurts another: a sequence whose processing fails (its logits
 processors, its sampling, its forward) ends alone with its own error, and the sequences
 beside it produce, bit for bit, what they produce alone. Values that would break the
-sampler's float32 arithmetic are refused by the one rules table (sampling.RULES) or
+sampler's float32 arithmetic are refused by the one rules table (request_rules.RULES) or
 computed safely.
 
 The accepted values that used to give NaN probabilities, and so ended every sequence of
@@ -29,15 +29,8 @@ import falconet
 from falconet.cli import main as cli_main
 from falconet.engine import Engine
 from falconet.errors import GenerationError
-from falconet.sampling import (
-    RULES,
-    SCALE_MAX,
-    SCALE_MIN,
-    TOP_K_MAX,
-    Sampler,
-    SamplingParams,
-    apply_top_k,
-)
+from falconet.request_rules import RULES, SCALE_MAX, SCALE_MIN, TOP_K_MAX
+from falconet.sampling import Sampler, SamplingParams, apply_top_k
 from tests.conftest import build_hf_model, save_hf_model
 from tests.server_tools import ServerProcess, metric
 

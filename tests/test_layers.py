@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "durable"}),
     ("storage", {"weights", "quant", "documents"}),
     ("model", {"nn", "models"}),
-    ("generation", {"sampling", "tokenizer", "generate", "constraints", "tools"}),
+    ("generation", {"sampling", "request_rules", "tokenizer", "generate", "constraints", "tools"}),
     ("engine", {"engine"}),
     ("api", {"llm", "perplexity", "convert", ""}),  # "" = falconet/__init__.py
     ("faces", {"rag", "train", "server", "batch"}),

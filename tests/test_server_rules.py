@@ -1,5 +1,5 @@
 """The server's request rules, schema and metrics, through one real `falconet serve
---rag-store` process: every surface takes its sampling limits from `sampling.RULES`
+--rag-store` process: every surface takes its sampling limits from `request_rules.RULES`
 (SamplingParams, the CLI, /v1/completions, /v1/chat/completions and /v1/rag/query refuse
 the same value with the same words); /openapi.json describes the request bodies; /metrics
 parses with prometheus_client's own parser."""
@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from falconet.cli import main as cli_main
 from falconet.errors import GenerationError
 from falconet.rag.retrieve import DEFAULT_MODE, MODES
-from falconet.sampling import (
+from falconet.request_rules import (
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     RULES,
@@ -23,8 +23,8 @@ from falconet.sampling import (
     SEED_MIN,
     STOP_ALLOWED,
     STOP_TOKEN_IDS_ALLOWED,
-    SamplingParams,
 )
+from falconet.sampling import SamplingParams
 from falconet.server.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics
 from tests.server_tools import ServerProcess
 

@@ -18,7 +18,7 @@ from falconet.cli.common import (
 )
 from falconet.errors import FalconetError
 from falconet.generate import Completion, TokenStrings, completion_logprobs, usage
-from falconet.sampling import RULES
+from falconet.request_rules import RULES
 from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
 
@@ -34,7 +34,7 @@ def add_parsers(sub) -> None:
         help="print one JSON object: the choice /v1/completions returns (text, logprobs, "
         "finish_reason) and usage",
     )
-    # The range comes from sampling.RULES and SamplingParams checks it, so the CLI and the
+    # The range comes from request_rules.RULES and SamplingParams checks it, so the CLI and the
     # server refuse the same values in the same words.
     gen.add_argument(
         "--logprobs",

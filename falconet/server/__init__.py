@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server (`falconet serve`): FastAPI + uvicorn over the engine.
 
 app.py        routes, streaming, disconnects, error handlers: `create_app(engine, name)`
-protocol.py   request bodies as pydantic models (rules from falconet.sampling.RULES),
+protocol.py   request bodies as pydantic models (rules from falconet.request_rules.RULES),
               body reading, OpenAI-shaped errors
 generation.py validated bodies -> token ids, context checks, one SamplingParams per choice
 responses.py  response bodies and stream chunks (logprobs objects: falconet/generate.py)

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field, StrictInt
 
 from falconet.errors import RagError
-from falconet.sampling import must_be
+from falconet.request_rules import must_be
 from falconet.server.fields import APIError, Name, bad, check_text, checked, field_error
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request

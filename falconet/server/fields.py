@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticUseDefault
 
-from falconet.sampling import (
+from falconet.request_rules import (
     LOGIT_BIAS_ALLOWED,
     LOGIT_BIAS_MAX,
     LOGIT_BIAS_MIN,
@@ -304,7 +304,7 @@ def checked(
 
 
 def ruled(name: str) -> Any:
-    """A field typed and bounded by `falconet.sampling.RULES[name]`."""
+    """A field typed and bounded by `falconet.request_rules.RULES[name]`."""
     rule = RULES[name]
     finite = {} if rule.kind is int else {"allow_inf_nan": False}
     number = Field(strict=True, **rule.bounds(), **finite)

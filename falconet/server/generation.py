@@ -1,7 +1,7 @@
 """From a validated request body to the engine's work: prompts as token ids, the
 context checks, and one `SamplingParams` per choice.
 
-The bodies' fields are already checked against `falconet.sampling.RULES`
+The bodies' fields are already checked against `falconet.request_rules.RULES`
 (server/protocol.py); what is left needs the served model: its name, tokenizer,
 vocabulary and context length.
 """
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from falconet.errors import FalconetError
-from falconet.sampling import RULES, SamplingParams, must_be, seed_for_choice
+from falconet.request_rules import RULES, must_be, seed_for_choice
+from falconet.sampling import SamplingParams
 from falconet.server.fields import APIError, bad
 from falconet.server.guided import constrain, request_grammar, tool_grammar
 from falconet.server.protocol import (

@@ -3,7 +3,7 @@ from fields.py's validators (where the OpenAI-shaped errors and body parsing liv
 
 FastAPI validates every JSON body against its model, so /openapi.json describes the API
 as it really is. The sampling fields take their types and bounds from the one table in
-`falconet.sampling.RULES`; each field turns whatever pydantic finds wrong with its value
+`falconet.request_rules.RULES`; each field turns whatever pydantic finds wrong with its value
 into one message that says what the field takes ("'top_p' must be a number in (0, 1]
 (1 = off); got 1.5"), and the app's RequestValidationError handler answers it as a 400
 with the field in `param`, as the OpenAI API does. Bodies are read and parsed before
@@ -37,7 +37,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticUseDefault
 
-from falconet.sampling import (
+from falconet.request_rules import (
     must_be,
     show,
 )
