@@ -63,3 +63,8 @@ class IngestCancelled(RagError):
 class GrammarError(GenerationError):
     """A structured-output request (JSON schema, regex, grammar) that cannot be enforced,
     or a sequence whose output can no longer follow its grammar."""
+
+
+class AccessError(FalconetError):
+    """A users, collections, sessions or audit-log problem: a bad name, an unknown user, a
+    state folder that cannot be used, an audit log that does not verify."""
