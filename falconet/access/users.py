@@ -39,6 +39,15 @@ COLLECTION_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MAX_SESSION_S = 30 * 24 * 3600
 _VERIFIED_CACHE = 1024  # keys whose scrypt check passed, kept per process (see _verified)
 
+
+class NotFound(AccessError):
+    """No such user or collection."""
+
+
+class Exists(AccessError):
+    """A user or collection of that name exists already."""
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY, admin INTEGER NOT NULL, key_id TEXT NOT NULL UNIQUE,
@@ -170,7 +179,7 @@ class AccessDB:
         digest = _scrypt(secret, salt)
         with self._write() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-                raise AccessError(f"user {name!r} exists already; remove it first")
+                raise Exists(f"user {name!r} exists already; remove it first")
             db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
                        (name, int(admin), key_id, salt, digest, time.time()))  # fmt: skip
         return f"fnk_{key_id}_{secret}"
@@ -179,7 +188,7 @@ class AccessDB:
         with self._write() as db:
             row = db.execute("SELECT admin FROM users WHERE name = ?", (name,)).fetchone()
             if row is None:
-                raise AccessError(f"no user {name!r}")
+                raise NotFound(f"no user {name!r}")
             admins = db.execute("SELECT count(*) FROM users WHERE admin = 1").fetchone()[0]
             others = db.execute("SELECT count(*) FROM users").fetchone()[0] - 1
             if row[0] and admins == 1 and others:
@@ -237,14 +246,14 @@ class AccessDB:
         folder, now = f"{name}-{secrets.token_hex(4)}", time.time()
         with self._write() as db:
             if db.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone():
-                raise AccessError(f"collection {name!r} exists already")
+                raise Exists(f"collection {name!r} exists already")
             db.execute("INSERT INTO collections VALUES (?, ?, ?)", (name, folder, now))
         return Collection(name, folder, now)
 
     def remove_collection(self, name: str) -> None:
         with self._write() as db:
             if db.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount == 0:
-                raise AccessError(f"no collection {name!r}")
+                raise NotFound(f"no collection {name!r}")
 
     def collection(self, name: str) -> Collection | None:
         row = self._db().execute("SELECT name, folder, created FROM collections WHERE name = ?",
@@ -276,9 +285,9 @@ class AccessDB:
     @staticmethod
     def _need(db: sqlite3.Connection, user: str, collection: str) -> None:
         if not db.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone():
-            raise AccessError(f"no user {user!r}")
+            raise NotFound(f"no user {user!r}")
         if not db.execute("SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone():
-            raise AccessError(f"no collection {collection!r}")
+            raise NotFound(f"no collection {collection!r}")
 
     def member_collection(self, user: str, name: str) -> Collection | None:
         """`name` if `user` belongs to it; None for one that does not exist and for one the

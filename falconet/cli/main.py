@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from falconet.cli import generate, models, perplexity, rag, serve, train
+from falconet.cli import access, generate, models, perplexity, rag, serve, train
 from falconet.cli.common import EXIT_USAGE, Parser, UsageError
 from falconet.errors import FalconetError
 
@@ -23,13 +23,16 @@ COMMANDS = {
     "train": train.cmd_train,
     "perplexity": perplexity.cmd_perplexity,
     "rag": rag.cmd_rag,
+    "users": access.cmd_users,
+    "collections": access.cmd_collections,
+    "audit": access.cmd_audit,
 }
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="falconet", description="Run Falcon LLMs on your own machine.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (generate, serve, models, train, perplexity):
+    for module in (generate, serve, models, train, perplexity, access):
         module.add_parsers(sub)
     rag.add_rag_parser(sub, Parser)
     return parser
