@@ -10,6 +10,11 @@
     GET  /health                       200 while the engine thread runs (never needs a key)
     GET  /metrics                      Prometheus text (prometheus_client)
     GET  /openapi.json                 the API's OpenAPI schema, request bodies included
+    /v1/auth/session, /v1/admin/*      sign-in and administration (account_routes.py)
+    /v1/rag/*                          documents and questions over them (rag_routes.py)
+
+Every request passes the gate (gate.py): security headers, the API key or a user's key or
+session, CSRF, the per-user rate limit and the audit record.
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx
 status for a bad request; nothing a client sends reaches the process as an unhandled

@@ -146,19 +146,32 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _forgery(problem: str) -> APIError:
+    return APIError(403, f"refused as a possible cross-site request forgery: {problem}",
+                    code="csrf_failed")  # fmt: skip
+
+
 def _own_origin(scope: dict) -> str:
     host = (_header(scope, b"host") or b"").decode("latin-1")
     return f"{scope.get('scheme', 'http')}://{host}"
 
 
-def _csrf_problem(scope: dict, session: str) -> str | None:
-    """Why a cookie-authenticated state-changing request is refused, or None."""
+def _cross_site(scope: dict) -> str | None:
+    """Why a request that a browser says comes from another site is refused, or None."""
     site = _header(scope, b"sec-fetch-site")
     if site is not None and site not in (b"same-origin", b"none"):
-        return f"a {site.decode('latin-1')} request may not use this server's session"
+        return f"a {site.decode('latin-1')} request may not use this server's sessions"
     origin = _header(scope, b"origin")
     if origin is not None and origin.decode("latin-1") != _own_origin(scope):
         return "the request comes from another origin"
+    return None
+
+
+def _csrf_problem(scope: dict, session: str) -> str | None:
+    """Why a cookie-authenticated state-changing request is refused, or None."""
+    problem = _cross_site(scope)
+    if problem is not None:
+        return problem
     token = _header(scope, CSRF_HEADER.lower().encode())
     if token is None:
         return f"send the session's CSRF token (from sign-in) in the {CSRF_HEADER} header"
@@ -241,6 +254,9 @@ class Gate:
             who = "local"
         elif path in OPEN_ROUTES or (path == SIGN_IN and method == "POST"):
             identity, who = None, "ip:" + str((scope.get("client") or ("?",))[0])
+            problem = _cross_site(scope) if path == SIGN_IN else None
+            if problem is not None:  # another site signing a browser in as someone else
+                raise _forgery(problem)
         else:
             identity = await self._identify(scope, method)
             who = "user:" + str(identity.name)
@@ -275,8 +291,7 @@ class Gate:
         if method not in SAFE_METHODS:
             problem = _csrf_problem(scope, session)
             if problem is not None:
-                raise APIError(403, f"refused as a possible cross-site request forgery: "
-                               f"{problem}", code="csrf_failed")  # fmt: skip
+                raise _forgery(problem)
         return Identity.of(found[0], "session", session)
 
     def _log(self, entry: dict, state: dict, status: int, body: bytearray | None) -> None:

@@ -19,6 +19,10 @@ Ingestion is bounded per document (`IngestLimits`: --rag-max-file-mb, --rag-max-
 --rag-max-tokens-per-byte; a refused upload gets a 413 naming the limit), embeds a few
 chunks at a time with queries served first between batches, and stops when its client
 goes away (nothing of the document in progress is stored).
+
+In multi-user mode (`falconet serve --state-dir` with users) each request works on one of
+its caller's collections, each its own store under `<store>/collections/` (collections.py);
+ingesting a path on the server's disk is then for admins only.
 """
 
 from __future__ import annotations
