@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sqlite3
 import subprocess
@@ -18,8 +20,24 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           text=True, env={**base, **ENV, **(env or {})}, timeout=120)  # fmt: skip
 
 
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command through `falconet.cli.main.main` in this process: the real CLI
+    without a new interpreter's seconds of imports (the state commands load no model)."""
+    from falconet.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.pop("FALCONET_STATE_DIR", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        if saved is not None:
+            os.environ["FALCONET_STATE_DIR"] = saved
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def add_user(state: Path, name: str, *flags: str) -> str:
-    r = cli("users", "add", name, *flags, "--state-dir", str(state))
+    r = cli_here("users", "add", name, *flags, "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.access_tools import ENV, add_user, audit_rows, cli, copy_db
+from tests.access_tools import ENV, add_user, audit_rows, cli, cli_here, copy_db
 from tests.server_tools import ServerProcess
 
 T = 120
@@ -33,20 +33,20 @@ def test_users_and_collections_commands(tmp_path):
     state = str(tmp_path / "state")
     key = add_user(tmp_path / "state", "root", "--admin")
     assert key.startswith("fnk_") and len(key) == 4 + 16 + 1 + 64
-    assert cli("collections", "add", "legal", "--state-dir", state).returncode == 0
+    assert cli_here("collections", "add", "legal", "--state-dir", state).returncode == 0
     key2 = add_user(tmp_path / "state", "lena", "--collection", "legal")
     assert key2 != key
-    r = cli("users", "list", "--state-dir", state)
+    r = cli_here("users", "list", "--state-dir", state)
     assert r.returncode == 0 and r.stdout.splitlines() == ["lena\tuser\tlegal", "root\tadmin\t-"]
     assert key not in r.stdout + r.stderr and key2 not in r.stdout + r.stderr
-    assert cli("collections", "grant", "legal", "root", "--state-dir", state).returncode == 0
-    r = cli("collections", "list", "--state-dir", state)
+    assert cli_here("collections", "grant", "legal", "root", "--state-dir", state).returncode == 0
+    r = cli_here("collections", "list", "--state-dir", state)
     assert r.stdout.splitlines() == ["legal\tlena,root"]
-    assert cli("collections", "revoke", "legal", "root", "--state-dir", state).returncode == 0
-    assert cli("users", "remove", "lena", "--state-dir", state).returncode == 0
-    assert cli("users", "list", "--state-dir", state).stdout.splitlines() == ["root\tadmin\t-"]
+    assert cli_here("collections", "revoke", "legal", "root", "--state-dir", state).returncode == 0
+    assert cli_here("users", "remove", "lena", "--state-dir", state).returncode == 0
+    assert cli_here("users", "list", "--state-dir", state).stdout.splitlines() == ["root\tadmin\t-"]
     # the key is not printed again by anything, and the env variable names the folder too
-    r = cli("users", "list", env={"FALCONET_STATE_DIR": state})
+    r = cli("users", "list", env={"FALCONET_STATE_DIR": state})  # a real process, too
     assert r.returncode == 0 and "root" in r.stdout
 
 
@@ -83,12 +83,12 @@ def test_bad_command_lines(tmp_path):
         (["users"], "required"),
     ]
     for argv, words in cases:
-        r = cli(*argv)
+        r = cli_here(*argv)
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("falconet: error:"), (argv, r.stderr)
         assert words in lines[0], (argv, lines[0])
-    assert cli("users", "list", *s).stdout.splitlines() == ["other\tuser\t-", "root\tadmin\t-"]
+    assert cli_here("users", "list", *s).stdout.splitlines() == ["other\tuser\t-", "root\tadmin\t-"]
     assert not (tmp_path / "empty").exists()  # a failed command leaves no users file behind
 
 
@@ -144,7 +144,7 @@ def test_every_request_is_logged_with_its_user_route_and_prompt(logged):
     assert rows[5]["prompt_sha256"] is None  # a body that is not JSON has no prompt
     for row in rows[8:10]:  # a key is never a prompt and never logged
         assert row["prompt"] is None and alice not in json.dumps(row)
-    r = cli("audit", "verify", "--state-dir", str(state))
+    r = cli_here("audit", "verify", "--state-dir", str(state))
     assert r.returncode == 0 and f"{len(audit_rows(state))} records" in r.stdout, r.stderr
 
 
@@ -153,16 +153,18 @@ def test_export_since_as_csv_and_json_lines(logged, tmp_path):
     assert httpx.get(f"{logged['url']}/health", timeout=T).status_code == 200
     rows = audit_rows(logged["state"])
     out = tmp_path / "all.jsonl"
-    r = cli("audit", "export", "--since", "2000-01-01", "-o", str(out), "--state-dir", state)
+    r = cli_here("audit", "export", "--since", "2000-01-01", "-o", str(out), "--state-dir", state)
     assert r.returncode == 0, r.stderr
     exported = [json.loads(line) for line in out.read_text().splitlines()]
     assert [e["seq"] for e in exported[: len(rows)]] == [row["seq"] for row in rows]
     assert exported[0]["documents"] == [] and exported[0]["hash"] == rows[0]["hash"]
-    r = cli("audit", "export", "--since", rows[-1]["time"], "--format", "csv", "--state-dir", state)
+    r = cli_here(
+        "audit", "export", "--since", rows[-1]["time"], "--format", "csv", "--state-dir", state
+    )
     lines = r.stdout.splitlines()
     assert lines[0].startswith("seq,time,user,method,route,status,model")
     assert lines[1].startswith(f"{rows[-1]['seq']},{rows[-1]['time']},")
-    r = cli("audit", "export", "--since", "2999-01-01", "--state-dir", state)
+    r = cli_here("audit", "export", "--since", "2999-01-01", "--state-dir", state)
     assert r.returncode == 0 and r.stdout == ""
 
 
@@ -176,7 +178,7 @@ def tamper(state, tmp_path, sql: str, args=()):
     with db:
         db.execute(sql, args)
     db.close()
-    return cli("audit", "verify", "--state-dir", str(copy))
+    return cli_here("audit", "verify", "--state-dir", str(copy))
 
 
 def test_an_edited_or_deleted_record_fails_verify_naming_it(logged, tmp_path):
@@ -207,7 +209,7 @@ def test_an_edited_or_deleted_record_fails_verify_naming_it(logged, tmp_path):
     r = tamper(state, tmp_path, "UPDATE audit SET user = 'mallory', hash = ? WHERE seq = ?",
                (record_hash(row), k))  # fmt: skip
     assert r.returncode == 1 and f"record {k + 1}:" in r.stderr, r.stderr
-    assert cli("audit", "verify", "--state-dir", str(state)).returncode == 0  # the original
+    assert cli_here("audit", "verify", "--state-dir", str(state)).returncode == 0  # the original
 
 
 # --- SIGKILL while logging ---------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_sigkill_while_logging_leaves_a_valid_chain(tmp_path):
             for t in threads:
                 t.join(30)
             server.stop()
-        r = cli("audit", "verify", "--state-dir", str(state))
+        r = cli_here("audit", "verify", "--state-dir", str(state))
         assert r.returncode == 0, r.stderr
         rows = audit_rows(state)
         assert len(rows) >= mark and [row["seq"] for row in rows] == list(range(1, len(rows) + 1))

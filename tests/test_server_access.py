@@ -16,7 +16,7 @@ import pytest
 
 from falconet.access.users import SCRYPT
 from falconet.rag.store import document_id
-from tests.access_tools import ENV, add_user, cli
+from tests.access_tools import ENV, add_user, cli_here
 from tests.server_tools import ServerProcess, sse_events
 
 T = 120
@@ -34,7 +34,7 @@ def site(tmp_path_factory):
     (root / "shared.txt").write_text("A shared handbook on the server's disk.\n")
     keys = {"admin": add_user(state, "admin", "--admin")}
     for name in ("alpha", "beta"):
-        assert cli("collections", "add", name, "--state-dir", str(state)).returncode == 0
+        assert cli_here("collections", "add", name, "--state-dir", str(state)).returncode == 0
     keys["alice"] = add_user(state, "alice", "--collection", "alpha")
     keys["bob"] = add_user(state, "bob", "--collection", "beta")
     keys["carol"] = add_user(state, "carol", "--collection", "alpha", "--collection", "beta")
