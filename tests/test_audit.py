@@ -82,6 +82,14 @@ def test_bad_command_lines(tmp_path):
         (["audit", "export", *s], "--since"),
         (["users"], "required"),
     ]
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "users.sqlite3").write_bytes(b"not a database " * 100)
+    (garbage / "audit.sqlite3").write_bytes(b"\x00" * 4096 + b"junk")
+    cases += [
+        (["users", "list", "--state-dir", str(garbage)], "not a falconet users file"),
+        (["audit", "verify", "--state-dir", str(garbage)], "not a falconet audit log"),
+    ]
     for argv, words in cases:
         r = cli_here(*argv)
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
@@ -90,6 +98,26 @@ def test_bad_command_lines(tmp_path):
         assert words in lines[0], (argv, lines[0])
     assert cli_here("users", "list", *s).stdout.splitlines() == ["other\tuser\t-", "root\tadmin\t-"]
     assert not (tmp_path / "empty").exists()  # a failed command leaves no users file behind
+
+
+def test_bad_serve_flags_are_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "users.sqlite3").write_bytes(b"not a database " * 100)
+    cases = [
+        (["--rate-limit", "-1"], "--rate-limit"),
+        (["--rate-limit", "many"], "--rate-limit"),
+        (["--session-hours", "0"], "--session-hours"),
+        (["--session-hours", "nan"], "--session-hours"),
+        (["--audit-prompts"], "--audit-prompts needs --state-dir"),
+        (["--state-dir", str(tmp_path / "afile")], "is a file"),
+        (["--state-dir", str(garbage)], "not a falconet users file"),
+    ]
+    for flags, words in cases:
+        r = cli("serve", "--port", "0", *flags)  # a real process: a wrong pass would serve
+        assert r.returncode == 2, (flags, r.stderr)
+        assert words in r.stderr.strip().splitlines()[-1], (flags, r.stderr)
 
 
 # --- every request is logged ---------------------------------------------------------------

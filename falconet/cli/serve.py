@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
     from pathlib import Path
 
     from falconet.llm import DEFAULT_MODEL_DIR
-    from falconet.server.serve import ServerSettings, serve
+    from falconet.server.serve import ServerSettings, open_access, serve
 
     name = args.served_model_name
     if name is None:
@@ -99,6 +99,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         audit_prompts=args.audit_prompts, rate_limit=args.rate_limit,
         session_hours=args.session_hours,
     )  # fmt: skip
+    access = open_access(settings)  # a bad users file is refused before the slow load
     llm = load_model(args)  # the server's startup log names its family and licence
-    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))
+    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True), access)
     return 0

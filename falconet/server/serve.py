@@ -146,8 +146,17 @@ class _Interrupted(Exception):
     pass
 
 
-def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
-    """Serve `llm` until SIGINT or SIGTERM; the engine is shut down on the way out."""
+def open_access(settings: ServerSettings):
+    """The users file and audit log of `settings.state_dir` (server/gate.py's Access)."""
+    try:
+        return settings.access()
+    except AccessError as e:
+        raise FalconetError(f"--state-dir: {e}") from e
+
+
+def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None) -> None:
+    """Serve `llm` until SIGINT or SIGTERM; the engine is shut down on the way out.
+    `access`: from `open_access(settings)` (opened here when not given)."""
     import uvicorn
 
     from falconet.engine import Engine
@@ -166,10 +175,8 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
     embedding_model = settings.embedding_model
     if embedding_model is not None:
         embedding_model = Path(embedding_model).expanduser()
-    try:
-        access = settings.access()
-    except AccessError as e:
-        raise FalconetError(f"--state-dir: {e}") from e
+    if access is None:
+        access = open_access(settings)
     try:
         rag = settings.rag()
         app = create_app(engine, settings.model_name, settings.api_key,
