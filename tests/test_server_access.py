@@ -450,3 +450,12 @@ def test_rate_limit_per_user(site):
     assert httpx.get(f"{url}/v1/models", headers=bearer(keys["u2"]), timeout=T).status_code == 200
     for _ in range(8):
         assert httpx.get(f"{url}/health", timeout=T).status_code == 200
+    # wrong keys spend the client address's bucket: then 429 before any key is checked
+    _, key_id, secret = keys["u2"].split("_")
+    wrong = bearer(f"fnk_{key_id}_{secret[::-1]}")
+    statuses = [httpx.get(f"{url}/v1/models", headers=wrong, timeout=T).status_code
+                for _ in range(6)]  # fmt: skip
+    assert statuses[:5] == [401] * 5 and statuses[5] == 429
+    r = httpx.get(f"{url}/v1/models", headers=bearer(keys["u2"]), timeout=T)
+    assert_error(r, 429, "rate_limited")  # this address is held back, right key or not
+    assert "per client address" in r.json()["error"]["message"]

@@ -112,11 +112,19 @@ class RateLimiter:
         self.refill = per_minute / 60.0  # tokens per second
         self.buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, who: str) -> float:
-        """0 when `who` may go on; else the seconds until it may."""
-        now = time.monotonic()
+    def _tokens(self, who: str, now: float) -> float:
         tokens, then = self.buckets.get(who, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.refill)
+        return min(float(self.burst), tokens + (now - then) * self.refill)
+
+    def wait(self, who: str) -> float:
+        """Seconds until `who` has a request left (0: now), taking nothing."""
+        tokens = self._tokens(who, time.monotonic())
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.refill
+
+    def take(self, who: str) -> float:
+        """0 when `who` may go on (one request taken); else the seconds until it may."""
+        now = time.monotonic()
+        tokens = self._tokens(who, now)
         if len(self.buckets) > 10_000:  # forget callers whose buckets are full again
             self.buckets = {k: v for k, v in self.buckets.items()
                             if v[0] + (now - v[1]) * self.refill < self.burst}  # fmt: skip
@@ -258,16 +266,36 @@ class Gate:
             if problem is not None:  # another site signing a browser in as someone else
                 raise _forgery(problem)
         else:
-            identity = await self._identify(scope, method)
+            identity = await self._identify_limited(scope, method)
             who = "user:" + str(identity.name)
         if self.limiter is not None and path not in OPEN_ROUTES:
             wait = self.limiter.take(who)
             if wait > 0:
-                seconds = max(1, math.ceil(wait))
-                raise APIError(429, f"too many requests: at most {self.access.rate_limit} per "
-                               f"minute per user; retry in {seconds} s", code="rate_limited",
-                               headers={"Retry-After": str(seconds)})  # fmt: skip
+                raise self._too_many(wait, "per user")
         return identity
+
+    async def _identify_limited(self, scope: dict, method: str) -> Identity:
+        """`_identify`, with failures charged to the client's address: once its bucket is
+        empty, that address gets 429 before any key is checked, so wrong keys cannot make
+        the server run scrypt without end."""
+        if self.limiter is None:
+            return await self._identify(scope, method)
+        address = "ip:" + str((scope.get("client") or ("?",))[0])
+        wait = self.limiter.wait(address)
+        if wait > 0:
+            raise self._too_many(wait, "per client address for sign-ins and failed keys")
+        try:
+            return await self._identify(scope, method)
+        except APIError as e:
+            if e.status == 401:
+                self.limiter.take(address)
+            raise
+
+    def _too_many(self, wait: float, per: str) -> APIError:
+        seconds = max(1, math.ceil(wait))
+        return APIError(429, f"too many requests: at most {self.access.rate_limit} per minute "
+                        f"{per}; retry in {seconds} s", code="rate_limited",
+                        headers={"Retry-After": str(seconds)})  # fmt: skip
 
     async def _identify(self, scope: dict, method: str) -> Identity:
         db = self.access.db
