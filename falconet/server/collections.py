@@ -8,8 +8,8 @@ construction, not by a filter every query must remember.
 The caller picks a collection with the body's `collection` field, the
 `X-Falconet-Collection` header or `?collection=`; a caller in exactly one needs none. A
 collection that does not exist and one the caller is not in get the same 404, so names
-cannot be probed. Stores are opened through `RagSettings.store` and the RAG routes' own
-opener, the one seam where another kind of store (PostgreSQL) would slot in.
+cannot be probed. A collection's store is named by `collection_store` and opened by the
+RAG routes' own opener (`open_store`): the seams where another kind of store slots in.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -64,10 +65,17 @@ class Collections:
         with self._lock:
             rag = self._open.get(found.folder)
             if rag is None:
-                folder = self.settings.store / COLLECTIONS / found.folder
-                rag = self.open_rag(dataclasses.replace(self.settings, store=folder))
+                store = collection_store(self.settings.store, found.folder)
+                rag = self.open_rag(dataclasses.replace(self.settings, store=store))
                 self._open[found.folder] = rag
         return rag
+
+
+def collection_store(root: Path, folder: str) -> Path:
+    """Where a collection's store lives, given the server's RAG store: the one place that
+    knows, so a store of another kind (a PostgreSQL URL, issue 18) maps a collection to its
+    own schema or database here."""
+    return root / COLLECTIONS / folder
 
 
 def _not_found(name: str | None) -> APIError:

@@ -400,6 +400,7 @@ def register_rag_routes(
                                "upload the file instead", "path", code="admin_only")  # fmt: skip
             real = r.resolve_path(body.path)
             return JSONResponse(_audited(request, await r.ingest(request, r.ingest_path, real)))
+        await need(request)  # a server without RAG, or a caller without it, says so first
         raise bad(f"unsupported content type {kind!r}: upload files as multipart/form-data "
                   'or send JSON {"path": "..."}')  # fmt: skip
 
