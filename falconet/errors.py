@@ -68,3 +68,8 @@ class GrammarError(GenerationError):
 class BatchError(FalconetError):
     """A batch job that cannot run: unreadable input or template, a ledger that belongs
     to another job, an output file changed behind the ledger's back."""
+
+
+class AccessError(FalconetError):
+    """A users, collections, sessions or audit-log problem: a bad name, an unknown user, a
+    state folder that cannot be used, an audit log that does not verify."""

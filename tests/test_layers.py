@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "falconet"
 # Top-level packages and modules by layer, lowest first (docs/design.md draws them).
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "durable"}),
-    ("storage", {"weights", "quant", "documents"}),
+    ("storage", {"weights", "quant", "documents", "access"}),
     ("model", {"nn", "models"}),
     ("generation", {"sampling", "request_rules", "tokenizer", "generate", "constraints", "tools"}),
     ("engine", {"engine"}),

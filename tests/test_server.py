@@ -392,6 +392,7 @@ CMPL = "/v1/completions"
 EMBED = "/v1/embeddings"
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged default
 USER = [{"role": "user", "content": "hi"}]
+SIGN_IN = "/v1/auth/session"
 BAD_REQUESTS = [
     # (id, path, body, status, param)
     ("malformed json", CMPL, b'{"prompt": "x", ', 400, None),
@@ -489,6 +490,23 @@ BAD_REQUESTS = [
     ("add_special_tokens a string", "/tokenize", {"prompt": "x", "add_special_tokens": "no"},
      400, "add_special_tokens"),
     ("suffix", CMPL, {"prompt": "x", "suffix": "end"}, 400, "suffix"),
+    # sign-in, admin and collection fields (issue 16): checked before single-user mode's 404
+    ("sign-in malformed", SIGN_IN, b'{"api_key": ', 400, None),
+    ("sign-in key missing", SIGN_IN, {}, 400, "api_key"),
+    ("sign-in key a number", SIGN_IN, {"api_key": 12345}, 400, "api_key"),
+    ("sign-in key a list", SIGN_IN, {"api_key": ["fnk_a"]}, 400, "api_key"),
+    ("sign-in key empty", SIGN_IN, {"api_key": ""}, 400, "api_key"),
+    ("sign-in key 300 chars", SIGN_IN, {"api_key": "k" * 300}, 400, "api_key"),
+    ("sign-in extra field", SIGN_IN, {"api_key": "k", "user": "admin"}, 400, "user"),
+    ("admin user name a path", "/v1/admin/users", {"name": "../../etc/passwd"}, 400, "name"),
+    ("admin user name with NUL", "/v1/admin/users", {"name": "root\x00"}, 400, "name"),
+    ("admin user admin a string", "/v1/admin/users", {"name": "x", "admin": "true"}, 400,
+     "admin"),
+    ("admin collection name html", "/v1/admin/collections", {"name": "<b>x</b>"}, 400, "name"),
+    ("rag query collection a number", "/v1/rag/query", {"query": "x", "collection": 5}, 400,
+     "collection"),
+    ("rag query collection 300 chars", "/v1/rag/query", {"query": "x", "collection": "c" * 300},
+     400, "collection"),
     ("best_of", CMPL, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     # logit_bias: token id strings -> [-100, 100]
     ("logit_bias a list", CMPL, {"prompt": "x", "logit_bias": [[5, 10]]}, 400, "logit_bias"),

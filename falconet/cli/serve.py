@@ -8,7 +8,7 @@ import sys
 from falconet.cli.common import Out, add_model_flags, load_model
 from falconet.cli.rag import add_limit_flags, limits_from_args
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB
-from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
+from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S, SESSION_HOURS
 
 
 def add_parsers(sub) -> None:
@@ -47,6 +47,20 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-model", default=None, metavar="DIR",
                    help="a sentence-transformers model folder that /v1/embeddings and RAG "
                    "embed with (default: all-MiniLM-L6-v2, packaged; never downloaded)")  # fmt: skip
+    g = p.add_argument_group("users and audit")
+    g.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="folder of the users file and the audit log (default: "
+                   "$FALCONET_STATE_DIR; none: single-user mode, no audit log). With users "
+                   "in it (`falconet users add`), every route but /health needs a user's key "
+                   "or session, and /v1/rag/* works on the caller's collections")  # fmt: skip
+    g.add_argument("--audit-prompts", action="store_true",
+                   help="keep each prompt's text in the audit log, not only its sha256 "
+                   "and length")  # fmt: skip
+    g.add_argument("--rate-limit", type=int, default=None, metavar="N",
+                   help="requests per minute per user, 429 beyond (default: 600 with users, "
+                   "else off; 0: off)")  # fmt: skip
+    g.add_argument("--session-hours", type=float, default=SESSION_HOURS, metavar="H",
+                   help=f"sign-in sessions expire after H hours (default {SESSION_HOURS:g})")  # fmt: skip
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S, metavar="S",
                    help=f"close a connection idle this long between requests (default "
                    f"{KEEP_ALIVE_S:g})")  # fmt: skip
@@ -63,7 +77,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
     from pathlib import Path
 
     from falconet.llm import DEFAULT_MODEL_DIR
-    from falconet.server.serve import ServerSettings, serve
+    from falconet.server.serve import ServerSettings, open_access, serve
 
     name = args.served_model_name
     if name is None:
@@ -81,7 +95,11 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         embedding_model=args.embedding_model,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_header=args.timeout_header, timeout_body=args.timeout_body,
+        state_dir=args.state_dir or os.environ.get("FALCONET_STATE_DIR") or None,
+        audit_prompts=args.audit_prompts, rate_limit=args.rate_limit,
+        session_hours=args.session_hours,
     )  # fmt: skip
+    access = open_access(settings)  # a bad users file is refused before the slow load
     llm = load_model(args)  # the server's startup log names its family and licence
-    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True))
+    serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True), access)
     return 0

@@ -10,6 +10,11 @@
     GET  /health                       200 while the engine thread runs (never needs a key)
     GET  /metrics                      Prometheus text (prometheus_client)
     GET  /openapi.json                 the API's OpenAPI schema, request bodies included
+    /v1/auth/session, /v1/admin/*      sign-in and administration (account_routes.py)
+    /v1/rag/*                          documents and questions over them (rag_routes.py)
+
+Every request passes the gate (gate.py): security headers, the API key or a user's key or
+session, CSRF, the per-user rate limit and the audit record.
 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx
 status for a bad request; nothing a client sends reaches the process as an unhandled
@@ -25,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import inspect
 import logging
 import re
@@ -46,6 +50,7 @@ from falconet.errors import FalconetError
 from falconet.generate import TokenStrings, usage
 from falconet.server import BODY_TIMEOUT_S
 from falconet.server import metrics as metrics_mod
+from falconet.server.account_routes import register_account_routes
 from falconet.server.embeddings import EmbeddingRequest, create_embeddings
 from falconet.server.fields import (
     MAX_BODY_BYTES,
@@ -56,6 +61,7 @@ from falconet.server.fields import (
     read_json_object,
     validation_error,
 )
+from falconet.server.gate import Access, Gate
 from falconet.server.generation import (
     GenerationRequest,
     chat_prompt,
@@ -80,10 +86,6 @@ from falconet.tools import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("falconet.server")
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-          "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics",
-          "/openapi.json")  # fmt: skip
-OPEN_ROUTES = ("/health",)  # answered without the API key (load balancers probe it)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first
 
 
@@ -94,53 +96,6 @@ def _sanitize(message: str) -> str:
 
 def _json_error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-# --- the request gate: API key and per-request metrics -------------------------------
-
-
-class _Gate:
-    """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnect detection):
-    notes when a request arrived (`request.state.arrived`, before its body is read),
-    checks the API key and counts every answered request by endpoint and status."""
-
-    def __init__(self, app: Any, metrics: metrics_mod.Metrics, api_key: str | None) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.key = api_key.encode("utf-8") if api_key else None
-
-    def _authorized(self, scope: dict) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    return hmac.compare_digest(token.strip(), self.key)
-        return False
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        scope.setdefault("state", {})["arrived"] = time.perf_counter()
-        path = scope["path"]
-        endpoint = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/")
-                                                else "other")  # fmt: skip
-        status = [500]  # an exception before any response is answered with a 500
-
-        async def send_counted(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
-                err = APIError(401, "missing or wrong API key; send it as 'Authorization: "
-                               "Bearer KEY'", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-                await _json_error(err)(scope, receive, send_counted)
-            else:
-                await self.app(scope, receive, send_counted)
-        finally:
-            self.metrics.count_request(endpoint, status[0])
 
 
 # --- streaming plumbing --------------------------------------------------------------
@@ -422,12 +377,14 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT_S,
     workers: RequestWorkers | None = None,
     embedding_model: str | Path | None = None,
+    access: Access | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`.
     A request body must arrive within `body_timeout` seconds (see server/timeouts.py).
     /v1/embeddings and RAG embed with the sentence-transformers model in the folder
-    `embedding_model` (default: the packaged all-MiniLM-L6-v2)."""
+    `embedding_model` (default: the packaged all-MiniLM-L6-v2). `access` holds the users,
+    the audit log and the rate limit (server/gate.py); without it: single-user mode."""
     metrics = metrics or metrics_mod.Metrics()
     workers = workers or RequestWorkers()
     srv = _Server(engine, model_name, max_body_bytes, metrics, workers, embedding_model)
@@ -445,7 +402,9 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes  # read by JSONBodyRoute
     app.state.workers = workers  # JSONBodyRoute parses and validates bodies in them
     app.router.route_class = JSONBodyRoute  # before any route is added
-    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
+    access = access or Access()
+    app.add_middleware(Gate, metrics=metrics, api_key=api_key, access=access,
+                       max_body_bytes=max_body_bytes)  # fmt: skip
     # Outside the gate, so that a 401 to a request whose body is left unread closes too.
     app.add_middleware(BodyDeadline, timeout=body_timeout)
     _install_error_handlers(app)
@@ -518,7 +477,8 @@ def create_app(
 
         return await workers.run(answer)
 
-    register_rag_routes(app, srv, rag)  # /v1/rag/*: 404 unless started with --rag-store
+    register_account_routes(app, access)  # /v1/auth/session, /v1/admin/*
+    register_rag_routes(app, srv, rag, access)  # /v1/rag/*: 404 unless started with --rag-store
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -19,6 +19,10 @@ Ingestion is bounded per document (`IngestLimits`: --rag-max-file-mb, --rag-max-
 --rag-max-tokens-per-byte; a refused upload gets a 413 naming the limit), embeds a few
 chunks at a time with queries served first between batches, and stops when its client
 goes away (nothing of the document in progress is stored).
+
+In multi-user mode (`falconet serve --state-dir` with users) each request works on one of
+its caller's collections, each its own store under `<store>/collections/` (collections.py);
+ingesting a path on the server's disk is then for admins only.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
 from falconet.sampling import SamplingParams
+from falconet.server.collections import Collections
 from falconet.server.fields import APIError, Flag, bad, check_text, checked, parse_model, ruled
+from falconet.server.gate import Access
 from falconet.server.generation import GenerationRequest
 from falconet.server.protocol import SamplingFields
 from falconet.server.responses import DONE, sse
@@ -75,6 +81,8 @@ ServerPath = Annotated[
     checked("a string naming a file or folder", null_is_default=False, then=check_text),
 ]
 
+Choice = Annotated[str | None, Field(strict=True, max_length=200), checked("a collection name")]
+
 
 class RagQueryRequest(SamplingFields):
     """POST /v1/rag/query: retrieve passages, and by default answer from them. The
@@ -89,6 +97,7 @@ class RagQueryRequest(SamplingFields):
     stream: Flag = Field(False, description="stream the answer as server-sent events")
     max_tokens: ruled("max_tokens") = Field(128, description="answer length")
     temperature: ruled("temperature") = Field(0.0, description="0 = greedy")
+    collection: Choice = Field(None, description="which of your collections (multi-user mode)")
 
 
 class RagDocumentRequest(BaseModel):
@@ -99,6 +108,7 @@ class RagDocumentRequest(BaseModel):
     path: ServerPath = Field(
         description="a file or folder under a --rag-root (relative: to the first root)"
     )
+    collection: Choice = Field(None, description="which of your collections (multi-user mode)")
 
 
 # The route reads its own body (an upload or JSON), so its schema is written here.
@@ -341,47 +351,62 @@ def sanitize_name(raw: str | None) -> str:
     return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
 
 
-def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) -> None:
+def register_rag_routes(
+    app: FastAPI, srv: Any, settings: RagSettings | None, access: Access | None = None
+) -> None:
     """Adds /v1/rag/*; without settings every RAG route answers a 404 saying how to
-    enable it. `srv` is the app's _Server (engine, body reading, submission)."""
+    enable it. `srv` is the app's _Server (engine, body reading, submission). In
+    multi-user mode (`access`) each request works on one of its caller's collections."""
+    if settings is None:
+        rag = None
+    elif access is not None and access.multi_user:
+        rag = Collections(settings, access.db, lambda s: _Rag(s, srv.embedder))
+    else:
+        rag = _Rag(settings, srv.embedder)
 
-    rag = _Rag(settings, srv.embedder) if settings is not None else None
-
-    def need() -> _Rag:
+    async def need(request: Request, choice: str | None = None) -> _Rag:
         if rag is None:
             raise APIError(404, "the RAG endpoints are off: start the server with "
                            "--rag-store DIR", code="rag_disabled")  # fmt: skip
-        return rag
+        if isinstance(rag, _Rag):
+            return rag
+        return await run_in_threadpool(rag.for_request, request, choice)
 
     @app.get("/v1/rag/documents")
-    async def list_documents() -> Response:
-        r = need()
+    async def list_documents(request: Request) -> Response:
+        r = await need(request)
         return JSONResponse({"object": "list", "data": await r.run(r.documents)})
 
     @app.delete("/v1/rag/documents/{doc_id}")
-    async def delete_document(doc_id: str) -> Response:
-        r = need()
+    async def delete_document(request: Request, doc_id: str) -> Response:
+        r = await need(request)
         doc = await r.run(r.remove, doc_id)
+        request.state.audit["documents"] = [doc_id]
         if doc is None:
             raise APIError(404, f"no document with id {doc_id!r}", "doc_id")
         return JSONResponse(doc)
 
     @app.post("/v1/rag/documents", openapi_extra=_DOCUMENTS_BODY)
     async def add_documents(request: Request) -> Response:
-        r = need()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
-            return JSONResponse(await _upload(r, request))
+            r = await need(request)
+            return JSONResponse(_audited(request, await _upload(r, request)))
         if kind in ("application/json", ""):
             body = parse_model(RagDocumentRequest, await srv.body(request))
+            r = await need(request, body.collection)
+            if isinstance(rag, Collections) and not request.state.identity.admin:
+                raise APIError(403, "only an admin may ingest files from the server's disk; "
+                               "upload the file instead", "path", code="admin_only")  # fmt: skip
             real = r.resolve_path(body.path)
-            return JSONResponse(await r.ingest(request, r.ingest_path, real))
+            return JSONResponse(_audited(request, await r.ingest(request, r.ingest_path, real)))
+        await need(request)  # a server without RAG, or a caller without it, says so first
         raise bad(f"unsupported content type {kind!r}: upload files as multipart/form-data "
                   'or send JSON {"path": "..."}')  # fmt: skip
 
     @app.post("/v1/rag/query")
     async def query(request: Request, body: RagQueryRequest) -> Response:
-        r = need()
+        r = await need(request, body.collection)
         context = srv.engine.max_context
         if body.max_tokens >= context:
             message = (
@@ -395,6 +420,9 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         except FalconetError as e:
             raise bad(str(e)) from e
         hits = await r.run(r.search, body.query, body.k, body.mode)
+        request.state.audit["documents"] = sorted({h.doc_id for h in hits})
+        if body.answer:
+            request.state.audit["model"] = srv.model_name
         if not body.answer:
             from falconet.rag.answer import Source
 
@@ -460,6 +488,13 @@ def register_rag_routes(app: FastAPI, srv: Any, settings: RagSettings | None) ->
         finally:
             s.cancel()
         yield DONE
+
+
+def _audited(request: Request, report: dict[str, Any]) -> dict[str, Any]:
+    """The report, its documents noted in the request's audit record."""
+    ids = [i for r in report.get("reports", [report]) for i in r["document_ids"].values()]
+    request.state.audit["documents"] = sorted(set(ids))
+    return report
 
 
 async def _upload(r: _Rag, request: Request) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from falconet.errors import FalconetError, RagError
+from falconet.errors import AccessError, FalconetError, RagError
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
-from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S
+from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S, SESSION_HOURS
 from falconet.server.fields import MAX_BODY_BYTES
 
 # Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
@@ -43,6 +43,11 @@ class ServerSettings:
     timeout_keep_alive: float = KEEP_ALIVE_S  # seconds an idle connection is kept
     timeout_header: float = HEAD_TIMEOUT_S  # seconds a request head may take to arrive
     timeout_body: float = BODY_TIMEOUT_S  # seconds a body may take (+1 s per 16 KiB sent)
+    # users, sessions and the audit log live here; None: single-user mode, no audit log
+    state_dir: str | None = None
+    audit_prompts: bool = False  # the audit log keeps prompt texts, not only their sha256
+    rate_limit: int | None = None  # requests/minute/user; None: 600 with users, else off
+    session_hours: float = SESSION_HOURS
 
     def __post_init__(self) -> None:
         for flag, value in (("--timeout-keep-alive", self.timeout_keep_alive),
@@ -73,6 +78,16 @@ class ServerSettings:
         for root in self.rag_roots:
             if not Path(root).expanduser().is_dir():
                 raise FalconetError(f"--rag-root {root}: not a folder")
+        if self.audit_prompts and self.state_dir is None:
+            raise FalconetError("--audit-prompts needs --state-dir DIR (where the audit log is)")
+        if self.rate_limit is not None and self.rate_limit < 0:
+            raise FalconetError(f"--rate-limit must be 0 (off) or more requests per minute, "
+                                f"got {self.rate_limit}")  # fmt: skip
+        if not (math.isfinite(self.session_hours) and 0 < self.session_hours <= 720):
+            raise FalconetError(f"--session-hours must be above 0 and at most 720, got "
+                                f"{self.session_hours}")  # fmt: skip
+        if self.state_dir is not None and Path(self.state_dir).expanduser().is_file():
+            raise FalconetError(f"--state-dir {self.state_dir} is a file; give a folder")
         if self.embedding_model is not None:
             folder = Path(self.embedding_model).expanduser()
             if not any((folder / f).is_file() for f in ("modules.json", "config.json")):
@@ -89,6 +104,18 @@ class ServerSettings:
         roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in self.rag_roots)
         return RagSettings(Path(self.rag_store).expanduser(), roots,
                            self.rag_max_upload_mb * 2**20, self.rag_limits)  # fmt: skip
+
+    def access(self):
+        """The gate's users, audit log and limits (server/gate.py)."""
+        from falconet.access.audit import AUDIT_FILE, AuditLog
+        from falconet.access.users import USERS_FILE, AccessDB
+        from falconet.server.gate import Access
+
+        if self.state_dir is None:
+            return Access(rate_limit=self.rate_limit, session_hours=self.session_hours)
+        folder = Path(self.state_dir).expanduser()
+        return Access(AccessDB(folder / USERS_FILE), AuditLog(folder / AUDIT_FILE),
+                      self.audit_prompts, self.rate_limit, self.session_hours)  # fmt: skip
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -119,8 +146,17 @@ class _Interrupted(Exception):
     pass
 
 
-def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
-    """Serve `llm` until SIGINT or SIGTERM; the engine is shut down on the way out."""
+def open_access(settings: ServerSettings):
+    """The users file and audit log of `settings.state_dir` (server/gate.py's Access)."""
+    try:
+        return settings.access()
+    except AccessError as e:
+        raise FalconetError(f"--state-dir: {e}") from e
+
+
+def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None) -> None:
+    """Serve `llm` until SIGINT or SIGTERM; the engine is shut down on the way out.
+    `access`: from `open_access(settings)` (opened here when not given)."""
     import uvicorn
 
     from falconet.engine import Engine
@@ -139,12 +175,14 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
     embedding_model = settings.embedding_model
     if embedding_model is not None:
         embedding_model = Path(embedding_model).expanduser()
+    if access is None:
+        access = open_access(settings)
     try:
         rag = settings.rag()
         app = create_app(engine, settings.model_name, settings.api_key,
                          max_body_bytes=settings.max_body_bytes, rag=rag,
                          body_timeout=settings.timeout_body,
-                         embedding_model=embedding_model)  # fmt: skip
+                         embedding_model=embedding_model, access=access)  # fmt: skip
     except RagError as e:
         raise FalconetError(f"--rag-store: {e}") from e
     handler = logging.StreamHandler(sys.stderr)
@@ -163,6 +201,13 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None]) -> None:
             if not self.should_exit:
                 say(f"falconet: model {llm.path}: {llm.card.summary()}")
                 prefix = "on" if engine.prefix_cache else "off"
+                if access.multi_user:
+                    say(
+                        f"falconet: multi-user mode: {access.db.user_count()} users in "
+                        f"{settings.state_dir}; rate limit {access.rate_limit}/min per user"
+                    )
+                elif settings.state_dir is not None:
+                    say(f"falconet: single-user mode: no users in {settings.state_dir}")
                 say(f"falconet serving {settings.model_name} on {_url(sock)} "
                     f"(max batch {engine.max_batch}, prefix cache {prefix})")  # fmt: skip
 
