@@ -25,7 +25,8 @@ from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest, sync
 from falconet.rag.loaders import file_sha256, load_document
 from falconet.rag.retrieve import RRF_K, reciprocal_rank_fusion, search
-from falconet.rag.store import DocMeta, DocumentStore, SQLiteStore, fts_query, open_store
+from falconet.rag.store import DocMeta, DocumentStore, open_store
+from falconet.rag.store_sqlite import SQLiteStore, fts_query
 
 WORDS = ["falcon", "river", "harbor", "lantern", "granite", "meadow", "orchard", "copper",
          "winter", "signal", "ledger", "quartz", "willow", "beacon", "canyon", "thistle",
