@@ -156,8 +156,37 @@ def checked_vector(vector: np.ndarray, dim: int | None, where: str) -> np.ndarra
     return v
 
 
-def open_store(spec: str | Path, create: bool = True) -> DocumentStore:
-    """The store in folder `spec` (its file is `store.sqlite3`)."""
+# A collection's name is a PostgreSQL schema's or a folder's: plain lowercase, so it never
+# needs quoting to mean what it says, and never one of PostgreSQL's own (pg_*).
+_COLLECTION_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def check_collection_name(name: str) -> str:
+    """`name` if it can name a store collection (a PostgreSQL schema), else a RagError."""
+    if not isinstance(name, str) or not _COLLECTION_NAME.fullmatch(name) or name.startswith("pg_"):
+        raise RagError(
+            f"{name!r} cannot name a store collection (a PostgreSQL schema): use 1-63 "
+            "lowercase letters, digits and underscores, not starting with a digit or pg_"
+        )
+    return name
+
+
+def open_store(
+    spec: str | Path, create: bool = True, collection: str | None = None
+) -> DocumentStore:
+    """The store that `spec` names: a folder (SQLite, its file `store.sqlite3` inside) or
+    a `postgresql://` URL (PostgreSQL + pgvector; `?schema=NAME` picks the schema).
+
+    `collection` gives a store of its own beside the others: on PostgreSQL the schema of
+    that name, in a folder the folder `collections/<name>` inside it."""
+    text = str(spec)
+    if "://" in text:
+        from falconet.rag.store_postgres import PostgresStore
+
+        return PostgresStore(text, create=create, schema=collection)
     from falconet.rag.store_sqlite import open_folder
 
-    return open_folder(spec, create=create)
+    folder = Path(spec)
+    if collection is not None:
+        folder = Path(spec).expanduser() / "collections" / check_collection_name(collection)
+    return open_folder(folder, create=create)
