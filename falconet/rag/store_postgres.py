@@ -35,22 +35,26 @@ import hashlib
 import re
 import threading
 import time
-import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
 from falconet.errors import RagError
+from falconet.rag.postgres_schema import (
+    MIGRATIONS,
+    first_line,
+    fts_tokens,
+    parse_url,
+    quote_lexeme,
+    tsvector_literal,
+)
 from falconet.rag.store import (
     ChunkLike,
     DocMeta,
     Hit,
     StoredDocument,
-    check_collection_name,
     checked_vector,
     choose_bm25_terms,
     chunk_id,
@@ -58,133 +62,12 @@ from falconet.rag.store import (
     query_terms,
 )
 
-DEFAULT_SCHEMA = "falconet_rag"
-URL_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
 # An exact scan of 20k 384-d vectors takes ~10 ms; above that the HNSW index answers.
 EXACT_SEARCH_MAX_CHUNKS = 20_000
 HNSW_EF_SEARCH_MIN = 100  # pgvector's default (40) loses recall at k = 20
 BM25_K1 = 1.2  # FTS5's bm25() constants
 BM25_B = 0.75
-MIGRATIONS: tuple[tuple[int, str, str], ...] = (
-    (
-        1,
-        "documents, chunks with terms and vectors, term statistics",
-        """
-        CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
-        INSERT INTO meta (key, value) VALUES ('generation', '0'), ('chunks', '0'), ('tokens', '0');
-        CREATE TABLE documents (
-            id text PRIMARY KEY,
-            source text NOT NULL UNIQUE,
-            sha256 text NOT NULL,
-            version integer NOT NULL,
-            size bigint NOT NULL,
-            mtime_ns bigint NOT NULL,
-            embedder text NOT NULL,
-            ingested_at double precision NOT NULL
-        );
-        CREATE TABLE chunks (
-            rowid bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            id text NOT NULL UNIQUE,
-            doc_id text NOT NULL REFERENCES documents (id),
-            ord integer NOT NULL,
-            text text NOT NULL,
-            start integer NOT NULL,
-            "end" integer NOT NULL,
-            section text,
-            page integer,
-            terms tsvector NOT NULL,
-            tokens integer NOT NULL,
-            dim integer NOT NULL,
-            embedding vector NOT NULL,
-            UNIQUE (doc_id, ord)
-        );
-        CREATE INDEX chunks_terms ON chunks USING gin (terms);
-        CREATE TABLE terms (
-            term text PRIMARY KEY,
-            chunks integer NOT NULL,
-            occurrences integer NOT NULL
-        );
-        """,
-    ),
-)
-
-
-def is_url(spec: str) -> bool:
-    return "://" in spec
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a store lives: the libpq URL (without falconet's `schema` parameter), the
-    schema, and the URL as messages show it (no password)."""
-
-    url: str
-    schema: str
-    display: str
-
-
-def parse_url(url: str, schema: str | None = None) -> Location:
-    """A `postgresql://user:password@host:port/db?schema=NAME` URL, checked; `schema`
-    (a collection's) overrides the URL's."""
-    from psycopg import conninfo
-
-    parts = urlsplit(url)
-    if parts.scheme not in URL_SCHEMES:
-        raise RagError(f"{url!r}: a store URL starts with postgresql://; a folder is a path")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = [v for k, v in query if k == "schema"]
-    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"])))
-    try:
-        info = conninfo.conninfo_to_dict(url)
-    except Exception as e:  # psycopg.ProgrammingError: libpq refused it
-        raise RagError(f"not a usable PostgreSQL URL ({_first_line(e)})") from None
-    host = info.get("host") or "localhost"
-    user = f"{info['user']}@" if info.get("user") else ""
-    port = f":{info['port']}" if info.get("port") else ""
-    display = f"postgresql://{user}{host}{port}/{info.get('dbname', '')}"
-    name = schema if schema is not None else (given[-1] if given else DEFAULT_SCHEMA)
-    return Location(url, check_collection_name(name), display)
-
-
-def fts_tokens(text: str) -> list[str]:
-    """`text`'s tokens as SQLite FTS5's `unicode61 remove_diacritics 2` tokenizer makes
-    them: runs of letters, digits, private-use characters and combining marks; lowercased,
-    with the diacritics taken off (é -> e) but no compatibility folding (ﬁ stays)."""
-    tokens, current = [], []
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if cat[0] in "LN" or cat in ("Mn", "Co"):
-            current.append(ch)
-        elif current:
-            tokens.append(_fold("".join(current)))
-            current = []
-    if current:
-        tokens.append(_fold("".join(current)))
-    return [t for t in tokens if t]
-
-
-def _fold(token: str) -> str:
-    decomposed = unicodedata.normalize("NFD", token.lower())
-    return unicodedata.normalize(
-        "NFC", "".join(c for c in decomposed if not unicodedata.combining(c))
-    )
-
-
-def _tsvector(tokens: Sequence[str]) -> str:
-    """A tsvector literal: each lexeme with the positions (from 1) it occurs at."""
-    positions: dict[str, list[int]] = {}
-    for i, t in enumerate(tokens, start=1):
-        positions.setdefault(t, []).append(min(i, 16383))  # the type's largest position
-    return " ".join(f"{_quote_lexeme(t)}:{','.join(map(str, p))}" for t, p in positions.items())
-
-
-def _quote_lexeme(term: str) -> str:
-    return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class _Tx:
@@ -211,7 +94,7 @@ class PostgresStore:
                                         application_name="falconet")  # fmt: skip
         except psycopg.Error as e:
             raise RagError(f"cannot connect to the RAG store at {self.location.display}: "
-                           f"{_first_line(e)}") from None  # fmt: skip
+                           f"{first_line(e)}") from None  # fmt: skip
         self._lock = threading.Lock()
         self._changes = 0
         self._df: tuple[str | None, dict[str, int]] | None = None
@@ -233,7 +116,7 @@ class PostgresStore:
             yield
         except self._psycopg.Error as e:
             raise RagError(f"the RAG store at {self.location.display} (schema {self.schema}): "
-                           f"{_first_line(e)}") from e  # fmt: skip
+                           f"{first_line(e)}") from e  # fmt: skip
 
     def _setup(self, create: bool) -> None:
         conn, schema = self.conn, self.schema
@@ -282,7 +165,7 @@ class PostgresStore:
                                "administrator run CREATE EXTENSION vector") from e  # fmt: skip
             except self._psycopg.errors.FeatureNotSupported as e:  # not installed
                 raise RagError(f"the PostgreSQL server at {self.location.display} has no "
-                               f"pgvector extension ({_first_line(e)})") from e  # fmt: skip
+                               f"pgvector extension ({first_line(e)})") from e  # fmt: skip
             row = self.conn.execute(query).fetchone()
         if row is None:
             raise RagError(f"no RAG store in schema {self.schema} at {self.location.display} "
@@ -470,7 +353,7 @@ class PostgresStore:
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::tsvector, %s, %s, %s)",
                         (chunk_id(doc_id, meta.sha256, i, chunk.start, chunk.end), doc_id, i,
                          text, chunk.start, chunk.end, chunk.section, chunk.page,
-                         _tsvector(tokens), len(tokens), len(v), Vector(v)),
+                         tsvector_literal(tokens), len(tokens), len(v), Vector(v)),
                     )  # fmt: skip
                 self._count_terms(doc_id, +1)
                 self._add_totals(len(chunks), tokens_total)
@@ -598,7 +481,7 @@ class PostgresStore:
         if not lexemes:
             return []
         idf = [max(float(np.log((n - df[t] + 0.5) / (df[t] + 0.5))), 1e-6) for t in lexemes]
-        match = " | ".join(_quote_lexeme(t) for t in lexemes)
+        match = " | ".join(quote_lexeme(t) for t in lexemes)
         with self._errors():
             rows = self.conn.execute(
                 f"WITH q (term, idf) AS (SELECT * FROM unnest(%s::text[], %s::float8[])), "

@@ -112,6 +112,10 @@ def _vocab_key(term: str) -> str:
     return "".join(c for c in folded if not unicodedata.combining(c))
 
 
+class _Unchanged(Exception):
+    """Rolls back an upsert of the bytes the store already holds."""
+
+
 class SQLiteStore:
     """A `DocumentStore` in one SQLite file. Not shared between threads."""
 
@@ -278,21 +282,26 @@ class SQLiteStore:
         self, meta: DocMeta, chunks: Sequence[ChunkLike], vectors: np.ndarray
     ) -> StoredDocument:
         """Replace a document's chunks, vectors and FTS rows and bump its version, in one
-        transaction: on any error nothing of the document changes."""
+        transaction: on any error nothing of the document changes. The same bytes from
+        the same embedder already stored (another process was first) write nothing."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
             # Checked per row below as well; this message is the clearer one.
             shape = tuple(vectors.shape)
             raise RagError(f"{meta.source}: {len(chunks)} chunks but vectors of shape {shape}")
         doc_id = document_id(meta.source)
-        with self._write() as db:
+        with suppress(_Unchanged), self._write() as db:
             if self.embedder_id is None:  # the first document fixes the store's embedder
                 db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
                     [("embedder", meta.embedder), ("dim", str(vectors.shape[1]))],
                 )
             dim = vectors.shape[1] if meta.embedder != self.embedder_id else self.dim
-            old = db.execute("SELECT version FROM documents WHERE id = ?", (doc_id,)).fetchone()
+            old = db.execute(
+                "SELECT version, sha256, embedder FROM documents WHERE id = ?", (doc_id,)
+            ).fetchone()
+            if old is not None and old[1:] == (meta.sha256, meta.embedder):
+                raise _Unchanged  # another process stored these bytes first: write nothing
             version = 1 if old is None else old[0] + 1
             self._delete_rows(db, doc_id)
             db.execute(
