@@ -17,7 +17,8 @@
   (k1 = 1.2, b = 0.75), computed from the term frequencies in the tsvector, the chunk's
   token count and the per-term chunk counts in `terms`, kept exact by every write. The
   same chunks therefore rank the same on both backends, and hybrid search fuses the same
-  rankings by the same RRF (falconet/rag/retrieve.py).
+  rankings by the same RRF (falconet/rag/retrieve.py). One difference: a query word the
+  tokenizer cuts in two ("a_b") is FTS5's phrase "a b" but is searched here as a and b.
 - Vectors are pgvector `vector` columns. Below EXACT_SEARCH_MAX_CHUNKS chunks a search
   is an exact cosine scan; above it (or with `ann=True`) it walks an HNSW cosine index,
   built per embedding size as a partial expression index, since one column holds the
