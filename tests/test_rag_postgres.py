@@ -73,6 +73,22 @@ def test_migrations_are_recorded_applied_once_and_never_downgraded(pg_url):
         open_store(url)
 
 
+def test_a_dropped_connection_fails_one_call_and_is_reopened(pg_url):
+    """A server restart or an administrator's kill: the call that finds the connection
+    gone is a RagError, the next one reconnects."""
+    with open_store(schema_url(pg_url, new_schema())) as store:
+        meta = DocMeta("/t/b.txt", "b" * 64, 5, 0, "e")
+        store.upsert_document(meta, [Chunk("heron", 0, 5, None, None)], np.ones((1, 4), np.float32))
+        pid = store.conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(RagError, match="the RAG store at postgresql://"):
+            store.documents()
+        assert [d.source for d in store.documents()] == ["/t/b.txt"]
+        assert store.conn.info.backend_pid != pid
+        assert [h.text for h in store.search_bm25("heron", 3)] == ["heron"]
+
+
 def test_a_schema_that_is_not_a_store_is_refused_and_left_alone(pg_url):
     foreign = new_schema()
     with psycopg.connect(pg_url, autocommit=True) as db:

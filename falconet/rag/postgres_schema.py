@@ -1,12 +1,12 @@
 """What the PostgreSQL store is made of, apart from the store itself: the URL that names
-it, the numbered migrations that build its tables, and the tokenizer that makes its
-full-text terms the same as SQLite FTS5's (so BM25 ranks the same on both backends).
+it, the numbered migrations that build its tables (and `prepare`, which applies them), and
+the tokenizer that makes its full-text terms the same as SQLite FTS5's (so BM25 ranks the
+same on both backends).
 """
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -20,7 +20,7 @@ URL_SCHEMES = ("postgresql", "postgres")
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (
         1,
-        "documents, chunks with terms and vectors, term statistics",
+        "documents, chunks with vectors, postings and term statistics",
         """
         CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
         INSERT INTO meta (key, value) VALUES ('generation', '0'), ('chunks', '0'), ('tokens', '0');
@@ -44,13 +44,22 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             "end" integer NOT NULL,
             section text,
             page integer,
-            terms tsvector NOT NULL,
             tokens integer NOT NULL,
             dim integer NOT NULL,
             embedding vector NOT NULL,
             UNIQUE (doc_id, ord)
         );
-        CREATE INDEX chunks_terms ON chunks USING gin (terms);
+        CREATE INDEX chunks_doc ON chunks (doc_id);
+        -- The inverted index BM25 reads: a chunk's count of each of its terms, and its
+        -- length (dl), so a query reads the postings of its terms and nothing else.
+        CREATE TABLE postings (
+            term text NOT NULL,
+            chunk bigint NOT NULL REFERENCES chunks (rowid) ON DELETE CASCADE,
+            tf integer NOT NULL,
+            dl integer NOT NULL,
+            PRIMARY KEY (term, chunk) INCLUDE (tf, dl)
+        );
+        CREATE INDEX postings_chunk ON postings (chunk);
         CREATE TABLE terms (
             term text PRIMARY KEY,
             chunks integer NOT NULL,
@@ -98,6 +107,80 @@ def parse_url(url: str, schema: str | None = None) -> Location:
     return Location(url, check_collection_name(name), display)
 
 
+def prepare(conn, location: Location, create: bool) -> str:
+    """Create or migrate the store's schema over `conn` (autocommit) and point the
+    connection's search_path at it; returns the SET statement (for a reconnect)."""
+    schema = location.schema
+    vector_schema = _vector_schema(conn, location, create)
+    search_path = f'SET search_path TO "{schema}", "{vector_schema}"'
+    conn.execute(search_path)
+    if _version(conn, location) == MIGRATIONS[-1][0]:
+        return search_path
+    with conn.transaction():
+        # One process migrates at a time; the others then find it done.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-rag:" + schema,))
+        exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+        if not exists and not create:
+            raise RagError(f"no RAG store in schema {schema} at {location.display}; "
+                           "ingest documents first")  # fmt: skip
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}  # fmt: skip
+        if tables and "migrations" not in tables:
+            raise RagError(f"schema {schema} at {location.display} holds tables that "
+                           "are not a falconet RAG store; name another schema "
+                           "(?schema=NAME)")  # fmt: skip
+        conn.execute("CREATE TABLE IF NOT EXISTS migrations (version integer PRIMARY KEY, "
+                     "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
+        version = _version(conn, location)
+        for number, description, sql in MIGRATIONS:
+            if number > version:
+                conn.execute(sql)
+                conn.execute("INSERT INTO migrations (version, description) VALUES (%s, %s)",
+                             (number, description))  # fmt: skip
+    return search_path
+
+
+def _vector_schema(conn, location: Location, create: bool) -> str:
+    """The schema pgvector's types live in, creating the extension if needed."""
+    query = ("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n "
+             "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")  # fmt: skip
+    row = conn.execute(query).fetchone()
+    if row is None and create:
+        import psycopg
+
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('falconet-rag'))")
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise RagError(f"the database at {location.display} lacks the pgvector "
+                           "extension and this user may not create it: have an "
+                           "administrator run CREATE EXTENSION vector") from e  # fmt: skip
+        except psycopg.errors.FeatureNotSupported as e:  # not installed
+            raise RagError(f"the PostgreSQL server at {location.display} has no "
+                           f"pgvector extension ({first_line(e)})") from e  # fmt: skip
+        row = conn.execute(query).fetchone()
+    if row is None:
+        raise RagError(f"no RAG store in schema {location.schema} at {location.display} "
+                       "(the database has no pgvector extension); ingest documents first")  # fmt: skip
+    return row[0]
+
+
+def _version(conn, location: Location) -> int:
+    """The newest migration applied (0: none); a RagError if newer than this falconet."""
+    table = f'"{location.schema}".migrations'
+    if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+        return 0
+    version = conn.execute(f"SELECT coalesce(max(version), 0) FROM {table}").fetchone()[0]
+    if version > MIGRATIONS[-1][0]:
+        raise RagError(
+            f"schema {location.schema} at {location.display} has store schema {version}; "
+            f"this falconet knows up to {MIGRATIONS[-1][0]}: use a newer falconet"
+        )
+    return version
+
+
 def fts_tokens(text: str) -> list[str]:
     """`text`'s tokens as SQLite FTS5's `unicode61 remove_diacritics 2` tokenizer makes
     them: runs of letters, digits, private-use characters and combining marks; lowercased,
@@ -120,18 +203,6 @@ def _fold(token: str) -> str:
     return unicodedata.normalize(
         "NFC", "".join(c for c in decomposed if not unicodedata.combining(c))
     )
-
-
-def tsvector_literal(tokens: Sequence[str]) -> str:
-    """A tsvector literal: each lexeme with the positions (from 1) it occurs at."""
-    positions: dict[str, list[int]] = {}
-    for i, t in enumerate(tokens, start=1):
-        positions.setdefault(t, []).append(min(i, 16383))  # the type's largest position
-    return " ".join(f"{quote_lexeme(t)}:{','.join(map(str, p))}" for t, p in positions.items())
-
-
-def quote_lexeme(term: str) -> str:
-    return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def first_line(e: BaseException) -> str:

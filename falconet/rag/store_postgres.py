@@ -12,10 +12,11 @@
   nothing, so two processes ingesting one folder store every document once, at version 1.
   Embedding happens before, outside any transaction.
 - The same BM25. Chunks are tokenized here as SQLite's FTS5 `unicode61 remove_diacritics
-  2` tokenizer does (`fts_tokens`) and stored as a `tsvector` (lexeme -> positions) with a
-  GIN index, which finds the chunks holding a query's words; the score is FTS5's bm25()
-  (k1 = 1.2, b = 0.75), computed from the term frequencies in the tsvector, the chunk's
-  token count and the per-term chunk counts in `terms`, kept exact by every write. The
+  2` tokenizer does (`fts_tokens`) into an inverted index, `postings` (term, chunk, term
+  frequency, chunk length), whose primary key a query reads for its words only; the score
+  is FTS5's bm25() (k1 = 1.2, b = 0.75) with the per-term chunk counts in `terms`, kept
+  exact by every write. (A `tsvector` with `ts_rank_cd` ranks otherwise, and unnesting
+  tsvectors to get BM25's term frequencies cost ~100 ms at 2,000 chunks.) The
   same chunks therefore rank the same on both backends, and hybrid search fuses the same
   rankings by the same RRF (falconet/rag/retrieve.py). One difference: a query word the
   tokenizer cuts in two ("a_b") is FTS5's phrase "a b" but is searched here as a and b.
@@ -36,6 +37,7 @@ import hashlib
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -44,12 +46,10 @@ import numpy as np
 
 from falconet.errors import RagError
 from falconet.rag.postgres_schema import (
-    MIGRATIONS,
     first_line,
     fts_tokens,
     parse_url,
-    quote_lexeme,
-    tsvector_literal,
+    prepare,
 )
 from falconet.rag.store import (
     ChunkLike,
@@ -87,15 +87,11 @@ class PostgresStore:
                 "a PostgreSQL store needs psycopg and pgvector: pip install falconet[postgres]"
             ) from e
         self._psycopg = psycopg
+        self._register_vector = register_vector
         self.location = parse_url(url, schema)
         self.schema = self.location.schema
-        try:
-            self.conn = psycopg.connect(self.location.url, autocommit=True,
-                                        connect_timeout=CONNECT_TIMEOUT_S,
-                                        application_name="falconet")  # fmt: skip
-        except psycopg.Error as e:
-            raise RagError(f"cannot connect to the RAG store at {self.location.display}: "
-                           f"{first_line(e)}") from None  # fmt: skip
+        self.conn = self._connect()
+        self._search_path = ""
         self._lock = threading.Lock()
         self._changes = 0
         self._df: tuple[str | None, dict[str, int]] | None = None
@@ -113,78 +109,32 @@ class PostgresStore:
     def _errors(self) -> Iterator[None]:
         """psycopg's errors as RagErrors that say which store (a lost connection, a
         refused privilege, a server shutting down)."""
+        if self.conn.closed and self._search_path:  # dropped (a server restart): reopen
+            conn = self._connect()
+            try:
+                conn.execute(self._search_path)
+                self._register_vector(conn)
+            except self._psycopg.Error as e:
+                conn.close()
+                raise RagError(f"the RAG store at {self.location.display}: {first_line(e)}") from e
+            self.conn = conn
         try:
             yield
         except self._psycopg.Error as e:
             raise RagError(f"the RAG store at {self.location.display} (schema {self.schema}): "
                            f"{first_line(e)}") from e  # fmt: skip
 
+    def _connect(self):
+        try:
+            return self._psycopg.connect(self.location.url, autocommit=True,
+                                         connect_timeout=CONNECT_TIMEOUT_S,
+                                         application_name="falconet")  # fmt: skip
+        except self._psycopg.Error as e:
+            raise RagError(f"cannot connect to the RAG store at {self.location.display}: "
+                           f"{first_line(e)}") from None  # fmt: skip
+
     def _setup(self, create: bool) -> None:
-        conn, schema = self.conn, self.schema
-        vector_schema = self._vector_schema(create)
-        conn.execute(f'SET search_path TO "{schema}", "{vector_schema}"')
-        if self._version() == MIGRATIONS[-1][0]:
-            return
-        with conn.transaction():
-            # One process migrates at a time; the others then find it done.
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-rag:" + schema,))
-            exists = conn.execute(
-                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
-            ).fetchone()
-            if not exists and not create:
-                raise RagError(f"no RAG store in schema {schema} at {self.location.display}; "
-                               "ingest documents first")  # fmt: skip
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            tables = {r[0] for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}  # fmt: skip
-            if tables and "migrations" not in tables:
-                raise RagError(f"schema {schema} at {self.location.display} holds tables that "
-                               "are not a falconet RAG store; name another schema "
-                               "(?schema=NAME)")  # fmt: skip
-            conn.execute("CREATE TABLE IF NOT EXISTS migrations (version integer PRIMARY KEY, "
-                         "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
-            version = self._version()
-            for number, description, sql in MIGRATIONS:
-                if number > version:
-                    conn.execute(sql)
-                    conn.execute("INSERT INTO migrations (version, description) VALUES (%s, %s)",
-                                 (number, description))  # fmt: skip
-
-    def _vector_schema(self, create: bool) -> str:
-        """The schema pgvector's types live in, creating the extension if needed."""
-        query = ("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n "
-                 "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")  # fmt: skip
-        row = self.conn.execute(query).fetchone()
-        if row is None and create:
-            try:
-                with self.conn.transaction():
-                    self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('falconet-rag'))")
-                    self.conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            except self._psycopg.errors.InsufficientPrivilege as e:
-                raise RagError(f"the database at {self.location.display} lacks the pgvector "
-                               "extension and this user may not create it: have an "
-                               "administrator run CREATE EXTENSION vector") from e  # fmt: skip
-            except self._psycopg.errors.FeatureNotSupported as e:  # not installed
-                raise RagError(f"the PostgreSQL server at {self.location.display} has no "
-                               f"pgvector extension ({first_line(e)})") from e  # fmt: skip
-            row = self.conn.execute(query).fetchone()
-        if row is None:
-            raise RagError(f"no RAG store in schema {self.schema} at {self.location.display} "
-                           "(the database has no pgvector extension); ingest documents first")  # fmt: skip
-        return row[0]
-
-    def _version(self) -> int:
-        """The newest migration applied (0: none); a RagError if newer than this falconet."""
-        table = f'"{self.schema}".migrations'
-        if self.conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
-            return 0
-        version = self.conn.execute(f"SELECT coalesce(max(version), 0) FROM {table}").fetchone()[0]
-        if version > MIGRATIONS[-1][0]:
-            raise RagError(
-                f"schema {self.schema} at {self.location.display} has store schema {version}; "
-                f"this falconet knows up to {MIGRATIONS[-1][0]}: use a newer falconet"
-            )
-        return version
+        self._search_path = prepare(self.conn, self.location, create)
 
     @contextmanager
     def _write(self) -> Iterator[_Tx]:
@@ -341,6 +291,7 @@ class PostgresStore:
                      meta.size, meta.mtime_ns, meta.embedder, time.time()),
                 )  # fmt: skip
                 tokens_total = 0
+                postings: list[tuple[str, int, int, int]] = []
                 for i, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
                     text = chunk.text
                     if "\x00" in text:
@@ -348,14 +299,24 @@ class PostgresStore:
                     tokens = fts_tokens(text)
                     tokens_total += len(tokens)
                     v = checked_vector(vector, dim, meta.source)
-                    self._do(
+                    (rowid,) = self.conn.execute(
                         'INSERT INTO chunks (id, doc_id, ord, text, start, "end", section, '
-                        "page, terms, tokens, dim, embedding) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::tsvector, %s, %s, %s)",
+                        "page, tokens, dim, embedding) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING rowid",
                         (chunk_id(doc_id, meta.sha256, i, chunk.start, chunk.end), doc_id, i,
                          text, chunk.start, chunk.end, chunk.section, chunk.page,
-                         tsvector_literal(tokens), len(tokens), len(v), Vector(v)),
-                    )  # fmt: skip
+                         len(tokens), len(v), Vector(v)),
+                    ).fetchone()  # fmt: skip
+                    self._changes += 1
+                    postings.extend(
+                        (t, rowid, tf, len(tokens)) for t, tf in Counter(tokens).items()
+                    )
+                with self.conn.cursor().copy(
+                    "COPY postings (term, chunk, tf, dl) FROM STDIN"
+                ) as copy:
+                    for row in postings:
+                        copy.write_row(row)
+                self._changes += len(postings)
                 self._count_terms(doc_id, +1)
                 self._add_totals(len(chunks), tokens_total)
         found = self.document(doc_id)
@@ -366,8 +327,8 @@ class PostgresStore:
         """Add (+1) or take away (-1) a document's chunks from the per-term counts."""
         self._do(
             "INSERT INTO terms AS t (term, chunks, occurrences) "
-            "SELECT u.lexeme, %s * count(*), %s * sum(cardinality(u.positions)) "
-            "FROM chunks c, unnest(c.terms) u WHERE c.doc_id = %s GROUP BY u.lexeme "
+            "SELECT p.term, %s * count(*), %s * sum(p.tf) FROM postings p JOIN chunks c "
+            "ON c.rowid = p.chunk WHERE c.doc_id = %s GROUP BY p.term "
             "ON CONFLICT (term) DO UPDATE SET chunks = t.chunks + excluded.chunks, "
             "occurrences = t.occurrences + excluded.occurrences",
             (sign, sign, doc_id),
@@ -482,18 +443,15 @@ class PostgresStore:
         if not lexemes:
             return []
         idf = [max(float(np.log((n - df[t] + 0.5) / (df[t] + 0.5))), 1e-6) for t in lexemes]
-        match = " | ".join(quote_lexeme(t) for t in lexemes)
         with self._errors():
             rows = self.conn.execute(
                 f"WITH q (term, idf) AS (SELECT * FROM unnest(%s::text[], %s::float8[])), "
-                "ranked AS (SELECT c.rowid, sum(q.idf * u.tf * %s / (u.tf + %s * (1 - %s + %s * "
-                "c.tokens / %s))) AS score FROM chunks c CROSS JOIN LATERAL (SELECT lexeme, "
-                "cardinality(positions) AS tf FROM unnest(c.terms)) u JOIN q ON q.term = "
-                "u.lexeme WHERE c.terms @@ %s::tsquery GROUP BY c.rowid "
-                "ORDER BY score DESC, c.rowid LIMIT %s) "
+                "ranked AS (SELECT p.chunk AS rowid, sum(q.idf * p.tf * %s / (p.tf + %s * "
+                "(1 - %s + %s * p.dl / %s))) AS score FROM q JOIN postings p ON p.term = q.term "
+                "GROUP BY p.chunk ORDER BY score DESC, p.chunk LIMIT %s) "
                 f"SELECT {self._HIT_COLUMNS}, r.score FROM ranked r JOIN chunks c ON c.rowid = "
                 "r.rowid JOIN documents d ON d.id = c.doc_id ORDER BY r.score DESC, r.rowid",
-                (lexemes, idf, BM25_K1 + 1, BM25_K1, BM25_B, BM25_B, avgdl, match, k),
+                (lexemes, idf, BM25_K1 + 1, BM25_K1, BM25_B, BM25_B, avgdl, k),
             ).fetchall()
         return [Hit(*r) for r in rows]
 
@@ -503,7 +461,11 @@ class PostgresStore:
         that or with `ann`. Scores are exact either way."""
         from pgvector import Vector
 
-        embedder, dim = self.embedder_id, self.dim
+        with self._errors():  # one round trip for what the query needs to know
+            meta = dict(self.conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('embedder', 'dim', 'chunks')"
+            ).fetchall())  # fmt: skip
+        embedder, dim = meta.get("embedder"), int(meta.get("dim", 0)) or None
         if k <= 0 or embedder is None or dim is None:
             return []
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -511,7 +473,7 @@ class PostgresStore:
             raise RagError(f"query vector has {q.shape[0]} dimensions; the store's embedder "
                            f"{embedder} has {dim}")  # fmt: skip
         q = Vector(checked_vector(q, dim, "the query"))
-        chunks = int(self._meta("chunks") or 0)
+        chunks = int(meta["chunks"])
         with self._errors(), self.conn.transaction():
             if ann or chunks > EXACT_SEARCH_MAX_CHUNKS:
                 # The index orders by the expression it was built on (the cast); ties and
@@ -578,13 +540,21 @@ class PostgresStore:
         with self._errors(), self.conn.transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (bad_terms,) = self.conn.execute(
-                "SELECT count(*) FROM (SELECT u.lexeme AS term, count(*) AS chunks, "
-                "sum(cardinality(u.positions)) AS occurrences FROM chunks c, unnest(c.terms) u "
-                "GROUP BY u.lexeme) a FULL JOIN terms t USING (term) WHERE a.chunks IS DISTINCT "
+                "SELECT count(*) FROM (SELECT term, count(*) AS chunks, sum(tf) AS occurrences "
+                "FROM postings GROUP BY term) a FULL JOIN terms t USING (term) WHERE a.chunks IS DISTINCT "
                 "FROM t.chunks OR a.occurrences IS DISTINCT FROM t.occurrences"
             ).fetchone()
             if bad_terms:
-                problems.append(f"term counts: {bad_terms} terms disagree with the chunks")
+                problems.append(f"term counts: {bad_terms} terms disagree with the postings")
+            (bad_postings,) = self.conn.execute(
+                "SELECT count(*) FROM chunks c LEFT JOIN (SELECT chunk, sum(tf) AS tokens, "
+                "min(dl) AS lo, max(dl) AS hi FROM postings GROUP BY chunk) p ON p.chunk = "
+                "c.rowid WHERE coalesce(p.tokens, 0) <> c.tokens OR p.lo <> c.tokens "
+                "OR p.hi <> c.tokens"
+            ).fetchone()
+            if bad_postings:
+                problems.append(f"postings: {bad_postings} chunks whose postings disagree "
+                                "with their length")  # fmt: skip
             n, tokens = self.conn.execute(
                 "SELECT count(*), coalesce(sum(tokens), 0) FROM chunks"
             ).fetchone()
