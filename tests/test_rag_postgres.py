@@ -19,7 +19,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from falconet.errors import RagError
+from falconet.errors import RagError, StoreUnavailableError
 from falconet.rag.chunking import Chunk
 from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest
@@ -82,7 +82,7 @@ def test_a_dropped_connection_fails_one_call_and_is_reopened(pg_url):
         pid = store.conn.info.backend_pid
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        with pytest.raises(RagError, match="the RAG store at postgresql://"):
+        with pytest.raises(StoreUnavailableError, match="the RAG store at postgresql://"):
             store.documents()
         assert [d.source for d in store.documents()] == ["/t/b.txt"]
         assert store.conn.info.backend_pid != pid
@@ -252,6 +252,26 @@ def test_two_servers_share_one_store(pg_url, tmp_path):
         assert httpx.delete(f"{servers[1].url}/v1/rag/documents/{doc['id']}",
                             timeout=T).status_code == 200  # fmt: skip
         assert "cain.txt" not in found(servers[0], "Cain Abel")
+
+        # The database drops every falconet connection (a restart, an administrator): a
+        # request on a dropped connection is a 503 to retry, and the next on that thread
+        # reconnects.
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            (killed,) = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'falconet'"
+            ).fetchone()
+        assert killed >= 2
+        statuses = []
+        while len(statuses) < 100 and (not statuses or statuses[-1] != 200):
+            r = httpx.post(f"{servers[1].url}/v1/rag/query",
+                           json={"query": "gopher wood", "answer": False, "mode": "bm25"},
+                           timeout=T)  # fmt: skip
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "store_unavailable", r.text
+        # (a worker thread that had no connection yet answers 200 at once)
+        assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
         with open_store(url, create=False) as store:
             assert store.integrity_check() == []
             assert len(store.documents()) == 8

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from falconet.errors import RagError
+from falconet.errors import RagError, StoreUnavailableError
 from falconet.rag.postgres_schema import (
     first_line,
     fts_tokens,
@@ -116,13 +116,19 @@ class PostgresStore:
                 self._register_vector(conn)
             except self._psycopg.Error as e:
                 conn.close()
-                raise RagError(f"the RAG store at {self.location.display}: {first_line(e)}") from e
+                raise StoreUnavailableError(
+                    f"the RAG store at {self.location.display}: {first_line(e)}"
+                ) from e
             self.conn = conn
         try:
             yield
         except self._psycopg.Error as e:
-            raise RagError(f"the RAG store at {self.location.display} (schema {self.schema}): "
-                           f"{first_line(e)}") from e  # fmt: skip
+            # OperationalError: the server went away, shut down, or refused the connection
+            kind = (
+                StoreUnavailableError if isinstance(e, self._psycopg.OperationalError) else RagError
+            )
+            raise kind(f"the RAG store at {self.location.display} (schema {self.schema}): "
+                       f"{first_line(e)}") from e  # fmt: skip
 
     def _connect(self):
         try:
@@ -130,8 +136,8 @@ class PostgresStore:
                                          connect_timeout=CONNECT_TIMEOUT_S,
                                          application_name="falconet")  # fmt: skip
         except self._psycopg.Error as e:
-            raise RagError(f"cannot connect to the RAG store at {self.location.display}: "
-                           f"{first_line(e)}") from None  # fmt: skip
+            raise StoreUnavailableError(f"cannot connect to the RAG store at "
+                                        f"{self.location.display}: {first_line(e)}") from None  # fmt: skip
 
     def _setup(self, create: bool) -> None:
         self._search_path = prepare(self.conn, self.location, create)

@@ -46,7 +46,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from falconet.errors import FalconetError, LimitError, LoaderError, RagError
+from falconet.errors import (
+    FalconetError,
+    LimitError,
+    LoaderError,
+    RagError,
+    StoreUnavailableError,
+)
 from falconet.generate import usage
 from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
@@ -159,6 +165,8 @@ class _Rag:
                            code="document_too_large") from e  # fmt: skip
         except LoaderError as e:
             raise bad(str(e), "file") from e
+        except StoreUnavailableError as e:  # the database: try again later, not a bad request
+            raise APIError(503, str(e), code="store_unavailable") from e
         except RagError as e:
             raise bad(str(e)) from e
 
