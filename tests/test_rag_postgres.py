@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+from pgvector import Vector
 
 from falconet.errors import RagError, StoreUnavailableError
 from falconet.rag.chunking import Chunk
@@ -26,6 +27,7 @@ from falconet.rag.ingest import ingest
 from falconet.rag.postgres_schema import MIGRATIONS, fts_tokens
 from falconet.rag.retrieve import MODES, search
 from falconet.rag.store import DocMeta, open_store
+from falconet.rag.store_postgres import nearest_sql
 from tests.conftest import assert_cli_error
 from tests.pg_tools import new_schema, schema_url
 from tests.server_tools import ServerProcess
@@ -63,6 +65,19 @@ def test_migrations_are_recorded_applied_once_and_never_downgraded(pg_url):
         ).fetchone()
         assert "USING hnsw" in index and "vector_cosine_ops" in index and "dim = 4" in index
         assert (store.embedder_id, store.dim) == ("e", 4)
+        # The ANN query is one the index answers (checked on the plan: one row is too few
+        # for the planner to choose the index by cost, so sequential scans are off).
+        q = Vector(np.ones(4, np.float32))
+        with store.conn.transaction():
+            store.conn.execute("SET LOCAL enable_seqscan = off")
+            plan = store.conn.execute(
+                "EXPLAIN " + nearest_sql(4, hnsw=True), (q, q, 5)
+            ).fetchall()  # fmt: skip
+            assert "Index Scan using chunks_embedding_hnsw_4" in plan[1][0], plan
+            exact = store.conn.execute(
+                "EXPLAIN " + nearest_sql(4, hnsw=False), (q, q, 5)
+            ).fetchall()  # fmt: skip
+            assert not any("hnsw" in row[0] for row in exact), exact
     with open_store(url, create=False) as again:  # found at the latest version: nothing done
         assert again.conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(
             MIGRATIONS

@@ -71,6 +71,19 @@ BM25_K1 = 1.2  # FTS5's bm25() constants
 BM25_B = 0.75
 
 
+def nearest_sql(dim: int, hnsw: bool) -> str:
+    """The k nearest chunks (rowid, cosine distance) to a query vector (the first two
+    parameters; the third is k). With `hnsw` the ORDER BY is the expression the index
+    `chunks_embedding_hnsw_<dim>` was built on, so PostgreSQL walks that index; without,
+    no index matches and it scans exactly, ties by rowid."""
+    if hnsw:
+        return (f"SELECT rowid, embedding::vector({dim}) <=> %s::vector({dim}) AS dist "
+                f"FROM chunks WHERE dim = {dim} ORDER BY embedding::vector({dim}) <=> "
+                f"%s::vector({dim}) LIMIT %s")  # fmt: skip
+    return (f"SELECT rowid, embedding <=> %s AS dist FROM chunks WHERE dim = {dim} "
+            "ORDER BY embedding <=> %s, rowid LIMIT %s")  # fmt: skip
+
+
 class _Tx:
     changed = True  # False: nothing was written, the write counter stays
 
@@ -486,14 +499,10 @@ class PostgresStore:
                 # the embedder filter are settled on the candidates it returns.
                 self.conn.execute("SELECT set_config('hnsw.ef_search', %s, true)",
                                   (str(min(max(HNSW_EF_SEARCH_MIN, 2 * k), 1000)),))  # fmt: skip
-                inner = (f"SELECT rowid, embedding::vector({dim}) <=> %s::vector({dim}) AS dist "
-                         f"FROM chunks WHERE dim = {dim} ORDER BY embedding::vector({dim}) <=> "
-                         f"%s::vector({dim}) LIMIT %s")  # fmt: skip
-                params = (q, q, k)
+                inner = nearest_sql(int(dim), hnsw=True)
             else:
-                inner = (f"SELECT rowid, embedding <=> %s AS dist FROM chunks WHERE dim = {dim} "
-                         "ORDER BY embedding <=> %s, rowid LIMIT %s")  # fmt: skip
-                params = (q, q, k)
+                inner = nearest_sql(int(dim), hnsw=False)
+            params = (q, q, k)
             rows = self.conn.execute(
                 f"SELECT {self._HIT_COLUMNS}, 1 - n.dist, n.rowid FROM ({inner}) n "
                 "JOIN chunks c ON c.rowid = n.rowid JOIN documents d ON d.id = c.doc_id "
