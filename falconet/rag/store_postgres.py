@@ -64,7 +64,8 @@ from falconet.rag.store import (
 )
 
 CONNECT_TIMEOUT_S = 10
-# An exact scan of 20k 384-d vectors takes ~10 ms; above that the HNSW index answers.
+# Exact cosine scans of 384-d vectors took 2.6 / 28 / 45 ms (p50) at 2k / 20k / 50k rows on
+# the dev machine (2 cores, load average 3); above 20k the HNSW index answers.
 EXACT_SEARCH_MAX_CHUNKS = 20_000
 HNSW_EF_SEARCH_MIN = 100  # pgvector's default (40) loses recall at k = 20
 BM25_K1 = 1.2  # FTS5's bm25() constants
