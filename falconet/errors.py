@@ -31,6 +31,11 @@ class RagError(FalconetError):
     """A retrieval (RAG) problem: a store or an embedder that cannot be used."""
 
 
+class StoreUnavailableError(RagError):
+    """A store on a database server that cannot be reached or dropped the connection: the
+    request may succeed when tried again (the server answers 503)."""
+
+
 class LoaderError(FalconetError):
     """A document that cannot be read (unsupported, unreadable, too big, binary, encrypted,
     empty): raised by `documents.py` for every face that reads files (rag, train)."""

@@ -341,3 +341,21 @@ def ours(hf_dir, tmp_path_factory):
         return cache[variant, qtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL server with pgvector, started once for the session (or
+    FALCONET_TEST_PG_URL): its URL. Each test takes a schema of its own (pg_tools.new_schema)."""
+    import os
+
+    from tests.pg_tools import ENV_URL, PostgresServer
+
+    if os.environ.get(ENV_URL):
+        yield os.environ[ENV_URL]
+        return
+    server = PostgresServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()

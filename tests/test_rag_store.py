@@ -1,7 +1,10 @@
-"""The RAG store and exactly-once ingestion, on real SQLite files with the real embedder.
+"""The RAG store and exactly-once ingestion with the real embedder, on both backends: real
+SQLite files and a real PostgreSQL server with pgvector (the `pg_url` fixture). Every test
+that takes `stores` runs once per backend.
 
 The crash test at the end kills real ingesting processes with SIGKILL at random moments
-and checks that restarting them leaves the store equal to one clean ingest.
+and checks that restarting them leaves the store equal to one clean ingest; two processes
+ingesting one folder at once store every document once.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +29,9 @@ from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest, sync
 from falconet.rag.loaders import file_sha256, load_document
 from falconet.rag.retrieve import RRF_K, reciprocal_rank_fusion, search
-from falconet.rag.store import DocMeta, DocumentStore, SQLiteStore, fts_query, open_store
+from falconet.rag.store import DocMeta, DocumentStore, open_store
+from falconet.rag.store_sqlite import SQLiteStore, fts_query
+from tests.pg_tools import new_schema, schema_url
 
 WORDS = ["falcon", "river", "harbor", "lantern", "granite", "meadow", "orchard", "copper",
          "winter", "signal", "ledger", "quartz", "willow", "beacon", "canyon", "thistle",
@@ -66,6 +72,32 @@ def counting(embedder):
     return CountingEmbedder(embedder)
 
 
+class Stores:
+    """Stores of one backend, by name: a folder under tmp_path, or a schema of its own in
+    the test PostgreSQL database."""
+
+    def __init__(self, kind: str, tmp_path: Path, pg_url: str | None = None):
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.pg_url = pg_url
+        self.prefix = new_schema()
+
+    def spec(self, name: str) -> str:
+        if self.kind == "sqlite":
+            return str(self.tmp_path / name)
+        return schema_url(self.pg_url, f"{self.prefix}_{name}")
+
+    def open(self, name: str, create: bool = True):
+        return open_store(self.spec(name), create=create)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def stores(request, tmp_path) -> Stores:
+    if request.param == "sqlite":
+        return Stores("sqlite", tmp_path)
+    return Stores("postgres", tmp_path, request.getfixturevalue("pg_url"))
+
+
 def write_corpus(
     folder: Path, n: int, seed: int = 0, paragraphs: int = 4, big_every: int = 1
 ) -> list[Path]:
@@ -86,8 +118,10 @@ def write_corpus(
     return files
 
 
-def store_rows(store: SQLiteStore) -> dict:
+def store_rows(store: DocumentStore) -> dict:
     """Everything two stores must agree on (not versions, timestamps or rowids)."""
+    if not isinstance(store, SQLiteStore):
+        return pg_rows(store)
     db = store._db
     return {
         "documents": db.execute("SELECT id, source, sha256 FROM documents ORDER BY id").fetchall(),
@@ -104,18 +138,43 @@ def store_rows(store: SQLiteStore) -> dict:
     }
 
 
-def assert_same_content(a: SQLiteStore, b: SQLiteStore) -> None:
+def pg_rows(store) -> dict:
+    """store_rows of a PostgresStore: the same rows, vectors as the same float32 bytes."""
+    db = store.conn
+    return {
+        "documents": db.execute(
+            'SELECT id, source, sha256 FROM documents ORDER BY id COLLATE "C"'
+        ).fetchall(),
+        "chunks": db.execute(
+            'SELECT id, doc_id, ord, text, start, "end", section, page FROM chunks '
+            'ORDER BY id COLLATE "C"'
+        ).fetchall(),
+        "embeddings": [
+            (cid, np.asarray(v.to_numpy(), dtype="<f4").tobytes())
+            for cid, v in db.execute('SELECT id, embedding FROM chunks ORDER BY id COLLATE "C"')
+        ],
+        "fts": store.fts_terms(),
+        "fts_rows": db.execute('SELECT id, text FROM chunks ORDER BY id COLLATE "C"').fetchall(),
+    }
+
+
+def chunk_count(store: DocumentStore) -> int:
+    return sum(d.chunks for d in store.documents())
+
+
+def assert_same_content(a: DocumentStore, b: DocumentStore) -> None:
     ra, rb = store_rows(a), store_rows(b)
     for key in ra:
         assert ra[key] == rb[key], key
     assert a.checksum(versions=False) == b.checksum(versions=False)
     for s in (a, b):
-        assert s._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert s.integrity_check() == []
-        ((n, distinct),) = s._db.execute("SELECT count(*), count(DISTINCT id) FROM chunks")
-        assert n == distinct
-        (n_fts,) = s._db.execute("SELECT count(*) FROM chunks_fts").fetchone()
-        assert n_fts == n
+        ids = [c[0] for c in store_rows(s)["chunks"]]
+        assert len(ids) == len(set(ids)) == chunk_count(s)
+        if isinstance(s, SQLiteStore):
+            assert s._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            (n_fts,) = s._db.execute("SELECT count(*) FROM chunks_fts").fetchone()
+            assert n_fts == len(ids)
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -131,11 +190,11 @@ def test_new_store_is_wal_with_full_sync_and_the_interface(tmp_path):
     assert (tmp_path / "s" / "store.sqlite3").is_file()
 
 
-def test_upsert_is_all_or_nothing(tmp_path, counting):
+def test_upsert_is_all_or_nothing(stores, tmp_path, counting):
     (tmp_path / "c").mkdir()
     doc_path = tmp_path / "c" / "a.md"
     doc_path.write_text("# Birds\n\nThe peregrine falcon dives faster than any animal.\n")
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         ingest(store, [doc_path], counting)
         before, changes = store.checksum(), store.total_changes
         (doc,) = store.documents()
@@ -163,16 +222,16 @@ def test_upsert_is_all_or_nothing(tmp_path, counting):
         assert store.integrity_check() == []
 
 
-def test_reingest_of_an_unchanged_corpus_writes_and_embeds_nothing(tmp_path, counting):
+def test_reingest_of_an_unchanged_corpus_writes_and_embeds_nothing(stores, tmp_path, counting):
     corpus = tmp_path / "c"
     files = write_corpus(corpus, 6)
     (corpus / "binary.txt").write_bytes(bytes(range(256)) * 8)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         first = ingest(store, [corpus], counting)
         assert len(first.added) == 6 and first.chunks_written > 6
         assert [p for p, _ in first.skipped] == [str((corpus / "binary.txt").resolve())]
         assert counting.calls == 6  # one batch per document
-        rows = store._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        rows = chunk_count(store)
         before, changes, calls = store.checksum(), store.total_changes, counting.calls
 
         again = ingest(store, [corpus], counting)
@@ -184,13 +243,13 @@ def test_reingest_of_an_unchanged_corpus_writes_and_embeds_nothing(tmp_path, cou
         assert counting.calls == calls
         assert store.total_changes == changes
         assert store.checksum() == before
-        assert store._db.execute("SELECT count(*) FROM chunks").fetchone()[0] == rows
+        assert chunk_count(store) == rows
 
 
-def test_sync_adds_updates_and_removes(tmp_path, counting):
+def test_sync_adds_updates_and_removes(stores, tmp_path, counting):
     corpus = tmp_path / "c"
     files = write_corpus(corpus, 5)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         sync(store, corpus, counting)
         files[1].write_text("A new text about zeppelins and airships.\n")
         files[2].unlink()
@@ -211,7 +270,7 @@ def test_sync_adds_updates_and_removes(tmp_path, counting):
         assert store.integrity_check() == []
 
         # FTS and every table now equal a clean ingest of the same files
-        with open_store(tmp_path / "clean") as clean:
+        with stores.open("clean") as clean:
             ingest(clean, [*sorted(corpus.rglob("*.*")), *elsewhere], counting)
             assert_same_content(store, clean)
 
@@ -229,10 +288,10 @@ def test_sync_adds_updates_and_removes(tmp_path, counting):
         assert store.integrity_check() == []
 
 
-def test_hostile_queries_do_not_raise(tmp_path, counting):
+def test_hostile_queries_do_not_raise(stores, tmp_path, counting):
     corpus = tmp_path / "c"
     write_corpus(corpus, 2)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         ingest(store, [corpus], counting)
         hostile = ['"', '""', 'NEAR(', "NEAR(falcon river, 2)", "*", "-", "falcon*", "-falcon",
                    "falcon AND", "OR", "NOT", "text:falcon", "^falcon", "(falcon", "falcon)",
@@ -245,16 +304,23 @@ def test_hostile_queries_do_not_raise(tmp_path, counting):
         assert store.integrity_check() == []
 
 
-def test_vector_search_is_exact_and_cached(tmp_path, counting):
+def test_vector_search_is_exact_and_cached(stores, tmp_path, counting):
     corpus = tmp_path / "c"
     write_corpus(corpus, 3)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         ingest(store, [corpus], counting)
         (cid, text), *_ = store.chunk_texts(store.documents()[1].id)
         vector = counting.embed([text])[0]
         hits = store.search_vector(vector, 3)
         assert hits[0].chunk_id == cid and hits[0].score == pytest.approx(1.0, abs=1e-5)
         assert hits[0].score >= hits[1].score >= hits[2].score
+        if stores.kind == "postgres":  # the HNSW index finds the same chunks, same scores
+            ann = store.search_vector(vector, 3, ann=True)
+            assert [(h.chunk_id, h.score) for h in ann] == [(h.chunk_id, h.score) for h in hits]
+            store.remove_document(store.documents()[1].id)
+            assert all(h.chunk_id != cid for h in store.search_vector(vector, 10, ann=True))
+            assert all(h.chunk_id != cid for h in store.search_vector(vector, 10))
+            return
         cached = store._matrix
         store.search_vector(vector, 3)
         assert store._matrix is cached  # no reread without a write
@@ -263,14 +329,14 @@ def test_vector_search_is_exact_and_cached(tmp_path, counting):
         assert store._matrix is not cached
 
 
-def test_reciprocal_rank_fusion_and_hybrid_search(tmp_path, counting):
+def test_reciprocal_rank_fusion_and_hybrid_search(stores, tmp_path, counting):
     fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "a"]])
     assert [key for key, _ in fused] == ["a", "c", "b"]
     assert fused[0][1] == pytest.approx(1 / (RRF_K + 1) + 1 / (RRF_K + 2))
     assert reciprocal_rank_fusion([["x", "y"], ["y", "x"]])[0][0] == "x"  # a tie: by id
     corpus = tmp_path / "c"
     write_corpus(corpus, 6)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         assert search(store, "token3x1", 3, "hybrid", counting) == []  # an empty store
         ingest(store, [corpus], counting)
         hits = search(store, "token3x1 falcon", 3, "hybrid", counting)
@@ -310,13 +376,13 @@ def test_corrupt_or_foreign_file_is_a_rag_error(tmp_path):
         open_store(good)
 
 
-def test_an_embedder_change_reembeds_and_resumes_after_a_crash(tmp_path, embedder):
+def test_an_embedder_change_reembeds_and_resumes_after_a_crash(stores, tmp_path, embedder):
     corpus = tmp_path / "c"
     write_corpus(corpus, 4)
     old = CountingEmbedder(embedder)
     rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(embedder.dim,) * 2))[0]
     new = CountingEmbedder(embedder, id="rotated-minilm", rotation=rotation.astype(np.float32))
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         ingest(store, [corpus], old)
         assert store.embedder_id == embedder.id
 
@@ -339,7 +405,7 @@ def test_an_embedder_change_reembeds_and_resumes_after_a_crash(tmp_path, embedde
         assert new.calls == 2 and len(report.reembedded) == 2 and len(report.unchanged) == 4
         assert store.embedder_id == new.id
         assert {d.embedder for d in store.documents()} == {new.id}
-        with open_store(tmp_path / "clean") as clean:
+        with stores.open("clean") as clean:
             ingest(clean, [corpus], new)
             rows, clean_rows = store_rows(store), store_rows(clean)
             assert rows["chunks"] == clean_rows["chunks"]
@@ -386,27 +452,29 @@ store.upsert_document(meta, [Chunk(i) for i in range(6)], np.ones((6, store.dim)
 """
 
 
-def test_sigkill_inside_the_transaction_leaves_the_old_version(tmp_path, counting):
+def test_sigkill_inside_the_transaction_leaves_the_old_version(stores, tmp_path, counting):
     corpus = tmp_path / "c"
     files = write_corpus(corpus, 2)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         ingest(store, [corpus], counting)
         before = store.checksum()
     child = subprocess.Popen(
-        [sys.executable, "-c", IN_TRANSACTION, str(tmp_path / "s"), str(files[0].resolve())],
+        [sys.executable, "-c", IN_TRANSACTION, stores.spec("s"), str(files[0].resolve())],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert child.stdout.readline() == "inside\n"
-        assert (tmp_path / "s" / "store.sqlite3-wal").exists()
+        if stores.kind == "sqlite":
+            assert (tmp_path / "s" / "store.sqlite3-wal").exists()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         assert store.checksum() == before
         assert store.search_bm25("zebra", 5) == []
         assert store.integrity_check() == []
-        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        if stores.kind == "sqlite":
+            assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert len(ingest(store, [corpus], counting).unchanged) == 2
 
 
@@ -471,19 +539,30 @@ class Zygote:
         self.proc.wait(timeout=30)
 
 
-def committed(store_dir: Path, sql: str) -> int:
+def committed(stores: Stores, name: str, sql: str) -> int:
     """A count read from the store over a read-only connection (no checkpoint, no
     recovery written: the restarted process is the one that finds the crashed state)."""
-    path = store_dir / "store.sqlite3"
+    if stores.kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(stores.pg_url, autocommit=True) as db:
+            db.execute(f"SET search_path TO {stores.prefix}_{name}")
+            if db.execute("SELECT to_regclass('documents')").fetchone()[0] is None:
+                return 0
+            return db.execute(sql).fetchone()[0] or 0
+    path = stores.tmp_path / name / "store.sqlite3"
     if not path.exists():
         return 0
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return db.execute(sql).fetchone()[0]
+        return db.execute(sql).fetchone()[0] or 0
     except sqlite3.OperationalError:  # killed before the schema was committed
         return 0
     finally:
         db.close()
+
+
+UPDATED = "coalesce(sum(CASE WHEN version > 1 THEN 1 ELSE 0 END), 0)"  # SQLite and PostgreSQL
 
 
 def run_with_kills(zygote, argv, log, rng, kills, marker, progress, todo) -> tuple[int, int]:
@@ -529,7 +608,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return res
 
 
-def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
+def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(stores, tmp_path):
     corpus = tmp_path / "corpus"
     # Small files (~120 tokens; every 20th ~500): embedding is the cost, ~20 chunks/s here.
     files = write_corpus(corpus, 200, seed=1, big_every=20)
@@ -538,17 +617,17 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
     zygote = Zygote(tmp_path)
     try:
         # Phase 1: ingest, killed 20 times, then finished by the real command.
-        argv = ["rag", "ingest", str(corpus), "--store", str(tmp_path / "crashed")]
-        docs = lambda: committed(tmp_path / "crashed", "SELECT count(*) FROM documents")  # noqa: E731
+        argv = ["rag", "ingest", str(corpus), "--store", stores.spec("crashed")]
+        docs = lambda: committed(stores, "crashed", "SELECT count(*) FROM documents")  # noqa: E731
         killed, finished = run_with_kills(zygote, argv, log, rng, 20, "ingest:", docs, 200)
         assert killed == 20
         done = docs()
         assert 0 < done < 200 or finished, "no kill landed during the ingest"
         res = cli(*argv, cwd=tmp_path)
         assert f"{200 - done} added" in res.stdout, res.stdout
-        pid = zygote.start(["rag", "ingest", str(corpus), "--store", str(tmp_path / "clean")], log)
+        pid = zygote.start(["rag", "ingest", str(corpus), "--store", stores.spec("clean")], log)
         assert zygote.wait(pid) == 0, log.read_text()
-        with open_store(tmp_path / "crashed") as a, open_store(tmp_path / "clean") as b:
+        with stores.open("crashed") as a, stores.open("clean") as b:
             assert len(a.documents()) == 200
             assert_same_content(a, b)
 
@@ -558,19 +637,19 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
             path.write_text(path.read_text() + f"\nAn edit, number {i}: beacon ledger.\n" * 8)
         for path in order[20:]:
             path.unlink()
-        argv = ["rag", "sync", str(corpus), "--store", str(tmp_path / "crashed")]
+        argv = ["rag", "sync", str(corpus), "--store", stores.spec("crashed")]
         changed = lambda: committed(  # noqa: E731
-            tmp_path / "crashed", "SELECT 200 - count(*) + sum(version > 1) FROM documents"
+            stores, "crashed", f"SELECT 200 - count(*) + {UPDATED} FROM documents"
         )
         killed, finished = run_with_kills(zygote, argv, log, rng, 20, "sync:", changed, 30)
         assert killed == 20
-        done = committed(tmp_path / "crashed", "SELECT sum(version > 1) FROM documents")
+        done = committed(stores, "crashed", f"SELECT {UPDATED} FROM documents")
         assert 0 < done < 20 or finished, "no kill landed during the sync"
         res = cli(*argv, cwd=tmp_path)
         assert f"{20 - done} updated" in res.stdout, res.stdout
-        pid = zygote.start(["rag", "ingest", str(corpus), "--store", str(tmp_path / "clean2")], log)
+        pid = zygote.start(["rag", "ingest", str(corpus), "--store", stores.spec("clean2")], log)
         assert zygote.wait(pid) == 0, log.read_text()
-        with open_store(tmp_path / "crashed") as a, open_store(tmp_path / "clean2") as b:
+        with stores.open("crashed") as a, stores.open("clean2") as b:
             assert len(a.documents()) == 190
             assert_same_content(a, b)
             versions = {d.source: d.version for d in a.documents()}
@@ -579,7 +658,7 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(tmp_path):
         zygote.close()
 
 
-def test_bm25_searches_the_rarer_words(tmp_path, monkeypatch):
+def test_bm25_searches_the_rarer_words(stores, tmp_path, monkeypatch):
     """Words in more than half of the chunks are left out of the FTS5 query (their IDF is
     ~0) unless nothing else is left; the rest are taken rarest first within a budget of
     matched chunks (BM25_MAX_POSTINGS); document frequencies follow every write."""
@@ -599,7 +678,7 @@ def test_bm25_searches_the_rarer_words(tmp_path, monkeypatch):
     texts[7] += " heron"
     texts[8] += " heron otter"
     texts[9] += " café"
-    with open_store(tmp_path / "s") as store:
+    with stores.open("s") as store:
         put(store, "a", texts)
         assert store.bm25_terms("The river, of the heron? OTTER") == ["otter", "heron"]
         assert store.bm25_terms("the river of") == ["river"]  # only common words: the rarest
@@ -623,3 +702,29 @@ def test_bm25_searches_the_rarer_words(tmp_path, monkeypatch):
         assert store.bm25_terms("heron otter") == ["heron"]  # otter: 101 of 160 chunks
         assert store.search_bm25("otter of", 3)
         assert store.integrity_check() == []
+
+
+def test_two_processes_ingesting_one_folder_store_each_document_once(stores, tmp_path):
+    """Two `falconet rag ingest` processes at once, one walking the files forwards and one
+    backwards, so that they meet in the middle: each document is stored once, at
+    version 1, and the store equals one clean ingest."""
+    corpus = tmp_path / "corpus"
+    files = write_corpus(corpus, 24, seed=3, big_every=6)
+    command = [sys.executable, "-m", "falconet", "rag", "ingest", "--store", stores.spec("shared")]
+    procs = [
+        subprocess.Popen([*command, *map(str, order)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=CRASH_ENV)
+        for order in (files, files[::-1])
+    ]  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        added, unchanged = map(
+            int, re.search(r"(\d+) added, 0 updated, (\d+) unchanged", out).groups()
+        )
+        assert added + unchanged == 24, out  # what the other stored first is unchanged
+    cli("rag", "ingest", str(corpus), "--store", stores.spec("clean"), cwd=tmp_path)
+    with stores.open("shared") as a, stores.open("clean") as b:
+        assert len(a.documents()) == 24 and {d.version for d in a.documents()} == {1}
+        assert_same_content(a, b)
+        assert a.checksum() == b.checksum()  # versions too: no document was written twice

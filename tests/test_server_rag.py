@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from falconet.rag.store import STORE_FILE, SQLiteStore
+from falconet.rag.store_sqlite import STORE_FILE, SQLiteStore
 from tests.server_tools import ServerProcess, sse_events
 
 T = 120

@@ -24,8 +24,10 @@ def add_rag_parser(sub, parser_class) -> None:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help)
-        p.add_argument("--store", default=DEFAULT_STORE,
-                       help=f"store folder (default ./{DEFAULT_STORE}; the file store.sqlite3 inside)")  # fmt: skip
+        p.add_argument("--store", default=DEFAULT_STORE, metavar="DIR|URL",
+                       help=f"store folder (default ./{DEFAULT_STORE}; the file store.sqlite3 "
+                       "inside) or a postgresql://USER@HOST:PORT/DB[?schema=NAME] URL (a store "
+                       "shared by several processes; pip install falconet[postgres])")  # fmt: skip
         return p
 
     ingest = command("ingest", help="add or update files (.txt .md .html .pdf) and folders")

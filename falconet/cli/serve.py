@@ -36,8 +36,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "for dynamic RoPE scaling")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model folder or file name)")  # fmt: skip
-    p.add_argument("--rag-store", default=None, metavar="DIR",
-                   help="serve /v1/rag/* over the RAG store in DIR (default: RAG routes off)")  # fmt: skip
+    p.add_argument("--rag-store", default=None, metavar="DIR|URL",
+                   help="serve /v1/rag/* over the RAG store in DIR, or at a "
+                   "postgresql://USER@HOST:PORT/DB[?schema=NAME] URL that several servers "
+                   "may share (default: RAG routes off)")  # fmt: skip
+    p.add_argument("--rag-uploads", default=None, metavar="DIR",
+                   help="where uploaded files are kept (default: DIR/uploads of a store "
+                   "folder; ./.falconet-rag-uploads for a postgresql:// store)")  # fmt: skip
     p.add_argument("--rag-root", action="append", default=[], metavar="DIR",
                    help="a folder whose files clients may ingest by path (repeatable)")  # fmt: skip
     p.add_argument("--rag-max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
@@ -90,7 +95,7 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         model_name=name, host=args.host, port=args.port, api_key=api_key,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
         prefix_cache=args.prefix_cache,
-        rag_store=args.rag_store, rag_roots=tuple(args.rag_root),
+        rag_store=args.rag_store, rag_roots=tuple(args.rag_root), rag_uploads=args.rag_uploads,
         rag_max_upload_mb=args.rag_max_upload_mb, rag_limits=limits_from_args(args, "rag-"),
         embedding_model=args.embedding_model,
         timeout_keep_alive=args.timeout_keep_alive,

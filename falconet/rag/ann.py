@@ -27,7 +27,7 @@ from falconet.errors import RagError
 
 
 class VectorSource(Protocol):
-    """What the index needs of a store (rag/store.py's VectorSource has it): where it
+    """What the index needs of a store (SQLiteStore in rag/store_sqlite.py has it): where it
     lives, its committed write state, and its vectors as of one committed state."""
 
     path: Path

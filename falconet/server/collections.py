@@ -15,10 +15,12 @@ RAG routes' own opener (`open_store`): the seams where another kind of store slo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from starlette.requests import Request
 
@@ -71,11 +73,18 @@ class Collections:
         return rag
 
 
-def collection_store(root: Path, folder: str) -> Path:
+def collection_store(root: Path | str, folder: str) -> Path | str:
     """Where a collection's store lives, given the server's RAG store: the one place that
-    knows, so a store of another kind (a PostgreSQL URL, issue 18) maps a collection to its
-    own schema or database here."""
-    return root / COLLECTIONS / folder
+    knows. A folder store keeps each collection in a folder of its own; on PostgreSQL each
+    collection is a schema of its own, named from a digest of the collection's folder name
+    (unique per created collection, and always a valid schema name)."""
+    text = str(root)
+    if "://" in text:
+        parts = urlsplit(text)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"]
+        schema = "c_" + hashlib.sha256(folder.encode()).hexdigest()[:40]
+        return urlunsplit(parts._replace(query=urlencode([*query, ("schema", schema)])))
+    return Path(root) / COLLECTIONS / folder
 
 
 def _not_found(name: str | None) -> APIError:

@@ -1,4 +1,4 @@
-"""The RAG endpoints of `falconet serve --rag-store DIR`, in the same app as the OpenAI API.
+"""The RAG endpoints of `falconet serve --rag-store DIR|URL`, in the same app as the OpenAI API.
 
     POST   /v1/rag/documents        multipart upload (`file` fields) or JSON {"path": ...}
     GET    /v1/rag/documents        the stored documents
@@ -8,12 +8,15 @@
 
 A path on the server's disk is ingested only when its real path (symlinks resolved) lies
 under a `--rag-root`; folders are walked and any file resolving outside the roots is
-skipped. Uploads are written to `<store>/uploads/<sha256>/<name>` (temp file, fsync,
-rename) after they load as a supported document, so a refused upload leaves the store as
+skipped. Uploads are written to `<uploads>/<sha256>/<name>` (temp file, fsync, rename;
+`<uploads>` is `<store>/uploads`, or --rag-uploads) after they load as a supported document, so a refused upload leaves the store as
 it was; an upload whose ingestion fails or is cancelled is removed, and so is any file in
 uploads/ that no stored document references when the server starts (a killed server's).
-SQLiteStore connections are not shared between threads: every store call runs in a
-worker thread (never on the event loop) on that thread's own connection.
+Store connections (an SQLite file's, or PostgreSQL's) are not shared between threads: every
+store call runs in a worker thread (never on the event loop) on that thread's own
+connection. Replicas sharing one PostgreSQL store each keep their uploads on their own disk;
+a document uploaded to one and removed through another keeps its file until the first
+restarts (the orphan sweep below).
 
 Ingestion is bounded per document (`IngestLimits`: --rag-max-file-mb, --rag-max-chunks,
 --rag-max-tokens-per-byte; a refused upload gets a 413 naming the limit), embeds a few
@@ -47,7 +50,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from falconet.errors import FalconetError, LimitError, LoaderError, RagError
+from falconet.errors import (
+    FalconetError,
+    LimitError,
+    LoaderError,
+    RagError,
+    StoreUnavailableError,
+)
 from falconet.generate import usage
 from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
@@ -126,10 +135,11 @@ _DOCUMENTS_BODY = {
 
 @dataclass(frozen=True)
 class RagSettings:
-    store: Path  # the store folder
+    store: Path | str  # the store folder, or a postgresql:// URL
     roots: tuple[Path, ...] = ()  # resolved; server-side paths must lie under one
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20
     limits: IngestLimits = IngestLimits(flag_prefix="rag-")
+    uploads: Path | None = None  # where uploads are kept; None: <store folder>/uploads
 
 
 class _Rag:
@@ -137,7 +147,7 @@ class _Rag:
         from falconet.rag.store import open_store
 
         self.settings = settings
-        self.uploads = (settings.store / UPLOADS).resolve()
+        self.uploads = (settings.uploads or Path(settings.store) / UPLOADS).resolve()
         self._local = threading.local()
         self.embedder = embedder  # the server's, which /v1/embeddings shares
         # Uploads being ingested, by final path: a failed one removes its file only when
@@ -165,6 +175,8 @@ class _Rag:
                            code="document_too_large") from e  # fmt: skip
         except LoaderError as e:
             raise bad(str(e), "file") from e
+        except StoreUnavailableError as e:  # the database: try again later, not a bad request
+            raise APIError(503, str(e), code="store_unavailable") from e
         except RagError as e:
             raise bad(str(e)) from e
 
@@ -367,7 +379,8 @@ def register_rag_routes(
     async def need(request: Request, choice: str | None = None) -> _Rag:
         if rag is None:
             raise APIError(404, "the RAG endpoints are off: start the server with "
-                           "--rag-store DIR", code="rag_disabled")  # fmt: skip
+                           "--rag-store DIR (or a postgresql:// URL)",
+                           code="rag_disabled")  # fmt: skip
         if isinstance(rag, _Rag):
             return rag
         return await run_in_threadpool(rag.for_request, request, choice)

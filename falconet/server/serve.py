@@ -19,6 +19,8 @@ from falconet.server.fields import MAX_BODY_BYTES
 
 # Streams still open this long after SIGINT/SIGTERM are cut (uvicorn would wait forever).
 GRACEFUL_SHUTDOWN_S = 5
+# Where a server over a postgresql:// store keeps uploaded files (relative: to its cwd).
+RAG_UPLOADS = ".falconet-rag-uploads"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     rag_store: str | None = None  # None: the /v1/rag/* routes answer 404
     rag_roots: tuple[str, ...] = ()  # server-side paths may be ingested only under these
+    rag_uploads: str | None = None  # None: <store folder>/uploads, or RAG_UPLOADS for a URL
     rag_max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     rag_limits: IngestLimits = IngestLimits(flag_prefix="rag-")  # per document ingested
     # a sentence-transformers folder for /v1/embeddings and RAG; None: all-MiniLM-L6-v2
@@ -74,7 +77,9 @@ class ServerSettings:
                                 f"{self.rag_max_upload_mb}")  # fmt: skip
         self.rag_limits.checked()  # a RagError naming the --rag-max-* flag
         if self.rag_roots and self.rag_store is None:
-            raise FalconetError("--rag-root needs --rag-store DIR (where documents are stored)")
+            raise FalconetError("--rag-root needs --rag-store DIR|URL (where documents are stored)")
+        if self.rag_uploads is not None and self.rag_store is None:
+            raise FalconetError("--rag-uploads needs --rag-store DIR|URL")
         for root in self.rag_roots:
             if not Path(root).expanduser().is_dir():
                 raise FalconetError(f"--rag-root {root}: not a folder")
@@ -102,8 +107,14 @@ class ServerSettings:
         if self.rag_store is None:
             return None
         roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in self.rag_roots)
-        return RagSettings(Path(self.rag_store).expanduser(), roots,
-                           self.rag_max_upload_mb * 2**20, self.rag_limits)  # fmt: skip
+        store: Path | str = self.rag_store
+        uploads = None if self.rag_uploads is None else Path(self.rag_uploads).expanduser()
+        if "://" in self.rag_store:  # a database: uploads need a folder of their own
+            uploads = uploads or Path(RAG_UPLOADS)
+        else:
+            store = Path(self.rag_store).expanduser()
+        return RagSettings(store, roots, self.rag_max_upload_mb * 2**20, self.rag_limits,
+                           uploads)  # fmt: skip
 
     def access(self):
         """The gate's users, audit log and limits (server/gate.py)."""
