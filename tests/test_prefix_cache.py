@@ -243,6 +243,7 @@ def test_models_that_cannot_share_a_prefix_run_without(hf_checkpoints, tmp_path,
     with caplog.at_level(logging.INFO, logger="falconet.engine"):
         e = _engine(mamba)
     assert not e.prefix_cache and "recurrent (SSM) state" in caplog.text
+    assert "not checkpointed" in e.prefix_cache_off  # what `falconet serve` prints
     prompt = _ids(40, mamba.config.vocab_size, seed=11)
     first, again = _outputs(e.generate([prompt], [PARAMS]) + e.generate([prompt], [PARAMS]))
     assert first == again and e.stats().prefix_hit_tokens == 0

@@ -220,11 +220,12 @@ class Engine:
             memory_share=KV_MEMORY_SHARE,
         )
         self.prefix_cache = False
+        self.prefix_cache_off: str | None = None  # why it stayed off although asked for
         if prefix_cache:
-            why_not = self.pool.enable_prefix_cache(prefill_chunk)
-            self.prefix_cache = why_not is None
-            if why_not is not None:
-                log.info("prefix cache off for this model: %s", why_not)
+            self.prefix_cache_off = self.pool.enable_prefix_cache(prefill_chunk)
+            self.prefix_cache = self.prefix_cache_off is None
+            if self.prefix_cache_off is not None:
+                log.info("prefix cache off for this model: %s", self.prefix_cache_off)
         self.runner = ModelRunner(model, self.pool)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()

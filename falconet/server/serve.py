@@ -212,6 +212,8 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None
             if not self.should_exit:
                 say(f"falconet: model {llm.path}: {llm.card.summary()}")
                 prefix = "on" if engine.prefix_cache else "off"
+                if engine.prefix_cache_off:  # asked for, but this model cannot share one
+                    prefix += f": {engine.prefix_cache_off}"
                 if access.multi_user:
                     say(
                         f"falconet: multi-user mode: {access.db.user_count()} users in "
