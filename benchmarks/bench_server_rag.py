@@ -31,7 +31,6 @@ at a time, alternating repeat by repeat; tables hold medians over repeats.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import subprocess
@@ -48,14 +47,11 @@ from bench_server import (  # noqa: E402
     SMOKE_SHAPE,
     THREADS,
     LevelResult,
-    RunningServer,
     ServerSpec,
+    bench_server,
     ensure_text_copy,
     make_prompts,
-    run_level,
     summarize,
-    wait_quiet,
-    warm_up,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -87,28 +83,6 @@ def ensure_llama_server() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def run_server(spec: ServerSpec, prompts: list[str], warm: str, args, log_dir: Path):
-    server = RunningServer(spec, log_dir)
-    try:
-        ready = server.wait_ready()
-        check = asyncio.run(warm_up(spec, server.base_url, warm, args.max_tokens))
-        check["ready_s"] = ready
-        wait_quiet(args.wait_quiet, server.proc.pid)
-        level = asyncio.run(run_level(spec, server.base_url, prompts, args.clients,
-                                      args.max_tokens, server.proc.pid))  # fmt: skip
-        if server.proc.poll() is not None:
-            raise server.failure(f"exited with {server.proc.returncode} during the load")
-    except Exception as e:
-        raise server.failure(f"failed: {type(e).__name__}: {e}") from e
-    finally:
-        server.stop()
-    print(f"  {spec.name}: {len(level.requests)} requests, {level.tokens} tokens in "
-          f"{level.wall:.1f} s = {level.tok_s():.2f} tok/s, TTFT p50 "
-          f"{summarize([level])['ttft50']:.2f} s (other processes used "
-          f"{level.other_cores:.2f} cores)", file=sys.stderr, flush=True)  # fmt: skip
-    return level, check
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -121,13 +95,26 @@ def main() -> None:
     p.add_argument("--qtype", default="q4_0", help="GGUF type both servers load")
     p.add_argument("--servers", default="cache-on,cache-off,llama-server",
                    help="which of cache-on, cache-off, llama-server to run")  # fmt: skip
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="before each load, wait up to S s for other processes to go quiet")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each load, wait up to S s for other processes to go quiet",
+    )
     p.add_argument("--smoke", action="store_true", help=f"small model {SMOKE_SHAPE}")
-    p.add_argument("--llama-server", type=Path, default=None,
-                   help="llama-server binary (default: build it, build_llama_server.sh)")
-    p.add_argument("--llama-args", default="", metavar="ARGS",
-                   help="more llama-server flags, e.g. '-kvu' (a unified KV cache)")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="llama-server binary (default: build it, build_llama_server.sh)",
+    )
+    p.add_argument(
+        "--llama-args",
+        default="",
+        metavar="ARGS",
+        help="more llama-server flags, e.g. '-kvu' (a unified KV cache)",
+    )
     args = p.parse_args()
     levels = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -169,12 +156,12 @@ def main() -> None:
                     else:
                         specs.append(falconet_spec(gguf, ctx, max(levels), s == "cache-on"))
                 for spec in specs:
-                    args.clients = c
+                    args.clients = [c]  # bench_server's load: one level per server start
                     print(f"[repeat {r + 1}/{args.repeats}, {c} clients] {spec.name}",
                           file=sys.stderr, flush=True)  # fmt: skip
-                    level, checks[spec.name] = run_server(spec, prompts, warm, args,
-                                                          Path(log_dir))  # fmt: skip
-                    results.setdefault((spec.name, c), []).append(level)
+                    level, checks[spec.name] = bench_server(spec, {c: prompts}, warm, args,
+                                                            Path(log_dir))  # fmt: skip
+                    results.setdefault((spec.name, c), []).append(level[c])
     report(results, checks, levels, args, gguf, folder, shape)
 
 
@@ -206,8 +193,10 @@ def report(results, checks, levels, args, gguf: Path, folder: Path, shape: dict)
     for c in levels:
         for name in names:
             s = summarize(results[(name, c)])
-            print(f"- {c} clients, {name}: {s['requests']:.0f} requests, {s['tokens']:.0f} "
-                  f"tokens generated; other processes used {s['other_cores']:.2f} cores")
+            print(
+                f"- {c} clients, {name}: {s['requests']:.0f} requests, {s['tokens']:.0f} "
+                f"tokens generated; other processes used {s['other_cores']:.2f} cores"
+            )
     for name, ck in checks.items():
         print(f"- {name}: ready {ck['ready_s']:.1f} s after start; warm-up prompt "
               f"{ck['prompt_tokens']} tokens (usage), {ck['streamed_tokens']} counted from "

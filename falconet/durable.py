@@ -2,7 +2,8 @@
 
 A reader (or a process restarted after SIGKILL) sees either the old file or the whole
 new one, never a torn write. Folders are published the same way: filled under a
-temporary name beside the target, then renamed into place.
+temporary name beside the target, then renamed into place. SQLite files that several
+threads and processes write are opened one way (`connect_wal`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,3 +93,20 @@ def publish_folder(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def connect_wal(path: Path, foreign_keys: bool = False) -> sqlite3.Connection:
+    """An SQLite connection for a file several threads and processes write: autocommit
+    (transactions are explicit), WAL so readers never block the writer, synchronous=FULL so
+    a committed transaction survives a power cut, 30 s of waiting on another writer's lock.
+    Raises sqlite3.DatabaseError when the file is not a database."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        if foreign_keys:
+            db.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        db.close()
+        raise
+    return db

@@ -1,8 +1,8 @@
 """Crash tests' tools: a zygote that forks real `falconet` CLI runs (imports paid once),
 and a loop that SIGKILLs runs at random moments until a number of them were killed.
 
-The same scheme as tests/test_rag_store.py's ingest crash test, for other jobs (the batch
-ledger's); nothing that touches a store, a thread pool or a model runs before the fork.
+Used by the RAG store's ingest crash test and the batch ledger's; nothing that touches a
+store, a thread pool or a model runs before the fork.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ ingesting one folder at once store every document once.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -31,6 +30,7 @@ from falconet.rag.loaders import file_sha256, load_document
 from falconet.rag.retrieve import RRF_K, reciprocal_rank_fusion, search
 from falconet.rag.store import DocMeta, DocumentStore, open_store
 from falconet.rag.store_sqlite import SQLiteStore, fts_query
+from tests.crash_tools import CRASH_ENV, Zygote, run_with_kills
 from tests.pg_tools import new_schema, schema_url
 
 WORDS = ["falcon", "river", "harbor", "lantern", "granite", "meadow", "orchard", "copper",
@@ -480,64 +480,6 @@ def test_sigkill_inside_the_transaction_leaves_the_old_version(stores, tmp_path,
 
 # -- the crash test ------------------------------------------------------------------------
 
-# A zygote: pays the imports of torch and sentence-transformers once, then forks a fresh
-# process per run that executes the real CLI (`falconet.cli.main`) and is SIGKILLed by the
-# test. Nothing that touches the store, a thread pool or the model runs before the fork.
-ZYGOTE = r"""
-import json, os, sys
-import torch, sentence_transformers, tqdm
-import falconet.cli
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "run":
-        pid = os.fork()
-        if pid == 0:
-            fd = os.open(cmd["log"], os.O_WRONLY | os.O_APPEND)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            rc = 1
-            try:
-                rc = falconet.cli.main(cmd["argv"])
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-        print(pid, flush=True)
-    else:
-        print(os.waitpid(cmd["pid"], 0)[1], flush=True)
-"""
-
-
-# One torch thread in every process of the crash test: the same vectors bit for bit in
-# each of them, and a steady pace on a machine whose other core may be busy (two threads
-# contending with another process are several times slower than one).
-CRASH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-class Zygote:
-    def __init__(self, cwd: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, cwd=cwd, env=CRASH_ENV,
-        )  # fmt: skip
-
-    def _ask(self, cmd: dict) -> int:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def start(self, argv: list[str], log: Path) -> int:
-        return self._ask({"op": "run", "argv": argv, "log": str(log)})
-
-    def wait(self, pid: int) -> int:
-        """The child's wait status (a zombie keeps its pid until then, so a late kill
-        cannot hit another process)."""
-        return self._ask({"op": "wait", "pid": pid})
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
 
 def committed(stores: Stores, name: str, sql: str) -> int:
     """A count read from the store over a read-only connection (no checkpoint, no
@@ -565,42 +507,6 @@ def committed(stores: Stores, name: str, sql: str) -> int:
 UPDATED = "coalesce(sum(CASE WHEN version > 1 THEN 1 ELSE 0 END), 0)"  # SQLite and PostgreSQL
 
 
-def run_with_kills(zygote, argv, log, rng, kills, marker, progress, todo) -> tuple[int, int]:
-    """Run argv again and again, SIGKILLing each run at a random moment after it starts
-    its work (its progress bar appears), until `kills` runs were killed. The window for
-    that moment widens while runs commit nothing (a slow start on a busy machine) and
-    narrows when the work would be done before the last kill; once a run finishes the
-    job, later runs are killed during their start-up. Returns (killed, finished)."""
-    killed = finished = 0
-    window = 0.5
-    while killed < kills:
-        assert killed + finished < 2 * kills, "the runs finish before they can be killed"
-        log.write_text("")
-        started = time.monotonic()
-        before = progress()
-        pid = zygote.start(argv, log)
-        if finished:
-            time.sleep(rng.uniform(0, 0.3))
-        else:
-            while marker not in log.read_text(errors="replace"):
-                assert time.monotonic() < started + 120, log.read_text(errors="replace")
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0, window))
-        os.kill(pid, signal.SIGKILL)
-        status = zygote.wait(pid)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            killed += 1
-        else:
-            assert os.WEXITSTATUS(status) == 0, log.read_text(errors="replace")
-            finished += 1
-        done = progress() - before
-        if done == 0:
-            window = min(window * 1.5, 5.0)
-        elif done * (kills - killed) > todo - progress():
-            window *= 0.7
-    return killed, finished
-
-
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "falconet", *args], capture_output=True,
                          text=True, cwd=cwd, timeout=300, env=CRASH_ENV)  # fmt: skip
@@ -614,12 +520,12 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(stores, tm
     files = write_corpus(corpus, 200, seed=1, big_every=20)
     rng = random.Random(6)
     log = tmp_path / "run.log"
-    zygote = Zygote(tmp_path)
+    zygote = Zygote(tmp_path, preload=("torch", "sentence_transformers", "tqdm"))
     try:
         # Phase 1: ingest, killed 20 times, then finished by the real command.
         argv = ["rag", "ingest", str(corpus), "--store", stores.spec("crashed")]
         docs = lambda: committed(stores, "crashed", "SELECT count(*) FROM documents")  # noqa: E731
-        killed, finished = run_with_kills(zygote, argv, log, rng, 20, "ingest:", docs, 200)
+        killed, finished, _ = run_with_kills(zygote, argv, log, rng, 20, "ingest:", docs, 200)
         assert killed == 20
         done = docs()
         assert 0 < done < 200 or finished, "no kill landed during the ingest"
@@ -641,7 +547,7 @@ def test_sigkill_at_random_moments_then_restart_equals_a_clean_ingest(stores, tm
         changed = lambda: committed(  # noqa: E731
             stores, "crashed", f"SELECT 200 - count(*) + {UPDATED} FROM documents"
         )
-        killed, finished = run_with_kills(zygote, argv, log, rng, 20, "sync:", changed, 30)
+        killed, finished, _ = run_with_kills(zygote, argv, log, rng, 20, "sync:", changed, 30)
         assert killed == 20
         done = committed(stores, "crashed", f"SELECT {UPDATED} FROM documents")
         assert 0 < done < 20 or finished, "no kill landed during the sync"

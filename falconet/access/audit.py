@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from falconet.durable import connect_wal
 from falconet.errors import AccessError
 
 AUDIT_FILE = "audit.sqlite3"
@@ -103,9 +104,7 @@ class AuditLog:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
+                db = connect_wal(self.path)
             except sqlite3.DatabaseError as e:
                 raise AccessError(f"{self.path}: not a falconet audit log ({e})") from e
             self._local.db = db

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from falconet.durable import connect_wal
 from falconet.errors import AccessError
 
 USERS_FILE = "users.sqlite3"
@@ -141,10 +142,7 @@ class AccessDB:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                db.execute("PRAGMA foreign_keys=ON")
+                db = connect_wal(self.path, foreign_keys=True)
             except sqlite3.DatabaseError as e:
                 raise AccessError(f"{self.path}: not a falconet users file ({e})") from e
             self._local.db = db
