@@ -205,6 +205,19 @@ class LlamaConfig(RotaryGQAConfig):
                 raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
         self._check_token_ids()
         self._validate_rope_scaling(head_dim)
+        if self.bitnet is not None:  # four 2-bit codes of four output rows per byte
+            outputs = {
+                "q_proj": H * head_dim,
+                "k_proj": (K or H) * head_dim,
+                "o_proj": self.hidden_size,
+                "gate_proj": self.intermediate_size,
+            }
+            for name, n in outputs.items():
+                if n % 4:
+                    raise ConfigError(
+                        f"config: ternary (bitnet) projections need multiples of 4 output "
+                        f"features; {name} has {n}"
+                    )
         factors = self.rope_freq_factors
         if factors is not None and not (
             isinstance(factors, tuple)
