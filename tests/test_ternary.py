@@ -10,13 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFReader
 from safetensors.torch import load_file, save_file
 
 import falconet
 from falconet.errors import CheckpointError
 from falconet.quant import ternary
 from falconet.quant.ternary import TernaryLinear
-from tests.conftest import hf_greedy, llama_hf_config, write_tokenizer
+from tests import llama_cpp_tools as llama_cpp
+from tests.conftest import (
+    build_llama_hf_model,
+    hf_greedy,
+    llama_hf_config,
+    save_hf_model,
+    write_tokenizer,
+)
+from tests.llama_cpp_tools import llama_cpp_dir
 from tests.test_engine import batch_and_alone
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 300, 12, 64, 128, 1, 400, 33, 21, 8, 77, 150, 200]
@@ -260,3 +269,36 @@ def test_kernel_equals_the_pytorch_path_and_is_row_invariant(simd, K):
     assert torch.equal(got, ref)
     assert torch.equal(ref, (x.long() @ codes.long().T).float())
     assert torch.equal(torch.cat(alone), got)
+
+
+# ---- llama.cpp's ternary GGUF types ---------------------------------------------------------
+
+
+@pytest.mark.skipif(llama_cpp_dir() is None, reason="no llama.cpp checkout (convert_hf_to_gguf.py)")
+def test_llama_cpp_tq_files_load(tmp_path):
+    """A BitNet model as llama.cpp's converter writes it (--outtype tq1_0 / tq2_0: the
+    ternary matrices as TQ blocks, embeddings F16) loads and computes what the float
+    checkpoint it came from computes. The scales and embeddings are exact in float16,
+    so the files are lossless and the logits agree to float rounding."""
+    model = build_llama_hf_model(
+        "falcon3_shape", hidden_size=256, intermediate_size=512, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=32,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                scale = float(torch.randint(8, 24, (1,), generator=g)) / 256  # exact in fp16
+                p.copy_(torch.randint(-1, 2, p.shape, generator=g) * scale)
+            else:
+                p.copy_(p.half().float())
+    folder = save_hf_model(model, tmp_path / "hf")
+    files = [(folder, tmp_path / f"{t}.gguf") for t in ("tq1_0", "tq2_0")]
+    for (src, out), outtype in zip(files, ("tq1_0", "tq2_0"), strict=True):
+        llama_cpp.convert([(src, out)], outtype)
+    ref = falconet.load(folder, dtype="float32").logits(PROMPT)
+    for _, path in files:
+        types = {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2}
+        assert types == {"F16", path.stem.upper()}
+        got = falconet.load(path, dtype="float32").logits(PROMPT)
+        assert (got - ref).abs().max().item() < 1e-4

@@ -60,7 +60,9 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
-DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
+# turned into floats at load (llama.cpp's ternary types too: a TQ file holds a BitNet
+# model already dequantized to a Llama, its scales per 256 values, not per matrix)
+DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0)
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
