@@ -38,11 +38,14 @@ BITNET_VARIANTS = {
 }
 
 
-def build_bitnet_model(folder: Path, quant: dict, seed: int = 0, packed: bool = True):
+def build_bitnet_model(
+    folder: Path, quant: dict, seed: int = 0, packed: bool = True, scales=None, **over
+):
     """A tiny Falcon3-shaped LlamaForCausalLM with transformers' BitNet layers swapped in
     (replace_with_bitnet_linear, as from_pretrained does), random ternary codes and
     scales, saved as a checkpoint of that format: the packed bytes and weight_scale (or,
     packed=False, the float weights of an online AutoBitLinear: the unquantized revision).
+    `scales(g)` draws each weight_scale; `over` changes the config.
     Returns the transformers model (the reference)."""
     from transformers import LlamaForCausalLM
     from transformers.integrations.bitnet import (
@@ -55,7 +58,7 @@ def build_bitnet_model(folder: Path, quant: dict, seed: int = 0, packed: bool = 
     from transformers.utils.quantization_config import BitNetQuantConfig
 
     qc = BitNetQuantConfig(**quant)
-    config = llama_hf_config("falcon3_shape", quantization_config=qc.to_dict())
+    config = llama_hf_config("falcon3_shape", quantization_config=qc.to_dict(), **over)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     state = model.state_dict()
@@ -69,7 +72,7 @@ def build_bitnet_model(folder: Path, quant: dict, seed: int = 0, packed: bool = 
         if packed:
             codes = torch.randint(-1, 2, (N, K), generator=g)
             # scale ~ sqrt(K) keeps activations O(1) through the layers
-            scale = K**0.5 * (0.5 + torch.rand(1, generator=g))
+            scale = K**0.5 * (0.5 + torch.rand(1, generator=g)) if scales is None else scales(g)
             state[f"{name}.weight"] = pack_weights(codes.clone())
             state[f"{name}.weight_scale"] = scale
         else:
@@ -302,3 +305,46 @@ def test_llama_cpp_tq_files_load(tmp_path):
         assert types == {"F16", path.stem.upper()}
         got = falconet.load(path, dtype="float32").logits(PROMPT)
         assert (got - ref).abs().max().item() < 1e-4
+
+
+TQ_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, head_dim=32)
+
+
+def test_convert_writes_tq_blocks_equal_to_the_reference_quantizer(tmp_path):
+    """`falconet convert --type tq2_0|tq1_0` of a packed BitNet checkpoint: each ternary
+    matrix (codes / weight_scale) is written as the reference quantizer writes it, byte for
+    byte, embeddings and head at F16 as llama.cpp's converter does; the file reads back as
+    the f16 file of the same model computes (1/weight_scale exact in fp16, so both hold
+    the same values)."""
+    import gguf
+
+    from falconet.convert import convert_hf_to_gguf
+
+    def scales(g):  # 1 / scale = k / 256: exact in float16, as TQ blocks store it
+        return 256 / torch.randint(8, 24, (1,), generator=g).float()
+
+    folder = tmp_path / "hf"
+    build_bitnet_model(folder, {}, seed=4, scales=scales, **TQ_SIZES)
+    stored = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    want = (
+        ternary.unpack_ternary(stored[f"{name}.weight"], torch.float32)
+        / stored[f"{name}.weight_scale"]
+    )
+    llm16 = None
+    for qtype in ("f16", "tq1_0", "tq2_0"):
+        out = tmp_path / f"{qtype}.gguf"
+        convert_hf_to_gguf(folder, out, qtype)
+        tensors = {t.name: t for t in GGUFReader(out).tensors}
+        if qtype == "f16":
+            llm16 = falconet.load(out, dtype="float32")
+            continue
+        t = tensors["blk.1.ffn_down.weight"]
+        kind = gguf.GGMLQuantizationType[qtype.upper()]
+        assert t.tensor_type == kind
+        ref = gguf.quants.quantize(want.numpy(), kind)
+        assert bytes(t.data) == bytes(ref)
+        assert tensors["token_embd.weight"].tensor_type.name == "F16"
+        assert tensors["output.weight"].tensor_type.name == "F16"
+        got = falconet.load(out, dtype="float32").logits(PROMPT)
+        assert (got - llm16.logits(PROMPT)).abs().max().item() < 1e-4

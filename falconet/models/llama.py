@@ -192,12 +192,18 @@ class Llama(CausalLM):
         if config.bitnet is None:
             return CheckpointLayout(shapes)
         # the ternary projections' tensors replace their float weights (quant/ternary.py)
-        packed, kept = set(), set()
+        weights, packed, kept = set(), set(), set()
         for name in [n for n in shapes if n.startswith("model.layers.")]:
             module, _, attr = name.rpartition(".")
             if attr == "weight" and module.endswith("_proj") and config.bitnet.converts(module):
                 tensors, uint8 = ternary_tensors(module, shapes[name], config.bitnet)
                 shapes.update(tensors)
+                weights.add(name)
                 packed |= uint8
                 kept |= set(tensors)
-        return CheckpointLayout(shapes, packed=frozenset(packed), keep_float=frozenset(kept))
+        return CheckpointLayout(
+            shapes,
+            keep_float=frozenset(kept),
+            ternary=frozenset(weights),
+            packed=frozenset(packed),
+        )

@@ -276,3 +276,24 @@ def ternary_tensors(
     if bitnet.use_rms_norm:
         tensors[f"{module}.rms_norm.weight"] = (K,)
     return tensors, packed
+
+
+def ternary_weight(
+    stored: torch.Tensor, scale: torch.Tensor | None, bitnet: BitNetConfig
+) -> torch.Tensor:
+    """A ternary projection's weight as the float [N, K] matrix it stands for (what a GGUF
+    file of the model holds): packed codes over (or times) their scale, or the float
+    weight of the unquantized revision ternarized as at load. ValueError if the stored
+    tensors are not of that form."""
+    if not bitnet.packed:
+        codes, s = ternarize(stored)
+        return codes.float() / s
+    if stored.dtype != torch.uint8 or stored.ndim != 2:
+        raise ValueError(
+            f"expected packed uint8 codes [N/4, K], got {stored.dtype} {tuple(stored.shape)}"
+        )
+    if scale is None or scale.numel() != 1 or not scale.is_floating_point():
+        got = None if scale is None else f"{scale.dtype} {tuple(scale.shape)}"
+        raise ValueError(f"expected one float weight_scale, got {got}")
+    codes, s = unpack_ternary(stored, torch.float32), scale.float().reshape(())
+    return codes / s if bitnet.scale_divides else codes * s

@@ -43,7 +43,8 @@ class CheckpointLayout:
     `heads`: the output head's tensor (lm_head, or the embeddings it is tied to), which
     quantization keeps at Q8_0; `keep_float`: tensors quantization leaves in float whatever
     the type (Mamba's A_log and conv1d filters, as llama.cpp does; ternary layers);
-    `packed`: tensors stored as uint8 codes (a BitNet checkpoint's weights); `name` and
+    `ternary`: the weights of ternary projections (a BitNet checkpoint's), `packed`: those
+    stored as uint8 codes (with a `weight_scale` beside each); `name` and
     `description` say in errors what was expected.
     """
 
@@ -52,6 +53,7 @@ class CheckpointLayout:
     skipped: frozenset[str] = frozenset()
     heads: frozenset[str] = frozenset()
     keep_float: frozenset[str] = frozenset()
+    ternary: frozenset[str] = frozenset()
     packed: frozenset[str] = frozenset()
     name: str = "model"
     description: str = ""
