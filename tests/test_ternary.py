@@ -366,3 +366,23 @@ def test_llama_cpp_runs_our_tq_file(tmp_path, qtype):
     tokens, logits = falconet_greedy(out, PROMPT, 16)
     assert tokens == ref_tokens
     assert abs(logits - ref_logits).max() <= 0.05 * abs(ref_logits).max()
+
+
+def test_info_reports_ternary_storage(checkpoints):
+    """`falconet info` on a BitNet folder: the variant says ternary, the storage counts
+    the ternary matrices, and bits per weight follow from the packed bytes."""
+    import subprocess
+    import sys
+
+    _, folder = checkpoints["bitlinear"]
+    res = subprocess.run(
+        [sys.executable, "-m", "falconet", "info", "--model", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    llm = falconet.load(folder, dtype="float32")
+    bits = 8 * llm.model.weight_bytes() / llm.model.num_parameters()
+    assert "ternary (bitnet)" in res.stdout and "ternary x 14" in res.stdout
+    assert f"bits per weight                     {bits:.2f}" in res.stdout
