@@ -29,7 +29,8 @@ def convert_hf_to_gguf(
     overwrite: bool = False,
 ) -> None:
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1) as a GGUF
-    file `out` that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.
+    file `out` that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or
+    llama.cpp's ternary tq1_0 / tq2_0 (for BitNet checkpoints: Falcon-E, Falcon3-1.58bit).
     progress(done_bytes, total_bytes) is called as tensors are written; an existing
     `out` is replaced only with overwrite=True. The model card's licence (README.md front
     matter) is written as general.license*."""

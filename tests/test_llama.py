@@ -366,7 +366,11 @@ BAD = [
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
      "high_freq_factor > low_freq_factor"),
     ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
-    ({"quantization_config": {"quant_method": "bitnet"}}, "quantized .*'bitnet'.* bfloat16 revision"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantized .*'gptq'.* bfloat16 revision"),
+    ({"quantization_config": {"quant_method": "bitnet", "quantization_mode": "qat"}},
+     "quantization_mode 'qat' is not one of offline, online"),
+    ({"quantization_config": {"quant_method": "bitnet"}, "head_dim": 6, "num_attention_heads": 3,
+      "num_key_value_heads": 1}, "ternary .* multiples of 4 .* q_proj has 18"),
 ]  # fmt: skip
 
 

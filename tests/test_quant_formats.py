@@ -454,3 +454,44 @@ def test_no_numpy_warnings_on_edge_cases():
             dequantize(quantize(x, name), name, x.shape)
         for name in K_QUANTS:
             dequantize(random_kquant_blocks(name, 4, seed=0), name, (4, 256))
+
+
+# --- ternary types (TQ1_0, TQ2_0) ----------------------------------------------------------
+
+TERNARY = ["tq1_0", "tq2_0"]
+
+
+@pytest.mark.parametrize("name", TERNARY)
+def test_ternary_types_register_with_gguf_sizes(name):
+    fmt = FORMATS[name]
+    qtype = gguf.GGMLQuantizationType[name.upper()]
+    assert fmt.ggml_type == qtype and get_format(qtype) is fmt and fmt.can_quantize
+    assert (fmt.block_size, fmt.type_size) == gguf.GGML_QUANT_SIZES[qtype]
+
+
+@pytest.mark.parametrize("name", TERNARY)
+def test_ternary_weights_match_reference_and_decode_exactly(name):
+    """A BitNet matrix (codes times one scale) in blocks of 256: the bytes equal the
+    reference quantizer's, and decoding gives back codes * fp16(scale) exactly; an
+    all-zero block and blocks holding a single +1 or -1 included."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-1, 2, size=(12, 768)).astype(np.float32)
+    codes[0, :256] = 0
+    codes[1, :256] = 0
+    codes[1, 100] = 1
+    codes[2, 256:512] = 0
+    codes[2, 511] = -1
+    scale = np.float32(0.0173)
+    x = codes * scale
+    raw = check_against_reference(x, name)
+    assert raw.shape == (12, 3 * FORMATS[name].type_size)
+    decoded = FORMATS[name].dequantize(raw, x.shape)
+    assert_bits_equal(decoded, codes * np.float32(np.float16(scale)))
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-4, 0.02, 1.0, 300.0])
+@pytest.mark.parametrize("name", TERNARY)
+def test_ternary_types_match_reference_on_any_float_input(name, scale):
+    rng = np.random.default_rng(FORMATS[name].ggml_type)
+    x = (rng.standard_normal((20, 512)) * scale).astype(np.float32)
+    check_against_reference(x, name)

@@ -43,6 +43,7 @@ def cmd_info(args: argparse.Namespace, out: Out) -> int:
         ("variant", c.variant),
         ("parameters", f"{m.num_parameters():,}"),
         ("weights", f"{m.weight_bytes():,} bytes ({m.storage_summary()}; compute {m.compute_dtype})"),
+        ("bits per weight", f"{8 * m.weight_bytes() / m.num_parameters():.2f} (all weights, as stored)"),
         ("kernels", quant_kernels()),
         *(_state_rows(c, m.compute_dtype.itemsize)),
         ("vocab", f"{c.vocab_size} (tokenizer {llm.tokenizer.vocab_size})"),

@@ -161,7 +161,13 @@ class CausalLM(nn.Module):
     def _weights(self) -> list[tuple[int, int]]:
         # parameters() already skips a tied duplicate; a tied quantized head shares its
         # embedding's blocks, so blocks count once per storage.
-        out = [(p.numel(), p.numel() * p.element_size()) for p in self.parameters()]
+        # a ternary layer's packed codes stand for 4 weights per byte (weight_numel)
+        ternary = {
+            id(m.weight): m.weight_numel for m in self.modules() if hasattr(m, "weight_numel")
+        }
+        out = [
+            (ternary.get(id(p), p.numel()), p.numel() * p.element_size()) for p in self.parameters()
+        ]
         seen: set[tuple[int, str]] = set()
         for m in self.modules():
             blocks = getattr(m, "weight_blocks", None)

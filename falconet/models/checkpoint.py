@@ -42,10 +42,12 @@ from falconet.models.registry import (
 )
 from falconet.quant import QuantError
 from falconet.quant.linear import QuantTensor, install
+from falconet.quant.ternary import BitNetConfig, ternary_weight
 from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
     DEQUANTIZED_TYPES,
     REQUIRED,
+    TERNARY_TYPES,
     WRITE_TYPES,
     GGUFError,
     GGUFFile,
@@ -274,14 +276,29 @@ def load_gguf_weights(
 # ---- GGUF: writing ----------------------------------------------------------------------
 
 
+def _ternary_weight(
+    hf_name: str, stored: torch.Tensor, sources: dict, bitnet: BitNetConfig, path: Path
+) -> torch.Tensor:
+    scale_name = hf_name.removesuffix("weight") + "weight_scale"
+    scale = sources[scale_name][1]() if scale_name in sources else None
+    try:
+        return ternary_weight(stored, scale, bitnet)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: tensor {hf_name}: {e}") from None
+
+
 def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConfig) -> T:
     """The type llama.cpp gives HF tensor `hf_name` in a `qtype` file of this model (the
     output head, or the embeddings a tied head shares, at Q8_0; F32 for what the model's
     layout keeps float and what llama.cpp keeps F32)."""
-    hf_layout = for_config(config).layout(config)
-    if hf_name in hf_layout.keep_float:
+    arch = for_config(config)
+    hf_layout = arch.layout(config)
+    if hf_name in hf_layout.keep_float - hf_layout.ternary:
         return T.F32
-    return _write_type(shape, qtype, hf_name in hf_layout.heads)
+    head = hf_name in hf_layout.heads
+    if qtype in TERNARY_TYPES:  # llama.cpp's converter: embeddings and head alike at F16
+        head = head or hf_name == f"{arch.model.embeddings_name}.weight"
+    return _write_type(shape, qtype, head)
 
 
 def check_writable(config: ModelConfig, source: str) -> None:
@@ -304,7 +321,9 @@ def write_hf_as_gguf(
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
     multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
-    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see `write_type`). vocab(config)
+    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0 or tq2_0 (see `write_type`;
+    a BitNet checkpoint's ternary matrices are written as the floats they stand for, which
+    the TQ types hold exactly up to their float16 scale). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
     are written. An existing `out` is replaced only with overwrite=True.
     """
@@ -338,10 +357,14 @@ def write_hf_as_gguf(
     def loader(hf_name: str) -> Callable[[], torch.Tensor]:
         shape = hf_layout.shapes[source(hf_name)]
         to_file = _convert(layout, "to_file", hf_name, config)
+        if hf_name in hf_layout.packed:
+            shape = (shape[0] * 4, shape[1])
 
         def load() -> torch.Tensor:
             path, get = sources[source(hf_name)]
             tensor = get()
+            if hf_name in hf_layout.ternary:  # a BitNet projection: the matrix it stands for
+                tensor = _ternary_weight(hf_name, tensor, sources, config.bitnet, path)
             if tuple(tensor.shape) != shape or not tensor.is_floating_point():
                 raise CheckpointError(
                     f"{path}: tensor {source(hf_name)} is {tensor.dtype} "

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -78,8 +79,10 @@ def gguf_name(hf_name: str) -> str:
 
 
 def tensor_names(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """GGUF name -> (HF name, HF shape) of every tensor a file of this config holds."""
-    shapes = Llama.checkpoint_layout(config).shapes
+    """GGUF name -> (HF name, HF shape) of every tensor a file of this config holds (for a
+    ternary model, the float matrices its codes and scales stand for, as llama.cpp's TQ
+    types store them)."""
+    shapes = Llama.checkpoint_layout(replace(config, bitnet=None)).shapes
     return {gguf_name(n): (n, shape) for n, shape in shapes.items()}
 
 
@@ -151,6 +154,11 @@ def problems(config: LlamaConfig) -> list[str]:
         reasons.append(f"its activation is {config.hidden_act!r}, not silu")
     if config.rope_scaling_type == "dynamic":
         reasons.append("dynamic RoPE scaling has no GGUF equivalent")
+    if config.bitnet is not None and config.bitnet.use_rms_norm:
+        reasons.append(
+            "its ternary projections normalize their inputs (use_rms_norm), which llama.cpp's "
+            "llama has no tensor for"
+        )
     return reasons
 
 

@@ -41,6 +41,7 @@ from falconet.models.llama_config import LlamaConfig
 from falconet.nn.attention import apply_rotary
 from falconet.nn.linear import Linear
 from falconet.nn.norms import RMSNorm
+from falconet.quant.ternary import BitNetConfig, TernaryLinear, ternary_tensors
 
 
 class Attention(nn.Module):
@@ -130,7 +131,24 @@ class Llama(CausalLM):
     ) -> None:
         super().__init__(config, dtype, compute_dtype)
         self.model = LlamaModel(config, dtype, self.compute_dtype)
+        if config.bitnet is not None:
+            self._swap_ternary(config.bitnet)
         self._add_head(dtype)
+
+    def _swap_ternary(self, bitnet: BitNetConfig) -> None:
+        """A BitNet checkpoint (Falcon-E, Falcon3-1.58bit): every decoder projection
+        becomes a TernaryLinear, as transformers' replace_with_bitnet_linear does; the
+        embeddings and the LM head stay float."""
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, Linear) and bitnet.converts(f"model.{name}"):
+                ternary = TernaryLinear(
+                    module.in_features,
+                    module.out_features,
+                    module.bias is not None,
+                    bitnet,
+                    self.compute_dtype,
+                )
+                self.model.set_submodule(name, ternary)
 
     @property
     def device(self) -> torch.device:
@@ -171,4 +189,21 @@ class Llama(CausalLM):
         shapes["model.norm.weight"] = (C,)
         if not config.tie_word_embeddings:
             shapes["lm_head.weight"] = (V, C)
-        return CheckpointLayout(shapes)
+        if config.bitnet is None:
+            return CheckpointLayout(shapes)
+        # the ternary projections' tensors replace their float weights (quant/ternary.py)
+        weights, packed, kept = set(), set(), set()
+        for name in [n for n in shapes if n.startswith("model.layers.")]:
+            module, _, attr = name.rpartition(".")
+            if attr == "weight" and module.endswith("_proj") and config.bitnet.converts(module):
+                tensors, uint8 = ternary_tensors(module, shapes[name], config.bitnet)
+                shapes.update(tensors)
+                weights.add(name)
+                packed |= uint8
+                kept |= set(tensors)
+        return CheckpointLayout(
+            shapes,
+            keep_float=frozenset(kept),
+            ternary=frozenset(weights),
+            packed=frozenset(packed),
+        )

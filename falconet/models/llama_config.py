@@ -29,6 +29,7 @@ from falconet.models.falcon_config import (
     _is_finite_number,
     _is_positive_int,
 )
+from falconet.quant.ternary import BitNetConfig
 
 LLAMA_MODEL_TYPES = ("llama",)
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
@@ -65,6 +66,7 @@ READ_APART = (
     "rope_parameters",
     "torch_dtype",
     "dtype",
+    "quantization_config",
 )
 
 
@@ -140,6 +142,8 @@ class LlamaConfig(RotaryGQAConfig):
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the checkpoint's dtype, used by dtype="auto"
+    # quantization_config of a ternary checkpoint (Falcon-E, Falcon3-1.58bit), else None
+    bitnet: BitNetConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -159,7 +163,8 @@ class LlamaConfig(RotaryGQAConfig):
         rope = f", {self.rope_scaling_type} rope scaling" if self.rope_scaling_type else ""
         rope += ", rope_freqs" if self.rope_freq_factors else ""
         head = "tied" if self.tie_word_embeddings else "untied"
-        return f"llama-style ({heads}, head_dim {self.head_dim}{rope}, {head} head)"
+        ternary = ", ternary (bitnet)" if self.bitnet else ""
+        return f"llama-style ({heads}, head_dim {self.head_dim}{rope}, {head} head{ternary})"
 
     # ---- checks -----------------------------------------------------------------------
     def _validate(self) -> None:
@@ -200,6 +205,19 @@ class LlamaConfig(RotaryGQAConfig):
                 raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
         self._check_token_ids()
         self._validate_rope_scaling(head_dim)
+        if self.bitnet is not None:  # four 2-bit codes of four output rows per byte
+            outputs = {
+                "q_proj": H * head_dim,
+                "k_proj": (K or H) * head_dim,
+                "o_proj": self.hidden_size,
+                "gate_proj": self.intermediate_size,
+            }
+            for name, n in outputs.items():
+                if n % 4:
+                    raise ConfigError(
+                        f"config: ternary (bitnet) projections need multiples of 4 output "
+                        f"features; {name} has {n}"
+                    )
         factors = self.rope_freq_factors
         if factors is not None and not (
             isinstance(factors, tuple)
@@ -242,7 +260,13 @@ class LlamaConfig(RotaryGQAConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """Build from a HF `config.json` dict (transformers v5 `rope_parameters` or v4
-        `rope_theta` + `rope_scaling`)."""
+        `rope_theta` + `rope_scaling`). A `quantization_config` is read only for BitNet
+        (ternary) checkpoints; other pre-quantized checkpoints are refused."""
+        quant = hf.get("quantization_config") if isinstance(hf, dict) else None
+        bitnet = None
+        if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
+            bitnet = BitNetConfig.from_hf(quant)
+            hf = {k: v for k, v in hf.items() if k != "quantization_config"}
         cls._check_hf(
             hf,
             LLAMA_MODEL_TYPES,
@@ -264,6 +288,7 @@ class LlamaConfig(RotaryGQAConfig):
             **_rope_from_hf(hf),
             eos_token_ids=eos_ids,
             torch_dtype=cls._hf_dtype(hf),
+            bitnet=bitnet,
             extra={k: v for k, v in hf.items() if k not in known},
         )
 
@@ -290,6 +315,8 @@ class LlamaConfig(RotaryGQAConfig):
         d["architectures"] = ["LlamaForCausalLM"]
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
+        if self.bitnet:
+            d["quantization_config"] = self.bitnet.to_hf()
         return d
 
 

@@ -299,6 +299,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
+#include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
 
 /* ---- Python bindings ------------------------------------------------------------ */
 
@@ -448,6 +449,23 @@ static PyObject *py_ssd_scan(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_ternary_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, p, out;
+    Py_ssize_t M, K, R;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKnnni", &x, &p, &out, &M, &K, &R, &threads)) return NULL;
+    if (M < 0 || K < 0 || R < 0 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "ternary_matmul needs M, K, R >= 0 and threads >= 1; got %zd, %zd, %zd, %d",
+                     M, K, R, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ternary_matmul((const int8_t *)(uintptr_t)x, (const uint8_t *)(uintptr_t)p, (int32_t *)(uintptr_t)out, M, K, R,
+                   threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -500,6 +518,7 @@ static PyMethodDef methods[] = {
     {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
+    {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {NULL, NULL, 0, NULL},

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from falconet.quant import QuantError, QuantFormat, get_format, kernels
+from falconet.quant.ternary import TernaryLinear
 
 # Held while a QuantLinear switches its layout (once per layer, at its first forward) and
 # while a reader takes the (blocks, layout) pair, so a request thread never pairs one
@@ -259,5 +260,8 @@ def install(model: nn.Module, name: str, value: QuantTensor | torch.Tensor) -> N
         ):
             model.lm_head = QuantLinear(value)
             model.lm_head.shared.append(new)  # the embedding reads the head's blocks
+        return
+    if isinstance(module, TernaryLinear) and attr == "weight" and value.is_floating_point():
+        module.load_float(value)  # the unquantized revision of a ternary checkpoint
         return
     setattr(module, attr, nn.Parameter(value, requires_grad=False))

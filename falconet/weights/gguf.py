@@ -57,10 +57,15 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q5_0": (T.Q5_0, LlamaFileType.MOSTLY_Q5_0),
     "q5_1": (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "tq1_0": (T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
+    "tq2_0": (T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
 }
+TERNARY_TYPES = (T.TQ1_0, T.TQ2_0)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
-DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
+# turned into floats at load (llama.cpp's ternary types too: a TQ file holds a BitNet
+# model already dequantized to a Llama, its scales per 256 values, not per matrix)
+DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0)
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
@@ -69,9 +74,12 @@ def write_type(shape: tuple[int, ...], qtype: T, head: bool = False) -> T:
     F32; for the block types, quant/plan.py's choice (the one falconet.load(quant=)
     makes: the output `head` Q8_0 -- llama.cpp's quantizer does this for every Falcon
     file), with F16 for rows that split into no whole blocks, as llama.cpp's converter
-    falls back."""
+    falls back. In a ternary (TQ) file, llama.cpp's converter keeps the embeddings and
+    the head (`head` here) at F16, and rows that split into no whole blocks too."""
     if len(shape) == 1:
         return T.F32
+    if qtype in TERNARY_TYPES:
+        return T.F16 if head or shape[1] % get_format(qtype).block_size else qtype
     if qtype not in BLOCK_TYPES:
         return qtype
     chosen = tensor_qtype(shape, get_format(qtype).name, head)

@@ -42,7 +42,9 @@ class CheckpointLayout:
     `skipped`: names a checkpoint may carry that are not loaded (a tied lm_head);
     `heads`: the output head's tensor (lm_head, or the embeddings it is tied to), which
     quantization keeps at Q8_0; `keep_float`: tensors quantization leaves in float whatever
-    the type (Mamba's A_log and conv1d filters, as llama.cpp does); `name` and
+    the type (Mamba's A_log and conv1d filters, as llama.cpp does; ternary layers);
+    `ternary`: the weights of ternary projections (a BitNet checkpoint's), `packed`: those
+    stored as uint8 codes (with a `weight_scale` beside each); `name` and
     `description` say in errors what was expected.
     """
 
@@ -51,6 +53,8 @@ class CheckpointLayout:
     skipped: frozenset[str] = frozenset()
     heads: frozenset[str] = frozenset()
     keep_float: frozenset[str] = frozenset()
+    ternary: frozenset[str] = frozenset()
+    packed: frozenset[str] = frozenset()
     name: str = "model"
     description: str = ""
 
@@ -235,10 +239,10 @@ def load_weights(
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} from config.json"
             )
-        if not t.is_floating_point():
-            raise CheckpointError(
-                f"{path}: tensor {name} has dtype {t.dtype}, expected a float type"
-            )
+        packed = name in layout.packed
+        if (t.dtype != torch.uint8) if packed else not t.is_floating_point():
+            want = "uint8 (packed ternary codes)" if packed else "a float type"
+            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype}, expected {want}")
         target = params[name]
         if name in layout.transforms:
             t = layout.transforms[name](t)
@@ -251,7 +255,8 @@ def load_weights(
         if qtype:
             install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
         else:
-            if t.dtype != target.dtype:
+            # (a float weight bound for packed codes is ternarized by install)
+            if t.dtype != target.dtype and target.is_floating_point():
                 t = t.to(target.dtype)
             install(model, name, t)
         del t
