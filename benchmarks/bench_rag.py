@@ -52,7 +52,8 @@ from falconet.rag.chunking import Chunk  # noqa: E402
 from falconet.rag.embed import default_embedder  # noqa: E402
 from falconet.rag.ingest import ingest  # noqa: E402
 from falconet.rag.retrieve import MODES, search  # noqa: E402
-from falconet.rag.store import DocMeta, open_store  # noqa: E402
+from falconet.rag.store import DocMeta  # noqa: E402
+from falconet.rag.stores import open_store  # noqa: E402
 
 CHUNKS_PER_DOC = 100
 K = 5

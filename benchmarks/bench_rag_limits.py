@@ -50,7 +50,7 @@ from falconet.documents import Document  # noqa: E402
 from falconet.rag.chunking import chunk_document  # noqa: E402
 from falconet.rag.embed import default_embedder  # noqa: E402
 from falconet.rag.ingest import ingest  # noqa: E402
-from falconet.rag.store import open_store  # noqa: E402
+from falconet.rag.stores import open_store  # noqa: E402
 
 MIB = 2**20
 CORPUS = ROOT / "tests" / "data" / "rag_corpus"

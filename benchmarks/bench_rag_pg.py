@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_rag import corpus_words, fill_store, percentiles  # noqa: E402
 from falconet.rag.embed import default_embedder  # noqa: E402
 from falconet.rag.retrieve import MODES, search  # noqa: E402
-from falconet.rag.store import open_store  # noqa: E402
 from falconet.rag.store_postgres import EXACT_SEARCH_MAX_CHUNKS  # noqa: E402
+from falconet.rag.stores import open_store  # noqa: E402
 
 K = 5
 

@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("usearch")
 
 from falconet.rag.ann import AnnIndex  # noqa: E402
-from falconet.rag.store import DocMeta, open_store  # noqa: E402
+from falconet.rag.store import DocMeta  # noqa: E402
+from falconet.rag.stores import open_store  # noqa: E402
 
 DIM = 384
 DOCS = 300

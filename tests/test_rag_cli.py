@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from falconet.rag.store import open_store
+from falconet.rag.stores import open_store
 from tests.conftest import assert_cli_error
 
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}

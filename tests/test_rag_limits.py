@@ -26,7 +26,7 @@ from falconet.rag.chunking import chunk_document, markdown_headings
 from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import EMBED_BATCH, IngestLimits, ingest, ingest_file, sync
 from falconet.rag.loaders import load_document
-from falconet.rag.store import open_store
+from falconet.rag.stores import open_store
 from tests.conftest import assert_cli_error
 from tests.server_tools import ServerProcess
 

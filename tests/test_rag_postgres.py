@@ -26,8 +26,9 @@ from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest
 from falconet.rag.postgres_schema import MIGRATIONS, fts_tokens
 from falconet.rag.retrieve import MODES, search
-from falconet.rag.store import DocMeta, open_store
+from falconet.rag.store import DocMeta
 from falconet.rag.store_postgres import nearest_sql
+from falconet.rag.stores import open_store
 from tests.conftest import assert_cli_error
 from tests.pg_tools import new_schema, schema_url
 from tests.server_tools import ServerProcess

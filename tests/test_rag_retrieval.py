@@ -27,7 +27,8 @@ import torch
 from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest
 from falconet.rag.retrieve import MODES, search
-from falconet.rag.store import Hit, open_store
+from falconet.rag.store import Hit
+from falconet.rag.stores import open_store
 from tests.pg_tools import new_schema, schema_url
 
 DATA = Path(__file__).parent / "data"

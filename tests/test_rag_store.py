@@ -28,8 +28,9 @@ from falconet.rag.embed import default_embedder
 from falconet.rag.ingest import ingest, sync
 from falconet.rag.loaders import file_sha256, load_document
 from falconet.rag.retrieve import RRF_K, reciprocal_rank_fusion, search
-from falconet.rag.store import DocMeta, DocumentStore, open_store
+from falconet.rag.store import DocMeta, DocumentStore
 from falconet.rag.store_sqlite import SQLiteStore, fts_query
+from falconet.rag.stores import open_store
 from tests.crash_tools import CRASH_ENV, Zygote, run_with_kills
 from tests.pg_tools import new_schema, schema_url
 
@@ -433,7 +434,8 @@ def test_an_embedder_change_reembeds_and_resumes_after_a_crash(stores, tmp_path,
 IN_TRANSACTION = r"""
 import sys, time
 import numpy as np
-from falconet.rag.store import DocMeta, open_store
+from falconet.rag.store import DocMeta
+from falconet.rag.stores import open_store
 
 class Chunk:
     def __init__(self, i):

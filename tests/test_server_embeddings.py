@@ -18,7 +18,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from falconet.rag.embed import packaged_model_path
-from falconet.rag.store import open_store
+from falconet.rag.stores import open_store
 from tests.server_tools import ServerProcess
 
 T = 120

@@ -109,7 +109,7 @@ def cmd_rag(args: argparse.Namespace, out: Out) -> int:
 
 
 def _open(args: argparse.Namespace, create: bool = False):
-    from falconet.rag.store import open_store
+    from falconet.rag.stores import open_store
 
     return open_store(args.store, create=create)
 

@@ -141,12 +141,18 @@ class Llama(CausalLM):
         embeddings and the LM head stay float."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, Linear) and bitnet.converts(f"model.{name}"):
+                sub_norm = (
+                    RMSNorm(module.in_features, bitnet.rms_norm_eps, self.compute_dtype)
+                    if bitnet.use_rms_norm
+                    else None
+                )
                 ternary = TernaryLinear(
                     module.in_features,
                     module.out_features,
                     module.bias is not None,
                     bitnet,
                     self.compute_dtype,
+                    sub_norm,
                 )
                 self.model.set_submodule(name, ternary)
 

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from falconet.errors import ConfigError
-from falconet.nn.norms import RMSNorm
 
 try:
     from falconet.quant import _kernels as native
@@ -205,8 +204,13 @@ class TernaryLinear(nn.Module):
         bias: bool,
         bitnet: BitNetConfig,
         compute_dtype: torch.dtype = torch.float32,
+        sub_norm: nn.Module | None = None,
     ) -> None:
+        """`sub_norm`: the RMSNorm before the product (`use_rms_norm`), built by the model
+        (nn/ norms sit above this storage layer), stored as `<linear>.rms_norm.weight`."""
         super().__init__()
+        if bitnet.use_rms_norm != (sub_norm is not None):
+            raise ConfigError("config: use_rms_norm needs a sub-norm on every ternary projection")
         if out_features % CODES_PER_BYTE:
             raise ConfigError(
                 f"config: a ternary projection needs a multiple of 4 output features, got {out_features}"
@@ -224,11 +228,7 @@ class TernaryLinear(nn.Module):
             if bias
             else None
         )
-        self.rms_norm = (
-            RMSNorm(in_features, bitnet.rms_norm_eps, compute_dtype)
-            if bitnet.use_rms_norm
-            else None
-        )
+        self.rms_norm = sub_norm
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qtype=ternary"

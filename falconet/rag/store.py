@@ -3,7 +3,7 @@
 `DocumentStore` is the protocol the ingest and retrieval code use. Two backends implement
 it: `SQLiteStore` (falconet/rag/store_sqlite.py), one file in a folder, the embedded
 default; and `PostgresStore` (falconet/rag/store_postgres.py), PostgreSQL with pgvector, a
-store several processes or machines share. `open_store` picks one from what the user gave.
+store several processes or machines share. `stores.open_store` picks one from what the user gave.
 
 Both key a document by the sha256 of its resolved source path and a chunk by the document,
 the content sha256 and the chunk's place (`document_id`, `chunk_id`), so the same bytes
@@ -17,7 +17,6 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -169,24 +168,3 @@ def check_collection_name(name: str) -> str:
             "lowercase letters, digits and underscores, not starting with a digit or pg_"
         )
     return name
-
-
-def open_store(
-    spec: str | Path, create: bool = True, collection: str | None = None
-) -> DocumentStore:
-    """The store that `spec` names: a folder (SQLite, its file `store.sqlite3` inside) or
-    a `postgresql://` URL (PostgreSQL + pgvector; `?schema=NAME` picks the schema).
-
-    `collection` gives a store of its own beside the others: on PostgreSQL the schema of
-    that name, in a folder the folder `collections/<name>` inside it."""
-    text = str(spec)
-    if "://" in text:
-        from falconet.rag.store_postgres import PostgresStore
-
-        return PostgresStore(text, create=create, schema=collection)
-    from falconet.rag.store_sqlite import open_folder
-
-    folder = Path(spec)
-    if collection is not None:
-        folder = Path(spec).expanduser() / "collections" / check_collection_name(collection)
-    return open_folder(folder, create=create)

@@ -144,7 +144,7 @@ class RagSettings:
 
 class _Rag:
     def __init__(self, settings: RagSettings, embedder: SharedEmbedder) -> None:
-        from falconet.rag.store import open_store
+        from falconet.rag.stores import open_store
 
         self.settings = settings
         self.uploads = (settings.uploads or Path(settings.store) / UPLOADS).resolve()
@@ -160,7 +160,7 @@ class _Rag:
 
     def store(self):
         """This thread's connection to the store (kept: it caches the vector matrix)."""
-        from falconet.rag.store import open_store
+        from falconet.rag.stores import open_store
 
         s = getattr(self._local, "store", None)
         if s is None:
