@@ -75,6 +75,10 @@ class BatchSettings:
             raise BatchError(f"max_record_bytes must be at least 1, got {self.max_record_bytes}")
         input_files(self.input)
         PromptTemplate(self.template, self.template_name)
+        if self.ledger and self.ledger.startswith(("postgresql://", "postgres://")):
+            from falconet.batch.ledger_postgres import parse_ledger_url
+
+            parse_ledger_url(self.ledger)  # a bad URL or schema name before the load
 
     @property
     def ledger_location(self) -> str:

@@ -16,8 +16,8 @@ how far, so a killed run loses at most work in flight: its rows are still pendin
 the next run scores them again.
 
 `Ledger` is the protocol the job uses; `SQLiteLedger` is the embedded one (WAL mode,
-synchronous=FULL: a committed row survives a crash or a power cut). A PostgreSQL ledger
-for jobs spread over several workers implements the same protocol.
+synchronous=FULL: a committed row survives a crash or a power cut); `PostgresLedger`
+(ledger_postgres.py) is the same protocol in a PostgreSQL schema.
 """
 
 from __future__ import annotations
@@ -303,11 +303,11 @@ class SQLiteLedger:
 
 
 def open_ledger(location: str | Path) -> Ledger:
-    """The ledger at `location`: an SQLite file path (created when missing)."""
+    """The ledger at `location`: a `postgresql://...?schema=NAME` URL (ledger_postgres.py),
+    or an SQLite file path (created when missing)."""
     text = str(location)
     if text.startswith(("postgresql://", "postgres://")):
-        raise BatchError(
-            "a PostgreSQL ledger is not built yet (issue 18, with PostgresStore); give a file "
-            "path for --ledger"
-        )
+        from falconet.batch.ledger_postgres import PostgresLedger
+
+        return PostgresLedger(text)
     return SQLiteLedger(Path(text).expanduser())

@@ -61,8 +61,9 @@ def add_batch_parser(sub, parser_class) -> None:
     run.add_argument(
         "--ledger",
         default=None,
-        metavar="PATH",
-        help="ledger file (default: OUT.ledger beside the results)",
+        metavar="PATH|URL",
+        help="ledger file (default: OUT.ledger beside the results), or a PostgreSQL ledger "
+        "shared by several workers: postgresql://user@host/db?schema=NAME",
     )
     run.add_argument(
         "--rejects",

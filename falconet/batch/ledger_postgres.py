@@ -1,0 +1,249 @@
+"""The batch ledger in PostgreSQL: the same tables and the same transactions as
+`SQLiteLedger` (ledger.py says what each keeps and why), in a schema of its own
+(`postgresql://...?schema=NAME`, default falconet_batch), so several workers on several
+machines can share one job's ledger.
+
+The tables are created once, under an advisory lock, so two workers starting together
+do not both build them. `admit` also takes an advisory lock for its transaction: seqs
+come from a sequence, and without it a worker could commit seq 7 while another still
+holds seq 6 uncommitted, and `finished` (which stops at the first pending row) would
+emit 7 before 6 exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import parse_qsl, urlsplit
+
+from falconet.batch.ledger import (
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    Admission,
+    Emitted,
+    Finished,
+    Outcome,
+    Pending,
+)
+from falconet.batch.records import Cursor
+from falconet.errors import BatchError, RagError
+
+DEFAULT_SCHEMA = "falconet_batch"
+CONNECT_TIMEOUT_S = 10
+
+_SCHEMA = """
+CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE inputs (name text PRIMARY KEY, "offset" bigint NOT NULL, lines bigint NOT NULL);
+CREATE TABLE records (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key text NOT NULL UNIQUE,
+    state text NOT NULL CHECK (state IN ('pending', 'done', 'rejected')),
+    source text NOT NULL,
+    record text,
+    line text
+);
+CREATE INDEX records_pending ON records (seq) WHERE state = 'pending';
+CREATE TABLE emitted (sink text PRIMARY KEY, bytes bigint NOT NULL);
+"""
+
+
+def parse_ledger_url(url: str):
+    """The `Location` (rag/postgres_schema.py) of a ledger URL, schema checked; a
+    BatchError for a URL or schema name PostgreSQL or falconet would refuse."""
+    from falconet.rag.postgres_schema import parse_url
+
+    try:
+        location = parse_url(url)
+    except RagError as e:
+        raise BatchError(
+            f"--ledger: {str(e).replace('store collection', 'ledger schema')}"
+        ) from None
+    except ImportError as e:
+        raise BatchError(f"a PostgreSQL ledger needs psycopg: pip install psycopg ({e})") from None
+    if "schema" not in dict(parse_qsl(urlsplit(url).query, keep_blank_values=True)):
+        location = dataclasses.replace(location, schema=DEFAULT_SCHEMA)
+    return location
+
+
+class PostgresLedger:
+    """A `Ledger` in a PostgreSQL schema. One connection, shared by the job's threads
+    under a lock (as SQLiteLedger's is)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.location = parse_ledger_url(url)
+        self.schema = self.location.schema
+        self.display = f"{self.location.display} (schema {self.schema})"
+        self._lock = threading.Lock()
+        try:
+            self._db = psycopg.connect(self.location.url, autocommit=True,
+                                       connect_timeout=CONNECT_TIMEOUT_S,
+                                       application_name="falconet-batch")  # fmt: skip
+        except psycopg.Error as e:
+            raise BatchError(
+                f"cannot connect to the ledger at {self.display}: {_line(e)}"
+            ) from None
+        try:
+            with self._errors():
+                self._setup()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self._psycopg.Error as e:
+            raise BatchError(f"the ledger at {self.display}: {_line(e)}") from e
+
+    def _setup(self) -> None:
+        db, schema = self._db, self.schema
+        with db.transaction():
+            # One worker builds the tables; the others wait here and then find them.
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-batch:" + schema,))
+            db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            db.execute(f'SET LOCAL search_path TO "{schema}"')
+            tables = {r[0] for r in db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}  # fmt: skip
+            if not tables:
+                db.execute(_SCHEMA)
+                db.execute("INSERT INTO meta VALUES ('schema', %s), ('schema_version', %s),"
+                           " ('emitted_seq', '0'), ('duplicates', '0')",
+                           (SCHEMA_NAME, str(SCHEMA_VERSION)))  # fmt: skip
+        db.execute(f'SET search_path TO "{schema}"')
+        if tables:
+            meta = dict(db.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
+            if meta.get("schema") != SCHEMA_NAME:
+                raise BatchError(f"schema {schema} at {self.location.display} holds tables that "
+                                 "are not a falconet batch ledger; name another (?schema=NAME)")  # fmt: skip
+            if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
+                raise BatchError(f"the ledger at {self.display} has ledger schema "
+                                 f"{meta.get('schema_version')}; this falconet reads schema "
+                                 f"{SCHEMA_VERSION}")  # fmt: skip
+
+    @contextmanager
+    def _write(self):
+        """One write transaction: all of it commits, or none of it."""
+        with self._lock, self._errors(), self._db.transaction():
+            yield self._db
+
+    def _read(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock, self._errors():
+            return self._db.execute(sql, params).fetchall()
+
+    def claim_job(self, job: dict) -> None:
+        text = json.dumps(job, sort_keys=True)
+        with self._write() as db:
+            db.execute("INSERT INTO meta VALUES ('job', %s) ON CONFLICT DO NOTHING", (text,))
+            stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()[0]
+        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
+        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if changed:
+            raise BatchError(
+                f"the ledger at {self.display} belongs to a job with another "
+                f"{', '.join(changed)}; resume it with the same settings, or give another "
+                "--ledger to start another job"
+            )
+
+    def cursors(self) -> dict[str, Cursor]:
+        rows = self._read('SELECT name, "offset", lines FROM inputs')
+        return {name: Cursor(offset, lines) for name, offset, lines in rows}
+
+    def admit(self, name: str, cursor: Cursor, entries: Sequence[Admission]) -> list[int | None]:
+        seqs: list[int | None] = []
+        with self._write() as db:
+            # Admissions commit in seq order (see the module docstring).
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-batch-admit:" + self.schema,))  # fmt: skip
+            for e in entries:
+                row = db.execute(
+                    "INSERT INTO records (key, state, source, record, line)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq",
+                    (e.key, e.state, e.source, e.record, e.line),
+                ).fetchone()
+                seqs.append(None if row is None else row[0])
+            db.execute(
+                "INSERT INTO inputs VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+                ' SET "offset" = excluded."offset", lines = excluded.lines',
+                (name, cursor.offset, cursor.lines),
+            )
+            if duplicates := seqs.count(None):
+                db.execute(
+                    "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'duplicates'",
+                    (duplicates,),
+                )
+        return seqs
+
+    def pending(self, after: int, limit: int) -> list[Pending]:
+        rows = self._read(
+            "SELECT seq, key, source, record FROM records WHERE state = 'pending' AND seq > %s"
+            " ORDER BY seq LIMIT %s",
+            (after, limit),
+        )
+        return [Pending(*r) for r in rows]
+
+    def finish(self, outcomes: Sequence[Outcome]) -> int:
+        changed = 0
+        with self._write() as db:
+            for o in outcomes:
+                cur = db.execute(
+                    "UPDATE records SET state = %s, line = %s, record = NULL"
+                    " WHERE seq = %s AND state = 'pending'",
+                    (o.state, o.line, o.seq),
+                )
+                changed += cur.rowcount
+        return changed
+
+    def finished(self, after: int, limit: int) -> list[Finished]:
+        rows = self._read(
+            "SELECT seq, state, line FROM records WHERE seq > %s ORDER BY seq LIMIT %s",
+            (after, limit),
+        )
+        out = []
+        for seq, state, line in rows:
+            if state == "pending":
+                break
+            out.append(Finished(seq, state, line))
+        return out
+
+    def emitted(self) -> Emitted:
+        with self._lock, self._errors(), self._db.transaction():  # one snapshot of both
+            sizes = dict(self._db.execute("SELECT sink, bytes FROM emitted").fetchall())
+            seq = self._db.execute("SELECT value FROM meta WHERE key = 'emitted_seq'").fetchone()
+        return Emitted(int(seq[0]), sizes)
+
+    def mark_emitted(self, emitted: Emitted) -> None:
+        with self._write() as db:
+            db.execute("UPDATE meta SET value = %s WHERE key = 'emitted_seq'", (str(emitted.seq),))
+            for sink, size in sorted(emitted.sizes.items()):
+                db.execute(
+                    "INSERT INTO emitted VALUES (%s, %s) ON CONFLICT (sink) DO UPDATE"
+                    " SET bytes = excluded.bytes",
+                    (sink, size),
+                )
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "done": 0, "rejected": 0}
+        counts.update(self._read("SELECT state, count(*) FROM records GROUP BY state"))
+        counts["duplicates"] = int(
+            self._read("SELECT value FROM meta WHERE key = 'duplicates'")[0][0]
+        )
+        return counts
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PostgresLedger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
