@@ -32,6 +32,17 @@ def llm(tiny_7b):
     return falconet.load(tiny_7b)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_at(request, tmp_path) -> str:
+    """Where a test's job keeps its ledger: the default file beside the results, or a
+    schema of its own on the test PostgreSQL server (the ledger tests run on both)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "out.jsonl.ledger")
+    from tests.pg_tools import new_schema, schema_url
+
+    return schema_url(request.getfixturevalue("pg_url"), new_schema())
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -140,17 +151,17 @@ def test_the_sandbox_keeps_records_data_and_templates_out_of_python(llm, tmp_pat
         assert all(r["reason"].startswith("template refused by the sandbox") for r in rejects)
 
 
-def test_restart_scores_only_new_records_and_skips_duplicates(llm, tmp_path):
+def test_restart_scores_only_new_records_and_skips_duplicates(llm, tmp_path, ledger_at):
     path = write_jsonl(tmp_path / "in.jsonl", records(6))
-    first, _ = run_job(llm, tmp_path)
+    first, _ = run_job(llm, tmp_path, ledger=ledger_at)
     with path.open("a") as f:  # two new records, a duplicate id and a bad line
         f.write("".join(json.dumps(r) + "\n" for r in [*records(2, 6), records(1, 3)[0]]))
         f.write("{oops\n")
-    second, rejects = run_job(llm, tmp_path)
+    second, rejects = run_job(llm, tmp_path, ledger=ledger_at)
     assert second[:6] == first
     assert [r["key"] for r in second] == [str(i) for i in range(8)]
     assert [r["source"] for r in rejects] == ["in.jsonl:10"]
-    with open_ledger(tmp_path / "out.jsonl.ledger") as ledger:
+    with open_ledger(ledger_at) as ledger:
         assert ledger.counts() == {"pending": 0, "done": 8, "rejected": 1, "duplicates": 1}
     # Without --key a record's key is its content: the same object reordered is a duplicate.
     write_jsonl(tmp_path / "in2.jsonl", ['{"a": 1, "b": "x"}', '{"b": "x",  "a": 1}'])
@@ -159,35 +170,35 @@ def test_restart_scores_only_new_records_and_skips_duplicates(llm, tmp_path):
     assert len(results) == 1 and len(results[0]["key"]) == 64
 
 
-def test_a_torn_or_unrecorded_append_is_repaired_never_repeated(llm, tmp_path):
+def test_a_torn_or_unrecorded_append_is_repaired_never_repeated(llm, tmp_path, ledger_at):
     write_jsonl(tmp_path / "in.jsonl", [*records(5), "bad"])
-    run_job(llm, tmp_path)
+    run_job(llm, tmp_path, ledger=ledger_at)
     out, rejects = tmp_path / "out.jsonl", tmp_path / "out.rejects.jsonl"
     whole, whole_rejects = out.read_bytes(), rejects.read_bytes()
     # As if killed after appending (the last line torn) but before recording the append.
-    with open_ledger(tmp_path / "out.jsonl.ledger") as ledger:
+    with open_ledger(ledger_at) as ledger:
         ledger.mark_emitted(Emitted(1, {"results": len(whole.split(b"\n")[0]) + 1, "rejects": 0}))
     out.write_bytes(whole[: len(whole) - 9])
-    run_job(llm, tmp_path)
+    run_job(llm, tmp_path, ledger=ledger_at)
     assert out.read_bytes() == whole and rejects.read_bytes() == whole_rejects
     # A line falconet did not write is not cut away: the job refuses to go on.
-    with open_ledger(tmp_path / "out.jsonl.ledger") as ledger:
+    with open_ledger(ledger_at) as ledger:
         ledger.mark_emitted(Emitted(1, {"results": len(whole.split(b"\n")[0]) + 1, "rejects": 0}))
     out.write_bytes(whole.replace(b'"key": "3"', b'"key": "X"'))
     with pytest.raises(BatchError, match="that this job did not write"):
-        run_job(llm, tmp_path)
+        run_job(llm, tmp_path, ledger=ledger_at)
     out.write_bytes(whole[:10])
     with pytest.raises(BatchError, match="changed outside falconet"):
-        run_job(llm, tmp_path)
+        run_job(llm, tmp_path, ledger=ledger_at)
 
 
-def test_a_ledger_resumes_only_its_own_job(llm, tmp_path):
+def test_a_ledger_resumes_only_its_own_job(llm, tmp_path, ledger_at):
     write_jsonl(tmp_path / "in.jsonl", records(2))
-    run_job(llm, tmp_path)
+    run_job(llm, tmp_path, ledger=ledger_at)
     with pytest.raises(BatchError, match="another prompt template; resume it with the same"):
-        run_job(llm, tmp_path, template="{{ text }}")
+        run_job(llm, tmp_path, ledger=ledger_at, template="{{ text }}")
     with pytest.raises(BatchError, match="another sampling"):
-        run_job(llm, tmp_path, params=SamplingParams(max_tokens=6))
+        run_job(llm, tmp_path, ledger=ledger_at, params=SamplingParams(max_tokens=6))
     (tmp_path / "notledger").write_text("hello")
     with pytest.raises(BatchError, match="not a readable batch ledger"):
         run_job(llm, tmp_path, ledger=str(tmp_path / "notledger"))
