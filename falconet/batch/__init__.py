@@ -5,5 +5,14 @@ run` is the command; `BatchJob` the same job from Python."""
 
 from falconet.batch.job import BatchJob, BatchProgress, BatchSettings
 from falconet.batch.ledger import Ledger, SQLiteLedger, open_ledger
+from falconet.batch.ledger_postgres import PostgresLedger
 
-__all__ = ["BatchJob", "BatchProgress", "BatchSettings", "Ledger", "SQLiteLedger", "open_ledger"]
+__all__ = [
+    "BatchJob",
+    "BatchProgress",
+    "BatchSettings",
+    "Ledger",
+    "PostgresLedger",
+    "SQLiteLedger",
+    "open_ledger",
+]

@@ -1,13 +1,13 @@
 """The batch ledger in PostgreSQL: the same tables and the same transactions as
 `SQLiteLedger` (ledger.py says what each keeps and why), in a schema of its own
-(`postgresql://...?schema=NAME`, default falconet_batch), so several workers on several
-machines can share one job's ledger.
+(`postgresql://...?schema=NAME`, default falconet_batch), for a job whose state should
+live in a database server rather than a file beside its output.
 
 The tables are created once, under an advisory lock, so two workers starting together
 do not both build them. `admit` also takes an advisory lock for its transaction: seqs
-come from a sequence, and without it a worker could commit seq 7 while another still
-holds seq 6 uncommitted, and `finished` (which stops at the first pending row) would
-emit 7 before 6 exists.
+come from a sequence, and without it one connection could commit seq 7 while another
+still holds seq 6 uncommitted, and `finished` (which stops at the first pending row)
+would emit 7 before 6 exists.
 """
 
 from __future__ import annotations
