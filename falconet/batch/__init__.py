@@ -4,8 +4,9 @@ of records pending -> done, outputs written only from committed rows). `falconet
 run` is the command; `BatchJob` the same job from Python."""
 
 from falconet.batch.job import BatchJob, BatchProgress, BatchSettings
-from falconet.batch.ledger import Ledger, SQLiteLedger, open_ledger
+from falconet.batch.ledger import Ledger, SQLiteLedger
 from falconet.batch.ledger_postgres import PostgresLedger
+from falconet.batch.ledgers import open_ledger
 
 __all__ = [
     "BatchJob",

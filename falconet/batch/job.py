@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from falconet.batch.ledger import Admission, Ledger, Outcome, open_ledger
+from falconet.batch.ledger import Admission, Ledger, Outcome
+from falconet.batch.ledgers import open_ledger
 from falconet.batch.outputs import OutputFiles
 from falconet.batch.prompt import PromptTemplate, TemplateFailed
 from falconet.batch.records import (

@@ -300,14 +300,3 @@ class SQLiteLedger:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_ledger(location: str | Path) -> Ledger:
-    """The ledger at `location`: a `postgresql://...?schema=NAME` URL (ledger_postgres.py),
-    or an SQLite file path (created when missing)."""
-    text = str(location)
-    if text.startswith(("postgresql://", "postgres://")):
-        from falconet.batch.ledger_postgres import PostgresLedger
-
-        return PostgresLedger(text)
-    return SQLiteLedger(Path(text).expanduser())
