@@ -130,9 +130,82 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
-class SQLiteLedger:
+class SQLLedger:
+    """What the SQLite and PostgreSQL ledgers share: the same tables, read and changed by
+    the same statements in the driver's placeholder style (`P`). A subclass gives
+    `_read(sql, params) -> rows`, `_write()` (one transaction, yielding something with
+    `execute`), `display` (where the ledger is, for messages) and `next_job_hint`."""
+
+    P = "?"
+    display: str
+    next_job_hint: str
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self.P)
+
+    def _check_job(self, stored: str, text: str) -> None:
+        """Refuse a job whose settings differ from the one that owns the ledger."""
+        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
+        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if changed:
+            raise BatchError(
+                f"the ledger {self.display} belongs to a job with another "
+                f"{', '.join(changed)}; resume it with the same settings, or "
+                f"{self.next_job_hint} to start another job"
+            )
+
+    def pending(self, after: int, limit: int) -> list[Pending]:
+        rows = self._read(
+            self._sql("SELECT seq, key, source, record FROM records"
+                      " WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?"),
+            (after, limit),
+        )  # fmt: skip
+        return [Pending(*r) for r in rows]
+
+    def finish(self, outcomes: Sequence[Outcome]) -> int:
+        changed = 0
+        sql = self._sql("UPDATE records SET state = ?, line = ?, record = NULL"
+                        " WHERE seq = ? AND state = 'pending'")  # fmt: skip
+        with self._write() as db:
+            for o in outcomes:
+                changed += db.execute(sql, (o.state, o.line, o.seq)).rowcount
+        return changed
+
+    def finished(self, after: int, limit: int) -> list[Finished]:
+        rows = self._read(
+            self._sql("SELECT seq, state, line FROM records WHERE seq > ? ORDER BY seq LIMIT ?"),
+            (after, limit),
+        )
+        out = []
+        for seq, state, line in rows:
+            if state == "pending":
+                break
+            out.append(Finished(seq, state, line))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "done": 0, "rejected": 0}
+        counts.update(self._read("SELECT state, count(*) FROM records GROUP BY state"))
+        duplicates = self._read("SELECT value FROM meta WHERE key = 'duplicates'")
+        counts["duplicates"] = int(duplicates[0][0]) if duplicates else 0
+        return counts
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SQLiteLedger(SQLLedger):
+    next_job_hint = "give a new --out (or --ledger)"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.display = str(self.path)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +267,9 @@ class SQLiteLedger:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def _read(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        return self._db.execute(sql, params).fetchall()
+
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
@@ -205,14 +281,7 @@ class SQLiteLedger:
             if stored is None:
                 db.execute("INSERT INTO meta VALUES ('job', ?)", (text,))
                 return
-        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
-        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-        if changed:
-            raise BatchError(
-                f"the ledger {self.path} belongs to a job with another {', '.join(changed)}; "
-                "resume it with the same settings, or give a new --out (or --ledger) to "
-                "start another job"
-            )
+        self._check_job(stored, text)
 
     def cursors(self) -> dict[str, Cursor]:
         rows = self._db.execute("SELECT name, offset, lines FROM inputs").fetchall()
@@ -241,38 +310,6 @@ class SQLiteLedger:
                 )
         return seqs
 
-    def pending(self, after: int, limit: int) -> list[Pending]:
-        rows = self._db.execute(
-            "SELECT seq, key, source, record FROM records WHERE state = 'pending' AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [Pending(*r) for r in rows]
-
-    def finish(self, outcomes: Sequence[Outcome]) -> int:
-        changed = 0
-        with self._write() as db:
-            for o in outcomes:
-                cur = db.execute(
-                    "UPDATE records SET state = ?, line = ?, record = NULL"
-                    " WHERE seq = ? AND state = 'pending'",
-                    (o.state, o.line, o.seq),
-                )
-                changed += cur.rowcount
-        return changed
-
-    def finished(self, after: int, limit: int) -> list[Finished]:
-        rows = self._db.execute(
-            "SELECT seq, state, line FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        out = []
-        for seq, state, line in rows:
-            if state == "pending":
-                break
-            out.append(Finished(seq, state, line))
-        return out
-
     def emitted(self) -> Emitted:
         sizes = dict(self._db.execute("SELECT sink, bytes FROM emitted").fetchall())
         return Emitted(int(self._meta("emitted_seq") or 0), sizes)
@@ -285,18 +322,3 @@ class SQLiteLedger:
                 " SET bytes = excluded.bytes",
                 sorted(emitted.sizes.items()),
             )
-
-    def counts(self) -> dict[str, int]:
-        counts = {"pending": 0, "done": 0, "rejected": 0}
-        counts.update(self._db.execute("SELECT state, count(*) FROM records GROUP BY state"))
-        counts["duplicates"] = int(self._meta("duplicates") or 0)
-        return counts
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> SQLiteLedger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

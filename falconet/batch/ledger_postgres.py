@@ -24,9 +24,7 @@ from falconet.batch.ledger import (
     SCHEMA_VERSION,
     Admission,
     Emitted,
-    Finished,
-    Outcome,
-    Pending,
+    SQLLedger,
 )
 from falconet.batch.records import Cursor
 from falconet.errors import BatchError, RagError
@@ -68,9 +66,12 @@ def parse_ledger_url(url: str):
     return location
 
 
-class PostgresLedger:
+class PostgresLedger(SQLLedger):
     """A `Ledger` in a PostgreSQL schema. One connection, shared by the job's threads
     under a lock (as SQLiteLedger's is)."""
+
+    P = "%s"
+    next_job_hint = "give another --ledger"
 
     def __init__(self, url: str) -> None:
         import psycopg
@@ -142,14 +143,7 @@ class PostgresLedger:
         with self._write() as db:
             db.execute("INSERT INTO meta VALUES ('job', %s) ON CONFLICT DO NOTHING", (text,))
             stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()[0]
-        old, job = json.loads(stored), json.loads(text)  # tuples compare as the lists stored
-        changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-        if changed:
-            raise BatchError(
-                f"the ledger at {self.display} belongs to a job with another "
-                f"{', '.join(changed)}; resume it with the same settings, or give another "
-                "--ledger to start another job"
-            )
+        self._check_job(stored, text)
 
     def cursors(self) -> dict[str, Cursor]:
         rows = self._read('SELECT name, "offset", lines FROM inputs')
@@ -179,38 +173,6 @@ class PostgresLedger:
                 )
         return seqs
 
-    def pending(self, after: int, limit: int) -> list[Pending]:
-        rows = self._read(
-            "SELECT seq, key, source, record FROM records WHERE state = 'pending' AND seq > %s"
-            " ORDER BY seq LIMIT %s",
-            (after, limit),
-        )
-        return [Pending(*r) for r in rows]
-
-    def finish(self, outcomes: Sequence[Outcome]) -> int:
-        changed = 0
-        with self._write() as db:
-            for o in outcomes:
-                cur = db.execute(
-                    "UPDATE records SET state = %s, line = %s, record = NULL"
-                    " WHERE seq = %s AND state = 'pending'",
-                    (o.state, o.line, o.seq),
-                )
-                changed += cur.rowcount
-        return changed
-
-    def finished(self, after: int, limit: int) -> list[Finished]:
-        rows = self._read(
-            "SELECT seq, state, line FROM records WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, limit),
-        )
-        out = []
-        for seq, state, line in rows:
-            if state == "pending":
-                break
-            out.append(Finished(seq, state, line))
-        return out
-
     def emitted(self) -> Emitted:
         with self._lock, self._errors(), self._db.transaction():  # one snapshot of both
             sizes = dict(self._db.execute("SELECT sink, bytes FROM emitted").fetchall())
@@ -226,23 +188,6 @@ class PostgresLedger:
                     " SET bytes = excluded.bytes",
                     (sink, size),
                 )
-
-    def counts(self) -> dict[str, int]:
-        counts = {"pending": 0, "done": 0, "rejected": 0}
-        counts.update(self._read("SELECT state, count(*) FROM records GROUP BY state"))
-        counts["duplicates"] = int(
-            self._read("SELECT value FROM meta WHERE key = 'duplicates'")[0][0]
-        )
-        return counts
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> PostgresLedger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _line(e: BaseException) -> str:
