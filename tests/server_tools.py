@@ -61,6 +61,23 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError("falconet serve never answered /health")
 
+    def __enter__(self) -> ServerProcess:
+        try:
+            return self.wait_ready()
+        except BaseException:  # never leave a half-started server behind
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def openai_client(self, timeout: float):
+        """The official client on this server (no retries: a retry would hide an error)."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=timeout,
+                             max_retries=0)  # fmt: skip
+
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
         if self.proc.poll() is None:

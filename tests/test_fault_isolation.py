@@ -386,12 +386,9 @@ SERVER_POISONS = {
 
 @pytest.fixture(scope="module")
 def server(tiny_falcon):
-    proc = ServerProcess("--model", str(tiny_falcon), "--served-model-name", MODEL,
-                         env={"OMP_NUM_THREADS": "1"})  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--model", str(tiny_falcon), "--served-model-name", MODEL,
+                       env={"OMP_NUM_THREADS": "1"}) as proc:  # fmt: skip
+        yield proc
 
 
 def _stream_body(prompt: str) -> dict:

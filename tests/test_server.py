@@ -52,7 +52,7 @@ def server(servers) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=T, max_retries=0)
+    return server.openai_client(T)
 
 
 def post(server: ServerProcess, path: str, body, **kw) -> httpx.Response:

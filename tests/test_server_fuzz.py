@@ -30,15 +30,12 @@ def server(tmp_path_factory):
     root = base / "root"
     root.mkdir()
     (root / "light.txt").write_text("And God said, Let there be light: and there was light.\n")
-    proc = ServerProcess(
+    with ServerProcess(
         "--max-context", "16", "--max-batch", "4", "--max-queue", "4",
         "--rag-store", str(base / "store"), "--rag-root", str(root),
         env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    ) as proc:  # fmt: skip
+        yield proc
 
 
 def server_errors(url: str) -> float:

@@ -51,7 +51,7 @@ def arch(request) -> str:
 
 
 def _client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=T, max_retries=0)
+    return server.openai_client(T)
 
 
 def _post(server: ServerProcess, body: dict, path: str = "/v1/completions") -> dict:

@@ -37,17 +37,14 @@ MAX_BODY = 4 * 2**20  # the server's default body limit
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("rag-store")
-    proc = ServerProcess("--max-batch", "16", "--rag-store", str(store),
-                         "--timeout-header", "1", "--timeout-body", "1", env=ENV)  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--max-batch", "16", "--rag-store", str(store),
+                       "--timeout-header", "1", "--timeout-body", "1", env=ENV) as proc:  # fmt: skip
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=T, max_retries=0)
+    return server.openai_client(T)
 
 
 def scrape(server: ServerProcess) -> str:

@@ -35,11 +35,8 @@ USER = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("rules") / "store"
-    proc = ServerProcess("--rag-store", str(store), env={"OMP_NUM_THREADS": "1"})
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--rag-store", str(store), env={"OMP_NUM_THREADS": "1"}) as proc:
+        yield proc
 
 
 def post(server: ServerProcess, path: str, body: dict, **kw) -> httpx.Response:

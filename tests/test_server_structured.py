@@ -36,16 +36,13 @@ BYTES_PER_CHAR = 6
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess("--max-batch", "20", env={"OMP_NUM_THREADS": "1"})
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--max-batch", "20", env={"OMP_NUM_THREADS": "1"}) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=T, max_retries=0)
+    return server.openai_client(T)
 
 
 # --- random schemas --------------------------------------------------------------------

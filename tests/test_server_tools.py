@@ -94,17 +94,14 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    proc = ServerProcess("--model", str(folder), "--served-model-name", MODEL, "--max-batch", "8",
-                         env={"OMP_NUM_THREADS": "1"})  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with ServerProcess("--model", str(folder), "--served-model-name", MODEL, "--max-batch", "8",
+                       env={"OMP_NUM_THREADS": "1"}) as proc:  # fmt: skip
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=T, max_retries=0)
+    return server.openai_client(T)
 
 
 def assert_valid_calls(message, names: set[str], most: int | None = None) -> None:
