@@ -145,6 +145,15 @@ def choose_bm25_terms(terms: Sequence[str], n: int, df: dict[str, int]) -> list[
     return chosen
 
 
+def checked_vectors(vectors: np.ndarray, rows: int, where: str) -> np.ndarray:
+    """`vectors` as an array of one row per chunk, or a RagError saying what came instead
+    (each row is checked again by `checked_vector`; this message is the clearer one)."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[0] != rows:
+        raise RagError(f"{where}: {rows} chunks but vectors of shape {tuple(vectors.shape)}")
+    return vectors
+
+
 def checked_vector(vector: np.ndarray, dim: int | None, where: str) -> np.ndarray:
     """`vector` as float32, or a RagError if it has the wrong size or a NaN/inf value."""
     v = np.asarray(vector, dtype=np.float32).reshape(-1)

@@ -57,6 +57,7 @@ from falconet.rag.store import (
     Hit,
     StoredDocument,
     checked_vector,
+    checked_vectors,
     choose_bm25_terms,
     chunk_id,
     document_id,
@@ -281,10 +282,7 @@ class PostgresStore:
         the same embedder already stored (another process was first) write nothing."""
         from pgvector import Vector
 
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
-            shape = tuple(vectors.shape)
-            raise RagError(f"{meta.source}: {len(chunks)} chunks but vectors of shape {shape}")
+        vectors = checked_vectors(vectors, len(chunks), meta.source)
         doc_id = document_id(meta.source)
         with self._write() as tx:
             embedder, dim = self.embedder_id, self.dim
@@ -396,11 +394,7 @@ class PostgresStore:
         document's chunks (an embedder switch), in one transaction."""
         from pgvector import Vector
 
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] != len(chunk_ids):
-            raise RagError(
-                f"document {doc_id}: {len(chunk_ids)} chunks but vectors of shape {vectors.shape}"
-            )
+        vectors = checked_vectors(vectors, len(chunk_ids), f"document {doc_id}")
         with self._write():
             current = [r[0] for r in self.conn.execute(
                 "SELECT id FROM chunks WHERE doc_id = %s ORDER BY ord", (doc_id,))]  # fmt: skip

@@ -36,6 +36,7 @@ from falconet.rag.store import (
     Hit,
     StoredDocument,
     checked_vector,
+    checked_vectors,
     choose_bm25_terms,
     chunk_id,
     document_id,
@@ -284,11 +285,7 @@ class SQLiteStore:
         """Replace a document's chunks, vectors and FTS rows and bump its version, in one
         transaction: on any error nothing of the document changes. The same bytes from
         the same embedder already stored (another process was first) write nothing."""
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
-            # Checked per row below as well; this message is the clearer one.
-            shape = tuple(vectors.shape)
-            raise RagError(f"{meta.source}: {len(chunks)} chunks but vectors of shape {shape}")
+        vectors = checked_vectors(vectors, len(chunks), meta.source)
         doc_id = document_id(meta.source)
         with suppress(_Unchanged), self._write() as db:
             if self.embedder_id is None:  # the first document fixes the store's embedder
@@ -354,11 +351,7 @@ class SQLiteStore:
     ) -> None:
         """New vectors, computed for `chunk_ids` (from `chunk_texts`), for all of a
         document's chunks (an embedder switch), in one transaction."""
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[0] != len(chunk_ids):
-            raise RagError(
-                f"document {doc_id}: {len(chunk_ids)} chunks but vectors of shape {vectors.shape}"
-            )
+        vectors = checked_vectors(vectors, len(chunk_ids), f"document {doc_id}")
         with self._write() as db:
             current = [r[0] for r in db.execute(
                 "SELECT id FROM chunks WHERE doc_id = ? ORDER BY ord", (doc_id,)
