@@ -243,6 +243,37 @@ def test_x8_layout_same_products_and_bytes(qtype):
 
 
 @needs_x8
+@pytest.mark.parametrize("qtype", sorted(kernels.X8_TYPES))
+def test_vnni_products_give_the_avx2_bits(qtype):
+    """AVX-512 VNNI's vpdpbusd and AVX2's maddubs + madd sum the same int8 products
+    exactly, so a machine with VNNI decodes the same tokens as one without: every row
+    count (one decode row, a row chunk, a prompt of several chunks) gives equal bits."""
+    try:
+        kernels.native.set_int8_dot("vnni")
+    except ValueError:
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    kernels.native.set_simd("avx2")
+    fmt = get_format(qtype)
+    # extreme rows too: all-max and all-min quants push the int16 pair sums hardest
+    w = weights(64, 256, seed=3)
+    w[0] = 1.0
+    w[1] = -1.0
+    layer = QuantLinear(QuantTensor(fmt, torch.from_numpy(fmt.quantize(w)), (64, 256)))
+    x = torch.randn(2 * kernels.GEMV_ROWS + 3, 256)
+    x[0] = 1.0
+    x[1] = -1.0
+    try:
+        fast = [layer(x[:m]) for m in (1, kernels.GEMV_ROWS, len(x))]
+        kernels.native.set_int8_dot("maddubs")
+        slow = [layer(x[:m]) for m in (1, kernels.GEMV_ROWS, len(x))]
+    finally:
+        kernels.native.set_int8_dot("vnni")
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    with pytest.raises(ValueError, match="vnni or maddubs"):
+        kernels.native.set_int8_dot("avx1024")
+
+
+@needs_x8
 def test_threads_racing_through_the_first_forward_agree():
     """The first forward repacks; threads arriving together must neither repack twice nor
     read one layout's bytes as the other's."""

@@ -30,7 +30,9 @@ def quant_kernels() -> str:
 
     if kernels.native is None:
         return "PyTorch fallback (the compiled kernels were not built)"
-    return f"compiled CPU kernels ({kernels.native.simd()}, {torch.get_num_threads()} threads)"
+    native = kernels.native
+    simd = native.simd() + (" + AVX-512 VNNI" if native.int8_dot() == "vnni" else "")
+    return f"compiled CPU kernels ({simd}, {torch.get_num_threads()} threads)"
 
 
 def cmd_info(args: argparse.Namespace, out: Out) -> int:

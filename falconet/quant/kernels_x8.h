@@ -51,93 +51,24 @@ AVX2 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p
     return _mm256_set1_epi32(v);
 }
 
-/* 8 rows' sums of one block against one activation block, lane r = row r. */
-/* The unsigned 4-bit products, less Q4_0's offset 8 (offset 0: Q4_1). */
-AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q4(const __m256i w[8], const block_x8 *x,
-                                                                    int offset) {
-    /* w[k] holds elements 4k..4k+3 (k < 4) or 16+4(k-4).. (k >= 4) of each row, unsigned;
-     * 8 pair sums of at most 2*15*127 stay inside int16. */
-    __m256i s16 = _mm256_maddubs_epi16(w[0], bcast4(x->qs));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[1], bcast4(x->qs + 4)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[2], bcast4(x->qs + 8)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[3], bcast4(x->qs + 12)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[4], bcast4(x->qs + 16)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[5], bcast4(x->qs + 20)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[6], bcast4(x->qs + 24)));
-    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[7], bcast4(x->qs + 28)));
-    __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-    return offset ? _mm256_sub_epi32(s32, _mm256_set1_epi32(offset * x->isum)) : s32; /* (q - 8) */
-}
+/* The tile loops: AVX2's, and AVX-512 VNNI's where the CPU has it (same bits). */
+#define X8_TARGET AVX2
+#define X8_VNNI 0
+#define X8_NAME(f) f##_avx2
+#include "kernels_x8_tiles.h"
+#undef X8_TARGET
+#undef X8_VNNI
+#undef X8_NAME
+#define X8_TARGET VNNI
+#define X8_VNNI 1
+#define X8_NAME(f) f##_vnni
+#include "kernels_x8_tiles.h"
+#undef X8_TARGET
+#undef X8_VNNI
+#undef X8_NAME
 
-AVX2 static inline __attribute__((always_inline)) __m256i tile_dot_q8_0(const __m256i w[8], const __m256i aw[8],
-                                                                      const block_x8 *x) {
-    /* signed x signed: |w| times x carrying w's sign; pair sums reach 2*127*127, so each
-     * piece widens to int32 before the next is added */
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i s32 = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k++) {
-        __m256i p16 = _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(bcast4(x->qs + 4 * k), w[k]));
-        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, ones));
-    }
-    return s32;
-}
-
-AVX2 static inline __attribute__((always_inline)) void gemv_group_x8(
-    int type, const uint8_t *tiles, int64_t nb, const block_x8 *xq, int64_t M, int64_t N, float *y) {
-    __m256 acc[MAX_ROWS];
-    for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
-    const size_t tb = tile_bytes(type), quants = type == T_Q4_1 ? 32 : 16;
-    const __m256i mask = _mm256_set1_epi8(15);
-    for (int64_t b = 0; b < nb; b++, tiles += tb) {
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
-        __m256 mw = _mm256_setzero_ps();
-        __m256i w[8], aw[8];
-        if (type == T_Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tiles + 16)));
-        if (type != T_Q8_0) {
-            for (int k = 0; k < 4; k++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(tiles + quants + 32 * k));
-                w[k] = _mm256_and_si256(v, mask);
-                w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            }
-        } else {
-            for (int k = 0; k < 8; k++) {
-                w[k] = _mm256_loadu_si256((const __m256i *)(tiles + 16 + 32 * k));
-                aw[k] = _mm256_sign_epi8(w[k], w[k]);
-            }
-        }
-        for (int64_t r = 0; r < M; r++) {
-            const block_x8 *x = xq + r * nb + b;
-            __m256i s = type == T_Q8_0   ? tile_dot_q8_0(w, aw, x)
-                        : type == T_Q4_0 ? tile_dot_q4(w, x, 8)
-                                         : tile_dot_q4(w, x, 0);
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(s), acc[r]);
-            if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x->s), acc[r]); /* + m * sum x */
-        }
-    }
-    for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
-}
-
-/* Groups g0..g1 against all M activation rows, MAX_ROWS rows at a time: a group's tiles
- * (8 rows x K) stay in cache while every row chunk passes, so a prompt reads the weights
- * from memory once, and each row's result is the decode kernel's, bit for bit. */
-AVX2 static void gemv_groups_x8(int type, const uint8_t *W, size_t group_bytes, int64_t g0, int64_t g1,
-                                int64_t nb, const block_x8 *xq, int64_t M, int64_t N, float *y) {
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *tiles = W + g * group_bytes;
-        for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-            const int64_t m = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
-            const block_x8 *x = xq + r0 * nb;
-            float *out = y + r0 * N + X8 * g;
-            if (type == T_Q4_0)
-                m == 1 ? gemv_group_x8(T_Q4_0, tiles, nb, x, 1, N, out)
-                       : gemv_group_x8(T_Q4_0, tiles, nb, x, m, N, out);
-            else if (type == T_Q4_1)
-                m == 1 ? gemv_group_x8(T_Q4_1, tiles, nb, x, 1, N, out)
-                       : gemv_group_x8(T_Q4_1, tiles, nb, x, m, N, out);
-            else
-                m == 1 ? gemv_group_x8(T_Q8_0, tiles, nb, x, 1, N, out)
-                       : gemv_group_x8(T_Q8_0, tiles, nb, x, m, N, out);
-        }
-    }
+static void gemv_groups_x8(int type, const uint8_t *W, size_t group_bytes, int64_t g0, int64_t g1, int64_t nb,
+                           const block_x8 *xq, int64_t M, int64_t N, float *y) {
+    (use_vnni ? gemv_groups_x8_vnni : gemv_groups_x8_avx2)(type, W, group_bytes, g0, g1, nb, xq, M, N, y);
 }
 #endif
