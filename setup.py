@@ -52,6 +52,7 @@ setup(
                 "falconet/quant/kernels_quantize.h",
                 "falconet/quant/kernels_float.h",
                 "falconet/quant/kernels_scan.h",
+                "falconet/quant/kernels_attention.h",
                 "falconet/quant/kernels_ternary.h",
             ],
             extra_compile_args=flags,

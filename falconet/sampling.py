@@ -419,6 +419,8 @@ class Sampler:
         """Which rows must be recomputed in float64 (+inf somewhere, or no token left:
         float32 may have overflowed). Raises GenerationError for NaN, which no setting
         the rules allow can produce: it came from the model or a logits processor."""
+        if bool(processed.isfinite().all()):  # the usual step: one pass, nothing to redo
+            return [False] * len(self)
         nan, posinf, empty = torch.stack(
             [
                 processed.isnan().any(dim=-1),

@@ -34,7 +34,16 @@ from falconet.engine.prefix import PrefixCache
 from falconet.engine.state import PooledSequence, PoolUsage, StepPart
 from falconet.errors import GenerationError
 from falconet.models.falcon_config import FalconConfig
-from falconet.nn.attention import AttentionMask, alibi_slopes, attend, build_mask, rotary_cos_sin
+from falconet.nn.attention import (
+    AttentionMask,
+    alibi_bias,
+    alibi_slopes,
+    attend,
+    build_mask,
+    pooled_decode_applies,
+    pooled_decode_attention,
+    rotary_cos_sin,
+)
 
 
 class PagedKVCache:
@@ -266,12 +275,18 @@ class PackedStep:
         self.segments = segments
         device = cache.k.device
         slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
-        cos, sin, offset = [], [], 0
+        # Decode tokens (one new token after cached ones) attend through the compiled
+        # kernel, which reads their keys in the pool: no gather, no mask.
+        fast = pooled_decode_applies(cache.k)
+        cos, sin, offset, decode = [], [], 0, []
         for seg in segments:
             seg.start, offset = offset, offset + seg.length
             seg.new_slots = cache.slots(seg.table, seg.past, seg.past + seg.length)
             seg.all_slots = cache.slots(seg.table, 0, seg.past + seg.length)
-            seg.mask = _segment_mask(seg, config, slopes, dtype, device)
+            if fast and seg.length == 1 and seg.past > 0:
+                decode.append(seg)
+            else:
+                seg.mask = _segment_mask(seg, config, slopes, dtype, device)
             if not config.alibi:
                 positions = torch.arange(seg.past, seg.past + seg.length, device=device)[None]
                 c, s = rotary_cos_sin(config, positions, torch.tensor([seg.rope_len]), dtype)
@@ -280,26 +295,55 @@ class PackedStep:
         self.tokens = offset
         # (1, 1, N, D) each; per segment so dynamic scaling follows each sequence's length
         self.rope = (torch.cat(cos, dim=2), torch.cat(sin, dim=2)) if cos else None
+        # every new token's slot, in packed order: one write per layer for the whole step
+        self.new_slots = torch.cat([seg.new_slots for seg in segments])
+        self.decode = decode
+        self.others = [seg for seg in segments if seg.mask is not None]
+        if decode:
+            self.decode_rows = torch.tensor([seg.start for seg in decode])
+            self.decode_slots = torch.cat([seg.all_slots for seg in decode])
+            self.decode_starts = torch.tensor([0] + [seg.past + 1 for seg in decode]).cumsum(0)
+            self.decode_bias = None
+            if slopes is not None:  # the mask path's ALiBi bias, by key position
+                longest = max(seg.past + 1 for seg in decode)
+                positions = torch.arange(longest, device=device)[None]
+                self.decode_bias = alibi_bias(slopes, positions, config.head_dim, dtype)[0, :, 0]
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, K, N, D) for the packed new tokens -> (1, H, N, D)."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # (slots, K, D)
+        k_pool.index_copy_(0, self.new_slots, k[0].transpose(0, 1))  # (N, K, D)
+        v_pool.index_copy_(0, self.new_slots, v[0].transpose(0, 1))
+        if not self.others:  # decode only (the common step): rows are the sequences
+            out = self._decode(q, k_pool, v_pool)
+            return out.transpose(0, 1)[None]
         outs = []
-        for seg in self.segments:
+        for seg in self.others:
             new = slice(seg.start, seg.start + seg.length)
-            k_new = k[0, :, new].transpose(0, 1)  # (T, K, D)
-            v_new = v[0, :, new].transpose(0, 1)
-            k_pool.index_copy_(0, seg.new_slots, k_new)
-            v_pool.index_copy_(0, seg.new_slots, v_new)
             if seg.past == 0:  # nothing cached before: the new keys are all the keys
                 keys, values = k[:, :, new], v[:, :, new]
             else:
                 keys = k_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]  # (1, K, S, D)
                 values = v_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]
             outs.append(attend(q[:, :, new], keys, values, seg.mask))
-        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        if not self.decode:
+            return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        out = torch.empty_like(q)
+        out[0, :, self.decode_rows] = self._decode(q, k_pool, v_pool).transpose(0, 1)
+        for seg, o in zip(self.others, outs, strict=True):
+            out[:, :, seg.start : seg.start + seg.length] = o
+        return out
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """The decode tokens' attention, (B, H, D), B = len(self.decode)."""
+        rows = q[0].transpose(0, 1)  # (N, H, D)
+        if len(self.decode) != rows.shape[0]:
+            rows = rows[self.decode_rows]
+        return pooled_decode_attention(
+            rows, k_pool, v_pool, self.decode_slots, self.decode_starts, self.decode_bias
+        )
 
 
 def _segment_mask(

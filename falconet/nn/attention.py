@@ -19,6 +19,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+try:
+    from falconet.quant import _kernels as native
+except ImportError:  # built without a C compiler: SDPA everywhere
+    native = None
+
 
 class AttentionConfig(Protocol):
     """What attention reads from a model's config (every architecture's config has it)."""
@@ -201,6 +206,52 @@ def build_mask(
         return AttentionMask(allowed)
     bias = alibi_bias(slopes, key_positions, config.head_dim, dtype)  # (B, H, 1, S)
     return AttentionMask(bias.masked_fill(~allowed, torch.finfo(dtype).min))
+
+
+# the compiled decode attention's pool dtypes (kernels_float.h's W_F32, W_BF16, W_F16)
+POOL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def pooled_decode_applies(pool: torch.Tensor) -> bool:
+    """Whether `pooled_decode_attention` can read this KV pool (compiled, CPU, a float dtype)."""
+    return (
+        native is not None
+        and hasattr(native, "decode_attention")
+        and pool.device.type == "cpu"
+        and pool.dtype in POOL_DTYPES
+        and pool.is_contiguous()
+    )
+
+
+def pooled_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    starts: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One query token per sequence against its keys where they lie in the paged pool.
+
+    q (B, H, D); pools (slots, K, D); slots int64, sequence b's keys (in position order)
+    at [starts[b], starts[b+1]); bias None or (H, >= longest S) fp32 by key position
+    (ALiBi). -> (B, H, D) in q's dtype, SDPA's 1/sqrt(D) scale. What SDPA computes with
+    gathered keys and an all-true mask, without the gather (kernels_attention.h): each
+    (sequence, head) in one fixed order, so batching never changes a sequence's bits.
+    """
+    B, H, D = q.shape
+    K = k_pool.shape[1]
+    qf = q.to(torch.float32).contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    native.decode_attention(
+        qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), POOL_DTYPES[k_pool.dtype],
+        slots.data_ptr(), starts.data_ptr(), B, H, K, D,
+        0 if bias is None else bias.data_ptr(), 0 if bias is None else bias.shape[1],
+        1.0 / math.sqrt(D), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:

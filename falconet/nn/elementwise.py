@@ -43,7 +43,10 @@ def invariant(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
         if padded != width:
             rows = F.pad(rows, (0, padded - width))
         step = max(1, SLICE_ELEMENTS // padded)
-        out = torch.cat([fn(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
+        if rows.shape[0] <= step:  # one slice (a decode step): no copy through cat
+            out = fn(rows)
+        else:
+            out = torch.cat([fn(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
         return out[:, :width].reshape(x.shape)
 
     apply.__name__ = getattr(fn, "__name__", "elementwise")

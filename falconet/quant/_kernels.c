@@ -218,10 +218,11 @@ static void dequant_rows_ref(int type, const uint8_t *W, size_t row_bytes, int64
 
 /* ---- drivers -------------------------------------------------------------------- */
 
-/* Rows per unit of work. The schedule is static: each thread streams one contiguous
- * slice of W, which the hardware prefetchers follow; handing out small chunks
- * dynamically interleaves the threads' reads and cost a third of the bandwidth here. */
+/* Rows per unit of work. Each thread streams contiguous slices of W, which the hardware
+ * prefetchers follow; handing out small chunks dynamically interleaves the threads'
+ * reads and cost a third of the bandwidth here (the x8 GEMV hands out long runs). */
 #define ROW_CHUNK 16
+#define X8_UNITS_PER_THREAD 8
 
 /* Units of `per` out of n items, and unit c's [lo, hi). */
 static inline int64_t n_units(int64_t n, int64_t per) { return (n + per - 1) / per; }
@@ -275,9 +276,15 @@ static void gemv_x8(int type, const uint8_t *W, int64_t N, int64_t K, const floa
     const size_t group_bytes = (size_t)X8 * nb * block_bytes(type);
     block_x8 *xq = quantize_activations(type, x, M, K); /* use_avx2: kernels.py checks */
     if (!xq) return;
-    const int64_t per = ROW_CHUNK / X8;
     (void)threads;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* X8_UNITS_PER_THREAD contiguous runs of groups per thread, handed out as threads free
+     * up: each run is long enough for the prefetchers (hundreds of KB), and a thread that
+     * shares its core with another process takes fewer runs instead of holding the whole
+     * call back (a static split waits for the slowest thread). A group is always one
+     * thread's, so the bits never depend on the schedule. */
+    int64_t per = groups / ((int64_t)threads * X8_UNITS_PER_THREAD);
+    per = per < ROW_CHUNK / X8 ? ROW_CHUNK / X8 : per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < n_units(groups, per); c++) {
         int64_t g0, g1;
         unit_bounds(c, groups, per, &g0, &g1);
@@ -304,6 +311,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
+#include "kernels_attention.h" /* decode attention over the paged KV pool */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
 
 /* ---- Python bindings ------------------------------------------------------------ */
@@ -427,6 +435,30 @@ static PyObject *py_selective_scan(PyObject *self, PyObject *args) {
     rc = selective_scan((float *)(uintptr_t)h, (const float *)(uintptr_t)u, (const float *)(uintptr_t)dt,
                         (const float *)(uintptr_t)A, (const float *)(uintptr_t)B, (const float *)(uintptr_t)C,
                         (float *)(uintptr_t)y, batch, T, E, N, threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
+    unsigned long long q, kp, vp, slots, starts, bias, out;
+    Py_ssize_t B, H, K, D, bias_stride;
+    int wt, threads, rc;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKiKKnnnnKnfKi", &q, &kp, &vp, &wt, &slots, &starts, &B, &H, &K, &D, &bias,
+                          &bias_stride, &scale, &out, &threads))
+        return NULL;
+    if (wt < W_F32 || wt > W_F16 || B < 0 || H < 1 || K < 1 || H % K || D < 1 || threads < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "decode_attention needs a fp32/bf16/fp16 pool, B >= 0, H a multiple of K >= 1, D >= 1, "
+                     "threads >= 1; got dtype %d, B %zd, H %zd, K %zd, D %zd, threads %d",
+                     wt, B, H, K, D, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = decode_attention((const float *)(uintptr_t)q, (const uint8_t *)(uintptr_t)kp, (const uint8_t *)(uintptr_t)vp,
+                          wt, (const int64_t *)(uintptr_t)slots, (const int64_t *)(uintptr_t)starts, B, H, K, D,
+                          (const float *)(uintptr_t)bias, bias_stride, scale, (float *)(uintptr_t)out, threads);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -556,6 +588,7 @@ static PyMethodDef methods[] = {
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
+    {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q_ptr, k_pool_ptr, v_pool_ptr, pool_dtype, slots_ptr, starts_ptr, B, H, K, D, bias_ptr, bias_stride, scale, out_ptr, threads): one query per sequence against its keys in the paged pool (kernels_attention.h)"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {"int8_dot", py_int8_dot, METH_NOARGS, "the x8 tiles' int8 product instructions: 'vnni' (AVX-512 VNNI) or 'maddubs' (AVX2)"},
