@@ -53,6 +53,7 @@ setup(
                 "falconet/quant/kernels_float.h",
                 "falconet/quant/kernels_scan.h",
                 "falconet/quant/kernels_attention.h",
+                "falconet/quant/kernels_activation.h",
                 "falconet/quant/kernels_ternary.h",
             ],
             extra_compile_args=flags,

@@ -33,3 +33,49 @@ def test_autograd_and_dtypes_pass_through():
         g = torch.randn(2, 7, requires_grad=True)
         elementwise.silu(g).sum().backward()  # the plain op: autograd works
     assert g.grad is not None and g.grad.shape == (2, 7)
+
+
+needs_kernel = pytest.mark.skipif(elementwise.native is None, reason="compiled kernels not built")
+
+
+@needs_kernel
+def test_compiled_gelu_is_the_exact_gelu_within_fp32_rounding():
+    """The erf GELU (kernels_activation.h) against float64: absolute error within a few
+    1e-7 (erf's bound times |x|/2), as close as torch's own fp32 GELU, signed zeros and
+    infinities kept."""
+    x = torch.cat([torch.randn(20000) * 4, torch.linspace(-12, 12, 2401)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, float("inf")])])
+    y = elementwise.gelu(x)
+    want = F.gelu(x.double())
+    finite = torch.isfinite(x)
+    err = (y.double() - want)[finite].abs()
+    assert (err <= 2e-7 * x.double()[finite].abs().clamp_min(1.0)).all()
+    assert err.max() < 2 * (F.gelu(x).double() - want)[finite].abs().max() + 1e-7
+    assert torch.equal(y[-7:-5].view(torch.int32), torch.tensor([0.0, -0.0]).view(torch.int32))
+    assert y[-1] == float("inf") and y[-3] == 1e4 and y[-2] == 0.0
+
+
+@needs_kernel
+def test_compiled_gelu_bits_do_not_depend_on_neighbours_or_path():
+    """Each value takes the same operations in the vector body and the masked tail, and
+    the portable path does them with C's fmaf: one value's bits whatever shares the call
+    (a decode row, a prompt, any offset) and whichever path runs."""
+    x = torch.randn(7, 8203) * 3
+    whole = elementwise.gelu(x)
+    for lo, hi in ((0, 1), (3, 7)):
+        assert torch.equal(elementwise.gelu(x[lo:hi]), whole[lo:hi])
+    assert torch.equal(elementwise.gelu(x[2, 5:18]), whole[2, 5:18])  # a 13-value tail
+    native = elementwise.native
+    try:
+        native.set_simd("avx2")
+    except ValueError:
+        pytest.skip("no AVX2 on this CPU")
+    native.set_simd("portable")
+    try:
+        assert torch.equal(elementwise.gelu(x), whole)
+    finally:
+        native.set_simd("avx2")
+    assert elementwise.gelu(x.bfloat16()).dtype == torch.bfloat16
+    g = torch.randn(4, requires_grad=True)
+    elementwise.gelu(g).sum().backward()  # training takes torch's op: autograd works
+    assert g.grad is not None

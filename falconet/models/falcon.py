@@ -41,7 +41,7 @@ from falconet.nn.linear import Linear
 
 # Row-invariant in the engine (nn/elementwise.py): a packed neighbour never moves a bit.
 ACTIVATIONS = {
-    "gelu": invariant(F.gelu),  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
+    "gelu": elementwise.gelu,  # exact erf GELU: the tanh form breaks parity (TRT issue #663)
     "gelu_new": invariant(lambda x: F.gelu(x, approximate="tanh")),
     "gelu_pytorch_tanh": invariant(lambda x: F.gelu(x, approximate="tanh")),
     "gelu_fast": invariant(lambda x: F.gelu(x, approximate="tanh")),

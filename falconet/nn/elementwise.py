@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from falconet.nn.linear import batch_invariant_active
+from falconet.nn.linear import batch_invariant_active, native
 
 # A multiple of twice the widest CPU vector (AVX-512: 16 fp32 lanes, or 32 bf16).
 ROW_ALIGN = 64
@@ -55,3 +55,18 @@ def invariant(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
 
 silu = invariant(F.silu)
 softplus = invariant(F.softplus)
+_torch_gelu = invariant(F.gelu)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU. On a CPU tensor outside autograd, the compiled kernel
+    (kernels_activation.h): one thread, each value's bits independent of the others (so
+    row-invariant by construction), within ~1e-7 |x| of the exact value as torch's is;
+    torch's erf GELU wakes a second OpenMP thread even for one token, which cost more
+    than the GELU itself between the matmul kernels. Elsewhere torch's, row-invariant."""
+    if native is None or x.device.type != "cpu" or x.requires_grad or not x.dtype.is_floating_point:
+        return _torch_gelu(x)
+    xf = x.to(torch.float32).contiguous()
+    y = torch.empty_like(xf)
+    native.gelu(xf.data_ptr(), y.data_ptr(), xf.numel())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

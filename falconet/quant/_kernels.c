@@ -312,6 +312,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_attention.h" /* decode attention over the paged KV pool */
+#include "kernels_activation.h" /* erf GELU on the calling thread */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
 
 /* ---- Python bindings ------------------------------------------------------------ */
@@ -464,6 +465,20 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_gelu(PyObject *self, PyObject *args) {
+    unsigned long long x, y;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KKn", &x, &y, &n)) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "gelu needs n >= 0, got %zd", n);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    gelu_erf((const float *)(uintptr_t)x, (float *)(uintptr_t)y, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_ssd_scan(PyObject *self, PyObject *args) {
     unsigned long long S, x, dt, A, D, B, C, y;
     Py_ssize_t batch, T, H, P, G, N;
@@ -589,6 +604,7 @@ static PyMethodDef methods[] = {
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q_ptr, k_pool_ptr, v_pool_ptr, pool_dtype, slots_ptr, starts_ptr, B, H, K, D, bias_ptr, bias_stride, scale, out_ptr, threads): one query per sequence against its keys in the paged pool (kernels_attention.h)"},
+    {"gelu", py_gelu, METH_VARARGS, "gelu(x_ptr, y_ptr, n): y = x/2 (1 + erf(x/sqrt 2)) over n fp32 values, on the calling thread (kernels_activation.h)"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {"int8_dot", py_int8_dot, METH_NOARGS, "the x8 tiles' int8 product instructions: 'vnni' (AVX-512 VNNI) or 'maddubs' (AVX2)"},
