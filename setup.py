@@ -52,6 +52,7 @@ setup(
                 "falconet/quant/kernels_float.h",
                 "falconet/quant/kernels_scan.h",
                 "falconet/quant/kernels_ternary.h",
+                "falconet/quant/kernels_tq2.h",
             ],
             extra_compile_args=flags,
             extra_link_args=link,

@@ -300,6 +300,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
+#include "kernels_tq2.h"     /* llama.cpp TQ2_0 blocks x Q8_K activations */
 
 /* ---- Python bindings ------------------------------------------------------------ */
 
@@ -466,6 +467,25 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_tq2_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    Py_ssize_t M, K, N;
+    int threads, rc;
+    if (!PyArg_ParseTuple(args, "KKKnnni", &x, &w, &y, &M, &K, &N, &threads)) return NULL;
+    if (M < 0 || K < 0 || N < 0 || K % QK_K || threads < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "tq2_matmul needs M, N >= 0, K a multiple of %d and threads >= 1; got %zd, %zd, %zd, %d",
+                     QK_K, M, K, N, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = tq2_matmul((const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)y, M, K, N,
+                    threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -519,6 +539,7 @@ static PyMethodDef methods[] = {
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
+    {"tq2_matmul", py_tq2_matmul, METH_VARARGS, "tq2_matmul(x_ptr, w_ptr, y_ptr, M, K, N, threads): y[M,N] fp32 = x[M,K] fp32 @ W.T, W in TQ2_0 blocks [N, K/256*66], x rounded per 256 values as Q8_K"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {NULL, NULL, 0, NULL},
