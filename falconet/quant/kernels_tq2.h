@@ -85,9 +85,13 @@ static float hsum_ps_fixed(__m256 v) {
     return lanes_sum(a);
 }
 
-/* R (1..TQ_ROWS) activation rows against one weight row; codes unpacked once per group. */
-static void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) AVX2;
-static void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) {
+/* R (1..TQ_ROWS) activation rows against one weight row; codes unpacked once per group.
+ * Inlined into one copy per R (tq2_dot_rows), so the loops over rows unroll and the
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y,
+                                                               const int R, int64_t nb, float *out) AVX2;
+static inline __attribute__((always_inline)) void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y,
+                                                               const int R, int64_t nb, float *out) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256 acc[TQ_ROWS];
     for (int r = 0; r < TQ_ROWS; r++) acc[r] = _mm256_setzero_ps();
@@ -115,6 +119,16 @@ static void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y, int R,
     }
     for (int r = 0; r < R; r++) out[r] = hsum_ps_fixed(acc[r]);
 }
+
+static void tq2_dot_rows(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) AVX2;
+static void tq2_dot_rows(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) {
+    switch (R) {
+    case 1: tq2_dot_avx2(w, y, 1, nb, out); break;
+    case 2: tq2_dot_avx2(w, y, 2, nb, out); break;
+    case 3: tq2_dot_avx2(w, y, 3, nb, out); break;
+    default: tq2_dot_avx2(w, y, TQ_ROWS, nb, out); break;
+    }
+}
 #endif
 
 /* y[M, N] (fp32) = x[M, K] (fp32) @ W.T, W N rows of K/256 TQ2_0 blocks. Returns -1 when
@@ -135,7 +149,7 @@ static int tq2_matmul(const float *x, const uint8_t *W, float *y, int64_t M, int
             if (use_avx2) {
                 const block_q8k *rows[TQ_ROWS];
                 for (int r = 0; r < R; r++) rows[r] = xq + (m + r) * nb;
-                tq2_dot_avx2(w, rows, R, nb, out);
+                tq2_dot_rows(w, rows, R, nb, out);
             } else
 #endif
                 for (int r = 0; r < R; r++) tq2_dot_ref(w, xq + (m + r) * nb, nb, out + r);
