@@ -123,6 +123,15 @@ def cpu_layout(fmt: QuantFormat, out_features: int) -> str:
     return "ggml"
 
 
+def tq2_layout(fmt: QuantFormat) -> str | None:
+    """The layout in which a CPU weight of `fmt` is TQ2_0 rows for the compiled kernel:
+    TQ2_0's own ("ggml"), TQ1_0's transcoded ("tq2_0"); None for the other formats or
+    without the kernel."""
+    if not (isinstance(fmt, TernaryFormat) and tq2_available()):
+        return None
+    return "ggml" if fmt.name == TERNARY_LAYOUT else TERNARY_LAYOUT
+
+
 def layout_format(fmt: QuantFormat, layout: str) -> QuantFormat:
     """The format whose rows a weight of `fmt` holds in `layout` (x8 tiles are `fmt`'s
     blocks permuted; the ternary layout holds TQ2_0 blocks)."""

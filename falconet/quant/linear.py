@@ -125,6 +125,8 @@ class QuantLinear(nn.Module):
         self.repack = repack
         self.mapped = weight.mapped
         self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
+        # the layout in which this weight is TQ2_0 rows the compiled kernel reads, if any
+        self._tq2_layout = kernels.tq2_layout(self.fmt)
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
@@ -167,6 +169,8 @@ class QuantLinear(nn.Module):
         if self.layout == "x8" and x.device.type == "cpu":  # the hot path, kept short
             # (a layout switch swaps the buffer before it sets "x8", so this pair is whole)
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
+        elif self.layout == self._tq2_layout and x.device.type == "cpu":  # ternary, as hot
+            y = kernels.tq2_linear(x, self.weight_blocks, self.out_features)
         else:
             with LAYOUT_LOCK:  # switch at most once, and read the pair that results
                 on_cpu = self.weight_blocks.device.type == "cpu"
