@@ -53,9 +53,17 @@ def test_tq_file_runs_on_its_packed_codes(files, qtype):
     bytes for TQ2_0, TQ1_0's transcoded) and no float copy of its weight exists; the
     logits are the float path's (the F16 file of the same weights) up to the rounding of
     the activations to 8 bits per 256 values (llama.cpp's Q8_K, as its TQ kernels do):
-    3.1 % relative RMS on this random model, asserted below 5 %."""
+    3.1 % relative RMS on this random model, asserted below 5 %. A layer's output is the
+    kernel's on its blocks, bit for bit, and not the dequantized weight's product."""
     llm = falconet.load(files[qtype], dtype="float32")
+    seen = []
+    down = llm.model.model.layers[1].mlp.down_proj
+    hook = down.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
     got = llm.logits(PROMPT + PROMPT)
+    hook.remove()
+    [(x, y)] = seen
+    assert torch.equal(y, kernels.tq2_linear(x, down.weight_blocks, down.out_features))
+    assert not torch.allclose(y, x @ down.weight.dequantize().T, rtol=1e-4, atol=1e-4)
     ref = falconet.load(files["f16"], dtype="float32").logits(PROMPT + PROMPT)
     rel = ((got - ref).norm() / ref.norm()).item()
     print(f"{qtype}: relative RMS logit difference vs the float path = {rel:.3f}")
@@ -84,7 +92,6 @@ def test_tq_file_runs_on_its_packed_codes(files, qtype):
     assert held == sum(m.in_features * m.out_features for m in layers.values()) // 256 * 66
 
     # the layer reads back the file's blocks, in the file's type
-    down = llm.model.model.layers[1].mlp.down_proj
     t = tensors["blk.1.ffn_down.weight"]
     assert down.weight.fmt.name == qtype
     assert np.array_equal(down.weight.data.numpy(), np.asarray(t.data))
