@@ -55,6 +55,7 @@ setup(
                 "falconet/quant/kernels_attention.h",
                 "falconet/quant/kernels_activation.h",
                 "falconet/quant/kernels_ternary.h",
+                "falconet/quant/kernels_tq2.h",
             ],
             extra_compile_args=flags,
             extra_link_args=link,

@@ -288,9 +288,11 @@ def tq_scales(g: torch.Generator) -> torch.Tensor:
 @pytest.mark.skipif(llama_cpp_dir() is None, reason="no llama.cpp checkout (convert_hf_to_gguf.py)")
 def test_llama_cpp_tq_files_load(tmp_path):
     """A BitNet model as llama.cpp's converter writes it (--outtype tq1_0 / tq2_0: the
-    ternary matrices as TQ blocks, embeddings F16) loads and computes what the float
-    checkpoint it came from computes. The scales and embeddings are exact in float16,
-    so the files are lossless and the logits agree to float rounding."""
+    ternary matrices as TQ blocks, embeddings F16) loads losslessly -- the scales and
+    embeddings are exact in float16, so each layer's blocks hold exactly the float
+    checkpoint's matrix -- and computes what that checkpoint computes up to the 8-bit
+    rounding of the activations per 256 values that the TQ kernel applies, as llama.cpp
+    does (3 % relative RMS on this random model; below 5 % asserted)."""
     model = build_llama_hf_model("falcon3_shape", **TQ_SIZES)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -308,8 +310,14 @@ def test_llama_cpp_tq_files_load(tmp_path):
     for _, path in files:
         types = {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2}
         assert types == {"F16", path.stem.upper()}
-        got = falconet.load(path, dtype="float32").logits(PROMPT)
-        assert (got - ref).abs().max().item() < 1e-4
+        llm = falconet.load(path, dtype="float32")
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                held = llm.model.get_submodule(name.removesuffix(".weight")).weight
+                assert held.fmt.name == path.stem
+                assert torch.equal(held.dequantize(), p)
+        got = llm.logits(PROMPT)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
 
 def test_convert_writes_tq_blocks_equal_to_the_reference_quantizer(tmp_path):
@@ -317,7 +325,8 @@ def test_convert_writes_tq_blocks_equal_to_the_reference_quantizer(tmp_path):
     matrix (codes / weight_scale) is written as the reference quantizer writes it, byte for
     byte, embeddings and head at F16 as llama.cpp's converter does; the file reads back as
     the f16 file of the same model computes (1/weight_scale exact in fp16, so both hold
-    the same values)."""
+    the same values) up to the TQ kernel's 8-bit activations (see
+    test_llama_cpp_tq_files_load)."""
     import gguf
 
     from falconet.convert import convert_hf_to_gguf
@@ -345,16 +354,21 @@ def test_convert_writes_tq_blocks_equal_to_the_reference_quantizer(tmp_path):
         assert bytes(t.data) == bytes(ref)
         assert tensors["token_embd.weight"].tensor_type.name == "F16"
         assert tensors["output.weight"].tensor_type.name == "F16"
-        got = falconet.load(out, dtype="float32").logits(PROMPT)
-        assert (got - llm16.logits(PROMPT)).abs().max().item() < 1e-4
+        llm = falconet.load(out, dtype="float32")
+        held = llm.model.get_submodule(name).weight
+        assert torch.equal(held.dequantize(), want)
+        ref = llm16.logits(PROMPT)
+        assert ((llm.logits(PROMPT) - ref).norm() / ref.norm()).item() < 0.05
 
 
 @pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
 def test_llama_cpp_runs_our_tq_file(tmp_path, qtype):
     """Our TQ file of a BitNet model runs in llama-cpp-python with the greedy tokens
     falconet gets from the same file. The logits agree less closely than for float types
-    (5 % of the largest here): llama.cpp's TQ dot products round the activations to 8
-    bits per 256 values (Q8_K) where falconet dequantizes the file to floats."""
+    (5 % of the largest here; 3.4 % seen): both round the activations to 8 bits per 256
+    values (Q8_K) for the TQ products, and llama.cpp's rounding lands elsewhere than
+    falconet's emulation of quantize_row_q8_K_ref (as far from it as from the float
+    path; not traced further)."""
     from falconet.convert import convert_hf_to_gguf
     from tests.test_gguf import falconet_greedy, llama_cpp_greedy
 

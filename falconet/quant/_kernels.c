@@ -314,6 +314,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 #include "kernels_attention.h" /* decode attention over the paged KV pool */
 #include "kernels_activation.h" /* erf GELU on the calling thread */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
+#include "kernels_tq2.h"     /* llama.cpp TQ2_0 blocks x Q8_K activations */
 
 /* ---- Python bindings ------------------------------------------------------------ */
 
@@ -518,6 +519,25 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_tq2_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    Py_ssize_t M, K, N;
+    int threads, rc;
+    if (!PyArg_ParseTuple(args, "KKKnnni", &x, &w, &y, &M, &K, &N, &threads)) return NULL;
+    if (M < 0 || K < 0 || N < 0 || K % QK_K || threads < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "tq2_matmul needs M, N >= 0, K a multiple of %d and threads >= 1; got %zd, %zd, %zd, %d",
+                     QK_K, M, K, N, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = tq2_matmul((const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)y, M, K, N,
+                    threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -605,6 +625,7 @@ static PyMethodDef methods[] = {
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q_ptr, k_pool_ptr, v_pool_ptr, pool_dtype, slots_ptr, starts_ptr, B, H, K, D, bias_ptr, bias_stride, scale, out_ptr, threads): one query per sequence against its keys in the paged pool (kernels_attention.h)"},
     {"gelu", py_gelu, METH_VARARGS, "gelu(x_ptr, y_ptr, n): y = x/2 (1 + erf(x/sqrt 2)) over n fp32 values, on the calling thread (kernels_activation.h)"},
+    {"tq2_matmul", py_tq2_matmul, METH_VARARGS, "tq2_matmul(x_ptr, w_ptr, y_ptr, M, K, N, threads): y[M,N] fp32 = x[M,K] fp32 @ W.T, W in TQ2_0 blocks [N, K/256*66], x rounded per 256 values as Q8_K"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {"int8_dot", py_int8_dot, METH_NOARGS, "the x8 tiles' int8 product instructions: 'vnni' (AVX-512 VNNI) or 'maddubs' (AVX2)"},

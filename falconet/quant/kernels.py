@@ -13,6 +13,9 @@ Paths, fastest first:
   * Q5_0 (and the portable path): the row-major kernel up to `GEMV_ROWS` rows;
     for more rows the weight is dequantized to fp32 one tile of output rows at a time
     and multiplied by BLAS, so no full fp32 copy ever exists.
+  * TQ2_0 (llama.cpp's ternary type): its 2-bit codes straight from the file's blocks in
+    integer sums with Q8_K activations, any number of rows (kernels_tq2.h); TQ1_0 is
+    transcoded to TQ2_0 blocks at the first forward (`cpu_layout`), losslessly.
 - CUDA with Triton, Q4_0 / Q8_0: triton_kernels.py.
 - anything else: the numpy codecs dequantize a tile at a time (slow; exact).
 """
@@ -22,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from falconet.quant import QuantFormat
+from falconet.quant import QuantFormat, get_format
+from falconet.quant.tquants import TernaryFormat, transcode
 
 try:  # the compiled kernels are optional: no C compiler at install -> pure fallback
     from falconet.quant import _kernels as native
@@ -37,6 +41,11 @@ NATIVE_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6}
 # Formats with the interleaved-rows layout (_kernels.c, "x8"): the decode GEMV serves 8
 # output rows per instruction, about 2x the row-major kernel's speed per core.
 X8_TYPES = {"q4_0", "q4_1", "q8_0"}
+
+
+# The CPU layout of a ternary type's weight: TQ2_0's blocks, which the kernel reads as
+# they are (TQ1_0's base-3 bytes are transcoded to them).
+TERNARY_LAYOUT = "tq2_0"
 
 
 def native_available(fmt: QuantFormat) -> bool:
@@ -100,6 +109,49 @@ def x8_eligible(fmt: QuantFormat, out_features: int) -> bool:
     )
 
 
+def tq2_available() -> bool:
+    return native is not None and hasattr(native, "tq2_matmul")
+
+
+def cpu_layout(fmt: QuantFormat, out_features: int) -> str:
+    """The layout a CPU weight of this format is best held in: "x8" tiles, TQ2_0 blocks
+    for the ternary types, else "ggml" (the file's rows)."""
+    if x8_eligible(fmt, out_features):
+        return "x8"
+    if isinstance(fmt, TernaryFormat) and fmt.name != TERNARY_LAYOUT and tq2_available():
+        return TERNARY_LAYOUT
+    return "ggml"
+
+
+def tq2_layout(fmt: QuantFormat) -> str | None:
+    """The layout in which a CPU weight of `fmt` is TQ2_0 rows for the compiled kernel:
+    TQ2_0's own ("ggml"), TQ1_0's transcoded ("tq2_0"); None for the other formats or
+    without the kernel."""
+    if not (isinstance(fmt, TernaryFormat) and tq2_available()):
+        return None
+    return "ggml" if fmt.name == TERNARY_LAYOUT else TERNARY_LAYOUT
+
+
+def layout_format(fmt: QuantFormat, layout: str) -> QuantFormat:
+    """The format whose rows a weight of `fmt` holds in `layout` (x8 tiles are `fmt`'s
+    blocks permuted; the ternary layout holds TQ2_0 blocks)."""
+    return get_format(TERNARY_LAYOUT) if layout == TERNARY_LAYOUT else fmt
+
+
+def relayout(fmt: QuantFormat, blocks: torch.Tensor, cols: int, src: str, dst: str) -> torch.Tensor:
+    """A `fmt` weight's bytes from layout `src` to layout `dst` (ggml, x8, tq2_0); a CPU
+    tensor, a new one unless the layouts are equal."""
+    if src == dst:
+        return blocks
+    if "x8" in (src, dst):  # x8 only ever comes from or goes back to GGML rows
+        return repack(fmt, blocks, cols, to_x8=dst == "x8")
+    a, b = layout_format(fmt, src), layout_format(fmt, dst)
+    if not (isinstance(a, TernaryFormat) and isinstance(b, TernaryFormat)):
+        raise ValueError(f"no layout {dst} for {fmt.name} weights")
+    _check_blocks(a, blocks.contiguous(), blocks.shape[0], cols)
+    return torch.from_numpy(transcode(blocks.contiguous().numpy(), a, b))
+
+
 def repack(fmt: QuantFormat, blocks: torch.Tensor, cols: int, to_x8: bool) -> torch.Tensor:
     """GGML rows <-> x8 tiles (a permutation of the bytes within each group of 8 rows)."""
     src = blocks.contiguous()
@@ -119,6 +171,23 @@ def x8_linear(x: torch.Tensor, code: int, tiles: torch.Tensor, out_features: int
     y = torch.empty(rows.shape[0], out_features)
     native.gemv_x8(
         code, tiles.data_ptr(), out_features, K, rows.data_ptr(), rows.shape[0], y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def tq2_linear(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., K] @ W.T for W in TQ2_0 blocks [N, K/256*66] (checked by the caller), by
+    the compiled kernel: Q8_K activations, integer sums per block, no float weight."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    native.tq2_matmul(
+        rows.data_ptr(), blocks.data_ptr(), y.data_ptr(), rows.shape[0], K, out_features,
         torch.get_num_threads(),
     )  # fmt: skip
     if x.dtype != torch.float32:
@@ -147,6 +216,10 @@ def quant_linear(
     if layout == "x8":  # decode and prompts alike: integer products, weights read once
         _check_blocks(fmt, blocks, out_features, K)
         return x8_linear(x, NATIVE_TYPES[fmt.name], blocks, out_features)
+    fmt = layout_format(fmt, layout)
+    if fmt.name == TERNARY_LAYOUT and x.device.type == "cpu" and tq2_available():
+        _check_blocks(fmt, blocks, out_features, K)
+        return tq2_linear(x, blocks, out_features)
     xf = rows.to(torch.float32).contiguous()
     if x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
         _check_blocks(fmt, blocks, out_features, K)

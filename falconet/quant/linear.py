@@ -12,6 +12,8 @@ lives in the module (`qtype`) and in the file's metadata, never in a tensor name
   8 bits per block, as llama.cpp computes them. Q4_0/Q4_1/Q8_0 are repacked at the
   first forward into tiles of 8 interleaved rows (`layout == "x8"`, same bytes
   permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike.
+  The ternary TQ2_0 is read as it is; TQ1_0 is transcoded at the first forward to TQ2_0
+  blocks (`layout == "tq2_0"`, the same codes and scales; `weight` reads back TQ1_0).
 - CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
 - anything else: dequantize a tile of output rows and matmul.
 """
@@ -117,12 +119,14 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_blocks", weight.data, persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        # "ggml" rows, or "x8" tiles (kernels.py) after the first CPU forward where the
-        # compiled kernels have them.
+        # "ggml" rows, or after the first CPU forward where the compiled kernels have
+        # them "x8" tiles or, for TQ1_0, TQ2_0 blocks (kernels.cpu_layout)
         self.layout = "ggml"
         self.repack = repack
         self.mapped = weight.mapped
         self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
+        # the layout in which this weight is TQ2_0 rows the compiled kernel reads, if any
+        self._tq2_layout = kernels.tq2_layout(self.fmt)
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
@@ -132,7 +136,8 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> QuantTensor:
-        """The weight as GGML blocks (a copy when the layer holds x8 tiles)."""
+        """The weight as GGML blocks of its type (a copy when the layer holds another
+        layout)."""
         return ggml_weight(self, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
@@ -150,8 +155,8 @@ class QuantLinear(nn.Module):
         # The repacked copy replaces the buffer, so the old bytes (or the GGUF mapping's
         # pages) are released once nothing else holds them.
         old = self.weight_blocks
-        self.weight_blocks = kernels.repack(
-            self.fmt, old.cpu(), self.in_features, to_x8=layout == "x8"
+        self.weight_blocks = kernels.relayout(
+            self.fmt, old.cpu(), self.in_features, self.layout, layout
         ).to(old.device)
         self.layout = layout
         if self.mapped:  # the file's pages we just read would stay in this process's RSS
@@ -164,13 +169,16 @@ class QuantLinear(nn.Module):
         if self.layout == "x8" and x.device.type == "cpu":  # the hot path, kept short
             # (a layout switch swaps the buffer before it sets "x8", so this pair is whole)
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
+        elif self.layout == self._tq2_layout and x.device.type == "cpu":  # ternary, as hot
+            y = kernels.tq2_linear(x, self.weight_blocks, self.out_features)
         else:
             with LAYOUT_LOCK:  # switch at most once, and read the pair that results
                 on_cpu = self.weight_blocks.device.type == "cpu"
                 if on_cpu and self.layout == "ggml" and self.repack:
-                    if kernels.x8_eligible(self.fmt, self.out_features):
-                        self._set_layout("x8")
-                elif not on_cpu and self.layout == "x8":  # on a GPU: Triton reads GGML rows
+                    layout = kernels.cpu_layout(self.fmt, self.out_features)
+                    if layout != "ggml":
+                        self._set_layout(layout)
+                elif not on_cpu and self.layout != "ggml":  # on a GPU: Triton reads GGML rows
                     self._set_layout("ggml")
                 blocks, layout = self.weight_blocks, self.layout
             y = kernels.quant_linear(x, self.fmt, blocks, self.out_features, layout)
@@ -208,7 +216,8 @@ class QuantEmbedding(nn.Module):
             rows = rows.view(len(flat), 8, -1)[torch.arange(len(flat)), flat % 8]
         else:
             rows = F.embedding(flat, blocks)  # gathers whole block rows
-        out = kernels.dequantize(self.fmt, rows.contiguous(), self.embedding_dim)
+        fmt = kernels.layout_format(self.fmt, layout)  # a tied TQ1_0 head holds TQ2_0 rows
+        out = kernels.dequantize(fmt, rows.contiguous(), self.embedding_dim)
         return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
 
@@ -216,8 +225,8 @@ def ggml_weight(module: nn.Module, shape: tuple[int, int]) -> QuantTensor:
     """A quantized module's weight as GGML blocks, whatever layout it holds now."""
     with LAYOUT_LOCK:
         blocks, layout = module.weight_blocks, module.layout
-    if layout == "x8":
-        blocks = kernels.repack(module.fmt, blocks, shape[1], to_x8=False)
+    if layout != "ggml":
+        blocks = kernels.relayout(module.fmt, blocks.cpu(), shape[1], layout, "ggml")
     return QuantTensor(module.fmt, blocks, shape)
 
 

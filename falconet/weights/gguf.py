@@ -3,9 +3,10 @@
 Reading: `open_gguf` checks a file (magic, truncation, byte order, tensor types falconet
 can hold) and gives its metadata (`GGUFFile.value`, type-checked) and tensors by GGUF
 name; `tensor_value` turns a file tensor into what falconet computes with: F32/F16/BF16
-become float tensors, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks become QuantTensors that point
-into the file's memory map (no copy), and the K-quants (Q4_K/Q5_K/Q6_K, which llama.cpp's
-K-quant mixes put on some tensors) are dequantized.
+become float tensors, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks and the ternary TQ1_0/TQ2_0
+blocks become QuantTensors that point into the file's memory map (no copy), and the
+K-quants (Q4_K/Q5_K/Q6_K, which llama.cpp's K-quant mixes put on some tensors) are
+dequantized.
 
 Writing: `write_gguf` streams a list of tensors into a file published atomically, one
 tensor in memory at a time, each in the type `write_type` picks as llama.cpp's quantizer
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import (
+    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
     GGMLQuantizationType,
     GGUFReader,
@@ -60,13 +62,14 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "tq1_0": (T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
     "tq2_0": (T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
 }
+# llama.cpp's ternary types: a TQ file holds a BitNet model as a plain Llama whose
+# matrices are ternary codes with a scale per 256 values (the matrix's scale, repeated).
+# Kept as blocks: the compiled kernel multiplies TQ2_0's codes as they lie in the file.
 TERNARY_TYPES = (T.TQ1_0, T.TQ2_0)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
-# turned into floats at load (llama.cpp's ternary types too: a TQ file holds a BitNet
-# model already dequantized to a Llama, its scales per 256 values, not per matrix)
-DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0)
-READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
+DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
+READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + TERNARY_TYPES + DEQUANTIZED_TYPES
 
 
 def write_type(shape: tuple[int, ...], qtype: T, head: bool = False) -> T:
@@ -94,6 +97,11 @@ class _Truncated(Exception):
         self.end, self.tensor = end, tensor
 
 
+class _BadTensor(Exception):
+    def __init__(self, tensor: str, problem: str) -> None:
+        self.tensor, self.problem = tensor, problem
+
+
 class _Reader(GGUFReader):
     """gguf's reader, with reads past the end of the file reported as truncation (the
     stock reader returns a short array there, which later fails with an unrelated error)."""
@@ -108,6 +116,15 @@ class _Reader(GGUFReader):
 
     def _build_tensors(self, start_offs, fields) -> None:
         self.data_start, self.data_fields = start_offs, fields
+        for field in fields:  # before the stock reader, whose errors name no tensor
+            _, name, _, dims, kind, _ = field.parts
+            block, type_size = GGML_QUANT_SIZES.get(int(kind[0]), (1, 1))
+            if len(dims) and int(dims[0]) % block:
+                raise _BadTensor(
+                    bytes(name).decode("utf-8", "replace"),
+                    f"rows of {int(dims[0])} values do not split into whole {block}-value "
+                    f"blocks of {T(int(kind[0])).name} ({type_size} bytes each)",
+                )
         super()._build_tensors(start_offs, fields)
 
     def _tensor_at(self, offset: int) -> str | None:
@@ -223,6 +240,11 @@ def open_gguf(
             f"{path}: truncated GGUF file: {size} bytes, but it needs at least {e.end} "
             f"({where}); download or convert it again"
         ) from None
+    except _BadTensor as e:
+        raise GGUFError(
+            f"{path}: tensor {e.tensor} is malformed: {e.problem}; the file is corrupt or was "
+            "not written by a GGUF writer"
+        ) from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
         raise GGUFError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be corrupt, "
@@ -241,7 +263,8 @@ def open_gguf(
         if t.tensor_type not in READ_TYPES:
             raise GGUFError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which falconet cannot "
-                f"read; falconet reads {', '.join(x.name for x in FLOAT_TYPES + BLOCK_TYPES)} "
+                f"read; falconet reads "
+                f"{', '.join(x.name for x in FLOAT_TYPES + BLOCK_TYPES + TERNARY_TYPES)} "
                 f"and dequantizes {', '.join(x.name for x in DEQUANTIZED_TYPES)}: use a file "
                 "quantized to one of those (llama-quantize Q4_0, Q8_0, Q4_K_M...), or write one "
                 "from the HF folder with `falconet convert --type q4_0`"
@@ -261,7 +284,7 @@ def tensor_value(
     `rows` reorders the rows (llama's Q/K), which copies."""
     shape = file_shape(t)
     kind = t.tensor_type
-    if kind in BLOCK_TYPES and len(shape) == 2:
+    if kind in BLOCK_TYPES + TERNARY_TYPES and len(shape) == 2:
         data = torch.from_numpy(t.data)
         if rows is not None:  # whole rows of blocks move: the blocks stay exact
             return QuantTensor(get_format(kind), data.index_select(0, rows), shape)
