@@ -14,6 +14,9 @@
  * linear_rows (kernels_float.h): the same for fp32/bf16/fp16 weights, used by
  * falconet.linear.Linear where a row's result must not depend on its batch neighbours.
  *
+ * kq_gemm (kernels_kquants.h): llama.cpp's K-quant weights (Q2_K..Q6_K, 256-value
+ * super-blocks) against activations rounded to Q8_K, in the file's bytes.
+ *
  * selective_scan, ssd_scan (kernels_scan.h): Mamba-1's and Mamba-2's recurrences over
  * a prompt, for falconet/nn/selective_scan.py and ssd.py; not weight kernels, but they
  * share the build, the SIMD switch and the threads.
@@ -297,6 +300,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
     }
 }
 
+#include "kernels_kquants.h" /* Q2_K..Q6_K weights x Q8_K activations */
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
@@ -466,6 +470,43 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* kq_gemm(type, w_ptr, N, K, x_ptr, M, y_ptr, threads), any M */
+static PyObject *py_kq_gemm(PyObject *self, PyObject *args) {
+    int type, threads, rc;
+    unsigned long long w, x, y;
+    Py_ssize_t N, K, M;
+    if (!PyArg_ParseTuple(args, "iKnnKnKi", &type, &w, &N, &K, &x, &M, &y, &threads)) return NULL;
+    if (!kq_block_bytes(type)) {
+        PyErr_Format(PyExc_ValueError, "kq_gemm takes the K-quant types 10..14, got GGML type %d", type);
+        return NULL;
+    }
+    if (K <= 0 || K % QK_K || N < 0 || M < 0 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "kq_gemm needs K a positive multiple of %d, N, M >= 0, threads >= 1; "
+                     "got K=%zd, N=%zd, M=%zd, threads=%d", QK_K, K, N, M, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = kq_gemm(type, (const uint8_t *)(uintptr_t)w, N, K, (const float *)(uintptr_t)x, M, (float *)(uintptr_t)y,
+                 threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize_q8_K(PyObject *self, PyObject *args) {
+    unsigned long long x, out;
+    Py_ssize_t M, K;
+    if (!PyArg_ParseTuple(args, "KnnK", &x, &M, &K, &out)) return NULL;
+    if (K <= 0 || K % QK_K || M < 0) {
+        PyErr_Format(PyExc_ValueError, "quantize_q8_K needs K a positive multiple of %d and M >= 0", QK_K);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    kq_quantize_activations((const float *)(uintptr_t)x, M, K, (block_q8_K *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -519,6 +560,8 @@ static PyMethodDef methods[] = {
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
+    {"kq_gemm", py_kq_gemm, METH_VARARGS, "kq_gemm(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T for K-quant rows (Q2_K..Q6_K), x rounded to Q8_K, any M"},
+    {"quantize_q8_K", py_quantize_q8_K, METH_VARARGS, "quantize_q8_K(x_ptr, M, K, out_ptr): fp32 x[M,K] -> M*K/256 Q8_K blocks of 292 bytes (float d, int8 qs[256], int16 bsums[16])"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {NULL, NULL, 0, NULL},
