@@ -219,8 +219,9 @@ def _config(file: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
     eos = file.value(gguf_vocab.KEY_EOS, "int", None)
     types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
-    # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
-    # (half of fp32's memory, its rounding far below theirs); otherwise fp32.
+    # dtype="auto" keeps F16/BF16 weights as they are; ternary types are dequantized to
+    # bf16 (half of fp32's memory, its rounding far below theirs); otherwise fp32 (block
+    # types, K-quants included, stay blocks and compute in fp32 as llama.cpp does).
     dtype = (
         "float16" if T.F16 in types
         else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
