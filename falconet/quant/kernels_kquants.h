@@ -263,14 +263,19 @@ AVX2 static inline __attribute__((always_inline)) int32_t hsum_i32(__m256i v) {
  * s16/m16 the 16 scales and mins as int16, offset o. */
 typedef struct { __m256i u[8], sc[8], s16, m16; int o; float d, dmin; } kq_regs;
 
-AVX2 static inline __attribute__((always_inline)) void kq_scales16(kq_regs *k, const int16_t s[16]) {
-    for (int j = 0; j < 8; j++) k->sc[j] = _mm256_set_m128i(_mm_set1_epi16(s[2 * j + 1]), _mm_set1_epi16(s[2 * j]));
-    k->s16 = _mm256_loadu_si256((const __m256i *)s);
+/* From the 16 scale bytes (one per 16 values; int8, or unsigned below 64) to the int16
+ * vectors kq_dot uses: sc[k] repeats byte 2k in its low 8 lanes and 2k+1 in its high 8. */
+AVX2 static inline __attribute__((always_inline)) void kq_scales(kq_regs *k, __m128i s8) {
+    for (int j = 0; j < 8; j++) {
+        const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * j + 1), 0x0101010101010101LL * (2 * j));
+        k->sc[j] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, pick));
+    }
+    k->s16 = _mm256_cvtepi8_epi16(s8);
 }
 
 AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const uint8_t *block, kq_regs *k) {
     const __m256i low2 = _mm256_set1_epi8(3), low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
-    int16_t s[16], m[16];
+    const __m128i nib = _mm_set1_epi8(15);
     k->o = 0;
     k->dmin = 0.0f;
     k->m16 = _mm256_setzero_si256();
@@ -281,9 +286,9 @@ AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const u
             const __m256i q = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * h));
             for (int j = 0; j < 4; j++) k->u[4 * h + j] = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), low2);
         }
-        for (int g = 0; g < 16; g++) { s[g] = w->scales[g] & 15; m[g] = w->scales[g] >> 4; }
-        kq_scales16(k, s);
-        k->m16 = _mm256_loadu_si256((const __m256i *)m);
+        const __m128i sm = _mm_loadu_si128((const __m128i *)w->scales); /* min << 4 | scale */
+        kq_scales(k, _mm_and_si128(sm, nib));
+        k->m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), nib));
         k->d = _cvtsh_ss(w->d);
         k->dmin = _cvtsh_ss(w->dmin);
         break;
@@ -299,8 +304,15 @@ AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const u
                                                   _mm256_slli_epi16(hb, 2));
             }
         }
-        for (int g = 0; g < 16; g++) s[g] = (int16_t)scale_q3_K(w->scales, g);
-        kq_scales16(k, s);
+        /* scale_q3_K for all 16: low nibbles of bytes 0-7 then their high nibbles; top
+         * bits from bytes 8-11, bits 2*(g / 4) */
+        uint32_t top;
+        memcpy(&top, w->scales + 8, 4);
+        const __m128i b8 = _mm_loadl_epi64((const __m128i *)w->scales);
+        const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(b8, nib), _mm_and_si128(_mm_srli_epi16(b8, 4), nib));
+        const __m128i hi = _mm_set_epi32((int)((top >> 6) & 0x03030303u), (int)((top >> 4) & 0x03030303u),
+                                         (int)((top >> 2) & 0x03030303u), (int)(top & 0x03030303u));
+        kq_scales(k, _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32)));
         k->o = 4;
         k->d = _cvtsh_ss(w->d);
         break;
@@ -322,15 +334,18 @@ AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const u
             k->u[2 * c] = lo;
             k->u[2 * c + 1] = hi;
         }
-        for (int j = 0; j < 8; j++) {
-            int sc, mn;
-            scale_min_k4(scales, j, &sc, &mn);
-            k->sc[j] = _mm256_set1_epi16((int16_t)sc);
-            s[2 * j] = s[2 * j + 1] = (int16_t)sc;
-            m[2 * j] = m[2 * j + 1] = (int16_t)mn;
-        }
-        k->s16 = _mm256_loadu_si256((const __m256i *)s);
-        k->m16 = _mm256_loadu_si256((const __m256i *)m);
+        /* scale_min_k4 for all 8 at once, on the 12 bytes as words a, b, c: sub-blocks
+         * 0-3 are the low 6 bits of a (scales) and b (mins); 4-7 take c's low (scales)
+         * or high (mins) nibbles and the top 2 bits of a or b as bits 4-5 */
+        uint32_t a, b, c;
+        memcpy(&a, scales, 4);
+        memcpy(&b, scales + 4, 4);
+        memcpy(&c, scales + 8, 4);
+        const uint32_t sc_lo = a & 0x3f3f3f3fu, sc_hi = (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u);
+        const uint32_t mn_lo = b & 0x3f3f3f3fu, mn_hi = ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u);
+        const __m128i sc8 = _mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo), mn8 = _mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo);
+        kq_scales(k, _mm_unpacklo_epi8(sc8, sc8)); /* one per 16 values: each twice */
+        k->m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
         k->d = _cvtsh_ss(q5 ? w5->d : w4->d);
         k->dmin = _cvtsh_ss(q5 ? w5->dmin : w4->dmin);
         break;
@@ -349,8 +364,7 @@ AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const u
                 k->u[4 * h + j] = _mm256_or_si256(low[j], _mm256_slli_epi16(top, 4));
             }
         }
-        for (int g = 0; g < 16; g++) s[g] = w->scales[g];
-        kq_scales16(k, s);
+        kq_scales(k, _mm_loadu_si128((const __m128i *)w->scales));
         k->o = 32;
         k->d = _cvtsh_ss(w->d);
     }
@@ -367,8 +381,8 @@ AVX2 static inline __attribute__((always_inline)) void kq_dot(const kq_regs *k, 
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, k->sc[j]));
     }
     const __m256i bsums = _mm256_loadu_si256((const __m256i *)x->bsums);
-    if (k->o) /* sum_g s_g * o * bsum_g */
-        acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_madd_epi16(bsums, k->s16), _mm256_set1_epi32(k->o)));
+    if (k->o) /* sum_g s_g * o * bsum_g, o = 4 or 32 */
+        acc = _mm256_sub_epi32(acc, _mm256_sll_epi32(_mm256_madd_epi16(bsums, k->s16), _mm_cvtsi32_si128(k->o == 4 ? 2 : 5)));
     *sumi = hsum_i32(acc);
     *summ = has_min ? hsum_i32(_mm256_madd_epi16(bsums, k->m16)) : 0;
 }
