@@ -344,7 +344,9 @@ AVX2 static inline __attribute__((always_inline)) void kq_load(int type, const u
         const uint32_t sc_lo = a & 0x3f3f3f3fu, sc_hi = (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u);
         const uint32_t mn_lo = b & 0x3f3f3f3fu, mn_hi = ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u);
         const __m128i sc8 = _mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo), mn8 = _mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo);
-        kq_scales(k, _mm_unpacklo_epi8(sc8, sc8)); /* one per 16 values: each twice */
+        /* 8 scales as int16 in both lanes; sc[j] repeats scale j (bytes 2j, 2j+1) */
+        const __m256i s16x2 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
+        for (int j = 0; j < 8; j++) k->sc[j] = _mm256_shuffle_epi8(s16x2, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
         k->m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn8, mn8));
         k->d = _cvtsh_ss(q5 ? w5->d : w4->d);
         k->dmin = _cvtsh_ss(q5 ? w5->dmin : w4->dmin);
@@ -383,8 +385,17 @@ AVX2 static inline __attribute__((always_inline)) void kq_dot(const kq_regs *k, 
     const __m256i bsums = _mm256_loadu_si256((const __m256i *)x->bsums);
     if (k->o) /* sum_g s_g * o * bsum_g, o = 4 or 32 */
         acc = _mm256_sub_epi32(acc, _mm256_sll_epi32(_mm256_madd_epi16(bsums, k->s16), _mm_cvtsi32_si128(k->o == 4 ? 2 : 5)));
-    *sumi = hsum_i32(acc);
-    *summ = has_min ? hsum_i32(_mm256_madd_epi16(bsums, k->m16)) : 0;
+    if (!has_min) {
+        *sumi = hsum_i32(acc);
+        *summ = 0;
+        return;
+    }
+    /* both sums in one reduction: [a01 a23 m01 m23 | a45 a67 m45 m67] -> [A M A M] */
+    const __m256i pairs = _mm256_hadd_epi32(acc, _mm256_madd_epi16(bsums, k->m16));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+    t = _mm_hadd_epi32(t, t);
+    *sumi = _mm_cvtsi128_si32(t);
+    *summ = _mm_extract_epi32(t, 1);
 }
 
 AVX2 static inline __attribute__((always_inline)) void kq_row_avx2(int type, const uint8_t *row, int64_t nb,
