@@ -451,7 +451,8 @@ static int kq_gemm(int type, const uint8_t *W, int64_t N, int64_t K, const float
     block_q8_K *xq = malloc(sizeof(block_q8_K) * (size_t)(M * nb > 0 ? M * nb : 1));
     if (!xq) return -1;
     (void)threads;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* a decode step's one row is rounded inline: a parallel region costs microseconds */
+#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 4)
     for (int64_t r = 0; r < M; r++) {
 #if HAVE_X86
         if (use_avx2) { quantize_q8_K_avx2(x + r * K, xq + r * nb, nb); continue; }

@@ -11,7 +11,8 @@ lives in the module (`qtype`) and in the file's metadata, never in a tensor name
 - CPU with the compiled kernels: integer dot products with the activations rounded to
   8 bits per block, as llama.cpp computes them. Q4_0/Q4_1/Q8_0 are repacked at the
   first forward into tiles of 8 interleaved rows (`layout == "x8"`, same bytes
-  permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike.
+  permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike;
+  the K-quants (Q2_K..Q6_K) run in the file's blocks against Q8_K activations.
 - CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
 - anything else: dequantize a tile of output rows and matmul.
 """
@@ -123,6 +124,8 @@ class QuantLinear(nn.Module):
         self.repack = repack
         self.mapped = weight.mapped
         self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
+        # K-quants run in their GGUF blocks (never repacked, so no layout switch to guard)
+        self._kquant = kernels.kquant_available(self.fmt)
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
@@ -164,6 +167,8 @@ class QuantLinear(nn.Module):
         if self.layout == "x8" and x.device.type == "cpu":  # the hot path, kept short
             # (a layout switch swaps the buffer before it sets "x8", so this pair is whole)
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
+        elif self._kquant and x.device.type == "cpu" and self.weight_blocks.device.type == "cpu":
+            y = kernels.kquant_linear(x, self.fmt, self.weight_blocks, self.out_features)
         else:
             with LAYOUT_LOCK:  # switch at most once, and read the pair that results
                 on_cpu = self.weight_blocks.device.type == "cpu"
