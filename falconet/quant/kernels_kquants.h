@@ -1,5 +1,6 @@
 /* K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) times activations rounded to Q8_K.
- * Included once by _kernels.c, after kernels_rows.h (whose hsum it shares).
+ * Included once by _kernels.c, after its drivers (whose row chunks and thread schedule
+ * kq_gemm shares).
  *
  * A K-quant super-block holds 256 weights in sub-blocks of 16 or 32 with their own
  * integer scales (and, for Q2_K/Q4_K/Q5_K, integer mins) under one or two fp16 scales.
