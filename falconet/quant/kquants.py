@@ -153,7 +153,5 @@ class Q3_K(QuantFormat):
         high = (blocks["hmask"].reshape(-1, 1, 1, 32) >> shifts) & 1  # (n, h, j, l)
         q = unpack_2bit(blocks["qs"]).astype(np.int32) - 4 * (1 - high.reshape(-1, QK_K))
         # d * sc * q needs at most 11 + 6 + 3 bits: exact in float32
-        d = fp16_to_f32(blocks["d"]) * unpack_q3_scales(blocks["scales"]).astype(
-            np.float32
-        )
+        d = fp16_to_f32(blocks["d"]) * unpack_q3_scales(blocks["scales"]).astype(np.float32)
         return (d[:, :, None] * q.reshape(-1, 16, 16).astype(np.float32)).reshape(-1, QK_K)
