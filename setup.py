@@ -49,6 +49,7 @@ setup(
                 "falconet/quant/kernels_rows.h",
                 "falconet/quant/kernels_x8.h",
                 "falconet/quant/kernels_x8_tiles.h",
+                "falconet/quant/kernels_kquants.h",
                 "falconet/quant/kernels_quantize.h",
                 "falconet/quant/kernels_float.h",
                 "falconet/quant/kernels_scan.h",

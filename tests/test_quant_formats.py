@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 FLOATS = ["f32", "f16", "bf16"]
 BLOCK_QUANTS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 QUANTIZABLE = FLOATS + BLOCK_QUANTS
-K_QUANTS = ["q4_k", "q5_k", "q6_k"]
+K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 # The reference's `(int8_t)` of Inf/NaN is hardware-defined; gguf-py on x86 gives 0.
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -72,8 +72,8 @@ def test_registry_matches_gguf_types_and_sizes(name):
 
 
 def test_unknown_type_is_a_quant_error():
-    with pytest.raises(QuantError, match="q2_k.*falconet reads f32, f16"):
-        get_format("q2_k")
+    with pytest.raises(QuantError, match="iq2_xxs.*falconet reads f32, f16"):
+        get_format("iq2_xxs")
     with pytest.raises(QuantError, match="999"):
         get_format(999)
     assert issubclass(QuantError, FalconetError)

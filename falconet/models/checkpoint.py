@@ -45,7 +45,6 @@ from falconet.quant.linear import QuantTensor, install
 from falconet.quant.ternary import BitNetConfig, ternary_weight
 from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
-    DEQUANTIZED_TYPES,
     REQUIRED,
     TERNARY_TYPES,
     WRITE_TYPES,
@@ -219,13 +218,9 @@ def _config(file: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{path}: no tensor token_embd.weight; the file is incomplete")
     eos = file.value(gguf_vocab.KEY_EOS, "int", None)
     types = {t.tensor_type for t in tensors.values() if len(t.shape) == 2}
-    # dtype="auto" keeps F16/BF16 weights as they are; K-quants are dequantized to bf16
-    # (half of fp32's memory, its rounding far below theirs); otherwise fp32.
-    dtype = (
-        "float16" if T.F16 in types
-        else "bfloat16" if types & {T.BF16, *DEQUANTIZED_TYPES}
-        else "float32"
-    )  # fmt: skip
+    # dtype="auto" keeps F16/BF16 weights as they are; otherwise fp32 (block types,
+    # K-quants and ternary ones included, stay blocks and compute in fp32 as llama.cpp does).
+    dtype = "float16" if T.F16 in types else "bfloat16" if T.BF16 in types else "float32"
     common = dict(
         vocab_size=int(embd.shape[1]),
         tie_word_embeddings="output.weight" not in tensors,

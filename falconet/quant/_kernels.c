@@ -14,6 +14,9 @@
  * linear_rows (kernels_float.h): the same for fp32/bf16/fp16 weights, used by
  * falconet.linear.Linear where a row's result must not depend on its batch neighbours.
  *
+ * kq_gemm (kernels_kquants.h): llama.cpp's K-quant weights (Q2_K..Q6_K, 256-value
+ * super-blocks) against activations rounded to Q8_K, in the file's bytes.
+ *
  * selective_scan, ssd_scan (kernels_scan.h): Mamba-1's and Mamba-2's recurrences over
  * a prompt, for falconet/nn/selective_scan.py and ssd.py; not weight kernels, but they
  * share the build, the SIMD switch and the threads.
@@ -309,6 +312,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
     }
 }
 
+#include "kernels_kquants.h" /* Q2_K..Q6_K weights x Q8_K activations */
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_attention.h" /* decode attention over the paged KV pool */
@@ -538,6 +542,43 @@ static PyObject *py_tq2_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* kq_gemm(type, w_ptr, N, K, x_ptr, M, y_ptr, threads), any M */
+static PyObject *py_kq_gemm(PyObject *self, PyObject *args) {
+    int type, threads, rc;
+    unsigned long long w, x, y;
+    Py_ssize_t N, K, M;
+    if (!PyArg_ParseTuple(args, "iKnnKnKi", &type, &w, &N, &K, &x, &M, &y, &threads)) return NULL;
+    if (!kq_block_bytes(type)) {
+        PyErr_Format(PyExc_ValueError, "kq_gemm takes the K-quant types 10..14, got GGML type %d", type);
+        return NULL;
+    }
+    if (K <= 0 || K % QK_K || N < 0 || M < 0 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "kq_gemm needs K a positive multiple of %d, N, M >= 0, threads >= 1; "
+                     "got K=%zd, N=%zd, M=%zd, threads=%d", QK_K, K, N, M, threads);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = kq_gemm(type, (const uint8_t *)(uintptr_t)w, N, K, (const float *)(uintptr_t)x, M, (float *)(uintptr_t)y,
+                 threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize_q8_K(PyObject *self, PyObject *args) {
+    unsigned long long x, out;
+    Py_ssize_t M, K;
+    if (!PyArg_ParseTuple(args, "KnnK", &x, &M, &K, &out)) return NULL;
+    if (K <= 0 || K % QK_K || M < 0) {
+        PyErr_Format(PyExc_ValueError, "quantize_q8_K needs K a positive multiple of %d and M >= 0", QK_K);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    kq_quantize_activations((const float *)(uintptr_t)x, M, K, (block_q8_K *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
@@ -626,6 +667,8 @@ static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q_ptr, k_pool_ptr, v_pool_ptr, pool_dtype, slots_ptr, starts_ptr, B, H, K, D, bias_ptr, bias_stride, scale, out_ptr, threads): one query per sequence against its keys in the paged pool (kernels_attention.h)"},
     {"gelu", py_gelu, METH_VARARGS, "gelu(x_ptr, y_ptr, n): y = x/2 (1 + erf(x/sqrt 2)) over n fp32 values, on the calling thread (kernels_activation.h)"},
     {"tq2_matmul", py_tq2_matmul, METH_VARARGS, "tq2_matmul(x_ptr, w_ptr, y_ptr, M, K, N, threads): y[M,N] fp32 = x[M,K] fp32 @ W.T, W in TQ2_0 blocks [N, K/256*66], x rounded per 256 values as Q8_K"},
+    {"kq_gemm", py_kq_gemm, METH_VARARGS, "kq_gemm(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T for K-quant rows (Q2_K..Q6_K), x rounded to Q8_K, any M"},
+    {"quantize_q8_K", py_quantize_q8_K, METH_VARARGS, "quantize_q8_K(x_ptr, M, K, out_ptr): fp32 x[M,K] -> M*K/256 Q8_K blocks of 292 bytes (float d, int8 qs[256], int16 bsums[16])"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},
     {"int8_dot", py_int8_dot, METH_NOARGS, "the x8 tiles' int8 product instructions: 'vnni' (AVX-512 VNNI) or 'maddubs' (AVX2)"},

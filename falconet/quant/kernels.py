@@ -16,6 +16,9 @@ Paths, fastest first:
   * TQ2_0 (llama.cpp's ternary type): its 2-bit codes straight from the file's blocks in
     integer sums with Q8_K activations, any number of rows (kernels_tq2.h); TQ1_0 is
     transcoded to TQ2_0 blocks at the first forward (`cpu_layout`), losslessly.
+- CPU, K-quants (Q2_K..Q6_K, kernels_kquants.h): the GGUF blocks as they are, against
+  activations rounded to llama.cpp's Q8_K (256 values per scale), for any number of
+  rows; a prompt passes in chunks of 8 rows over cache-resident weight rows.
 - CUDA with Triton, Q4_0 / Q8_0: triton_kernels.py.
 - anything else: the numpy codecs dequantize a tile at a time (slow; exact).
 """
@@ -41,6 +44,9 @@ NATIVE_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6}
 # Formats with the interleaved-rows layout (_kernels.c, "x8"): the decode GEMV serves 8
 # output rows per instruction, about 2x the row-major kernel's speed per core.
 X8_TYPES = {"q4_0", "q4_1", "q8_0"}
+# K-quants computed in their GGUF blocks against Q8_K activations (any number of rows).
+KQUANT_TYPES = {"q2_k": 10, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+Q8_K_BYTES = 292  # one activation block: float d, int8 qs[256], int16 bsums[16]
 
 
 # The CPU layout of a ternary type's weight: TQ2_0's blocks, which the kernel reads as
@@ -50,6 +56,41 @@ TERNARY_LAYOUT = "tq2_0"
 
 def native_available(fmt: QuantFormat) -> bool:
     return native is not None and fmt.name in NATIVE_TYPES
+
+
+def kquant_available(fmt: QuantFormat) -> bool:
+    return native is not None and fmt.name in KQUANT_TYPES
+
+
+def kquant_linear(
+    x: torch.Tensor, fmt: QuantFormat, blocks: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """x [..., K] @ W.T for W in K-quant blocks [N, row_bytes] on the CPU -> [..., N] in
+    x.dtype; each row of x is computed alone, so any batch equals its rows sent singly."""
+    K = x.shape[-1]
+    _check_blocks(fmt, blocks, out_features, K)
+    rows = x.reshape(-1, K)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.to(torch.float32).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    native.kq_gemm(
+        KQUANT_TYPES[fmt.name], blocks.data_ptr(), out_features, K, rows.data_ptr(),
+        rows.shape[0], y.data_ptr(), _threads(),
+    )  # fmt: skip
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def quantize_q8_K(x: torch.Tensor) -> np.ndarray:
+    """fp32 rows [M, K] (K % 256 == 0) -> their Q8_K blocks as the kernels round them,
+    a structured array [M, K/256] with fields d, qs, bsums (for tests and tools)."""
+    rows = x.to(torch.float32).contiguous()
+    M, K = rows.shape
+    out = torch.empty(M * (K // 256) * Q8_K_BYTES, dtype=torch.uint8)
+    native.quantize_q8_K(rows.data_ptr(), M, K, out.data_ptr())
+    layout = np.dtype([("d", "<f4"), ("qs", "i1", (256,)), ("bsums", "<i2", (16,))])
+    return out.numpy().view(layout).reshape(M, K // 256)
 
 
 def dequantize(
@@ -213,6 +254,8 @@ def quant_linear(
         if triton_kernels.available():
             y = triton_kernels.matmul(rows, fmt.name, blocks, out_features)
             return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    if x.device.type == "cpu" and kquant_available(fmt):
+        return kquant_linear(x, fmt, blocks, out_features)
     if layout == "x8":  # decode and prompts alike: integer products, weights read once
         _check_blocks(fmt, blocks, out_features, K)
         return x8_linear(x, NATIVE_TYPES[fmt.name], blocks, out_features)

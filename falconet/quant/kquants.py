@@ -1,4 +1,4 @@
-"""GGML K-quants (256-value super-blocks with 6- or 8-bit sub-block scales), dequantize
+"""GGML K-quants (256-value super-blocks with 4-, 6- or 8-bit sub-block scales), dequantize
 only: enough to load the Q4_K_M / Q5_K_M / Q6_K files llama.cpp users have.
 
 Writing them would mean porting the reference's per-sub-block least-squares scale
@@ -103,3 +103,55 @@ class Q6_K(QuantFormat):
         # d * sc * q needs up to 25 bits: one rounding, whichever product goes first
         d = fp16_to_f32(blocks["d"]) * blocks["scales"].astype(np.float32)  # (n, 16)
         return (d[:, :, None] * q).reshape(-1, QK_K)
+
+
+def unpack_2bit(qs: np.ndarray) -> np.ndarray:
+    """uint8 [n, 64] -> [n, 256]: value 128h + 32j + l is bits 2j..2j+1 of byte 32h + l."""
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)  # (n, h, j, l)
+
+
+class Q2_K(QuantFormat):
+    """Sixteen 16-value sub-blocks, each with a 4-bit scale (low nibble of scales[g]) and
+    min (high nibble); x = d*sc*q - dmin*m, q 2 bits. d*sc*q is exact in float32."""
+
+    name, ggml_type, block_size = "q2_k", 10, QK_K
+    layout = np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"), ("dmin", "<f2")])
+    can_quantize = False
+
+    def _dequantize(self, blocks):
+        sc = blocks["scales"]
+        d = fp16_to_f32(blocks["d"]) * (sc & 0x0F).astype(np.float32)  # (n, 16)
+        m = fp16_to_f32(blocks["dmin"]) * (sc >> 4).astype(np.float32)
+        q = unpack_2bit(blocks["qs"]).reshape(-1, 16, 16).astype(np.float32)
+        return (d[:, :, None] * q - m[:, :, None]).reshape(-1, QK_K)
+
+
+def unpack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes -> int [n, 16] signed scales: scale g takes its low 4 bits
+    from byte g % 8 (low nibble for g < 8, high for g >= 8) and its top 2 bits from bits
+    2*(g // 4) of byte 8 + g % 4, and is stored with a bias of 32."""
+    g = np.arange(16)
+    low = (s[:, g % 8] >> (4 * (g // 8)).astype(np.uint8)) & 0x0F
+    high = (s[:, 8 + g % 4] >> (2 * (g // 4)).astype(np.uint8)) & 3
+    return (low | (high << 4)).astype(np.int32) - 32
+
+
+class Q3_K(QuantFormat):
+    """Sixteen 16-value sub-blocks with 6-bit signed scales; x = d * sc * q, q in -4..3:
+    2 low bits in qs (as Q2_K), and value 128h + 32j + l subtracts 4 unless bit 4h + j of
+    hmask[l] is set."""
+
+    name, ggml_type, block_size = "q3_k", 11, QK_K
+    layout = np.dtype(
+        [("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)), ("d", "<f2")]
+    )
+    can_quantize = False
+
+    def _dequantize(self, blocks):
+        shifts = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)  # bit 4h + j
+        high = (blocks["hmask"].reshape(-1, 1, 1, 32) >> shifts) & 1  # (n, h, j, l)
+        q = unpack_2bit(blocks["qs"]).astype(np.int32) - 4 * (1 - high.reshape(-1, QK_K))
+        # d * sc * q needs at most 11 + 6 + 3 bits: exact in float32
+        d = fp16_to_f32(blocks["d"]) * unpack_q3_scales(blocks["scales"]).astype(np.float32)
+        return (d[:, :, None] * q.reshape(-1, 16, 16).astype(np.float32)).reshape(-1, QK_K)

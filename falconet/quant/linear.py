@@ -11,7 +11,8 @@ lives in the module (`qtype`) and in the file's metadata, never in a tensor name
 - CPU with the compiled kernels: integer dot products with the activations rounded to
   8 bits per block, as llama.cpp computes them. Q4_0/Q4_1/Q8_0 are repacked at the
   first forward into tiles of 8 interleaved rows (`layout == "x8"`, same bytes
-  permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike.
+  permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike;
+  the K-quants (Q2_K..Q6_K) run in the file's blocks against Q8_K activations.
   The ternary TQ2_0 is read as it is; TQ1_0 is transcoded at the first forward to TQ2_0
   blocks (`layout == "tq2_0"`, the same codes and scales; `weight` reads back TQ1_0).
 - CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
@@ -127,6 +128,8 @@ class QuantLinear(nn.Module):
         self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
         # the layout in which this weight is TQ2_0 rows the compiled kernel reads, if any
         self._tq2_layout = kernels.tq2_layout(self.fmt)
+        # K-quants run in their GGUF blocks (never repacked, so no layout switch to guard)
+        self._kquant = kernels.kquant_available(self.fmt)
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
@@ -171,6 +174,8 @@ class QuantLinear(nn.Module):
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
         elif self.layout == self._tq2_layout and x.device.type == "cpu":  # ternary, as hot
             y = kernels.tq2_linear(x, self.weight_blocks, self.out_features)
+        elif self._kquant and x.device.type == "cpu" and self.weight_blocks.device.type == "cpu":
+            y = kernels.kquant_linear(x, self.fmt, self.weight_blocks, self.out_features)
         else:
             with LAYOUT_LOCK:  # switch at most once, and read the pair that results
                 on_cpu = self.weight_blocks.device.type == "cpu"

@@ -3,10 +3,9 @@
 Reading: `open_gguf` checks a file (magic, truncation, byte order, tensor types falconet
 can hold) and gives its metadata (`GGUFFile.value`, type-checked) and tensors by GGUF
 name; `tensor_value` turns a file tensor into what falconet computes with: F32/F16/BF16
-become float tensors, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks and the ternary TQ1_0/TQ2_0
-blocks become QuantTensors that point into the file's memory map (no copy), and the
-K-quants (Q4_K/Q5_K/Q6_K, which llama.cpp's K-quant mixes put on some tensors) are
-dequantized.
+become float tensors; Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, the K-quants Q2_K..Q6_K and the ternary
+TQ1_0/TQ2_0 blocks become QuantTensors that point into the file's memory map (no copy;
+the compiled kernels run on those bytes).
 
 Writing: `write_gguf` streams a list of tensors into a file published atomically, one
 tensor in memory at a time, each in the type `write_type` picks as llama.cpp's quantizer
@@ -36,7 +35,7 @@ from gguf import (
 from falconet.durable import atomic_write
 from falconet.errors import CheckpointError
 from falconet.quant import QuantError, get_format
-from falconet.quant.linear import QuantTensor
+from falconet.quant.linear import QuantTensor, release_pages
 from falconet.quant.plan import tensor_qtype
 
 T = GGMLQuantizationType
@@ -68,8 +67,8 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
 TERNARY_TYPES = (T.TQ1_0, T.TQ2_0)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
-DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)  # turned into floats at load
-READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + TERNARY_TYPES + DEQUANTIZED_TYPES
+KQUANT_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # kept as blocks too
+READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + KQUANT_TYPES + TERNARY_TYPES
 
 
 def write_type(shape: tuple[int, ...], qtype: T, head: bool = False) -> T:
@@ -264,8 +263,7 @@ def open_gguf(
             raise GGUFError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which falconet cannot "
                 f"read; falconet reads "
-                f"{', '.join(x.name for x in FLOAT_TYPES + BLOCK_TYPES + TERNARY_TYPES)} "
-                f"and dequantizes {', '.join(x.name for x in DEQUANTIZED_TYPES)}: use a file "
+                f"{', '.join(x.name for x in READ_TYPES)}: use a file "
                 "quantized to one of those (llama-quantize Q4_0, Q8_0, Q4_K_M...), or write one "
                 "from the HF folder with `falconet convert --type q4_0`"
             )
@@ -284,17 +282,19 @@ def tensor_value(
     `rows` reorders the rows (llama's Q/K), which copies."""
     shape = file_shape(t)
     kind = t.tensor_type
-    if kind in BLOCK_TYPES + TERNARY_TYPES and len(shape) == 2:
+    if kind in BLOCK_TYPES + KQUANT_TYPES + TERNARY_TYPES and len(shape) == 2:
         data = torch.from_numpy(t.data)
         if rows is not None:  # whole rows of blocks move: the blocks stay exact
-            return QuantTensor(get_format(kind), data.index_select(0, rows), shape)
+            moved = QuantTensor(get_format(kind), data.index_select(0, rows), shape)
+            release_pages(data)  # the copy replaces the file's pages: hold one, not both
+            return moved
         # a view of the file's memory map: no copy (mapped: the pages are the file's)
         return QuantTensor(get_format(kind), data, shape, mapped=True)
     if kind in (T.F32, T.F16):
         out = torch.from_numpy(t.data)
     elif kind == T.BF16:
         out = torch.from_numpy(t.data).view(torch.bfloat16)
-    else:  # K-quants, or a (never written) quantized 1-D tensor
+    else:  # ternary types, or a (never written) quantized 1-D tensor
         out = torch.from_numpy(get_format(kind).dequantize(t.data, shape))
     out = out.reshape(shape)
     if rows is not None:
