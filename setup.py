@@ -49,6 +49,7 @@ setup(
                 "falconet/quant/kernels_rows.h",
                 "falconet/quant/kernels_x8.h",
                 "falconet/quant/kernels_quantize.h",
+                "falconet/quant/kernels_kquantize.h",
                 "falconet/quant/kernels_float.h",
                 "falconet/quant/kernels_scan.h",
                 "falconet/quant/kernels_ternary.h",
