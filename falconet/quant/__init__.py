@@ -22,11 +22,12 @@ from falconet.quant.formats import (
     QuantError,
     QuantFormat,
 )
-from falconet.quant.kquants import Q4_K, Q5_K, Q6_K
+from falconet.quant.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from falconet.quant.tquants import TQ1_0, TQ2_0
 
 _ALL: tuple[QuantFormat, ...] = (
-    F32(), F16(), BF16(), Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q4_K(), Q5_K(), Q6_K(),
+    F32(), F16(), BF16(), Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(), Q2_K(), Q3_K(), Q4_K(), Q5_K(),
+    Q6_K(),
     TQ1_0(), TQ2_0()
 )  # fmt: skip
 

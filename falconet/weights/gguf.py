@@ -59,13 +59,21 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "q5_1": (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
     "tq1_0": (T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
     "tq2_0": (T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
+    # llama.cpp's K-quant mixes: the type of the bulk of the matrices; quant/mixes.py
+    # picks each tensor's
+    "q2_k": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+    "q3_k_m": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q4_k_m": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_m": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
 }
+K_MIXES = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
 TERNARY_TYPES = (T.TQ1_0, T.TQ2_0)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
 # turned into floats at load (llama.cpp's ternary types too: a TQ file holds a BitNet
 # model already dequantized to a Llama, its scales per 256 values, not per matrix)
-DEQUANTIZED_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0)
+DEQUANTIZED_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0)
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 
