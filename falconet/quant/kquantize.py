@@ -12,8 +12,9 @@ import numpy as np
 
 from falconet.quant.formats import QuantError
 
-try:  # the compiled kernels are optional (no C compiler at install)
-    from falconet.quant import _kernels as native
+try:  # the compiled kernels are optional (no C compiler at install); the extension
+    # module itself, not the falconet.quant package, whose __init__ imports this file
+    import falconet.quant._kernels as native
 except ImportError:  # pragma: no cover - depends on the build
     native = None
 

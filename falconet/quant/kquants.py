@@ -1,9 +1,10 @@
-"""GGML K-quants (256-value super-blocks with 6- or 8-bit sub-block scales): the Q4_K_M /
-Q5_K_M / Q6_K files llama.cpp users have.
+"""GGML K-quants (256-value super-blocks of 16- or 32-value sub-blocks, each with its own
+4-, 6- or 8-bit scale): the Q4_K_M / Q5_K_M / Q6_K files llama.cpp users have.
 
 Quantizing runs the compiled reference-exact quantizers (kquantize.py; a build without
-them reads K-quants but cannot write them). The decoders follow `dequantize_row_q{4,5,6}_K` in
-ggml-quants.c and match gguf-py bit for bit (tests/test_quant_formats.py): each value
+them reads K-quants but cannot write them). The decoders follow `dequantize_row_q{2..6}_K` in
+ggml-quants.c and match gguf-py bit for bit (tests/test_quant_formats.py,
+tests/test_kquant_quantize.py for Q2_K/Q3_K): each value
 is at most one float32 rounding away from exact, so the grouping of the multiplies
 does not matter.
 """

@@ -1,5 +1,5 @@
 """llama.cpp's K-quant mixes: which GGML type each tensor of a Q4_K_M (Q5_K_M, Q6_K,
-Q3_K_M, Q2_K) file gets, as llama-quantize picks it without an importance matrix
+Q2_K, Q3_K_S/M/L, Q4_K_S, Q5_K_S) file gets, as llama-quantize picks it without an importance matrix
 (`llama_tensor_get_type` in src/llama-quant.cpp), so that `falconet convert --type
 q4_k_m` writes the file llama-quantize would write from the same weights.
 
@@ -10,10 +10,11 @@ The rules, for the dense architectures falconet writes (no experts):
 - the output head -- or the token embeddings when there is no output.weight (tied) --
   is Q8_0 in a `falcon` file or when its rows are not whole 256-value super-blocks, and
   Q6_K otherwise;
-- attention V (attn_v, Falcon's fused attn_qkv) and ffn_down get more bits on the
-  layers `use_more_bits` picks: the first and last eighth of the layers and every third
-  one in between. For ffn_down the layer is the count of ffn_down tensors seen so far,
-  in llama.cpp's tensor order (layer number, then name);
+- attention V (attn_v, Falcon's fused attn_qkv) and ffn_down get more bits on some
+  layers: for Q4_K_M/Q5_K_M those `use_more_bits` picks (the first and last eighth of
+  the layers and every third one in between), for the others a leading few. The layer
+  is the count of such tensors seen so far, in llama.cpp's tensor order (layer number,
+  then name); Falcon gets its own ffn_down and attn_output rules;
 - a matrix whose rows are not whole 256-value super-blocks falls back to a 32-value
   type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), and to F16 when
   its rows are not whole 32-value blocks either.
@@ -28,7 +29,17 @@ from falconet.quant.formats import QuantError
 
 QK_K = 256
 # --type name -> the type of the bulk of the matrices
-MIXES = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+MIXES = {
+    "q2_k": "q2_k",
+    "q3_k_s": "q3_k",
+    "q3_k_m": "q3_k",
+    "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k",
+    "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k",
+    "q6_k": "q6_k",
+}
 # llama.cpp's fallback for rows that are not whole super-blocks
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 BLOCK_SIZE = {"q2_k": QK_K, "q3_k": QK_K, "q4_k": QK_K, "q5_k": QK_K, "q6_k": QK_K, "q8_0": 32}
@@ -37,7 +48,9 @@ KEEP_FLOAT = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "pos_embd", "
 
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
-    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+    return (
+        i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+    )
 
 
 def category(name: str) -> str:
@@ -98,8 +111,8 @@ def mix_types(
         elif kind == "ffn_down":
             chosen = _ffn_down_type(mix, base, seen["ffn_down"], n_layer, architecture)
             seen["ffn_down"] += 1
-        elif kind == "attn_output" and architecture != "falcon":
-            chosen = {"q2_k": "q3_k", "q3_k_m": "q4_k"}.get(mix, base)
+        elif kind == "attn_output":
+            chosen = _attn_output_type(mix, base, architecture)
         else:
             chosen = base
         types[name] = _fallback(chosen, cols)
@@ -111,8 +124,12 @@ def _attn_v_type(mix: str, base: str, i: int, n: int, n_gqa: int) -> str:
         return "q4_k" if n_gqa >= 4 else "q3_k"
     if mix == "q3_k_m":
         return "q5_k" if i < 2 else "q4_k"
+    if mix == "q3_k_l":
+        return "q5_k"
     if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
         return "q6_k"
+    if mix == "q4_k_s" and i < 4:
+        return "q5_k"
     return base
 
 
@@ -124,13 +141,23 @@ def _ffn_down_type(mix: str, base: str, i: int, n: int, architecture: str) -> st
         if i < n // 16:
             return "q5_k"
         return "q4_k" if not falcon or use_more_bits(i, n) else "q3_k"
+    if mix == "q3_k_l":
+        return "q4_k" if falcon else "q5_k"
     if mix == "q4_k_m":
         if falcon:
             return "q6_k" if i < n // 16 else "q5_k" if use_more_bits(i, n) else "q4_k"
         return "q6_k" if use_more_bits(i, n) else base
     if mix == "q5_k_m" and use_more_bits(i, n):
         return "q6_k"
+    if mix == "q4_k_s" and not falcon and i < n // 8:
+        return "q5_k"
     return base
+
+
+def _attn_output_type(mix: str, base: str, architecture: str) -> str:
+    if architecture == "falcon":
+        return "q4_k" if mix == "q3_k_l" else base
+    return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, base)
 
 
 def _fallback(chosen: str, cols: int) -> str:

@@ -4,7 +4,7 @@ Reading: `open_gguf` checks a file (magic, truncation, byte order, tensor types 
 can hold) and gives its metadata (`GGUFFile.value`, type-checked) and tensors by GGUF
 name; `tensor_value` turns a file tensor into what falconet computes with: F32/F16/BF16
 become float tensors, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks become QuantTensors that point
-into the file's memory map (no copy), and the K-quants (Q4_K/Q5_K/Q6_K, which llama.cpp's
+into the file's memory map (no copy), and the K-quants (Q2_K..Q6_K, which llama.cpp's
 K-quant mixes put on some tensors) are dequantized.
 
 Writing: `write_gguf` streams a list of tensors into a file published atomically, one
@@ -61,13 +61,17 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "tq2_0": (T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
     # llama.cpp's K-quant mixes: the type of the bulk of the matrices; quant/mixes.py
     # picks each tensor's
-    "q2_k": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
-    "q3_k_m": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
     "q4_k_m": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
     "q5_k_m": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
     "q6_k": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q4_k_s": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k_s": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q3_k_s": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q3_k_m": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q3_k_l": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+    "q2_k": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
 }
-K_MIXES = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+K_MIXES = ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q2_k")
 TERNARY_TYPES = (T.TQ1_0, T.TQ2_0)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)  # kept as blocks (QuantTensor)
