@@ -7,8 +7,8 @@ against llama.cpp itself.
   hit the corners of the scale searches (zeros, constants, lone outliers, one sign).
 - Files: a K-quant GGUF falconet converts from a HF folder holds the tensors, types and
   bytes llama-quantize writes from llama.cpp's own f32 conversion of that folder, for
-  Falcon and Llama (Falcon3) models with rows of whole 256-value super-blocks and for
-  one whose rows are not (llama.cpp's fallback types).
+  Falcon, Llama (Falcon3), Falcon-H1 and Falcon-Mamba models with rows of whole
+  256-value super-blocks and for one whose rows are not (llama.cpp's fallback types).
 - Running: llama.cpp and falconet continue a prompt with the same greedy tokens from
   falconet's Q4_K_M file.
 """
@@ -31,7 +31,14 @@ from falconet.quant.kquantize import available, quantize_k_blocks
 from falconet.quant.mixes import mix_types, use_more_bits
 from falconet.tokenizer import Tokenizer
 from tests import llama_cpp_tools
-from tests.conftest import CORPUS, build_hf_model, build_llama_hf_model, memorize
+from tests.conftest import (
+    CORPUS,
+    build_falcon_h1_hf_model,
+    build_falcon_mamba_hf_model,
+    build_hf_model,
+    build_llama_hf_model,
+    memorize,
+)
 from tests.test_gguf import falconet_greedy, llama_cpp_greedy, prompt, write_falcon_tokenizer
 
 T = GGMLQuantizationType
@@ -189,13 +196,21 @@ MODELS = {
     "llama": ("llama", "falcon3_shape", dict(hidden_size=256, intermediate_size=256, num_hidden_layers=12,
                                              num_attention_heads=8, num_key_value_heads=2)),
     "llama_tied_odd_rows": ("llama", "gqa3_tied", dict(intermediate_size=256, num_hidden_layers=3)),
+    "falcon_h1": ("falcon_h1", "gated_norm", dict(
+        mamba_rms_norm=True, mamba_norm_before_gate=False, hidden_size=256, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+        mamba_d_ssm=256, mamba_n_heads=8, mamba_d_head=32, mamba_d_state=16)),
+    "falcon_mamba": ("falcon_mamba", "conv4_tied", dict(hidden_size=256, time_step_rank=32)),
 }  # fmt: skip
 MIXES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k")
 # the other mixes, on two models (one per architecture rule set) to keep the run short
 MORE_MIXES = ("q4_k_s", "q5_k_s", "q3_k_s", "q3_k_l")
-CASES = [(m, x) for m in MODELS for x in MIXES] + [
-    (m, x) for m in ("falcon_40b", "llama") for x in MORE_MIXES
-]
+SSM_MODELS = ("falcon_h1", "falcon_mamba")  # two mixes each: their tensors' rules
+CASES = (
+    [(m, x) for m in MODELS if m not in SSM_MODELS for x in MIXES]
+    + [(m, x) for m in ("falcon_40b", "llama") for x in MORE_MIXES]
+    + [(m, x) for m in SSM_MODELS for x in ("q4_k_m", "q2_k")]
+)
 
 
 def save_model(name: str, folder: Path, memorized: bool = False, **changes) -> Path:
@@ -203,8 +218,12 @@ def save_model(name: str, folder: Path, memorized: bool = False, **changes) -> P
     over = over | changes
     folder.mkdir(parents=True)
     write_falcon_tokenizer(folder)
-    build = build_hf_model if family == "falcon" else build_llama_hf_model
-    model = build(variant, **over)
+    if family == "falcon_h1":  # the whole config given, as build_falcon_h1_hf_model takes it
+        model = build_falcon_h1_hf_model(variant, over)
+    else:
+        build = {"falcon": build_hf_model, "llama": build_llama_hf_model,
+                 "falcon_mamba": build_falcon_mamba_hf_model}[family]  # fmt: skip
+        model = build(variant, **over)
     if memorized:
         model = memorize(model, Tokenizer.from_dir(folder).encode(CORPUS)[:32], 30)
     model.save_pretrained(folder)
