@@ -395,8 +395,8 @@ def test_bad_contents(ours, tmp_path):
            r"architecture 'gpt2' is not one falconet runs \(falcon, llama, falcon-h1, mamba\)")  # fmt: skip
     # llama is an architecture falconet runs (Falcon3); a falcon file labelled so is not one
     raises(rewrite(src, tmp_path / "a2.gguf", arch="llama"), r"metadata key llama\.\S+ is missing")
-    raises(rewrite(src, tmp_path / "b.gguf", retype=("blk.0.ffn_down.weight", T.Q2_K)),
-           r"tensor blk\.0\.ffn_down\.weight has type Q2_K", "Q4_0", "Q6_K")  # fmt: skip
+    raises(rewrite(src, tmp_path / "b.gguf", retype=("blk.0.ffn_down.weight", T.IQ2_XXS)),
+           r"tensor blk\.0\.ffn_down\.weight has type IQ2_XXS", "Q4_0", "Q6_K")  # fmt: skip
     raises(rewrite(src, tmp_path / "c.gguf", drop_tensor="blk.1.ffn_up.weight"),
            r"no tensor blk\.1\.ffn_up\.weight")  # fmt: skip
     raises(rewrite(src, tmp_path / "d.gguf", drop_key="falcon.block_count"),

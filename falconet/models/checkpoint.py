@@ -341,8 +341,8 @@ def write_hf_as_gguf(
     multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
     qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0 or tq2_0 (see `write_type`),
-    or one of llama.cpp's K-quant mixes q4_k_m, q5_k_m, q6_k, q3_k_m, q2_k (see
-    quant/mixes.py;
+    or one of llama.cpp's K-quant mixes q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q3_k_s,
+    q3_k_m, q3_k_l, q2_k (see quant/mixes.py;
     a BitNet checkpoint's ternary matrices are written as the floats they stand for, which
     the TQ types hold exactly up to their float16 scale). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
