@@ -29,8 +29,10 @@ def convert_hf_to_gguf(
     overwrite: bool = False,
 ) -> None:
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1) as a GGUF
-    file `out` that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or
-    llama.cpp's ternary tq1_0 / tq2_0 (for BitNet checkpoints: Falcon-E, Falcon3-1.58bit).
+    file `out` that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1,
+    llama.cpp's K-quant mixes (q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q3_k_s/m/l, q2_k:
+    the file llama-quantize writes from the float weights, byte for byte), or llama.cpp's
+    ternary tq1_0 / tq2_0 (for BitNet checkpoints: Falcon-E, Falcon3-1.58bit).
     progress(done_bytes, total_bytes) is called as tensors are written; an existing
     `out` is replaced only with overwrite=True. The model card's licence (README.md front
     matter) is written as general.license*."""

@@ -19,7 +19,8 @@ def add_parsers(sub) -> None:
     conv.add_argument("model", help="Hugging Face Falcon folder")
     conv.add_argument("out", help="GGUF file to write")
     conv.add_argument("--type", dest="qtype", default="f16", choices=list(WRITE_TYPES),
-                      help="weight type (default f16); quantized files keep the head in q8_0, as llama.cpp does")  # fmt: skip
+                      help="weight type (default f16); q8_0..q4_0 keep the head in q8_0 as llama.cpp does, "
+                           "the K-quant mixes (q4_k_m...) pick each tensor's type as llama-quantize does")  # fmt: skip
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

@@ -42,9 +42,11 @@ from falconet.models.registry import (
 )
 from falconet.quant import QuantError
 from falconet.quant.linear import QuantTensor, install
+from falconet.quant.mixes import mix_types
 from falconet.quant.ternary import BitNetConfig, ternary_weight
 from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
+    K_MIXES,
     REQUIRED,
     TERNARY_TYPES,
     WRITE_TYPES,
@@ -296,6 +298,23 @@ def write_type(hf_name: str, shape: tuple[int, ...], qtype: T, config: ModelConf
     return _write_type(shape, qtype, head)
 
 
+def _mix_kinds(
+    mix: str, names: dict[str, tuple[str, tuple[int, ...]]], architecture: str, config: ModelConfig
+) -> dict[str, T]:
+    """Each tensor's type in a K-quant `mix` file, as llama-quantize picks it (quant/mixes.py)
+    from a float file of this model; what the model's layout keeps float stays F32."""
+    hf_layout = for_config(config).layout(config)
+    keep = hf_layout.keep_float - hf_layout.ternary
+    quantized = {name: shape for name, (hf, shape) in names.items() if hf not in keep}
+    # llama.cpp's n_gqa: attention heads per KV head as the file states them
+    heads = getattr(config, "num_attention_heads", 0)
+    kv = getattr(config, "kv_heads", None) or getattr(config, "num_key_value_heads", None) or heads
+    chosen = mix_types(
+        mix, quantized, architecture, config.num_hidden_layers, heads // kv if kv else 0
+    )
+    return {name: T[chosen.get(name, "f32").upper()] for name in names}
+
+
 def check_writable(config: ModelConfig, source: str) -> None:
     """Raise GGUFError for a model llama.cpp's architecture for it cannot run."""
     reasons = _layout(config).problems(config)
@@ -316,7 +335,9 @@ def write_hf_as_gguf(
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
     multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
 
-    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0 or tq2_0 (see `write_type`;
+    qtype: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0 or tq2_0 (see `write_type`),
+    or one of llama.cpp's K-quant mixes q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q3_k_s,
+    q3_k_m, q3_k_l, q2_k (see quant/mixes.py;
     a BitNet checkpoint's ternary matrices are written as the floats they stand for, which
     the TQ types hold exactly up to their float16 scale). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
@@ -375,15 +396,20 @@ def write_hf_as_gguf(
 
         return load
 
+    names = layout.tensor_names(written)
+    if qtype in K_MIXES:
+        kinds = _mix_kinds(qtype, names, arch.gguf_architecture, written)
+    else:
+        kinds = {name: write_type(hf, shape, kind, written) for name, (hf, shape) in names.items()}
     tensors = [
         TensorOut(
             name,
             shape,
-            write_type(hf_name, shape, kind, written),
+            kinds[name],
             loader(hf_name),
             f"{sources[source(hf_name)][0]}: tensor {source(hf_name)}",
         )
-        for name, (hf_name, shape) in layout.tensor_names(written).items()
+        for name, (hf_name, shape) in names.items()
     ]
 
     def metadata(writer: GGUFWriter) -> None:

@@ -218,6 +218,8 @@ static void dequant_rows_ref(int type, const uint8_t *W, size_t row_bytes, int64
 #include "kernels_rows.h" /* AVX2 row-major kernels */
 #include "kernels_x8.h"   /* interleaved 8-row tiles */
 #include "kernels_quantize.h" /* reference-exact quantizers */
+#include "kernels_kblocks.h"   /* 256-value super-block layouts */
+#include "kernels_kquantize.h" /* reference-exact K-quant quantizers */
 
 /* ---- drivers -------------------------------------------------------------------- */
 
@@ -389,6 +391,23 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     PyErr_SetString(PyExc_ValueError, "the compiled quantizers exist only on x86");
     return NULL;
 #endif
+}
+
+static PyObject *py_kquantize(PyObject *self, PyObject *args) {
+    int type, threads;
+    unsigned long long x, out;
+    Py_ssize_t nblocks;
+    if (!PyArg_ParseTuple(args, "iKnKi", &type, &x, &nblocks, &out, &threads)) return NULL;
+    if (!kblock_bytes(type) || nblocks < 0 || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "kquantize needs a K-quant type (10-14), nblocks >= 0, threads >= 1; got %d, %zd, %d",
+                     type, nblocks, threads);
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = kquantize_blocks(type, (const float *)(uintptr_t)x, nblocks, (uint8_t *)(uintptr_t)out, threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
 }
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
@@ -659,6 +678,7 @@ static PyMethodDef methods[] = {
     {"repack", py_repack, METH_VARARGS, "repack(type, src_ptr, dst_ptr, N, K, to_x8): GGML rows <-> x8 tiles"},
     {"gemv", py_gemv, METH_VARARGS, "gemv(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T"},
     {"quantize", py_quantize, METH_VARARGS, "quantize(type, x_ptr, N, K, out_ptr, threads) -> -1 or the first block whose fp16 field overflowed"},
+    {"kquantize", py_kquantize, METH_VARARGS, "kquantize(type, x_ptr, nblocks, out_ptr, threads) -> -1 or the first block whose fp16 scale overflowed: 256-value super-blocks to Q2_K..Q6_K (GGML type 10-14), as llama.cpp's reference quantizers"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
     {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},

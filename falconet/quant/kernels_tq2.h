@@ -23,7 +23,6 @@
  * a batch equals each row alone.
  */
 
-#define QK_K 256
 #define TQ_ROWS 4 /* activation rows sharing one unpacking of a weight block */
 
 typedef struct { uint8_t qs[QK_K / 4]; uint16_t d; } block_tq2_0;

@@ -1,10 +1,10 @@
-"""GGML K-quants (256-value super-blocks with 4-, 6- or 8-bit sub-block scales), dequantize
-only: enough to load the Q4_K_M / Q5_K_M / Q6_K files llama.cpp users have.
+"""GGML K-quants (256-value super-blocks of 16- or 32-value sub-blocks, each with its own
+4-, 6- or 8-bit scale): the Q4_K_M / Q5_K_M / Q6_K files llama.cpp users have.
 
-Writing them would mean porting the reference's per-sub-block least-squares scale
-search (`make_qkx2_quants`, `make_qx_quants`); falconet quantizes to the legacy types
-in formats.py instead. The decoders follow `dequantize_row_q{4,5,6}_K` in
-ggml-quants.c and match gguf-py bit for bit (tests/test_quant_formats.py): each value
+Quantizing runs the compiled reference-exact quantizers (kquantize.py; a build without
+them reads K-quants but cannot write them). The decoders follow `dequantize_row_q{2..6}_K` in
+ggml-quants.c and match gguf-py bit for bit (tests/test_quant_formats.py,
+tests/test_kquant_quantize.py for Q2_K/Q3_K): each value
 is at most one float32 rounding away from exact, so the grouping of the multiplies
 does not matter.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from falconet.quant.formats import QuantFormat, fp16_to_f32
+from falconet.quant.kquantize import quantize_k_blocks
 
 QK_K = 256  # values per super-block
 
@@ -36,6 +37,14 @@ def unpack_k_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)  # (n, sub-block, l)
 
 
+class KQuantFormat(QuantFormat):
+    """A K-quant: quantized by the compiled reference quantizers."""
+
+    def _quantize(self, x: np.ndarray, out: np.ndarray) -> None:
+        raw = quantize_k_blocks(self.name, x, self.type_size)
+        out[...] = raw.reshape(-1).view(self.layout)
+
+
 def scale_and_shift(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """y = (d * scale) * q - (dmin * min) per 32-value sub-block, q [n, 8, 32]. Every
     product is exact in float32, so only the subtraction rounds, as in the reference."""
@@ -46,20 +55,19 @@ def scale_and_shift(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     return y.reshape(-1, QK_K)
 
 
-class Q4_K(QuantFormat):
+class Q4_K(KQuantFormat):
     """Eight 32-value sub-blocks with 6-bit scale and min; x = d*sc*q - dmin*m, q 4 bits."""
 
     name, ggml_type, block_size = "q4_k", 12, QK_K
     layout = np.dtype(
         [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))]
     )
-    can_quantize = False
 
     def _dequantize(self, blocks):
         return scale_and_shift(blocks, unpack_k_nibbles(blocks["qs"]))
 
 
-class Q5_K(QuantFormat):
+class Q5_K(KQuantFormat):
     """Q4_K plus a fifth bit: bit j of qh[l] is the high bit of value l of sub-block j."""
 
     name, ggml_type, block_size = "q5_k", 13, QK_K
@@ -72,7 +80,6 @@ class Q5_K(QuantFormat):
             ("qs", "u1", (128,)),
         ]
     )
-    can_quantize = False
 
     def _dequantize(self, blocks):
         shifts = np.arange(8, dtype=np.uint8)[None, :, None]
@@ -80,7 +87,7 @@ class Q5_K(QuantFormat):
         return scale_and_shift(blocks, unpack_k_nibbles(blocks["qs"]) | high)
 
 
-class Q6_K(QuantFormat):
+class Q6_K(KQuantFormat):
     """Sixteen 16-value sub-blocks with int8 scales; x = d * sc * (q - 32), q 6 bits.
 
     Each 128-value half h uses ql[64h:64h+64] and qh[32h:32h+32]. Its quarter k
@@ -92,7 +99,6 @@ class Q6_K(QuantFormat):
     layout = np.dtype(
         [("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")]
     )
-    can_quantize = False
 
     def _dequantize(self, blocks):
         ql = blocks["ql"].reshape(-1, 2, 1, 2, 32)  # (n, half, 1, ql chunk, l)
@@ -106,52 +112,47 @@ class Q6_K(QuantFormat):
 
 
 def unpack_2bit(qs: np.ndarray) -> np.ndarray:
-    """uint8 [n, 64] -> [n, 256]: value 128h + 32j + l is bits 2j..2j+1 of byte 32h + l."""
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)  # (n, h, j, l)
+    """uint8 [n, 64] -> [n, 16, 16] 2-bit quants by 16-value sub-block: in each 128-value
+    half h, bits 2j..2j+1 of byte 32h + 16k + l hold value l of sub-block 8h + 2j + k."""
+    qs = qs.reshape(-1, 2, 1, 2, 16)  # (n, half, 1, k, l)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None, None]
+    return ((qs >> shifts) & 3).reshape(-1, 16, 16)  # (n, half, j, k, l) -> (n, sub-block, l)
 
 
-class Q2_K(QuantFormat):
-    """Sixteen 16-value sub-blocks, each with a 4-bit scale (low nibble of scales[g]) and
-    min (high nibble); x = d*sc*q - dmin*m, q 2 bits. d*sc*q is exact in float32."""
+class Q2_K(KQuantFormat):
+    """Sixteen 16-value sub-blocks with 4-bit scale and min; x = d*sc*q - dmin*m, q 2 bits."""
 
     name, ggml_type, block_size = "q2_k", 10, QK_K
     layout = np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"), ("dmin", "<f2")])
-    can_quantize = False
 
     def _dequantize(self, blocks):
-        sc = blocks["scales"]
-        d = fp16_to_f32(blocks["d"]) * (sc & 0x0F).astype(np.float32)  # (n, 16)
-        m = fp16_to_f32(blocks["dmin"]) * (sc >> 4).astype(np.float32)
-        q = unpack_2bit(blocks["qs"]).reshape(-1, 16, 16).astype(np.float32)
+        s = blocks["scales"]
+        d = fp16_to_f32(blocks["d"]) * (s & 0x0F).astype(np.float32)  # (n, 16), exact
+        m = fp16_to_f32(blocks["dmin"]) * (s >> 4).astype(np.float32)
+        q = unpack_2bit(blocks["qs"]).astype(np.float32)
         return (d[:, :, None] * q - m[:, :, None]).reshape(-1, QK_K)
 
 
-def unpack_q3_scales(s: np.ndarray) -> np.ndarray:
-    """Q3_K's 12 scale bytes -> int [n, 16] signed scales: scale g takes its low 4 bits
-    from byte g % 8 (low nibble for g < 8, high for g >= 8) and its top 2 bits from bits
-    2*(g // 4) of byte 8 + g % 4, and is stored with a bias of 32."""
-    g = np.arange(16)
-    low = (s[:, g % 8] >> (4 * (g // 8)).astype(np.uint8)) & 0x0F
-    high = (s[:, 8 + g % 4] >> (2 * (g // 4)).astype(np.uint8)) & 3
-    return (low | (high << 4)).astype(np.int32) - 32
-
-
-class Q3_K(QuantFormat):
-    """Sixteen 16-value sub-blocks with 6-bit signed scales; x = d * sc * q, q in -4..3:
-    2 low bits in qs (as Q2_K), and value 128h + 32j + l subtracts 4 unless bit 4h + j of
-    hmask[l] is set."""
+class Q3_K(KQuantFormat):
+    """Sixteen 16-value sub-blocks with 6-bit signed scales; x = d * (sc - 32) * q, q in
+    -4..3: two low bits as Q2_K's, the third (set = no -4) in bit 4h + j of hmask[16k + l]
+    for value l of sub-block 8h + 2j + k. Scale j keeps its low nibble in byte j (j < 8) or
+    the top of byte j - 8, its two high bits at bit 2*(j // 4) of byte 8 + j % 4."""
 
     name, ggml_type, block_size = "q3_k", 11, QK_K
     layout = np.dtype(
         [("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)), ("d", "<f2")]
     )
-    can_quantize = False
 
     def _dequantize(self, blocks):
-        shifts = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)  # bit 4h + j
-        high = (blocks["hmask"].reshape(-1, 1, 1, 32) >> shifts) & 1  # (n, h, j, l)
-        q = unpack_2bit(blocks["qs"]).astype(np.int32) - 4 * (1 - high.reshape(-1, QK_K))
-        # d * sc * q needs at most 11 + 6 + 3 bits: exact in float32
-        d = fp16_to_f32(blocks["d"]) * unpack_q3_scales(blocks["scales"]).astype(np.float32)
-        return (d[:, :, None] * q.reshape(-1, 16, 16).astype(np.float32)).reshape(-1, QK_K)
+        s = blocks["scales"]
+        low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)  # (n, 16)
+        shifts = (2 * (np.arange(16) // 4)).astype(np.uint8)
+        high = (s[:, 8 + np.arange(16) % 4] >> shifts) & 3
+        sc = (low | (high << 4)).astype(np.float32) - np.float32(32)
+        hm = blocks["hmask"].reshape(-1, 1, 1, 2, 16)  # (n, 1, 1, k, l)
+        bit = (np.arange(2)[:, None] * 4 + np.arange(4)[None, :]).astype(np.uint8)  # (h, j)
+        set_ = (hm >> bit[None, :, :, None, None]) & 1  # (n, h, j, k, l)
+        q = unpack_2bit(blocks["qs"]).astype(np.float32) - 4 * (1 - set_.reshape(-1, 16, 16))
+        d = fp16_to_f32(blocks["d"]) * sc  # (n, 16): dl in the reference
+        return (d[:, :, None] * q.astype(np.float32)).reshape(-1, QK_K)

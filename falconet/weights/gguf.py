@@ -60,7 +60,19 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "q5_1": (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
     "tq1_0": (T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),
     "tq2_0": (T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
+    # llama.cpp's K-quant mixes: the type of the bulk of the matrices; quant/mixes.py
+    # picks each tensor's
+    "q4_k_m": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_m": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q4_k_s": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k_s": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q3_k_s": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q3_k_m": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q3_k_l": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+    "q2_k": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
 }
+K_MIXES = ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q2_k")
 # llama.cpp's ternary types: a TQ file holds a BitNet model as a plain Llama whose
 # matrices are ternary codes with a scale per 256 values (the matrix's scale, repeated).
 # Kept as blocks: the compiled kernel multiplies TQ2_0's codes as they lie in the file.
