@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_cli_error
 from tests.crash_tools import CRASH_ENV
 from tests.pg_tools import new_schema, schema_url
 from tests.test_batch_crash import BAD_EVERY, RECORDS, job_argv, write_input
@@ -131,3 +132,19 @@ def test_ray_job_with_a_worker_killed_equals_an_uninterrupted_local_run(
     rejects = tmp_path / "ray" / "out.rejects.jsonl"
     assert rejects.read_bytes() == (tmp_path / "clean" / "out.rejects.jsonl").read_bytes()
     assert len(rejects.read_text().splitlines()) == bad
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("--follow",), "--follow is not supported with --ray yet"),
+        (("--ray-workers", "0"), "--ray-workers must be at least 1, got 0"),
+    ],
+)
+def test_cli_ray_usage_errors_are_one_line(tmp_path, tiny_7b, extra, needle):
+    write_input(tmp_path / "in.jsonl")
+    (tmp_path / "p.txt").write_text("{{ text }}")
+    argv = job_argv(tiny_7b, tmp_path / "out.jsonl", "--ray", "127.0.0.1:9", *extra)
+    res = subprocess.run([sys.executable, "-m", "falconet", *argv], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert_cli_error(res, needle)

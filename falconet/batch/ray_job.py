@@ -13,8 +13,9 @@ model and one engine.
 Exactly-once rests on the ledger, as in a local run: `finish` changes a row only from
 pending, so when Ray reruns a batch (an actor killed mid-batch is restarted and its task
 retried, or the batch had committed just before the kill) the row keeps its first result.
-Rows still pending after a pass (a batch that failed for good) are passed again; the
-output files are written in seq order from committed rows only (outputs.py).
+A task Ray gives up on fails the job with a BatchError; what was committed stays, and the
+same command run again scores the rest. The output files are written in seq order from
+committed rows only (outputs.py).
 
 The ledger must be reachable by every worker: a PostgreSQL ledger (`--ledger
 postgresql://...`) serves a cluster of many machines. An SQLite ledger is a file, shared
@@ -43,7 +44,6 @@ from falconet.batch.outputs import OutputFiles
 from falconet.errors import BatchError
 
 CHUNK_ROWS = 100_000  # pending rows per Ray Dataset: the driver holds one chunk at a time
-MAX_PASSES = 5  # passes over rows still pending before the job gives up on them
 
 
 class ScoringWorker:
@@ -155,25 +155,22 @@ class RayBatchJob:
             pass
         start = self.progress()
         report(start)
-        for _ in range(MAX_PASSES):
-            if should_stop() or not self._pass(report, should_stop, start.total):
-                break
+        self._score_pending(report, should_stop, start.total)
         self.outputs.flush()
         final = self.progress()
         report(final)
         return final
 
-    def _pass(self, report, should_stop, total: int | None) -> bool:
-        """Score every row pending now; False when there was none."""
-        after, any_rows = 0, False
+    def _score_pending(self, report, should_stop, total: int | None) -> None:
+        """Score the pending rows, a chunk at a time, writing outputs as batches return."""
+        after = 0
         while not should_stop() and (rows := self.ledger.pending(after, CHUNK_ROWS)):
-            any_rows, after = True, rows[-1].seq
+            after = rows[-1].seq
             for _ in self._scored(rows):
                 self.outputs.flush()
                 report(self.progress(total))
                 if should_stop():
                     break
-        return any_rows
 
     def _scored(self, rows: list[Pending]):
         """Each batch's summary as the workers finish it."""
