@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,9 @@ ray = pytest.importorskip("ray", reason="the Ray tests need falconet[ray]")
 
 REPO = Path(__file__).resolve().parents[1]
 SCORING_ACTOR = "ray::MapWorker(MapBatches(ScoringWorker))"  # the actors' process title
+# The cluster and its driver share a token of their own: Ray's token auth otherwise reads
+# (or a local ray.init writes) ~/.ray/auth_token, which this test must not depend on.
+RAY_ENV = {**CRASH_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def _free_port() -> int:
@@ -45,7 +49,7 @@ def ray_address():
     # Short: Ray's unix sockets live under the temp dir, and their paths have a limit.
     temp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
     env = {
-        **CRASH_ENV,
+        **RAY_ENV,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     head = subprocess.Popen(
@@ -100,7 +104,7 @@ def test_ray_job_with_a_worker_killed_equals_an_uninterrupted_local_run(
             *job_argv(tiny_7b, tmp_path / "ray" / "out.jsonl", "--ledger", url,
                       "--ray", ray_address, "--ray-workers", "2")]  # fmt: skip
     log = (tmp_path / "ray.log").open("w")
-    job = subprocess.Popen(argv, cwd=tmp_path, env=CRASH_ENV, stdout=log, stderr=log)
+    job = subprocess.Popen(argv, cwd=tmp_path, env=RAY_ENV, stdout=log, stderr=log)
     try:
         # Kill an actor once results are being committed (the bad lines are finished at
         # intake), while most records are still to score.
