@@ -1,6 +1,7 @@
-"""`falconet batch run` SIGKILLed at random moments and restarted: the results file is
-byte for byte the one an uninterrupted run writes (one line per valid record, in input
-order, the same text at temperature 0), and so is the rejects file. Also SIGTERM: a
+"""`falconet batch run` SIGKILLed at random moments and restarted, on the SQLite ledger and
+on the PostgreSQL one: the results file is byte for byte the one an uninterrupted run
+writes (one line per valid record, in input order, the same text at temperature 0), and
+so is the rejects file. Also SIGTERM: a
 followed job stops cleanly, and what it had in flight is scored by the next run."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.crash_tools import CRASH_ENV, Zygote, run_with_kills
 
@@ -52,15 +55,26 @@ def job_argv(model: Path, out: Path, *extra: str) -> list[str]:
             "--key", "id", "-m", str(model), "--max-tokens", "3", "--max-batch", "32", *extra]  # fmt: skip
 
 
-def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(tmp_path, tiny_7b):
+@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"])
+def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(
+    tmp_path, tiny_7b, ledger, request
+):
     keys = write_input(tmp_path / "in.jsonl")
     (tmp_path / "p.txt").write_text("Note: {{ text }}\nLabel:")
     log = tmp_path / "run.log"
-    zygote = Zygote(tmp_path)
-    try:
-        crashed = tmp_path / "crashed" / "out.jsonl"
+    crashed = tmp_path / "crashed" / "out.jsonl"
+    if ledger == "sqlite":  # the default: a file beside the results
         argv = job_argv(tiny_7b, crashed)
         progress = lambda: finished_rows(crashed.with_name("out.jsonl.ledger"))  # noqa: E731
+    else:
+        from tests.pg_tools import new_schema, schema_url
+        from tests.test_batch_postgres import finished_rows as finished_in
+
+        url = schema_url(request.getfixturevalue("pg_url"), new_schema())
+        argv = job_argv(tiny_7b, crashed, "--ledger", url)
+        progress = lambda: finished_in(url)  # noqa: E731
+    zygote = Zygote(tmp_path)
+    try:
         todo = RECORDS + RECORDS // BAD_EVERY + 1
         killed, _, landed = run_with_kills(
             zygote, argv, log, random.Random(18), KILLS, "falconet batch:", progress, todo

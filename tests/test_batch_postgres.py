@@ -1,7 +1,8 @@
 """`falconet batch run --ledger postgresql://...`: the ledger's bookkeeping in a real
 PostgreSQL (pending -> finished only once, admission and duplicates), the CLI's results
 byte for byte those of a run on the SQLite ledger, also after a SIGKILL and a restart,
-and one-line errors for a bad URL, a hostile schema name, an unreachable server and a
+a connection the server drops mid-job reopened (the job goes on, exactly once), and
+one-line errors for a bad URL, a hostile schema name, an unreachable server and a
 schema that holds something else."""
 
 from __future__ import annotations
@@ -120,6 +121,39 @@ def test_sigkill_mid_run_then_restart_equals_the_sqlite_run(tiny_7b, tmp_path, u
     res = cli(*job_args(tiny_7b, url), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"{n} done, 0 rejected, 0 pending, 0 duplicates skipped\n"
+    lite = cli(*job_args(tiny_7b, "s.ledger", "s.jsonl"), cwd=tmp_path)
+    assert lite.returncode == 0, lite.stderr
+    assert (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "s.jsonl").read_bytes()
+
+
+def test_a_dropped_connection_is_reopened_and_the_job_goes_on(tiny_7b, tmp_path, pg_url, url):
+    n = 120
+    write_jsonl(tmp_path / "in.jsonl", records(n))
+    (tmp_path / "p.txt").write_text(TEMPLATE)
+    argv = [sys.executable, "-m", "falconet", *job_args(tiny_7b, url)]
+    child = subprocess.Popen(argv, cwd=tmp_path, env=CRASH_ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    drops = 0
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            deadline = time.monotonic() + 120
+            # Drop the job's connection three times, each once it has scored more records.
+            while drops < 3 and child.poll() is None and time.monotonic() < deadline:
+                if finished_rows(url) >= 8 * (drops + 1):
+                    dropped = admin.execute(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                        " FROM pg_stat_activity WHERE application_name = 'falconet-batch'"
+                    ).fetchone()[0]
+                    drops += dropped > 0
+                time.sleep(0.01)
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert drops == 3, "the job ended before its connection was dropped three times"
+    assert child.returncode == 0, err
+    assert out == f"{n} done, 0 rejected, 0 pending, 0 duplicates skipped\n"
     lite = cli(*job_args(tiny_7b, "s.ledger", "s.jsonl"), cwd=tmp_path)
     assert lite.returncode == 0, lite.stderr
     assert (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "s.jsonl").read_bytes()

@@ -18,7 +18,6 @@ Bad records never stop the job: each becomes a line of the rejects file with its
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,13 +38,11 @@ from falconet.batch.records import (
     read_lines,
     unread_lines,
 )
-from falconet.constraints import Grammar
-from falconet.engine import Engine, Stream
-from falconet.errors import BatchError, GenerationError, GrammarError
+from falconet.batch.scoring import InFlight, Scorer, rejected
+from falconet.errors import BatchError
 from falconet.sampling import SamplingParams
 
 INTAKE_LINES = 256  # lines per admit transaction
-SEED_BITS = 63
 
 
 @dataclass(frozen=True)
@@ -99,14 +96,6 @@ class BatchProgress:
     total: int | None  # records known or still to read; None while following an input
 
 
-@dataclass
-class _InFlight:
-    seq: int
-    key: str
-    source: str
-    stream: Stream
-
-
 def job_identity(settings: BatchSettings, model: str) -> dict[str, Any]:
     """What makes a job's results: a ledger resumes only the job it was made for."""
     params = asdict(replace(settings.params, logits_processors=()))
@@ -121,41 +110,27 @@ def job_identity(settings: BatchSettings, model: str) -> dict[str, Any]:
     }
 
 
-class BatchJob:
-    """One run of a job over a model; `run()` returns the final counts."""
+class Intake:
+    """Input lines into the ledger: each chunk of up to `limit` lines admitted in one
+    transaction with its file's new offset. `check(record)` turns a record into its
+    admission (pending, or rejected when it has no usable prompt) and its prompt ids, kept
+    in `prompts` for dispatch; without `check` (a driver with no model: ray_job.py) every
+    record is admitted pending and the worker that scores it rejects it if need be (the
+    same reject line, at the same seq)."""
 
-    def __init__(self, llm, settings: BatchSettings, ledger: Ledger | None = None) -> None:
-        settings.check()
-        self.llm, self.settings = llm, settings
-        self.template = PromptTemplate(settings.template, settings.template_name)
-        self.grammar: Grammar | None = None
-        if settings.schema is not None:
-            try:
-                self.grammar = Grammar.compile(
-                    "json_schema", settings.schema, llm.tokenizer, "the --schema"
-                )
-            except GrammarError as e:
-                raise BatchError(str(e)) from e
-        settings.params.check_vocab(llm.config.vocab_size)
+    def __init__(
+        self,
+        settings: BatchSettings,
+        ledger: Ledger,
+        check: Callable[[Record], tuple[Admission, list[int] | None]] | None = None,
+    ) -> None:
+        self.settings, self.ledger, self.check = settings, ledger, check
         self.files = input_files(settings.input)
-        self.engine = Engine(
-            llm.model,
-            llm.tokenizer,
-            llm.eos_ids,
-            max_batch=settings.max_batch,
-            max_queue=2 * settings.max_batch,
-            max_context=llm.config.max_position_embeddings,
-        )
-        self.ledger = ledger or open_ledger(settings.ledger_location)
-        self.ledger.claim_job(job_identity(settings, str(llm.path)))
-        self.outputs = OutputFiles(self.ledger, settings.out, settings.rejects_path)
-        self.cursors = self.ledger.cursors()
-        self._prompts: dict[int, list[int]] = {}  # seq -> prompt ids rendered at intake
-        self._dispatched = 0  # the last seq submitted
-        self._exhausted = False  # every input line is in the ledger
+        self.cursors = ledger.cursors()
+        self.prompts: dict[int, list[int]] = {}  # seq -> prompt ids rendered at intake
+        self.exhausted = False  # every input line is in the ledger
 
-    # ---- intake -----------------------------------------------------------------------
-    def intake(self, limit: int = INTAKE_LINES) -> int:
+    def __call__(self, limit: int = INTAKE_LINES) -> int:
         """Admit up to `limit` new lines; returns how many lines were read."""
         if self.settings.follow and self.settings.input.is_dir():
             self.files = input_files(self.settings.input)
@@ -170,121 +145,27 @@ class BatchJob:
             for line in lines:
                 item = parse(line, self.settings.key_field, self.settings.max_record_bytes)
                 if isinstance(item, Record):
-                    admitted, ids = self._check(item)
+                    admitted, ids = self._admission(item)
                     entries.append(admitted)
                     prompts.append(ids)
                 elif isinstance(item, Rejected):
-                    entries.append(_rejected(item.key, item.where, item.reason, item.excerpt))
+                    entries.append(rejected(item.key, item.where, item.reason, item.excerpt))
                     prompts.append(None)
             seqs = self.ledger.admit(name, lines[-1].end, entries)
             self.cursors[name] = lines[-1].end
             # Keep the ids for dispatch, so a fresh record is rendered and tokenized once.
-            self._prompts.update(
+            self.prompts.update(
                 (seq, ids) for seq, ids in zip(seqs, prompts, strict=True) if seq and ids
             )
             return len(lines)
-        self._exhausted = not self.settings.follow
+        self.exhausted = not self.settings.follow
         return 0
 
-    def _check(self, record: Record) -> tuple[Admission, list[int] | None]:
-        try:
-            ids = self.prompt_ids(record.fields)
-        except TemplateFailed as e:
-            return _rejected(record.key, record.where, str(e), record.text), None
-        return Admission(record.key, record.where, "pending", record=record.text), ids
+    def _admission(self, record: Record) -> tuple[Admission, list[int] | None]:
+        if self.check is None:
+            return Admission(record.key, record.where, "pending", record=record.text), None
+        return self.check(record)
 
-    def prompt_ids(self, fields: dict[str, Any]) -> list[int]:
-        """The record's prompt as token ids; TemplateFailed when it has none that fits."""
-        text = self.template.render(fields)
-        context = self.engine.max_context
-        room = context - self.settings.params.max_tokens
-        if len(text) > 64 * context:  # no tokenizer packs 64 characters into a token
-            raise TemplateFailed(
-                f"the prompt is {len(text)} characters, far over the model's context of "
-                f"{context} tokens"
-            )
-        ids = self.llm.tokenizer.encode(text)
-        if not ids:
-            raise TemplateFailed("the prompt is empty")
-        if len(ids) > room:
-            raise TemplateFailed(
-                f"the prompt is {len(ids)} tokens; with --max-tokens "
-                f"{self.settings.params.max_tokens} the model's context of {context} tokens "
-                f"leaves room for {max(room, 0)}"
-            )
-        return ids
-
-    # ---- dispatch and collect -----------------------------------------------------------
-    def dispatch(self, flight: deque[_InFlight], outcomes: list[Outcome]) -> None:
-        """Submit pending rows until `window` sequences are in flight."""
-        window = 2 * self.settings.max_batch
-        while len(flight) < window:
-            rows = self.ledger.pending(self._dispatched, window - len(flight))
-            if not rows:
-                if self._exhausted or not self.intake():
-                    return
-                continue
-            for row in rows:
-                self._dispatched = row.seq
-                try:
-                    ids = self._prompts.pop(row.seq, None) or self.prompt_ids(
-                        json.loads(row.record)
-                    )
-                    [stream] = self.engine.submit([ids], [self._params(row.key)])
-                except (TemplateFailed, GenerationError) as e:
-                    outcomes.append(_reject(row.seq, row.key, row.source, str(e), row.record))
-                    continue
-                flight.append(_InFlight(row.seq, row.key, row.source, stream))
-
-    def _params(self, key: str) -> SamplingParams:
-        params = self.settings.params
-        if params.seed is not None:  # each record its own seed: its sample is its own
-            mixed = hashlib.sha256(f"{params.seed}:{key}".encode()).digest()
-            params = replace(params, seed=int.from_bytes(mixed[:8], "big") >> (64 - SEED_BITS))
-        if self.grammar is not None:
-            params = replace(
-                params, logits_processors=(self.grammar.processor(), *params.logits_processors)
-            )
-        return params
-
-    def collect(self, item: _InFlight, should_stop: Callable[[], bool]) -> Outcome | None:
-        """Read `item`'s stream to its end; None when stopped first."""
-        text, tokens, finish, error = "", 0, "length", None
-        for delta in self.engine.iterate(item.stream):
-            text += delta.text
-            tokens += len(delta.token_ids)
-            finish = delta.finish_reason or finish
-            error = delta.error or error
-            if should_stop() and delta.finish_reason is None:
-                return None
-        if finish == "error":
-            return _reject(item.seq, item.key, item.source, f"generation failed: {error}")
-        result: dict[str, Any] = {
-            "key": item.key,
-            "source": item.source,
-            "text": text,
-            "finish_reason": finish,
-            "completion_tokens": tokens,
-        }
-        if self.grammar is not None:
-            parsed, reason = self._schema_output(text, finish)
-            if reason is not None:
-                return _reject(item.seq, item.key, item.source, reason, text)
-            result["json"] = parsed
-        return Outcome(item.seq, "done", json.dumps(result, ensure_ascii=False))
-
-    def _schema_output(self, text: str, finish: str) -> tuple[Any, str | None]:
-        if finish != "stop":
-            return None, (
-                f"schema-invalid output: it reached --max-tokens "
-                f"{self.settings.params.max_tokens} before its JSON was complete"
-            )
-        try:
-            return json.loads(text), None
-        except json.JSONDecodeError as e:
-            return None, f"schema-invalid output: {e.msg} (column {e.colno})"
-
-    # ---- the loop ---------------------------------------------------------------------
     def progress(self, total: int | None = None) -> BatchProgress:
         """The ledger's counts; `total` as given, or counted now (reading the inputs'
         unread parts) when None and the inputs are not followed."""
@@ -293,6 +174,47 @@ class BatchJob:
             total = c["done"] + c["rejected"] + c["pending"]
             total += unread_lines(self.files, self.cursors)
         return BatchProgress(c["done"], c["rejected"], c["pending"], c["duplicates"], total)
+
+
+class BatchJob:
+    """One run of a job over a model; `run()` returns the final counts."""
+
+    def __init__(self, llm, settings: BatchSettings, ledger: Ledger | None = None) -> None:
+        settings.check()
+        self.llm, self.settings = llm, settings
+        self.scorer = Scorer(llm, settings)
+        self.template = self.scorer.template
+        self.ledger = ledger or open_ledger(settings.ledger_location)
+        self.ledger.claim_job(job_identity(settings, str(llm.path)))
+        self.outputs = OutputFiles(self.ledger, settings.out, settings.rejects_path)
+        self.intake = Intake(settings, self.ledger, self._check)
+        self._dispatched = 0  # the last seq submitted
+
+    def _check(self, record: Record) -> tuple[Admission, list[int] | None]:
+        try:
+            ids = self.scorer.prompt_ids(record.fields)
+        except TemplateFailed as e:
+            return rejected(record.key, record.where, str(e), record.text), None
+        return Admission(record.key, record.where, "pending", record=record.text), ids
+
+    # ---- dispatch -----------------------------------------------------------------------
+    def dispatch(self, flight: deque[InFlight], outcomes: list[Outcome]) -> None:
+        """Submit pending rows until `window` sequences are in flight."""
+        window = 2 * self.settings.max_batch
+        while len(flight) < window:
+            rows = self.ledger.pending(self._dispatched, window - len(flight))
+            if not rows:
+                if self.intake.exhausted or not self.intake():
+                    return
+                continue
+            for row in rows:
+                self._dispatched = row.seq
+                item = self.scorer.submit(row, self.intake.prompts.pop(row.seq, None))
+                (outcomes if isinstance(item, Outcome) else flight).append(item)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def progress(self, total: int | None = None) -> BatchProgress:
+        return self.intake.progress(total)
 
     def run(
         self,
@@ -306,13 +228,13 @@ class BatchJob:
         self.outputs.flush()
         start = self.progress()
         report(start)
-        flight: deque[_InFlight] = deque()
+        flight: deque[InFlight] = deque()
         outcomes: list[Outcome] = []
         last_commit = time.monotonic()
         while not should_stop():
             self.dispatch(flight, outcomes)
             if flight:
-                outcome = self.collect(flight[0], should_stop)
+                outcome = self.scorer.collect(flight[0], should_stop)
                 if outcome is None:
                     break
                 flight.popleft()
@@ -323,7 +245,7 @@ class BatchJob:
                 last_commit = time.monotonic()
                 report(self.progress(start.total))
             if not flight and not outcomes:
-                if self._exhausted:
+                if self.intake.exhausted:
                     break
                 _sleep(self.settings.poll_every, should_stop)
         for item in flight:  # stopped: these stay pending
@@ -347,18 +269,3 @@ def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
     end = time.monotonic() + seconds
     while not should_stop() and (left := end - time.monotonic()) > 0:
         time.sleep(min(left, 0.05))
-
-
-def _reject_line(key: str, source: str, reason: str, excerpt: str = "") -> str:
-    return json.dumps(
-        {"key": key, "source": source, "reason": reason, "excerpt": excerpt[:200]},
-        ensure_ascii=False,
-    )
-
-
-def _reject(seq: int, key: str, source: str, reason: str, excerpt: str = "") -> Outcome:
-    return Outcome(seq, "rejected", _reject_line(key, source, reason, excerpt))
-
-
-def _rejected(key: str, source: str, reason: str, excerpt: str) -> Admission:
-    return Admission(key, source, "rejected", line=_reject_line(key, source, reason, excerpt))

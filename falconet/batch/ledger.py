@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from falconet.batch.records import Cursor
 from falconet.errors import BatchError
@@ -39,6 +39,7 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
 State = Literal["pending", "done", "rejected"]
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,7 +135,8 @@ class SQLLedger:
     """What the SQLite and PostgreSQL ledgers share: the same tables, read and changed by
     the same statements in the driver's placeholder style (`P`). A subclass gives
     `_read(sql, params) -> rows`, `_write()` (one transaction, yielding something with
-    `execute`), `display` (where the ledger is, for messages) and `next_job_hint`."""
+    `execute`), `display` (where the ledger is, for messages) and `next_job_hint`; one
+    that can lose its connection overrides `_transact` to run a transaction again."""
 
     P = "?"
     display: str
@@ -162,14 +164,19 @@ class SQLLedger:
         )  # fmt: skip
         return [Pending(*r) for r in rows]
 
+    def _transact(self, body: Callable[[Any], T]) -> T:
+        """`body(db)` in one write transaction; its result."""
+        with self._write() as db:
+            return body(db)
+
     def finish(self, outcomes: Sequence[Outcome]) -> int:
-        changed = 0
         sql = self._sql("UPDATE records SET state = ?, line = ?, record = NULL"
                         " WHERE seq = ? AND state = 'pending'")  # fmt: skip
-        with self._write() as db:
-            for o in outcomes:
-                changed += db.execute(sql, (o.state, o.line, o.seq)).rowcount
-        return changed
+
+        def body(db) -> int:
+            return sum(db.execute(sql, (o.state, o.line, o.seq)).rowcount for o in outcomes)
+
+        return self._transact(body)
 
     def finished(self, after: int, limit: int) -> list[Finished]:
         rows = self._read(

@@ -8,6 +8,13 @@ do not both build them. `admit` also takes an advisory lock for its transaction:
 come from a sequence, and without it one connection could commit seq 7 while another
 still holds seq 6 uncommitted, and `finished` (which stops at the first pending row)
 would emit 7 before 6 exists.
+
+A connection the server drops (a restart, a failover, an administrator's
+pg_terminate_backend) is opened again, and the transaction it was running is run again
+from the start: it had rolled back, or, when the drop came while its COMMIT was
+acknowledged, had committed, and each transaction is safe to repeat (`finish` changes only
+pending rows, `admit` inserts only new keys, the rest set values). The one trace such a
+lost acknowledgement leaves: the repeated `admit` counts its own records as duplicates.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,12 +33,14 @@ from falconet.batch.ledger import (
     Admission,
     Emitted,
     SQLLedger,
+    T,
 )
 from falconet.batch.records import Cursor
 from falconet.errors import BatchError, RagError
 
 DEFAULT_SCHEMA = "falconet_batch"
 CONNECT_TIMEOUT_S = 10
+RECONNECT_TRIES = 5  # after a dropped connection, waiting 0.5, 1, 2, 4 s between tries
 
 _SCHEMA = """
 CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
@@ -81,20 +91,51 @@ class PostgresLedger(SQLLedger):
         self.schema = self.location.schema
         self.display = f"{self.location.display} (schema {self.schema})"
         self._lock = threading.Lock()
-        try:
-            self._db = psycopg.connect(self.location.url, autocommit=True,
-                                       connect_timeout=CONNECT_TIMEOUT_S,
-                                       application_name="falconet-batch")  # fmt: skip
-        except psycopg.Error as e:
-            raise BatchError(
-                f"cannot connect to the ledger at {self.display}: {_line(e)}"
-            ) from None
+        self._db = self._connect()
         try:
             with self._errors():
                 self._setup()
         except BaseException:
             self._db.close()
             raise
+
+    def _connect(self):
+        try:
+            return self._psycopg.connect(self.location.url, autocommit=True,
+                                         connect_timeout=CONNECT_TIMEOUT_S,
+                                         application_name="falconet-batch")  # fmt: skip
+        except self._psycopg.Error as e:
+            raise BatchError(
+                f"cannot connect to the ledger at {self.display}: {_line(e)}"
+            ) from None
+
+    def _reconnect(self, tries: int) -> None:
+        """A new connection in place of a dropped one (the server may be restarting)."""
+        self._db.close()
+        for i in range(tries):
+            time.sleep(0.5 * 2**i)
+            try:
+                self._db = self._connect()
+            except BatchError:
+                if i == tries - 1:
+                    raise
+                continue
+            self._db.execute(f'SET search_path TO "{self.schema}"')
+            return
+
+    def _retrying(self, work: Callable[[], T]) -> T:
+        """`work()`, run again on a new connection when the server dropped the old one
+        (see the module docstring); the caller holds the lock."""
+        attempt = 0
+        while True:
+            try:
+                with self._errors():
+                    return work()
+            except BatchError:
+                if not (self._db.closed or self._db.broken) or attempt == RECONNECT_TRIES:
+                    raise
+            attempt += 1
+            self._reconnect(RECONNECT_TRIES)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -128,66 +169,81 @@ class PostgresLedger(SQLLedger):
                                  f"{meta.get('schema_version')}; this falconet reads schema "
                                  f"{SCHEMA_VERSION}")  # fmt: skip
 
-    @contextmanager
-    def _write(self):
-        """One write transaction: all of it commits, or none of it."""
-        with self._lock, self._errors(), self._db.transaction():
-            yield self._db
+    def _transact(self, body: Callable[[object], T]) -> T:
+        """`body(db)` in one transaction: all of it commits, or none of it; run again on
+        a new connection when the old one was dropped."""
+
+        def once() -> T:
+            with self._db.transaction():
+                return body(self._db)
+
+        with self._lock:
+            return self._retrying(once)
 
     def _read(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        with self._lock, self._errors():
-            return self._db.execute(sql, params).fetchall()
+        with self._lock:
+            return self._retrying(lambda: self._db.execute(sql, params).fetchall())
 
     def claim_job(self, job: dict) -> None:
         text = json.dumps(job, sort_keys=True)
-        with self._write() as db:
+
+        def body(db) -> str:
             db.execute("INSERT INTO meta VALUES ('job', %s) ON CONFLICT DO NOTHING", (text,))
-            stored = db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()[0]
-        self._check_job(stored, text)
+            return db.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()[0]
+
+        self._check_job(self._transact(body), text)
 
     def cursors(self) -> dict[str, Cursor]:
         rows = self._read('SELECT name, "offset", lines FROM inputs')
         return {name: Cursor(offset, lines) for name, offset, lines in rows}
 
     def admit(self, name: str, cursor: Cursor, entries: Sequence[Admission]) -> list[int | None]:
+        return self._transact(lambda db: self._admit(db, name, cursor, entries))
+
+    def _admit(
+        self, db, name: str, cursor: Cursor, entries: Sequence[Admission]
+    ) -> list[int | None]:
         seqs: list[int | None] = []
-        with self._write() as db:
-            # Admissions commit in seq order (see the module docstring).
-            db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-batch-admit:" + self.schema,))  # fmt: skip
-            for e in entries:
-                row = db.execute(
-                    "INSERT INTO records (key, state, source, record, line)"
-                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq",
-                    (e.key, e.state, e.source, e.record, e.line),
-                ).fetchone()
-                seqs.append(None if row is None else row[0])
+        # Admissions commit in seq order (see the module docstring).
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("falconet-batch-admit:" + self.schema,))  # fmt: skip
+        for e in entries:
+            row = db.execute(
+                "INSERT INTO records (key, state, source, record, line)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq",
+                (e.key, e.state, e.source, e.record, e.line),
+            ).fetchone()
+            seqs.append(None if row is None else row[0])
+        db.execute(
+            "INSERT INTO inputs VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+            ' SET "offset" = excluded."offset", lines = excluded.lines',
+            (name, cursor.offset, cursor.lines),
+        )
+        if duplicates := seqs.count(None):
             db.execute(
-                "INSERT INTO inputs VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
-                ' SET "offset" = excluded."offset", lines = excluded.lines',
-                (name, cursor.offset, cursor.lines),
+                "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'duplicates'",
+                (duplicates,),
             )
-            if duplicates := seqs.count(None):
-                db.execute(
-                    "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'duplicates'",
-                    (duplicates,),
-                )
         return seqs
 
     def emitted(self) -> Emitted:
-        with self._lock, self._errors(), self._db.transaction():  # one snapshot of both
-            sizes = dict(self._db.execute("SELECT sink, bytes FROM emitted").fetchall())
-            seq = self._db.execute("SELECT value FROM meta WHERE key = 'emitted_seq'").fetchone()
-        return Emitted(int(seq[0]), sizes)
+        def body(db) -> Emitted:  # one transaction: one snapshot of both
+            sizes = dict(db.execute("SELECT sink, bytes FROM emitted").fetchall())
+            seq = db.execute("SELECT value FROM meta WHERE key = 'emitted_seq'").fetchone()
+            return Emitted(int(seq[0]), sizes)
+
+        return self._transact(body)
 
     def mark_emitted(self, emitted: Emitted) -> None:
-        with self._write() as db:
-            db.execute("UPDATE meta SET value = %s WHERE key = 'emitted_seq'", (str(emitted.seq),))
-            for sink, size in sorted(emitted.sizes.items()):
-                db.execute(
-                    "INSERT INTO emitted VALUES (%s, %s) ON CONFLICT (sink) DO UPDATE"
-                    " SET bytes = excluded.bytes",
-                    (sink, size),
-                )
+        self._transact(lambda db: self._mark_emitted(db, emitted))
+
+    def _mark_emitted(self, db, emitted: Emitted) -> None:
+        db.execute("UPDATE meta SET value = %s WHERE key = 'emitted_seq'", (str(emitted.seq),))
+        for sink, size in sorted(emitted.sizes.items()):
+            db.execute(
+                "INSERT INTO emitted VALUES (%s, %s) ON CONFLICT (sink) DO UPDATE"
+                " SET bytes = excluded.bytes",
+                (sink, size),
+            )
 
 
 def _line(e: BaseException) -> str:

@@ -29,6 +29,8 @@ class OutputFiles:
     def __init__(self, ledger: Ledger, results: Path, rejects: Path) -> None:
         self.ledger = ledger
         self.paths = {"results": Path(results), "rejects": Path(rejects)}
+        for path in self.paths.values():  # a PostgreSQL ledger makes no folder beside them
+            path.parent.mkdir(parents=True, exist_ok=True)
         self._state = ledger.emitted()
         # Lines of the next rows that an interrupted append had already written, per sink.
         self._present = {name: self._recover(name) for name in self.paths}

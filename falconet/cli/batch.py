@@ -85,6 +85,21 @@ def add_batch_parser(sub, parser_class) -> None:
         metavar="N",
         help="longest input line taken as a record",
     )
+    run.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run on the Ray cluster at ADDRESS (host:port, auto, or local for one started "
+        "here), one model per worker; needs falconet[ray] and, unless every node is this "
+        "machine, a PostgreSQL --ledger",
+    )
+    run.add_argument(
+        "--ray-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Ray actors, each loading the model once (default 2)",
+    )
     add_model_flags(run)
     add_sampling_flags(run, max_tokens=64)
 
@@ -111,9 +126,12 @@ def cmd_batch(args: argparse.Namespace, out: Out) -> int:
         max_record_bytes=args.max_record_bytes,
     )
     settings.check()  # before the (slow) load
-    llm = load_model(args)
-    job = BatchJob(llm, settings)  # checks the input, template, schema and ledger
-    announce(llm)
+    if args.ray is not None:
+        job = _ray_job(args, settings)
+    else:
+        llm = load_model(args)
+        job = BatchJob(llm, settings)  # checks the input, template, schema and ledger
+        announce(llm)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = _Bar()
@@ -130,6 +148,18 @@ def cmd_batch(args: argparse.Namespace, out: Out) -> int:
         f"{final.duplicates} duplicates skipped{stopped}\n"
     )
     return 0
+
+
+def _ray_job(args: argparse.Namespace, settings):
+    """The job on a Ray cluster: this process loads no model, each worker loads one."""
+    from falconet.batch.ray_job import RayBatchJob
+
+    if args.ray_workers < 1:
+        raise UsageError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    if args.follow:
+        raise UsageError("--follow is not supported with --ray yet; run it without --ray")
+    load = {"dtype": args.dtype, "device": args.device, "quant": args.quant}
+    return RayBatchJob(settings, args.ray, args.model, args.ray_workers, load)
 
 
 class _Bar:
