@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from falconet.convert import convert_hf_to_gguf
@@ -305,3 +306,29 @@ def test_convert_command_k_quant_types(tmp_path, capsys):
     with pytest.raises(FalconetError, match="is not one of"):
         convert_hf_to_gguf(folder, tmp_path / "y.gguf", "q4_k")
     assert not os.path.exists(tmp_path / "y.gguf")
+
+
+@pytest.mark.parametrize("model", ["falcon_7b", "llama"])
+def test_quant_mix_at_load_holds_what_the_converted_file_holds(tmp_path, model):
+    """`falconet.load(folder, quant="q4_k_m")` quantizes each matrix as it streams in to
+    the type and bytes the Q4_K_M file `falconet convert` writes (llama-quantize's, per the
+    tests above), and both compute the same logits."""
+    import falconet
+    from falconet.quant.linear import QuantLinear
+
+    folder = save_model(model, tmp_path / "hf")
+    path = tmp_path / "q4_k_m.gguf"
+    convert_hf_to_gguf(folder, path, "q4_k_m")
+    loaded = falconet.load(folder, dtype="float32", quant="q4_k_m")
+    from_file = falconet.load(path)
+    ours = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {n: m for n, m in from_file.model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(ours) == set(theirs) and ours
+    assert "q4_k" in {m.qtype for m in ours.values()}
+    for name, m in ours.items():
+        assert m.qtype == theirs[name].qtype, name
+        assert torch.equal(m.weight.data, theirs[name].weight.data), name
+    ids = [5, 9, 17, 3, 11, 2]  # the same blocks through the same kernels: the same bits
+    assert torch.equal(loaded.logits(ids), from_file.logits(ids))
+    with pytest.raises(FalconetError, match="unknown quantization type"):
+        falconet.load(folder, quant="q4_k")

@@ -32,7 +32,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "fp32: the logits and logprobs transformers gives in fp32")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--quant", default=None, metavar="TYPE",
-                   help="quantize a HF checkpoint while loading: q8_0, q5_1, q5_0, q4_1 or q4_0")  # fmt: skip
+                   help="quantize a HF checkpoint while loading: q8_0, q5_1, q5_0, q4_1, q4_0, or one of llama.cpp's K-quant mixes (q4_k_m, q5_k_m, q6_k, ...)")  # fmt: skip
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -82,10 +82,30 @@ def load_hf_weights(
     quant: str | None = None,
 ) -> None:
     """Fill `model` (built on the meta device) from the HF folder; `quant` quantizes each
-    matrix as it is read (see weights.hf.load_weights)."""
+    matrix as it is read (see weights.hf.load_weights): a type (q4_0...) or one of
+    llama.cpp's K-quant mixes (q4_k_m...), whose per-tensor types are the ones
+    `falconet convert --type` writes for this model (quant/mixes.py)."""
     config = model.config
-    load_weights(model, folder, for_config(config).layout(config), progress, quant)
+    plan: str | dict[str, str | None] | None = quant
+    if quant in K_MIXES:
+        plan = load_mix_plan(quant, config)
+    load_weights(model, folder, for_config(config).layout(config), progress, plan)
     model.tie_weights()
+
+
+def load_mix_plan(mix: str, config: ModelConfig) -> dict[str, str | None]:
+    """HF tensor name -> the block type a K-quant `mix` file of this model gives it
+    (None: stays float), through the GGUF names the file would have."""
+    layout, arch = _layout(config), for_config(config)
+    check_writable(config, f"--quant {mix}")
+    written = _file_config(layout, config)
+    names = layout.tensor_names(written)
+    kinds = _mix_kinds(mix, names, arch.gguf_architecture, written)
+    plan: dict[str, str | None] = {}
+    for name, (hf_name, _) in names.items():
+        kind = kinds[name].name.lower()
+        plan.setdefault(hf_name, None if kind in ("f32", "f16", "bf16") else kind)
+    return plan
 
 
 # ---- GGUF: reading ----------------------------------------------------------------------

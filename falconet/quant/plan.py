@@ -19,6 +19,7 @@ load and a GGUF quantized by llama.cpp hold the same types:
 from __future__ import annotations
 
 from falconet.quant import QuantError, get_format
+from falconet.quant.mixes import MIXES
 
 # Types falconet quantizes to (the others in falconet.quant.FORMATS are read-only).
 QUANT_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -26,10 +27,13 @@ HEAD_TYPE = "q8_0"
 
 
 def check_quant_type(qtype: str) -> str:
+    """A type of QUANT_TYPES, or one of llama.cpp's K-quant mixes (quant/mixes.py), whose
+    per-tensor types the model's checkpoint layout works out (models/checkpoint.py)."""
     name = str(qtype).lower()
-    if name not in QUANT_TYPES:
+    if name not in QUANT_TYPES + tuple(MIXES):
         raise QuantError(
-            f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}"
+            f"unknown quantization type {qtype!r}; choose one of "
+            f"{', '.join(QUANT_TYPES + tuple(MIXES))}"
         )
     return name
 

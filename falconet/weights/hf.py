@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,14 +222,15 @@ def load_weights(
     folder: Path,
     layout: CheckpointLayout,
     progress: Callable[[int], None] | None = None,
-    quant: str | None = None,
+    quant: str | Mapping[str, str | None] | None = None,
 ) -> None:
     """Fill `model` (built on the meta device, its parameters named as in the checkpoint)
     with the tensors `layout` lists. The caller re-ties a shared head afterwards.
 
     With `quant` (a type of falconet.quant.plan), each matrix is quantized as it is read
     (quant/plan.py picks the type per tensor) and swapped in as a QuantLinear /
-    QuantEmbedding, so the float checkpoint is never held whole.
+    QuantEmbedding, so the float checkpoint is never held whole. A mapping instead gives
+    each tensor's type by name (None or absent: float), e.g. a K-quant mix's plan.
     """
     expected = layout.shapes
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -247,11 +248,14 @@ def load_weights(
         if name in layout.transforms:
             t = layout.transforms[name](t)
         nbytes = t.numel() * target.element_size()
-        qtype = (
-            quant
-            and name not in layout.keep_float
-            and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
-        )
+        if isinstance(quant, Mapping):  # a per-tensor plan (a K-quant mix)
+            qtype = quant.get(name)
+        else:
+            qtype = (
+                quant
+                and name not in layout.keep_float
+                and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
+            )
         if qtype:
             install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
         else:
