@@ -36,7 +36,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run",
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "web"
 # Per user per minute: far above what a test's clicks need, low enough that erin can spend
 # it (the client address's bucket, shared by every page load and sign-in, too).
-RATE_LIMIT = 60
+RATE_LIMIT = 120
 T = 180_000  # ms: generous waits (the machine may be busy), so a broken page cannot hang the suite
 MARKDOWN = """# Treasury notes
 
@@ -60,7 +60,8 @@ def site(tmp_path_factory):
     keys = {"alice": add_user(state, "alice", "--collection", "alpha"),
             "bob": add_user(state, "bob", "--collection", "beta"),
             "dave": add_user(state, "dave", "--collection", "beta"),
-            "erin": add_user(state, "erin")}  # fmt: skip
+            "erin": add_user(state, "erin"),
+            "frank": add_user(state, "frank", "--collection", "beta")}  # fmt: skip
     (files / "treasury.md").write_text(MARKDOWN)
     (files / "survey.pdf").write_bytes(make_pdf(PDF_PAGES))
     (files / "program.exe").write_bytes(b"MZ not a document")
@@ -308,3 +309,33 @@ def test_accessibility_smoke(site, browser):
     shot(phone, "10-phone")
     page.close()
     phone.close()
+
+
+def test_axe_core_finds_nothing_serious(site, browser):
+    """axe-core (Deque's rules, bundled by the axe-playwright-python package) over the
+    sign-in form and the signed-in page, an answer with its sources and the source dialog
+    included: no serious or critical violation."""
+    axe = pytest.importorskip(
+        "axe_playwright_python.sync_playwright", reason="axe-core for Playwright is not "
+        "installed: `pip install axe-playwright-python`"
+    ).Axe()  # fmt: skip
+    page = browser.new_page()
+    page.set_default_timeout(T)
+    page.goto(site["url"])
+    page.get_by_label("API key").wait_for()
+    found = {"sign-in": axe.run(page).response["violations"]}
+    page.close()
+    page = signed_in(browser, site["url"], site["keys"]["frank"])
+    page.get_by_label("Add documents").set_input_files(site["files"] / "survey.pdf")
+    page.get_by_role("button", name="Upload", exact=True).click()
+    sync_api.expect(page.locator("#document-list li")).to_have_count(1)
+    answer = ask(page, "What does the survey say?")
+    sync_api.expect(answer).to_have_attribute("data-streaming", "false")
+    found["signed in"] = axe.run(page).response["violations"]
+    answer.locator("ol.sources button.cite").first.click()
+    found["source dialog"] = axe.run(page).response["violations"]
+    page.close()
+    serious = {where: [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in vs
+                       if v["impact"] in ("serious", "critical")]
+               for where, vs in found.items()}  # fmt: skip
+    assert serious == {"sign-in": [], "signed in": [], "source dialog": []}, serious
