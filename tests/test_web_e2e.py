@@ -3,7 +3,8 @@ Playwright) against a real multi-user `falconet serve` on the embedded default m
 in, upload a .md and a .pdf, ask, see the streamed answer and its numbered sources, open a
 source, stop a reply mid-stream, delete a document; user B never sees A's documents or
 conversations; errors are shown as messages; an accessibility smoke check (every control
-named, focus order, visible focus). Screenshots go to test-artifacts/web/ (git-ignored)."""
+named, focus order, visible focus; axe-core where installed); single-user mode.
+Screenshots go to test-artifacts/web/ (git-ignored)."""
 
 from __future__ import annotations
 
@@ -339,3 +340,24 @@ def test_axe_core_finds_nothing_serious(site, browser):
                        if v["impact"] in ("serious", "critical")]
                for where, vs in found.items()}  # fmt: skip
     assert serious == {"sign-in": [], "signed in": [], "source dialog": []}, serious
+
+
+def test_single_user_mode_needs_no_sign_in(browser):
+    """Without users (and without --rag-store) the page opens on the chat at once, says
+    documents are off, answers from the model alone and keeps conversations in the page."""
+    with ServerProcess(env=ENV) as server:
+        page = browser.new_page()
+        page.set_default_timeout(T)
+        page.goto(server.url)
+        sync_api.expect(page.locator("#app")).to_be_visible()
+        assert page.locator("#signin").is_hidden() and page.locator("#signout").is_hidden()
+        sync_api.expect(page.locator("#upload-status")).to_contain_text("--rag-store")
+        assert not page.get_by_label("Answer from my documents").is_checked()
+        answer = ask(page, "In the beginning")
+        sync_api.expect(answer).to_have_attribute("data-streaming", "false")
+        assert answer.locator(".body").inner_text().strip()
+        assert page.get_by_role("alert").is_hidden()
+        titles = page.locator("#conversation-list button.open").all_inner_texts()
+        assert titles == ["In the beginning"]
+        shot(page, "11-single-user")
+        page.close()
