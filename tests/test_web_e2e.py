@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -89,9 +91,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def signed_in(browser, url: str, key: str, **context):
+def signed_in(browser, url: str, key: str, sent: list | None = None, **context):
+    """A page signed in as the key's user; `sent` collects (method, path) of its requests."""
     page = browser.new_page(**context)
     page.set_default_timeout(T)
+    if sent is not None:
+        page.on("request", lambda r: sent.append((r.method, urlsplit(r.url).path)))
     page.goto(url)
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
@@ -113,7 +118,8 @@ def documents(page) -> list[str]:
 
 
 def test_sign_in_upload_ask_open_a_source_stop_and_delete(site, browser):
-    page = signed_in(browser, site["url"], site["keys"]["alice"])
+    sent: list[tuple[str, str]] = []
+    page = signed_in(browser, site["url"], site["keys"]["alice"], sent)
     sync_api.expect(page.locator("#who")).to_have_text("Signed in as alice")
     sync_api.expect(page.locator("#licence")).to_contain_text("apache-2.0")
     shot(page, "01-signed-in")
@@ -203,6 +209,9 @@ def test_sign_in_upload_ask_open_a_source_stop_and_delete(site, browser):
                      ("POST", "/v1/rag/query"), ("POST", "/v1/chat/completions"),
                      ("POST", "/v1/conversations"), ("DELETE", "/v1/rag")):  # fmt: skip
         assert expected in routes, expected
+    logged = Counter((r["method"], r["route"]) for r in audit_rows(site["state"]))
+    missing = Counter(sent) - logged  # each request the page sent has its own record
+    assert len(sent) > 20 and not missing, missing
     verify = cli_here("audit", "verify", "--state-dir", str(site["state"]))
     assert verify.returncode == 0, verify.stderr
     page.close()
