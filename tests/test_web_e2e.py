@@ -370,3 +370,24 @@ def test_single_user_mode_needs_no_sign_in(browser):
         assert titles == ["In the beginning"]
         shot(page, "11-single-user")
         page.close()
+
+
+def test_single_user_mode_with_an_api_key(browser):
+    """`--api-key` without users: the page asks for the key and sends it as a Bearer
+    header (there are no sessions); a wrong key is refused in words."""
+    with ServerProcess("--api-key", "the-team-key", env=ENV) as server:
+        page = browser.new_page()
+        page.set_default_timeout(T)
+        page.goto(server.url)
+        page.get_by_label("API key").fill("not-the-key")
+        page.get_by_role("button", name="Sign in").click()
+        sync_api.expect(page.get_by_role("alert")).to_contain_text("You are signed out")
+        assert page.locator("#app").is_hidden()
+        page.get_by_label("API key").fill("the-team-key")
+        page.get_by_role("button", name="Sign in").click()
+        sync_api.expect(page.locator("#app")).to_be_visible()
+        answer = ask(page, "And God said")
+        sync_api.expect(answer).to_have_attribute("data-streaming", "false")
+        assert answer.locator(".body").inner_text().strip()
+        assert page.get_by_role("alert").is_hidden()
+        page.close()

@@ -129,8 +129,11 @@ async function signIn(event) {
   event.preventDefault();
   clearError();
   const key = $("api-key").value.trim();
+  // The key also goes as a Bearer header: a single-user server with --api-key checks it
+  // before answering that it has no sessions (404); a multi-user one reads the body.
   const r = await fetch("/v1/auth/session", {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ api_key: key }),
+    method: "POST", headers: { "Content-Type": "application/json", "Authorization": "Bearer " + key },
+    body: JSON.stringify({ api_key: key }),
   });
   $("api-key").value = "";
   if (r.ok) return enter(await r.json());
@@ -556,7 +559,7 @@ async function upload(event) {
 // ---- wiring ------------------------------------------------------------------------------------
 
 function wire() {
-  $("signin-form").addEventListener("submit", signIn);
+  $("signin-form").addEventListener("submit", (e) => signIn(e).catch(showError));
   $("signout").addEventListener("click", signOut);
   $("ask").addEventListener("submit", ask);
   $("stop").addEventListener("click", stop);
