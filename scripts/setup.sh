@@ -54,6 +54,21 @@ if [ ! -f .cache/llama.cpp/convert_hf_to_gguf.py ]; then
   mv ".cache/sdist/llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp" .cache/llama.cpp
   rm -rf ".cache/sdist/llama_cpp_python-${LLAMA_CPP_VERSION}"
 fi
+# The web app's end-to-end tests (tests/test_web_e2e.py) drive Debian's chromium package
+# through Playwright: installed with apt where apt and root (or sudo without a password)
+# are at hand and the binary is missing; elsewhere those tests skip, saying why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  APT=""
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then APT="sudo -n apt-get"
+  fi
+  if [ -n "$APT" ]; then
+    $APT install -y -q chromium >/dev/null || { $APT update -q >/dev/null && $APT install -y -q chromium >/dev/null; } \
+      || echo "setup.sh: could not install chromium; the web app's browser tests will skip" >&2
+  else
+    echo "setup.sh: chromium is missing and apt needs root; the web app's browser tests will skip" >&2
+  fi
+fi
 # Only the text library is needed (no multimodal part): a shorter build.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "$VPY" -m pip install -q -e ".[test]"

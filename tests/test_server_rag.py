@@ -196,8 +196,8 @@ def test_malformed_uploads_are_refused_and_leave_the_store_unchanged(env):
         ({"files": {"file": ("empty.txt", b"", "text/plain")}}, 400),
         ({"files": {"file": ("blank.txt", b"   \n\n ", "text/plain")}}, 400),
         ({"files": {"file": ("binary.txt", binary, "text/plain")}}, 400),
-        ({"files": {"file": ("program.exe", b"MZ hello", "application/octet-stream")}}, 400),
-        ({"files": {"file": ("noext", b"hello", "text/plain")}}, 400),
+        ({"files": {"file": ("program.exe", b"MZ hello", "application/octet-stream")}}, 415),
+        ({"files": {"file": ("noext", b"hello", "text/plain")}}, 415),
         ({"files": {"file": ("..", b"hello", "text/plain")}}, 400),
         ({"files": {"file": ("big.txt", b"word " * (300 * 1024), "text/plain")}}, 413),
     ]

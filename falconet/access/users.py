@@ -159,6 +159,14 @@ class AccessDB:
             raise
         db.execute("COMMIT")
 
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, for tables kept beside the users (conversations.py)."""
+        return self._db()
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on an error)."""
+        return self._write()
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

@@ -9,6 +9,8 @@ rag_routes.py /v1/rag/* over a RAG store (`--rag-store`)
 collections.py  multi-user mode: each request's RAG store is one of its caller's collections
 gate.py       security headers, users' keys and sessions, CSRF, rate limit, audit records
 account_routes.py  sign-in (/v1/auth/session) and admin routes (/v1/admin/*)
+conversation_routes.py  the web app's conversations, per user (/v1/conversations)
+webapp.py     the web app: the static files in web/, served at /
 metrics.py    Prometheus metrics (prometheus_client, one registry per app)
 serve.py      ServerSettings and the uvicorn loop behind the CLI
 timeouts.py   deadlines on request heads and bodies (a slow client holds no worker)

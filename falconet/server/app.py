@@ -12,6 +12,8 @@
     GET  /openapi.json                 the API's OpenAPI schema, request bodies included
     /v1/auth/session, /v1/admin/*      sign-in and administration (account_routes.py)
     /v1/rag/*                          documents and questions over them (rag_routes.py)
+    /v1/conversations                  the web app's conversations, per user
+    GET  /, /web/*                     the web app (webapp.py)
 
 Every request passes the gate (gate.py): security headers, the API key or a user's key or
 session, CSRF, the per-user rate limit and the audit record.
@@ -51,6 +53,7 @@ from falconet.generate import TokenStrings, usage
 from falconet.server import BODY_TIMEOUT_S
 from falconet.server import metrics as metrics_mod
 from falconet.server.account_routes import register_account_routes
+from falconet.server.conversation_routes import register_conversation_routes
 from falconet.server.embeddings import EmbeddingRequest, create_embeddings
 from falconet.server.fields import (
     MAX_BODY_BYTES,
@@ -81,6 +84,7 @@ from falconet.server.rag_routes import RagSettings, register_rag_routes
 from falconet.server.responses import DONE, Formatter, PromptShow, sse
 from falconet.server.streaming import EventStream, wait_disconnect
 from falconet.server.timeouts import BodyDeadline
+from falconet.server.webapp import register_web_routes
 from falconet.server.workers import RequestWorkers
 from falconet.tools import ToolCallStream, parse_tool_calls
 
@@ -145,6 +149,7 @@ class _Server:
     def __init__(
         self, engine: Engine, model_name: str, max_body_bytes: int, metrics: metrics_mod.Metrics,
         workers: RequestWorkers, embedding_model: str | Path | None = None,
+        licence: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         from falconet.rag.embed import SentenceTransformerEmbedder, SharedEmbedder, default_embedder
 
@@ -161,6 +166,7 @@ class _Server:
         self.metrics = metrics
         self.strings = TokenStrings(engine.tokenizer)
         self.created = int(time.time())
+        self.licence = licence  # the checkpoint's declared licence (models/card.py)
 
     async def body(self, request: Request) -> dict[str, Any]:
         """The JSON object body of a route that reads its own (413 beyond the limit)."""
@@ -179,7 +185,8 @@ class _Server:
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created,
                 "owned_by": "falconet", "root": self.model_name, "parent": None,
-                "max_model_len": self.engine.max_context}  # fmt: skip
+                "max_model_len": self.engine.max_context,
+                "licence": self.licence}  # fmt: skip
 
     # -- generation -----------------------------------------------------------------
 
@@ -378,16 +385,19 @@ def create_app(
     workers: RequestWorkers | None = None,
     embedding_model: str | Path | None = None,
     access: Access | None = None,
+    licence: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. The caller starts and shuts down
     the engine; with `api_key`, every route but /health needs `Authorization: Bearer`.
     A request body must arrive within `body_timeout` seconds (see server/timeouts.py).
     /v1/embeddings and RAG embed with the sentence-transformers model in the folder
     `embedding_model` (default: the packaged all-MiniLM-L6-v2). `access` holds the users,
-    the audit log and the rate limit (server/gate.py); without it: single-user mode."""
+    the audit log and the rate limit (server/gate.py); without it: single-user mode.
+    `licence` is what /v1/models says the model's licence is (`licence_json(card)`)."""
     metrics = metrics or metrics_mod.Metrics()
     workers = workers or RequestWorkers()
-    srv = _Server(engine, model_name, max_body_bytes, metrics, workers, embedding_model)
+    srv = _Server(engine, model_name, max_body_bytes, metrics, workers, embedding_model,
+                  licence)  # fmt: skip
     # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json is served.
     summary = "OpenAI-compatible API over a Falcon model"
     app = FastAPI(
@@ -478,6 +488,8 @@ def create_app(
         return await workers.run(answer)
 
     register_account_routes(app, access)  # /v1/auth/session, /v1/admin/*
+    register_conversation_routes(app, access)  # /v1/conversations: the web app's, per user
+    register_web_routes(app)  # the web app at /
     register_rag_routes(app, srv, rag, access)  # /v1/rag/*: 404 unless started with --rag-store
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -515,6 +527,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     }
     app.openapi_schema = schema
     return schema
+
+
+def licence_json(licence: Any) -> dict[str, Any]:
+    """A checkpoint's declared licence (models/card.py's Licence) as /v1/models shows it."""
+    return {"id": licence.id, "name": licence.name, "link": licence.link,
+            "declared": licence.declared, "text": str(licence)}  # fmt: skip
 
 
 def _no_telemetry() -> dict[str, Any]:

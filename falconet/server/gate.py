@@ -41,6 +41,7 @@ from falconet.access.users import AccessDB, User, csrf_token
 from falconet.server import SESSION_HOURS
 from falconet.server import metrics as metrics_mod
 from falconet.server.fields import APIError
+from falconet.server.webapp import is_web_path
 
 log = logging.getLogger("falconet.server")
 
@@ -48,6 +49,7 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddin
           "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics",
           "/openapi.json")  # fmt: skip
 OPEN_ROUTES = ("/health",)  # answered without a key (load balancers probe it)
+# The web app's page and files (webapp.py) are open too: the sign-in form is among them.
 SIGN_IN = "/v1/auth/session"  # POST: open, it is where a key becomes a session
 SESSION_COOKIE = "falconet_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -254,13 +256,13 @@ class Gate:
         path, method = scope["path"], scope["method"]
         if not self.access.multi_user:
             identity: Identity | None = Identity(None)
-            if self.key is not None and path not in OPEN_ROUTES:
+            if self.key is not None and path not in OPEN_ROUTES and not is_web_path(path):
                 token = _bearer(scope)
                 if token is None or not hmac.compare_digest(token, self.key):
                     raise _unauthorized("missing or wrong API key; send it as "
                                         "'Authorization: Bearer KEY'")  # fmt: skip
             who = "local"
-        elif path in OPEN_ROUTES or (path == SIGN_IN and method == "POST"):
+        elif path in OPEN_ROUTES or is_web_path(path) or (path == SIGN_IN and method == "POST"):
             identity, who = None, "ip:" + str((scope.get("client") or ("?",))[0])
             problem = _cross_site(scope) if path == SIGN_IN else None
             if problem is not None:  # another site signing a browser in as someone else

@@ -357,9 +357,10 @@ def sanitize_name(raw: str | None) -> str:
                   "file")  # fmt: skip
     stem, suffix = os.path.splitext(name)
     suffix = suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise bad(f"unsupported file type {suffix or '(none)'}; supported: "
-                  f"{', '.join(SUPPORTED_SUFFIXES)}", "file")  # fmt: skip
+    if suffix not in SUPPORTED_SUFFIXES:  # 415: the web app says "unsupported type"
+        raise APIError(415, f"unsupported file type {suffix or '(none)'}; supported: "
+                       f"{', '.join(SUPPORTED_SUFFIXES)}", "file",
+                       code="unsupported_file_type")  # fmt: skip
     return stem[: MAX_NAME_CHARS - len(suffix)] + suffix
 
 

@@ -171,7 +171,7 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None
     import uvicorn
 
     from falconet.engine import Engine
-    from falconet.server.app import create_app
+    from falconet.server.app import create_app, licence_json
     from falconet.server.timeouts import uvicorn_options
 
     context = llm.config.max_position_embeddings
@@ -193,7 +193,8 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None
         app = create_app(engine, settings.model_name, settings.api_key,
                          max_body_bytes=settings.max_body_bytes, rag=rag,
                          body_timeout=settings.timeout_body,
-                         embedding_model=embedding_model, access=access)  # fmt: skip
+                         embedding_model=embedding_model, access=access,
+                         licence=licence_json(llm.card.licence))  # fmt: skip
     except RagError as e:
         raise FalconetError(f"--rag-store: {e}") from e
     handler = logging.StreamHandler(sys.stderr)
