@@ -398,7 +398,7 @@ static PyObject *py_kquantize(PyObject *self, PyObject *args) {
     unsigned long long x, out;
     Py_ssize_t nblocks;
     if (!PyArg_ParseTuple(args, "iKnKi", &type, &x, &nblocks, &out, &threads)) return NULL;
-    if (!kblock_bytes(type) || nblocks < 0 || threads < 1) {
+    if (!kq_block_bytes(type) || nblocks < 0 || threads < 1) {
         PyErr_Format(PyExc_ValueError, "kquantize needs a K-quant type (10-14), nblocks >= 0, threads >= 1; got %d, %zd, %d",
                      type, nblocks, threads);
         return NULL;

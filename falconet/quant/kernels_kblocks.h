@@ -17,3 +17,15 @@ _Static_assert(sizeof(block_q4_K) == 144, "q4_K block");
 _Static_assert(sizeof(block_q5_K) == 176, "q5_K block");
 _Static_assert(sizeof(block_q6_K) == 210, "q6_K block");
 _Static_assert(sizeof(block_q8_K) == 292, "q8_K block");
+
+/* bytes per block of a K-quant type; 0 for any other type */
+static size_t kq_block_bytes(int type) {
+    switch (type) {
+    case T_Q2_K: return sizeof(block_q2_K);
+    case T_Q3_K: return sizeof(block_q3_K);
+    case T_Q4_K: return sizeof(block_q4_K);
+    case T_Q5_K: return sizeof(block_q5_K);
+    case T_Q6_K: return sizeof(block_q6_K);
+    default: return 0;
+    }
+}

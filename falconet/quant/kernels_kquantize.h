@@ -22,17 +22,6 @@
 
 /* block layouts: kernels_kblocks.h */
 
-static size_t kblock_bytes(int type) {
-    switch (type) {
-    case T_Q2_K: return sizeof(block_q2_K);
-    case T_Q3_K: return sizeof(block_q3_K);
-    case T_Q4_K: return sizeof(block_q4_K);
-    case T_Q5_K: return sizeof(block_q5_K);
-    case T_Q6_K: return sizeof(block_q6_K);
-    default: return 0;
-    }
-}
-
 /* fp32 -> fp16, round to nearest even (what F16C and GGML's software path both give). */
 static uint16_t kq_half(float f) {
     uint32_t u;
@@ -462,7 +451,7 @@ static int kquantize_block(int type, const float *x, uint8_t *out) {
 /* nblocks super-blocks of finite floats -> K-quant blocks; -1, or the first block whose
  * fp16 scale overflowed (the caller reports it). */
 static int64_t kquantize_blocks(int type, const float *x, int64_t nblocks, uint8_t *out, int threads) {
-    const size_t bb = kblock_bytes(type);
+    const size_t bb = kq_block_bytes(type);
     int64_t bad = -1;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)

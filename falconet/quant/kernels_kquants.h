@@ -27,19 +27,7 @@
  * repacked or dequantized.
  */
 
-/* block layouts: kernels_kblocks.h */
-
-
-static size_t kq_block_bytes(int type) {
-    switch (type) {
-    case T_Q2_K: return sizeof(block_q2_K);
-    case T_Q3_K: return sizeof(block_q3_K);
-    case T_Q4_K: return sizeof(block_q4_K);
-    case T_Q5_K: return sizeof(block_q5_K);
-    case T_Q6_K: return sizeof(block_q6_K);
-    default: return 0;
-    }
-}
+/* block layouts and sizes: kernels_kblocks.h */
 
 /* ---- activations to Q8_K -------------------------------------------------------- */
 
