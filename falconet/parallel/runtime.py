@@ -20,6 +20,7 @@ ranks out of step, so it breaks the model instead of being retried.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import resource
@@ -333,6 +334,8 @@ def start(
     except BaseException:
         model.close()
         raise
+    # before multiprocessing's own exit hook, which would wait for the workers forever
+    atexit.register(model.close)
     return model
 
 
