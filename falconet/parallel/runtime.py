@@ -24,6 +24,7 @@ import atexit
 import logging
 import os
 import resource
+import signal
 import socket
 import threading
 import time
@@ -83,6 +84,7 @@ class TensorParallelLM:
         self._pool: PagedKVCache | None = None
         self._serial = 0  # bumped when the engine builds a new pool: followers build theirs
         self._last = time.monotonic()
+        self.loaded_from = 0  # resident bytes before rank 0 loaded its shard (peak_rss)
         if workers is not None:
             threading.Thread(target=self._watch, name="falconet-tp-watchdog", daemon=True).start()
 
@@ -132,12 +134,13 @@ class TensorParallelLM:
         work.wait()
         threading.Thread(target=self._heartbeat, name="falconet-tp-heartbeat", daemon=True).start()
 
-    def peak_rss(self) -> list[int]:
-        """Every rank's peak resident memory so far, in bytes (getrusage in each process)."""
+    def peak_rss(self) -> list[tuple[int, int]]:
+        """Every rank's (resident bytes before it loaded its shard, peak resident bytes so
+        far), each measured in the rank's own process (getrusage for the peak)."""
         with self._lock:
             self._check()
             _send(_header(PEAK_RSS), None, self.device)
-            return _gather_peak_rss(self.device)
+            return _gather_rss(self.loaded_from, self.device)
 
     def close(self) -> None:
         """Stop the workers and leave the process group. The model cannot run after."""
@@ -169,9 +172,19 @@ class TensorParallelLM:
         if self.failure is not None:
             raise TensorParallelError(self.failure)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, collective: bool = True) -> None:
+        """Break the model; `collective`: a collective failed (maybe a worker died)."""
         if self.failure is not None:
             return
+        # a collective that failed because a worker died: name the worker, as the
+        # watchdog would a moment later
+        dead = collective and [
+            f"tensor-parallel rank {i + 1} (pid {p.pid}) died ({_how(p.exitcode)})"
+            for i, p in enumerate(self.workers.processes if self.workers is not None else [])
+            if p.exitcode is not None
+        ]
+        if dead:
+            message = f"{dead[0]}; {message}"
         self.failure = message
         log.error("%s", message)
         if self.on_failure is not None:
@@ -182,18 +195,20 @@ class TensorParallelLM:
         while not self._closed and self.failure is None:
             try:
                 if self.workers.join(timeout=WATCH_S) and not self._closed:
-                    self._fail("the tensor-parallel workers exited")
+                    self._fail("the tensor-parallel workers exited", collective=False)
             except mp.ProcessExitedException as e:
                 if not self._closed:
-                    how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+                    how = _how(e.exit_code)
                     self._fail(
-                        f"tensor-parallel rank {e.error_index + 1} (pid {e.pid}) died ({how})"
+                        f"tensor-parallel rank {e.error_index + 1} (pid {e.error_pid}) died ({how})",
+                        collective=False,
                     )
             except mp.ProcessRaisedException as e:
                 if not self._closed:
                     last = str(e).strip().splitlines()[-1]
                     self._fail(
-                        f"tensor-parallel rank {e.error_index + 1} (pid {e.pid}) failed: {last}"
+                        f"tensor-parallel rank {e.error_index + 1} (pid {e.error_pid}) failed: {last}",
+                        collective=False,
                     )
 
     def _heartbeat(self) -> None:
@@ -241,15 +256,26 @@ def _send(header: torch.Tensor, payload: torch.Tensor | None, device: torch.devi
         dist.broadcast(payload.to(device), src=0)
 
 
-def _gather_peak_rss(device: torch.device) -> list[int]:
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([mine], dtype=torch.long, device=device))
-    return [int(t.item()) for t in out]
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def follow(local: CausalLM) -> None:
-    """Ranks 1..N-1: run every step rank 0 broadcasts, until it says stop."""
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _gather_rss(before_load: int, device: torch.device) -> list[tuple[int, int]]:
+    mine = torch.tensor([before_load, peak_resident_bytes()], dtype=torch.long, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [(int(t[0]), int(t[1])) for t in out]
+
+
+def follow(local: CausalLM, loaded_from: int = 0) -> None:
+    """Ranks 1..N-1: run every step rank 0 broadcasts, until it says stop. `loaded_from`:
+    the resident bytes before the shard loaded (for `peak_rss`)."""
     device = local.device
     pool, serial = None, -1
     with torch.inference_mode(), batch_invariant():
@@ -262,7 +288,7 @@ def follow(local: CausalLM) -> None:
             if op == PING:
                 continue
             if op == PEAK_RSS:
-                _gather_peak_rss(device)
+                _gather_rss(loaded_from, device)
                 continue
             payload = torch.empty(n_ids + 4 * n_segs + n_tables + n_rows, dtype=torch.long,
                                   device=device)  # fmt: skip
@@ -327,6 +353,7 @@ def start(
             model.close()
             raise TensorParallelError(model.failure or f"the ranks did not meet: {e}") from e
     local_device = torch.device("cuda", 0) if device.type == "cuda" else device
+    model.loaded_from = resident_bytes()
     try:
         model.local = _load(folder, config, Shard(0, world), dtype, compute_dtype,
                             local_device, quant, progress)  # fmt: skip
@@ -354,9 +381,10 @@ def follow_checkpoint(
     rank = dist.get_rank()
     local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     local_device = local_device if device.type == "cuda" else device
+    loaded_from = resident_bytes()
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, local_device, quant)
     dist.barrier()
-    follow(local)
+    follow(local, loaded_from)
     dist.destroy_process_group()
 
 
@@ -397,9 +425,10 @@ def _worker(
     dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))  # fmt: skip
     config = read_config(Path(folder))
+    loaded_from = resident_bytes()
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant)
     dist.barrier()
-    follow(local)
+    follow(local, loaded_from)
     dist.destroy_process_group()
 
 
@@ -413,6 +442,12 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="falconet-tp-parent", daemon=True).start()
+
+
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"signal {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
 
 
 def _free_port() -> int:

@@ -1,0 +1,217 @@
+"""Tensor parallelism on 2 gloo ranks (falconet/parallel/): each Falcon style -- 7B
+(multi-query), 40B (grouped kv heads, two norms), 11B (grouped, one norm, untied head) and
+Falcon3 (Llama) -- gives the logits and greedy tokens of one process, through `LLM` and
+through `falconet serve --tp 2` with the official openai client; bad head counts fail
+before any worker starts; a killed worker takes the server down; a rank holds about half
+the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import falconet
+from falconet.parallel import TensorParallelError
+from falconet.sampling import SamplingParams
+from tests.conftest import build_hf_model, build_llama_hf_model, save_hf_model
+from tests.server_tools import ServerProcess
+
+# Falcon variant (tests/conftest.py VARIANTS) or llama:<LLAMA_VARIANTS name>
+STYLES = {"7b": "7b", "40b": "40b", "11b": "11b", "falcon3": "llama:falcon3_shape"}
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [list(range(20 + i, 26 + 3 * i)) for i in range(8)]  # 8 prompts, 6..27 tokens
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    out = {}
+    for style, variant in STYLES.items():
+        if variant.startswith("llama:"):
+            model = build_llama_hf_model(variant.removeprefix("llama:"))
+        else:
+            model = build_hf_model(variant)
+        out[style] = (model, save_hf_model(model, tmp_path_factory.mktemp(style)))
+    return out
+
+
+def _workers() -> list[psutil.Process]:
+    """falconet's worker processes under this one (not multiprocessing's resource tracker)."""
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_tp2_logits_and_greedy_tokens_equal_tp1(checkpoints, style):
+    """fp32 logits at every position within 1e-5 of one process (and of transformers),
+    greedy tokens equal, for single prompts and a batch of 8 sharing steps."""
+    hf_model, folder = checkpoints[style]
+    ids = list(range(30, 59))
+    one = falconet.load(folder, dtype="float32")
+    two = falconet.load(folder, dtype="float32", tp=2)
+    try:
+        [worker] = _workers()  # a real process
+        assert worker.pid == two.model.workers.pids()[0]
+        expected = one.logits(ids)
+        got = two.logits(ids)
+        assert got.shape == expected.shape == (len(ids), one.config.vocab_size)
+        assert (got - expected).abs().max().item() <= 1e-5
+        with torch.no_grad():
+            hf = hf_model(torch.tensor([ids])).logits[0].float()
+        assert (got - hf).abs().max().item() <= 1e-4
+        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+        solo = [one.complete([p], greedy)[0].token_ids for p in PROMPTS]
+        assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == solo
+        assert two.complete([PROMPTS[3]], greedy)[0].token_ids == solo[3]
+        ranks = two.model.peak_rss()
+        assert len(ranks) == 2 and all(peak > 0 for _, peak in ranks)
+    finally:
+        two.close()
+    assert not _workers()  # close() stopped the worker
+
+
+def test_head_counts_that_do_not_divide_fail_before_any_worker(checkpoints):
+    folder = checkpoints["40b"][1]  # 8 query heads, 2 kv heads
+    with pytest.raises(TensorParallelError, match=r"--tp 3: num_attention_heads 8 .*\(1, 2\)"):
+        falconet.load(folder, dtype="float32", tp=3)
+    with pytest.raises(TensorParallelError, match=r"--tp 4: kv heads 2 is not divisible"):
+        falconet.load(folder, dtype="float32", tp=4)
+    assert not _workers()
+    cli = subprocess.run(
+        [sys.executable, "-m", "falconet", "serve", "--model", str(folder), "--tp", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 2
+    assert (
+        cli.stderr.strip()
+        .splitlines()[-1]
+        .startswith("falconet: error: --tp 3: num_attention_heads 8 is not divisible by 3")
+    )
+
+
+def _stream_text(client, prompt: list[int], max_tokens: int = 10) -> tuple[str, str]:
+    text, finish = "", None
+    for chunk in client.completions.create(
+        model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+    ):
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_serve_tp2_streams_what_one_process_generates(checkpoints, style):
+    """`falconet serve --tp 2`: streamed completions equal `LLM`'s greedy text on one
+    process, alone and as 8 concurrent requests."""
+    folder = checkpoints[style][1]
+    one = falconet.load(folder, dtype="float32")
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    expected = [c.text for c in one.complete(PROMPTS, greedy)]
+    args = ("--model", str(folder), "--tp", "2", "--dtype", "float32", "--max-batch", "8",
+            "--served-model-name", "m")  # fmt: skip
+    with ServerProcess(*args) as server:
+        client = server.openai_client(timeout=120)
+        solo = [_stream_text(client, p) for p in PROMPTS]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: _stream_text(client, p), PROMPTS))
+        assert solo == together
+        assert [text for text, _ in solo] == expected
+        assert {finish for _, finish in solo} == {"length"}
+        assert any("tensor parallel over 2 ranks" in line for line in server.lines)
+
+
+def test_sigkill_of_a_worker_stops_the_server_with_a_message(checkpoints):
+    folder = checkpoints["7b"][1]
+    with ServerProcess("--model", str(folder), "--tp", "2", "--dtype", "float32") as server:
+        line = next(x for x in server.lines if "tensor parallel over 2 ranks" in x)
+        worker = int(re.search(r"rank 1 pid (\d+)", line).group(1))
+        assert worker in {p.pid for p in psutil.Process(server.proc.pid).children()}
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        code = server.proc.wait(timeout=30)
+        elapsed = time.monotonic() - start
+        server._reader.join(5)
+    assert code != 0 and elapsed < 10
+    assert any(
+        re.search(r"falconet: error: tensor-parallel rank 1 \(pid \d+\) died \(signal SIGKILL\)", x)
+        for x in server.lines
+    ), server.lines
+
+
+RSS_SCRIPT = """
+import json, sys
+import torch
+import falconet
+from falconet.parallel.runtime import peak_resident_bytes, resident_bytes
+folder, tp = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)
+before = resident_bytes()
+llm = falconet.load(folder, dtype="float32", tp=tp)
+llm.logits(list(range(1, 9)))  # every weight read once
+if tp == 1:
+    ranks = [(before, peak_resident_bytes())]
+else:
+    ranks = llm.model.peak_rss()
+    llm.close()
+print(json.dumps(ranks))
+"""
+
+
+def _random_llama(folder: Path) -> None:
+    """A Llama-style model of ~100 M fp32 weights (~400 MB), written straight to
+    safetensors (random values: memory, not numbers, is measured)."""
+    from safetensors.torch import save_file
+
+    from falconet.models.checkpoint import expected_tensors
+    from falconet.models.registry import config_from_hf
+    from tests.conftest import write_tokenizer
+
+    hf = dict(model_type="llama", vocab_size=8192, hidden_size=1024, intermediate_size=4096,
+              num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+              max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=11,
+              eos_token_id=11, torch_dtype="float32")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        name: torch.randn(shape, generator=g) * 0.02
+        for name, shape in expected_tensors(config_from_hf(hf)).items()
+    }
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf))
+    write_tokenizer(folder)
+
+
+def test_each_rank_holds_about_half_the_model(tmp_path):
+    """Peak resident memory a rank adds while loading its shard and running a forward
+    (getrusage in each rank's process, less its memory before loading) is at most 0.6x
+    what one process adds for the whole model."""
+    folder = tmp_path / "m"
+    _random_llama(folder)
+
+    def ranks(tp: int) -> list[tuple[int, int]]:
+        run = subprocess.run(
+            [sys.executable, "-c", RSS_SCRIPT, str(folder), str(tp)],
+            capture_output=True, text=True, timeout=600, cwd=REPO,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    [(before, peak)] = ranks(1)
+    whole = peak - before
+    assert whole > 350e6  # the whole model did load (~400 MB of fp32 weights)
+    added = [peak - before for before, peak in ranks(2)]
+    assert len(added) == 2
+    assert max(added) <= 0.6 * whole, (added, whole)
