@@ -93,12 +93,12 @@ def worker(args: argparse.Namespace) -> dict:
         "tokens": full[0][2],
     }
     if args.tp > 1:
-        out["peak_rss"] = [peak for _, peak in llm.model.peak_rss()]
+        out["peak_rss"] = llm.model.peak_rss()
         llm.close()
     else:
-        import resource
+        from falconet.parallel.runtime import peak_resident_bytes
 
-        out["peak_rss"] = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+        out["peak_rss"] = [peak_resident_bytes()]
     return out
 
 

@@ -2,9 +2,9 @@
 
 The model is built on the meta device from the rank's `ShardConfig` (its share of the
 heads and of the MLP), so its projections already have the shard's shapes. Each tensor
-is then read as the slices plan.py gives it -- safetensors' `get_slice` reads just those
-bytes, from a mapping opened for that tensor alone and closed right after, so a rank
-never holds more than its shard plus one tensor's slice -- transformed (Falcon's QKV
+is then read as the slices plan.py gives it -- safetensors' `get_slice`, copied out of a
+mapping opened for that tensor alone and released right after, so a rank never holds
+more than its shard plus one tensor -- transformed (Falcon's QKV
 regrouped over this rank's heads), quantized if asked (a shard's rows are whole blocks:
 plan.check_tensor_parallel makes sure of it), and installed. Last, the modules that
 talk to the other ranks are wrapped around the loaded ones (layers.py).
@@ -124,7 +124,11 @@ def _safetensors(path: Path):
                     part = f.get_slice(name)
                     shape = tuple(part.get_shape())
                     _check_shape(path, name, shape, want)
-                    pieces = [part[idx] for idx in slices(shape)]
+                    # copies, not views into the mapping: a view of some columns would
+                    # keep whole rows' pages resident, and a view of rows the pages
+                    # around them (the kernel's fault-around), so a rank would hold more
+                    # than its shard
+                    pieces = [part[idx].clone() for idx in slices(shape)]
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{path}: tensor {name} cannot be read ({e})") from None
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

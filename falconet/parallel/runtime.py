@@ -84,7 +84,6 @@ class TensorParallelLM:
         self._pool: PagedKVCache | None = None
         self._serial = 0  # bumped when the engine builds a new pool: followers build theirs
         self._last = time.monotonic()
-        self.loaded_from = 0  # resident bytes before rank 0 loaded its shard (peak_rss)
         if workers is not None:
             threading.Thread(target=self._watch, name="falconet-tp-watchdog", daemon=True).start()
 
@@ -134,16 +133,17 @@ class TensorParallelLM:
         work.wait()
         threading.Thread(target=self._heartbeat, name="falconet-tp-heartbeat", daemon=True).start()
 
-    def peak_rss(self) -> list[tuple[int, int]]:
-        """Every rank's (resident bytes before it loaded its shard, peak resident bytes so
-        far), each measured in the rank's own process (getrusage for the peak)."""
+    def peak_rss(self) -> list[int]:
+        """Every rank's peak resident bytes so far, each measured in the rank's own
+        process (getrusage)."""
         with self._lock:
             self._check()
             _send(_header(PEAK_RSS), None, self.device)
-            return _gather_rss(self.loaded_from, self.device)
+            return _gather_peak_rss(self.device)
 
     def close(self) -> None:
         """Stop the workers and leave the process group. The model cannot run after."""
+        atexit.unregister(self.close)
         with self._lock:
             if self._closed:
                 return
@@ -256,26 +256,29 @@ def _send(header: torch.Tensor, payload: torch.Tensor | None, device: torch.devi
         dist.broadcast(payload.to(device), src=0)
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux /proc)."""
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far: Linux's VmHWM, the high-water mark of
+    this process's own memory. (getrusage's ru_maxrss also counts, across exec, the
+    parent's memory at fork time: a spawned worker would report at least its parent's.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _gather_rss(before_load: int, device: torch.device) -> list[tuple[int, int]]:
-    mine = torch.tensor([before_load, peak_resident_bytes()], dtype=torch.long, device=device)
+def _gather_peak_rss(device: torch.device) -> list[int]:
+    mine = torch.tensor([peak_resident_bytes()], dtype=torch.long, device=device)
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(out, mine)
-    return [(int(t[0]), int(t[1])) for t in out]
+    return [int(t[0]) for t in out]
 
 
-def follow(local: CausalLM, loaded_from: int = 0) -> None:
-    """Ranks 1..N-1: run every step rank 0 broadcasts, until it says stop. `loaded_from`:
-    the resident bytes before the shard loaded (for `peak_rss`)."""
+def follow(local: CausalLM) -> None:
+    """Ranks 1..N-1: run every step rank 0 broadcasts, until it says stop."""
     device = local.device
     pool, serial = None, -1
     with torch.inference_mode(), batch_invariant():
@@ -288,7 +291,7 @@ def follow(local: CausalLM, loaded_from: int = 0) -> None:
             if op == PING:
                 continue
             if op == PEAK_RSS:
-                _gather_rss(loaded_from, device)
+                _gather_peak_rss(device)
                 continue
             payload = torch.empty(n_ids + 4 * n_segs + n_tables + n_rows, dtype=torch.long,
                                   device=device)  # fmt: skip
@@ -347,13 +350,13 @@ def start(
         if device.type == "cuda":
             torch.cuda.set_device(0)
         try:
-            dist.init_process_group(backend_for(device), init_method=init, rank=0,
-                                    world_size=world, timeout=timeout)  # fmt: skip
+            _meet(model, backend_for(device), init, world, timeout)
         except Exception as e:
             model.close()
+            if isinstance(e, TensorParallelError):
+                raise
             raise TensorParallelError(model.failure or f"the ranks did not meet: {e}") from e
     local_device = torch.device("cuda", 0) if device.type == "cuda" else device
-    model.loaded_from = resident_bytes()
     try:
         model.local = _load(folder, config, Shard(0, world), dtype, compute_dtype,
                             local_device, quant, progress)  # fmt: skip
@@ -364,6 +367,28 @@ def start(
     # before multiprocessing's own exit hook, which would wait for the workers forever
     atexit.register(model.close)
     return model
+
+
+def _meet(model: TensorParallelLM, backend: str, init: str, world: int, timeout) -> None:
+    """Rank 0's rendezvous, given up as soon as the watchdog sees a worker die (it
+    would otherwise wait the whole timeout for a rank that never comes)."""
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            dist.init_process_group(backend, init_method=init, rank=0, world_size=world,
+                                    timeout=timeout)  # fmt: skip
+        except Exception as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="falconet-tp-rendezvous", daemon=True).start()
+    while not done.wait(0.05):
+        if model.failure is not None:
+            raise TensorParallelError(model.failure)
+    if errors:
+        raise errors[0]
 
 
 def follow_checkpoint(
@@ -381,10 +406,9 @@ def follow_checkpoint(
     rank = dist.get_rank()
     local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     local_device = local_device if device.type == "cuda" else device
-    loaded_from = resident_bytes()
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, local_device, quant)
     dist.barrier()
-    follow(local, loaded_from)
+    follow(local)
     dist.destroy_process_group()
 
 
@@ -425,10 +449,9 @@ def _worker(
     dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))  # fmt: skip
     config = read_config(Path(folder))
-    loaded_from = resident_bytes()
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant)
     dist.barrier()
-    follow(local, loaded_from)
+    follow(local)
     dist.destroy_process_group()
 
 
