@@ -130,7 +130,10 @@ def test_serve_tp2_streams_what_one_process_generates(checkpoints, style):
         assert solo == together
         assert [text for text, _ in solo] == expected
         assert {finish for _, finish in solo} == {"length"}
-        assert any("tensor parallel over 2 ranks" in line for line in server.lines)
+        line = next(x for x in server.lines if "tensor parallel over 2 ranks" in x)
+        worker = psutil.Process(int(re.search(r"rank 1 pid (\d+)", line).group(1)))
+    assert server.proc.returncode == 0  # SIGTERM: a clean stop, the worker stopped with it
+    assert not worker.is_running()
 
 
 def test_sigkill_of_a_worker_stops_the_server_with_a_message(checkpoints):
@@ -216,3 +219,20 @@ def test_each_rank_holds_about_half_the_model(tmp_path):
     ranks = [peak - empty for peak in peaks(tmp_path / "model", 2)]
     assert len(ranks) == 2
     assert max(ranks) <= 0.6 * whole, (ranks, whole)
+
+
+def test_torchrun_job_generates_what_one_process_does(checkpoints):
+    """The documented several-node command, on one node: `torchrun ... -m falconet
+    generate --tp 2`; rank 0 prints, rank 1 follows; the output is one process's."""
+    folder = str(checkpoints["11b"][1])
+    flags = ["generate", "The quick", "--model", folder, "--max-tokens", "8",
+             "--dtype", "float32", "--json"]  # fmt: skip
+    alone = subprocess.run([sys.executable, "-m", "falconet", *flags],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "falconet", *flags, "--tp", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert alone.returncode == 0 and job.returncode == 0, job.stderr
+    assert json.loads(job.stdout) == json.loads(alone.stdout)
