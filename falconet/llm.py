@@ -25,7 +25,7 @@ from falconet.models.card import (
 )
 from falconet.models.checkpoint import load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
-from falconet.parallel import check_tensor_parallel, launched_by_torchrun
+from falconet.parallel import check_tensor_parallel
 from falconet.parallel import start as start_tensor_parallel
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
@@ -125,7 +125,7 @@ def load(
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
-    if tp != 1 or launched_by_torchrun():
+    if tp != 1:  # under torchrun too: a job running one model per process keeps tp=1
         check_tensor_parallel(config, tp, quant)  # before any worker starts
         model = start_tensor_parallel(
             folder, config, tp, storage, compute, dev, quant,

@@ -83,7 +83,7 @@ def load_model(args: argparse.Namespace):
     import falconet
 
     tp = getattr(args, "tp", 1)
-    if tp != 1 or launched_by_torchrun():
+    if tp != 1:
         follow_if_not_rank0(args, tp)
     progress, close = progress_bar("loading")
     try:
