@@ -236,3 +236,28 @@ def test_torchrun_job_generates_what_one_process_does(checkpoints):
     )  # fmt: skip
     assert alone.returncode == 0 and job.returncode == 0, job.stderr
     assert json.loads(job.stdout) == json.loads(alone.stdout)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_quantized_shards_are_whole_blocks_of_the_one_process_model(checkpoints, quant):
+    """Quantized at load, each rank quantizes its slice: rows whole (column-parallel) or
+    32-value blocks of each row (row-parallel), so the ranks hold exactly the one-process
+    model's blocks, and the logits differ only by the all-reduce's summation order."""
+    folder = checkpoints["7b"][1]  # 4 heads of 16: 32 attention-output inputs per rank
+    one = falconet.load(folder, dtype="float32", quant=quant)
+    two = falconet.load(folder, dtype="float32", quant=quant, tp=2)
+    try:
+        assert two.model.storage_summary().startswith(quant)
+        ids = list(range(30, 59))
+        expected = one.logits(ids)
+        assert (two.logits(ids) - expected).abs().max().item() <= 1e-5 * max(
+            1.0, expected.abs().max().item()
+        )
+        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+        assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == [
+            c.token_ids for c in one.complete(PROMPTS, greedy)
+        ]
+    finally:
+        two.close()
+    with pytest.raises(TensorParallelError, match=r"--tp 4 with q8_0: the attention output's 16"):
+        falconet.load(folder, dtype="float32", quant="q8_0", tp=4)
