@@ -8,6 +8,11 @@ kernels round activations to 8 bits, Triton multiplies them as they are), whethe
 greedy tokens agree, and GPU decode tokens/s. Exits 1 if a relative difference exceeds
 --tol (a wrong kernel shows up as O(1)).
 
+With --tp N (default 2) and at least N GPUs, it then runs the model over N NCCL ranks
+(falconet/parallel/) against one GPU: the largest logit difference (fp32: only the
+all-reduce's summation order differs), whether the greedy tokens agree, and decode
+tokens/s of each. NCCL needs a GPU per rank, so a one-GPU machine skips it and says so.
+
     python benchmarks/gpu_check.py                 # then: python benchmarks/bench_triton.py
 """
 
@@ -28,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF folder (default: the embedded model)")
     p.add_argument("--tol", type=float, default=0.05)
+    p.add_argument("--tp", type=int, default=2, help="NCCL ranks for the tensor-parallel check")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU; torch sees none")
@@ -53,6 +59,40 @@ def main() -> None:
         print(f"| {quant or 'fp32'} | {rel:.2e} | {same} | {rate:.1f} |")
     if worst > args.tol:
         sys.exit(f"a GPU result differs from the CPU's by {worst:.3f} of the largest logit")
+    check_tensor_parallel(args)
+
+
+def decode_rate(llm, ids: list[int], tokens: int = 64) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(ids, max_tokens=tokens, temperature=0, ignore_eos=True)
+    torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - t0)
+
+
+def check_tensor_parallel(args: argparse.Namespace) -> None:
+    """TP=N over NCCL against one GPU, fp32."""
+    gpus = torch.cuda.device_count()
+    if gpus < args.tp:
+        print(f"\nNCCL tensor parallelism: skipped (--tp {args.tp} needs {args.tp} GPUs, "
+              f"this machine has {gpus})")  # fmt: skip
+        return
+    one = falconet.load(args.model, dtype="float32", device="cuda")
+    many = falconet.load(args.model, dtype="float32", device="cuda", tp=args.tp)
+    try:
+        ids = one.tokenizer.encode(PROMPT)
+        a, b = one.logits(ids).cpu(), many.logits(ids).cpu()
+        rel = ((a - b).abs().max() / a.abs().max()).item()
+        same = one.generate(ids, max_tokens=32) == many.generate(ids, max_tokens=32)
+        print(f"\n| fp32 | max rel logit diff TP={args.tp} vs TP=1 | greedy tokens equal "
+              "| decode tok/s TP=1 | decode tok/s TP=N |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        print(f"| NCCL | {rel:.2e} | {same} | {decode_rate(one, ids):.1f} | "
+              f"{decode_rate(many, ids):.1f} |")  # fmt: skip
+    finally:
+        many.close()
+    if rel > 1e-4 or not same:
+        sys.exit(f"TP={args.tp} differs from one GPU: {rel:.2e} of the largest logit")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from falconet.models.card import (
 )
 from falconet.models.checkpoint import load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
+from falconet.parallel import check_tensor_parallel
+from falconet.parallel import start as start_tensor_parallel
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
@@ -80,6 +82,8 @@ def load(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     quant: str | None = None,
+    tp: int = 1,
+    on_worker_failure: Callable[[str], None] | None = None,
 ) -> LLM:
     """Load a model: a HF folder (Falcon, or Llama for Falcon3), a .gguf file, or None for
     the embedded default model. The config's model_type picks the classes (models/registry.py).
@@ -88,6 +92,11 @@ def load(
     quant ("q8_0", "q4_0", ...: falconet.quant.plan.QUANT_TYPES) quantizes the matrices
     tensor by tensor while the checkpoint streams in, so a model whose float checkpoint
     is larger than RAM still loads in 4 bits.
+
+    tp > 1 splits the model over `tp` tensor-parallel ranks (falconet/parallel/): this
+    process is rank 0 and starts the others (gloo on CPU, NCCL with device="cuda"; under
+    `torchrun` it joins the job instead). on_worker_failure(message) is called, from a
+    watchdog thread, when a worker dies; call `LLM.close()` to stop the workers.
     """
     if quant is not None:
         quant = check_quant_type(quant)
@@ -96,6 +105,11 @@ def load(
     folder = default_model_path() if path is None else Path(path).expanduser()
     dev = _device(device)
     if _is_gguf(folder):
+        if tp != 1:
+            raise FalconetError(
+                f"{folder}: tensor parallelism reads Hugging Face folders (safetensors slices); "
+                "run a GGUF file with tp=1"
+            )
         if quant is not None:
             raise FalconetError(
                 f"{folder}: quant is for Hugging Face folders; a GGUF file keeps its own types "
@@ -111,6 +125,14 @@ def load(
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
+    if tp != 1:  # under torchrun too: a job running one model per process keeps tp=1
+        check_tensor_parallel(config, tp, quant)  # before any worker starts
+        model = start_tensor_parallel(
+            folder, config, tp, storage, compute, dev, quant,
+            progress=None if progress is None else _bytes_done(progress, config, storage, tp),
+            on_failure=on_worker_failure,
+        )  # fmt: skip
+        return LLM(model, tokenizer, folder, read_card(folder, config))
     with torch.device("meta"):
         model = for_config(config).model(config, storage, compute)
     total = model.weight_bytes()
@@ -126,6 +148,23 @@ def load(
     if dev.type != "cpu":
         model = model.to(dev)
     return LLM(model, tokenizer, folder, read_card(folder, config))
+
+
+def _bytes_done(
+    progress: Callable[[int, int], None], config: ModelConfig, dtype: torch.dtype, tp: int
+) -> Callable[[int], None]:
+    """progress(done, total) fed one tensor's bytes at a time (total: about this rank's
+    share of the weights)."""
+    with torch.device("meta"):
+        total = for_config(config).model(config, dtype).weight_bytes() // tp
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        progress(min(done, total), total)
+
+    return advance
 
 
 def _is_gguf(path: Path) -> bool:
@@ -212,6 +251,12 @@ class LLM:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def close(self) -> None:
+        """Stop a tensor-parallel model's workers (a one-process model has nothing to stop)."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
 
     def engine(self, context: int = 0) -> Engine:
         """The engine this LLM drives, with room for `context` tokens per sequence (the

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("storage", {"weights", "quant", "documents", "access"}),
     ("model", {"nn", "models"}),
     ("generation", {"sampling", "request_rules", "tokenizer", "generate", "constraints", "tools"}),
-    ("engine", {"engine"}),
+    ("engine", {"engine", "parallel"}),  # parallel: rank 0 drives, the others follow
     ("api", {"llm", "perplexity", "convert", ""}),  # "" = falconet/__init__.py
     ("faces", {"rag", "train", "server", "batch"}),
     ("cli", {"cli", "__main__"}),

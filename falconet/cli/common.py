@@ -4,6 +4,7 @@ sampling flags, and loading a model with a progress bar."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -33,6 +34,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--quant", default=None, metavar="TYPE",
                    help="quantize a HF checkpoint while loading: q8_0, q5_1, q5_0, q4_1, q4_0, or one of llama.cpp's K-quant mixes (q4_k_m, q5_k_m, q6_k, ...)")  # fmt: skip
+
+
+def add_tp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split the model's heads, MLP and vocabulary over N "
+                   "processes that this command starts (gloo on CPU, NCCL with --device cuda "
+                   "and N GPUs); under torchrun, N is the job's total process count")  # fmt: skip
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -74,14 +82,59 @@ def sampling_params(args: argparse.Namespace):
 def load_model(args: argparse.Namespace):
     import falconet
 
+    tp = getattr(args, "tp", 1)
+    if tp != 1:
+        follow_if_not_rank0(args, tp)
     progress, close = progress_bar("loading")
     try:
-        return falconet.load(
+        llm = falconet.load(
             args.model, dtype=args.dtype, device=args.device, progress=progress,
-            quant=getattr(args, "quant", None),
+            quant=getattr(args, "quant", None), tp=tp, on_worker_failure=worker_failed,
         )  # fmt: skip
     finally:
         close()
+    workers = getattr(llm.model, "workers", None)
+    if workers is not None:
+        pids = ", ".join(f"rank {i + 1} pid {pid}" for i, pid in enumerate(workers.pids()))
+        print(f"falconet: tensor parallel over {tp} ranks: rank 0 pid {os.getpid()}, {pids}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return llm
+
+
+def launched_by_torchrun() -> bool:
+    from falconet.parallel import launched_by_torchrun
+
+    return launched_by_torchrun()
+
+
+def follow_if_not_rank0(args: argparse.Namespace, tp: int) -> None:
+    """Under `torchrun`, ranks 1.. load their shard and follow rank 0's steps; the command
+    ends for them when rank 0 stops."""
+    if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
+        return
+    from pathlib import Path
+
+    import torch
+
+    from falconet.llm import resolve_dtypes
+    from falconet.models.checkpoint import read_config
+    from falconet.parallel import follow_checkpoint
+
+    if args.model is None:
+        raise UsageError("--tp under torchrun needs --model (a Hugging Face folder)")
+    folder = Path(args.model).expanduser()
+    device = torch.device(args.device)
+    dtype, compute = resolve_dtypes(args.dtype, read_config(folder), device)
+    follow_checkpoint(folder, tp, dtype, compute, device, getattr(args, "quant", None))
+    sys.exit(0)
+
+
+def worker_failed(message: str) -> None:
+    """A tensor-parallel worker died: the command cannot go on. Called from rank 0's
+    watchdog thread, so it ends the process itself, at once (the server's threads and a
+    step waiting on the dead rank would otherwise keep it alive)."""
+    print(f"falconet: error: {message}; stopping", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def announce(llm) -> None:

@@ -12,6 +12,7 @@ from falconet.cli.common import (
     UsageError,
     add_model_flags,
     add_sampling_flags,
+    add_tp_flag,
     announce,
     load_model,
     sampling_params,
@@ -26,6 +27,7 @@ def add_parsers(sub) -> None:
     gen = sub.add_parser("generate", help="continue a prompt")
     gen.add_argument("prompt")
     add_model_flags(gen)
+    add_tp_flag(gen)
     add_sampling_flags(gen, max_tokens=64)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument(
@@ -48,6 +50,7 @@ def add_parsers(sub) -> None:
 
     chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
     add_model_flags(chat)
+    add_tp_flag(chat)
     add_sampling_flags(chat, max_tokens=256)
     chat.add_argument("--system", default=None, help="system prompt")
 

@@ -64,8 +64,9 @@ class Attention(nn.Module):
         self.query_key_value = Linear(
             config.hidden_size, config.qkv_size, config.bias, dtype, compute_dtype
         )
+        # H * D = hidden_size, except on a tensor-parallel rank, which holds H/N heads
         self.dense = Linear(
-            config.hidden_size, config.hidden_size, config.bias, dtype, compute_dtype
+            self.n_head * self.head_dim, config.hidden_size, config.bias, dtype, compute_dtype
         )
 
     def forward(

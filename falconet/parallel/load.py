@@ -1,0 +1,174 @@
+"""One rank's shard of a model, read straight from a Hugging Face checkpoint.
+
+The model is built on the meta device from the rank's `ShardConfig` (its share of the
+heads and of the MLP), so its projections already have the shard's shapes. Each tensor
+is then read as the slices plan.py gives it -- safetensors' `get_slice`, copied out of a
+mapping opened for that tensor alone and released right after, so a rank never holds
+more than its shard plus one tensor -- transformed (Falcon's QKV
+regrouped over this rank's heads), quantized if asked (a shard's rows are whole blocks:
+plan.check_tensor_parallel makes sure of it), and installed. Last, the modules that
+talk to the other ranks are wrapped around the loaded ones (layers.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from falconet.errors import CheckpointError
+from falconet.models.base import CausalLM
+from falconet.models.registry import ModelConfig, for_config
+from falconet.parallel.layers import GatheredHead, RowParallel, VocabParallelEmbedding
+from falconet.parallel.plan import QKV, VOCAB, Shard, ShardConfig, is_row_parallel, kind_of
+from falconet.parallel.plan import tensor_slices as slices_of
+from falconet.quant.linear import QuantTensor, install
+from falconet.quant.plan import tensor_qtype
+from falconet.weights.hf import IGNORED_SUFFIXES, weight_files
+
+
+def load_shard(
+    folder: Path,
+    config: ModelConfig,
+    shard: Shard,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    quant: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CausalLM:
+    """Rank `shard.rank`'s model, its collectives in place (needs the process group)."""
+    arch = for_config(config)
+    local_config = ShardConfig(config, shard.world)
+    with torch.device("meta"):
+        model = arch.model(local_config, dtype, compute_dtype)
+    layout = arch.layout(config)  # the checkpoint's (whole) tensors
+    transforms = arch.model.checkpoint_layout(local_config).transforms  # bound to the shard
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found: set[str] = set()
+    for path, name, read in _tensors(folder):
+        if name.endswith(IGNORED_SUFFIXES) or name in layout.skipped:
+            continue
+        if name not in layout.shapes:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
+                f"({layout.description})"
+            )
+        t = read(
+            layout.shapes[name], partial(slices_of, arch.name, name, config=config, shard=shard)
+        )
+        if name in transforms and kind_of(arch.name, name) == QKV:
+            t = transforms[name](t)
+        target = params[name]
+        if kind_of(arch.name, name) != VOCAB and tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(  # a slicing bug, not the user's: say what was expected
+                f"{path}: tensor {name}: rank {shard.rank}'s slice is {tuple(t.shape)}, "
+                f"the shard expects {tuple(target.shape)}"
+            )
+        qtype = (
+            quant
+            and name not in layout.keep_float
+            and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
+        )
+        if qtype:
+            install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
+        else:
+            install(model, name, t.to(target.dtype) if target.is_floating_point() else t)
+        found.add(name)
+        if progress is not None:
+            progress(t.numel() * target.element_size())
+        del t
+    missing = [n for n in layout.shapes if n not in found]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: the checkpoint has no tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + f"; is this a complete {layout.name} checkpoint?"
+        )
+    model.tie_weights()
+    _join_ranks(model, config, shard)
+    return model
+
+
+def _check_shape(path: Path, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != tuple(want):
+        raise CheckpointError(
+            f"{path}: tensor {name} has shape {tuple(got)}, expected {want} from config.json"
+        )
+
+
+def _tensors(folder: Path):
+    """(file, HF name, read(expected shape, slices) -> this rank's slice) per tensor;
+    slices(shape) gives the index tuples to read (plan.tensor_slices)."""
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            yield from _safetensors(path)
+        else:
+            yield from _bin(path)
+
+
+def _safetensors(path: Path):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    for name in names:
+
+        def read(want, slices, name=name) -> torch.Tensor:
+            try:
+                # opened per tensor: the pages read are unmapped when it closes
+                with safe_open(str(path), framework="pt") as f:
+                    part = f.get_slice(name)
+                    shape = tuple(part.get_shape())
+                    _check_shape(path, name, shape, want)
+                    # copies, not views into the mapping: a view of some columns would
+                    # keep whole rows' pages resident, and a view of rows the pages
+                    # around them (the kernel's fault-around), so a rank would hold more
+                    # than its shard
+                    pieces = [part[idx].clone() for idx in slices(shape)]
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: tensor {name} cannot be read ({e})") from None
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+        yield path, name, read
+
+
+def _bin(path: Path):
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt or hostile pickles
+        raise CheckpointError(
+            f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for name in list(state):
+        t = state.pop(name)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name} is a {type(t).__name__}, not a tensor")
+
+        def read(want, slices, t=t, name=name) -> torch.Tensor:
+            _check_shape(path, name, tuple(t.shape), want)
+            pieces = [t[idx].clone() for idx in slices(tuple(t.shape))]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+        yield path, name, read
+
+
+def _join_ranks(model: CausalLM, config: ModelConfig, shard: Shard) -> None:
+    """Wrap the loaded modules that meet the other ranks: the row-parallel projections,
+    the embeddings and the LM head."""
+    arch = for_config(config).name
+    for name, module in list(model.named_modules()):
+        if is_row_parallel(arch, name):
+            model.set_submodule(name, RowParallel(module))
+    rows = shard.vocab(config.vocab_size)
+    embeddings = model.get_submodule(model.embeddings_name)
+    model.set_submodule(
+        model.embeddings_name,
+        VocabParallelEmbedding(embeddings, rows.start, rows.stop, model.compute_dtype),
+    )
+    model.lm_head = GatheredHead(model.lm_head, config.vocab_size, shard.world)

@@ -1,0 +1,196 @@
+"""How a model splits over N tensor-parallel ranks (Megatron-LM's scheme), as data.
+
+Notation: N ranks, r this rank, H query heads, K kv heads, D head dim, C hidden, F the
+MLP's inner size, V vocabulary.
+
+- column-parallel (output features split): the fused QKV / q,k,v projections by whole
+  heads (rank r: query heads [r H/N, (r+1) H/N) and the kv heads they read), the MLP's
+  up-projections (F/N rows each). No communication: each rank's heads and MLP slice are
+  complete on their own.
+- row-parallel (input features split): the attention output and the MLP's down
+  projection take this rank's heads / F slice and give a partial sum of the whole
+  output; one all-reduce per projection adds the ranks' partial sums, then the bias once.
+- K kv heads split K/N per rank; a multi-query model's single kv head is kept whole on
+  every rank (Falcon-7B: 1 K and 1 V head, 2 D values per token, cheaper than splitting).
+- vocabulary-parallel: embeddings and LM head hold ceil(V/N) rows each; a lookup takes
+  rows from their owner (all-reduce of one non-zero term, exact), the head's logit
+  slices are gathered into a whole row for sampling.
+- norms and the row-parallel biases: whole on every rank.
+
+`SHARDS` maps the HF tensor names of each registered architecture to their kind; a rank
+reads only the slice its kind gives (`tensor_slices`), straight from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from falconet.errors import FalconetError
+from falconet.models.registry import ModelConfig, for_config
+from falconet.quant import get_format
+
+
+class TensorParallelError(FalconetError):
+    """A model or setting tensor parallelism cannot run, or a rank that failed."""
+
+
+# kinds of tensor (how rank r of N holds it)
+OUT = "out"  # output features (rows) split N ways: column-parallel
+IN = "in"  # input features (columns) split N ways: row-parallel
+KV = "kv"  # kv-head rows: split, or whole when there is a single kv head
+QKV = "qkv"  # Falcon's fused QKV: this rank's query heads and kv heads
+VOCAB = "vocab"  # vocabulary rows, ceil(V/N) per rank
+# anything not listed: whole on every rank
+
+SHARDS: dict[str, dict[str, str]] = {
+    "falcon": {
+        "transformer.word_embeddings.weight": VOCAB,
+        "lm_head.weight": VOCAB,
+        "*.self_attention.query_key_value.*": QKV,
+        "*.self_attention.dense.weight": IN,
+        "*.mlp.dense_h_to_4h.*": OUT,
+        "*.mlp.dense_4h_to_h.weight": IN,
+    },
+    "llama": {
+        "model.embed_tokens.weight": VOCAB,
+        "lm_head.weight": VOCAB,
+        "*.self_attn.q_proj.*": OUT,
+        "*.self_attn.k_proj.*": KV,
+        "*.self_attn.v_proj.*": KV,
+        "*.self_attn.o_proj.weight": IN,
+        "*.mlp.gate_proj.*": OUT,
+        "*.mlp.up_proj.*": OUT,
+        "*.mlp.down_proj.weight": IN,
+    },
+}
+
+# modules whose output is a partial sum over ranks (all-reduced, then the bias added)
+ROW_PARALLEL: dict[str, tuple[str, ...]] = {
+    "falcon": ("*.self_attention.dense", "*.mlp.dense_4h_to_h"),
+    "llama": ("*.self_attn.o_proj", "*.mlp.down_proj"),
+}
+
+
+def kind_of(arch: str, name: str) -> str | None:
+    """The shard kind of HF tensor `name`, None when every rank holds it whole."""
+    return next((k for p, k in SHARDS[arch].items() if fnmatchcase(name, p)), None)
+
+
+def is_row_parallel(arch: str, module: str) -> bool:
+    return any(fnmatchcase(module, p) for p in ROW_PARALLEL[arch])
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = None) -> None:
+    """Raise TensorParallelError when `config` cannot be split over `world` ranks; called
+    before any worker starts."""
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise TensorParallelError(f"--tp must be a positive integer, got {world!r}")
+    arch = for_config(config).name
+    if arch not in SHARDS:
+        raise TensorParallelError(
+            f"tensor parallelism covers Falcon and Llama-style (Falcon3) models; a "
+            f"{config.variant} model ({arch}) runs with --tp 1"
+        )
+    if config.alibi:
+        raise TensorParallelError(
+            "tensor parallelism needs rotary positions; a falcon-rw (ALiBi) model runs with --tp 1"
+        )
+    if getattr(config, "bitnet", None) is not None:
+        raise TensorParallelError("ternary (BitNet) checkpoints run with --tp 1 for now")
+    H, K, F = config.num_attention_heads, config.kv_heads, config.ffn_size
+    for what, n in (("num_attention_heads", H), ("kv heads", K), ("the MLP size", F)):
+        if what == "kv heads" and n == 1:
+            continue  # multi-query: the one kv head is kept whole on every rank
+        if n % world:
+            sizes = [d for d in divisors(H) if K % d == 0 or K == 1]
+            raise TensorParallelError(
+                f"--tp {world}: {what} {n} is not divisible by {world}; use a tensor-parallel "
+                f"size that divides the heads and kv heads ({', '.join(map(str, sizes))})"
+            )
+    if quant is not None:
+        block = get_format(quant).block_size
+        inner = {"attention output": H * config.head_dim, "MLP down projection": F}
+        for what, n in inner.items():
+            if (n // world) % block:
+                raise TensorParallelError(
+                    f"--tp {world} with {quant}: the {what}'s {n // world} input features per "
+                    f"rank are not a whole number of {block}-value blocks; use a smaller --tp"
+                )
+
+
+class ShardConfig:
+    """The config one rank's modules are built from: its share of the heads and of the
+    MLP, everything else the model's own config (read through). The KV cache a rank
+    keeps follows it too: K/N kv heads (the whole one for multi-query)."""
+
+    def __init__(self, full: ModelConfig, world: int) -> None:
+        self.full = full
+        self.world = world
+        self.num_attention_heads = full.num_attention_heads // world
+        self.kv_heads = 1 if full.kv_heads == 1 else full.kv_heads // world
+        self.num_key_value_heads = self.kv_heads  # the Llama name
+        self.head_dim = full.head_dim
+        self.ffn_size = full.ffn_size // world
+        self.intermediate_size = self.ffn_size  # the Llama name
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
+
+    def __getattr__(self, name: str) -> Any:  # only for what is not set above
+        return getattr(self.full, name)
+
+    def __repr__(self) -> str:
+        return f"ShardConfig({self.world} ranks of {self.full!r})"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank `rank` of `world`."""
+
+    rank: int
+    world: int
+
+    def split(self, n: int) -> slice:
+        """This rank's part of n items split evenly."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def vocab(self, vocab_size: int) -> slice:
+        """This rank's vocabulary rows: ceil(V/N) each, the last rank maybe fewer."""
+        per = -(-vocab_size // self.world)
+        return slice(min(vocab_size, self.rank * per), min(vocab_size, (self.rank + 1) * per))
+
+
+def tensor_slices(
+    arch: str, name: str, shape: tuple[int, ...], *, config: ModelConfig, shard: Shard
+) -> list[tuple[slice, ...]]:
+    """The index tuples of HF tensor `name` (HF shape `shape`) that `shard` holds, to be
+    concatenated along dim 0 in this order. [(slice(None),)] is the whole tensor."""
+    kind = kind_of(arch, name)
+    whole = slice(None)
+    if kind is None or shard.world == 1:
+        return [(whole,)]
+    if kind == OUT:
+        return [(shard.split(shape[0]),)]
+    if kind == IN:
+        return [(whole, shard.split(shape[1]))]
+    if kind == VOCAB:
+        return [(shard.vocab(shape[0]),)]
+    if kind == KV:
+        return [(whole,)] if config.kv_heads == 1 else [(shard.split(shape[0]),)]
+    # QKV: the HF rows are K groups of (H/K query heads, 1 key head, 1 value head)
+    # (regroup_qkv in models/falcon.py), so a rank's kv heads and the query heads that read
+    # them are one contiguous run of groups; with one kv head, the query rows are split
+    # and the key and value rows kept whole.
+    H, K, D = config.num_attention_heads, config.kv_heads, config.head_dim
+    if K == 1:
+        q = shard.split(H * D)
+        return [(q,), (slice(H * D, (H + 2) * D),)]
+    return [(shard.split(shape[0]),)]
