@@ -213,7 +213,7 @@ class PagedKVCache:
         return self.prefix.match(self._keys(seq), seq.prompt_len)
 
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> PackedStep:
-        segments = [Segment(p.seq.table, p.past, p.length, p.rope_len) for p in parts]
+        segments = [Segment(p.seq.table, p.past, p.length, p.rope_len, p.as_decode) for p in parts]
         return PackedStep(self, segments, dtype)
 
     def snapshot(self, seqs: list[PooledSequence]) -> None:
@@ -249,6 +249,7 @@ class Segment:
     past: int
     length: int
     rope_len: int  # sequence length for dynamic RoPE scaling (the whole prompt while prefilling)
+    as_decode: bool = False  # attend one query at a time (a speculative verify, StepPart)
     start: int = 0  # offset of the new tokens in the packed row
     new_slots: torch.Tensor = field(default=None, repr=False)  # (T,)
     all_slots: torch.Tensor = field(default=None, repr=False)  # (S,)
@@ -298,8 +299,27 @@ class PackedStep:
             else:
                 keys = k_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]  # (1, K, S, D)
                 values = v_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]
-            outs.append(attend(q[:, :, new], keys, values, seg.mask))
+            if seg.as_decode:
+                outs += _attend_as_decode(q[:, :, new], keys, values, seg)
+            else:
+                outs.append(attend(q[:, :, new], keys, values, seg.mask))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _attend_as_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg: Segment
+) -> list[torch.Tensor]:
+    """Each of the T new queries attends alone to its S' = past + i + 1 keys: the
+    shapes (and so the bits) of the decode step it verifies. One SDPA over all T with a
+    causal mask sums in another order, which could flip a greedy argmax."""
+    outs = []
+    for i in range(seg.length):
+        S = seg.past + i + 1
+        mask = AttentionMask(None)  # a decode step's: no mask but for ALiBi's bias
+        if seg.mask.mask is not None and seg.mask.mask.is_floating_point():
+            mask = AttentionMask(seg.mask.mask[:, :, i : i + 1, :S].contiguous())
+        outs.append(attend(q[:, :, i : i + 1], keys[:, :, :S], values[:, :, :S], mask))
+    return outs
 
 
 def _segment_mask(

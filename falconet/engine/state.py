@@ -64,6 +64,9 @@ class StepPart:
     past: int
     length: int
     rope_len: int  # sequence length for dynamic RoPE scaling (attention pools only)
+    # a speculative verify: each new token attends to the keys before it one query at a
+    # time, as the decode step it stands for would (attention pools only; speculative.py)
+    as_decode: bool = False
 
 
 @dataclass(frozen=True)
