@@ -12,6 +12,7 @@ from falconet.cli.common import (
     UsageError,
     add_model_flags,
     add_sampling_flags,
+    add_speculative_flags,
     announce,
     load_model,
     sampling_params,
@@ -27,6 +28,7 @@ def add_parsers(sub) -> None:
     gen.add_argument("prompt")
     add_model_flags(gen)
     add_sampling_flags(gen, max_tokens=64)
+    add_speculative_flags(gen)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument(
         "--json",
@@ -49,6 +51,7 @@ def add_parsers(sub) -> None:
     chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
     add_model_flags(chat)
     add_sampling_flags(chat, max_tokens=256)
+    add_speculative_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
 
 

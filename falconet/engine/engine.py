@@ -258,6 +258,11 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, **kwargs) -> Engine:
+        """An engine for an `LLM`, with its speculative settings unless told others."""
+        if "speculative" not in kwargs:
+            kwargs["speculative"] = llm.speculative
+            kwargs.setdefault("draft_model", llm.draft.model if llm.draft else None)
+            kwargs.setdefault("draft_tokens", llm.draft_tokens)
         return cls(llm.model, llm.tokenizer, llm.eos_ids, **kwargs)
 
     # ---- the faces' side ------------------------------------------------------------
