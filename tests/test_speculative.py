@@ -92,7 +92,7 @@ def mixed_params(prompts: list[list[int]], stops: dict[int, int]) -> list[Sampli
     out = []
     for i, p in enumerate(prompts):
         kind = i % 6
-        kw: dict = dict(max_tokens=(20, 5, 27, 17, 12, 2)[kind], ignore_eos=True)
+        kw: dict = dict(max_tokens=(16, 5, 20, 14, 10, 2)[kind], ignore_eos=True)
         if kind == 1:
             kw.update(repetition_penalty=1.3, logprobs=3)
         elif kind == 2:
@@ -189,7 +189,7 @@ def expected_pairs(llm, prompt: list[int], params: SamplingParams) -> dict:
 
 
 def test_sampled_tokens_follow_the_plain_distribution(tiny_llms):
-    """2000 seeded samples of the first two tokens with speculation on -- the second
+    """1000 seeded samples of the first two tokens with speculation on -- the second
     comes from a verify step: the draft accepted, or a token resampled without it --
     against the exact distribution plain sampling draws from (`Sampler.sample`: the
     softmax of the processed logits, here with temperature, top-k, top-p and a
@@ -203,13 +203,13 @@ def test_sampled_tokens_follow_the_plain_distribution(tiny_llms):
                             repetition_penalty=1.05, ignore_eos=True)  # fmt: skip
     expected = expected_pairs(llm, prompt, params)
     assert len(expected) == 9 and max(expected.values()) < 0.8
-    n = 2000
+    n = 1000
     seeded = [replace(params, seed=i) for i in range(n)]
     e = Engine.from_llm(llm, max_batch=64, max_queue=n, max_context=64)
     counts = Counter(tuple(c.token_ids[:2]) for c in e.generate([prompt] * n, seeded))
     assert chi_square_p(counts, expected, n) > 1e-3
     stats = e.stats()
-    assert 300 < stats.accepted_draft_tokens < stats.draft_tokens - 300
+    assert 200 < stats.accepted_draft_tokens < stats.draft_tokens - 150
 
 
 def test_a_wrong_draft_is_never_emitted_when_the_model_rules_it_out(tiny_llms):
@@ -301,7 +301,8 @@ def test_recurrent_and_dynamic_rope_models_run_without_speculation(tmp_path, hf_
     e = Engine.from_llm(dyn, max_batch=2, max_context=64)
     assert e.speculative is None and "dynamic RoPE" in e.speculative_off
     with pytest.raises(GenerationError, match="attention model"):
-        Engine.from_llm(dyn, speculative="draft_model", draft_model=mamba.model)
+        target = falconet.load(hf_checkpoints["7b"][1])
+        Engine.from_llm(target, speculative="draft_model", draft_model=mamba.model)
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():

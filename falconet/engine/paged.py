@@ -156,9 +156,15 @@ class PagedKVCache:
             table.append(block)
 
     def release(self, seq: PooledSequence) -> None:
+        self.trim(seq, 0)
+
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        """Give back the blocks of `seq` past its first `tokens` tokens: all of them when
+        it is done, the blocks only rejected drafts reached after a speculative verify."""
+        keep = self.blocks_for(tokens)
         # last block first: LIFO for the free list, and the tail of a cached prefix
         # becomes the least recently used, so it is evicted before the head
-        for block in reversed(seq.table):
+        for block in reversed(seq.table[keep:]):
             self._refs[block] -= 1
             if self._refs[block] > 0:
                 continue  # another sequence still reads it
@@ -166,7 +172,7 @@ class PagedKVCache:
                 self.prefix.park(block)
             else:
                 self._free.append(block)
-        seq.table.clear()
+        del seq.table[keep:]
 
     # ---- prefix cache -----------------------------------------------------------------
     def lookup(self, seq: PooledSequence) -> tuple[int, int]:

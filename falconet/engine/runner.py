@@ -269,6 +269,7 @@ class ModelRunner:
         want = seq.params.logprobs is not None
         v = verify(self._sampler(seq, logits), logits, drafted, want)
         seq.cached -= len(drafted) - v.accepted
+        self.pool.trim(seq, seq.cached)  # blocks follow the kept length, as without drafts
         self.drafted += len(drafted)
         self.accepted += v.accepted
         seq.last_token = v.tokens[-1]

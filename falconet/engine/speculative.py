@@ -20,10 +20,11 @@ probability p(x), else draw from p with x removed, renormalised; every emitted t
 then distributed as plain sampling's. p is the request's processed distribution (bias,
 penalties, temperature, top-k/top-p/min-p), exactly as the sampler builds it.
 
-The K/V a verify forward writes for rejected drafts stay in the blocks past the
-sequence's `cached` length: attention never reads past it and the next step overwrites
-them. Each verified position attends as its decode step would, one query at a time
-(paged.py `as_decode`), so its logits are bit for bit plain decoding's.
+The K/V a verify forward writes for rejected drafts stay past the sequence's `cached`
+length: attention never reads past it, the next step overwrites them, and blocks that
+only rejected drafts reached go back to the pool (`trim`). Each verified position
+attends as its decode step would, one query at a time (paged.py `as_decode`), so its
+logits are bit for bit plain decoding's.
 
 Drafters:
     PromptLookup  the latest earlier occurrence of the sequence's last n tokens (n = 3,

@@ -112,6 +112,10 @@ class StatePool(Protocol):
         """Give back everything `seq` holds (finished or cancelled)."""
         ...
 
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        """Give back what `seq` holds past its first `tokens` tokens (rejected drafts)."""
+        ...
+
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> Any:
         """The state context `model.forward_packed` reads and writes for these parts."""
         ...
@@ -254,6 +258,9 @@ class SSMSlotPool:
         seq.slot = self._free.pop()
         self.conv[:, seq.slot].zero_()
         self.ssm[:, seq.slot].zero_()
+
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        pass  # one slot whatever the length
 
     def release(self, seq: PooledSequence) -> None:
         if seq.slot is not None:
