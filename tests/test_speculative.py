@@ -232,10 +232,12 @@ def test_a_wrong_draft_is_never_emitted_when_the_model_rules_it_out(tiny_llms):
 @pytest.fixture(scope="module")
 def target_and_draft(tmp_path_factory, tiny_llms) -> tuple[falconet.LLM, falconet.LLM]:
     """The tiny Falcon-7B and a smaller model (1 layer, hidden 32) of the same vocabulary
-    trained on the same SPAN, so its greedy drafts are often right."""
+    trained on SPAN with its last token changed: its greedy drafts are mostly right, and
+    wrong at that token."""
     llm = tiny_llms["falcon_7b"]
+    almost = SPAN[:-1] + [SPAN[0]]
     small = memorize(build_hf_model("7b", seed=2, num_hidden_layers=1, hidden_size=32),
-                     SPAN * 4, steps=30)  # fmt: skip
+                     almost * 4, steps=30)  # fmt: skip
     folder = save_hf_model(small, tmp_path_factory.mktemp("draft"))
     return llm, falconet.load(folder, dtype="float32")
 

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from falconet.engine.scheduler import Units, Work
-from falconet.engine.speculative import Drafter, request_off_reason, verify
+from falconet.engine.speculative import (
+    Drafter,
+    first_budget,
+    next_budget,
+    request_off_reason,
+    verify,
+)
 from falconet.engine.state import StatePool, StepPart
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs, prompt_logprobs
 
@@ -66,6 +72,7 @@ class SequenceState:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     output: list[int] = field(default_factory=list)  # tokens generated so far
     speculates: bool | None = None  # decided at its first decode step (speculative.py)
+    draft_budget: int = 0  # drafts to ask for next (speculative.next_budget), 0: not yet
     draft_state: Any = None  # the drafter's own state for it
 
     def __post_init__(self) -> None:
@@ -166,7 +173,8 @@ class ModelRunner:
                 continue
             if seq.speculates is None:
                 seq.speculates = request_off_reason(seq.params) is None
-            limit = min(self.drafter.num_tokens, seq.params.max_tokens - len(seq.output) - 1)
+                seq.draft_budget = first_budget(self.drafter.num_tokens)
+            limit = min(seq.draft_budget, seq.params.max_tokens - len(seq.output) - 1)
             if seq.speculates and limit > 0:
                 at.append(i)
                 seqs.append(seq)
@@ -269,6 +277,7 @@ class ModelRunner:
         want = seq.params.logprobs is not None
         v = verify(self._sampler(seq, logits), logits, drafted, want)
         seq.cached -= len(drafted) - v.accepted
+        seq.draft_budget = next_budget(seq.draft_budget, len(drafted), v.accepted, self.drafter)
         self.pool.trim(seq, seq.cached)  # blocks follow the kept length, as without drafts
         self.drafted += len(drafted)
         self.accepted += v.accepted

@@ -128,6 +128,22 @@ def make_drafter(
     return drafter, None
 
 
+def first_budget(num_tokens: int) -> int:
+    """Drafts a sequence asks for at its first decode step: half the most, so a
+    sequence that never copies wastes little before its budget falls."""
+    return max(1, num_tokens // 2)
+
+
+def next_budget(budget: int, drafted: int, accepted: int, drafter: Drafter) -> int:
+    """The draft length schedule of transformers' assisted generation ("heuristic"):
+    two more after a step that accepted every draft, one fewer otherwise, within
+    [1, num_tokens]. Rejected drafts cost verify rows; a sequence that copies earns
+    longer drafts, one that does not falls to a single draft a step."""
+    if accepted == drafted:
+        return min(drafter.num_tokens, budget + 2)
+    return max(1, budget - 1)
+
+
 class SpeculatingSequence(Protocol):
     """What a drafter reads of a sequence (runner.SequenceState)."""
 
