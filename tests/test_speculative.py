@@ -14,7 +14,14 @@ import torch
 
 import falconet
 from falconet.engine import Engine
-from falconet.engine.speculative import NgramIndex
+from falconet.engine.speculative import (
+    PAUSE_STEPS,
+    NgramIndex,
+    PromptLookup,
+    first_budget,
+    next_budget,
+    pause_step,
+)
 from falconet.errors import GenerationError
 from falconet.sampling import Sampler, SamplingParams
 from tests.conftest import (
@@ -318,6 +325,23 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert index.propose(4) == []
     index.extend(tokens, [4, 77, 6])  # n = 1 fallback: what followed the latest 6
     assert index.propose(8) == [7, 8, 2, 3, 4, 77, 6]
+
+
+def test_draft_length_grows_on_success_and_pauses_on_failure():
+    drafter = PromptLookup(num_tokens=8)
+    budget = first_budget(8)
+    assert budget == 4
+    budget = next_budget(budget, 4, 4, drafter)  # all accepted: +2
+    assert budget == 6
+    assert next_budget(8, 8, 8, drafter) == 8  # capped
+    budget = next_budget(budget, 6, 2, drafter)  # some rejected: -1
+    assert budget == 5
+    assert next_budget(1, 1, 1, drafter) == 3
+    budget = next_budget(1, 1, 0, drafter)  # the single draft failed: pause
+    steps = 0
+    while budget < 1:
+        budget, steps = pause_step(budget), steps + 1
+    assert budget == 1 and steps == PAUSE_STEPS + 1
 
 
 # ---- CLI ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from falconet.engine.speculative import (
     Drafter,
     first_budget,
     next_budget,
+    pause_step,
     request_off_reason,
     verify,
 )
@@ -174,6 +175,9 @@ class ModelRunner:
             if seq.speculates is None:
                 seq.speculates = request_off_reason(seq.params) is None
                 seq.draft_budget = first_budget(self.drafter.num_tokens)
+            if seq.draft_budget < 1:  # paused after drafts that kept failing
+                seq.draft_budget = pause_step(seq.draft_budget)
+                continue
             limit = min(seq.draft_budget, seq.params.max_tokens - len(seq.output) - 1)
             if seq.speculates and limit > 0:
                 at.append(i)

@@ -134,14 +134,27 @@ def first_budget(num_tokens: int) -> int:
     return max(1, num_tokens // 2)
 
 
+# Steps a sequence skips drafting after its single draft was rejected.
+PAUSE_STEPS = 4
+
+
 def next_budget(budget: int, drafted: int, accepted: int, drafter: Drafter) -> int:
     """The draft length schedule of transformers' assisted generation ("heuristic"):
     two more after a step that accepted every draft, one fewer otherwise, within
     [1, num_tokens]. Rejected drafts cost verify rows; a sequence that copies earns
-    longer drafts, one that does not falls to a single draft a step."""
+    longer drafts, one that does not falls to a single draft a step, and when that one
+    fails too it pauses: a budget of -n means n + 1 steps without drafts
+    (`pause_step`)."""
     if accepted == drafted:
         return min(drafter.num_tokens, budget + 2)
+    if budget <= 1 and accepted == 0:
+        return -PAUSE_STEPS
     return max(1, budget - 1)
+
+
+def pause_step(budget: int) -> int:
+    """The budget after a decode step taken without drafts while paused (budget < 1)."""
+    return budget + 1
 
 
 class SpeculatingSequence(Protocol):
