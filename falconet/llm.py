@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from falconet.engine import Engine
+from falconet.engine.speculative import DEFAULT_DRAFT_TOKENS
 from falconet.errors import CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion
 from falconet.models.base import CausalLM
@@ -247,6 +248,10 @@ class LLM:
             )
         self.eos_ids = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)))
         self._engine: Engine | None = None
+        # speculative decoding (engine/speculative.py): prompt lookup unless told otherwise
+        self.speculative: str | None = "prompt_lookup"
+        self.draft: LLM | None = None
+        self.draft_tokens = DEFAULT_DRAFT_TOKENS
 
     @property
     def config(self) -> ModelConfig:
@@ -258,16 +263,34 @@ class LLM:
         if close is not None:
             close()
 
+    def set_speculative(
+        self, on: bool = True, draft: LLM | None = None, tokens: int = DEFAULT_DRAFT_TOKENS
+    ) -> None:
+        """Speculative decoding for this LLM's engine: on (the default) drafts by prompt
+        lookup, or with `draft`, a smaller model of the same tokenizer (e.g. Falcon3-1B
+        for Falcon3-10B); off decodes one token per step. Outputs are the same either
+        way (greedy: the same tokens; sampled: the same distribution)."""
+        if draft is not None:
+            if not on:
+                raise GenerationError("a draft model drafts for speculative decoding; turn it on")
+            if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
+                raise GenerationError(
+                    f"the draft model {draft.path} has another tokenizer than {self.path}; "
+                    "its tokens would mean other text"
+                )
+        self.speculative = None if not on else "draft_model" if draft else "prompt_lookup"
+        self.draft, self.draft_tokens = draft, tokens
+        self._engine = None  # the next call builds an engine with these settings
+
     def engine(self, context: int = 0) -> Engine:
         """The engine this LLM drives, with room for `context` tokens per sequence (the
         model's context at least; ALiBi and scaled-RoPE models may go past it, as in
         transformers, so a longer request gets a larger engine)."""
         need = max(context, self.config.max_position_embeddings)
         if self._engine is None or self._engine.max_context < need:
-            self._engine = Engine(
-                self.model, self.tokenizer, self.eos_ids,
-                max_batch=self.MAX_BATCH, max_queue=1 << 20, max_context=need,
-            )  # fmt: skip
+            self._engine = Engine.from_llm(
+                self, max_batch=self.MAX_BATCH, max_queue=1 << 20, max_context=need
+            )
         return self._engine
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

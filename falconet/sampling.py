@@ -358,6 +358,10 @@ class Sampler:
     def __len__(self) -> int:
         return len(self.params)
 
+    def generator(self, row: int) -> torch.Generator:
+        """Row `row`'s random stream (speculative verification draws from it too)."""
+        return self._generators[row]
+
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The user's logits processors, then penalties for every row, then temperature/
         top-k/top-p/min-p for sampled rows (HF's order). Greedy rows come back penalised

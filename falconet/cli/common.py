@@ -43,6 +43,19 @@ def add_tp_flag(p: argparse.ArgumentParser) -> None:
                    "and N GPUs); under torchrun, N is the job's total process count")  # fmt: skip
 
 
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
+                   help="draft tokens by looking up the text so far in the prompt (or with "
+                   "--draft) and check them in one forward: the same output, faster where "
+                   "answers copy from the prompt (RAG, code edits). Default on; off by itself "
+                   "for Falcon-Mamba and Falcon-H1 (a recurrent state cannot be rolled back) "
+                   "and for requests with structured output")  # fmt: skip
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that drafts the tokens "
+                   "(e.g. Falcon3-1B for Falcon3-10B), loaded like --model")  # fmt: skip
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -80,11 +93,16 @@ def sampling_params(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace):
+    """The model the flags name, with the speculative-decoding flags applied where the
+    command has them (a --draft model loads with the same dtype and device)."""
     import falconet
 
     tp = getattr(args, "tp", 1)
     if tp != 1:
         follow_if_not_rank0(args, tp)
+    draft_path = getattr(args, "draft", None)
+    if draft_path is not None and not args.speculative:
+        raise UsageError("--draft drafts for speculative decoding; drop --no-speculative")
     progress, close = progress_bar("loading")
     try:
         llm = falconet.load(
@@ -98,6 +116,16 @@ def load_model(args: argparse.Namespace):
         pids = ", ".join(f"rank {i + 1} pid {pid}" for i, pid in enumerate(workers.pids()))
         print(f"falconet: tensor parallel over {tp} ranks: rank 0 pid {os.getpid()}, {pids}",
               file=sys.stderr, flush=True)  # fmt: skip
+    if hasattr(args, "speculative"):
+        draft = None
+        if draft_path is not None:
+            progress, close = progress_bar("loading the draft model")
+            try:
+                draft = falconet.load(draft_path, dtype=args.dtype, device=args.device,
+                                      progress=progress)  # fmt: skip
+            finally:
+                close()
+        llm.set_speculative(args.speculative, draft)
     return llm
 
 

@@ -12,6 +12,7 @@ from falconet.cli.common import (
     UsageError,
     add_model_flags,
     add_sampling_flags,
+    add_speculative_flags,
     add_tp_flag,
     announce,
     load_model,
@@ -29,6 +30,7 @@ def add_parsers(sub) -> None:
     add_model_flags(gen)
     add_tp_flag(gen)
     add_sampling_flags(gen, max_tokens=64)
+    add_speculative_flags(gen)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument(
         "--json",
@@ -52,6 +54,7 @@ def add_parsers(sub) -> None:
     add_model_flags(chat)
     add_tp_flag(chat)
     add_sampling_flags(chat, max_tokens=256)
+    add_speculative_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
 
 

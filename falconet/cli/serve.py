@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from falconet.cli.common import Out, add_model_flags, add_tp_flag, load_model
+from falconet.cli.common import (
+    Out,
+    add_model_flags,
+    add_speculative_flags,
+    add_tp_flag,
+    load_model,
+)
 from falconet.cli.rag import add_limit_flags, limits_from_args
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB
 from falconet.server import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, KEEP_ALIVE_S, SESSION_HOURS
@@ -15,6 +21,7 @@ def add_parsers(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     add_model_flags(serve)
     add_tp_flag(serve)
+    add_speculative_flags(serve)
     add_serve_flags(serve)
 
 

@@ -16,6 +16,12 @@ at the blocks it does not share with running sequences, admitted, handed the cac
 blocks and starts its prefill after them. Results stay bit for bit those without the
 cache. A pool that cannot share a prefix (a recurrent state) runs without, saying why in
 the log.
+
+Speculative decoding (`speculative=`, speculative.py; prompt lookup by default): a
+decoding sequence feeds drafted tokens after its last one and may gain several tokens a
+step, each delivered as its own Delta, exactly as plain decoding would have delivered
+them (greedy: the same tokens; sampled: the same distribution). A model that cannot
+roll its state back (a recurrent state) runs without, saying why in the log.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from falconet.engine.hybrid import HybridPool
 from falconet.engine.paged import PagedKVCache
 from falconet.engine.runner import Failed, ModelRunner, Sampled, SequenceState, describe
 from falconet.engine.scheduler import Budget, StepPlan, Units, add_units, schedule
+from falconet.engine.speculative import DEFAULT_DRAFT_TOKENS, make_drafter
 from falconet.engine.state import SSMSlotPool
 from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
@@ -105,6 +112,8 @@ class EngineStats:
     prefix_cached_blocks: int  # KV blocks holding a cached prefix (held or idle)
     prefix_query_tokens: int  # prompt tokens of admitted sequences that looked for a prefix
     prefix_hit_tokens: int  # of those, found cached and not computed
+    draft_tokens: int = 0  # tokens drafted for speculative decoding since the start
+    accepted_draft_tokens: int = 0  # of those, accepted by the model
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -192,11 +201,15 @@ class Engine:
         block_size: int = 16,
         kv_cache_tokens: int | None = None,
         prefix_cache: bool = True,
+        speculative: str | None = "prompt_lookup",
+        draft_model=None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> None:
         for name, value in (
             ("max_batch", max_batch),
             ("prefill_chunk", prefill_chunk),
             ("block_size", block_size),
+            ("draft_tokens", draft_tokens),
         ):
             if not isinstance(value, int) or value < 1:
                 raise GenerationError(f"{name} must be an int >= 1, got {value!r}")
@@ -226,7 +239,15 @@ class Engine:
             self.prefix_cache = self.prefix_cache_off is None
             if self.prefix_cache_off is not None:
                 log.info("prefix cache off for this model: %s", self.prefix_cache_off)
-        self.runner = ModelRunner(model, self.pool)
+        drafter, self.speculative_off = make_drafter(
+            speculative, model, self.pool, draft_model, draft_tokens,
+            max_batch=max_batch, max_context=self.max_context, block_size=block_size,
+            available=available_memory(model.device), memory_share=KV_MEMORY_SHARE,
+        )  # fmt: skip
+        self.speculative = speculative if drafter is not None else None
+        if self.speculative_off is not None:
+            log.info("speculative decoding off for this model: %s", self.speculative_off)
+        self.runner = ModelRunner(model, self.pool, drafter)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -237,6 +258,11 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, **kwargs) -> Engine:
+        """An engine for an `LLM`, with its speculative settings unless told others."""
+        if "speculative" not in kwargs:
+            kwargs["speculative"] = llm.speculative
+            kwargs.setdefault("draft_model", llm.draft.model if llm.draft else None)
+            kwargs.setdefault("draft_tokens", llm.draft_tokens)
         return cls(llm.model, llm.tokenizer, llm.eos_ids, **kwargs)
 
     # ---- the faces' side ------------------------------------------------------------
@@ -361,6 +387,8 @@ class Engine:
                 max_batch=self.max_batch,
                 max_queue=self.max_queue,
                 **asdict(self.pool.usage()),
+                draft_tokens=self.runner.drafted,
+                accepted_draft_tokens=self.runner.accepted,
             )
 
     def _new_sequence(
@@ -466,8 +494,8 @@ class Engine:
                 with self._lock:
                     self._finish(seq, Delta("", [], [], "length", **self._prompt_results(seq)))
         for s in results:
-            if isinstance(s, Failed):
-                continue
+            if isinstance(s, Failed) or s.seq not in self._running:
+                continue  # failed, or ended by an earlier token of a verify step
             try:
                 delta = self._text(s.seq, s.token, s.logprobs)
             except Exception as e:  # detokenizing this sequence's token: it alone ends
@@ -525,7 +553,7 @@ class Engine:
         """Remove a running (or waiting) sequence, free its state, end its stream."""
         if seq in self._running:
             self._running.remove(seq)
-            self.pool.release(seq)
+            self.runner.release(seq)
             elapsed = time.monotonic() - seq.started
             self._seconds_per_request += 0.2 * (elapsed - self._seconds_per_request)
         if last is not None:

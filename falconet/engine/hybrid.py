@@ -101,6 +101,9 @@ class HybridPool:
         self.kv.release(seq)
         self.ssm.release(seq)
 
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        self.kv.trim(seq, tokens)  # the SSM slot does not follow the length
+
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> HybridStep:
         return HybridStep(self.kv.packed_step(parts, dtype), self.ssm.packed_step(parts, dtype))
 

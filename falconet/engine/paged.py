@@ -165,9 +165,15 @@ class PagedKVCache:
             table.append(block)
 
     def release(self, seq: PooledSequence) -> None:
+        self.trim(seq, 0)
+
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        """Give back the blocks of `seq` past its first `tokens` tokens: all of them when
+        it is done, the blocks only rejected drafts reached after a speculative verify."""
+        keep = self.blocks_for(tokens)
         # last block first: LIFO for the free list, and the tail of a cached prefix
         # becomes the least recently used, so it is evicted before the head
-        for block in reversed(seq.table):
+        for block in reversed(seq.table[keep:]):
             self._refs[block] -= 1
             if self._refs[block] > 0:
                 continue  # another sequence still reads it
@@ -175,7 +181,7 @@ class PagedKVCache:
                 self.prefix.park(block)
             else:
                 self._free.append(block)
-        seq.table.clear()
+        del seq.table[keep:]
 
     # ---- prefix cache -----------------------------------------------------------------
     def lookup(self, seq: PooledSequence) -> tuple[int, int]:
@@ -222,7 +228,7 @@ class PagedKVCache:
         return self.prefix.match(self._keys(seq), seq.prompt_len)
 
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> PackedStep:
-        segments = [Segment(p.seq.table, p.past, p.length, p.rope_len) for p in parts]
+        segments = [Segment(p.seq.table, p.past, p.length, p.rope_len, p.as_decode) for p in parts]
         return PackedStep(self, segments, dtype)
 
     def snapshot(self, seqs: list[PooledSequence]) -> None:
@@ -258,6 +264,7 @@ class Segment:
     past: int
     length: int
     rope_len: int  # sequence length for dynamic RoPE scaling (the whole prompt while prefilling)
+    as_decode: bool = False  # attend one query at a time (a speculative verify, StepPart)
     start: int = 0  # offset of the new tokens in the packed row
     new_slots: torch.Tensor = field(default=None, repr=False)  # (T,)
     all_slots: torch.Tensor = field(default=None, repr=False)  # (S,)
@@ -276,15 +283,21 @@ class PackedStep:
         device = cache.k.device
         slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
         # Decode tokens (one new token after cached ones) attend through the compiled
-        # kernel, which reads their keys in the pool: no gather, no mask.
+        # kernel, which reads their keys in the pool: no gather, no mask. A speculative
+        # verify's tokens each attend as the decode step they stand for (same bits).
         fast = pooled_decode_applies(cache.k)
-        cos, sin, offset, decode = [], [], 0, []
+        cos, sin, offset = [], [], 0
+        rows, slots, lengths = [], [], []  # the decode rows: packed index, keys, key count
         for seg in segments:
             seg.start, offset = offset, offset + seg.length
             seg.new_slots = cache.slots(seg.table, seg.past, seg.past + seg.length)
             seg.all_slots = cache.slots(seg.table, 0, seg.past + seg.length)
-            if fast and seg.length == 1 and seg.past > 0:
-                decode.append(seg)
+            if fast and seg.past > 0 and (seg.length == 1 or seg.as_decode):
+                for i in range(seg.length):
+                    S = seg.past + i + 1
+                    rows.append(seg.start + i)
+                    slots.append(seg.all_slots[:S])
+                    lengths.append(S)
             else:
                 seg.mask = _segment_mask(seg, config, slopes, dtype, device)
             if not config.alibi:
@@ -297,16 +310,15 @@ class PackedStep:
         self.rope = (torch.cat(cos, dim=2), torch.cat(sin, dim=2)) if cos else None
         # every new token's slot, in packed order: one write per layer for the whole step
         self.new_slots = torch.cat([seg.new_slots for seg in segments])
-        self.decode = decode
+        self.decode = len(rows)
         self.others = [seg for seg in segments if seg.mask is not None]
-        if decode:
-            self.decode_rows = torch.tensor([seg.start for seg in decode])
-            self.decode_slots = torch.cat([seg.all_slots for seg in decode])
-            self.decode_starts = torch.tensor([0] + [seg.past + 1 for seg in decode]).cumsum(0)
+        if rows:
+            self.decode_rows = torch.tensor(rows)
+            self.decode_slots = torch.cat(slots)
+            self.decode_starts = torch.tensor([0] + lengths).cumsum(0)
             self.decode_bias = None
             if slopes is not None:  # the mask path's ALiBi bias, by key position
-                longest = max(seg.past + 1 for seg in decode)
-                positions = torch.arange(longest, device=device)[None]
+                positions = torch.arange(max(lengths), device=device)[None]
                 self.decode_bias = alibi_bias(slopes, positions, config.head_dim, dtype)[0, :, 0]
 
     def __call__(
@@ -316,7 +328,7 @@ class PackedStep:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # (slots, K, D)
         k_pool.index_copy_(0, self.new_slots, k[0].transpose(0, 1))  # (N, K, D)
         v_pool.index_copy_(0, self.new_slots, v[0].transpose(0, 1))
-        if not self.others:  # decode only (the common step): rows are the sequences
+        if not self.others:  # decode only (the common step): every packed row is a decode row
             out = self._decode(q, k_pool, v_pool)
             return out.transpose(0, 1)[None]
         outs = []
@@ -327,23 +339,50 @@ class PackedStep:
             else:
                 keys = k_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]  # (1, K, S, D)
                 values = v_pool.index_select(0, seg.all_slots).transpose(0, 1)[None]
-            outs.append(attend(q[:, :, new], keys, values, seg.mask))
+            if seg.as_decode:
+                outs += _attend_as_decode(q[:, :, new], keys, values, seg)
+            else:
+                outs.append(attend(q[:, :, new], keys, values, seg.mask))
         if not self.decode:
             return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         out = torch.empty_like(q)
         out[0, :, self.decode_rows] = self._decode(q, k_pool, v_pool).transpose(0, 1)
-        for seg, o in zip(self.others, outs, strict=True):
+        for seg, o in zip(self.others, _per_segment(outs, self.others), strict=True):
             out[:, :, seg.start : seg.start + seg.length] = o
         return out
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """The decode tokens' attention, (B, H, D), B = len(self.decode)."""
+        """The decode rows' attention, (B, H, D), B = self.decode."""
         rows = q[0].transpose(0, 1)  # (N, H, D)
-        if len(self.decode) != rows.shape[0]:
+        if self.decode != rows.shape[0]:
             rows = rows[self.decode_rows]
         return pooled_decode_attention(
             rows, k_pool, v_pool, self.decode_slots, self.decode_starts, self.decode_bias
         )
+
+
+def _per_segment(outs: list[torch.Tensor], segments: list[Segment]) -> list[torch.Tensor]:
+    """`outs` regrouped one tensor per segment (a verify attended as decode gives one
+    tensor per token)."""
+    if len(outs) == len(segments):
+        return outs
+    return list(torch.cat(outs, dim=2).split([seg.length for seg in segments], dim=2))
+
+
+def _attend_as_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg: Segment
+) -> list[torch.Tensor]:
+    """Each of the T new queries attends alone to its S' = past + i + 1 keys: the
+    shapes (and so the bits) of the decode step it verifies. One SDPA over all T with a
+    causal mask sums in another order, which could flip a greedy argmax."""
+    outs = []
+    for i in range(seg.length):
+        S = seg.past + i + 1
+        mask = AttentionMask(None)  # a decode step's: no mask but for ALiBi's bias
+        if seg.mask.mask is not None and seg.mask.mask.is_floating_point():
+            mask = AttentionMask(seg.mask.mask[:, :, i : i + 1, :S].contiguous())
+        outs.append(attend(q[:, :, i : i + 1], keys[:, :, :S], values[:, :, :S], mask))
+    return outs
 
 
 def _segment_mask(

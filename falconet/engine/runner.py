@@ -18,16 +18,30 @@ recurrent state, which a forward advances in place, is snapshot before a forward
 may be retried and restored before the retry. A sequence that starts from a cached
 prefix (prefix.py) has `cached` at the prefix's end when it first runs; its forwards
 write only after it, never into the shared blocks.
+
+Speculative decoding (speculative.py): with a drafter, a decoding sequence feeds its last
+token and the tokens drafted after it; its logits at each of those positions are
+verified in order and it emits the accepted drafts plus one token of its own, each as a
+`Sampled` of its own, in order. Its `cached` then counts only the positions it kept.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from falconet.engine.scheduler import Units, Work
+from falconet.engine.speculative import (
+    Drafter,
+    first_budget,
+    next_budget,
+    pause_step,
+    request_off_reason,
+    verify,
+)
 from falconet.engine.state import StatePool, StepPart
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs, prompt_logprobs
 
@@ -57,6 +71,10 @@ class SequenceState:
     # params.prompt_logprobs: prompt tokens 1.. scored as their chunks run (token 0 has
     # nothing before it), so only k + 1 numbers per token outlive the step
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)  # tokens generated so far
+    speculates: bool | None = None  # decided at its first decode step (speculative.py)
+    draft_budget: int = 0  # drafts to ask for next (speculative.next_budget), 0: not yet
+    draft_state: Any = None  # the drafter's own state for it
 
     def __post_init__(self) -> None:
         if self.reserve is None:
@@ -95,15 +113,24 @@ def describe(e: BaseException) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: StatePool) -> None:
-        self.model, self.pool = model, pool
+    def __init__(self, model, pool: StatePool, drafter: Drafter | None = None) -> None:
+        self.model, self.pool, self.drafter = model, pool, drafter
+        self.drafted = 0  # tokens drafted since the start
+        self.accepted = 0  # of those, accepted by the model
+
+    def release(self, seq: SequenceState) -> None:
+        """Give back everything a finished or cancelled `seq` holds."""
+        self.pool.release(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq)
 
     def execute(self, work: list[Work]) -> list[Sampled | Failed]:
         """One forward over the planned tokens, then sampling for the sequences whose
         prompt is done. Call inside `torch.inference_mode()` and `batch_invariant()`.
         Never raises for a sequence's fault: such a sequence comes back as `Failed`."""
+        drafts = self._draft(work)
         try:
-            logits, scored = self._forward(work)
+            logits, scored = self._forward(work, drafts)
         except Exception as e:
             if len(work) == 1:
                 log.warning("a sequence's forward failed alone: %s", describe(e))
@@ -116,7 +143,7 @@ class ModelRunner:
             return self.execute(work[:half]) + self.execute(work[half:])
         out: list[Sampled | Failed] = []
         at = 0
-        for seq, n, rows, samples in scored:
+        for (seq, n, rows, samples), drafted in zip(scored, drafts, strict=True):
             mine = logits[at : at + rows]
             at += rows
             try:
@@ -124,31 +151,74 @@ class ModelRunner:
                     self._keep_prompt_rows(seq, mine)
                 seq.cached += n
                 self.pool.commit(seq)  # its new full prompt blocks, for later sequences
-                if samples and seq.generates:
+                if drafted:
+                    out += self._verify(seq, mine, drafted)
+                elif samples and seq.generates:
                     out.append(self._sample(seq, mine[-1:]))
             except Exception as e:  # this sequence's sampling or processors: it alone ends
                 log.warning("sampling failed for one sequence: %s", describe(e))
                 out.append(Failed(seq, describe(e)))
         return out
 
-    def _forward(self, work: list[Work]) -> tuple[torch.Tensor, list[tuple]]:
+    def _draft(self, work: list[Work]) -> list[list[int] | None]:
+        """Drafted tokens per work item (None or [] where it does not speculate). A
+        draft never takes a sequence past max_tokens: the drafts and the model's own
+        token fit in what it may still generate, so its reserved state holds them."""
+        drafts: list[list[int] | None] = [None] * len(work)
+        if self.drafter is None:
+            return drafts
+        at, seqs, limits = [], [], []
+        for i, w in enumerate(work):
+            seq: SequenceState = w.seq  # type: ignore[assignment]
+            if seq.cached < seq.prompt_len or not seq.generates:
+                continue
+            if seq.speculates is None:
+                seq.speculates = request_off_reason(seq.params) is None
+                seq.draft_budget = first_budget(self.drafter.num_tokens)
+            if seq.draft_budget < 1:  # paused after drafts that kept failing
+                seq.draft_budget = pause_step(seq.draft_budget)
+                continue
+            limit = min(seq.draft_budget, seq.params.max_tokens - len(seq.output) - 1)
+            if seq.speculates and limit > 0:
+                at.append(i)
+                seqs.append(seq)
+                limits.append(limit)
+        if not seqs:
+            return drafts
+        try:
+            proposed = self.drafter.propose(seqs, limits)
+        except Exception as e:  # drafts only save time: the step goes on without them
+            log.warning("drafting failed (%s); this step decodes one token each", describe(e))
+            for seq in seqs:
+                self.drafter.release(seq)
+            return drafts
+        for i, d in zip(at, proposed, strict=True):
+            drafts[i] = d
+        return drafts
+
+    def _forward(
+        self, work: list[Work], drafts: list[list[int] | None]
+    ) -> tuple[torch.Tensor, list[tuple]]:
         """The packed forward; no sequence's state changes here but its pool handles
         (grown to the new length, which a retry finds already done) and, for a recurrent
         model, its state, which is restored when the forward raises."""
         parts, ids, logit_rows, scored = [], [], [], []
-        for w in work:
+        for w, drafted in zip(work, drafts, strict=True):
             seq: SequenceState = w.seq  # type: ignore[assignment]
             if seq.cached >= seq.prompt_len:  # decoding
-                tokens, rope_len = [seq.last_token], seq.cached + 1
+                tokens = [seq.last_token, *(drafted or ())]
+                rope_len = seq.cached + len(tokens)
             else:
                 tokens = seq.prompt[seq.cached : seq.cached + w.tokens]
                 rope_len = seq.prompt_len  # a chunked prompt rotates as one forward
             self.pool.grow(seq, seq.cached + len(tokens))
-            parts.append(StepPart(seq, seq.cached, len(tokens), rope_len))
+            parts.append(StepPart(seq, seq.cached, len(tokens), rope_len, bool(drafted)))
             start = len(ids)
             ids += tokens
             prefilling = seq.cached < seq.prompt_len
             rows = list(range(start, len(ids))) if prefilling and seq.keeps_prompt_rows else []
+            if drafted:  # every position verifies one token
+                rows = list(range(start, len(ids)))
             if w.samples and seq.generates and not rows:
                 rows = [len(ids) - 1]
             logit_rows += rows
@@ -184,15 +254,37 @@ class ModelRunner:
             if targets:
                 seq.prompt_logprobs += prompt_logprobs(rows, targets, k)
 
-    def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:
+    @staticmethod
+    def _sampler(seq: SequenceState, logits: torch.Tensor) -> Sampler:
         if seq.sampler is None:
             seq.sampler = Sampler(
                 [seq.params], [seq.prompt], logits.shape[-1], device=logits.device
             )
-        token = seq.sampler.sample(logits)
+        return seq.sampler
+
+    def _sample(self, seq: SequenceState, logits: torch.Tensor) -> Sampled:
+        sampler = self._sampler(seq, logits)
+        token = sampler.sample(logits)
         lps = []
         if seq.params.logprobs is not None:
-            lps = [seq.sampler.logprobs(logits, token)[0]]
-        seq.sampler.update(token)
+            lps = [sampler.logprobs(logits, token)[0]]
+        sampler.update(token)
         seq.last_token = int(token[0])
+        seq.output.append(seq.last_token)
         return Sampled(seq, seq.last_token, lps)
+
+    def _verify(
+        self, seq: SequenceState, logits: torch.Tensor, drafted: list[int]
+    ) -> list[Sampled]:
+        """The tokens a verify forward gives `seq` (its accepted drafts, then its own);
+        `cached` drops the positions of the rejected drafts."""
+        want = seq.params.logprobs is not None
+        v = verify(self._sampler(seq, logits), logits, drafted, want)
+        seq.cached -= len(drafted) - v.accepted
+        seq.draft_budget = next_budget(seq.draft_budget, len(drafted), v.accepted, self.drafter)
+        self.pool.trim(seq, seq.cached)  # blocks follow the kept length, as without drafts
+        self.drafted += len(drafted)
+        self.accepted += v.accepted
+        seq.last_token = v.tokens[-1]
+        seq.output += v.tokens
+        return [Sampled(seq, t, [v.logprobs[i]] if want else []) for i, t in enumerate(v.tokens)]

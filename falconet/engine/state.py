@@ -64,6 +64,9 @@ class StepPart:
     past: int
     length: int
     rope_len: int  # sequence length for dynamic RoPE scaling (attention pools only)
+    # a speculative verify: each new token attends to the keys before it one query at a
+    # time, as the decode step it stands for would (attention pools only; speculative.py)
+    as_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ class StatePool(Protocol):
 
     def release(self, seq: PooledSequence) -> None:
         """Give back everything `seq` holds (finished or cancelled)."""
+        ...
+
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        """Give back what `seq` holds past its first `tokens` tokens (rejected drafts)."""
         ...
 
     def packed_step(self, parts: list[StepPart], dtype: torch.dtype) -> Any:
@@ -251,6 +258,9 @@ class SSMSlotPool:
         seq.slot = self._free.pop()
         self.conv[:, seq.slot].zero_()
         self.ssm[:, seq.slot].zero_()
+
+    def trim(self, seq: PooledSequence, tokens: int) -> None:
+        pass  # one slot whatever the length
 
     def release(self, seq: PooledSequence) -> None:
         if seq.slot is not None:

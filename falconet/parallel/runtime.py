@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -84,8 +85,12 @@ class TensorParallelLM:
         self._pool: PagedKVCache | None = None
         self._serial = 0  # bumped when the engine builds a new pool: followers build theirs
         self._last = time.monotonic()
+        self._watchdog: threading.Thread | None = None
         if workers is not None:
-            threading.Thread(target=self._watch, name="falconet-tp-watchdog", daemon=True).start()
+            self._watchdog = threading.Thread(
+                target=self._watch, name="falconet-tp-watchdog", daemon=True
+            )
+            self._watchdog.start()
 
     def __getattr__(self, name: str):
         if name == "local":  # not set yet: no recursion
@@ -154,13 +159,14 @@ class TensorParallelLM:
                 except Exception as e:  # a worker that went meanwhile: nothing to stop
                     log.warning("stopping the tensor-parallel workers: %s", e)
         if self.workers is not None:
+            # The watchdog is the one thread that joins the process context (two threads
+            # joining it race on its sentinels); once it has seen `_closed` it is gone and
+            # the processes are joined here one by one.
+            if self._watchdog is not None:
+                self._watchdog.join(timeout=10 * WATCH_S)
             deadline = time.monotonic() + 30
-            try:
-                while not self.workers.join(timeout=0.5) and time.monotonic() < deadline:
-                    pass
-            except mp.ProcessException:
-                pass
             for p in self.workers.processes:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
                     p.kill()
         if dist.is_initialized():
@@ -228,6 +234,9 @@ class TensorParallelLM:
 
 
 # ---- the wire: one header, one payload per step ----------------------------------------
+SEGMENT_FIELDS = 5  # past, length, rope_len, as_decode, table length
+
+
 def _header(op: int, *fields: int) -> torch.Tensor:
     return torch.tensor([op, *fields, *[0] * (HEADER - 1 - len(fields))], dtype=torch.long)
 
@@ -238,7 +247,7 @@ def encode_step(
     """A packed step as two int64 tensors: what a follower needs to run the same forward."""
     segs = step.segments
     tables = [b for s in segs for b in s.table]
-    info = [v for s in segs for v in (s.past, s.length, s.rope_len, len(s.table))]
+    info = [v for s in segs for v in (s.past, s.length, s.rope_len, int(s.as_decode), len(s.table))]
     cache = step.cache
     header = _header(
         STEP, serial, cache.num_blocks, cache.block_size,
@@ -293,18 +302,23 @@ def follow(local: CausalLM) -> None:
             if op == PEAK_RSS:
                 _gather_peak_rss(device)
                 continue
-            payload = torch.empty(n_ids + 4 * n_segs + n_tables + n_rows, dtype=torch.long,
+            payload = torch.empty(n_ids + SEGMENT_FIELDS * n_segs + n_tables + n_rows, dtype=torch.long,
                                   device=device)  # fmt: skip
             dist.broadcast(payload, src=0)
             if new_serial != serial:  # the engine built a new pool: so do we (same blocks)
                 pool = PagedKVCache(local.config, blocks, block_size, local.compute_dtype, device)
                 serial = new_serial
-            ids, info, tables, rows = payload.split([n_ids, 4 * n_segs, n_tables, n_rows])
+            ids, info, tables, rows = payload.split(
+                [n_ids, SEGMENT_FIELDS * n_segs, n_tables, n_rows]
+            )
             info, tables = info.tolist(), tables.tolist()
             segments, at = [], 0
             for i in range(n_segs):
-                past, length, rope_len, n_table = info[4 * i : 4 * i + 4]
-                segments.append(Segment(tables[at : at + n_table], past, length, rope_len))
+                past, length, rope_len, as_decode, n_table = info[
+                    SEGMENT_FIELDS * i : SEGMENT_FIELDS * (i + 1)
+                ]
+                table = tables[at : at + n_table]
+                segments.append(Segment(table, past, length, rope_len, bool(as_decode)))
                 at += n_table
             step = PackedStep(pool, segments, local.compute_dtype)
             local.forward_packed(ids, step, rows)
@@ -409,7 +423,7 @@ def follow_checkpoint(
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, local_device, quant)
     dist.barrier()
     follow(local)
-    dist.destroy_process_group()
+    _leave()
 
 
 def _join_torchrun(world: int, device: torch.device, timeout: timedelta) -> None:
@@ -452,7 +466,16 @@ def _worker(
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant)
     dist.barrier()
     follow(local)
-    dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """A follower told to stop exits at once. It holds nothing to save, and tearing down
+    gloo while rank 0 tears down its side can abort the process ("terminate called
+    without an active exception"), which torchrun would report as the job's failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _exit_with_parent() -> None:

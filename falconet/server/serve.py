@@ -222,8 +222,12 @@ def serve(llm, settings: ServerSettings, say: Callable[[str], None], access=None
                     )
                 elif settings.state_dir is not None:
                     say(f"falconet: single-user mode: no users in {settings.state_dir}")
+                speculative = engine.speculative or "off"
+                if engine.speculative_off:  # asked for, but this model cannot roll back
+                    speculative += f": {engine.speculative_off}"
                 say(f"falconet serving {settings.model_name} on {_url(sock)} "
-                    f"(max batch {engine.max_batch}, prefix cache {prefix})")  # fmt: skip
+                    f"(max batch {engine.max_batch}, prefix cache {prefix}, "
+                    f"speculative decoding {speculative})")  # fmt: skip
 
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then restores these
     # handlers and raises the signal again: it then lands here rather than killing the
