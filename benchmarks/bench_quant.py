@@ -237,6 +237,9 @@ def make_runners(names, path: Path, ids: list[int], decode: int, threads: int) -
         import falconet
 
         llm = falconet.load(path)
+        # plain decoding, as llama.cpp does here: speculation (on by default) is measured
+        # by bench_speculative.py, and a random model's loops would make it look free
+        llm.set_speculative(False)
     for name in names:
         if name == "falconet direct":
             runners[name] = DirectRunner(llm, ids, decode)

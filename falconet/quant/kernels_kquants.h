@@ -415,7 +415,7 @@ AVX2 static void kq_rows_avx2(int type, const uint8_t *W, size_t row_bytes, int6
 
 /* ---- driver --------------------------------------------------------------------- */
 
-/* y[M, N] = x[M, K] @ W.T, any M. Each thread takes whole slices of ROW_CHUNK weight rows
+/* y[M, N] = x[M, K] @ W.T, any M. Each thread takes whole runs of weight rows
  * (a contiguous stretch of the file, streamed once) and passes every chunk of MAX_ROWS
  * activation rows over them while they sit in cache, so a prompt reads the weights
  * from memory once; how the rows are chunked never changes a row's arithmetic.
@@ -435,10 +435,16 @@ static int kq_gemm(int type, const uint8_t *W, int64_t N, int64_t K, const float
 #endif
         quantize_q8_K_ref(x + r * K, xq + r * nb, nb);
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n_units(N, ROW_CHUNK); c++) {
+    /* contiguous runs handed out as threads free up, as the x8 GEMV does (_kernels.c):
+     * long enough for the prefetchers, and a thread that loses its core to another
+     * process takes fewer runs instead of holding the step up. A row's arithmetic never
+     * depends on the schedule. */
+    int64_t per = N / ((int64_t)threads * X8_UNITS_PER_THREAD);
+    per = per < ROW_CHUNK ? ROW_CHUNK : per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < n_units(N, per); c++) {
         int64_t n0, n1;
-        unit_bounds(c, N, ROW_CHUNK, &n0, &n1);
+        unit_bounds(c, N, per, &n0, &n1);
         for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
             const int64_t m = M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS;
 #if HAVE_X86
