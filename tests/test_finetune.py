@@ -33,6 +33,7 @@ from falconet.train.sft_data import (
     read_sft_file,
 )
 from tests.conftest import (
+    build_falcon_h1_hf_model,
     build_falcon_mamba_hf_model,
     build_hf_model,
     build_llama_hf_model,
@@ -207,8 +208,14 @@ def test_full_finetune_of_falcon3_learns_and_loads_in_transformers(chat_data, tm
     assert torch.allclose(falconet.load(tmp_path / "out").logits(ids), theirs, atol=1e-4, rtol=0)
 
 
-def test_recurrent_model_trains_one_example_per_row(chat_data, tmp_path):
-    base = save_hf_model(build_falcon_mamba_hf_model("conv4_tied"), tmp_path / "base")
+@pytest.mark.parametrize("arch", ["falcon_mamba", "falcon_h1"])
+def test_recurrent_model_trains_one_example_per_row(arch, chat_data, tmp_path):
+    hf = (
+        build_falcon_mamba_hf_model("conv4_tied")
+        if arch == "falcon_mamba"
+        else build_falcon_h1_hf_model("gate_then_norm")
+    )
+    base = save_hf_model(hf, tmp_path / "base")
     logs: list[str] = []
     t = Finetuner(_settings(chat_data, base, tmp_path / "out", steps=20), log=logs.append)
     t.prepare()
@@ -217,6 +224,27 @@ def test_recurrent_model_trains_one_example_per_row(chat_data, tmp_path):
     before = _train_loss(t)
     t.run()
     assert _train_loss(t) < 0.7 * before
+    # the merged folder holds base + update for the recurrent layers too
+    ids = t.blocks.train[0, INPUTS][:20].astype(np.int64).tolist()
+    t.model.eval()
+    assert torch.allclose(
+        falconet.load(tmp_path / "out").logits(ids), t.model(torch.tensor([ids]))[0], atol=1e-4
+    )
+
+
+def test_bf16_autocast_and_an_eval_file(base, chat_data, tmp_path):
+    rng = random.Random(7)
+    held = _write_jsonl(tmp_path / "held.jsonl", [_chat(rng) for _ in range(6)])
+    t = Finetuner(
+        _settings(chat_data, base, tmp_path / "out", dtype="bfloat16", eval_data=str(held),
+                  eval_every=10, steps=20, save_adapter=True)
+    )  # fmt: skip
+    t.prepare()
+    assert len(t.blocks.val) >= 1 and t.n_examples == 40  # all 40 train, the file held out
+    before = t.evaluate()
+    final = t.run()
+    assert final["val_loss"] < 0.7 * before
+    assert [h["step"] for h in t.history if "val_loss" in h] == [10, 20]
 
 
 # ---- packing and labels -----------------------------------------------------------------
