@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import falconet
-from falconet.models.adapters import read_peft_adapter, to_model_rows
+from falconet.models.adapters import AdapterError, read_peft_adapter, to_model_rows
 from falconet.tokenizer import Tokenizer
 from falconet.train.data import DataError
 from falconet.train.finetune import Finetuner, FinetuneSettings, load_for_training
@@ -173,6 +173,34 @@ def test_adapter_loads_in_peft_with_equal_logits(lora_run, base):
         assert torch.allclose(
             merged_hf(torch.tensor([lora_run["ids"]])).logits[0], theirs, atol=1e-4
         )
+
+
+def test_a_malformed_adapter_folder_is_refused_by_name(lora_run, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(lora_run["adapter"], tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(AdapterError, match="use_dora = True is not supported"):
+        read_peft_adapter(folder)
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        read_peft_adapter(folder)
+
+
+def test_resume_refuses_other_settings(base, chat_data, tmp_path):
+    Finetuner(_settings(chat_data, base, tmp_path / "o", steps=2, checkpoint_every=1)).run()
+    with pytest.raises(
+        falconet.FalconetError, match="settings differ from the checkpoint's: lora$"
+    ):
+        Finetuner(
+            _settings(chat_data, base, tmp_path / "o", steps=4, lora=2), resume=True
+        ).prepare()
+    other = _write_jsonl(
+        tmp_path / "other.jsonl", chat_data.read_text().splitlines(keepends=True)[:-1]
+    )
+    with pytest.raises(falconet.FalconetError, match="the data differs"):
+        Finetuner(_settings(other, base, tmp_path / "o", steps=4), resume=True).prepare()
 
 
 def test_lora_targets_choose_the_layers(base, chat_data, tmp_path):

@@ -89,6 +89,7 @@ class FinetuneSettings:
             (self.lora_alpha > 0, "--lora-alpha must be positive"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (not self.save_adapter or self.lora > 0, "--save-adapter needs --lora RANK"),
+            (not self.lora_targets or self.lora > 0, "--lora-targets needs --lora RANK"),
             (self.block_size >= 2, "--block-size must be at least 2"),
             (self.batch_size > 0 and self.grad_accum > 0, "--batch-size and --grad-accum must be positive"),
             (self.steps > 0, "--steps must be positive"),
