@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from falconet.cli import access, batch, generate, models, perplexity, rag, serve, train
+from falconet.cli import access, batch, finetune, generate, models, perplexity, rag, serve, train
 from falconet.cli.common import EXIT_USAGE, Parser, UsageError
 from falconet.errors import FalconetError
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "info": models.cmd_info,
     "convert": models.cmd_convert,
     "train": train.cmd_train,
+    "finetune": finetune.cmd_finetune,
     "perplexity": perplexity.cmd_perplexity,
     "rag": rag.cmd_rag,
     "batch": batch.cmd_batch,
@@ -33,7 +34,7 @@ COMMANDS = {
 def build_parser() -> Parser:
     parser = Parser(prog="falconet", description="Run Falcon LLMs on your own machine.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (generate, serve, models, train, perplexity, access):
+    for module in (generate, serve, models, train, finetune, perplexity, access):
         module.add_parsers(sub)
     rag.add_rag_parser(sub, Parser)
     batch.add_batch_parser(sub, Parser)

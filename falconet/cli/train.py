@@ -59,23 +59,45 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, out: Out) -> int:
     import dataclasses
 
-    import torch
-    from tqdm import tqdm
-
     from falconet.train.trainer import Trainer, TrainSettings
 
     names = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra"}
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
-    if args.threads < 0:
+    set_threads(args.threads)
+    final = run_with_progress(
+        lambda log, on_step: Trainer(
+            settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
+        ),
+        settings.steps,
+        "train",
+    )
+    summary = f"step {final['step']}: train loss {final['loss']:.4f}"
+    if "val_loss" in final:
+        summary += f", held-out loss {final['val_loss']:.4f} (perplexity {final['val_ppl']:.2f})"
+    out(f"{summary}\nwrote {settings.out}\n")
+    return 0
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 0:
         raise FalconetError("--threads must be >= 0 (0: PyTorch's default)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_with_progress(make_trainer, steps: int, desc: str) -> dict:
+    """Run the trainer `make_trainer(log, on_step)` builds under a progress bar on stderr;
+    its final history record."""
+    from tqdm import tqdm
+
     bar = None
 
     def on_step(record: dict) -> None:
         nonlocal bar
         if bar is None:  # drawn from the first step on, so setup errors stay one line
-            bar = tqdm(total=settings.steps, initial=record["step"] - 1, desc="train", unit="step",
+            bar = tqdm(total=steps, initial=record["step"] - 1, desc=desc, unit="step",
                        dynamic_ncols=True, file=sys.stderr)  # fmt: skip
         post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tok_s']:.0f}"}
         if "val_ppl" in record:
@@ -86,16 +108,9 @@ def cmd_train(args: argparse.Namespace, out: Out) -> int:
     def log(msg: str) -> None:
         tqdm.write(f"falconet: {msg}", file=sys.stderr)
 
-    trainer = Trainer(
-        settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
-    )
+    trainer = make_trainer(log, on_step)
     try:
-        final = trainer.run()
+        return trainer.run()
     finally:
         if bar is not None:
             bar.close()
-    summary = f"step {final['step']}: train loss {final['loss']:.4f}"
-    if "val_loss" in final:
-        summary += f", held-out loss {final['val_loss']:.4f} (perplexity {final['val_ppl']:.2f})"
-    out(f"{summary}\nwrote {settings.out}\n")
-    return 0

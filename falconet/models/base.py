@@ -25,7 +25,14 @@ __all__ = ["CausalLM", "CheckpointLayout", "Rope"]
 import torch
 from torch import nn
 
-from falconet.nn.attention import AttentionStep, alibi_slopes, build_mask, rotary_cos_sin
+from falconet.nn.attention import (
+    AttentionMask,
+    AttentionStep,
+    alibi_bias,
+    alibi_slopes,
+    build_mask,
+    rotary_cos_sin,
+)
 from falconet.nn.cache import DenseStep, KVCache
 from falconet.nn.linear import Linear
 from falconet.weights.hf import CheckpointLayout
@@ -114,6 +121,40 @@ class CausalLM(nn.Module):
         x = self._embed_and_blocks(input_ids, rope, DenseStep(mask, cache, past))
         if last_only:
             x = x[:, -1:]
+        return self._head(x)  # (B, T, V)
+
+    def forward_segments(self, input_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Training on packed rows: input_ids (B, T) hold several sequences side by side,
+        segments (B, T) number them (1, 2, ... within a row; 0 = padding). Each token
+        attends only to the earlier tokens of its own segment and positions restart at 0
+        in every segment, so each sequence computes what it computes alone (fine-tuning's
+        packing, falconet/train/sft_data.py). -> logits (B, T, V)."""
+        if self.state_pool != "paged_kv":
+            raise TypeError(
+                f"{type(self).__name__} carries a recurrent state along a row; give it one "
+                "sequence per row (forward) instead of packed segments"
+            )
+        config = self.config
+        B, T = input_ids.shape
+        index = torch.arange(T, device=input_ids.device).expand(B, T)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+        positions = index - first  # (B, T): the offset inside the segment
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, S)
+        allowed = same & (index[:, None, :] <= index[:, :, None]) & (segments[:, None, :] > 0)
+        allowed |= torch.eye(T, dtype=torch.bool, device=input_ids.device)  # padding: no NaN row
+        allowed = allowed[:, None]  # (B, 1, T, S)
+        rope = None
+        if config.alibi:
+            slopes = alibi_slopes(config.num_attention_heads)
+            bias = alibi_bias(slopes, positions, config.head_dim, self.compute_dtype)
+            mask = AttentionMask(bias.masked_fill(~allowed, torch.finfo(self.compute_dtype).min))
+        else:
+            mask = AttentionMask(allowed)
+            rope_len = positions.max(dim=-1).values + 1
+            rope = rotary_cos_sin(config, positions, rope_len, self.compute_dtype)
+        x = self._embed_and_blocks(input_ids, rope, DenseStep(mask, None, 0))
         return self._head(x)  # (B, T, V)
 
     def forward_packed(

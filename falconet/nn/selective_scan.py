@@ -131,7 +131,7 @@ def torch_selective_scan(
         dA = torch.exp(dt_c * A)  # (B, L, E, N)
         dBu = (dt_c * B[:, start:end, None, :]) * u[:, start:end, :, None]  # (B, L, E, N)
         states = torch.empty_like(dA)
-        state = h
+        state = h.clone()  # h is written below: autograd keeps the copy
         for i in range(end - start):
             state = dA[:, i] * state + dBu[:, i]
             states[:, i] = state

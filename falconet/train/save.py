@@ -3,6 +3,8 @@
 config.json, model.safetensors (HF tensor names, the fused QKV in its HF layout, the
 tied head left out as transformers does), tokenizer.json, tokenizer_config.json,
 generation_config.json and an optional model card. The folder is published atomically.
+`save_like` writes any registered architecture in the shape of the folder it came from
+(fine-tuning's output).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from falconet.durable import atomic_write, atomic_write_text, publish_folder
+from falconet.durable import atomic_write, atomic_write_bytes, atomic_write_text, publish_folder
+from falconet.models.adapters import to_hf_rows
+from falconet.models.base import CausalLM
 from falconet.models.falcon import Falcon
 from falconet.models.falcon_config import FalconConfig
+from falconet.models.registry import for_config
 from falconet.tokenizer import Tokenizer
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -83,5 +88,50 @@ def save_hf(
         atomic_write(tmp / "tokenizer.json", lambda p: tokenizer.backend.save(str(p)))
         atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        if model_card:
+            atomic_write_text(tmp / "README.md", model_card)
+
+
+# Files of a model folder that are weights (or their index): rewritten, never copied.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def save_like(
+    model: CausalLM,
+    base_folder: Path,
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    model_card: str | None = None,
+) -> None:
+    """Publish `model` (any registered architecture) as a HF folder shaped like the one it
+    was loaded from: the base folder's config, tokenizer and other small files copied,
+    model.safetensors written from the model's parameters under the checkpoint's names
+    (rows put back in the checkpoint's order where loading reordered them)."""
+    config = model.config
+    layout = for_config(config).layout(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {}
+    for name in layout.shapes:
+        if name in layout.skipped:
+            continue
+        t = to_hf_rows(params[name].detach(), layout.transforms.get(name))
+        tensors[name] = t.to(dtype).contiguous()
+    hf_config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    hf_config["torch_dtype"] = DTYPE_NAMES[dtype]
+    with publish_folder(folder) as tmp:
+        for f in sorted(base_folder.iterdir()):
+            if not f.is_file() or f.suffix in WEIGHT_FILE_SUFFIXES or f.name in WEIGHT_INDEXES:
+                continue
+            if f.name in ("config.json", "README.md"):
+                continue
+            atomic_write_bytes(tmp / f.name, f.read_bytes())
+        atomic_write(
+            tmp / "model.safetensors",
+            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        )
+        atomic_write_text(
+            tmp / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+        )
         if model_card:
             atomic_write_text(tmp / "README.md", model_card)

@@ -201,6 +201,7 @@ def _check_paths(s: TrainSettings, overwrite: bool, resume: bool) -> None:
     if run.exists() and not run.is_dir():
         raise FalconetError(f"--run-dir {s.run_dir} is a file, not a folder")
     is_model = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    is_model = is_model or (out / "adapter_config.json").is_file()  # finetune --save-adapter
     if out.exists() and not overwrite and not (resume and is_model):  # a resumed run republishes
         what = "a model folder" if is_model else ("a file" if out.is_file() else "a folder")
         raise FalconetError(
@@ -433,15 +434,19 @@ class Trainer:
             self.save_checkpoint()
             raise
         final = self.history[-1]
-        card = model_card(s, final, len(self.blocks.train))
         try:
-            save_hf(self.model, self.tokenizer, self.out, getattr(torch, s.save_dtype), card)
+            self.publish(final)
         except OSError as e:
             raise FalconetError(
                 f"cannot write {self.out} ({e.strerror}); the checkpoint in {self.run_dir} is "
                 "intact: fix the problem and run again with --resume"
             ) from None
         return final
+
+    def publish(self, final: dict) -> None:
+        """Write the output folder once the last step is done."""
+        card = model_card(self.s, final, len(self.blocks.train))
+        save_hf(self.model, self.tokenizer, self.out, getattr(torch, self.s.save_dtype), card)
 
 
 def _backend_from_str(text: str):
