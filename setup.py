@@ -50,6 +50,8 @@ setup(
                 "falconet/quant/kernels_x8.h",
                 "falconet/quant/kernels_x8_tiles.h",
                 "falconet/quant/kernels_kquants.h",
+                "falconet/quant/kernels_kq_x8.h",
+                "falconet/quant/kernels_kq_x8_tiles.h",
                 "falconet/quant/kernels_kblocks.h",
                 "falconet/quant/kernels_quantize.h",
                 "falconet/quant/kernels_kquantize.h",

@@ -168,7 +168,7 @@ def test_kquant_rows_are_bit_identical_across_batches_paths_and_threads(name):
 
 
 def test_quant_linear_runs_kquant_blocks_in_place():
-    name, N, K = "q4_k", 16, 512
+    name, N, K = "q6_k", 16, 512  # a K-quant without an x8 layout
     fmt = get_format(name)
     blocks = torch.from_numpy(kquant_blocks(name, N, K, seed=3))
     bias = torch.randn(N)
@@ -179,6 +179,54 @@ def test_quant_linear_runs_kquant_blocks_in_place():
     assert layer.weight_blocks.data_ptr() == blocks.data_ptr() and layer.layout == "ggml"
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert torch.equal(layer.weight.data, blocks)
+
+
+def int8_dots() -> list[str]:
+    before = kernels.native.int8_dot()
+    try:
+        kernels.native.set_int8_dot("vnni")
+        return ["maddubs", "vnni"]
+    except ValueError:
+        return ["maddubs"]
+    finally:
+        kernels.native.set_int8_dot(before)
+
+
+@pytest.mark.skipif(
+    not kernels.x8_eligible(get_format("q4_k"), 8), reason="Q4_K x8 tiles need the AVX2 kernels"
+)
+def test_q4_k_x8_tiles_give_the_row_kernels_bits():
+    """A Q4_K layer repacks to x8 tiles at its first CPU forward and then computes exactly
+    what the row-major kernel computes on the file's blocks: every batch size, both int8
+    product paths, any thread count; the tiles turn back into the same blocks."""
+    name, N, K = "q4_k", 24, 768
+    fmt = get_format(name)
+    blocks = torch.from_numpy(kquant_blocks(name, N, K, seed=11))
+    x = activations(13, K, seed=11)
+    expected = kernels.kquant_linear(x, fmt, blocks, N)  # row-major, GGUF blocks
+    layer = QuantLinear(QuantTensor(fmt, blocks.clone(), (N, K)))
+    assert torch.equal(layer(x[:1]), expected[:1])
+    assert layer.layout == "x8" and not torch.equal(layer.weight_blocks, blocks)
+    before, threads = kernels.native.int8_dot(), torch.get_num_threads()
+    try:
+        for dot in int8_dots():
+            kernels.native.set_int8_dot(dot)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                assert torch.equal(layer(x), expected)
+                for M in (1, 3, 8, 9):
+                    assert torch.equal(layer(x[:M]), expected[:M])
+    finally:
+        kernels.native.set_int8_dot(before)
+        torch.set_num_threads(threads)
+    assert torch.equal(layer.weight.data, blocks)  # x8 -> GGML rows: the file's bytes
+    tiles = kernels.repack(fmt, blocks, K, to_x8=True)
+    assert tiles.shape == blocks.shape
+    assert torch.equal(kernels.repack(fmt, tiles, K, to_x8=False), blocks)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.native.kq_gemm_x8(12, tiles.data_ptr(), 20, K, x.data_ptr(), 1, x.data_ptr(), 1)
+    with pytest.raises(ValueError, match="Q4_K"):
+        kernels.native.kq_gemm_x8(14, tiles.data_ptr(), N, K, x.data_ptr(), 1, x.data_ptr(), 1)
 
 
 def test_kquant_kernel_refuses_bad_arguments():

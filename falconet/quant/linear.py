@@ -125,11 +125,14 @@ class QuantLinear(nn.Module):
         self.layout = "ggml"
         self.repack = repack
         self.mapped = weight.mapped
-        self._code = kernels.NATIVE_TYPES.get(self.fmt.name, 0)  # GGML type id for _kernels
+        self._code = kernels.X8_CODES.get(self.fmt.name, 0)  # GGML type id of the x8 kernel
         # the layout in which this weight is TQ2_0 rows the compiled kernel reads, if any
         self._tq2_layout = kernels.tq2_layout(self.fmt)
-        # K-quants run in their GGUF blocks (never repacked, so no layout switch to guard)
-        self._kquant = kernels.kquant_available(self.fmt)
+        # K-quants without an x8 layout run in their GGUF blocks (never repacked, so no
+        # layout switch to guard); Q4_K takes the layout switch below like Q4_0
+        self._kquant = (
+            kernels.kquant_available(self.fmt) and self.fmt.name not in kernels.KQ_X8_TYPES
+        )
         # modules reading the same blocks (a tied embedding); they follow a repack
         self.shared: list[nn.Module] = []
 
