@@ -23,8 +23,8 @@
  * the same two integers (maddubs for u*q, madd with the scales, integer sums: exact in
  * any order) and the same float steps in the same order as the portable path, so the
  * two agree bit for bit; and since every activation row runs those steps alone, a batch
- * equals each row sent by itself. The weights stay in the GGUF file's bytes: nothing is
- * repacked or dequantized.
+ * equals each row sent by itself. The weights stay in the GGUF file's blocks, never
+ * dequantized; Q4_K's are permuted into 8-row tiles (kernels_kq_x8.h) with the same bits.
  */
 
 /* block layouts and sizes: kernels_kblocks.h */
