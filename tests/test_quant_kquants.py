@@ -168,7 +168,7 @@ def test_kquant_rows_are_bit_identical_across_batches_paths_and_threads(name):
 
 
 def test_quant_linear_runs_kquant_blocks_in_place():
-    name, N, K = "q6_k", 16, 512  # a K-quant without an x8 layout
+    name, N, K = "q5_k", 16, 512  # a K-quant without an x8 layout
     fmt = get_format(name)
     blocks = torch.from_numpy(kquant_blocks(name, N, K, seed=3))
     bias = torch.randn(N)
@@ -193,13 +193,14 @@ def int8_dots() -> list[str]:
 
 
 @pytest.mark.skipif(
-    not kernels.x8_eligible(get_format("q4_k"), 8), reason="Q4_K x8 tiles need the AVX2 kernels"
+    not kernels.x8_eligible(get_format("q4_k"), 8), reason="K-quant x8 tiles need the AVX2 kernels"
 )
-def test_q4_k_x8_tiles_give_the_row_kernels_bits():
-    """A Q4_K layer repacks to x8 tiles at its first CPU forward and then computes exactly
-    what the row-major kernel computes on the file's blocks: every batch size, both int8
-    product paths, any thread count; the tiles turn back into the same blocks."""
-    name, N, K = "q4_k", 24, 768
+@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+def test_kquant_x8_tiles_give_the_row_kernels_bits(name):
+    """A Q4_K / Q6_K layer repacks to x8 tiles at its first CPU forward and then computes
+    exactly what the row-major kernel computes on the file's blocks: every batch size,
+    both int8 product paths, any thread count; the tiles turn back into the same blocks."""
+    N, K = 24, 768
     fmt = get_format(name)
     blocks = torch.from_numpy(kquant_blocks(name, N, K, seed=11))
     x = activations(13, K, seed=11)
@@ -223,10 +224,13 @@ def test_q4_k_x8_tiles_give_the_row_kernels_bits():
     tiles = kernels.repack(fmt, blocks, K, to_x8=True)
     assert tiles.shape == blocks.shape
     assert torch.equal(kernels.repack(fmt, tiles, K, to_x8=False), blocks)
+    code = kernels.KQUANT_TYPES[name]
     with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.native.kq_gemm_x8(12, tiles.data_ptr(), 20, K, x.data_ptr(), 1, x.data_ptr(), 1)
-    with pytest.raises(ValueError, match="Q4_K"):
-        kernels.native.kq_gemm_x8(14, tiles.data_ptr(), N, K, x.data_ptr(), 1, x.data_ptr(), 1)
+        kernels.native.kq_gemm_x8(code, tiles.data_ptr(), 20, K, x.data_ptr(), 1, x.data_ptr(), 1)
+    with pytest.raises(ValueError, match="Q4_K or Q6_K"):
+        kernels.native.kq_gemm_x8(13, tiles.data_ptr(), N, K, x.data_ptr(), 1, x.data_ptr(), 1)
+    with pytest.raises(ValueError, match="Q4_K \\(12\\) or Q6_K"):
+        kernels.native.kq_repack(13, tiles.data_ptr(), x.data_ptr(), N, K, False)
 
 
 def test_kquant_kernel_refuses_bad_arguments():

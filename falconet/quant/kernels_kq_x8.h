@@ -1,4 +1,4 @@
-/* Q4_K in interleaved 8-row tiles (kq x8). Included once by _kernels.c, after
+/* Q4_K and Q6_K in interleaved 8-row tiles (kq x8). Included once by _kernels.c, after
  * kernels_kquants.h (Q8_K activations, kq_step, the row schedule) and kernels_x8.h.
  *
  * The row-major K-quant kernel spends most of a decode step's instructions outside the
@@ -21,27 +21,45 @@
  * for bit, and any batch equals its rows alone.
  */
 
-#define KQ_X8_PIECES 32 /* 4-byte pieces of qs per row and super-block */
+/* A tile is runs of pieces, each run one field of the block: (offset in the block,
+ * bytes per piece, pieces, stride of the source); piece i of row r lands at the run's
+ * start + (8i + r) * bytes. Q6_K's quants go in the order the kernel reads them (the
+ * prefetchers follow a tile read front to back; three interleaved streams per tile
+ * halved the bandwidth): per p = 8h + k, ql piece 16h + k, ql piece 16h + 8 + k, qh
+ * piece 8h + k, one run each.
+ *   Q4_K: d | dmin | scales as 3 words | qs as 32 pieces         (offsets 0, 16, 32, 128)
+ *   Q6_K: d | scales as 4 words | (ql, ql, qh) x 16              (offsets 0, 16, 144) */
+typedef struct { int from, bytes, pieces; } kq_run;
+static const kq_run KQ_X8_Q4_K[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 32}, {0, 0, 0}};
+static kq_run KQ_X8_Q6_K[2 + 48 + 1] = {{208, 2, 1}, {192, 4, 4}}; /* the rest: kq_x8_init */
 
-/* Q4_K rows [N, nb blocks] -> kq x8 tiles, or back (to_x8 = 0). N % 8 == 0. */
-static void kq_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, int to_x8) {
-    const size_t bb = sizeof(block_q4_K), row_bytes = (size_t)nb * bb;
+static void kq_x8_init(void) {
+    for (int p = 0; p < 16; p++) {
+        const int h = p / 8, k = p % 8;
+        KQ_X8_Q6_K[2 + 3 * p] = (kq_run){4 * (16 * h + k), 4, 1};
+        KQ_X8_Q6_K[3 + 3 * p] = (kq_run){4 * (16 * h + 8 + k), 4, 1};
+        KQ_X8_Q6_K[4 + 3 * p] = (kq_run){128 + 4 * (8 * h + k), 4, 1};
+    }
+}
+
+static int kq_x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
+
+/* K-quant rows [N, nb blocks] -> kq x8 tiles, or back (to_x8 = 0). N % 8 == 0. */
+static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, int to_x8) {
+    const size_t bb = kq_block_bytes(type), row_bytes = (size_t)nb * bb;
+    const kq_run *runs = type == T_Q4_K ? KQ_X8_Q4_K : KQ_X8_Q6_K;
     for (int64_t g = 0; g < N / X8; g++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *tile = (uint8_t *)(to_x8 ? dst : src) + g * X8 * row_bytes + b * X8 * bb;
             for (int r = 0; r < X8; r++) {
                 uint8_t *block = (uint8_t *)(to_x8 ? src : dst) + (g * X8 + r) * row_bytes + b * bb;
-                /* (tile offset, block offset, bytes): d, dmin, the three scale words, qs */
-                for (int f = 0; f < 5 + KQ_X8_PIECES; f++) {
-                    size_t at, from, n;
-                    if (f < 2) {
-                        at = 16 * f + 2 * r, from = 2 * f, n = 2;
-                    } else if (f < 5) {
-                        at = 32 + 32 * (f - 2) + 4 * r, from = 4 + 4 * (f - 2), n = 4;
-                    } else {
-                        at = 128 + 32 * (f - 5) + 4 * r, from = 16 + 4 * (f - 5), n = 4;
+                size_t start = 0;
+                for (const kq_run *run = runs; run->bytes; start += (size_t)X8 * run->bytes * run->pieces, run++) {
+                    for (int i = 0; i < run->pieces; i++) {
+                        uint8_t *at = tile + start + ((size_t)X8 * i + r) * run->bytes;
+                        uint8_t *from = block + run->from + i * run->bytes;
+                        if (to_x8) memcpy(at, from, run->bytes); else memcpy(from, at, run->bytes);
                     }
-                    if (to_x8) memcpy(tile + at, block + from, n); else memcpy(block + from, tile + at, n);
                 }
             }
         }
@@ -65,12 +83,13 @@ static void kq_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, i
 #undef X8_VNNI
 #undef X8_NAME
 
-/* y[M, N] = x[M, K] @ W.T for Q4_K weights in kq x8 tiles, any M: kq_gemm's activation
- * rounding and schedule, 8 weight rows per unit of work. Returns -1 when the activation
- * buffer cannot be allocated. */
-static int kq_gemm_x8(const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M, float *y, int threads) {
+/* y[M, N] = x[M, K] @ W.T for Q4_K / Q6_K weights in kq x8 tiles, any M: kq_gemm's
+ * activation rounding and schedule, 8 weight rows per unit of work. Returns -1 when the
+ * activation buffer cannot be allocated. */
+static int kq_gemm_x8(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+                      int threads) {
     const int64_t nb = K / QK_K, groups = N / X8;
-    const size_t group_bytes = (size_t)X8 * nb * sizeof(block_q4_K);
+    const size_t group_bytes = (size_t)X8 * nb * kq_block_bytes(type);
     block_q8_K *xq = malloc(sizeof(block_q8_K) * (size_t)(M * nb > 0 ? M * nb : 1));
     if (!xq) return -1;
     (void)threads;
@@ -83,7 +102,7 @@ static int kq_gemm_x8(const uint8_t *W, int64_t N, int64_t K, const float *x, in
     for (int64_t c = 0; c < n_units(groups, per); c++) {
         int64_t g0, g1;
         unit_bounds(c, groups, per, &g0, &g1);
-        (use_vnni ? kq_groups_x8_vnni : kq_groups_x8_avx2)(W, group_bytes, g0, g1, nb, xq, M, N, y);
+        (use_vnni ? kq_groups_x8_vnni : kq_groups_x8_avx2)(type, W, group_bytes, g0, g1, nb, xq, M, N, y);
     }
     free(xq);
     return 0;

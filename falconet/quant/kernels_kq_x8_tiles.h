@@ -1,11 +1,11 @@
-/* The Q4_K x8 tile loops, included twice by kernels_kq_x8.h: AVX2's maddubs + madd
- * (X8_VNNI 0) and AVX-512 VNNI's vpdpbusd (X8_VNNI 1), each compiled for its own
+/* The Q4_K / Q6_K x8 tile loops, included twice by kernels_kq_x8.h: AVX2's maddubs +
+ * madd (X8_VNNI 0) and AVX-512 VNNI's vpdpbusd (X8_VNNI 1), each compiled for its own
  * instruction set (X8_TARGET) under its own names (X8_NAME). Both sum the same products
- * exactly in int32: 8 maddubs pair sums of 4-bit x int8 reach 8 * 2 * 15 * 127, inside
- * int16. */
+ * exactly in int32: 8 maddubs pair sums of 4-bit x int8 reach 8 * 2 * 15 * 127, 2 of 6-bit
+ * x int8 2 * 2 * 63 * 127, inside int16. */
 
 /* 8 rows (one group) against M activation rows, lane r = weight row r. */
-X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_x8)(
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q4_K)(
     const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
@@ -73,10 +73,87 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_x8)
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
 
+/* Q6_K: 16 groups of 16 values with int8 scales, u = ql nibble | 2 qh bits << 4, offset
+ * 32. Piece k of ql[64h..] / ql[64h+32..] / qh[32h..] holds values 4k..4k+3 of the four
+ * 32-value runs 128h + 32j (j = 0..3: ql0 low, ql1 low, ql0 high, ql1 high; qh bits 2j). */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_K)(
+    const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
+    __m256 acc[MAX_ROWS];
+    for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, tiles += X8 * sizeof(block_q6_K)) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
+        __m256i s[16]; /* group g's int8 scale of each row, sign-extended */
+        for (int w = 0; w < 4; w++) {
+            const __m256i word = _mm256_loadu_si256((const __m256i *)(tiles + 16 + 32 * w));
+            s[4 * w + 0] = _mm256_srai_epi32(_mm256_slli_epi32(word, 24), 24);
+            s[4 * w + 1] = _mm256_srai_epi32(_mm256_slli_epi32(word, 16), 24);
+            s[4 * w + 2] = _mm256_srai_epi32(_mm256_slli_epi32(word, 8), 24);
+            s[4 * w + 3] = _mm256_srai_epi32(word, 24);
+        }
+        const uint8_t *quants = tiles + 144; /* (ql, ql, qh) pieces of p = 8h + k, 96 B each */
+        for (int64_t r = 0; r < M; r++) {
+            const block_q8_K *x = xq + r * nb + b;
+            __m256i sumi = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                for (int half = 0; half < 2; half++) { /* pieces 4 half .. 4 half + 3: one group per run */
+                    __m256i dot[4];
+                    for (int j = 0; j < 4; j++) dot[j] = _mm256_setzero_si256();
+#if !X8_VNNI
+                    __m256i p16[4];
+#endif
+                    for (int k = 4 * half; k < 4 * half + 4; k++) {
+                        const uint8_t *piece = quants + 96 * (8 * h + k);
+                        const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
+                        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(piece + 32));
+                        const __m256i hb = _mm256_loadu_si256((const __m256i *)(piece + 64));
+                        __m256i u[4];
+                        u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+                        u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+                        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+                        u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                        for (int j = 0; j < 4; j++) {
+                            const __m256i xv = bcast4(x->qs + 128 * h + 32 * j + 4 * k);
+#if X8_VNNI
+                            dot[j] = _mm256_dpbusd_epi32(dot[j], u[j], xv);
+#else
+                            /* two pieces' pair sums (2 * 2 * 63 * 127) still fit int16 */
+                            const __m256i p = _mm256_maddubs_epi16(u[j], xv);
+                            if (k % 2 == 0) {
+                                p16[j] = p;
+                            } else {
+                                dot[j] = _mm256_add_epi32(
+                                    dot[j], _mm256_madd_epi16(_mm256_add_epi16(p16[j], p), _mm256_set1_epi16(1)));
+                            }
+#endif
+                        }
+                    }
+                    for (int j = 0; j < 4; j++) {
+                        const int g = 8 * h + 2 * j + half;
+                        const __m256i t = _mm256_sub_epi32(dot[j], _mm256_set1_epi32(32 * x->bsums[g]));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(t, s[g]));
+                    }
+                }
+            }
+            /* kq_step, lane by lane, with Q6_K's zero dmin and summ as the row kernel has them */
+            const __m256 dx = _mm256_set1_ps(x->d);
+            const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sumi)),
+                                           _mm256_mul_ps(_mm256_mul_ps(zero, dx), zero));
+            acc[r] = _mm256_add_ps(acc[r], t);
+        }
+    }
+    for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
+}
+
 /* Groups g0..g1 against all M activation rows, MAX_ROWS rows at a time: a group's tiles
  * stay in cache while every row chunk passes (a prompt reads the weights once). */
-X8_TARGET static void X8_NAME(kq_groups_x8)(const uint8_t *W, size_t group_bytes, int64_t g0, int64_t g1,
-                                            int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
+X8_TARGET static void X8_NAME(kq_groups_x8)(int type, const uint8_t *W, size_t group_bytes, int64_t g0,
+                                            int64_t g1, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N,
+                                            float *y) {
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *tiles = W + g * group_bytes;
         for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
@@ -84,7 +161,10 @@ X8_TARGET static void X8_NAME(kq_groups_x8)(const uint8_t *W, size_t group_bytes
             const block_q8_K *x = xq + r0 * nb;
             float *out = y + r0 * N + X8 * g;
             /* a constant row count for the decode step: its loop compiles on its own */
-            m == 1 ? X8_NAME(kq_group_x8)(tiles, nb, x, 1, N, out) : X8_NAME(kq_group_x8)(tiles, nb, x, m, N, out);
+            if (type == T_Q4_K)
+                m == 1 ? X8_NAME(kq_group_q4_K)(tiles, nb, x, 1, N, out) : X8_NAME(kq_group_q4_K)(tiles, nb, x, m, N, out);
+            else
+                X8_NAME(kq_group_q6_K)(tiles, nb, x, m, N, out);
         }
     }
 }
