@@ -15,7 +15,14 @@ from falconet.errors import AdapterError, GenerationError
 from falconet.models.adapters import read_peft_adapter
 from falconet.sampling import SamplingParams
 from tests.adapter_tools import FALCON_TARGETS, LLAMA_TARGETS, make_peft_adapter, peft_logits
-from tests.conftest import build_hf_model, build_llama_hf_model, save_hf_model
+from tests.conftest import (
+    FALCON_H1_VARIANTS,
+    build_falcon_h1_hf_model,
+    build_falcon_mamba_hf_model,
+    build_hf_model,
+    build_llama_hf_model,
+    save_hf_model,
+)
 
 IDS = [5, 17, 42, 99, 7, 300, 12, 64, 201, 33, 8, 150]
 
@@ -166,6 +173,36 @@ def test_adapters_on_quantized_base(falcon, qtype):
     quant_base.add_adapter("a", a_dir)
     quant_base.add_adapter("b", b_dir)
     batch_equals_alone(quant_base)
+
+
+# The recurrent architectures' linear layers PEFT may target (it refuses out_proj and
+# conv1d on Mamba-based models).
+RECURRENT = {
+    "falcon_mamba": (lambda: build_falcon_mamba_hf_model("conv4_tied"), ["in_proj", "x_proj", "dt_proj"]),
+    "falcon_h1": (
+        lambda: build_falcon_h1_hf_model(next(iter(FALCON_H1_VARIANTS))),
+        [*LLAMA_TARGETS, "in_proj"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", RECURRENT)
+def test_recurrent_architectures(arch, tmp_path):
+    """Falcon-Mamba and Falcon-H1: the same logits as PEFT's model with the adapter merged
+    (transformers' Mamba mixer reads dt_proj.weight directly, so PEFT's unmerged dt_proj
+    update is skipped there; merged, it counts, as it does here), and batch == alone."""
+    build, targets = RECURRENT[arch]
+    hf = build()
+    base = save_hf_model(hf, tmp_path / "base")
+    a = make_peft_adapter(hf, tmp_path / "a", targets, seed=1)
+    make_peft_adapter(hf, tmp_path / "b", targets[:1], seed=2)
+    want = peft_logits(a.merge_and_unload(), IDS)
+    llm = falconet.load(base)
+    llm.add_adapter("a", tmp_path / "a")
+    llm.add_adapter("b", tmp_path / "b")
+    torch.testing.assert_close(llm.engine().score([IDS], "a")[0], want, rtol=0, atol=1e-4)
+    assert (want - peft_logits(hf, IDS)).abs().max() > 0.1
+    batch_equals_alone(llm)
 
 
 def test_unknown_adapter_is_refused(falcon):
