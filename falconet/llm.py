@@ -25,7 +25,7 @@ from falconet.models.card import (
     gguf_card,
     read_card,
 )
-from falconet.models.checkpoint import load_hf_weights, read_config
+from falconet.models.checkpoint import LAYOUTS, load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
 from falconet.nn.linear import Linear
 from falconet.nn.lora import LoRALayers, merge
@@ -113,6 +113,7 @@ def load(
         raise AdapterError("LoRA adapters run with tp=1 (one process)")
     peft = read_peft_adapter(adapter)  # a bad folder fails before the slow load
     llm = _load(path, dtype, device, progress, quant, tp, on_worker_failure)
+    llm.check_adapter_base()
     layers = adapter_layers(peft, llm.model)
     if all(isinstance(llm.model.get_submodule(n), Linear) for n in layers):
         merge(llm.model, layers)
@@ -323,8 +324,7 @@ class LLM:
         requests that name it (`Engine.submit(adapter=name)`, the server's model id) get
         its update, the others the base, in the same batches. AdapterError for a folder
         that is malformed or does not fit this model."""
-        if not isinstance(self.model, CausalLM):
-            raise AdapterError("LoRA adapters run with tp=1 (one process)")
+        self.check_adapter_base()
         if not isinstance(name, str) or not name:
             raise AdapterError(f"an adapter needs a non-empty name, got {name!r}")
         peft = adapter if isinstance(adapter, PeftAdapter) else read_peft_adapter(adapter)
@@ -333,6 +333,20 @@ class LLM:
             self.adapters = LoRALayers(self.model)
         self.adapters.add(name, layers)
         self._engine = None  # the next call builds an engine that knows it
+
+    def check_adapter_base(self) -> None:
+        """AdapterError unless this model's layers compute what the HF checkpoint's do,
+        which an adapter's updates assume: one process, and not a GGUF file whose layout
+        stores other values than the checkpoint (Falcon-H1's muP multipliers folded into
+        the weights would leave the updates unscaled)."""
+        if not isinstance(self.model, CausalLM):
+            raise AdapterError("LoRA adapters run with tp=1 (one process)")
+        layout = LAYOUTS.get(for_config(self.config).gguf_architecture)
+        if self.path is not None and _is_gguf(self.path) and hasattr(layout, "file_config"):
+            raise AdapterError(
+                f"{self.path}: a {layout.TITLE} GGUF file holds its multipliers folded into "
+                "the weights, which LoRA updates do not expect; load the Hugging Face folder"
+            )
 
     def engine(self, context: int = 0) -> Engine:
         """The engine this LLM drives, with room for `context` tokens per sequence (the

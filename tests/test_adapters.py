@@ -175,6 +175,40 @@ def test_adapters_on_quantized_base(falcon, qtype):
     batch_equals_alone(quant_base)
 
 
+def test_adapter_on_a_gguf_file(falcon, tmp_path):
+    """A q8_0 GGUF written from the base takes the adapter as the quantized-at-load base
+    does: beside its block weights, batch == alone; a GGUF Falcon-H1 (multipliers folded
+    into the weights) is refused."""
+    from falconet.convert import convert_hf_to_gguf
+
+    _, base, adapters = falcon
+    path = tmp_path / "base-q8_0.gguf"
+    convert_hf_to_gguf(base, path, "q8_0")
+    gguf = falconet.load(path, adapter=adapters["a"][1])
+    assert gguf.adapters is not None  # block weights: not merged
+    float_a = falconet.load(base, adapter=adapters["a"][1])
+    gguf_base, float_base = falconet.load(path), falconet.load(base)
+    base_error = (gguf_base.logits(IDS) - float_base.logits(IDS)).abs().max()
+    assert (gguf.logits(IDS) - float_a.logits(IDS)).abs().max() <= 2 * base_error
+    for name, (_, folder) in adapters.items():
+        gguf_base.add_adapter(name, folder)
+    batch_equals_alone(gguf_base)
+
+
+def test_gguf_falcon_h1_is_refused(tmp_path):
+    from falconet.convert import convert_hf_to_gguf
+
+    # no linear biases, gate then norm: a model llama.cpp (so GGUF) can hold
+    hf = build_falcon_h1_hf_model(
+        "gate_then_norm", dict(mamba_rms_norm=True, mamba_norm_before_gate=False)
+    )
+    base = save_hf_model(hf, tmp_path / "base")
+    make_peft_adapter(hf, tmp_path / "a", ["q_proj"], seed=1)
+    convert_hf_to_gguf(base, tmp_path / "h1.gguf", "f32")
+    with pytest.raises(AdapterError, match="multipliers folded"):
+        falconet.load(tmp_path / "h1.gguf", adapter=tmp_path / "a")
+
+
 # The recurrent architectures' linear layers PEFT may target (it refuses out_proj and
 # conv1d on Mamba-based models).
 RECURRENT = {
