@@ -118,6 +118,8 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
     )  # fmt: skip
     access = open_access(settings)  # a bad users file is refused before the slow load
     adapters = read_adapters(args.adapter, name)  # and a bad adapter folder
+    if adapters and args.tp != 1:
+        raise UsageError("--adapter runs with --tp 1 (LoRA updates in one process)")
     llm = load_model(args)  # the server's startup log names its family and licence
     for adapter_name, adapter in adapters.items():
         llm.add_adapter(adapter_name, adapter)
