@@ -212,7 +212,10 @@ def test_gguf_falcon_h1_is_refused(tmp_path):
 # The recurrent architectures' linear layers PEFT may target (it refuses out_proj and
 # conv1d on Mamba-based models).
 RECURRENT = {
-    "falcon_mamba": (lambda: build_falcon_mamba_hf_model("conv4_tied"), ["in_proj", "x_proj", "dt_proj"]),
+    "falcon_mamba": (
+        lambda: build_falcon_mamba_hf_model("conv4_tied"),
+        ["in_proj", "x_proj", "dt_proj"],
+    ),
     "falcon_h1": (
         lambda: build_falcon_h1_hf_model(next(iter(FALCON_H1_VARIANTS))),
         [*LLAMA_TARGETS, "in_proj"],

@@ -158,7 +158,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            # safe_open has no __iter__: keys() it is
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -187,8 +188,8 @@ def _module(path: Path, module: str, a: torch.Tensor, b: torch.Tensor, config: d
     for t, part in ((a, "lora_A"), (b, "lora_B")):
         if t.ndim != 2 or not t.is_floating_point():
             raise AdapterError(
-                f"{path}: {module}.{part} is {t.dtype} {tuple(t.shape)}; expected a 2-D float matrix "
-                "(a LoRA of a Linear layer)"
+                f"{path}: {module}.{part} is {t.dtype} {tuple(t.shape)}; expected a 2-D float "
+                "matrix (a LoRA of a Linear layer)"
             )
     if a.shape[0] != r or b.shape[1] != r:
         raise AdapterError(
