@@ -78,3 +78,9 @@ class BatchError(FalconetError):
 class AccessError(FalconetError):
     """A users, collections, sessions or audit-log problem: a bad name, an unknown user, a
     state folder that cannot be used, an audit log that does not verify."""
+
+
+class AdapterError(FalconetError):
+    """A LoRA adapter folder that cannot be used with this model (missing or malformed
+    adapter_config.json, a PEFT method other than LoRA, tensors that do not fit the base),
+    or a request naming an adapter that is not loaded."""

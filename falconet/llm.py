@@ -14,8 +14,9 @@ import torch
 
 from falconet.engine import Engine
 from falconet.engine.speculative import DEFAULT_DRAFT_TOKENS
-from falconet.errors import CheckpointError, FalconetError, GenerationError
+from falconet.errors import AdapterError, CheckpointError, FalconetError, GenerationError
 from falconet.generate import Completion
+from falconet.models.adapters import PeftAdapter, adapter_layers, read_peft_adapter
 from falconet.models.base import CausalLM
 from falconet.models.card import (
     GGUF_LICENCE_KEYS,
@@ -24,8 +25,10 @@ from falconet.models.card import (
     gguf_card,
     read_card,
 )
-from falconet.models.checkpoint import load_hf_weights, read_config
+from falconet.models.checkpoint import LAYOUTS, load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
+from falconet.nn.linear import Linear
+from falconet.nn.lora import LoRALayers, merge
 from falconet.parallel import check_tensor_parallel
 from falconet.parallel import start as start_tensor_parallel
 from falconet.quant.plan import check_quant_type
@@ -85,6 +88,7 @@ def load(
     quant: str | None = None,
     tp: int = 1,
     on_worker_failure: Callable[[str], None] | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a model: a HF folder (Falcon, or Llama for Falcon3), a .gguf file, or None for
     the embedded default model. The config's model_type picks the classes (models/registry.py).
@@ -98,7 +102,36 @@ def load(
     process is rank 0 and starts the others (gloo on CPU, NCCL with device="cuda"; under
     `torchrun` it joins the job instead). on_worker_failure(message) is called, from a
     watchdog thread, when a worker dies; call `LLM.close()` to stop the workers.
+
+    adapter: a PEFT LoRA adapter folder applied to every call. Over float weights it is
+    merged into them (no cost per token); over quantized ones it runs beside them
+    (`LLM.add_adapter`). To serve several adapters, use `add_adapter` for each.
     """
+    if adapter is None:
+        return _load(path, dtype, device, progress, quant, tp, on_worker_failure)
+    if tp != 1:
+        raise AdapterError("LoRA adapters run with tp=1 (one process)")
+    peft = read_peft_adapter(adapter)  # a bad folder fails before the slow load
+    llm = _load(path, dtype, device, progress, quant, tp, on_worker_failure)
+    llm.check_adapter_base()
+    layers = adapter_layers(peft, llm.model)
+    if all(isinstance(llm.model.get_submodule(n), Linear) for n in layers):
+        merge(llm.model, layers)
+    else:  # quantized (or ternary) layers: the update runs beside them
+        llm.add_adapter(peft.folder.resolve().name, peft)
+        llm.adapter = peft.folder.resolve().name
+    return llm
+
+
+def _load(
+    path: str | os.PathLike | None,
+    dtype: str,
+    device: str,
+    progress: Callable[[int, int], None] | None,
+    quant: str | None,
+    tp: int,
+    on_worker_failure: Callable[[str], None] | None,
+) -> LLM:
     if quant is not None:
         quant = check_quant_type(quant)
     if path is not None and not str(path):
@@ -252,6 +285,10 @@ class LLM:
         self.speculative: str | None = "prompt_lookup"
         self.draft: LLM | None = None
         self.draft_tokens = DEFAULT_DRAFT_TOKENS
+        # LoRA adapters served beside the base (nn/lora.py) and the one this LLM's own
+        # calls use (None: the base model)
+        self.adapters: LoRALayers | None = None
+        self.adapter: str | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -281,6 +318,35 @@ class LLM:
         self.speculative = None if not on else "draft_model" if draft else "prompt_lookup"
         self.draft, self.draft_tokens = draft, tokens
         self._engine = None  # the next call builds an engine with these settings
+
+    def add_adapter(self, name: str, adapter: str | os.PathLike | PeftAdapter) -> None:
+        """Serve the PEFT LoRA adapter folder `adapter` as `name` beside the base model:
+        requests that name it (`Engine.submit(adapter=name)`, the server's model id) get
+        its update, the others the base, in the same batches. AdapterError for a folder
+        that is malformed or does not fit this model."""
+        self.check_adapter_base()
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"an adapter needs a non-empty name, got {name!r}")
+        peft = adapter if isinstance(adapter, PeftAdapter) else read_peft_adapter(adapter)
+        layers = adapter_layers(peft, self.model)
+        if self.adapters is None:
+            self.adapters = LoRALayers(self.model)
+        self.adapters.add(name, layers)
+        self._engine = None  # the next call builds an engine that knows it
+
+    def check_adapter_base(self) -> None:
+        """AdapterError unless this model's layers compute what the HF checkpoint's do,
+        which an adapter's updates assume: one process, and not a GGUF file whose layout
+        stores other values than the checkpoint (Falcon-H1's muP multipliers folded into
+        the weights would leave the updates unscaled)."""
+        if not isinstance(self.model, CausalLM):
+            raise AdapterError("LoRA adapters run with tp=1 (one process)")
+        layout = LAYOUTS.get(for_config(self.config).gguf_architecture)
+        if self.path is not None and _is_gguf(self.path) and hasattr(layout, "file_config"):
+            raise AdapterError(
+                f"{self.path}: a {layout.TITLE} GGUF file holds its multipliers folded into "
+                "the weights, which LoRA updates do not expect; load the Hugging Face folder"
+            )
 
     def engine(self, context: int = 0) -> Engine:
         """The engine this LLM drives, with room for `context` tokens per sequence (the
@@ -314,7 +380,7 @@ class LLM:
         if not ids:
             raise GenerationError("complete() needs at least one prompt")
         longest = max(len(p) for p in ids) + params.max_tokens
-        return self.engine(longest).generate(ids, [params] * len(ids))
+        return self.engine(longest).generate(ids, [params] * len(ids), self.adapter)
 
     def generate(
         self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0, **sampling
@@ -339,7 +405,7 @@ class LLM:
             raise GenerationError("give either a SamplingParams or keyword settings, not both")
         ids = self._prompt_ids(prompt)
         engine = self.engine(len(ids) + params.max_tokens)
-        [stream] = engine.submit([ids], [params])
+        [stream] = engine.submit([ids], [params], adapter=self.adapter)
         for delta in engine.iterate(stream):
             if delta.finish_reason == "error":
                 raise GenerationError(f"generation failed: {delta.error}")
@@ -365,4 +431,4 @@ class LLM:
             raise GenerationError("logits: need at least one token id")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise GenerationError(f"logits: token ids must be in [0, {self.config.vocab_size})")
-        return self.engine(len(ids)).score([ids])[0]
+        return self.engine(len(ids)).score([ids], self.adapter)[0]

@@ -136,22 +136,26 @@ def test_merged_model_equals_base_plus_adapter(lora_run, base):
     merged = falconet.load(lora_run["merged"]).logits(lora_run["ids"])
     assert torch.allclose(merged, lora_run["unmerged"], atol=1e-5, rtol=0)
     # and the adapter read back from its folder, applied by hand to the base weights
-    config, weights, scaling = read_peft_adapter(lora_run["adapter"])
-    assert config["r"] == 4 and scaling == 8.0 / 4
+    adapter = read_peft_adapter(lora_run["adapter"])
+    assert adapter.config["r"] == 4
     llm = falconet.load(base)
     model = llm.model
     layout_transforms = {"query_key_value"}  # 40b: fused QKV rows regrouped at load
-    for module, (a, b) in weights.items():
+    for module, m in adapter.modules.items():
+        assert m.scaling == 8.0 / 4
         layer = model.get_submodule(module)
         transform = None
         if module.rsplit(".", 1)[-1] in layout_transforms:
             from falconet.models.falcon import regroup_qkv
 
             transform = lambda t: regroup_qkv(t, model.config)  # noqa: E731
-        delta = to_model_rows(b, transform).float() @ a.float() * scaling
+        delta = to_model_rows(m.B, transform).float() @ m.A.float() * m.scaling
         layer.weight = torch.nn.Parameter(layer.weight + delta, requires_grad=False)
     by_hand = llm.logits(lora_run["ids"])
     assert torch.allclose(by_hand, merged, atol=1e-5, rtol=0)
+    # and the adapter served on the base by falconet.load(adapter=)
+    served = falconet.load(base, adapter=lora_run["adapter"]).logits(lora_run["ids"])
+    assert torch.allclose(served, merged, atol=1e-5, rtol=0)
     assert not torch.allclose(falconet.load(base).logits(lora_run["ids"]), merged, atol=1e-2)
 
 
@@ -181,8 +185,9 @@ def test_a_malformed_adapter_folder_is_refused_by_name(lora_run, tmp_path):
     folder = shutil.copytree(lora_run["adapter"], tmp_path / "a")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(AdapterError, match="use_dora = True is not supported"):
+    with pytest.raises(AdapterError, match="DoRA adapters are not supported"):
         read_peft_adapter(folder)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
         read_peft_adapter(folder)

@@ -7,6 +7,7 @@ import sys
 
 from falconet.cli.common import (
     Out,
+    UsageError,
     add_model_flags,
     add_speculative_flags,
     add_tp_flag,
@@ -44,6 +45,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "for dynamic RoPE scaling")  # fmt: skip
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model folder or file name)")  # fmt: skip
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the PEFT LoRA adapter folder DIR as model id NAME beside the "
+                   "base model (repeatable); requests for different adapters share batches")  # fmt: skip
     p.add_argument("--rag-store", default=None, metavar="DIR|URL",
                    help="serve /v1/rag/* over the RAG store in DIR, or at a "
                    "postgresql://USER@HOST:PORT/DB[?schema=NAME] URL that several servers "
@@ -113,6 +117,30 @@ def cmd_serve(args: argparse.Namespace, out: Out) -> int:
         session_hours=args.session_hours,
     )  # fmt: skip
     access = open_access(settings)  # a bad users file is refused before the slow load
+    adapters = read_adapters(args.adapter, name)  # and a bad adapter folder
+    if adapters and args.tp != 1:
+        raise UsageError("--adapter runs with --tp 1 (LoRA updates in one process)")
     llm = load_model(args)  # the server's startup log names its family and licence
+    for adapter_name, adapter in adapters.items():
+        llm.add_adapter(adapter_name, adapter)
     serve(llm, settings, lambda line: print(line, file=sys.stderr, flush=True), access)
     return 0
+
+
+def read_adapters(specs: list[str], model_name: str) -> dict:
+    """--adapter NAME=DIR flags -> NAME -> the adapter folder read and checked
+    (models/adapters.py); AdapterError or UsageError names the flag's problem."""
+    from falconet.models.adapters import read_peft_adapter
+
+    adapters = {}
+    for spec in specs:
+        adapter_name, sep, folder = spec.partition("=")
+        if not sep or not adapter_name or not folder:
+            raise UsageError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter legal=./lora")
+        if adapter_name == model_name or adapter_name in adapters:
+            raise UsageError(
+                f"--adapter {spec!r}: the model id {adapter_name!r} is taken; give each adapter "
+                "its own name"
+            )
+        adapters[adapter_name] = read_peft_adapter(folder)
+    return adapters

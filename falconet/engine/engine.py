@@ -49,6 +49,7 @@ from falconet.errors import FalconetError, GenerationError
 from falconet.generate import Completion, SequenceText
 from falconet.nn.cache import available_memory
 from falconet.nn.linear import batch_invariant
+from falconet.nn.lora import LoRALayers
 from falconet.sampling import SamplingParams, TokenLogprobs
 from falconet.tokenizer import Tokenizer
 
@@ -204,6 +205,7 @@ class Engine:
         speculative: str | None = "prompt_lookup",
         draft_model=None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        adapters: LoRALayers | None = None,
     ) -> None:
         for name, value in (
             ("max_batch", max_batch),
@@ -247,7 +249,8 @@ class Engine:
         self.speculative = speculative if drafter is not None else None
         if self.speculative_off is not None:
             log.info("speculative decoding off for this model: %s", self.speculative_off)
-        self.runner = ModelRunner(model, self.pool, drafter)
+        self.adapters = adapters  # LoRA adapters a sequence may name (submit's `adapter`)
+        self.runner = ModelRunner(model, self.pool, drafter, adapters)
         self._step_lock = threading.Lock()  # one step at a time, whoever drives
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -258,7 +261,9 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, **kwargs) -> Engine:
-        """An engine for an `LLM`, with its speculative settings unless told others."""
+        """An engine for an `LLM`, with its speculative settings and LoRA adapters unless
+        told others."""
+        kwargs.setdefault("adapters", llm.adapters)
         if "speculative" not in kwargs:
             kwargs["speculative"] = llm.speculative
             kwargs.setdefault("draft_model", llm.draft.model if llm.draft else None)
@@ -291,6 +296,7 @@ class Engine:
         *,
         prompt_logits: bool = False,
         generate: bool = True,
+        adapter: str | None = None,
     ) -> list[Stream]:
         """Queue sequences (all or none); returns one Stream each.
 
@@ -300,11 +306,12 @@ class Engine:
         prefill carries the logits of every prompt position. With `generate=False` the
         prompts are only prefilled (max_tokens is not used): one Delta each, finish
         reason "length", carrying what `params.prompt_logprobs` and `prompt_logits` ask
-        for (OpenAI's `max_tokens: 0` with `echo`)."""
+        for (OpenAI's `max_tokens: 0` with `echo`). `adapter` names the LoRA adapter
+        (one of `adapters`) every prompt runs with; None: the base model."""
         if not prompts or len(prompts) != len(params):
             raise GenerationError("submit: need one SamplingParams per prompt, at least one")
         seqs = [
-            self._new_sequence(p, sp, loop, prompt_logits, generate)
+            self._new_sequence(p, sp, loop, prompt_logits, generate, adapter)
             for p, sp in zip(prompts, params, strict=True)
         ]
         return self._enqueue(seqs)
@@ -341,10 +348,12 @@ class Engine:
         finally:
             stream.cancel()
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None = None
+    ) -> list[Completion]:
         """Submit and wait: the whole completion of every prompt (for batch jobs). An
         engine that was not started is driven here, in the caller's thread."""
-        streams = self.submit(prompts, params)
+        streams = self.submit(prompts, params, adapter=adapter)
         out = []
         try:
             for stream, p in zip(streams, params, strict=True):
@@ -362,13 +371,13 @@ class Engine:
                 stream.cancel()
         return out
 
-    def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, prompts: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
         """Next-token logits at every position of each prompt, fp32 (len(prompt), V):
         the prompts are prefilled like any other and nothing is generated (perplexity,
         `LLM.logits`)."""
         if not prompts:
             raise GenerationError("score: need at least one prompt")
-        seqs = [self._new_sequence(p, None, None, True) for p in prompts]
+        seqs = [self._new_sequence(p, None, None, True, adapter=adapter) for p in prompts]
         out = []
         for stream in self._enqueue(seqs):
             logits = None
@@ -398,6 +407,7 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None,
         prompt_logits: bool = False,
         generates: bool = True,
+        adapter: str | None = None,
     ) -> _Sequence:
         """The one place a prompt is checked, for every face. `params` None: scored only
         (`score`), with nothing to return but the logits."""
@@ -429,16 +439,21 @@ class Engine:
                 f"{total} is more than this model's context of {self.max_context} tokens; "
                 "shorten the prompt or lower max_tokens"
             )
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            loaded = ", ".join(self.adapters.names) if self.adapters else "none"
+            raise GenerationError(f"no LoRA adapter named {adapter!r} is loaded (loaded: {loaded})")
         reserve = self.pool.units_for(total)  # GenerationError when it can never fit
         stream = Stream(len(prompt), loop)
         stream._engine = self
         if not generates:
-            return _Sequence(list(prompt), params, reserve, prompt_logits, False, stream=stream)
+            return _Sequence(
+                list(prompt), params, reserve, prompt_logits, False, stream=stream, adapter=adapter
+            )
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         text = SequenceText(self.tokenizer, params.stop)
         return _Sequence(
             list(prompt), params, reserve, prompt_logits, True,
-            stream=stream, text=text, stop_ids=frozenset(stop_ids),
+            stream=stream, text=text, stop_ids=frozenset(stop_ids), adapter=adapter,
         )  # fmt: skip
 
     def _wake(self) -> None:

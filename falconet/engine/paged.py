@@ -218,7 +218,7 @@ class PagedKVCache:
 
     def _keys(self, seq: PooledSequence) -> list[bytes]:
         if seq.block_keys is None:  # once per sequence: its prompt never changes
-            seq.block_keys = self.prefix.keys(seq.prompt)
+            seq.block_keys = self.prefix.keys(seq.prompt, seq.adapter)
         return seq.block_keys
 
     def _hit(self, seq: PooledSequence) -> list[int]:

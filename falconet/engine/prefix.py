@@ -51,12 +51,15 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens of sequences that looked for a prefix
         self.hit_tokens = 0  # of those, tokens found cached (not computed)
 
-    def keys(self, prompt: list[int]) -> list[bytes]:
+    def keys(self, prompt: list[int], adapter: str | None = None) -> list[bytes]:
         """Keys of the prompt's cacheable blocks: the full blocks inside its full
-        prefill chunks."""
+        prefill chunks. A LoRA adapter computes other K/V for the same tokens, so its
+        chain starts from a digest of its name (no key of the base chain, nor of another
+        adapter's, can equal it short of a SHA-256 collision)."""
         B = self.block_size
         cacheable = len(prompt) // self.prefill_chunk * self.prefill_chunk
-        keys, key = [], b""
+        key = b"" if adapter is None else hashlib.sha256(b"lora:" + adapter.encode()).digest()
+        keys = []
         for i in range(cacheable // B):
             key = hashlib.sha256(key + array("q", prompt[i * B : (i + 1) * B]).tobytes()).digest()
             keys.append(key)

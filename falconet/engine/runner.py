@@ -19,6 +19,10 @@ may be retried and restored before the retry. A sequence that starts from a cach
 prefix (prefix.py) has `cached` at the prefix's end when it first runs; its forwards
 write only after it, never into the shared blocks.
 
+LoRA adapters (nn/lora.py): a sequence may name one of the adapters the runner serves;
+the forward runs inside `adapter_rows`, which tells each hooked layer the packed rows of
+each adapter, so sequences of different adapters (and of none) share one forward.
+
 Speculative decoding (speculative.py): with a drafter, a decoding sequence feeds its last
 token and the tokens drafted after it; its logits at each of those positions are
 verified in order and it emits the accepted drafts plus one token of its own, each as a
@@ -43,6 +47,7 @@ from falconet.engine.speculative import (
     verify,
 )
 from falconet.engine.state import StatePool, StepPart
+from falconet.nn.lora import LoRALayers, adapter_rows
 from falconet.sampling import Sampler, SamplingParams, TokenLogprobs, prompt_logprobs
 
 log = logging.getLogger("falconet.engine")
@@ -64,6 +69,7 @@ class SequenceState:
     # that running sequences hold already (the engine prices it before each step)
     reserve: Units | None = None
     block_keys: list[bytes] | None = None  # prefix-cache keys of its prompt's blocks
+    adapter: str | None = None  # the LoRA adapter its rows get (nn/lora.py), None: the base
     indexed: int = 0  # blocks of its table found in or added to the prefix cache
     last_token: int = -1
     sampler: Sampler | None = None
@@ -113,8 +119,15 @@ def describe(e: BaseException) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: StatePool, drafter: Drafter | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        pool: StatePool,
+        drafter: Drafter | None = None,
+        adapters: LoRALayers | None = None,
+    ) -> None:
         self.model, self.pool, self.drafter = model, pool, drafter
+        self.adapters = adapters  # the LoRA adapters sequences may name (nn/lora.py)
         self.drafted = 0  # tokens drafted since the start
         self.accepted = 0  # of those, accepted by the model
 
@@ -228,12 +241,16 @@ class ModelRunner:
         # only a batch is retried (a lone sequence that fails is failed), so only a
         # batch pays for the snapshot
         snapshot = self.pool.snapshot([p.seq for p in parts]) if len(parts) > 1 else None
+        rows = None
+        if self.adapters is not None:  # which packed rows each adapter updates
+            rows = self.adapters.rows([(p.seq.adapter, p.length) for p in parts])
         try:
-            logits = self.model.forward_packed(
-                torch.tensor(ids, device=device),
-                step,
-                torch.tensor(logit_rows, dtype=torch.long, device=device),
-            ).float()
+            with adapter_rows(rows):
+                logits = self.model.forward_packed(
+                    torch.tensor(ids, device=device),
+                    step,
+                    torch.tensor(logit_rows, dtype=torch.long, device=device),
+                ).float()
         except Exception:
             if snapshot is not None:
                 self.pool.restore(snapshot)

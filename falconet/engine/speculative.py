@@ -248,6 +248,7 @@ class _DraftSequence:
     cached: int = 0
     keeps_prompt_rows: bool = False
     block_keys: list[bytes] | None = None
+    adapter: str | None = None  # the draft model runs without adapters
     indexed: int = 0
 
     @property

@@ -50,6 +50,7 @@ class PooledSequence(Protocol):
         bool  # every prompt position computed (logits, prompt logprobs): no prefix hit
     )
     block_keys: list[bytes] | None  # prefix-cache keys of the prompt's blocks (prefix.py)
+    adapter: str | None  # the LoRA adapter it runs with (its prefix keys differ)
     indexed: int  # blocks of its table found in or added to the prefix cache
 
     @property

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over an `Engine`: `create_app(engine, model_name)`.
 
-    GET  /v1/models, /v1/models/{id}   the one served model, with max_model_len
+    GET  /v1/models, /v1/models/{id}   the served model and its LoRA adapters, with max_model_len
     POST /v1/completions               prompt (text or token ids) -> text, streamed or not;
                                        echo + logprobs, prompt_logprobs score the prompt
     POST /v1/chat/completions          messages -> assistant message, streamed or not
@@ -162,6 +162,8 @@ class _Server:
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.model.config.vocab_size
         self.model_name = model_name
+        # LoRA adapters served beside the base, each its own model id (nn/lora.py)
+        self.adapters = tuple(engine.adapters.names) if engine.adapters is not None else ()
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.strings = TokenStrings(engine.tokenizer)
@@ -182,9 +184,13 @@ class _Server:
                 "chat_template": tok.chat_template, "model_max_length": self.engine.max_context,
                 "vocab_size": self.vocab_size}  # fmt: skip
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "falconet", "root": self.model_name, "parent": None,
+    def model_card(self, model_id: str | None = None) -> dict[str, Any]:
+        """The base model's card, or an adapter's (`parent`: the base, as vLLM lists LoRA
+        modules)."""
+        adapter = model_id if model_id in self.adapters else None
+        return {"id": adapter or self.model_name, "object": "model", "created": self.created,
+                "owned_by": "falconet", "root": adapter or self.model_name,
+                "parent": self.model_name if adapter else None,
                 "max_model_len": self.engine.max_context,
                 "licence": self.licence}  # fmt: skip
 
@@ -209,7 +215,7 @@ class _Server:
             check_token_ids([t for t, _ in req.params[0].logit_bias], self.vocab_size, "logit_bias")
         try:
             streams = self.engine.submit(req.prompts, req.params, loop=asyncio.get_running_loop(),
-                                         generate=req.generate)  # fmt: skip
+                                         generate=req.generate, adapter=req.adapter)  # fmt: skip
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from e  # fmt: skip
@@ -225,7 +231,7 @@ class _Server:
         if req.echo_texts is not None or req.prompt_logprobs is not None:
             texts = req.echo_texts and [req.echo_texts[i // req.n] for i in range(len(streams))]
             show = PromptShow(req.prompts, texts, req.logprobs, req.prompt_logprobs)
-        fmt = Formatter(chat, self.model_name, self.strings, len(streams), show)
+        fmt = Formatter(chat, req.adapter or self.model_name, self.strings, len(streams), show)
         if req.stream:
             return EventStream(self._events(req, fmt, streams, arrived), self.closer(streams))
         task = asyncio.ensure_future(self._collect(req, fmt, streams, arrived))
@@ -431,24 +437,27 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return JSONResponse({"object": "list", "data": [srv.model_card()]})
+        cards = [srv.model_card(m) for m in (model_name, *srv.adapters)]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        check_model(model_id, model_name)
-        return JSONResponse(srv.model_card())
+        check_model(model_id, model_name, srv.adapters)
+        return JSONResponse(srv.model_card(model_id))
 
     # Tokenizing, chat templates and large answers are CPU work: in the worker threads.
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         srv.check_room(len(prompt_items(body.prompt)) * body.n, body.n)  # before tokenizing
         req = await workers.run(parse_completion, body, srv.tokenizer, srv.vocab_size,
-                                engine.max_context, model_name)  # fmt: skip
+                                engine.max_context, model_name, srv.adapters)  # fmt: skip
         return await srv.generate(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        req = await workers.run(parse_chat, body, srv.tokenizer, engine.max_context, model_name)
+        req = await workers.run(
+            parse_chat, body, srv.tokenizer, engine.max_context, model_name, srv.adapters
+        )
         return await srv.generate(request, req, chat=True)
 
     @app.post("/v1/embeddings")
@@ -459,7 +468,7 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
-        check_model(body.model, model_name)
+        check_model(body.model, model_name, srv.adapters)
 
         def answer() -> Response:
             if body.messages is not None:
@@ -479,7 +488,7 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
-        check_model(body.model, model_name)
+        check_model(body.model, model_name, srv.adapters)
 
         def answer() -> Response:
             ids = check_token_ids(body.tokens, srv.vocab_size, "tokens")

@@ -45,17 +45,23 @@ class GenerationRequest:
     echo_texts: list[str] | None = None
     prompt_logprobs: int | None = None  # vLLM's field: alternatives per prompt token
     tool_calls: bool = False  # read tool calls out of the answers (chat with tools)
+    adapter: str | None = None  # the LoRA adapter the request's model id names, None: the base
 
 
-def check_model(model: str | None, model_name: str) -> None:
-    """`model` may be left out; when given it must be the served model."""
-    if model is not None and model != model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {model_name!r}",
-            "model",
-            "model_not_found",
-        )
+def check_model(model: str | None, model_name: str, adapters: tuple[str, ...] = ()) -> str | None:
+    """`model` may be left out (the base model); when given it must be the served model
+    or one of the LoRA adapters served beside it. Returns the adapter it names, if any."""
+    if model is None or model == model_name:
+        return None
+    if model in adapters:
+        return model
+    served = ", ".join(repr(m) for m in (model_name, *adapters))
+    raise APIError(
+        404,
+        f"the model {model!r} does not exist; this server serves {served}",
+        "model",
+        "model_not_found",
+    )
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
@@ -146,9 +152,9 @@ def completion_prompts(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> li
 
 def parse_completion(
     body: CompletionRequest, tokenizer: Tokenizer, vocab_size: int, max_context: int,
-    model_name: str,
+    model_name: str, adapters: tuple[str, ...] = (),
 ) -> GenerationRequest:  # fmt: skip
-    check_model(body.model, model_name)
+    adapter = check_model(body.model, model_name, adapters)
     max_tokens = body.requested_max_tokens()
     k = body.prompt_logprobs_k()
     if max_tokens == 0 and not body.echo and k is None:
@@ -167,6 +173,7 @@ def parse_completion(
     shown = body.prompt_logprobs
     req.prompt_logprobs = shown if shown is not None else (body.logprobs if body.echo else None)
     req.params = constrain(req.params, request_grammar(body, tokenizer))
+    req.adapter = adapter
     return req
 
 
@@ -185,9 +192,13 @@ def chat_prompt(
 
 
 def parse_chat(
-    body: ChatCompletionRequest, tokenizer: Tokenizer, max_context: int, model_name: str
+    body: ChatCompletionRequest,
+    tokenizer: Tokenizer,
+    max_context: int,
+    model_name: str,
+    adapters: tuple[str, ...] = (),
 ) -> GenerationRequest:
-    check_model(body.model, model_name)
+    adapter = check_model(body.model, model_name, adapters)
     max_tokens = body.requested_max_tokens()
     mode = body.tool_mode()  # with "none" the tools are not offered at all
     tools = None if mode == "none" else [t.model_dump(exclude_none=True) for t in body.tools]
@@ -203,4 +214,5 @@ def parse_chat(
     grammar = request_grammar(body, tokenizer) if mode == "none" else tool_grammar(body, tokenizer)
     req.params = constrain(req.params, grammar)
     req.tool_calls = mode != "none"
+    req.adapter = adapter
     return req

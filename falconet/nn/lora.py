@@ -1,0 +1,192 @@
+"""Per-sequence LoRA: several adapters over one base model, in one packed forward.
+
+A LoRA adapter (Hu et al., 2021) adds to a frozen Linear layer W a low-rank update:
+
+    y = W x + b + scaling * B (A x)        A (r, in), B (out, r), scaling = alpha / r
+
+(alpha / sqrt(r) with rsLoRA). `LoRALayers` keeps the adapters a model serves and hooks
+each targeted layer (a float `Linear`, a `QuantLinear` or a `TernaryLinear` alike: the
+hook sees only the layer's input and output), so the model files stay as they are.
+
+Which rows get which adapter is the step's business, not the model's: the engine's
+runner packs the new tokens of many sequences into one row, and inside
+`with adapter_rows(rows):` (per thread, like `batch_invariant()`) each targeted layer
+adds, for each adapter in the step, its update to that adapter's rows only; rows of
+sequences without an adapter get nothing. Outside such a block the hooks do nothing
+(the base model).
+
+Bit-exact batching. The update is computed in fp32 by two falconet `Linear`s (A, then
+B), which inside `batch_invariant()` give each row the same bits whatever rows share
+the call; the rows are gathered by index and the update is added element by element,
+so a sequence's output does not depend on which other sequences, with which adapters,
+share its step. The update is added after the base layer's output (bias included) and
+in fp32 -- as PEFT computes it -- whatever the base weight's storage: on a quantized
+base it corrects the dequantized product, it is never quantized itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from falconet.errors import AdapterError
+from falconet.nn.linear import Linear
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """One layer's update: `scaling * B(A(x))`, A and B fp32 `Linear`s without bias."""
+
+    A: Linear  # in -> r
+    B: Linear  # r -> out
+    scaling: float
+
+    @classmethod
+    def from_tensors(
+        cls, a: torch.Tensor, b: torch.Tensor, scaling: float, device: torch.device | None = None
+    ) -> LoRA:
+        r, n_in = a.shape
+        n_out = b.shape[0]
+        A = Linear(n_in, r, bias=False, dtype=torch.float32, device=device)
+        B = Linear(r, n_out, bias=False, dtype=torch.float32, device=device)
+        A.weight.data.copy_(a)
+        B.weight.data.copy_(b)
+        return cls(A, B, float(scaling))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) -> the update (M, out), fp32."""
+        return self.B(self.A(x.float())) * self.scaling
+
+    def merged(self) -> torch.Tensor:
+        """scaling * B @ A (out, in), fp32: the update as a weight matrix."""
+        return (self.B.weight @ self.A.weight) * self.scaling
+
+
+@dataclass(frozen=True)
+class AdapterRows:
+    """Which packed rows of a step each adapter updates: (adapter index, row indices)."""
+
+    groups: tuple[tuple[int, torch.Tensor], ...]
+    total: int  # rows in the step (the packed tokens)
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def adapter_rows(rows: AdapterRows | None) -> Iterator[None]:
+    """Within the block, on this thread, hooked layers add each adapter's update to its rows."""
+    before = getattr(_state, "rows", None)
+    _state.rows = rows
+    try:
+        yield
+    finally:
+        _state.rows = before
+
+
+class LoRALayers:
+    """The LoRA adapters served over one model, by name; each adapter's layers are hooked
+    into the model's modules of the same name (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: list[str] = []
+        self._layers: dict[str, dict[int, LoRA]] = {}  # module name -> adapter index -> LoRA
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise AdapterError(
+                f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names) or 'none'})"
+            ) from None
+
+    def add(self, name: str, layers: dict[str, LoRA]) -> None:
+        """Serve adapter `name`: module name -> its layer's update."""
+        if name in self.names:
+            raise AdapterError(f"an adapter named {name!r} is loaded already")
+        if not layers:
+            raise AdapterError(f"adapter {name!r} updates no layer")
+        modules = dict(self.model.named_modules())
+        for module_name in layers:
+            if module_name not in modules:
+                raise AdapterError(f"adapter {name!r}: the model has no module {module_name}")
+        index = len(self.names)
+        self.names.append(name)
+        for module_name, lora in layers.items():
+            self._layers.setdefault(module_name, {})[index] = lora
+            if module_name not in self._hooks:
+                hook = partial(self._apply, module_name)
+                self._hooks[module_name] = modules[module_name].register_forward_hook(hook)
+
+    def close(self) -> None:
+        """Unhook every layer: the model computes the base model again."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._layers.clear()
+        self.names.clear()
+
+    def rows(self, adapters: Sequence[tuple[str | None, int]]) -> AdapterRows | None:
+        """The step's rows per adapter, from each packed part's (adapter name or None,
+        token count) in packing order; None when no part has an adapter."""
+        groups: dict[int, list[int]] = {}
+        at = 0
+        for name, n in adapters:
+            if name is not None:
+                groups.setdefault(self.index(name), []).extend(range(at, at + n))
+            at += n
+        if not groups:
+            return None
+        device = next(iter(self.model.parameters())).device
+        return AdapterRows(
+            tuple((i, torch.tensor(r, dtype=torch.long, device=device)) for i, r in groups.items()),
+            at,
+        )
+
+    def _apply(
+        self, module_name: str, module: nn.Module, inputs: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        rows: AdapterRows | None = getattr(_state, "rows", None)
+        if rows is None:
+            return None
+        mine = self._layers.get(module_name, {})
+        x = inputs[0]
+        x = x.reshape(-1, x.shape[-1])  # (M, in)
+        if x.shape[0] != rows.total:  # a layer run on other rows than the step's tokens
+            raise AdapterError(
+                f"{module_name} ran on {x.shape[0]} rows, not the step's {rows.total} "
+                "tokens; LoRA cannot target this layer"
+            )
+        y = None
+        for index, at in rows.groups:
+            lora = mine.get(index)
+            if lora is None:
+                continue
+            if y is None:  # fp32, as PEFT adds the update, then back to the output's dtype
+                y = output.reshape(-1, output.shape[-1]).float().clone()  # (M, out)
+            y.index_add_(0, at, lora.delta(x.index_select(0, at)))
+        return None if y is None else y.to(output.dtype).view(output.shape)
+
+
+def merge(model: nn.Module, layers: dict[str, LoRA]) -> None:
+    """Fold the updates into float `Linear` weights (W + scaling * B @ A, rounded to the
+    weight's dtype once): the adapter at no cost per token. Every layer must be a float
+    `Linear`; a quantized one keeps its update apart (`LoRALayers`)."""
+    for name in layers:
+        module = model.get_submodule(name)
+        if not isinstance(module, Linear):
+            raise AdapterError(f"{name} is {type(module).__name__}; only float weights merge")
+    for name, lora in layers.items():
+        w = model.get_submodule(name).weight
+        w.data.copy_((w.float() + lora.merged()).to(w.dtype))
