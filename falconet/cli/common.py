@@ -56,9 +56,12 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    "(e.g. Falcon3-1B for Falcon3-10B), loaded like --model")  # fmt: skip
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_sampling_flags(
+    p: argparse.ArgumentParser, max_tokens: int | None, help: str | None = None
+) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=help or f"tokens to generate (default {max_tokens})")  # fmt: skip
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -12,7 +12,9 @@ when a tokenizer has no chat template, or the tokenizer's own template)::
 
     Question: Who killed Abel?
 
-Fitting the context: the answer's `max_tokens` are reserved first; then passages are
+Fitting the context: the answer's `max_tokens` are reserved first (when none was asked
+for: RAG_MAX_TOKENS or half of what the bare question leaves, whichever is less, and the
+answer then gets what the passages left, up to RAG_MAX_TOKENS); then passages are
 added best first, each cut at a word boundary to an equal share of what is left, and a
 passage that would not get at least MIN_PASSAGE_TOKENS is dropped. The sources list
 holds exactly the passages the model saw, numbered as in the prompt.
@@ -20,6 +22,7 @@ holds exactly the passages the model saw, numbered as in the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from pathlib import Path
 from falconet.engine import Engine
 from falconet.errors import RagError
 from falconet.rag.store import Hit
+from falconet.request_rules import RAG_MAX_TOKENS, default_max_tokens
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
 
@@ -86,12 +90,26 @@ def _cut(tokenizer: Tokenizer, text: str, max_tokens: int) -> str:
 
 
 def build_prompt(
-    tokenizer: Tokenizer, question: str, hits: list[Hit], context: int, max_tokens: int
+    tokenizer: Tokenizer,
+    question: str,
+    hits: list[Hit],
+    context: int,
+    max_tokens: int | None = None,
 ) -> tuple[list[int], list[Source]]:
-    """Prompt ids (prompt + max_tokens <= context) and the sources it numbers."""
+    """Prompt ids and the sources it numbers: prompt + max_tokens <= context, or with
+    max_tokens None, prompt + answer_tokens(context, prompt, None) <= context."""
     if not question.strip():
         raise RagError("the question is empty")
-    budget = context - max_tokens - len(_render(tokenizer, question, []))
+    bare = len(_render(tokenizer, question, []))
+    if max_tokens is None:
+        room = context - bare
+        if room < 1:
+            raise RagError(
+                f"the question alone makes a {bare}-token prompt, which fills the model's "
+                f"{context}-token context; ask a shorter question"
+            )
+        max_tokens = min(RAG_MAX_TOKENS, max(1, room // 2))
+    budget = context - max_tokens - bare
     if budget < 0:
         raise RagError(
             f"the question alone leaves no room for a {max_tokens}-token answer in the "
@@ -119,17 +137,29 @@ def build_prompt(
     return _render(tokenizer, question, [s.passage() for s in sources]), sources
 
 
+def answer_tokens(context: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The answer's length: max_tokens as asked, or when None the default, RAG_MAX_TOKENS
+    or what the prompt leaves of the context, whichever is less."""
+    if max_tokens is not None:
+        return max_tokens
+    return default_max_tokens(RAG_MAX_TOKENS, context, prompt_tokens)
+
+
 def stream_answer(
     engine: Engine,
     question: str,
     hits: list[Hit],
     params: SamplingParams,
+    default_length: bool = False,
 ) -> tuple[list[Source], Iterator[str]]:
     """The numbered sources and an iterator of answer text pieces (greedy by default).
-    The engine must be running (`start()`) or is driven by the iterator itself."""
-    ids, sources = build_prompt(
-        engine.tokenizer, question, hits, engine.max_context, params.max_tokens
-    )
+    default_length: the answer gets the default length (answer_tokens), not
+    params.max_tokens. The engine must be running (`start()`) or is driven by the
+    iterator itself."""
+    asked = None if default_length else params.max_tokens
+    ids, sources = build_prompt(engine.tokenizer, question, hits, engine.max_context, asked)
+    length = answer_tokens(engine.max_context, len(ids), asked)
+    params = dataclasses.replace(params, max_tokens=length)
     [stream] = engine.submit([ids], [params])
 
     def pieces() -> Iterator[str]:
