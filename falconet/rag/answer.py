@@ -70,11 +70,22 @@ class Source:
                 "start": h.start, "end": h.end, "score": h.score, "text": self.text}  # fmt: skip
 
 
-def _render(tokenizer: Tokenizer, question: str, passages: list[str]) -> list[int]:
-    body = "\n\n".join(passages)
-    content = f"{INSTRUCTION}\n\n{body}\n\nQuestion: {question}"
+def flatten(text: str) -> str:
+    """A passage as the prompt shows it: on one line, runs of whitespace as one space."""
+    return " ".join(text.split())
+
+
+def prompt_messages(question: str, sources: list[Source]) -> list[dict[str, str]]:
+    """The chat turns of the answering prompt: one user turn holding the instruction, the
+    numbered passages and the question. Training data for an answering model is built
+    with this too (scripts/make_rag_sft.py), so it learns the prompt it will be given."""
+    body = "\n\n".join(s.passage() for s in sources)
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\n{body}\n\nQuestion: {question}"}]
+
+
+def _render(tokenizer: Tokenizer, question: str, sources: list[Source]) -> list[int]:
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True
+        prompt_messages(question, sources), add_generation_prompt=True
     )
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -125,16 +136,16 @@ def build_prompt(
         prefix = Source(n, hit, "").passage()
         text = _cut(
             tokenizer,
-            " ".join(hit.text.split()),
+            flatten(hit.text),
             share - len(tokenizer.encode(prefix, add_special_tokens=False)) - 2,
         )
         candidate = sources + [Source(n, hit, text)]
-        ids = _render(tokenizer, question, [s.passage() for s in candidate])
+        ids = _render(tokenizer, question, candidate)
         if len(ids) + max_tokens > context:
             break
         sources = candidate
         budget = context - max_tokens - len(ids)
-    return _render(tokenizer, question, [s.passage() for s in sources]), sources
+    return _render(tokenizer, question, sources), sources
 
 
 def answer_tokens(context: int, prompt_tokens: int, max_tokens: int | None) -> int:
