@@ -230,10 +230,21 @@ def relevant(hits: list[Hit], sentence: str) -> Hit | None:
     return next((h for h in hits if flat in flatten(h.text)), None)
 
 
+@dataclass(frozen=True)
+class Example:
+    question: Question
+    hits: list[Hit]  # the passages of the prompt, in order
+    cited: int  # the number of the passage holding the fact
+    messages: list[dict[str, str]]  # user (rag ask's prompt), assistant
+
+    def as_json(self) -> dict:
+        return {"messages": self.messages}
+
+
 def example(
     r: random.Random, q: Question, hits: dict[str, list[Hit]], kinds: dict[str, list[str]],
     n_passages: int,
-) -> dict | None:  # fmt: skip
+) -> Example | None:  # fmt: skip
     """A chat example for `q`, or None where no passage holds its sentence whole."""
     sentence = q.doc.sentences[q.field]
     right = relevant(hits[q.doc.name], sentence)
@@ -253,14 +264,13 @@ def example(
     n = picked.index(right) + 1
     answer = r.choice(KINDS[q.doc.kind]["answers"][q.field]).format(v=q.fact)
     reply = r.choice(QUOTES).format(answer=answer, n=n, quote=flatten(sentence))
-    return {
-        "messages": [*prompt_messages(q.text, sources), {"role": "assistant", "content": reply}]
-    }
+    messages = [*prompt_messages(q.text, sources), {"role": "assistant", "content": reply}]
+    return Example(q, picked, n, messages)
 
 
 def build_split(
     seed: int, split: str, n_docs: int, n_passages: int, count_tokens: Callable[[str], int]
-) -> tuple[list[Doc], list[Question], list[dict]]:
+) -> tuple[list[Doc], list[Question], list[Example]]:
     """A split's documents, questions (one per fact) and chat examples."""
     r = random.Random(f"{seed}:{split}")
     docs = make_documents(r, n_docs, split)
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {"seed": args.seed, "passages": args.passages}
     for split, n_docs in (("train", args.train_docs), ("heldout", args.heldout_docs)):
         docs, qs, examples = build_split(args.seed, split, n_docs, args.passages, count)
-        _write_jsonl(args.out / f"{split}.jsonl", examples)
+        _write_jsonl(args.out / f"{split}.jsonl", [e.as_json() for e in examples])
         manifest[split] = {"documents": len(docs), "questions": len(qs), "examples": len(examples)}
         if split == "heldout":
             folder = args.out / "heldout_docs"
