@@ -44,6 +44,7 @@ from rag_sft_templates import (  # noqa: E402  (a sibling file, not a package)
     CITIES,
     COMMON_FILLER,
     COMPANY_KINDS,
+    COMPANY_SUFFIXES,
     COMPANY_WORDS,
     EVENT_KINDS,
     EVENT_WORDS,
@@ -95,7 +96,9 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "months": lambda r: f"{r.randrange(1, 25)} months",
     "percent": lambda r: f"{r.randrange(1, 40) / 4:g}%",
     "room": lambda r: f"Room {r.randrange(1, 9)}{r.randrange(0, 40):02d}",
-    "company": lambda r: f"{r.choice(COMPANY_WORDS)} {r.choice(COMPANY_KINDS)}",
+    "company": lambda r: (
+        f"{r.choice(COMPANY_WORDS + CITIES)} {r.choice(COMPANY_KINDS)} {r.choice(COMPANY_SUFFIXES)}"
+    ),
     "address": lambda r: (
         f"{r.randrange(1, 400)} {r.choice(STREETS)} {r.choice(STREET_KINDS)}, {r.choice(CITIES)}"
     ),
@@ -103,7 +106,9 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "reference": lambda r: (
         f"{r.choice(string.ascii_uppercase)}{r.choice('KLMNPRST')}-{r.randrange(1000, 10000)}"
     ),
-    "event": lambda r: f"{r.choice(SEASONS)} {r.choice(EVENT_WORDS)} {r.choice(EVENT_KINDS)}",
+    "event": lambda r: (
+        f"{r.choice(SEASONS)} {r.choice(EVENT_WORDS)} {r.choice(EVENT_KINDS)} in {r.choice(CITIES)}"
+    ),
 }
 # Which kind of value each field holds (the anchors too).
 FIELDS = {
@@ -155,9 +160,12 @@ def _fields_in(template: str) -> list[str]:
 
 def make_document(r: random.Random, kind: str, index: int, split: str, anchors: set) -> Doc:
     spec = KINDS[kind]
-    anchor = draw(r, spec["anchor"], split)
-    while anchor in anchors:  # a question names one document only
+    for _ in range(10_000):  # a question names one document only
         anchor = draw(r, spec["anchor"], split)
+        if anchor not in anchors:
+            break
+    else:
+        raise ValueError(f"ran out of distinct {spec['anchor']} values; make fewer documents")
     anchors.add(anchor)
     intro = r.choice(phrasings(spec["intro"], split))
     fields = _fields_in(intro) + list(spec["facts"])
@@ -253,8 +261,14 @@ def example(
     same_kind = [d for d in kinds[q.doc.kind] if d != q.doc.name]
     others = [d for k, names in kinds.items() if k != q.doc.kind for d in names]
     picked: list[Hit] = []
+    tries = 0
     while len(picked) < n_passages - 1:
-        pool = same_kind if len(picked) < (n_passages - 1) // 2 or not others else others
+        if tries == 1000 * n_passages:
+            raise ValueError(f"too few passages for {n_passages} a prompt; make more documents")
+        # half from the same kind while it has passages to give, the rest from any other
+        same = len(picked) < (n_passages - 1) // 2 and tries < 20 * n_passages
+        pool = same_kind if (same or not others) and same_kind else others or same_kind
+        tries += 1
         hit = r.choice(hits[r.choice(pool)])
         # a distractor never holds the answer, so the cited passage is the one right answer
         if hit not in picked and q.fact not in flatten(hit.text):

@@ -52,6 +52,7 @@ COMPANY_KINDS = _words(
     "Logistics Bakery Printing Carpentry Analytics Dental Clinic Plumbing Books "
     "Textiles Engineering Catering Landscaping"
 )
+COMPANY_SUFFIXES = ["Ltd", "Group", "Partners", "& Co", "Company"]
 EVENT_WORDS = _words(
     "Pottery Watercolour Bookbinding Beekeeping Chess Photography Woodcarving "
     "Gardening Astronomy Baking Calligraphy Sailing Orienteering Weaving Birdwatching"
