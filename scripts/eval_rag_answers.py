@@ -10,7 +10,9 @@ at the default length, greedy. Scores, per question:
   run of characters other than letters and digits as one space, matched on whole words:
   "$1,250.00" matches "1,250.00" and not "$11,250.00");
 - citation: the answer cites [n] for at least one passage that holds the fact;
-- retrieved: one of the k passages holds the fact (the ceiling for the two above).
+- in prompt: a passage the model saw holds the fact (the ceiling for the two above; a
+  small context cuts passages short or leaves them out);
+- retrieved: one of the k retrieved passages, whole, holds the fact (search's share).
 
 It also reports the prompt's length in the model's tokens with all k passages whole (what
 a model's context must hold to see them uncut) beside the model's context.
@@ -58,16 +60,23 @@ class Scored:
     answer: str
     exact: bool  # the answer states the fact
     citation: bool  # it cites a passage that holds the fact
-    retrieved: bool  # some passage it was given holds the fact
+    in_prompt: bool  # some passage the model saw holds the fact
+    retrieved: bool  # some retrieved passage, whole, holds the fact
     sources_seen: int  # passages in the prompt (a small context cuts some)
     full_prompt_tokens: int  # the prompt with all k passages whole
 
 
-def score(question: str, fact: str, answer: str, passages: dict[int, str], full: int = 0) -> Scored:
-    """One answer scored against its expected fact and the numbered passages it saw."""
+def score(
+    question: str, fact: str, answer: str, passages: dict[int, str],
+    retrieved: list[str] | None = None, full: int = 0,
+) -> Scored:  # fmt: skip
+    """One answer scored against its expected fact and the numbered passages it saw
+    (`retrieved`: the whole texts of the passages search found; default: those seen)."""
     holding = {n for n, text in passages.items() if has_fact(text, fact)}
+    found = passages.values() if retrieved is None else retrieved
     return Scored(question, fact, answer, has_fact(answer, fact),
-                  bool(citations(answer) & holding), bool(holding), len(passages), full)  # fmt: skip
+                  bool(citations(answer) & holding), bool(holding),
+                  any(has_fact(t, fact) for t in found), len(passages), full)  # fmt: skip
 
 
 def summary(rows: list[Scored]) -> dict[str, float]:
@@ -76,7 +85,9 @@ def summary(rows: list[Scored]) -> dict[str, float]:
         "questions": len(rows),
         "exact_fact": sum(r.exact for r in rows) / n,
         "citation": sum(r.citation for r in rows) / n,
+        "in_prompt": sum(r.in_prompt for r in rows) / n,
         "retrieved": sum(r.retrieved for r in rows) / n,
+        "sources_seen_mean": statistics.fmean(r.sources_seen for r in rows) if rows else 0,
         "full_prompt_tokens_mean": statistics.fmean(r.full_prompt_tokens for r in rows)
         if rows
         else 0,
@@ -121,7 +132,8 @@ def evaluate(data: Path, model: str | None, limit: int | None, k: int) -> tuple[
                                                 default_length=True)  # fmt: skip
                 answer = "".join(pieces)
                 passages = {s.number: s.text for s in sources}
-                rows.append(score(q["question"], q["fact"], answer, passages, len(whole)))
+                texts = [h.text for h in hits]
+                rows.append(score(q["question"], q["fact"], answer, passages, texts, len(whole)))
         finally:
             engine.shutdown()
     return rows, engine.max_context

@@ -157,16 +157,21 @@ def test_scoring_on_hand_made_answers():
     assert evaluation.citations("as [2] and [10] say, not [x]") == {2, 10}
     passages = {1: "The deposit is $500.00.", 2: "The rent is $1,250.00 a month.", 3: "Pets."}
     s = evaluation.score("q", "$1,250.00", "The rent is $1,250.00 [2].", passages)
-    assert (s.exact, s.citation, s.retrieved, s.sources_seen) == (True, True, True, 3)
+    assert (s.exact, s.citation, s.in_prompt, s.retrieved, s.sources_seen) == (True, True, True,
+                                                                              True, 3)  # fmt: skip
     s = evaluation.score("q", "$1,250.00", "The rent is $1,250.00 [1].", passages)
     assert (s.exact, s.citation, s.retrieved) == (True, False, True)
     s = evaluation.score("q", "$1,250.00", "It says so [2].", passages)
     assert (s.exact, s.citation) == (False, True)
     s = evaluation.score("q", "$9.00", "The rent is $9.00 [2].", passages)
-    assert (s.exact, s.citation, s.retrieved) == (True, False, False)
+    assert (s.exact, s.citation, s.in_prompt, s.retrieved) == (True, False, False, False)
+    # retrieved whole, but cut out of what the model saw
+    s = evaluation.score("q", "$9.00", "no idea", passages, ["Rent: $9.00.", "Pets."])
+    assert (s.in_prompt, s.retrieved) == (False, True)
     rows = [evaluation.score("q", "$1,250.00", a, passages, full=n)
             for a, n in (("$1,250.00 [2]", 100), ("no idea", 300))]  # fmt: skip
     got = evaluation.summary(rows)
     assert got["exact_fact"] == 0.5 and got["citation"] == 0.5 and got["retrieved"] == 1.0
+    assert got["in_prompt"] == 1.0 and got["sources_seen_mean"] == 3
     assert got["full_prompt_tokens_mean"] == 200 and got["full_prompt_tokens_max"] == 300
     assert flatten(" a\n\n b ") == "a b"
