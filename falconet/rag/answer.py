@@ -13,9 +13,9 @@ when a tokenizer has no chat template, or the tokenizer's own template)::
     Question: Who killed Abel?
 
 Fitting the context: the answer's `max_tokens` are reserved first (when none was asked
-for: RAG_MAX_TOKENS or half of what the bare question leaves, whichever is less, and the
-answer then gets what the passages left, up to RAG_MAX_TOKENS); then passages are
-added best first, each cut at a word boundary to an equal share of what is left, and a
+for: RAG_MAX_TOKENS or a quarter of what the bare question leaves, whichever is less,
+and the answer then gets what the passages left, up to RAG_MAX_TOKENS); then passages
+are added best first, each cut at a word boundary to an equal share of what is left, and a
 passage that would not get at least MIN_PASSAGE_TOKENS is dropped. The sources list
 holds exactly the passages the model saw, numbered as in the prompt.
 """
@@ -119,7 +119,9 @@ def build_prompt(
                 f"the question alone makes a {bare}-token prompt, which fills the model's "
                 f"{context}-token context; ask a shorter question"
             )
-        max_tokens = min(RAG_MAX_TOKENS, max(1, room // 2))
+        # passages first: an answer that cites them is short, and a small context must
+        # still show some (the answer then gets what they leave, up to RAG_MAX_TOKENS)
+        max_tokens = min(RAG_MAX_TOKENS, max(1, room // 4))
     budget = context - max_tokens - bare
     if budget < 0:
         raise RagError(
