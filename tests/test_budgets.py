@@ -206,3 +206,20 @@ def test_server_defaults_fit_the_context(server, llm):
     assert u["prompt_tokens"] + u["completion_tokens"] <= context
     r = _post(server, "/v1/rag/query", {"query": "Who slew Abel?", "max_tokens": context})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_rag_ask_without_a_length_answers_on_the_embedded_model(tmp_path):
+    (tmp_path / "cain.txt").write_text(PASSAGE)
+
+    def rag(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "falconet", "rag", *args, "--store",
+                               str(tmp_path / "store")], capture_output=True, text=True,
+                              timeout=T, env=ENV)  # fmt: skip
+
+    assert rag("ingest", str(tmp_path / "cain.txt")).returncode == 0
+    res = rag("ask", "Who slew Abel?")
+    assert res.returncode == 0, res.stderr
+    answer, sources = res.stdout.split("\n\nSources:\n")
+    assert answer.strip() and sources.startswith(f"[1] {tmp_path / 'cain.txt'}")
+    res = rag("ask", "Who slew Abel?", "--max-tokens", "256")
+    assert res.returncode == 2 and "lower --max-tokens" in res.stderr
