@@ -75,11 +75,13 @@ def add_sampling_flags(
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params(args: argparse.Namespace):
+def sampling_params(args: argparse.Namespace, fitted: bool = False):
+    """The sampling flags as SamplingParams. fitted: no --max-tokens was given and the
+    command sets each request's length itself (a stand-in of 1 until then)."""
     from falconet.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens,
+        max_tokens=1 if fitted else args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,

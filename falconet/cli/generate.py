@@ -102,14 +102,12 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
     from falconet.errors import GenerationError
 
     asked = args.max_tokens  # None: each reply gets what the context leaves, up to a cap
-    if asked is None:
-        args.max_tokens = 1  # replaced per reply below
-    params = sampling_params(args)
+    params = sampling_params(args, fitted=asked is None)
     llm = load_model(args)
     context = llm.config.max_position_embeddings
     if asked is not None and asked >= context:
         raise FalconetError(
-            f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
+            f"--max-tokens {asked} leaves no room for the conversation in the "
             f"model's {context}-token context; use a smaller value"
         )
     announce(llm)
