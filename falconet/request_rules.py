@@ -13,6 +13,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from falconet.errors import GenerationError
+
 
 def is_int(x: object) -> bool:
     # bool is an int subclass; `top_k=True` is a bug in the caller, not k=1.
@@ -156,3 +158,25 @@ def seed_for_choice(seed: int, j: int) -> int:
     seed space, so every allowed seed has successors."""
     s = seed + j
     return s - 2**64 if s > SEED_MAX else s
+
+
+# Answer lengths when a request names none. Each face's default is its cap or what the
+# model's context leaves after the prompt, whichever is less, so no default is ever larger
+# than the context (falconet-tiny holds 256 tokens). OpenAI's /v1/chat/completions has no
+# cap (absent = up to the context); its /v1/completions has 16.
+CHAT_MAX_TOKENS = 256  # `falconet chat`, per reply
+RAG_MAX_TOKENS = 128  # `falconet rag ask` and POST /v1/rag/query
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def default_max_tokens(cap: int | None, context: int, prompt_tokens: int) -> int:
+    """The answer length a face uses when none was asked for: min(cap, context -
+    prompt_tokens), cap None meaning the whole rest of the context. Raises
+    GenerationError only when the prompt itself leaves no room for one token."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise GenerationError(
+            f"the prompt has {prompt_tokens} tokens, which leaves no room to answer in the "
+            f"model's {context}-token context; shorten it"
+        )
+    return room if cap is None else min(cap, room)

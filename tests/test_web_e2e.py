@@ -8,6 +8,7 @@ Screenshots go to test-artifacts/web/ (git-ignored)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -120,6 +121,9 @@ def documents(page) -> list[str]:
 def test_sign_in_upload_ask_open_a_source_stop_and_delete(site, browser):
     sent: list[tuple[str, str]] = []
     page = signed_in(browser, site["url"], site["keys"]["alice"], sent)
+    bodies: list[tuple[str, dict]] = []  # the JSON of each answer the page asks for
+    page.on("request", lambda r: bodies.append((urlsplit(r.url).path, json.loads(r.post_data)))
+            if r.url.endswith(("/rag/query", "/chat/completions")) else None)  # fmt: skip
     sync_api.expect(page.locator("#who")).to_have_text("Signed in as alice")
     sync_api.expect(page.locator("#licence")).to_contain_text("apache-2.0")
     shot(page, "01-signed-in")
@@ -149,6 +153,9 @@ def test_sign_in_upload_ask_open_a_source_stop_and_delete(site, browser):
     assert page.evaluate("window.draws") > 3  # the streamed pieces, drawn one by one
     texts = sources.all_inner_texts()
     assert texts[0].startswith("[1] file treasury.md")
+    # "Reply length" left blank: the server's default, fitted to the model's context
+    assert page.get_by_label("Reply length (tokens)").input_value() == ""
+    assert bodies[-1][0] == "/v1/rag/query" and "max_tokens" not in bodies[-1][1]
     assert any(t.startswith("[") and "file survey.pdf, page " in t for t in texts), texts
     shot(page, "03-answered")
 
@@ -180,6 +187,7 @@ def test_sign_in_upload_ask_open_a_source_stop_and_delete(site, browser):
                                                   "downloadThroughput": -1,
                                                   "uploadThroughput": -1})  # fmt: skip
     assert answer.get_attribute("data-stopped") == "true"
+    assert bodies[-1][0] == "/v1/chat/completions" and bodies[-1][1]["max_tokens"] == 120
     sync_api.expect(answer.locator(".note")).to_have_text("Stopped")
     kept = answer.locator(".body").inner_text().removesuffix("Stopped").strip()
     assert kept  # what had arrived stays on the page

@@ -56,9 +56,12 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    "(e.g. Falcon3-1B for Falcon3-10B), loaded like --model")  # fmt: skip
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_sampling_flags(
+    p: argparse.ArgumentParser, max_tokens: int | None, help: str | None = None
+) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=help or f"tokens to generate (default {max_tokens})")  # fmt: skip
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -72,11 +75,13 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params(args: argparse.Namespace):
+def sampling_params(args: argparse.Namespace, fitted: bool = False):
+    """The sampling flags as SamplingParams. fitted: no --max-tokens was given and the
+    command sets each request's length itself (a stand-in of 1 until then)."""
     from falconet.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens,
+        max_tokens=1 if fitted else args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,

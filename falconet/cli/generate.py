@@ -20,7 +20,7 @@ from falconet.cli.common import (
 )
 from falconet.errors import FalconetError
 from falconet.generate import Completion, TokenStrings, completion_logprobs, usage
-from falconet.request_rules import RULES
+from falconet.request_rules import CHAT_MAX_TOKENS, RULES, default_max_tokens
 from falconet.tokenizer import FALLBACK_CHAT_STOP, Tokenizer
 
 
@@ -53,7 +53,9 @@ def add_parsers(sub) -> None:
     chat = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)")
     add_model_flags(chat)
     add_tp_flag(chat)
-    add_sampling_flags(chat, max_tokens=256)
+    add_sampling_flags(chat, max_tokens=None,
+                       help=f"reply length (default: up to {CHAT_MAX_TOKENS}, what the model's "
+                       "context leaves after the conversation)")  # fmt: skip
     add_speculative_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
 
@@ -99,12 +101,13 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
 
     from falconet.errors import GenerationError
 
-    params = sampling_params(args)
+    asked = args.max_tokens  # None: each reply gets what the context leaves, up to a cap
+    params = sampling_params(args, fitted=asked is None)
     llm = load_model(args)
     context = llm.config.max_position_embeddings
-    if params.max_tokens >= context:
+    if asked is not None and asked >= context:
         raise FalconetError(
-            f"--max-tokens {params.max_tokens} leaves no room for the conversation in the "
+            f"--max-tokens {asked} leaves no room for the conversation in the "
             f"model's {context}-token context; use a smaller value"
         )
     announce(llm)
@@ -128,7 +131,7 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            ids = fit_history(llm, args.system, history, context - params.max_tokens)
+            ids, length = chat_turn(llm, args.system, history, context, asked)
         except GenerationError as e:
             history.pop()
             print(f"falconet: {e}", file=sys.stderr)
@@ -136,7 +139,7 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
         out("falcon> ")
         reply = ""
         try:
-            for piece in llm.stream(ids, params=params):
+            for piece in llm.stream(ids, params=dataclasses.replace(params, max_tokens=length)):
                 reply += piece
                 out(piece)
         except KeyboardInterrupt:  # stops this reply, not the session
@@ -145,7 +148,27 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
-def fit_history(llm, system: str | None, history: list[dict], budget: int) -> list[int]:
+def chat_turn(
+    llm, system: str | None, history: list[dict], context: int, max_tokens: int | None
+) -> tuple[list[int], int]:
+    """The prompt for the next reply and the reply's length. With max_tokens None, the
+    history is trimmed to leave a reply min(CHAT_MAX_TOKENS, context // 2) tokens, and the
+    reply gets what the prompt leaves, up to CHAT_MAX_TOKENS; a newest message longer than
+    that still gets an answer while it leaves the context any room at all."""
+    from falconet.errors import GenerationError
+
+    if max_tokens is not None:
+        return fit_history(llm, system, history, context - max_tokens), max_tokens
+    try:
+        ids = fit_history(llm, system, history, context - min(CHAT_MAX_TOKENS, context // 2))
+    except GenerationError:  # only the newest message is left in history
+        ids = fit_history(llm, system, history, context - 1, flag_set=False)
+    return ids, default_max_tokens(CHAT_MAX_TOKENS, context, len(ids))
+
+
+def fit_history(
+    llm, system: str | None, history: list[dict], budget: int, flag_set: bool = True
+) -> list[int]:
     """Prompt ids for the chat so far, dropping the oldest turns (never the system
     prompt or the newest message) to fit `budget` tokens."""
     from falconet.errors import GenerationError
@@ -156,6 +179,11 @@ def fit_history(llm, system: str | None, history: list[dict], budget: int) -> li
         if len(ids) <= budget:
             return ids
         if len(history) <= 1:
+            if not flag_set:
+                raise GenerationError(
+                    f"that message makes a {len(ids)}-token prompt, which leaves no room for "
+                    f"a reply in the model's {budget + 1}-token context: send a shorter message"
+                )
             raise GenerationError(
                 f"that message makes a {len(ids)}-token prompt; with --max-tokens the budget is "
                 f"{budget} tokens: send a shorter message or lower --max-tokens"

@@ -17,6 +17,7 @@ EXCERPT_CHARS = 240
 
 def add_rag_parser(sub, parser_class) -> None:
     from falconet.rag.retrieve import DEFAULT_MODE, MODES
+    from falconet.request_rules import RAG_MAX_TOKENS
 
     rag = sub.add_parser("rag", help="retrieval over your own documents (ingest, sync, search)")
     cmds = rag.add_subparsers(dest="rag_command", required=True, parser_class=parser_class,
@@ -52,7 +53,9 @@ def add_rag_parser(sub, parser_class) -> None:
     ask.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
     ask.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     ask.add_argument("--ann", action="store_true", help="as for `rag search`")
-    ask.add_argument("--max-tokens", type=int, default=128, help="answer length (default 128)")
+    ask.add_argument("--max-tokens", type=int, default=None,
+                     help=f"answer length (default: up to {RAG_MAX_TOKENS}, what the model's "
+                     "context leaves after the passages)")  # fmt: skip
     ask.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
 
     add_model_flags(ask)  # the same --model/--dtype/--device/--quant
@@ -229,7 +232,10 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     from falconet.rag.answer import location, stream_answer
     from falconet.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    # with no --max-tokens the answer gets the default length (rag/answer.py), fitted there
+    asked = args.max_tokens
+    params = SamplingParams(max_tokens=1 if asked is None else asked,
+                            temperature=args.temperature)  # fmt: skip
     hits = _search(args, args.question)
     if not hits:
         out("no passages in the store match the question; ingest documents first\n")
@@ -237,7 +243,8 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     engine = Engine.from_llm(load_model(args), max_batch=1)
     engine.start()
     try:
-        sources, pieces = stream_answer(engine, args.question, hits, params)
+        sources, pieces = stream_answer(engine, args.question, hits, params,
+                                         default_length=asked is None)  # fmt: skip
         for piece in pieces:
             out(piece)
     finally:

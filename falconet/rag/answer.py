@@ -12,14 +12,17 @@ when a tokenizer has no chat template, or the tokenizer's own template)::
 
     Question: Who killed Abel?
 
-Fitting the context: the answer's `max_tokens` are reserved first; then passages are
-added best first, each cut at a word boundary to an equal share of what is left, and a
+Fitting the context: the answer's `max_tokens` are reserved first (when none was asked
+for: RAG_MAX_TOKENS or a quarter of what the bare question leaves, whichever is less,
+and the answer then gets what the passages left, up to RAG_MAX_TOKENS); then passages
+are added best first, each cut at a word boundary to an equal share of what is left, and a
 passage that would not get at least MIN_PASSAGE_TOKENS is dropped. The sources list
 holds exactly the passages the model saw, numbered as in the prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from pathlib import Path
 from falconet.engine import Engine
 from falconet.errors import RagError
 from falconet.rag.store import Hit
+from falconet.request_rules import RAG_MAX_TOKENS, default_max_tokens
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
 
@@ -66,11 +70,22 @@ class Source:
                 "start": h.start, "end": h.end, "score": h.score, "text": self.text}  # fmt: skip
 
 
-def _render(tokenizer: Tokenizer, question: str, passages: list[str]) -> list[int]:
-    body = "\n\n".join(passages)
-    content = f"{INSTRUCTION}\n\n{body}\n\nQuestion: {question}"
+def flatten(text: str) -> str:
+    """A passage as the prompt shows it: on one line, runs of whitespace as one space."""
+    return " ".join(text.split())
+
+
+def prompt_messages(question: str, sources: list[Source]) -> list[dict[str, str]]:
+    """The chat turns of the answering prompt: one user turn holding the instruction, the
+    numbered passages and the question. Training data for an answering model is built
+    with this too (scripts/make_rag_sft.py), so it learns the prompt it will be given."""
+    body = "\n\n".join(s.passage() for s in sources)
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\n{body}\n\nQuestion: {question}"}]
+
+
+def _render(tokenizer: Tokenizer, question: str, sources: list[Source]) -> list[int]:
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True
+        prompt_messages(question, sources), add_generation_prompt=True
     )
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -86,12 +101,28 @@ def _cut(tokenizer: Tokenizer, text: str, max_tokens: int) -> str:
 
 
 def build_prompt(
-    tokenizer: Tokenizer, question: str, hits: list[Hit], context: int, max_tokens: int
+    tokenizer: Tokenizer,
+    question: str,
+    hits: list[Hit],
+    context: int,
+    max_tokens: int | None = None,
 ) -> tuple[list[int], list[Source]]:
-    """Prompt ids (prompt + max_tokens <= context) and the sources it numbers."""
+    """Prompt ids and the sources it numbers: prompt + max_tokens <= context, or with
+    max_tokens None, prompt + answer_tokens(context, prompt, None) <= context."""
     if not question.strip():
         raise RagError("the question is empty")
-    budget = context - max_tokens - len(_render(tokenizer, question, []))
+    bare = len(_render(tokenizer, question, []))
+    if max_tokens is None:
+        room = context - bare
+        if room < 1:
+            raise RagError(
+                f"the question alone makes a {bare}-token prompt, which fills the model's "
+                f"{context}-token context; ask a shorter question"
+            )
+        # passages first: an answer that cites them is short, and a small context must
+        # still show some (the answer then gets what they leave, up to RAG_MAX_TOKENS)
+        max_tokens = min(RAG_MAX_TOKENS, max(1, room // 4))
+    budget = context - max_tokens - bare
     if budget < 0:
         raise RagError(
             f"the question alone leaves no room for a {max_tokens}-token answer in the "
@@ -107,16 +138,24 @@ def build_prompt(
         prefix = Source(n, hit, "").passage()
         text = _cut(
             tokenizer,
-            " ".join(hit.text.split()),
+            flatten(hit.text),
             share - len(tokenizer.encode(prefix, add_special_tokens=False)) - 2,
         )
         candidate = sources + [Source(n, hit, text)]
-        ids = _render(tokenizer, question, [s.passage() for s in candidate])
+        ids = _render(tokenizer, question, candidate)
         if len(ids) + max_tokens > context:
             break
         sources = candidate
         budget = context - max_tokens - len(ids)
-    return _render(tokenizer, question, [s.passage() for s in sources]), sources
+    return _render(tokenizer, question, sources), sources
+
+
+def answer_tokens(context: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The answer's length: max_tokens as asked, or when None the default, RAG_MAX_TOKENS
+    or what the prompt leaves of the context, whichever is less."""
+    if max_tokens is not None:
+        return max_tokens
+    return default_max_tokens(RAG_MAX_TOKENS, context, prompt_tokens)
 
 
 def stream_answer(
@@ -124,12 +163,16 @@ def stream_answer(
     question: str,
     hits: list[Hit],
     params: SamplingParams,
+    default_length: bool = False,
 ) -> tuple[list[Source], Iterator[str]]:
     """The numbered sources and an iterator of answer text pieces (greedy by default).
-    The engine must be running (`start()`) or is driven by the iterator itself."""
-    ids, sources = build_prompt(
-        engine.tokenizer, question, hits, engine.max_context, params.max_tokens
-    )
+    default_length: the answer gets the default length (answer_tokens), not
+    params.max_tokens. The engine must be running (`start()`) or is driven by the
+    iterator itself."""
+    asked = None if default_length else params.max_tokens
+    ids, sources = build_prompt(engine.tokenizer, question, hits, engine.max_context, asked)
+    length = answer_tokens(engine.max_context, len(ids), asked)
+    params = dataclasses.replace(params, max_tokens=length)
     [stream] = engine.submit([ids], [params])
 
     def pieces() -> Iterator[str]:

@@ -43,7 +43,6 @@ MAX_BODY_BYTES = 4 * 2**20
 # A body that announces more than this is refused without reading it; up to this, an
 # oversized body is read to its end first so the client sees the 413 rather than a reset.
 DRAIN_LIMIT = 64 * 2**20
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",

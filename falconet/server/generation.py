@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from falconet.errors import FalconetError
-from falconet.request_rules import RULES, must_be, seed_for_choice
+from falconet.request_rules import (
+    COMPLETION_MAX_TOKENS,
+    RULES,
+    default_max_tokens,
+    must_be,
+    seed_for_choice,
+)
 from falconet.sampling import SamplingParams
 from falconet.server.fields import APIError, bad
 from falconet.server.guided import constrain, request_grammar, tool_grammar
@@ -110,17 +116,21 @@ def _build(
     extra_stop: tuple[str, ...],
     max_context: int,
     prompt_logprobs: int | None = None,
+    default_cap: int | None = None,
 ) -> GenerationRequest:
     """Shared tail of both endpoints: one SamplingParams per choice (max_tokens None =
-    the rest of the context, per prompt; 0 = score the prompt only)."""
+    the route's default: `default_cap` or the rest of the context, whichever is less, per
+    prompt; 0 = score the prompt only)."""
     kw: dict[str, Any] = body.sampling_kwargs()
     kw["stop"] += tuple(s for s in extra_stop if s not in kw["stop"])
     kw["prompt_logprobs"] = prompt_logprobs
     all_prompts, params = [], []
     try:
         for ids in prompts:
-            budget = max_context - len(ids) if max_tokens is None else max_tokens
-            budget = max(budget, 1)  # max_tokens 0 generates nothing (not submitted as such)
+            if max_tokens is None:  # check_context made sure the prompt leaves room
+                budget = default_max_tokens(default_cap, max_context, len(ids))
+            else:  # max_tokens 0 generates nothing (not submitted as such)
+                budget = max(max_tokens, 1)
             for j in range(body.n):
                 # choice j of a seeded request draws from seed + j: n samples that differ,
                 # and the same n samples for the same request
@@ -162,7 +172,8 @@ def parse_completion(
         raise bad(f"'max_tokens' {must_be(RULES['max_tokens'].allowed, 0)}", "max_tokens")
     prompts = completion_prompts(body.prompt, tokenizer, vocab_size)
     check_context([len(p) for p in prompts], max_tokens, max_context, "prompt")
-    req = _build(body, prompts, max_tokens, body.logprobs, (), max_context, k)
+    req = _build(body, prompts, max_tokens, body.logprobs, (), max_context, k,
+                 default_cap=COMPLETION_MAX_TOKENS)  # fmt: skip
     if body.echo:
         # vLLM echoes a text prompt as sent and token ids as they decode
         req.echo_texts = [

@@ -35,14 +35,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticUseDefault
 
 from falconet.request_rules import (
+    COMPLETION_MAX_TOKENS,
     must_be,
     show,
 )
 from falconet.server.fields import (
-    COMPLETION_MAX_TOKENS,
     Choices,
     Flag,
     LogitBias,
@@ -293,8 +292,8 @@ def _max_tokens_zero(value: Any, handler: Callable[[Any], Any]) -> Any:
     # server/generation.py; the schema keeps the rule's bound for generating requests
     if value == 0 and not isinstance(value, bool):
         return 0
-    if value is None:  # the default; raised here, as pydantic cannot take it from handler
-        raise PydanticUseDefault
+    if value is None:  # OpenAI's null: the default
+        return None
     return handler(value)
 
 
@@ -310,9 +309,13 @@ class CompletionRequest(_OpenAIRequest):
     prompt: Prompt = Field(
         description="the text to continue, its token ids, or a list of either (a batch)"
     )
+    # Absent (or null) is OpenAI's 16, or what the context leaves after the prompt if that
+    # is less (server/generation.py); the schema shows the 16.
     max_tokens: Annotated[ruled("max_tokens"), WrapValidator(_max_tokens_zero)] = Field(
-        COMPLETION_MAX_TOKENS,
-        description="tokens to generate; 0 with echo or prompt_logprobs scores the prompt only",
+        None,
+        description=f"tokens to generate (default: {COMPLETION_MAX_TOKENS}, or what the "
+        "context leaves after the prompt); 0 with echo or prompt_logprobs scores the prompt only",
+        json_schema_extra={"default": COMPLETION_MAX_TOKENS},
     )
     logprobs: ruled("logprobs") = Field(
         None,

@@ -39,7 +39,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +61,7 @@ from falconet.generate import usage
 from falconet.rag.embed import SharedEmbedder
 from falconet.rag.ingest import DEFAULT_MAX_UPLOAD_MB, IngestLimits
 from falconet.rag.retrieve import DEFAULT_MODE, MODES, Mode, needs_embedder
+from falconet.request_rules import RAG_MAX_TOKENS
 from falconet.sampling import SamplingParams
 from falconet.server.collections import Collections
 from falconet.server.fields import APIError, Flag, bad, check_text, checked, parse_model, ruled
@@ -104,7 +105,11 @@ class RagQueryRequest(SamplingFields):
     )
     answer: Flag = Field(True, description="false: the passages only")
     stream: Flag = Field(False, description="stream the answer as server-sent events")
-    max_tokens: ruled("max_tokens") = Field(128, description="answer length")
+    max_tokens: ruled("max_tokens") = Field(
+        None,
+        description=f"answer length (default: up to {RAG_MAX_TOKENS}, what the model's "
+        "context leaves after the passages)",
+    )
     temperature: ruled("temperature") = Field(0.0, description="0 = greedy")
     collection: Choice = Field(None, description="which of your collections (multi-user mode)")
 
@@ -422,7 +427,7 @@ def register_rag_routes(
     async def query(request: Request, body: RagQueryRequest) -> Response:
         r = await need(request, body.collection)
         context = srv.engine.max_context
-        if body.max_tokens >= context:
+        if body.max_tokens is not None and body.max_tokens >= context:
             message = (
                 f"'max_tokens' is {body.max_tokens}; it must be less than this model's "
                 f"context of {context} tokens"
@@ -430,7 +435,9 @@ def register_rag_routes(
             raise bad(message, "max_tokens", "context_length_exceeded")
         try:  # a second guard: the body's fields obey the same rules
             kw = body.sampling_kwargs()
-            params = SamplingParams(max_tokens=body.max_tokens, seed=body.seed, **kw)
+            # the default length is fitted to the prompt in _answer
+            asked = 1 if body.max_tokens is None else body.max_tokens
+            params = SamplingParams(max_tokens=asked, seed=body.seed, **kw)
         except FalconetError as e:
             raise bad(str(e)) from e
         hits = await r.run(r.search, body.query, body.k, body.mode)
@@ -442,18 +449,20 @@ def register_rag_routes(
 
             return JSONResponse({"sources": [Source(i + 1, h, h.text).as_dict()
                                              for i, h in enumerate(hits)]})  # fmt: skip
-        return await _answer(request, body.query, hits, params, body.stream)
+        return await _answer(request, body.query, hits, params, body.max_tokens, body.stream)
 
     async def _answer(request: Request, q: str, hits, params: SamplingParams,
-                      stream: bool) -> Response:  # fmt: skip
-        from falconet.rag.answer import build_prompt
+                      asked: int | None, stream: bool) -> Response:  # fmt: skip
+        from falconet.rag.answer import answer_tokens, build_prompt
 
+        context = srv.engine.max_context
         try:
             # tokenizing the sources and the question is CPU work: never on the event loop
             ids, sources = await srv.workers.run(build_prompt, srv.tokenizer, q, hits,
-                                                 srv.engine.max_context, params.max_tokens)  # fmt: skip
+                                                 context, asked)  # fmt: skip
         except RagError as e:
             raise bad(str(e), "query") from e
+        params = replace(params, max_tokens=answer_tokens(context, len(ids), asked))
         req = GenerationRequest(prompts=[ids], params=[params], prompt_lengths=[len(ids)], n=1,
                                 stream=stream, include_usage=False, logprobs=None)  # fmt: skip
         [s] = srv.submit(req)

@@ -187,7 +187,7 @@ async function loadModels() {
       $("licence").textContent = "Licence: " + (m.licence ? m.licence.text : "not declared");
       const tokens = $("max-tokens");
       tokens.max = String(state.context - 1);
-      if (Number(tokens.value) >= state.context) tokens.value = String(Math.floor(state.context / 4));
+      if (tokens.value && Number(tokens.value) >= state.context) tokens.value = "";
     };
     select.onchange = pick;
     pick();
@@ -394,7 +394,10 @@ async function ask(event) {
   clearError();
   const question = $("question").value.trim();
   if (!question) return;
-  const maxTokens = Math.max(1, Math.min(Number($("max-tokens").value) || 64, state.context - 1));
+  // Left blank, the length is the server's default, fitted to the model's context and the
+  // prompt (up to the context for chat, as OpenAI's; up to 128 for answers from documents).
+  const typed = $("max-tokens").value.trim();
+  const maxTokens = typed ? Math.max(1, Math.min(Number(typed), state.context - 1)) : null;
   let conversation;
   try {
     conversation = await ensureConversation(question);
@@ -417,14 +420,15 @@ async function ask(event) {
     let body;
     if ($("rag").checked) {
       path = "/v1/rag/query";
-      body = { query: question, stream: true, max_tokens: maxTokens };
+      body = { query: question, stream: true };
       if (state.collection) body.collection = state.collection;
     } else {
       path = "/v1/chat/completions";
       const history = conversation.messages.filter((m) => m.content).slice(-8)
         .map((m) => ({ role: m.role, content: m.content }));
-      body = { model: state.model, messages: history, stream: true, max_tokens: maxTokens };
+      body = { model: state.model, messages: history, stream: true };
     }
+    if (maxTokens !== null) body.max_tokens = maxTokens;
     const r = await fetch(path, {
       method: "POST", headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify(body), signal: state.controller.signal,
