@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from falconet.cli.common import Out
-from falconet.cli.train import run_with_progress, set_threads
+from falconet.cli.train import run_training
 
 
 def add_parsers(sub) -> None:
@@ -57,20 +57,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace, out: Out) -> int:
-    import dataclasses
-
     from falconet.train.finetune import Finetuner, FinetuneSettings
 
-    names = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"extra"}
-    settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in names})
-    set_threads(args.threads)
-    final = run_with_progress(
-        lambda log, on_step: Finetuner(
-            settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
-        ),
-        settings.steps,
-        "finetune",
-    )
+    final, settings = run_training(args, FinetuneSettings, Finetuner, "finetune")
     summary = f"step {final['step']}: train loss {final['loss']:.4f}"
     if "val_loss" in final:
         summary += f", held-out loss {final['val_loss']:.4f}"

@@ -57,25 +57,34 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, out: Out) -> int:
-    import dataclasses
-
     from falconet.train.trainer import Trainer, TrainSettings
 
-    names = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra"}
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
-    set_threads(args.threads)
-    final = run_with_progress(
-        lambda log, on_step: Trainer(
-            settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
-        ),
-        settings.steps,
-        "train",
-    )
+    final, settings = run_training(args, TrainSettings, Trainer, "train")
     summary = f"step {final['step']}: train loss {final['loss']:.4f}"
     if "val_loss" in final:
         summary += f", held-out loss {final['val_loss']:.4f} (perplexity {final['val_ppl']:.2f})"
     out(f"{summary}\nwrote {settings.out}\n")
     return 0
+
+
+def run_training(
+    args: argparse.Namespace, settings_cls, trainer_cls, desc: str
+) -> tuple[dict, object]:
+    """Settings from the parsed flags (the dataclass's fields), then the run under a
+    progress bar: (its final history record, the settings)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(settings_cls)} - {"extra"}
+    settings = settings_cls(**{k: v for k, v in vars(args).items() if k in names})
+    set_threads(args.threads)
+    final = run_with_progress(
+        lambda log, on_step: trainer_cls(
+            settings, resume=args.resume, overwrite=args.overwrite, log=log, on_step=on_step
+        ),
+        settings.steps,
+        desc,
+    )
+    return final, settings
 
 
 def set_threads(threads: int) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from falconet.durable import atomic_write, atomic_write_text
+from falconet.durable import atomic_write_text
 from falconet.errors import FalconetError
 from falconet.models.adapters import to_hf_rows, write_peft_adapter
 from falconet.models.checkpoint import load_hf_weights, read_config
@@ -151,6 +151,9 @@ class Finetuner(Trainer):
     """One fine-tuning run (the Trainer's loop over `FinetuneSettings`)."""
 
     s: FinetuneSettings
+    CHECKPOINT_KEYS = frozenset({"settings", "step", "trainable", "optimizer", "torch_rng",
+                                 "history", "data_digest", "base_digest"})  # fmt: skip
+    CHECKPOINT_KIND = "falconet finetune"
 
     def prepare(self) -> None:
         s = self.s
@@ -281,8 +284,10 @@ class Finetuner(Trainer):
         return total / max(count, 1)
 
     # ---- checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        state = {
+    def checkpoint_state(self) -> dict:
+        """The trainable tensors only (the base is read again from its folder, checked by
+        its digest), the optimizer, and what an exact resume needs."""
+        return {
             "settings": asdict(self.s),
             "step": self.step,
             "trainable": {
@@ -295,37 +300,6 @@ class Finetuner(Trainer):
             "base_digest": base_digest(Path(self.s.model)),
             "threads": torch.get_num_threads(),
         }
-        try:
-            atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
-        except OSError as e:
-            raise FalconetError(
-                f"cannot write the checkpoint in {self.run_dir} ({e.strerror}); the previous one is intact"
-            ) from None
-
-    def _load_checkpoint(self) -> dict:
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            raise FalconetError(f"--resume: no checkpoint at {path}; start without --resume")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            keys = {"settings", "step", "trainable", "optimizer", "torch_rng", "history",
-                    "data_digest", "base_digest"}  # fmt: skip
-            if not isinstance(saved, dict) or not keys <= saved.keys():
-                raise ValueError("missing fields")
-        except Exception as e:  # torch.load raises many types for foreign or torn files
-            raise FalconetError(
-                f"--resume: {path} is not a falconet finetune checkpoint ({type(e).__name__})"
-            ) from None
-        differ = self.s.same_run(saved["settings"])
-        if differ:
-            raise FalconetError(
-                f"--resume: settings differ from the checkpoint's: {', '.join(differ)}"
-            )
-        if saved["step"] > self.s.steps:
-            raise FalconetError(
-                f"--resume: the checkpoint is at step {saved['step']}, past --steps {self.s.steps}"
-            )
-        return saved
 
     # ---- output -----------------------------------------------------------------------
     def publish(self, final: dict) -> None:

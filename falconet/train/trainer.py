@@ -213,6 +213,11 @@ class Trainer:
     """One training run. `on_step(record)` is called after every step (the CLI draws a
     progress bar with it); `log(message)` receives warnings."""
 
+    # what --resume needs in a checkpoint, and what the run is called in its errors
+    CHECKPOINT_KEYS = frozenset({"settings", "step", "model", "optimizer", "torch_rng", "history",
+                                 "tokenizer", "eos_id", "eos_token", "data_digest"})  # fmt: skip
+    CHECKPOINT_KIND = "falconet"
+
     def __init__(
         self,
         settings: TrainSettings,
@@ -290,13 +295,11 @@ class Trainer:
             raise FalconetError(f"--resume: no checkpoint at {path}; start without --resume")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            keys = {"settings", "step", "model", "optimizer", "torch_rng", "history", "tokenizer",
-                    "eos_id", "eos_token", "data_digest"}  # fmt: skip
-            if not isinstance(saved, dict) or not keys <= saved.keys():
+            if not isinstance(saved, dict) or not saved.keys() >= self.CHECKPOINT_KEYS:
                 raise ValueError("missing fields")
         except Exception as e:  # torch.load raises many types for foreign or torn files
             raise FalconetError(
-                f"--resume: {path} is not a falconet checkpoint ({type(e).__name__})"
+                f"--resume: {path} is not a {self.CHECKPOINT_KIND} checkpoint ({type(e).__name__})"
             ) from None
         differ = self.s.same_run(saved["settings"])
         if differ:
@@ -376,8 +379,9 @@ class Trainer:
                 losses.append(self._loss(chunk).item() * len(chunk))
         return sum(losses) / n
 
-    def save_checkpoint(self) -> None:
-        state = {
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds: enough to resume the run exactly (CHECKPOINT_KEYS)."""
+        return {
             "settings": asdict(self.s),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -392,6 +396,9 @@ class Trainer:
             "data_digest": self.blocks.digest(),
             "threads": torch.get_num_threads(),
         }
+
+    def save_checkpoint(self) -> None:
+        state = self.checkpoint_state()
         try:
             atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
         except OSError as e:
