@@ -262,14 +262,9 @@ class Finetuner(Trainer):
 
     def evaluate(self) -> float | None:
         """Mean held-out loss per target token; None without a held-out set."""
-        val = self.blocks.val
-        if len(val) == 0:
+        val, n = self.blocks.val, self.eval_rows()
+        if n == 0:
             return None
-        n = (
-            len(val)
-            if self.s.eval_batches == 0
-            else min(len(val), self.s.eval_batches * self.s.batch_size)
-        )
         self.model.eval()
         total, count = 0.0, 0
         with torch.no_grad():

@@ -361,16 +361,16 @@ class Trainer:
         self.step += 1
         return total
 
+    def eval_rows(self) -> int:
+        """How many held-out rows an evaluation reads (--eval-batches, 0: all)."""
+        n = len(self.blocks.val)
+        return n if self.s.eval_batches == 0 else min(n, self.s.eval_batches * self.s.batch_size)
+
     def evaluate(self) -> float | None:
         """Mean held-out loss per token (perplexity = exp of it); None without a held-out set."""
-        val = self.blocks.val
-        if len(val) == 0:
+        val, n = self.blocks.val, self.eval_rows()
+        if n == 0:
             return None
-        n = (
-            len(val)
-            if self.s.eval_batches == 0
-            else min(len(val), self.s.eval_batches * self.s.batch_size)
-        )
         self.model.eval()
         losses = []
         with torch.no_grad():
