@@ -168,7 +168,7 @@ def test_kquant_rows_are_bit_identical_across_batches_paths_and_threads(name):
 
 
 def test_quant_linear_runs_kquant_blocks_in_place():
-    name, N, K = "q5_k", 16, 512  # a K-quant without an x8 layout
+    name, N, K = "q3_k", 16, 512  # a K-quant without an x8 layout
     fmt = get_format(name)
     blocks = torch.from_numpy(kquant_blocks(name, N, K, seed=3))
     bias = torch.randn(N)
@@ -195,9 +195,9 @@ def int8_dots() -> list[str]:
 @pytest.mark.skipif(
     not kernels.x8_eligible(get_format("q4_k"), 8), reason="K-quant x8 tiles need the AVX2 kernels"
 )
-@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
 def test_kquant_x8_tiles_give_the_row_kernels_bits(name):
-    """A Q4_K / Q6_K layer repacks to x8 tiles at its first CPU forward and then computes
+    """A Q4_K / Q5_K / Q6_K layer repacks to x8 tiles at its first CPU forward and then computes
     exactly what the row-major kernel computes on the file's blocks: every batch size,
     both int8 product paths, any thread count; the tiles turn back into the same blocks."""
     N, K = 24, 768
@@ -227,10 +227,10 @@ def test_kquant_x8_tiles_give_the_row_kernels_bits(name):
     code = kernels.KQUANT_TYPES[name]
     with pytest.raises(ValueError, match="multiple of 8"):
         kernels.native.kq_gemm_x8(code, tiles.data_ptr(), 20, K, x.data_ptr(), 1, x.data_ptr(), 1)
-    with pytest.raises(ValueError, match="Q4_K or Q6_K"):
-        kernels.native.kq_gemm_x8(13, tiles.data_ptr(), N, K, x.data_ptr(), 1, x.data_ptr(), 1)
-    with pytest.raises(ValueError, match="Q4_K \\(12\\) or Q6_K"):
-        kernels.native.kq_repack(13, tiles.data_ptr(), x.data_ptr(), N, K, False)
+    with pytest.raises(ValueError, match="Q4_K, Q5_K or Q6_K"):
+        kernels.native.kq_gemm_x8(11, tiles.data_ptr(), N, K, x.data_ptr(), 1, x.data_ptr(), 1)
+    with pytest.raises(ValueError, match="Q4_K \\(12\\), Q5_K \\(13\\) or Q6_K"):
+        kernels.native.kq_repack(11, tiles.data_ptr(), x.data_ptr(), N, K, False)
 
 
 def test_kquant_kernel_refuses_bad_arguments():

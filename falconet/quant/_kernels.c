@@ -579,7 +579,7 @@ static PyObject *run_kq_gemm(PyObject *args, int x8) {
         return NULL;
     }
     if (x8 && (!kq_x8_type(type) || N % X8 || !use_avx2)) {
-        PyErr_SetString(PyExc_ValueError, "kq x8 tiles are Q4_K or Q6_K, rows a multiple of 8, on AVX2");
+        PyErr_SetString(PyExc_ValueError, "kq x8 tiles are Q4_K, Q5_K or Q6_K, rows a multiple of 8, on AVX2");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -600,14 +600,14 @@ static PyObject *py_kq_gemm(PyObject *self, PyObject *args) { return run_kq_gemm
 
 static PyObject *py_kq_gemm_x8(PyObject *self, PyObject *args) { return run_kq_gemm(args, 1); }
 
-/* kq_repack(type, src_ptr, dst_ptr, N, K, to_x8): Q4_K / Q6_K rows <-> kq x8 tiles */
+/* kq_repack(type, src_ptr, dst_ptr, N, K, to_x8): Q4_K / Q5_K / Q6_K rows <-> kq x8 tiles */
 static PyObject *py_kq_repack(PyObject *self, PyObject *args) {
     int type, to_x8;
     unsigned long long src, dst;
     Py_ssize_t N, K;
     if (!PyArg_ParseTuple(args, "iKKnnp", &type, &src, &dst, &N, &K, &to_x8)) return NULL;
     if (!kq_x8_type(type)) {
-        PyErr_Format(PyExc_ValueError, "kq x8 tiles are Q4_K (12) or Q6_K (14), got GGML type %d", type);
+        PyErr_Format(PyExc_ValueError, "kq x8 tiles are Q4_K (12), Q5_K (13) or Q6_K (14), got GGML type %d", type);
         return NULL;
     }
     if (K <= 0 || K % QK_K || N < 0 || N % X8) {
@@ -725,8 +725,8 @@ static PyMethodDef methods[] = {
     {"gelu", py_gelu, METH_VARARGS, "gelu(x_ptr, y_ptr, n): y = x/2 (1 + erf(x/sqrt 2)) over n fp32 values, on the calling thread (kernels_activation.h)"},
     {"tq2_matmul", py_tq2_matmul, METH_VARARGS, "tq2_matmul(x_ptr, w_ptr, y_ptr, M, K, N, threads): y[M,N] fp32 = x[M,K] fp32 @ W.T, W in TQ2_0 blocks [N, K/256*66], x rounded per 256 values as Q8_K"},
     {"kq_gemm", py_kq_gemm, METH_VARARGS, "kq_gemm(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): y[M,N] = x[M,K] @ W.T for K-quant rows (Q2_K..Q6_K), x rounded to Q8_K, any M"},
-    {"kq_gemm_x8", py_kq_gemm_x8, METH_VARARGS, "kq_gemm_x8(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): kq_gemm on Q4_K / Q6_K x8 tiles (type 12 or 14, N % 8 == 0, AVX2), the same bits"},
-    {"kq_repack", py_kq_repack, METH_VARARGS, "kq_repack(type, src_ptr, dst_ptr, N, K, to_x8): Q4_K / Q6_K rows <-> x8 tiles (a permutation within each group of 8 rows)"},
+    {"kq_gemm_x8", py_kq_gemm_x8, METH_VARARGS, "kq_gemm_x8(type, w_ptr, N, K, x_ptr, M, y_ptr, threads): kq_gemm on Q4_K / Q5_K / Q6_K x8 tiles (type 12, 13 or 14, N % 8 == 0, AVX2), the same bits"},
+    {"kq_repack", py_kq_repack, METH_VARARGS, "kq_repack(type, src_ptr, dst_ptr, N, K, to_x8): Q4_K / Q5_K / Q6_K rows <-> x8 tiles (a permutation within each group of 8 rows)"},
     {"quantize_q8_K", py_quantize_q8_K, METH_VARARGS, "quantize_q8_K(x_ptr, M, K, out_ptr): fp32 x[M,K] -> M*K/256 Q8_K blocks of 292 bytes (float d, int8 qs[256], int16 bsums[16])"},
     {"simd", py_simd, METH_NOARGS, "the SIMD path in use: 'avx2' or 'portable'"},
     {"set_simd", py_set_simd, METH_VARARGS, "choose the SIMD path (tests compare the two)"},

@@ -44,9 +44,9 @@ NATIVE_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6}
 # Formats with the interleaved-rows layout (_kernels.c, "x8"): the decode GEMV serves 8
 # output rows per instruction, about 2x the row-major kernel's speed per core.
 X8_TYPES = {"q4_0", "q4_1", "q8_0"}
-# K-quants with an x8 layout (kernels_kq_x8.h): Q4_K (the bulk of a Q4_K_M file) and
+# K-quants with an x8 layout (kernels_kq_x8.h): Q4_K (the bulk of a Q4_K_M file), Q5_K and
 # Q6_K; the same bits as their row-major kernel, faster.
-KQ_X8_TYPES = {"q4_k", "q6_k"}
+KQ_X8_TYPES = {"q4_k", "q5_k", "q6_k"}
 # K-quants computed in their GGUF blocks against Q8_K activations (any number of rows).
 KQUANT_TYPES = {"q2_k": 10, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 # the GGML type id x8_linear is given for each format with an x8 layout

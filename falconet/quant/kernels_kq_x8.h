@@ -1,4 +1,4 @@
-/* Q4_K and Q6_K in interleaved 8-row tiles (kq x8). Included once by _kernels.c, after
+/* Q4_K, Q5_K and Q6_K in interleaved 8-row tiles (kq x8). Included once by _kernels.c, after
  * kernels_kquants.h (Q8_K activations, kq_step, the row schedule) and kernels_x8.h.
  *
  * The row-major K-quant kernel spends most of a decode step's instructions outside the
@@ -28,9 +28,11 @@
  * halved the bandwidth): per p = 8h + k, ql piece 16h + k, ql piece 16h + 8 + k, qh
  * piece 8h + k, one run each.
  *   Q4_K: d | dmin | scales as 3 words | qs as 32 pieces         (offsets 0, 16, 32, 128)
+ *   Q5_K: as Q4_K with qh's 8 pieces before qs (read once, then from L1)  (.., 128, 384)
  *   Q6_K: d | scales as 4 words | (ql, ql, qh) x 16              (offsets 0, 16, 144) */
 typedef struct { int from, bytes, pieces; } kq_run;
 static const kq_run KQ_X8_Q4_K[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 32}, {0, 0, 0}};
+static const kq_run KQ_X8_Q5_K[] = {{0, 2, 1}, {2, 2, 1}, {4, 4, 3}, {16, 4, 8}, {48, 4, 32}, {0, 0, 0}};
 static kq_run KQ_X8_Q6_K[2 + 48 + 1] = {{208, 2, 1}, {192, 4, 4}}; /* the rest: kq_x8_init */
 
 static void kq_x8_init(void) {
@@ -42,12 +44,12 @@ static void kq_x8_init(void) {
     }
 }
 
-static int kq_x8_type(int type) { return type == T_Q4_K || type == T_Q6_K; }
+static int kq_x8_type(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
 
 /* K-quant rows [N, nb blocks] -> kq x8 tiles, or back (to_x8 = 0). N % 8 == 0. */
 static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, int to_x8) {
     const size_t bb = kq_block_bytes(type), row_bytes = (size_t)nb * bb;
-    const kq_run *runs = type == T_Q4_K ? KQ_X8_Q4_K : KQ_X8_Q6_K;
+    const kq_run *runs = type == T_Q4_K ? KQ_X8_Q4_K : type == T_Q5_K ? KQ_X8_Q5_K : KQ_X8_Q6_K;
     for (int64_t g = 0; g < N / X8; g++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *tile = (uint8_t *)(to_x8 ? dst : src) + g * X8 * row_bytes + b * X8 * bb;
@@ -83,7 +85,7 @@ static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int
 #undef X8_VNNI
 #undef X8_NAME
 
-/* y[M, N] = x[M, K] @ W.T for Q4_K / Q6_K weights in kq x8 tiles, any M: kq_gemm's
+/* y[M, N] = x[M, K] @ W.T for Q4_K / Q5_K / Q6_K weights in kq x8 tiles, any M: kq_gemm's
  * activation rounding and schedule, 8 weight rows per unit of work. Returns -1 when the
  * activation buffer cannot be allocated. */
 static int kq_gemm_x8(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M, float *y,

@@ -1,18 +1,21 @@
-/* The Q4_K / Q6_K x8 tile loops, included twice by kernels_kq_x8.h: AVX2's maddubs +
+/* The Q4_K / Q5_K / Q6_K x8 tile loops, included twice by kernels_kq_x8.h: AVX2's maddubs +
  * madd (X8_VNNI 0) and AVX-512 VNNI's vpdpbusd (X8_VNNI 1), each compiled for its own
  * instruction set (X8_TARGET) under its own names (X8_NAME). Both sum the same products
- * exactly in int32: 8 maddubs pair sums of 4-bit x int8 reach 8 * 2 * 15 * 127, 2 of 6-bit
- * x int8 2 * 2 * 63 * 127, inside int16. */
+ * exactly in int32: 8 maddubs pair sums of 4-bit x int8 reach 8 * 2 * 15 * 127, 4 of
+ * 5-bit 4 * 2 * 31 * 127, 2 of 6-bit 2 * 2 * 63 * 127, inside int16. */
 
 /* 8 rows (one group) against M activation rows, lane r = weight row r. */
-X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q4_K)(
-    const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
+/* Q4_K, or Q5_K (q5: the fifth bit of value l of sub-block j is bit j of qh[l]). */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45_K)(
+    int q5, const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(15), byte = _mm256_set1_epi32(0xff);
     const __m256i six = _mm256_set1_epi32(0x3f3f3f3f), four = _mm256_set1_epi32(0x0f0f0f0f);
     const __m256i top2 = _mm256_set1_epi32(0x30303030);
-    for (int64_t b = 0; b < nb; b++, tiles += X8 * sizeof(block_q4_K)) {
+    const __m256i one = _mm256_set1_epi8(1);
+    const size_t tile_size = X8 * (q5 ? sizeof(block_q5_K) : sizeof(block_q4_K));
+    for (int64_t b = 0; b < nb; b++, tiles += tile_size) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tiles + 16)));
         /* scale_min_k4 for 8 rows at once (see kq_load): byte j of sc_lo / mn_lo is
@@ -32,7 +35,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q4_
             m[j] = _mm256_and_si256(_mm256_srli_epi32(mn_lo, 8 * j), byte);
             m[j + 4] = _mm256_and_si256(_mm256_srli_epi32(mn_hi, 8 * j), byte);
         }
-        const uint8_t *qs = tiles + 128;
+        const uint8_t *qh = tiles + 128, *qs = tiles + (q5 ? 384 : 128);
         for (int64_t r = 0; r < M; r++) {
             const block_q8_K *x = xq + r * nb + b;
             __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
@@ -42,19 +45,36 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q4_
                 __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * (8 * c + k)));
-                    lo = _mm256_dpbusd_epi32(lo, _mm256_and_si256(w, low4), bcast4(xl + 4 * k));
-                    hi = _mm256_dpbusd_epi32(hi, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4), bcast4(xh + 4 * k));
+                    __m256i ul = _mm256_and_si256(w, low4), uh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                    if (q5) {
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * k));
+                        ul = _mm256_or_si256(ul, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4));
+                        uh = _mm256_or_si256(uh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4));
+                    }
+                    lo = _mm256_dpbusd_epi32(lo, ul, bcast4(xl + 4 * k));
+                    hi = _mm256_dpbusd_epi32(hi, uh, bcast4(xh + 4 * k));
                 }
 #else
+                /* Q4 pair sums reach 2 * 15 * 127: 8 pieces fit int16; Q5's 2 * 31 * 127: 4 */
+                const __m256i ones = _mm256_set1_epi16(1);
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                 __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * (8 * c + k)));
-                    lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(_mm256_and_si256(w, low4), bcast4(xl + 4 * k)));
-                    hi16 = _mm256_add_epi16(
-                        hi16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), bcast4(xh + 4 * k)));
+                    __m256i ul = _mm256_and_si256(w, low4), uh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                    if (q5) {
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * k));
+                        ul = _mm256_or_si256(ul, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4));
+                        uh = _mm256_or_si256(uh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4));
+                    }
+                    lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ul, bcast4(xl + 4 * k)));
+                    hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(uh, bcast4(xh + 4 * k)));
+                    if (k == 7 || (q5 && k == 3)) {
+                        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(lo16, ones));
+                        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(hi16, ones));
+                        lo16 = hi16 = _mm256_setzero_si256();
+                    }
                 }
-                const __m256i ones = _mm256_set1_epi16(1);
-                const __m256i lo = _mm256_madd_epi16(lo16, ones), hi = _mm256_madd_epi16(hi16, ones);
 #endif
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_mullo_epi32(lo, s[2 * c]),
                                                                _mm256_mullo_epi32(hi, s[2 * c + 1])));
@@ -162,7 +182,11 @@ X8_TARGET static void X8_NAME(kq_groups_x8)(int type, const uint8_t *W, size_t g
             float *out = y + r0 * N + X8 * g;
             /* a constant row count for the decode step: its loop compiles on its own */
             if (type == T_Q4_K)
-                m == 1 ? X8_NAME(kq_group_q4_K)(tiles, nb, x, 1, N, out) : X8_NAME(kq_group_q4_K)(tiles, nb, x, m, N, out);
+                m == 1 ? X8_NAME(kq_group_q45_K)(0, tiles, nb, x, 1, N, out)
+                       : X8_NAME(kq_group_q45_K)(0, tiles, nb, x, m, N, out);
+            else if (type == T_Q5_K)
+                m == 1 ? X8_NAME(kq_group_q45_K)(1, tiles, nb, x, 1, N, out)
+                       : X8_NAME(kq_group_q45_K)(1, tiles, nb, x, m, N, out);
             else
                 X8_NAME(kq_group_q6_K)(tiles, nb, x, m, N, out);
         }
