@@ -13,8 +13,8 @@ in each condition.
     python benchmarks/bench_contention.py                      # the 1.15 B model, q4_0
     python benchmarks/bench_contention.py --types q4_0,q4_k_m --repeats 5
 
-The GGUFs are bench_quant.py's (built and cached by it: run it once first). Not used by
-the tests.
+The checkpoint is bench_quant.py's (built and cached by it: run it once first); a GGUF
+of a type not yet there is converted from it by `falconet convert`. Not used by the tests.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for qtype in args.types.split(","):
-        path = gguf_path(args.cache_dir, qtype)
-        if not path.exists():
-            sys.exit(f"{path} is missing: run benchmarks/bench_quant.py --types {qtype} first")
+        if not (args.cache_dir / "config.json").exists():
+            sys.exit(f"no checkpoint in {args.cache_dir}: run benchmarks/bench_quant.py once first")
+        path = gguf_path(args.cache_dir, qtype)  # converted from it on first use
         speeds = bench(path, args)
         med = {e: {c: statistics.median(v) for c, v in s.items()} for e, s in speeds.items()}
         rows.append((qtype, med))
