@@ -16,6 +16,8 @@ ratio measures only what speculation costs; measure with a trained model.
 
     python benchmarks/bench_speculative.py --model PATH [--draft SMALLER_MODEL]
     python benchmarks/bench_speculative.py --smoke    # the embedded tiny model, a quick check
+    python benchmarks/bench_speculative.py --model falconet/models/falconet-tiny \
+        --text tests/data/rag_corpus/*.txt --lines 2     # verses it was trained on: it copies
 
 Not used by the tests.
 """
@@ -37,10 +39,18 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = [REPO / "README.md", REPO / "docs" / "design.md"]
 
 
-def paragraphs(paths: list[Path], min_chars: int = 200) -> list[str]:
+def paragraphs(paths: list[Path], min_chars: int = 200, lines: int = 0) -> list[str]:
+    """The texts' paragraphs (blocks between blank lines), or with `lines` > 0 runs of that
+    many non-empty lines (for one-verse-per-line texts such as tests/data/rag_corpus)."""
     out = []
     for path in paths:
-        for block in path.read_text(encoding="utf-8").split("\n\n"):
+        text = path.read_text(encoding="utf-8")
+        if lines > 0:
+            rows = [r for r in text.splitlines() if r.strip()]
+            runs = (" ".join(rows[i : i + lines]) for i in range(0, len(rows), lines))
+            out += [r for r in runs if len(r) >= min_chars]
+            continue
+        for block in text.split("\n\n"):
             block = " ".join(block.split())
             if len(block) >= min_chars and not block.startswith(("```", "|")):
                 out.append(block)
@@ -95,8 +105,10 @@ def main() -> None:
         "--draft", default=None, help="draft with this smaller model, not prompt lookup"
     )
     ap.add_argument("--quant", default=None, help="quantize a HF folder while loading")
-    ap.add_argument("--text", type=Path, action="append", default=None,
+    ap.add_argument("--text", type=Path, nargs="+", action="extend", default=None,
                     help="text files the passages come from (repeatable; default README + docs)")  # fmt: skip
+    ap.add_argument("--lines", type=int, default=0,
+                    help="passages of this many lines of --text instead of its paragraphs")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--passages", type=int, default=4, help="passages per prompt")
     ap.add_argument("--pairs", type=int, default=5, help="on/off pairs per prompt")
@@ -118,7 +130,7 @@ def main() -> None:
     budget = min(2048, context - args.max_tokens - 64)
     if budget < 64:
         sys.exit(f"the model's context ({context} tokens) has no room for passages")
-    prompts = rag_prompts(on, paragraphs(args.text or DEFAULT_TEXT), args.prompts,
+    prompts = rag_prompts(on, paragraphs(args.text or DEFAULT_TEXT, lines=args.lines), args.prompts,
                           args.passages, budget, seed=0)  # fmt: skip
     timed_stream(on, prompts[0], 4)  # warm-up: engines built, kernels loaded
     timed_stream(off, prompts[0], 4)
