@@ -5,15 +5,29 @@
  * 5-bit 4 * 2 * 31 * 127, 2 of 6-bit 2 * 2 * 63 * 127, inside int16. */
 
 /* 8 rows (one group) against M activation rows, lane r = weight row r. */
+/* Piece k of chunk c, 8 rows: sub-block 2c's values 4k..4k+3 (ul) and 2c+1's (uh), as
+ * unsigned bytes; Q5_K adds qh's bit 2c / 2c+1 as the fifth bit. */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_piece)(
+    int q5, const uint8_t *qs, const uint8_t *qh, int c, int k, __m256i *ul, __m256i *uh) {
+    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * (8 * c + k)));
+    *ul = _mm256_and_si256(w, low4);
+    *uh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+    if (q5) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * k));
+        *ul = _mm256_or_si256(*ul, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4));
+        *uh = _mm256_or_si256(*uh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4));
+    }
+}
+
 /* Q4_K, or Q5_K (q5: the fifth bit of value l of sub-block j is bit j of qh[l]). */
 X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45_K)(
     int q5, const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(15), byte = _mm256_set1_epi32(0xff);
+    const __m256i byte = _mm256_set1_epi32(0xff);
     const __m256i six = _mm256_set1_epi32(0x3f3f3f3f), four = _mm256_set1_epi32(0x0f0f0f0f);
     const __m256i top2 = _mm256_set1_epi32(0x30303030);
-    const __m256i one = _mm256_set1_epi8(1);
     const size_t tile_size = X8 * (q5 ? sizeof(block_q5_K) : sizeof(block_q4_K));
     for (int64_t b = 0; b < nb; b++, tiles += tile_size) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
@@ -44,13 +58,8 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
 #if X8_VNNI
                 __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * (8 * c + k)));
-                    __m256i ul = _mm256_and_si256(w, low4), uh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
-                    if (q5) {
-                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * k));
-                        ul = _mm256_or_si256(ul, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4));
-                        uh = _mm256_or_si256(uh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4));
-                    }
+                    __m256i ul, uh;
+                    X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
                     lo = _mm256_dpbusd_epi32(lo, ul, bcast4(xl + 4 * k));
                     hi = _mm256_dpbusd_epi32(hi, uh, bcast4(xh + 4 * k));
                 }
@@ -60,13 +69,8 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
                 __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                 __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * (8 * c + k)));
-                    __m256i ul = _mm256_and_si256(w, low4), uh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
-                    if (q5) {
-                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * k));
-                        ul = _mm256_or_si256(ul, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4));
-                        uh = _mm256_or_si256(uh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4));
-                    }
+                    __m256i ul, uh;
+                    X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
                     lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ul, bcast4(xl + 4 * k)));
                     hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(uh, bcast4(xh + 4 * k)));
                     if (k == 7 || (q5 && k == 3)) {
@@ -121,7 +125,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                     __m256i dot[4];
                     for (int j = 0; j < 4; j++) dot[j] = _mm256_setzero_si256();
 #if !X8_VNNI
-                    __m256i p16[4];
+                    __m256i p16[4] = {0}; /* set at even pieces, read at odd ones */
 #endif
                     for (int k = 4 * half; k < 4 * half + 4; k++) {
                         const uint8_t *piece = quants + 96 * (8 * h + k);

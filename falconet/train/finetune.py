@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -40,7 +39,15 @@ from falconet.train.data import Blocks
 from falconet.train.lora import add_lora, lora_layers, match_targets, merge_lora
 from falconet.train.save import save_like
 from falconet.train.sft_data import IGNORE, INPUTS, LABELS, SEGMENTS, pack, read_sft, split_held_out
-from falconet.train.trainer import CHECKPOINT, HISTORY, Trainer, _check_paths, _check_writable
+from falconet.train.trainer import (
+    CHECKPOINT,
+    HISTORY,
+    Trainer,
+    _check_paths,
+    _check_writable,
+    loop_checks,
+    settle,
+)
 from falconet.weights.hf import weight_files
 
 FREE_ON_RESUME = ("steps", "data", "eval_data", "model", "out", "run_dir", "eval_every",
@@ -90,24 +97,10 @@ class FinetuneSettings:
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (not self.save_adapter or self.lora > 0, "--save-adapter needs --lora RANK"),
             (not self.lora_targets or self.lora > 0, "--lora-targets needs --lora RANK"),
-            (self.block_size >= 2, "--block-size must be at least 2"),
-            (self.batch_size > 0 and self.grad_accum > 0, "--batch-size and --grad-accum must be positive"),
-            (self.steps > 0, "--steps must be positive"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-            (self.warmup >= 0, "--warmup must be >= 0"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.clip >= 0, "--clip must be >= 0 (0 = off)"),
-            (self.eval_every > 0 and self.checkpoint_every > 0, "--eval-every and --checkpoint-every must be positive"),
+            *loop_checks(self),
             (0 <= self.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise FalconetError(message)
-        if not Path(self.out).resolve().name or Path(self.out).resolve() == Path.cwd():
-            raise FalconetError(f"--out {self.out!r} must name a new folder, not . or /")
-        if not self.run_dir:
-            self.run_dir = str(Path(self.out).with_name(Path(self.out).name + ".run"))
+        settle(self, checks)
 
     @property
     def targets(self) -> list[str]:

@@ -101,25 +101,11 @@ class TrainSettings:
             (self.variant not in ("40b", "11b") or (self.kv_heads > 0 and self.heads % self.kv_heads == 0),
              f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}"),
             (self.layers > 0, "--layers must be positive"),
-            (self.block_size >= 2, "--block-size must be at least 2"),
-            (self.batch_size > 0 and self.grad_accum > 0, "--batch-size and --grad-accum must be positive"),
-            (self.steps > 0, "--steps must be positive"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-            (self.warmup >= 0, "--warmup must be >= 0"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.clip >= 0, "--clip must be >= 0 (0 = off)"),
-            (self.eval_every > 0 and self.checkpoint_every > 0, "--eval-every and --checkpoint-every must be positive"),
+            *loop_checks(self),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.vocab_size > 268 or self.tokenizer, "--vocab-size must be > 268"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise FalconetError(message)
-        if not Path(self.out).resolve().name or Path(self.out).resolve() == Path.cwd():
-            raise FalconetError(f"--out {self.out!r} must name a new folder, not . or /")
-        if not self.run_dir:
-            self.run_dir = str(Path(self.out).with_name(Path(self.out).name + ".run"))
+        settle(self, checks)
 
     def model_config(self, vocab_size: int, eos_id: int) -> FalconConfig:
         return FalconConfig(
@@ -144,6 +130,33 @@ class TrainSettings:
             for f in fields(self)
             if f.name not in FREE_ON_RESUME and saved.get(f.name) != mine[f.name]
         ]
+
+
+def loop_checks(s) -> list[tuple[bool, str]]:
+    """(ok, message) for the settings of the training loop itself, which `falconet train`
+    and `falconet finetune` share."""
+    return [
+        (s.block_size >= 2, "--block-size must be at least 2"),
+        (s.batch_size > 0 and s.grad_accum > 0, "--batch-size and --grad-accum must be positive"),
+        (s.steps > 0, "--steps must be positive"),
+        (s.lr > 0 and math.isfinite(s.lr), "--lr must be a positive number"),
+        (0 <= s.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+        (s.warmup >= 0, "--warmup must be >= 0"),
+        (s.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (s.clip >= 0, "--clip must be >= 0 (0 = off)"),
+        (s.eval_every > 0 and s.checkpoint_every > 0, "--eval-every and --checkpoint-every must be positive"),
+    ]  # fmt: skip
+
+
+def settle(s, checks: list[tuple[bool, str]]) -> None:
+    """Raise the first failed check's message; check --out and default --run-dir beside it."""
+    for ok, message in checks:
+        if not ok:
+            raise FalconetError(message)
+    if not Path(s.out).resolve().name or Path(s.out).resolve() == Path.cwd():
+        raise FalconetError(f"--out {s.out!r} must name a new folder, not . or /")
+    if not s.run_dir:
+        s.run_dir = str(Path(s.out).with_name(Path(s.out).name + ".run"))
 
 
 def init_weights(model: Falcon, std: float, seed: int) -> None:
