@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -241,6 +242,65 @@ def test_full_finetune_of_falcon3_learns_and_loads_in_transformers(chat_data, tm
     assert torch.allclose(falconet.load(tmp_path / "out").logits(ids), theirs, atol=1e-4, rtol=0)
 
 
+# ---- a longer context -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant,rope",
+    [("7b", {"rope_theta": 80000.0}), ("7b", {"rope_scaling": "linear"}),
+     ("llama", {"rope_theta": 5e5}), ("llama", {"rope_scaling": "linear"})],
+)  # fmt: skip
+def test_context_extension_trains_long_rows_and_transformers_reads_the_output(
+    variant, rope, chat_data, tmp_path
+):
+    """A model with 32 positions, fine-tuned on 96-token rows with --context 128: its output
+    says 128 positions and the new RoPE in config.json, and transformers' logits over 120
+    tokens (past the old limit) equal falconet's."""
+    from transformers import AutoModelForCausalLM
+
+    build = build_llama_hf_model if variant == "llama" else build_hf_model
+    base = save_hf_model(build("falcon3_shape" if variant == "llama" else variant,
+                               max_position_embeddings=32), tmp_path / "base")  # fmt: skip
+    t = Finetuner(_settings(chat_data, base, tmp_path / "out", lora=0, lr=3e-3, steps=4,
+                            block_size=96, context=128, **rope))  # fmt: skip
+    t.prepare()
+    t.run()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 128
+    params = config["rope_parameters"]
+    if "rope_theta" in rope:
+        assert params["rope_type"] == "default" and params["rope_theta"] == rope["rope_theta"]
+    else:
+        assert params["rope_type"] == "linear" and params["factor"] == 4.0
+    ids = np.random.default_rng(0).integers(0, 100, 120).tolist()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    llm = falconet.load(tmp_path / "out", dtype="float32")
+    assert llm.config.max_position_embeddings == 128
+    assert torch.allclose(llm.logits(ids), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [({"context": 16}, "--context 16 is shorter than the model's (32 positions)"),
+     ({"rope_theta": 1e5}, "--rope-theta and --rope-scaling need --context N"),
+     ({"context": 64, "rope_scaling": "ntk"}, "--rope-scaling must be linear"),
+     ({"context": -1}, "--context must be a number of positions")],
+)  # fmt: skip
+def test_a_bad_context_extension_is_refused(over, message, chat_data, tmp_path):
+    base = save_hf_model(build_hf_model("7b", max_position_embeddings=32), tmp_path / "base")
+    with pytest.raises(falconet.FalconetError, match=re.escape(message)):
+        Finetuner(_settings(chat_data, base, tmp_path / "out", **over)).prepare()
+
+
+def test_an_alibi_model_takes_no_rope_setting(chat_data, tmp_path):
+    base = save_hf_model(build_hf_model("rw", max_position_embeddings=32), tmp_path / "base")
+    with pytest.raises(falconet.FalconetError, match="uses ALiBi, not rotary"):
+        Finetuner(_settings(chat_data, base, tmp_path / "out", context=64,
+                            rope_theta=1e5)).prepare()  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["falcon_mamba", "falcon_h1"])
 def test_recurrent_model_trains_one_example_per_row(arch, chat_data, tmp_path):
     hf = (
@@ -286,7 +346,7 @@ def test_bf16_autocast_and_an_eval_file(base, chat_data, tmp_path):
 @pytest.mark.parametrize("variant", ["rw", "7b", "40b", "llama"])
 def test_packed_examples_compute_what_they_compute_alone(variant, tmp_path):
     hf = build_llama_hf_model("biases") if variant == "llama" else build_hf_model(variant)
-    model, tokenizer = load_for_training(save_hf_model(hf, tmp_path / "m"))
+    model, tokenizer, _ = load_for_training(save_hf_model(hf, tmp_path / "m"))
     rng = random.Random(3)
     examples = [encode_example(tokenizer, _chat(rng)["messages"]) for _ in range(5)]
     rows = pack(examples, 128, True, pad_id=0)

@@ -36,6 +36,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--save-adapter", action="store_true",
                    help="write a PEFT adapter folder instead of the merged model")  # fmt: skip
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per row")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=d.context,
+        help="raise the model's position limit to N (train with --block-size up to N)",
+    )
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=d.rope_theta,
+        help="with --context: a new RoPE base (e.g. 8x the old one)",
+    )
+    p.add_argument(
+        "--rope-scaling",
+        choices=["linear"],
+        default=d.rope_scaling,
+        help="with --context: interpolate positions by N / the old limit",
+    )
     p.add_argument("--no-packing", action="store_false", dest="packing",
                    help="one example per row (recurrent models never pack)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -279,7 +279,7 @@ class FalconConfig(HFConfigFile):
             # for model_type RefinedWeb (the 40B custom code).
             d["new_decoder_architecture"] = "n_head_kv" in hf or hf["model_type"] == "RefinedWeb"
 
-        rope_theta, scaling_type, factor = _rope_from_hf(d)
+        rope_theta, scaling_type, factor = rope_from_hf(d)
         eos_ids = cls._eos_ids(d, 11)
         defaults = cls.__dataclass_fields__
         kwargs: dict[str, Any] = {}
@@ -399,7 +399,7 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _rope_from_hf(d: dict[str, Any]) -> tuple[float, str | None, float]:
+def rope_from_hf(d: dict[str, Any]) -> tuple[float, str | None, float]:
     """rope_theta and scaling from either `rope_parameters` (transformers v5) or
     `rope_theta` + `rope_scaling` (v4)."""
     params = d.get("rope_parameters")

@@ -14,6 +14,9 @@ schedule, clipping, accumulation, autocast, held-out loss, atomic checkpoints an
 - what learns: every parameter, or with `lora > 0` only LoRA's A and B (lora.py). A
   checkpoint holds just the trainable parameters with the optimizer, so a LoRA run of a
   large model checkpoints in megabytes; the base folder is checked by digest on resume;
+- the context: `context` raises the model's position limit (a model trained on short rows
+  learns longer ones), with RoPE's base raised (`rope_theta`, as Code Llama did) or its
+  positions interpolated (`rope_scaling="linear"`); the output's config.json says so;
 - the output: the model (merged with its LoRA update) in the base folder's HF shape, or
   with `save_adapter` a PEFT adapter folder (models/adapters.py).
 """
@@ -30,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from falconet.durable import atomic_write_text
-from falconet.errors import FalconetError
+from falconet.errors import ConfigError, FalconetError
 from falconet.models.adapters import to_hf_rows, write_peft_adapter
-from falconet.models.checkpoint import load_hf_weights, read_config
-from falconet.models.registry import for_config
+from falconet.models.checkpoint import load_hf_weights
+from falconet.models.falcon_config import read_config_json, rope_from_hf
+from falconet.models.registry import config_from_hf, for_config
 from falconet.tokenizer import Tokenizer
 from falconet.train.data import Blocks
 from falconet.train.lora import add_lora, lora_layers, match_targets, merge_lora
@@ -70,6 +74,9 @@ class FinetuneSettings:
     lora_targets: str = ""  # comma-separated layer name patterns; "" = every linear layer
     save_adapter: bool = False  # publish a PEFT adapter folder instead of a merged model
     block_size: int = 1024
+    context: int = 0  # the output's position limit; 0 = the base model's
+    rope_theta: float = 0.0  # a new RoPE base with `context`; 0 = the base model's
+    rope_scaling: str = ""  # "linear": positions interpolated by context / the base's limit
     packing: bool = True  # attention models only (see the module docstring)
     batch_size: int = 4
     grad_accum: int = 1
@@ -99,6 +106,11 @@ class FinetuneSettings:
             (not self.lora_targets or self.lora > 0, "--lora-targets needs --lora RANK"),
             *loop_checks(self),
             (0 <= self.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
+            (self.context >= 0, "--context must be a number of positions (0: the model's own)"),
+            (self.rope_theta >= 0, "--rope-theta must be positive"),
+            (self.rope_scaling in ("", "linear"), "--rope-scaling must be linear"),
+            (self.context or not (self.rope_theta or self.rope_scaling),
+             "--rope-theta and --rope-scaling need --context N"),
         ]  # fmt: skip
         settle(self, checks)
 
@@ -125,19 +137,58 @@ def base_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def load_for_training(folder: Path) -> tuple[torch.nn.Module, Tokenizer]:
-    """The HF folder's model in fp32 (every architecture the registry knows) and its
-    tokenizer. Ternary checkpoints hold packed codes, which no gradient can move."""
+def extend_context(hf: dict, context: int, rope_theta: float = 0.0, scaling: str = "") -> dict:
+    """A copy of config.json's dict whose model takes `context` positions: RoPE's base set
+    to `rope_theta` (when given) or, with scaling "linear", positions interpolated by
+    context / the old limit. Written in transformers' v5 keys (`rope_parameters`), which
+    transformers and falconet both read; other architectures' keys are left alone."""
+    old = hf.get("max_position_embeddings")
+    if not isinstance(old, int) or isinstance(old, bool):
+        raise FalconetError("--context: the model has no position limit to extend")
+    if context < old:
+        raise FalconetError(f"--context {context} is shorter than the model's ({old} positions)")
+    if (rope_theta or scaling) and hf.get("alibi"):
+        raise FalconetError("--rope-theta/--rope-scaling: the model uses ALiBi, not rotary")
+    out = dict(hf, max_position_embeddings=context)
+    theta, kind, factor = rope_from_hf(hf)
+    if kind not in (None, "linear") and (rope_theta or scaling):
+        raise FalconetError(f"--context: the model already scales RoPE ({kind}); leave it as is")
+    theta = rope_theta or theta
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear" or kind == "linear":
+        rope = {
+            "rope_type": "linear",
+            "rope_theta": theta,
+            "factor": factor * (context / old if scaling else 1),
+        }
+    if rope_theta or scaling:
+        out.pop("rope_scaling", None)
+        out["rope_parameters"], out["rope_theta"] = rope, theta
+    return out
+
+
+def load_for_training(
+    folder: Path, context: int = 0, rope_theta: float = 0.0, rope_scaling: str = ""
+) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """The HF folder's model in fp32 (every architecture the registry knows), its
+    tokenizer and the config.json dict the output will carry (with `context`, see
+    extend_context). Ternary checkpoints hold packed codes, which no gradient can move."""
     if not (folder / "config.json").is_file():
         raise FalconetError(f"--model {folder}: not a Hugging Face model folder (no config.json)")
-    config = read_config(folder)
+    hf = read_config_json(folder / "config.json")
+    if context:
+        hf = extend_context(hf, context, rope_theta, rope_scaling)
+    try:
+        config = config_from_hf(hf)
+    except ConfigError as e:
+        raise FalconetError(f"--model {folder}: {e}") from None
     arch = for_config(config)
     if arch.layout(config).ternary:
         raise FalconetError(f"--model {folder}: a ternary (BitNet) model cannot be fine-tuned")
     with torch.device("meta"):
         model = arch.model(config, torch.float32, torch.float32)
     load_hf_weights(model, folder)
-    return model, Tokenizer.from_dir(folder)
+    return model, Tokenizer.from_dir(folder), hf
 
 
 class Finetuner(Trainer):
@@ -161,7 +212,9 @@ class Finetuner(Trainer):
             raise FalconetError(
                 f"{self.run_dir} holds a run; pass --resume to continue it, or delete the folder"
             )
-        self.model, self.tokenizer = load_for_training(base)
+        self.model, self.tokenizer, self.hf_config = load_for_training(
+            base, s.context, s.rope_theta, s.rope_scaling
+        )
         config = self.model.config
         if s.block_size > config.max_position_embeddings:
             raise FalconetError(
@@ -306,7 +359,9 @@ class Finetuner(Trainer):
             )  # fmt: skip
             return
         merge_lora(self.model)
-        save_like(self.model, Path(s.model), self.out, getattr(torch, s.save_dtype), card)
+        save_like(
+            self.model, Path(s.model), self.out, getattr(torch, s.save_dtype), card, self.hf_config
+        )
 
 
 def finetune_card(s: FinetuneSettings, final: dict, n_examples: int, n_rows: int) -> str:

@@ -103,9 +103,11 @@ def save_like(
     folder: Path,
     dtype: torch.dtype = torch.float32,
     model_card: str | None = None,
+    hf_config: dict | None = None,
 ) -> None:
     """Publish `model` (any registered architecture) as a HF folder shaped like the one it
-    was loaded from: the base folder's config, tokenizer and other small files copied,
+    was loaded from: the base folder's config (or `hf_config`, the one it was built
+    from), tokenizer and other small files copied,
     model.safetensors written from the model's parameters under the checkpoint's names
     (rows put back in the checkpoint's order where loading reordered them)."""
     config = model.config
@@ -117,7 +119,9 @@ def save_like(
             continue
         t = to_hf_rows(params[name].detach(), layout.transforms.get(name))
         tensors[name] = t.to(dtype).contiguous()
-    hf_config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    if hf_config is None:
+        hf_config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    hf_config = dict(hf_config)
     hf_config["torch_dtype"] = DTYPE_NAMES[dtype]
     with publish_folder(folder) as tmp:
         for f in sorted(base_folder.iterdir()):
