@@ -15,11 +15,21 @@ adds, for each adapter in the step, its update to that adapter's rows only; rows
 sequences without an adapter get nothing. Outside such a block the hooks do nothing
 (the base model).
 
-Bit-exact batching. The update is computed in fp32 by two falconet `Linear`s (A, then
-B), which inside `batch_invariant()` give each row the same bits whatever rows share
-the call; the rows are gathered by index and the update is added element by element,
-so a sequence's output does not depend on which other sequences, with which adapters,
-share its step. The update is added after the base layer's output (bias included) and
+Grouped update. A layer's adapters are stacked side by side: A_all (sum of ranks, in)
+and B_all (out, sum of ranks). A step gathers the rows that have an adapter, runs them
+through A_all in one call, zeroes each row's columns that belong to other adapters (a
+mask), runs B_all in one call and scales each row by its adapter's scaling: two small
+GEMMs per layer whatever the number of adapters (per-adapter calls cost more in call
+overhead than in arithmetic: 0.44x of the base at 4 adapters, docs/benchmarks.md). The
+extra arithmetic, every row through every adapter's A, is n x rank columns beside the
+layer's own thousands.
+
+Bit-exact batching. The update is computed in fp32 by two falconet `Linear`s, which
+inside `batch_invariant()` give each row the same bits whatever rows share the call;
+the masked columns are exact zeros, so a row's B sum is the same whichever other
+adapters' rows share the step; the update is added to its rows by index, element by
+element. A sequence's output does not depend on which other sequences, with which
+adapters, share its step. The update is added after the base layer's output (bias included) and
 in fp32 -- as PEFT computes it -- whatever the base weight's storage: on a quantized
 base it corrects the dequantized product, it is never quantized itself.
 """
@@ -29,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -69,11 +79,58 @@ class LoRA:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """One layer's adapters side by side (see the module docstring)."""
+
+    A: Linear  # in -> sum of ranks
+    B: Linear  # sum of ranks -> out
+    columns: tuple[tuple[int, int, int, float], ...]  # (adapter index, start, stop, scaling)
+
+    @classmethod
+    def of(cls, loras: dict[int, LoRA]) -> Stack:
+        order = sorted(loras)
+        columns, at = [], 0
+        for i in order:
+            r = loras[i].A.out_features
+            columns.append((i, at, at + r, loras[i].scaling))
+            at += r
+        a = torch.cat([loras[i].A.weight.data for i in order])
+        b = torch.cat([loras[i].B.weight.data for i in order], dim=1)
+        both = LoRA.from_tensors(a, b, 1.0, a.device)
+        return cls(both.A, both.B, tuple(columns))
+
+
+@dataclass(frozen=True)
 class AdapterRows:
     """Which packed rows of a step each adapter updates: (adapter index, row indices)."""
 
     groups: tuple[tuple[int, torch.Tensor], ...]
     total: int  # rows in the step (the packed tokens)
+    # per column layout of a Stack: (rows, mask, scale), made once per step
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def plan(self, stack: Stack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For the layer's stack: the rows to update (R,), the mask (R, sum of ranks) that
+        keeps each row's own adapter's columns, and each row's scaling (R, 1); None when
+        no row of the step has one of the stack's adapters."""
+        if stack.columns in self._plans:
+            return self._plans[stack.columns]
+        mine = {i: (start, stop, scaling) for i, start, stop, scaling in stack.columns}
+        parts = [(rows, *mine[i]) for i, rows in self.groups if i in mine]
+        plan = None
+        if parts:
+            rows = torch.cat([p[0] for p in parts])
+            width = stack.columns[-1][2]
+            mask = torch.zeros(len(rows), width, device=rows.device)
+            scale = torch.empty(len(rows), 1, device=rows.device)
+            at = 0
+            for r, start, stop, scaling in parts:
+                mask[at : at + len(r), start:stop] = 1.0
+                scale[at : at + len(r)] = scaling
+                at += len(r)
+            plan = (rows, mask, scale)
+        self._plans[stack.columns] = plan
+        return plan
 
 
 _state = threading.local()
@@ -98,6 +155,7 @@ class LoRALayers:
         self.model = model
         self.names: list[str] = []
         self._layers: dict[str, dict[int, LoRA]] = {}  # module name -> adapter index -> LoRA
+        self._stacks: dict[str, Stack] = {}  # module name -> its adapters side by side
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
     def __contains__(self, name: object) -> bool:
@@ -125,6 +183,7 @@ class LoRALayers:
         self.names.append(name)
         for module_name, lora in layers.items():
             self._layers.setdefault(module_name, {})[index] = lora
+            self._stacks[module_name] = Stack.of(self._layers[module_name])
             if module_name not in self._hooks:
                 hook = partial(self._apply, module_name)
                 self._hooks[module_name] = modules[module_name].register_forward_hook(hook)
@@ -135,6 +194,7 @@ class LoRALayers:
             handle.remove()
         self._hooks.clear()
         self._layers.clear()
+        self._stacks.clear()
         self.names.clear()
 
     def rows(self, adapters: Sequence[tuple[str | None, int]]) -> AdapterRows | None:
@@ -160,7 +220,7 @@ class LoRALayers:
         rows: AdapterRows | None = getattr(_state, "rows", None)
         if rows is None:
             return None
-        mine = self._layers.get(module_name, {})
+        stack = self._stacks.get(module_name)
         x = inputs[0]
         x = x.reshape(-1, x.shape[-1])  # (M, in)
         if x.shape[0] != rows.total:  # a layer run on other rows than the step's tokens
@@ -168,15 +228,16 @@ class LoRALayers:
                 f"{module_name} ran on {x.shape[0]} rows, not the step's {rows.total} "
                 "tokens; LoRA cannot target this layer"
             )
-        y = None
-        for index, at in rows.groups:
-            lora = mine.get(index)
-            if lora is None:
-                continue
-            if y is None:  # fp32, as PEFT adds the update, then back to the output's dtype
-                y = output.reshape(-1, output.shape[-1]).float().clone()  # (M, out)
-            y.index_add_(0, at, lora.delta(x.index_select(0, at)))
-        return None if y is None else y.to(output.dtype).view(output.shape)
+        plan = None if stack is None else rows.plan(stack)
+        if plan is None:
+            return None
+        at, mask, scale = plan
+        h = stack.A(x.index_select(0, at).float()).mul_(mask)
+        delta = stack.B(h).mul_(scale)
+        # fp32, as PEFT adds the update, then back to the output's dtype
+        y = output.reshape(-1, output.shape[-1]).float().clone()  # (M, out)
+        y.index_add_(0, at, delta)
+        return y.to(output.dtype).view(output.shape)
 
 
 def merge(model: nn.Module, layers: dict[str, LoRA]) -> None:
