@@ -19,7 +19,7 @@ questions) keeps its last variants for the held-out split alone.
 
 Usage:
     python scripts/make_rag_sft.py --out data/rag_sft [--seed 0] [--train-docs 2000]
-        [--heldout-docs 120] [--passages 5]
+        [--heldout-docs 120] [--passages 5 | --passages 5,1,2,2,2]
 
 Writes OUT/train.jsonl and OUT/heldout.jsonl ({"messages": [user, assistant]}, OpenAI's
 shape), OUT/heldout_docs/*.md (the held-out documents as files), OUT/heldout_questions.jsonl
@@ -283,9 +283,10 @@ def example(
 
 
 def build_split(
-    seed: int, split: str, n_docs: int, n_passages: int, count_tokens: Callable[[str], int]
+    seed: int, split: str, n_docs: int, n_passages: list[int], count_tokens: Callable[[str], int]
 ) -> tuple[list[Doc], list[Question], list[Example]]:
-    """A split's documents, questions (one per fact) and chat examples."""
+    """A split's documents, questions (one per fact) and chat examples, the i-th question's
+    prompt holding n_passages[i % len(n_passages)] passages."""
     r = random.Random(f"{seed}:{split}")
     docs = make_documents(r, n_docs, split)
     hits = {d.name: passages(d, count_tokens) for d in docs}
@@ -293,7 +294,11 @@ def build_split(
     for d in docs:
         kinds.setdefault(d.kind, []).append(d.name)
     qs = [q for d in docs for q in questions(r, d, split)]
-    examples = [e for q in qs if (e := example(r, q, hits, kinds, n_passages)) is not None]
+    examples = [
+        e
+        for i, q in enumerate(qs)
+        if (e := example(r, q, hits, kinds, n_passages[i % len(n_passages)])) is not None
+    ]
     return docs, qs, examples
 
 
@@ -308,10 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-docs", type=int, default=2000)
     p.add_argument("--heldout-docs", type=int, default=120)
-    p.add_argument("--passages", type=int, default=5, help="passages per prompt (default 5)")
+    p.add_argument(
+        "--passages", default="5",
+        help="passages per prompt (default 5), or a list taken in turn question by question "
+        "(5,1: a long prompt then a short one, which pack into one 2048-token row)",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    if args.passages < 2 or min(args.train_docs, args.heldout_docs) < 2 * len(KINDS):
-        p.error(f"--passages must be >= 2 and each split needs >= {2 * len(KINDS)} documents")
+    try:
+        args.passages = [int(n) for n in args.passages.split(",")]
+    except ValueError:
+        p.error(f"--passages must be a number or a comma-separated list, got {args.passages!r}")
+    if min(args.passages) < 1 or min(args.train_docs, args.heldout_docs) < 2 * len(KINDS):
+        p.error(f"--passages must be >= 1 and each split needs >= {2 * len(KINDS)} documents")
     from falconet.rag.embed import default_embedder
 
     count = default_embedder().count_tokens

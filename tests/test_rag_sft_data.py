@@ -42,7 +42,7 @@ def count_tokens():
 
 @pytest.fixture(scope="module")
 def splits(count_tokens):
-    return {s: sft.build_split(7, s, 20, 5, count_tokens) for s in sft.SPLITS}
+    return {s: sft.build_split(7, s, 20, [5], count_tokens) for s in sft.SPLITS}
 
 
 def test_the_same_seed_writes_the_same_files(tmp_path):
