@@ -152,3 +152,48 @@ def test_cli_ray_usage_errors_are_one_line(tmp_path, tiny_7b, extra, needle):
     res = subprocess.run([sys.executable, "-m", "falconet", *argv], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert_cli_error(res, needle)
+
+
+def _alive_nodes(address: str) -> int:
+    probe = ("import ray; ray.init(address=%r, log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))") % address  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", probe], env=RAY_ENV, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    return int(res.stdout.split()[-1]) if res.returncode == 0 and res.stdout.split() else 0
+
+
+def test_an_sqlite_ledger_is_refused_on_a_cluster_of_several_machines(
+    ray_address, tmp_path, tiny_7b
+):
+    """A second node at another address (127.0.0.2, a loopback address of its own) joins
+    the cluster: the SQLite ledger, a file on this machine, is refused by name before any
+    record is read. (Last in the module: the node leaves the cluster at the end.)"""
+    temp = tempfile.mkdtemp(prefix="fr2", dir="/tmp")
+    node = subprocess.Popen(
+        [Path(sys.executable).with_name("ray"), "start", "--block", f"--address={ray_address}",
+         "--node-ip-address=127.0.0.2", "--num-cpus=1", "--disable-usage-stats",
+         f"--temp-dir={temp}", "--object-store-memory=80000000"],
+        env=RAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _alive_nodes(ray_address) < 2:
+            assert node.poll() is None, "ray start (the second node) exited"
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+        write_input(tmp_path / "in.jsonl")
+        (tmp_path / "p.txt").write_text("{{ text }}")
+        argv = job_argv(tiny_7b, tmp_path / "out.jsonl", "--ray", ray_address)
+        res = subprocess.run([sys.executable, "-m", "falconet", *argv], cwd=tmp_path,
+                             env=RAY_ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert_cli_error(res, "cluster has nodes on 127.0.0.2 that cannot share it")
+        assert "--ledger postgresql://" in res.stderr
+        assert not (tmp_path / "out.jsonl").exists()
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -31,6 +31,7 @@ files equal a local run's byte for byte at temperature 0.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -112,7 +113,10 @@ class RayBatchJob:
         self._ray = ray
         ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws one
         try:
-            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+            # WARNING: Ray's own INFO lines ("Connecting to existing Ray cluster...") would
+            # otherwise share stderr with the progress bar and a one-line error
+            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
+                     logging_level=logging.WARNING)  # fmt: skip
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise BatchError(f"cannot connect to the Ray cluster at {address}: {e}") from None
         self.ledger: Ledger = open_ledger(settings.ledger_location)
