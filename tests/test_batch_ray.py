@@ -155,8 +155,8 @@ def test_cli_ray_usage_errors_are_one_line(tmp_path, tiny_7b, extra, needle):
 
 
 def _alive_nodes(address: str) -> int:
-    probe = ("import ray; ray.init(address=%r, log_to_driver=False); "
-             "print(sum(n['Alive'] for n in ray.nodes()))") % address  # fmt: skip
+    probe = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")  # fmt: skip
     res = subprocess.run([sys.executable, "-c", probe], env=RAY_ENV, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     return int(res.stdout.split()[-1]) if res.returncode == 0 and res.stdout.split() else 0
