@@ -68,6 +68,30 @@ static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int
     }
 }
 
+/* Activation rows per pass through a tile on the VNNI path (kernels_kq_x8_tiles.h). */
+#define KQ_X8_ROWS 4
+
+/* Every activation row (0..M-1) of super-block b through CALL(R): KQ_X8_ROWS rows at a
+ * time, then the 1-3 left, R a constant each time so that each count compiles to its own
+ * unrolled loop. CALL sees r0 (its first row) and xr (its rows' Q8_K blocks). */
+#define KQ_X8_ALL_ROWS(M, CALL)                                                     \
+    do {                                                                            \
+        int64_t r0 = 0;                                                             \
+        for (; r0 + KQ_X8_ROWS <= (M); r0 += KQ_X8_ROWS) {                          \
+            const block_q8_K *xr[KQ_X8_ROWS];                                       \
+            for (int i = 0; i < KQ_X8_ROWS; i++) xr[i] = xq + (r0 + i) * nb + b;    \
+            CALL(KQ_X8_ROWS);                                                       \
+        }                                                                           \
+        const block_q8_K *xr[KQ_X8_ROWS];                                           \
+        for (int i = 0; r0 + i < (M); i++) xr[i] = xq + (r0 + i) * nb + b;          \
+        switch ((M) - r0) {                                                         \
+        case 3: CALL(3); break;                                                     \
+        case 2: CALL(2); break;                                                     \
+        case 1: CALL(1); break;                                                     \
+        default: break;                                                             \
+        }                                                                           \
+    } while (0)
+
 #if HAVE_X86
 /* The tile loops: AVX2's, and AVX-512 VNNI's where the CPU has it (same bits). */
 #define X8_TARGET AVX2

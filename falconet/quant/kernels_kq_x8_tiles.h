@@ -20,6 +20,92 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_piece)(
     }
 }
 
+#if X8_VNNI
+/* R activation rows (R <= KQ_X8_ROWS) against one super-block's tile (VNNI): each piece is
+ * unpacked once and serves the R rows, where the one-row loop unpacked it for every row
+ * (a prompt's GEMM was bound by the unpacking). Per row the integer sums and the float
+ * step are those of the one-row loop, operation for operation: the same bits. */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_rows)(
+    int q5, const int R, const uint8_t *qs, const uint8_t *qh, const __m256i *s, const __m256i *m,
+    __m256 d, __m256 dmin, const block_q8_K *const *x, __m256 *acc) {
+    __m256i sumi[KQ_X8_ROWS];
+    for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        __m256i lo[KQ_X8_ROWS], hi[KQ_X8_ROWS];
+        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            __m256i ul, uh;
+            X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xl = x[r]->qs + 64 * c;
+                lo[r] = _mm256_dpbusd_epi32(lo[r], ul, bcast4(xl + 4 * k));
+                hi[r] = _mm256_dpbusd_epi32(hi[r], uh, bcast4(xl + 32 + 4 * k));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(_mm256_mullo_epi32(lo[r], s[2 * c]),
+                                                                 _mm256_mullo_epi32(hi[r], s[2 * c + 1])));
+    }
+    for (int r = 0; r < R; r++) {
+        __m256i summ = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i bsum = _mm256_set1_epi32(x[r]->bsums[2 * j] + x[r]->bsums[2 * j + 1]);
+            summ = _mm256_add_epi32(summ, _mm256_mullo_epi32(m[j], bsum));
+        }
+        const __m256 dx = _mm256_set1_ps(x[r]->d);
+        const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sumi[r])),
+                                       _mm256_mul_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(summ)));
+        acc[r] = _mm256_add_ps(acc[r], t);
+    }
+}
+
+/* Q6_K's counterpart of q45_rows: the pieces' 6-bit values unpacked once for R rows. */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q6_rows)(
+    const int R, const uint8_t *quants, const __m256i *s, __m256 d, const block_q8_K *const *x, __m256 *acc) {
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i sumi[KQ_X8_ROWS];
+    for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        for (int half = 0; half < 2; half++) {
+            __m256i dot[KQ_X8_ROWS][4];
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 4; j++) dot[r][j] = _mm256_setzero_si256();
+            for (int k = 4 * half; k < 4 * half + 4; k++) {
+                const uint8_t *piece = quants + 96 * (8 * h + k);
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(piece + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(piece + 64));
+                __m256i u[4];
+                u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+                u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+                u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+                u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < 4; j++)
+                        dot[r][j] = _mm256_dpbusd_epi32(dot[r][j], u[j], bcast4(x[r]->qs + 128 * h + 32 * j + 4 * k));
+            }
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < 4; j++) {
+                    const int g = 8 * h + 2 * j + half;
+                    const __m256i t = _mm256_sub_epi32(dot[r][j], _mm256_set1_epi32(32 * x[r]->bsums[g]));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(t, s[g]));
+                }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const __m256 dx = _mm256_set1_ps(x[r]->d);
+        const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sumi[r])),
+                                       _mm256_mul_ps(_mm256_mul_ps(zero, dx), zero));
+        acc[r] = _mm256_add_ps(acc[r], t);
+    }
+}
+
+#endif
+
 /* Q4_K, or Q5_K (q5: the fifth bit of value l of sub-block j is bit j of qh[l]). */
 X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45_K)(
     int q5, const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
@@ -50,20 +136,16 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
             m[j + 4] = _mm256_and_si256(_mm256_srli_epi32(mn_hi, 8 * j), byte);
         }
         const uint8_t *qh = tiles + 128, *qs = tiles + (q5 ? 384 : 128);
+#if X8_VNNI
+#define KQ_Q45(R) X8_NAME(q45_rows)(q5, R, qs, qh, s, m, d, dmin, xr, acc + r0)
+        KQ_X8_ALL_ROWS(M, KQ_Q45);
+#undef KQ_Q45
+#else
         for (int64_t r = 0; r < M; r++) {
             const block_q8_K *x = xq + r * nb + b;
             __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
                 const int8_t *xl = x->qs + 64 * c, *xh = xl + 32;
-#if X8_VNNI
-                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    __m256i ul, uh;
-                    X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
-                    lo = _mm256_dpbusd_epi32(lo, ul, bcast4(xl + 4 * k));
-                    hi = _mm256_dpbusd_epi32(hi, uh, bcast4(xh + 4 * k));
-                }
-#else
                 /* Q4 pair sums reach 2 * 15 * 127: 8 pieces fit int16; Q5's 2 * 31 * 127: 4 */
                 const __m256i ones = _mm256_set1_epi16(1);
                 __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
@@ -79,7 +161,6 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
                         lo16 = hi16 = _mm256_setzero_si256();
                     }
                 }
-#endif
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_mullo_epi32(lo, s[2 * c]),
                                                                _mm256_mullo_epi32(hi, s[2 * c + 1])));
             }
@@ -93,6 +174,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
                                            _mm256_mul_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(summ)));
             acc[r] = _mm256_add_ps(acc[r], t);
         }
+#endif
     }
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
@@ -104,8 +186,10 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
     const uint8_t *tiles, int64_t nb, const block_q8_K *xq, int64_t M, int64_t N, float *y) {
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+#if !X8_VNNI
     const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
     const __m256 zero = _mm256_setzero_ps();
+#endif
     for (int64_t b = 0; b < nb; b++, tiles += X8 * sizeof(block_q6_K)) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tiles));
         __m256i s[16]; /* group g's int8 scale of each row, sign-extended */
@@ -117,6 +201,11 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
             s[4 * w + 3] = _mm256_srai_epi32(word, 24);
         }
         const uint8_t *quants = tiles + 144; /* (ql, ql, qh) pieces of p = 8h + k, 96 B each */
+#if X8_VNNI
+#define KQ_Q6(R) X8_NAME(q6_rows)(R, quants, s, d, xr, acc + r0)
+        KQ_X8_ALL_ROWS(M, KQ_Q6);
+#undef KQ_Q6
+#else
         for (int64_t r = 0; r < M; r++) {
             const block_q8_K *x = xq + r * nb + b;
             __m256i sumi = _mm256_setzero_si256();
@@ -124,9 +213,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                 for (int half = 0; half < 2; half++) { /* pieces 4 half .. 4 half + 3: one group per run */
                     __m256i dot[4];
                     for (int j = 0; j < 4; j++) dot[j] = _mm256_setzero_si256();
-#if !X8_VNNI
                     __m256i p16[4] = {0}; /* set at even pieces, read at odd ones */
-#endif
                     for (int k = 4 * half; k < 4 * half + 4; k++) {
                         const uint8_t *piece = quants + 96 * (8 * h + k);
                         const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
@@ -142,9 +229,6 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
                         for (int j = 0; j < 4; j++) {
                             const __m256i xv = bcast4(x->qs + 128 * h + 32 * j + 4 * k);
-#if X8_VNNI
-                            dot[j] = _mm256_dpbusd_epi32(dot[j], u[j], xv);
-#else
                             /* two pieces' pair sums (2 * 2 * 63 * 127) still fit int16 */
                             const __m256i p = _mm256_maddubs_epi16(u[j], xv);
                             if (k % 2 == 0) {
@@ -153,7 +237,6 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                                 dot[j] = _mm256_add_epi32(
                                     dot[j], _mm256_madd_epi16(_mm256_add_epi16(p16[j], p), _mm256_set1_epi16(1)));
                             }
-#endif
                         }
                     }
                     for (int j = 0; j < 4; j++) {
@@ -169,6 +252,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                                            _mm256_mul_ps(_mm256_mul_ps(zero, dx), zero));
             acc[r] = _mm256_add_ps(acc[r], t);
         }
+#endif
     }
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
