@@ -68,19 +68,21 @@ static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int
     }
 }
 
-/* Activation rows per pass through a tile on the VNNI path (kernels_kq_x8_tiles.h). */
+/* Activation rows per pass through a tile (kernels_kq_x8_tiles.h): at most KQ_X8_ROWS,
+ * X8_ROWS per instruction set (VNNI 4; AVX2 2: its int16 pair sums take twice the
+ * registers, and 4 rows spilled). */
 #define KQ_X8_ROWS 4
 
-/* Every activation row (0..M-1) of super-block b through CALL(R): KQ_X8_ROWS rows at a
- * time, then the 1-3 left, R a constant each time so that each count compiles to its own
+/* Every activation row (0..M-1) of super-block b through CALL(R): ROWS rows at a time,
+ * then the 1-3 left, R a constant each time so that each count compiles to its own
  * unrolled loop. CALL sees r0 (its first row) and xr (its rows' Q8_K blocks). */
-#define KQ_X8_ALL_ROWS(M, CALL)                                                     \
+#define KQ_X8_ALL_ROWS(M, ROWS, CALL)                                                     \
     do {                                                                            \
         int64_t r0 = 0;                                                             \
-        for (; r0 + KQ_X8_ROWS <= (M); r0 += KQ_X8_ROWS) {                          \
+        for (; r0 + (ROWS) <= (M); r0 += (ROWS)) {                                  \
             const block_q8_K *xr[KQ_X8_ROWS];                                       \
-            for (int i = 0; i < KQ_X8_ROWS; i++) xr[i] = xq + (r0 + i) * nb + b;    \
-            CALL(KQ_X8_ROWS);                                                       \
+            for (int i = 0; i < (ROWS); i++) xr[i] = xq + (r0 + i) * nb + b;        \
+            CALL(ROWS);                                                             \
         }                                                                           \
         const block_q8_K *xr[KQ_X8_ROWS];                                           \
         for (int i = 0; r0 + i < (M); i++) xr[i] = xq + (r0 + i) * nb + b;          \
@@ -96,17 +98,21 @@ static void kq_repack(int type, const uint8_t *src, uint8_t *dst, int64_t N, int
 /* The tile loops: AVX2's, and AVX-512 VNNI's where the CPU has it (same bits). */
 #define X8_TARGET AVX2
 #define X8_VNNI 0
+#define X8_ROWS 2
 #define X8_NAME(f) f##_avx2
 #include "kernels_kq_x8_tiles.h"
 #undef X8_TARGET
 #undef X8_VNNI
+#undef X8_ROWS
 #undef X8_NAME
 #define X8_TARGET VNNI
 #define X8_VNNI 1
+#define X8_ROWS 4
 #define X8_NAME(f) f##_vnni
 #include "kernels_kq_x8_tiles.h"
 #undef X8_TARGET
 #undef X8_VNNI
+#undef X8_ROWS
 #undef X8_NAME
 
 /* y[M, N] = x[M, K] @ W.T for Q4_K / Q5_K / Q6_K weights in kq x8 tiles, any M: kq_gemm's

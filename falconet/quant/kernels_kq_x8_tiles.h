@@ -20,11 +20,10 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_piece)(
     }
 }
 
-#if X8_VNNI
-/* R activation rows (R <= KQ_X8_ROWS) against one super-block's tile (VNNI): each piece is
- * unpacked once and serves the R rows, where the one-row loop unpacked it for every row
- * (a prompt's GEMM was bound by the unpacking). Per row the integer sums and the float
- * step are those of the one-row loop, operation for operation: the same bits. */
+/* R activation rows (R <= KQ_X8_ROWS) against one super-block's tile: each piece is
+ * unpacked once and serves the R rows, where a one-row loop unpacked it for every row
+ * (a prompt's GEMM was bound by the unpacking). The integer sums are exact whatever the
+ * grouping and the float step is kq_step's, so every row gets the row kernel's bits. */
 X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_rows)(
     int q5, const int R, const uint8_t *qs, const uint8_t *qh, const __m256i *s, const __m256i *m,
     __m256 d, __m256 dmin, const block_q8_K *const *x, __m256 *acc) {
@@ -33,13 +32,29 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_rows)(
     for (int c = 0; c < 4; c++) {
         __m256i lo[KQ_X8_ROWS], hi[KQ_X8_ROWS];
         for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+#if !X8_VNNI
+        /* Q4 pair sums reach 2 * 15 * 127: 8 pieces fit int16; Q5's 2 * 31 * 127: 4 */
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i lo16[KQ_X8_ROWS], hi16[KQ_X8_ROWS];
+        for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
+#endif
         for (int k = 0; k < 8; k++) {
             __m256i ul, uh;
             X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
             for (int r = 0; r < R; r++) {
                 const int8_t *xl = x[r]->qs + 64 * c;
+#if X8_VNNI
                 lo[r] = _mm256_dpbusd_epi32(lo[r], ul, bcast4(xl + 4 * k));
                 hi[r] = _mm256_dpbusd_epi32(hi[r], uh, bcast4(xl + 32 + 4 * k));
+#else
+                lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(ul, bcast4(xl + 4 * k)));
+                hi16[r] = _mm256_add_epi16(hi16[r], _mm256_maddubs_epi16(uh, bcast4(xl + 32 + 4 * k)));
+                if (k == 7 || (q5 && k == 3)) {
+                    lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(lo16[r], ones));
+                    hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(hi16[r], ones));
+                    lo16[r] = hi16[r] = _mm256_setzero_si256();
+                }
+#endif
             }
         }
         for (int r = 0; r < R; r++)
@@ -59,7 +74,9 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_rows)(
     }
 }
 
-/* Q6_K's counterpart of q45_rows: the pieces' 6-bit values unpacked once for R rows. */
+#if X8_VNNI
+/* Q6_K's counterpart of q45_rows (VNNI: AVX2's int16 pair sums would need twice the
+ * registers a row): the pieces' 6-bit values unpacked once for R rows. */
 X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q6_rows)(
     const int R, const uint8_t *quants, const __m256i *s, __m256 d, const block_q8_K *const *x, __m256 *acc) {
     const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
@@ -136,45 +153,9 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q45
             m[j + 4] = _mm256_and_si256(_mm256_srli_epi32(mn_hi, 8 * j), byte);
         }
         const uint8_t *qh = tiles + 128, *qs = tiles + (q5 ? 384 : 128);
-#if X8_VNNI
 #define KQ_Q45(R) X8_NAME(q45_rows)(q5, R, qs, qh, s, m, d, dmin, xr, acc + r0)
-        KQ_X8_ALL_ROWS(M, KQ_Q45);
+        KQ_X8_ALL_ROWS(M, X8_ROWS, KQ_Q45);
 #undef KQ_Q45
-#else
-        for (int64_t r = 0; r < M; r++) {
-            const block_q8_K *x = xq + r * nb + b;
-            __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
-            for (int c = 0; c < 4; c++) {
-                const int8_t *xl = x->qs + 64 * c, *xh = xl + 32;
-                /* Q4 pair sums reach 2 * 15 * 127: 8 pieces fit int16; Q5's 2 * 31 * 127: 4 */
-                const __m256i ones = _mm256_set1_epi16(1);
-                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    __m256i ul, uh;
-                    X8_NAME(q45_piece)(q5, qs, qh, c, k, &ul, &uh);
-                    lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ul, bcast4(xl + 4 * k)));
-                    hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(uh, bcast4(xh + 4 * k)));
-                    if (k == 7 || (q5 && k == 3)) {
-                        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(lo16, ones));
-                        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(hi16, ones));
-                        lo16 = hi16 = _mm256_setzero_si256();
-                    }
-                }
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_mullo_epi32(lo, s[2 * c]),
-                                                               _mm256_mullo_epi32(hi, s[2 * c + 1])));
-            }
-            for (int j = 0; j < 8; j++) {
-                const __m256i bsum = _mm256_set1_epi32(x->bsums[2 * j] + x->bsums[2 * j + 1]);
-                summ = _mm256_add_epi32(summ, _mm256_mullo_epi32(m[j], bsum));
-            }
-            /* kq_step, lane by lane: acc + ((d * dx) * sumi - (dmin * dx) * summ) */
-            const __m256 dx = _mm256_set1_ps(x->d);
-            const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sumi)),
-                                           _mm256_mul_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(summ)));
-            acc[r] = _mm256_add_ps(acc[r], t);
-        }
-#endif
     }
     for (int64_t r = 0; r < M; r++) _mm256_storeu_ps(y + r * N, acc[r]);
 }
@@ -203,7 +184,7 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
         const uint8_t *quants = tiles + 144; /* (ql, ql, qh) pieces of p = 8h + k, 96 B each */
 #if X8_VNNI
 #define KQ_Q6(R) X8_NAME(q6_rows)(R, quants, s, d, xr, acc + r0)
-        KQ_X8_ALL_ROWS(M, KQ_Q6);
+        KQ_X8_ALL_ROWS(M, X8_ROWS, KQ_Q6);
 #undef KQ_Q6
 #else
         for (int64_t r = 0; r < M; r++) {
