@@ -18,6 +18,13 @@ ratio measures only what speculation costs; measure with a trained model.
     python benchmarks/bench_speculative.py --smoke    # the embedded tiny model, a quick check
     python benchmarks/bench_speculative.py --model falconet/models/falconet-tiny \
         --text tests/data/rag_corpus/*.txt --lines 2     # verses it was trained on: it copies
+    python benchmarks/bench_speculative.py --model falconet-tiny-instruct \
+        --chats data/sft/heldout.jsonl   # `rag ask`'s own prompts; answers end at eos
+
+With --chats the prompts are the user turns of a chat JSONL (scripts/make_rag_sft.py's
+heldout.jsonl holds the prompts `falconet rag ask` sends), rendered with the model's chat
+template, and each answer runs to its end (eos, or --max-tokens): decode tok/s counts
+the answer's tokens.
 
 Not used by the tests.
 """
@@ -25,6 +32,7 @@ Not used by the tests.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -83,17 +91,30 @@ def rag_prompts(
     return prompts
 
 
-def timed_stream(llm: LLM, prompt: str, max_tokens: int) -> tuple[float, str]:
-    """(decode tok/s, text) of one greedy answer read through LLM.stream."""
+def chat_prompts(llm: LLM, path: Path, n: int) -> list[list[int]]:
+    """The first n user turns of a chat JSONL, each rendered alone as a prompt."""
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines()[:n]:
+        user = [m for m in json.loads(line)["messages"] if m["role"] == "user"][:1]
+        prompts.append(llm.chat_prompt(user))
+    return prompts
+
+
+def timed_stream(
+    llm: LLM, prompt: str | list[int], max_tokens: int, to_end: bool = False
+) -> tuple[float, str]:
+    """(decode tok/s, text) of one greedy answer read through LLM.stream: max_tokens of
+    them, or with `to_end` up to eos (the tokens counted by encoding the text)."""
     first = None
     text = ""
-    for piece in llm.stream(prompt, max_tokens=max_tokens, ignore_eos=True):
+    for piece in llm.stream(prompt, max_tokens=max_tokens, ignore_eos=not to_end):
         first = time.perf_counter() if first is None else first
         text += piece
     end = time.perf_counter()
-    if first is None or end <= first:
+    n = len(llm.tokenizer.encode(text, add_special_tokens=False)) if to_end else max_tokens
+    if first is None or end <= first or n < 2:
         return float("nan"), text
-    return (max_tokens - 1) / (end - first), text
+    return (n - 1) / (end - first), text
 
 
 def main() -> None:
@@ -107,6 +128,8 @@ def main() -> None:
     ap.add_argument("--quant", default=None, help="quantize a HF folder while loading")
     ap.add_argument("--text", type=Path, nargs="+", action="extend", default=None,
                     help="text files the passages come from (repeatable; default README + docs)")  # fmt: skip
+    ap.add_argument("--chats", type=Path, default=None,
+                    help="prompts: the user turns of this chat JSONL (see above)")  # fmt: skip
     ap.add_argument("--lines", type=int, default=0,
                     help="passages of this many lines of --text instead of its paragraphs")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=4)
@@ -130,8 +153,12 @@ def main() -> None:
     budget = min(2048, context - args.max_tokens - 64)
     if budget < 64:
         sys.exit(f"the model's context ({context} tokens) has no room for passages")
-    prompts = rag_prompts(on, paragraphs(args.text or DEFAULT_TEXT, lines=args.lines), args.prompts,
-                          args.passages, budget, seed=0)  # fmt: skip
+    to_end = args.chats is not None
+    if to_end:
+        prompts = chat_prompts(on, args.chats, args.prompts)
+    else:
+        prompts = rag_prompts(on, paragraphs(args.text or DEFAULT_TEXT, lines=args.lines),
+                              args.prompts, args.passages, budget, seed=0)  # fmt: skip
     timed_stream(on, prompts[0], 4)  # warm-up: engines built, kernels loaded
     timed_stream(off, prompts[0], 4)
     rows = []
@@ -142,7 +169,7 @@ def main() -> None:
             order = [("on", on), ("off", off)] if pair % 2 == 0 else [("off", off), ("on", on)]
             texts = {}
             for name, llm in order:
-                tps, texts[name] = timed_stream(llm, prompt, args.max_tokens)
+                tps, texts[name] = timed_stream(llm, prompt, args.max_tokens, to_end)
                 speeds[name].append(tps)
             if texts["on"] != texts["off"]:
                 raise SystemExit(f"prompt {i}: speculation changed the greedy answer")
@@ -150,12 +177,14 @@ def main() -> None:
         drafted = after.draft_tokens - before.draft_tokens
         accepted = after.accepted_draft_tokens - before.accepted_draft_tokens
         ratios = [a / b for a, b in zip(speeds["on"], speeds["off"], strict=True)]
-        rows.append((i, len(on.tokenizer.encode(prompt)), statistics.median(speeds["off"]),
+        n = len(prompt) if to_end else len(on.tokenizer.encode(prompt))
+        rows.append((i, n, statistics.median(speeds["off"]),
                      statistics.median(speeds["on"]), statistics.median(ratios),
                      accepted / drafted if drafted else 0.0))  # fmt: skip
     mode = f"draft model {args.draft}" if args.draft else "prompt lookup"
     print(f"model {on.path} ({on.card.summary()}); speculative: {mode}, up to "
-          f"{args.draft_tokens} drafts; {args.max_tokens}-token greedy answers; "
+          f"{args.draft_tokens} drafts; greedy answers of "
+          f"{'up to ' if to_end else ''}{args.max_tokens} tokens; "
           f"{args.pairs} alternating pairs per prompt; torch threads {torch.get_num_threads()}\n")  # fmt: skip
     print("| prompt | prompt tokens | decode tok/s off | decode tok/s on | on/off (median of pairs) | drafts accepted |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|")
