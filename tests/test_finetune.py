@@ -242,6 +242,19 @@ def test_full_finetune_of_falcon3_learns_and_loads_in_transformers(chat_data, tm
     assert torch.allclose(falconet.load(tmp_path / "out").logits(ids), theirs, atol=1e-4, rtol=0)
 
 
+def test_prompt_loss_learns_every_token_and_holds_out_answers_only(base, chat_data, tmp_path):
+    t = Finetuner(_settings(chat_data, base, tmp_path / "out", prompt_loss=True, eval_fraction=0.2))
+    t.prepare()
+    train, val = t.blocks.train, t.blocks.val
+    assert np.array_equal(train[:, LABELS] != IGNORE, train[:, SEGMENTS] > 0)
+    inside = val[:, SEGMENTS] > 0
+    learned = val[:, LABELS] != IGNORE
+    assert learned.any() and (inside & ~learned).any()  # held-out loss: the answers alone
+    plain = Finetuner(_settings(chat_data, base, tmp_path / "o2", eval_fraction=0.2))
+    plain.prepare()
+    assert (plain.blocks.train[:, LABELS] != IGNORE).sum() < (train[:, LABELS] != IGNORE).sum()
+
+
 # ---- a longer context -------------------------------------------------------------------
 
 

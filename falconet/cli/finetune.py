@@ -54,6 +54,8 @@ def add_parsers(sub) -> None:
         default=d.rope_scaling,
         help="with --context: interpolate positions by N / the old limit",
     )
+    p.add_argument("--prompt-loss", action="store_true",
+                   help="learn the prompts' tokens too (the held-out loss stays the answers')")  # fmt: skip
     p.add_argument("--no-packing", action="store_false", dest="packing",
                    help="one example per row (recurrent models never pack)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size)

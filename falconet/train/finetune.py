@@ -5,7 +5,9 @@ schedule, clipping, accumulation, autocast, held-out loss, atomic checkpoints an
 `--resume`. What differs:
 
 - the data (sft_data.py): conversations rendered with the model's chat template, loss on
-  the assistant's tokens only, several examples packed per row;
+  the assistant's tokens only (with `prompt_loss` on every token, as pretraining: long
+  prompts then teach the model to copy from its context, which a few answer tokens per
+  prompt teach slowly), several examples packed per row;
 - the model: any registered architecture, loaded from a HF folder in fp32. Attention
   models (Falcon, Falcon3) run packed rows through `CausalLM.forward_segments` (a
   block-diagonal causal mask and positions restarting per example); recurrent ones
@@ -78,6 +80,7 @@ class FinetuneSettings:
     rope_theta: float = 0.0  # a new RoPE base with `context`; 0 = the base model's
     rope_scaling: str = ""  # "linear": positions interpolated by context / the base's limit
     packing: bool = True  # attention models only (see the module docstring)
+    prompt_loss: bool = False  # learn the prompts' tokens too (held-out loss: answers only)
     batch_size: int = 4
     grad_accum: int = 1
     steps: int = 100
@@ -265,7 +268,7 @@ class Finetuner(Trainer):
             train, val = split_held_out(data.examples, s.eval_fraction)
         pad = self.tokenizer.eos_token_id or 0
         self.blocks = Blocks(
-            pack(train, s.block_size, self.packing, pad),
+            pack(train, s.block_size, self.packing, pad, every_token=s.prompt_loss),
             pack(val, s.block_size, self.packing, pad) if val else np.zeros((0, 3, 1), np.int32),
         )
         self.n_examples = len(train)

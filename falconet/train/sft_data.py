@@ -174,11 +174,14 @@ def split_held_out(examples: list[Example], fraction: float) -> tuple[list, list
     return train, [e for i, e in enumerate(examples) if i in held]
 
 
-def pack(examples: list[Example], block_size: int, packing: bool, pad_id: int) -> np.ndarray:
+def pack(
+    examples: list[Example], block_size: int, packing: bool, pad_id: int, every_token: bool = False
+) -> np.ndarray:
     """Rows (n_rows, 3, width) int32 of [inputs, labels, segments].
 
     Each example contributes its tokens but the last as inputs and the next tokens as
-    labels (IGNORE where the next token is context), under its own segment number.
+    labels (IGNORE where the next token is context, unless `every_token`: then the prompt
+    is learned too, as in pretraining), under its own segment number.
     Packing fills a row with examples in file order while they fit (next fit, so the
     rows are a pure function of the data); without packing each row holds one example
     (recurrent models, whose state would run on from one example into the next).
@@ -188,7 +191,7 @@ def pack(examples: list[Example], block_size: int, packing: bool, pad_id: int) -
     pairs = [
         (
             np.asarray(e.ids[:-1], dtype=np.int32),
-            np.where(e.targets[1:], e.ids[1:], IGNORE).astype(np.int32),
+            np.where(np.asarray(e.targets[1:]) | every_token, e.ids[1:], IGNORE).astype(np.int32),
         )
         for e in examples
     ]
