@@ -8,7 +8,8 @@ synthetic (scripts/rag_sft_templates.py); no outside data is read.
 How an example is made: a document is cut into passages by the same chunking `falconet
 rag ingest` uses (the embedder's token counts, the default ChunkSettings); the passage
 stating the fact is put among distractor passages (half from documents of the same kind)
-at a random place, and the user turn is the prompt `falconet rag ask` sends
+at a random place (with --first-share, that share of the time first, where search ranks
+the best passage), and the user turn is the prompt `falconet rag ask` sends
 (falconet.rag.answer.prompt_messages, the very function), so the model learns the prompt
 it will be given. The assistant turn states the fact, cites the passage's number and
 quotes its sentence.
@@ -19,7 +20,7 @@ questions) keeps its last variants for the held-out split alone.
 
 Usage:
     python scripts/make_rag_sft.py --out data/rag_sft [--seed 0] [--train-docs 2000]
-        [--heldout-docs 120] [--passages 5 | --passages 5,1,2,2,2]
+        [--heldout-docs 120] [--passages 5 | --passages 5,1,2,2,2] [--first-share 0.5]
 
 Writes OUT/train.jsonl and OUT/heldout.jsonl ({"messages": [user, assistant]}, OpenAI's
 shape), OUT/heldout_docs/*.md (the held-out documents as files), OUT/heldout_questions.jsonl
@@ -251,7 +252,7 @@ class Example:
 
 def example(
     r: random.Random, q: Question, hits: dict[str, list[Hit]], kinds: dict[str, list[str]],
-    n_passages: int,
+    n_passages: int, first_share: float = 0.0,
 ) -> Example | None:  # fmt: skip
     """A chat example for `q`, or None where no passage holds its sentence whole."""
     sentence = q.doc.sentences[q.field]
@@ -273,7 +274,9 @@ def example(
         # a distractor never holds the answer, so the cited passage is the one right answer
         if hit not in picked and q.fact not in flatten(hit.text):
             picked.append(hit)
-    picked.insert(r.randrange(n_passages), right)
+    # search ranks the best passage first: with first_share, that often where the answer is
+    first = first_share > 0 and r.random() < first_share
+    picked.insert(0 if first else r.randrange(n_passages), right)
     sources = [Source(i + 1, h, flatten(h.text)) for i, h in enumerate(picked)]
     n = picked.index(right) + 1
     answer = r.choice(KINDS[q.doc.kind]["answers"][q.field]).format(v=q.fact)
@@ -283,8 +286,9 @@ def example(
 
 
 def build_split(
-    seed: int, split: str, n_docs: int, n_passages: list[int], count_tokens: Callable[[str], int]
-) -> tuple[list[Doc], list[Question], list[Example]]:
+    seed: int, split: str, n_docs: int, n_passages: list[int], count_tokens: Callable[[str], int],
+    first_share: float = 0.0,
+) -> tuple[list[Doc], list[Question], list[Example]]:  # fmt: skip
     """A split's documents, questions (one per fact) and chat examples, the i-th question's
     prompt holding n_passages[i % len(n_passages)] passages."""
     r = random.Random(f"{seed}:{split}")
@@ -297,7 +301,8 @@ def build_split(
     examples = [
         e
         for i, q in enumerate(qs)
-        if (e := example(r, q, hits, kinds, n_passages[i % len(n_passages)])) is not None
+        if (e := example(r, q, hits, kinds, n_passages[i % len(n_passages)], first_share))
+        is not None
     ]
     return docs, qs, examples
 
@@ -318,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         help="passages per prompt (default 5), or a list taken in turn question by question "
         "(5,1: a long prompt then a short one, which pack into one 2048-token row)",
     )  # fmt: skip
+    p.add_argument(
+        "--first-share", type=float, default=0.0,
+        help="share of prompts whose answering passage is [1], where search ranks the best "
+        "passage (default 0: at a random place)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if not 0 <= args.first_share <= 1:
+        p.error(f"--first-share must be in [0, 1], got {args.first_share}")
     try:
         args.passages = [int(n) for n in args.passages.split(",")]
     except ValueError:
@@ -329,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
 
     count = default_embedder().count_tokens
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = {"seed": args.seed, "passages": args.passages}
+    manifest = {"seed": args.seed, "passages": args.passages, "first_share": args.first_share}
     for split, n_docs in (("train", args.train_docs), ("heldout", args.heldout_docs)):
-        docs, qs, examples = build_split(args.seed, split, n_docs, args.passages, count)
+        docs, qs, examples = build_split(args.seed, split, n_docs, args.passages, count,
+                                         args.first_share)  # fmt: skip
         _write_jsonl(args.out / f"{split}.jsonl", [e.as_json() for e in examples])
         manifest[split] = {"documents": len(docs), "questions": len(qs), "examples": len(examples)}
         if split == "heldout":

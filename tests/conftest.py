@@ -315,6 +315,22 @@ def assert_matches_transformers(folder: Path, text: str) -> None:
     assert (llm.logits(ids) - ref).abs().max().item() <= 1e-4
 
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def script_module(name: str):
+    """scripts/NAME.py imported as a module (the scripts are files, not a package)."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while being built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def assert_cli_error(res, needle: str) -> None:
     """A user error from the CLI: exit 2, nothing on stdout, one `falconet: error:` line."""
     assert res.returncode == 2

@@ -6,33 +6,19 @@ the chunks ingestion makes of the same document."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 import falconet
 from falconet.rag.answer import build_prompt, flatten
 from falconet.rag.embed import default_embedder
+from tests.conftest import script_module
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while being built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sft = _script("make_rag_sft")
-evaluation = _script("eval_rag_answers")
-templates = _script("rag_sft_templates")
+sft = script_module("make_rag_sft")
+evaluation = script_module("eval_rag_answers")
+templates = script_module("rag_sft_templates")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +102,16 @@ def test_every_example_cites_a_passage_holding_its_fact(splits):
             # the other passages do not hold the answer
             assert [n for n, t in passages.items() if ex.question.fact in t] == [ex.cited]
             assert user.endswith(f"Question: {ex.question.text}")
+
+
+def test_passage_counts_in_turn_and_the_first_share(count_tokens, splits):
+    """--passages 5,1,2 gives the questions 5, 1 and 2 passages in turn; --first-share 1
+    puts every answering passage first, as search ranks the best; by default it moves."""
+    _, _, examples = sft.build_split(7, "train", 20, [5, 1, 2], count_tokens, first_share=1.0)
+    counts = [len(e.hits) for e in examples]
+    assert set(counts) == {5, 1, 2} and counts[:3] == [5, 1, 2]
+    assert all(e.cited == 1 for e in examples)
+    assert {e.cited for e in splits["train"][2]} == {1, 2, 3, 4, 5}
 
 
 def test_the_user_turn_is_the_prompt_rag_ask_builds(splits):
