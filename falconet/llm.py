@@ -44,8 +44,12 @@ DTYPES = {
     "fp16": torch.float16,
 }
 
-# Where `falconet train` will put the embedded default model (the "default model" issue).
+# The embedded default model (`falconet train` made it): continues text, for `generate`.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "falconet-tiny"
+# Its answering sibling (`falconet finetune` made it, scripts/train_answer_model.sh):
+# answers from numbered passages with a citation, 2,048 positions; `falconet chat` and
+# `falconet rag ask` use it when no --model is given.
+ANSWER_MODEL_DIR = Path(__file__).parent / "models" / "falconet-tiny-instruct"
 
 
 def resolve_dtypes(
@@ -71,13 +75,21 @@ def resolve_dtypes(
     return storage, compute
 
 
-def default_model_path() -> Path:
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+def embedded_model(name: str) -> Path | None:
+    """The embedded model called `name` (falconet-tiny, falconet-tiny-instruct), or None."""
+    folder = {d.name: d for d in (DEFAULT_MODEL_DIR, ANSWER_MODEL_DIR)}.get(name)
+    return None if folder is None or not (folder / "config.json").is_file() else folder
+
+
+def default_model_path(answering: bool = False) -> Path:
+    """The embedded model's folder: the answering one (chat, RAG answers) or the plain one."""
+    folder = ANSWER_MODEL_DIR if answering else DEFAULT_MODEL_DIR
+    if not (folder / "config.json").is_file():
         raise FalconetError(
-            "falconet has no embedded default model yet (it ships with `falconet train`, "
-            "the 'default model' issue); pass a Hugging Face Falcon folder with --model PATH"
+            f"the embedded model {folder.name} is missing from {folder.parent} (a broken "
+            "install?); pass a Hugging Face Falcon folder with --model PATH"
         )
-    return DEFAULT_MODEL_DIR
+    return folder
 
 
 def load(
@@ -90,8 +102,9 @@ def load(
     on_worker_failure: Callable[[str], None] | None = None,
     adapter: str | os.PathLike | None = None,
 ) -> LLM:
-    """Load a model: a HF folder (Falcon, or Llama for Falcon3), a .gguf file, or None for
-    the embedded default model. The config's model_type picks the classes (models/registry.py).
+    """Load a model: a HF folder (Falcon, or Llama for Falcon3), a .gguf file, None for
+    the embedded default model, or an embedded model's name ("falconet-tiny-instruct")
+    where no such file or folder exists. The config's model_type picks the classes (models/registry.py).
 
     progress(done_bytes, total_bytes) is called as tensors load (the CLI draws a bar).
     quant ("q8_0", "q4_0", ...: falconet.quant.plan.QUANT_TYPES) quantizes the matrices
@@ -137,6 +150,8 @@ def _load(
     if path is not None and not str(path):
         raise FalconetError("model path is empty; give a Hugging Face model folder")
     folder = default_model_path() if path is None else Path(path).expanduser()
+    if path is not None and not folder.exists():  # an embedded model by its name
+        folder = embedded_model(str(path)) or folder
     dev = _device(device)
     if _is_gguf(folder):
         if tp != 1:

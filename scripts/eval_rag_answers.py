@@ -108,6 +108,7 @@ def evaluate(data: Path, model: str | None, limit: int | None, k: int) -> tuple[
     context beside."""
     import falconet
     from falconet.engine import Engine
+    from falconet.llm import default_model_path
     from falconet.rag.answer import build_prompt, stream_answer
     from falconet.rag.embed import default_embedder
     from falconet.rag.ingest import ingest
@@ -117,7 +118,7 @@ def evaluate(data: Path, model: str | None, limit: int | None, k: int) -> tuple[
 
     questions = load_questions(data, limit)
     embedder = default_embedder()
-    llm = falconet.load(model)
+    llm = falconet.load(model or default_model_path(answering=True))  # rag ask's default
     engine = Engine.from_llm(llm, max_batch=1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, open_store(Path(tmp) / "store") as store:
@@ -142,7 +143,11 @@ def evaluate(data: Path, model: str | None, limit: int | None, k: int) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="make_rag_sft.py's --out folder")
-    p.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder (default: rag ask's, the embedded falconet-tiny-instruct)",
+    )
     p.add_argument("--limit", type=int, default=None, help="questions to ask (spread evenly)")
     p.add_argument("-k", type=int, default=5, help="passages retrieved (default 5)")
     p.add_argument("--out", type=Path, default=None, help="write each scored answer here")
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, context = evaluate(args.data, args.model, args.limit, args.k)
     if args.out is not None:
         args.out.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows), encoding="utf-8")
-    result = {"model": args.model or "falconet-tiny (embedded)", "context": context, "k": args.k,
+    result = {"model": args.model or "falconet-tiny-instruct (embedded)", "context": context, "k": args.k,
               **summary(rows)}  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0

@@ -1,6 +1,7 @@
 """Answer lengths that fit the model: every face's default max_tokens is its cap or what
-the context leaves after the prompt, whichever is less; `falconet chat` on the embedded
-default model (a 256-token context) starts and answers in a real terminal; an explicit
+the context leaves after the prompt, whichever is less, also on the embedded
+falconet-tiny's 256-token context; `falconet chat` with no --model (the answering
+falconet-tiny-instruct) starts and answers in a real terminal; an explicit
 length that does not fit is a clear error."""
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def test_chat_without_a_model_answers_in_a_terminal():
     seen = bytearray()
     try:
         _read_until(main, b"you> ", seen)
-        os.write(main, b"In the beginning God created\n")
+        assert b"falconet-tiny-instruct" in seen  # chat's default: the answering model
+        os.write(main, b"How much notice must the tenant give?\n")
         _read_until(main, b"falcon> ", seen)
         reply = _read_until(main, b"you> ", seen)[: -len(b"you> ")]
         assert reply.decode("utf-8").strip(), bytes(seen)
@@ -126,7 +128,8 @@ def test_chat_without_a_model_answers_in_a_terminal():
 
 def test_chat_keeps_an_explicit_length_that_does_not_fit_an_error(llm):
     context = llm.config.max_position_embeddings
-    res = subprocess.run([sys.executable, "-m", "falconet", "chat", "--max-tokens", str(context)],
+    res = subprocess.run([sys.executable, "-m", "falconet", "chat", "-m", "falconet-tiny",
+                          "--max-tokens", str(context)],
                          input="hello\n", capture_output=True, text=True, timeout=T, env=ENV)  # fmt: skip
     assert res.returncode == 2
     assert f"--max-tokens {context} leaves no room" in res.stderr
@@ -221,5 +224,6 @@ def test_rag_ask_without_a_length_answers_on_the_embedded_model(tmp_path):
     assert res.returncode == 0, res.stderr
     answer, sources = res.stdout.split("\n\nSources:\n")
     assert answer.strip() and sources.startswith(f"[1] {tmp_path / 'cain.txt'}")
-    res = rag("ask", "Who slew Abel?", "--max-tokens", "256")
+    # the answering model's 2,048 positions leave no room for a 2,048-token answer
+    res = rag("ask", "Who slew Abel?", "--max-tokens", "2048")
     assert res.returncode == 2 and "lower --max-tokens" in res.stderr

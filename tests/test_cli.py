@@ -211,5 +211,5 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     from falconet import llm
 
     monkeypatch.setattr(llm, "DEFAULT_MODEL_DIR", tmp_path / "absent")
-    with pytest.raises(falconet.FalconetError, match="no embedded default model"):
+    with pytest.raises(falconet.FalconetError, match="embedded model absent is missing"):
         falconet.load()

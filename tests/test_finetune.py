@@ -274,12 +274,16 @@ def test_context_extension_trains_long_rows_and_transformers_reads_the_output(
     build = build_llama_hf_model if variant == "llama" else build_hf_model
     base = save_hf_model(build("falcon3_shape" if variant == "llama" else variant,
                                max_position_embeddings=32), tmp_path / "base")  # fmt: skip
+    tok_config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps(dict(tok_config, model_max_length=32)))
     t = Finetuner(_settings(chat_data, base, tmp_path / "out", lora=0, lr=3e-3, steps=4,
                             block_size=96, context=128, **rope))  # fmt: skip
     t.prepare()
     t.run()
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["max_position_embeddings"] == 128
+    tokenizer = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == 128
     params = config["rope_parameters"]
     if "rope_theta" in rope:
         assert params["rope_type"] == "default" and params["rope_theta"] == rope["rope_theta"]

@@ -24,7 +24,10 @@ class UsageError(Exception):
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", "-m", default=None, help="HF Falcon folder (default: the embedded default model)"
+        "--model",
+        "-m",
+        default=None,
+        help="HF Falcon folder (default: the embedded model; chat and rag ask: its answering sibling)",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype. auto keeps the checkpoint's: for a bf16 (fp16) checkpoint "
@@ -97,10 +100,12 @@ def sampling_params(args: argparse.Namespace, fitted: bool = False):
     )
 
 
-def load_model(args: argparse.Namespace):
-    """The model the flags name, with the speculative-decoding flags applied where the
-    command has them (a --draft model loads with the same dtype and device)."""
+def load_model(args: argparse.Namespace, answering: bool = False):
+    """The model the flags name (with no --model: the embedded one, its answering sibling
+    for commands that answer: chat, rag ask), with the speculative-decoding flags applied
+    where the command has them (a --draft model loads with the same dtype and device)."""
     import falconet
+    from falconet.llm import default_model_path
 
     tp = getattr(args, "tp", 1)
     if tp != 1:
@@ -110,8 +115,9 @@ def load_model(args: argparse.Namespace):
         raise UsageError("--draft drafts for speculative decoding; drop --no-speculative")
     progress, close = progress_bar("loading")
     try:
+        model = default_model_path(answering) if args.model is None else args.model
         llm = falconet.load(
-            args.model, dtype=args.dtype, device=args.device, progress=progress,
+            model, dtype=args.dtype, device=args.device, progress=progress,
             quant=getattr(args, "quant", None), tp=tp, on_worker_failure=worker_failed,
         )  # fmt: skip
     finally:

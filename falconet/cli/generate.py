@@ -103,7 +103,7 @@ def cmd_chat(args: argparse.Namespace, out: Out) -> int:
 
     asked = args.max_tokens  # None: each reply gets what the context leaves, up to a cap
     params = sampling_params(args, fitted=asked is None)
-    llm = load_model(args)
+    llm = load_model(args, answering=True)
     context = llm.config.max_position_embeddings
     if asked is not None and asked >= context:
         raise FalconetError(

@@ -240,7 +240,7 @@ def cmd_ask(args: argparse.Namespace, out: Out) -> int:
     if not hits:
         out("no passages in the store match the question; ingest documents first\n")
         return 0
-    engine = Engine.from_llm(load_model(args), max_batch=1)
+    engine = Engine.from_llm(load_model(args, answering=True), max_batch=1)
     engine.start()
     try:
         sources, pieces = stream_answer(engine, args.question, hits, params,

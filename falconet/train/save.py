@@ -97,6 +97,15 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def _tokenizer_limit(data: bytes, limit: object) -> bytes:
+    """tokenizer_config.json with `model_max_length` set to the model's position limit
+    (fine-tuning may have raised it), left as it is otherwise."""
+    config = json.loads(data)
+    if not isinstance(limit, int) or config.get("model_max_length") in (None, limit):
+        return data
+    return (json.dumps(dict(config, model_max_length=limit), indent=2) + "\n").encode()
+
+
 def save_like(
     model: CausalLM,
     base_folder: Path,
@@ -129,7 +138,10 @@ def save_like(
                 continue
             if f.name in ("config.json", "README.md"):
                 continue
-            atomic_write_bytes(tmp / f.name, f.read_bytes())
+            data = f.read_bytes()
+            if f.name == "tokenizer_config.json":
+                data = _tokenizer_limit(data, hf_config.get("max_position_embeddings"))
+            atomic_write_bytes(tmp / f.name, data)
         atomic_write(
             tmp / "model.safetensors",
             lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
