@@ -20,6 +20,22 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_piece)(
     }
 }
 
+/* Piece k of ql[64h..] / ql[64h+32..] / qh[32h..] (96 bytes, see kq_group_q6_K): the 6-bit
+ * values of the four 32-value runs 128h + 32j, as unsigned bytes u[j]. */
+X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q6_piece)(const uint8_t *piece, __m256i *u) {
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(piece + 32));
+    const __m256i hb = _mm256_loadu_si256((const __m256i *)(piece + 64));
+    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+}
+
 /* R activation rows (R <= KQ_X8_ROWS) against one super-block's tile: each piece is
  * unpacked once and serves the R rows, where a one-row loop unpacked it for every row
  * (a prompt's GEMM was bound by the unpacking). The integer sums are exact whatever the
@@ -79,7 +95,6 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q45_rows)(
  * registers a row): the pieces' 6-bit values unpacked once for R rows. */
 X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q6_rows)(
     const int R, const uint8_t *quants, const __m256i *s, __m256 d, const block_q8_K *const *x, __m256 *acc) {
-    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
     const __m256 zero = _mm256_setzero_ps();
     __m256i sumi[KQ_X8_ROWS];
     for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
@@ -89,18 +104,8 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(q6_rows)(
             for (int r = 0; r < R; r++)
                 for (int j = 0; j < 4; j++) dot[r][j] = _mm256_setzero_si256();
             for (int k = 4 * half; k < 4 * half + 4; k++) {
-                const uint8_t *piece = quants + 96 * (8 * h + k);
-                const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
-                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(piece + 32));
-                const __m256i hb = _mm256_loadu_si256((const __m256i *)(piece + 64));
                 __m256i u[4];
-                u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
-                u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
-                u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
-                u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                X8_NAME(q6_piece)(quants + 96 * (8 * h + k), u);
                 for (int r = 0; r < R; r++)
                     for (int j = 0; j < 4; j++)
                         dot[r][j] = _mm256_dpbusd_epi32(dot[r][j], u[j], bcast4(x[r]->qs + 128 * h + 32 * j + 4 * k));
@@ -168,7 +173,6 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
     __m256 acc[MAX_ROWS];
     for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
 #if !X8_VNNI
-    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
     const __m256 zero = _mm256_setzero_ps();
 #endif
     for (int64_t b = 0; b < nb; b++, tiles += X8 * sizeof(block_q6_K)) {
@@ -196,18 +200,8 @@ X8_TARGET static inline __attribute__((always_inline)) void X8_NAME(kq_group_q6_
                     for (int j = 0; j < 4; j++) dot[j] = _mm256_setzero_si256();
                     __m256i p16[4] = {0}; /* set at even pieces, read at odd ones */
                     for (int k = 4 * half; k < 4 * half + 4; k++) {
-                        const uint8_t *piece = quants + 96 * (8 * h + k);
-                        const __m256i l0 = _mm256_loadu_si256((const __m256i *)piece);
-                        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(piece + 32));
-                        const __m256i hb = _mm256_loadu_si256((const __m256i *)(piece + 64));
                         __m256i u[4];
-                        u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
-                        u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
-                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
-                        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
-                        u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                        X8_NAME(q6_piece)(quants + 96 * (8 * h + k), u);
                         for (int j = 0; j < 4; j++) {
                             const __m256i xv = bcast4(x->qs + 128 * h + 32 * j + 4 * k);
                             /* two pieces' pair sums (2 * 2 * 63 * 127) still fit int16 */
@@ -257,7 +251,8 @@ X8_TARGET static void X8_NAME(kq_groups_x8)(int type, const uint8_t *W, size_t g
                 m == 1 ? X8_NAME(kq_group_q45_K)(1, tiles, nb, x, 1, N, out)
                        : X8_NAME(kq_group_q45_K)(1, tiles, nb, x, m, N, out);
             else
-                X8_NAME(kq_group_q6_K)(tiles, nb, x, m, N, out);
+                m == 1 ? X8_NAME(kq_group_q6_K)(tiles, nb, x, 1, N, out)
+                       : X8_NAME(kq_group_q6_K)(tiles, nb, x, m, N, out);
         }
     }
 }
