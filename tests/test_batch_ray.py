@@ -41,6 +41,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(node: subprocess.Popen, temp: str) -> None:
+    """Stop a `ray start --block` process (it stops what it started) and drop its temp dir."""
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def ray_address():
     """A one-node Ray cluster of 2 CPUs in a temp dir; its address. `ray start --block`
@@ -70,13 +81,7 @@ def ray_address():
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop(head, temp)
 
 
 def scoring_actors() -> list[int]:
@@ -190,10 +195,4 @@ def test_an_sqlite_ledger_is_refused_on_a_cluster_of_several_machines(
         assert "--ledger postgresql://" in res.stderr
         assert not (tmp_path / "out.jsonl").exists()
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop(node, temp)

@@ -234,8 +234,9 @@ class LoRALayers:
         at, mask, scale = plan
         h = stack.A(x.index_select(0, at).float()).mul_(mask)
         delta = stack.B(h).mul_(scale)
-        # fp32, as PEFT adds the update, then back to the output's dtype
-        y = output.reshape(-1, output.shape[-1]).float().clone()  # (M, out)
+        # fp32, as PEFT adds the update, then back to the output's dtype; an fp32 output
+        # (the layer's own fresh tensor) takes the update in place, without a copy
+        y = output.reshape(-1, output.shape[-1]).float()  # (M, out)
         y.index_add_(0, at, delta)
         return y.to(output.dtype).view(output.shape)
 
