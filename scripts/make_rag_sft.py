@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rag_sft_more_questions import MORE_QUESTIONS  # noqa: E402  (a sibling file)
 from rag_sft_templates import (  # noqa: E402  (a sibling file, not a package)
     CITIES,
     COMMON_FILLER,
@@ -226,10 +227,13 @@ class Question:
                 "kind": self.doc.kind, "doc": self.doc.name}  # fmt: skip
 
 
-def questions(r: random.Random, doc: Doc, split: str) -> list[Question]:
-    """One question per fact of `doc`, in a phrasing of the split."""
+def questions(r: random.Random, doc: Doc, split: str, more: bool = False) -> list[Question]:
+    """One question per fact of `doc`, in a phrasing of the split (training's own and,
+    with `more`, rag_sft_more_questions.py's)."""
     asked = KINDS[doc.kind]["questions"]
-    return [Question(doc, f, r.choice(phrasings(asked[f], split)).format(a=doc.anchor))
+    extra = MORE_QUESTIONS[doc.kind] if more and split == "train" else {}
+    return [Question(doc, f, r.choice(phrasings(asked[f], split) + extra.get(f, []))
+                     .format(a=doc.anchor))
             for f in asked]  # fmt: skip
 
 
@@ -287,7 +291,7 @@ def example(
 
 def build_split(
     seed: int, split: str, n_docs: int, n_passages: list[int], count_tokens: Callable[[str], int],
-    first_share: float = 0.0,
+    first_share: float = 0.0, more_questions: bool = False,
 ) -> tuple[list[Doc], list[Question], list[Example]]:  # fmt: skip
     """A split's documents, questions (one per fact) and chat examples, the i-th question's
     prompt holding n_passages[i % len(n_passages)] passages."""
@@ -297,7 +301,7 @@ def build_split(
     kinds: dict[str, list[str]] = {}
     for d in docs:
         kinds.setdefault(d.kind, []).append(d.name)
-    qs = [q for d in docs for q in questions(r, d, split)]
+    qs = [q for d in docs for q in questions(r, d, split, more_questions)]
     examples = [
         e
         for i, q in enumerate(qs)
@@ -328,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         help="share of prompts whose answering passage is [1], where search ranks the best "
         "passage (default 0: at a random place)",
     )  # fmt: skip
+    p.add_argument(
+        "--more-questions", action="store_true",
+        help="training questions also in rag_sft_more_questions.py's phrasings (the "
+        "held-out split is unchanged)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if not 0 <= args.first_share <= 1:
         p.error(f"--first-share must be in [0, 1], got {args.first_share}")
@@ -341,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
 
     count = default_embedder().count_tokens
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = {"seed": args.seed, "passages": args.passages, "first_share": args.first_share}
+    manifest = {"seed": args.seed, "passages": args.passages, "first_share": args.first_share,
+                "more_questions": args.more_questions}  # fmt: skip
     for split, n_docs in (("train", args.train_docs), ("heldout", args.heldout_docs)):
         docs, qs, examples = build_split(args.seed, split, n_docs, args.passages, count,
-                                         args.first_share)  # fmt: skip
+                                         args.first_share, args.more_questions)  # fmt: skip
         _write_jsonl(args.out / f"{split}.jsonl", [e.as_json() for e in examples])
         manifest[split] = {"documents": len(docs), "questions": len(qs), "examples": len(examples)}
         if split == "heldout":

@@ -81,6 +81,27 @@ def test_splits_share_no_fact_and_no_phrasing(splits):
             assert train + held == variants
 
 
+def test_more_questions_join_training_only(count_tokens, splits):
+    """--more-questions: training asks in the extra phrasings too, none of them a held-out
+    phrasing, and the held-out split is the same as without them."""
+    more = script_module("rag_sft_more_questions").MORE_QUESTIONS
+    assert set(more) == set(templates.KINDS)
+    for kind, spec in templates.KINDS.items():
+        assert set(more[kind]) == set(spec["questions"])
+        for field, variants in spec["questions"].items():
+            assert more[kind][field] and not set(more[kind][field]) & set(variants)
+    train = sft.build_split(7, "train", 20, [5], count_tokens, more_questions=True)
+    extra = {t.format(a=q.doc.anchor) for q in train[1] for t in more[q.doc.kind][q.field]}
+    assert any(q.text in extra for q in train[1])
+    for q in train[1]:
+        allowed = sft.phrasings(templates.KINDS[q.doc.kind]["questions"][q.field], "train")
+        own = {t.format(a=q.doc.anchor) for t in allowed + more[q.doc.kind][q.field]}
+        assert q.text in own
+    held = sft.build_split(7, "heldout", 20, [5], count_tokens, more_questions=True)
+    assert [q.text for q in held[1]] == [q.text for q in splits["heldout"][1]]
+    assert [e.as_json() for e in held[2]] == [e.as_json() for e in splits["heldout"][2]]
+
+
 def _passages(user: str) -> dict[int, str]:
     """The numbered passages of a prompt's user turn: n -> the text after the label."""
     found = re.findall(r"^\[(\d+)\] \((.*?)\) (.*)$", user, re.M)

@@ -1,0 +1,233 @@
+"""More training-only question phrasings for scripts/make_rag_sft.py.
+
+rag_sft_templates.py gives each fact five phrasings and keeps two for the held-out split,
+so training saw three per fact, and the answering model trained on them picked the wrong
+fact for a question worded a new way (docs/design.md, "The answering model"). These
+phrasings join the training split only (`--more-questions`); the held-out split is the
+same as without them. Written for this project; none repeats a held-out phrasing.
+
+Placeholders as in rag_sft_templates.py: {a} the document's anchor.
+"""
+
+from __future__ import annotations
+
+MORE_QUESTIONS: dict[str, dict[str, list[str]]] = {
+    "lease": {
+        "rent": [
+            "What is the rent at {a}?",
+            "How much is the rent for {a} each month?",
+            "Tell me the monthly rent of {a}.",
+            "What rent does the lease of {a} set?",
+            "How much rent is paid for {a}?",
+            "What is the rent per month at {a}?",
+        ],
+        "deposit": [
+            "What is the deposit for {a}?",
+            "How much was paid as security for {a}?",
+            "Tell me the security deposit at {a}.",
+            "What sum does the landlord of {a} hold as a deposit?",
+            "How big is the deposit on {a}?",
+            "What deposit is payable for {a}?",
+        ],
+        "notice": [
+            "What is the notice period for {a}?",
+            "How long is the notice to end the lease of {a}?",
+            "Tell me the notice the tenant of {a} must give.",
+            "How much written notice does the lease for {a} require?",
+            "What notice is required to move out of {a}?",
+            "How early must the tenant of {a} say they are leaving?",
+        ],
+        "start": [
+            "When does the lease for {a} begin?",
+            "What date does the tenancy at {a} start on?",
+            "Tell me the start date of the tenancy at {a}.",
+            "When does the term of the lease for {a} commence?",
+            "From when may the tenant occupy {a}?",
+            "What is the first day of the tenancy at {a}?",
+        ],
+        "landlord": [
+            "Who lets {a}?",
+            "Who is the owner letting {a}?",
+            "Tell me the landlord of {a}.",
+            "Which person is the landlord at {a}?",
+            "Who rents out {a}?",
+            "Who does the tenant of {a} pay rent to?",
+        ],
+        "tenant": [
+            "Who lives at {a} as tenant?",
+            "Who is renting the property at {a}?",
+            "Tell me the tenant of {a}.",
+            "Who is the renter of {a}?",
+            "Which person is the tenant in the lease for {a}?",
+            "Who took the lease of {a}?",
+        ],
+    },
+    "invoice": {
+        "total": [
+            "What is the total of invoice {a}?",
+            "How much is invoice {a} for?",
+            "Tell me the amount due on invoice {a}.",
+            "What amount does invoice {a} ask the customer to pay?",
+            "What is the full amount of invoice {a}?",
+            "How much is owed on invoice {a}?",
+        ],
+        "due": [
+            "What is the due date of invoice {a}?",
+            "When must invoice {a} be paid by?",
+            "Tell me when invoice {a} is due.",
+            "By when should invoice {a} be settled?",
+            "What date is payment of invoice {a} due?",
+            "What is the deadline to pay invoice {a}?",
+        ],
+        "late_fee": [
+            "What is the late fee on invoice {a}?",
+            "How much is the charge for paying invoice {a} late?",
+            "Tell me the late payment fee for invoice {a}.",
+            "What fee is added each month if invoice {a} is overdue?",
+            "What does it cost to pay invoice {a} late?",
+            "What monthly fee applies to late payment of invoice {a}?",
+        ],
+        "vendor": [
+            "Who sent invoice {a}?",
+            "Which company issued invoice {a}?",
+            "Tell me who issued invoice {a}.",
+            "Who is the vendor on invoice {a}?",
+            "From which business is invoice {a}?",
+            "Who billed invoice {a}?",
+        ],
+        "customer": [
+            "Who is the customer of invoice {a}?",
+            "Who was invoice {a} sent to?",
+            "Tell me who must pay invoice {a}.",
+            "Which customer is billed on invoice {a}?",
+            "Who receives invoice {a}?",
+            "Who is billed in invoice {a}?",
+        ],
+    },
+    "schedule": {
+        "first_day": [
+            "When is the first meeting of the {a}?",
+            "What is the start date of the {a}?",
+            "Tell me when the {a} begins.",
+            "On which day does the {a} open?",
+            "When is the opening day of the {a}?",
+            "What date is the first session of the {a}?",
+        ],
+        "time": [
+            "What time does the {a} start?",
+            "At what time does the {a} begin each session?",
+            "Tell me the start time of the {a}.",
+            "What time do meetings of the {a} begin?",
+            "When do sessions of the {a} start in the day?",
+            "At what time is the {a}?",
+        ],
+        "room": [
+            "Which room is the {a} in?",
+            "Where does the {a} meet?",
+            "Tell me where the {a} is held.",
+            "In what room are sessions of the {a}?",
+            "What room is booked for the {a}?",
+            "Where should participants of the {a} go?",
+        ],
+        "fee": [
+            "What does the {a} cost?",
+            "How much is the fee for the {a}?",
+            "Tell me the price of the {a}.",
+            "What is the cost of joining the {a}?",
+            "How much must participants pay for the {a}?",
+            "What fee is charged for the {a}?",
+        ],
+        "instructor": [
+            "Who runs the {a}?",
+            "Who is the instructor of the {a}?",
+            "Tell me who leads the {a}.",
+            "Who gives the sessions of the {a}?",
+            "Which person teaches the {a}?",
+            "Who is the leader of the {a}?",
+        ],
+    },
+    "letter": {
+        "appointment": [
+            "What time is the appointment in letter {a}?",
+            "At what time is the meeting in letter {a}?",
+            "Tell me the time of the appointment in letter {a}.",
+            "What time is set in letter {a}?",
+            "When in the day should the recipient of letter {a} come?",
+            "At what time does letter {a} ask the recipient to attend?",
+        ],
+        "appointment_day": [
+            "What date is the appointment in letter {a}?",
+            "On what day is the meeting in letter {a}?",
+            "Tell me the date of the meeting in letter {a}.",
+            "Which date does letter {a} give for the appointment?",
+            "When is the appointment day in letter {a}?",
+            "On which date should the recipient of letter {a} attend?",
+        ],
+        "balance": [
+            "What is the outstanding balance in letter {a}?",
+            "How much is owed according to letter {a}?",
+            "Tell me the balance due in letter {a}.",
+            "What amount does letter {a} say is owed?",
+            "What sum is unpaid according to letter {a}?",
+            "How much does letter {a} ask the recipient to pay?",
+        ],
+        "sender": [
+            "Who sent letter {a}?",
+            "Who is the author of letter {a}?",
+            "Tell me who wrote letter {a}.",
+            "Whose letter is {a}?",
+            "Which person signed letter {a}?",
+            "Who is letter {a} from?",
+        ],
+        "recipient": [
+            "Who was letter {a} sent to?",
+            "Who is the addressee of letter {a}?",
+            "Tell me who received letter {a}.",
+            "To which person is letter {a} addressed?",
+            "Who is letter {a} for?",
+            "Who got letter {a}?",
+        ],
+    },
+    "policy": {
+        "vacation": [
+            "How many days of annual leave do staff at {a} get?",
+            "What holiday allowance does {a} give?",
+            "Tell me the annual leave at {a}.",
+            "How much vacation do employees of {a} have each year?",
+            "What paid leave does the policy of {a} allow per year?",
+            "How much holiday is a worker at {a} given?",
+        ],
+        "probation": [
+            "What is the probation period at {a}?",
+            "How long are new staff at {a} on probation?",
+            "Tell me the length of probation at {a}.",
+            "How many months of probation does {a} set?",
+            "For how long does probation run at {a}?",
+            "What probation do new employees of {a} serve?",
+        ],
+        "expenses": [
+            "What is the expense limit at {a}?",
+            "How much can staff of {a} claim without approval?",
+            "Tell me the expense claim limit at {a}.",
+            "What amount of expenses needs no approval at {a}?",
+            "Up to how much may employees of {a} spend without sign-off?",
+            "What is the limit for expenses without approval at {a}?",
+        ],
+        "contact": [
+            "Who is the contact for the policy of {a}?",
+            "Who handles questions about the {a} policy?",
+            "Tell me who to ask about the policy at {a}.",
+            "Who is in charge of the staff policy at {a}?",
+            "To whom do staff of {a} send questions about the policy?",
+            "Who looks after the handbook of {a}?",
+        ],
+        "effective": [
+            "When does the policy of {a} come into force?",
+            "What date does the {a} policy start?",
+            "Tell me when the {a} policy takes effect.",
+            "From when does the handbook of {a} apply?",
+            "What is the start date of the {a} staff policy?",
+            "On what date do the rules of {a} take effect?",
+        ],
+    },
+}
