@@ -2,7 +2,7 @@
 # Trains falconet-tiny-instruct, the embedded answering model: falconet-tiny fine-tuned by
 # `falconet finetune` (every weight) on synthetic RAG answers from scripts/make_rag_sft.py,
 # its context raised from 256 to 2,048 positions (RoPE base 10,000 -> 80,000), then
-# scored on held-out documents by scripts/eval_rag_answers.py. About 65 minutes on a
+# scored on held-out documents by scripts/eval_rag_answers.py. About 100 minutes on a
 # 2-core AVX2 CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,10 @@ cd "$(dirname "$0")/.."
 # search ranks the passage holding the fact first for 87 of 100 held-out questions.
 .venv/bin/python scripts/make_rag_sft.py --out data/sft2 --seed 1 --train-docs 1400 \
   --heldout-docs 20 --passages 5,1,2,2,2 --first-share 0.9
+# Stage 3's documents: the questions also in rag_sft_more_questions.py's phrasings (the
+# model had learnt three wordings per fact and picked the wrong fact for a new one).
+.venv/bin/python scripts/make_rag_sft.py --out data/sft3 --seed 2 --train-docs 1400 \
+  --heldout-docs 20 --passages 5,1,2,2,2 --first-share 0.9 --more-questions
 common=(--block-size 2048 --batch-size 2 --warmup 50 --min-lr-ratio 0.1 --weight-decay 0.0
         --clip 1.0 --dtype bfloat16 --eval-fraction 0.02 --eval-batches 10
         --checkpoint-every 100 --seed 0)
@@ -26,7 +30,11 @@ common=(--block-size 2048 --batch-size 2 --warmup 50 --min-lr-ratio 0.1 --weight
   --save-dtype float32 "${common[@]}"
 # Stage 2: the answers alone.
 .venv/bin/falconet finetune data/sft2/train.jsonl -m data/answer-stage1 \
-  --out falconet/models/falconet-tiny-instruct --run-dir data/answer-stage2.run \
+  --out data/answer-stage2 --run-dir data/answer-stage2.run \
   --steps 1000 --lr 5e-4 --eval-every 500 --save-dtype bfloat16 "${common[@]}"
+# Stage 3: the answers alone, asked in many more wordings.
+.venv/bin/falconet finetune data/sft3/train.jsonl -m data/answer-stage2 \
+  --out falconet/models/falconet-tiny-instruct --run-dir data/answer-stage3.run \
+  --steps STAGE3_STEPS --lr 3e-4 --eval-every 400 --save-dtype bfloat16 "${common[@]}"
 .venv/bin/python scripts/eval_rag_answers.py --data data/sft \
   --model falconet/models/falconet-tiny-instruct --limit 200

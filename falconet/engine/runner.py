@@ -243,7 +243,9 @@ class ModelRunner:
         snapshot = self.pool.snapshot([p.seq for p in parts]) if len(parts) > 1 else None
         rows = None
         if self.adapters is not None:  # which packed rows each adapter updates
-            rows = self.adapters.rows([(p.seq.adapter, p.length) for p in parts])
+            rows = self.adapters.rows(
+                [(p.seq.adapter, p.length, p.past < p.seq.prompt_len) for p in parts]
+            )
         try:
             with adapter_rows(rows):
                 logits = self.model.forward_packed(

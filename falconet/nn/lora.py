@@ -15,21 +15,27 @@ adds, for each adapter in the step, its update to that adapter's rows only; rows
 sequences without an adapter get nothing. Outside such a block the hooks do nothing
 (the base model).
 
-Grouped update. A layer's adapters are stacked side by side: A_all (sum of ranks, in)
-and B_all (out, sum of ranks). A step gathers the rows that have an adapter, runs them
-through A_all in one call, weights each row's columns by its adapter's scaling and
-zeroes the other adapters' (a mask), runs B_all in one call: two small
-GEMMs per layer whatever the number of adapters (per-adapter calls cost more in call
-overhead than in arithmetic: 0.44x of the base at 4 adapters, docs/benchmarks.md). The
-extra arithmetic, every row through every adapter's A, is n x rank columns beside the
-layer's own thousands.
+Two ways to compute it, by the kind of row:
 
-Bit-exact batching. The update is computed in fp32 by two falconet `Linear`s, which
-inside `batch_invariant()` give each row the same bits whatever rows share the call;
-the masked columns are exact zeros, so a row's B sum is the same whichever other
-adapters' rows share the step; the update is added to its rows by index, element by
-element. A sequence's output does not depend on which other sequences, with which
-adapters, share its step. The update is added after the base layer's output (bias included) and
+- Decode rows (a sequence's next token, or a speculative verify) are few per adapter, so
+  per-adapter calls would cost more in call overhead than in arithmetic (0.44x of the
+  base at 4 adapters, docs/benchmarks.md). They take the grouped update: a layer's
+  adapters stacked side by side, A_all (sum of ranks, in) and B_all (out, sum of
+  ranks); the step's decode rows that have an adapter go through A_all in one call, each
+  row's columns are weighted by its adapter's scaling and the other adapters' zeroed
+  (a mask), then through B_all in one call: two small GEMMs per layer whatever the
+  number of adapters.
+- Prompt rows (prefill) come by the hundred per adapter, where the grouped update's
+  extra arithmetic (every row through every adapter's A and B) is what costs: each
+  adapter runs its own A and B on its own prompt rows.
+
+Bit-exact batching. The update is computed in fp32 by falconet `Linear`s, which inside
+`batch_invariant()` give each row the same bits whatever rows share the call; in the
+grouped update the masked columns are exact zeros, so a row's B sum is the same whichever
+other adapters' rows share the step. Which way a row goes depends only on its own
+sequence (prompt or decode), never on the step; the update is added to its rows by
+index, element by element. A sequence's output does not depend on which other
+sequences, with which adapters, share its step. The update is added after the base layer's output (bias included) and
 in fp32 -- as PEFT computes it -- whatever the base weight's storage: on a quantized
 base it corrects the dequantized product, it is never quantized itself.
 """
@@ -69,10 +75,6 @@ class LoRA:
         B.weight.data.copy_(b)
         return cls(A, B, float(scaling))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, in) -> the update (M, out), fp32."""
-        return self.B(self.A(x.float())) * self.scaling
-
     def merged(self) -> torch.Tensor:
         """scaling * B @ A (out, in), fp32: the update as a weight matrix."""
         return (self.B.weight @ self.A.weight) * self.scaling
@@ -102,12 +104,20 @@ class Stack:
 
 @dataclass(frozen=True)
 class AdapterRows:
-    """Which packed rows of a step each adapter updates: (adapter index, row indices)."""
+    """Which packed rows of a step each adapter updates, (adapter index, row indices in
+    ascending order): decode rows (`groups`, the grouped update) and prompt rows
+    (`prompts`, each adapter's own)."""
 
     groups: tuple[tuple[int, torch.Tensor], ...]
     total: int  # rows in the step (the packed tokens)
-    # per column layout of a Stack: (rows, mask, scale), made once per step
+    prompts: tuple[tuple[int, torch.Tensor], ...] = ()
+    # per column layout of a Stack: (rows, weights), made once per step
     _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def at(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`rows` to gather and put back, or None when they are every row of the step
+        (distinct rows: then they are 0..total-1, in order)."""
+        return None if len(rows) == self.total else rows
 
     def plan(self, stack: Stack) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """For the layer's stack: the rows to update (R,) in ascending order, or None when
@@ -128,8 +138,7 @@ class AdapterRows:
                 weights[at : at + len(r), start:stop] = scaling
                 at += len(r)
             rows, order = rows.sort()
-            whole = len(rows) == self.total  # rows are distinct, so they are 0..total-1
-            plan = (None if whole else rows, weights[order])
+            plan = (self.at(rows), weights[order])
         self._plans[stack.columns] = plan
         return plan
 
@@ -198,22 +207,29 @@ class LoRALayers:
         self._stacks.clear()
         self.names.clear()
 
-    def rows(self, adapters: Sequence[tuple[str | None, int]]) -> AdapterRows | None:
+    def rows(self, adapters: Sequence[tuple[str | None, int, bool]]) -> AdapterRows | None:
         """The step's rows per adapter, from each packed part's (adapter name or None,
-        token count) in packing order; None when no part has an adapter."""
-        groups: dict[int, list[int]] = {}
+        token count, whether they are prompt tokens) in packing order; None when no part
+        has an adapter."""
+        decode: dict[int, list[int]] = {}
+        prompts: dict[int, list[int]] = {}
         at = 0
-        for name, n in adapters:
+        for name, n, prompt in adapters:
             if name is not None:
-                groups.setdefault(self.index(name), []).extend(range(at, at + n))
+                (prompts if prompt else decode).setdefault(self.index(name), []).extend(
+                    range(at, at + n)
+                )
             at += n
-        if not groups:
+        if not decode and not prompts:
             return None
         device = next(iter(self.model.parameters())).device
-        return AdapterRows(
-            tuple((i, torch.tensor(r, dtype=torch.long, device=device)) for i, r in groups.items()),
-            at,
-        )
+
+        def tensors(groups: dict[int, list[int]]) -> tuple[tuple[int, torch.Tensor], ...]:
+            return tuple(
+                (i, torch.tensor(r, dtype=torch.long, device=device)) for i, r in groups.items()
+            )
+
+        return AdapterRows(tensors(decode), at, tensors(prompts))
 
     def _apply(
         self, module_name: str, module: nn.Module, inputs: tuple, output: torch.Tensor
@@ -221,7 +237,6 @@ class LoRALayers:
         rows: AdapterRows | None = getattr(_state, "rows", None)
         if rows is None:
             return None
-        stack = self._stacks.get(module_name)
         x = inputs[0]
         x = x.reshape(-1, x.shape[-1])  # (M, in)
         if x.shape[0] != rows.total:  # a layer run on other rows than the step's tokens
@@ -229,22 +244,32 @@ class LoRALayers:
                 f"{module_name} ran on {x.shape[0]} rows, not the step's {rows.total} "
                 "tokens; LoRA cannot target this layer"
             )
+        updates = []  # (rows or None for all, the update of those rows (R, out) fp32)
+        stack = self._stacks.get(module_name)
         plan = None if stack is None else rows.plan(stack)
-        if plan is None:
+        if plan is not None:
+            at, weights = plan
+            xs = x.float() if at is None else x.index_select(0, at).float()
+            # scaling on the rank columns (B is linear): r multiplies per row, not `out`
+            updates.append((at, stack.B(stack.A(xs).mul_(weights))))
+        layers = self._layers.get(module_name, {})
+        for i, prompt_rows in rows.prompts:
+            if (lora := layers.get(i)) is not None:
+                at = rows.at(prompt_rows)
+                xs = x.float() if at is None else x.index_select(0, at).float()
+                updates.append((at, lora.B(lora.A(xs).mul_(lora.scaling))))
+        if not updates:
             return None
-        at, weights = plan
-        x = x.float() if at is None else x.index_select(0, at).float()
-        # scaling on the rank columns (B is linear): r multiplies per row, not `out`
-        delta = stack.B(stack.A(x).mul_(weights))
         # fp32, as PEFT adds the update, then back to the output's dtype; an fp32 output
         # (the layer's own fresh tensor) takes the update in place, without a copy. Rows
         # are distinct, so gather-add-put adds once per element as index_add_ would, at
         # a fraction of its cost (its CPU scatter took 2/3 of a 16-row decode step).
         y = output.reshape(-1, output.shape[-1]).float()  # (M, out)
-        if at is None:
-            y.add_(delta)
-        else:
-            y.index_copy_(0, at, y.index_select(0, at).add_(delta))
+        for at, delta in updates:
+            if at is None:
+                y.add_(delta)
+            else:
+                y.index_copy_(0, at, y.index_select(0, at).add_(delta))
         return y.to(output.dtype).view(output.shape)
 
 
