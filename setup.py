@@ -56,6 +56,7 @@ setup(
                 "falconet/quant/kernels_quantize.h",
                 "falconet/quant/kernels_kquantize.h",
                 "falconet/quant/kernels_float.h",
+                "falconet/quant/kernels_lora.h",
                 "falconet/quant/kernels_scan.h",
                 "falconet/quant/kernels_attention.h",
                 "falconet/quant/kernels_activation.h",

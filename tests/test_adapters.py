@@ -13,6 +13,7 @@ import falconet
 from falconet.engine import Engine
 from falconet.errors import AdapterError, GenerationError
 from falconet.models.adapters import read_peft_adapter
+from falconet.nn import lora
 from falconet.sampling import SamplingParams
 from tests.adapter_tools import FALCON_TARGETS, LLAMA_TARGETS, make_peft_adapter, peft_logits
 from tests.conftest import (
@@ -133,6 +134,22 @@ def test_batch_equals_alone_across_adapters(falcon):
     for name, (_, folder) in adapters.items():
         llm.add_adapter(name, folder)
     batch_equals_alone(llm)
+
+
+def test_batch_equals_alone_without_the_compiled_kernel(falcon, monkeypatch):
+    """Where the compiled LoRA kernel cannot run (no compiler, CUDA), decode rows take the
+    grouped update (every adapter stacked, a column mask): batch == alone there too, and
+    the tokens are those of the kernel's run."""
+    _, base, adapters = falcon
+    llm = falconet.load(base)
+    for name, (_, folder) in adapters.items():
+        llm.add_adapter(name, folder)
+    jobs = [(IDS, "a"), (IDS[:7], "b"), (IDS, None)]
+    with_kernel = _run(Engine.from_llm(llm, max_batch=8, speculative=None), jobs)
+    monkeypatch.setattr(lora, "native", None)
+    batch_equals_alone(llm)
+    grouped = _run(Engine.from_llm(llm, max_batch=8, speculative=None), jobs)
+    assert [g[0] for g in grouped] == [k[0] for k in with_kernel]
 
 
 def test_prefix_cache_keeps_adapters_apart(falcon):

@@ -15,7 +15,12 @@ adds, for each adapter in the step, its update to that adapter's rows only; rows
 sequences without an adapter get nothing. Outside such a block the hooks do nothing
 (the base model).
 
-Two ways to compute it, by the kind of row:
+How. On a CPU with falconet's compiled kernels, one call per layer
+(`native.lora_rows`, kernels_lora.h) takes every row that has an adapter, each through
+its own adapter only (rows of one adapter in tiles that load each weight once for a few
+rows), and adds the update to the layer's output in place: no fp32 copy of the input or
+output, and a decode step's handful of rows per adapter costs no per-adapter calls.
+Elsewhere (no compiler, CUDA) two PyTorch ways, by the kind of row:
 
 - Decode rows (a sequence's next token, or a speculative verify) are few per adapter, so
   per-adapter calls would cost more in call overhead than in arithmetic (0.44x of the
@@ -29,15 +34,16 @@ Two ways to compute it, by the kind of row:
   extra arithmetic (every row through every adapter's A and B) is what costs: each
   adapter runs its own A and B on its own prompt rows.
 
-Bit-exact batching. The update is computed in fp32 by falconet `Linear`s, which inside
-`batch_invariant()` give each row the same bits whatever rows share the call; in the
-grouped update the masked columns are exact zeros, so a row's B sum is the same whichever
-other adapters' rows share the step. Which way a row goes depends only on its own
-sequence (prompt or decode), never on the step; the update is added to its rows by
-index, element by element. A sequence's output does not depend on which other
-sequences, with which adapters, share its step. The update is added after the base layer's output (bias included) and
-in fp32 -- as PEFT computes it -- whatever the base weight's storage: on a quantized
-base it corrects the dequantized product, it is never quantized itself.
+Bit-exact batching. Every row's update is computed in fp32 with a fixed order of its own
+(the kernel's per-row sums; falconet `Linear`s inside `batch_invariant()`, which give each
+row the same bits whatever rows share the call), so a sequence's output does not depend
+on which other sequences, with which adapters, share its step. In the grouped update the
+masked columns are exact zeros, so a row's B sum is the same whichever other adapters'
+rows share the step, and which way a row goes depends only on its own sequence (prompt
+or decode), never on the step. The update is added after the base layer's output (bias
+included) and in fp32 -- as PEFT computes it, then rounded once to the output's dtype --
+whatever the base weight's storage: on a quantized base it corrects the dequantized
+product, it is never quantized itself.
 """
 
 from __future__ import annotations
@@ -46,13 +52,12 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
 
 from falconet.errors import AdapterError
-from falconet.nn.linear import Linear
+from falconet.nn.linear import Linear, native
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,12 @@ class Stack:
     A: Linear  # in -> sum of ranks
     B: Linear  # sum of ranks -> out
     columns: tuple[tuple[int, int, int, float], ...]  # (adapter index, start, stop, scaling)
+    Bt: torch.Tensor  # B's weight transposed (sum of ranks, out), for the compiled kernel
+
+    @property
+    def pointers(self) -> tuple[int, int, int]:
+        """(A's address, Bt's address, out features) for the compiled kernel."""
+        return self.A.weight.data_ptr(), self.Bt.data_ptr(), self.Bt.shape[1]
 
     @classmethod
     def of(cls, loras: dict[int, LoRA]) -> Stack:
@@ -99,7 +110,7 @@ class Stack:
         a = torch.cat([loras[i].A.weight.data for i in order])
         b = torch.cat([loras[i].B.weight.data for i in order], dim=1)
         both = LoRA.from_tensors(a, b, 1.0, a.device)
-        return cls(both.A, both.B, tuple(columns))
+        return cls(both.A, both.B, tuple(columns), both.B.weight.data.t().contiguous())
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,45 @@ class AdapterRows:
         self._plans[stack.columns] = plan
         return plan
 
+    def kernel_plan(self, stack: Stack) -> tuple[int, ...] | None:
+        """The compiled kernel's arguments for the layer's stack: the number R of rows with
+        one of its adapters (decode and prompt rows alike), the addresses of per row its
+        adapter's first rank column (int32), rank (int32) and scaling (fp32) and of the
+        rows (int64, grouped by adapter, ascending within), and the thread count; None
+        when no row has one of the stack's adapters."""
+        key = ("kernel", stack.columns)
+        if key in self._plans:
+            return self._plans[key]
+        mine = {i: (start, stop, scaling) for i, start, stop, scaling in stack.columns}
+        by_adapter: dict[int, list[torch.Tensor]] = {}
+        for i, r in (*self.groups, *self.prompts):
+            if i in mine:
+                by_adapter.setdefault(i, []).append(r)
+        plan = None
+        if by_adapter:
+            rows, starts, ranks, scales = [], [], [], []
+            for i, parts in sorted(by_adapter.items()):
+                r = torch.cat(parts).sort().values
+                start, stop, scaling = mine[i]
+                rows.append(r)
+                starts += [start] * len(r)
+                ranks += [stop - start] * len(r)
+                scales += [scaling] * len(r)
+            tensors = (
+                torch.cat(rows),
+                torch.tensor(starts, dtype=torch.int32),
+                torch.tensor(ranks, dtype=torch.int32),
+                torch.tensor(scales, dtype=torch.float32),
+            )
+            self._plans[("tensors", stack.columns)] = tensors  # alive while the step is
+            at, starts_t, ranks_t, scales_t = tensors
+            plan = (
+                len(at), starts_t.data_ptr(), ranks_t.data_ptr(), scales_t.data_ptr(),
+                at.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        self._plans[key] = plan
+        return plan
+
 
 _state = threading.local()
 
@@ -166,7 +216,7 @@ class LoRALayers:
         self.names: list[str] = []
         self._layers: dict[str, dict[int, LoRA]] = {}  # module name -> adapter index -> LoRA
         self._stacks: dict[str, Stack] = {}  # module name -> its adapters side by side
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._wrapped: dict[str, nn.Module] = {}  # module name -> the module, wrapped
 
     def __contains__(self, name: object) -> bool:
         return name in self.names
@@ -194,15 +244,27 @@ class LoRALayers:
         for module_name, lora in layers.items():
             self._layers.setdefault(module_name, {})[index] = lora
             self._stacks[module_name] = Stack.of(self._layers[module_name])
-            if module_name not in self._hooks:
-                hook = partial(self._apply, module_name)
-                self._hooks[module_name] = modules[module_name].register_forward_hook(hook)
+            if module_name not in self._wrapped:
+                self._wrap(module_name, modules[module_name])
+
+    def _wrap(self, module_name: str, module: nn.Module) -> None:
+        """The module's forward, then the step's updates. An instance attribute, not a
+        forward hook: a module with hooks takes nn.Module's slow call path, which cost as
+        much as the updates themselves at decode (48 layers a step)."""
+        inner = module.forward
+        apply = self._apply
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return apply(module_name, x, inner(x, *args, **kwargs))
+
+        module.forward = forward
+        self._wrapped[module_name] = module
 
     def close(self) -> None:
-        """Unhook every layer: the model computes the base model again."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
+        """Unwrap every layer: the model computes the base model again."""
+        for module in self._wrapped.values():
+            del module.forward  # the class's forward again
+        self._wrapped.clear()
         self._layers.clear()
         self._stacks.clear()
         self.names.clear()
@@ -231,23 +293,32 @@ class LoRALayers:
 
         return AdapterRows(tensors(decode), at, tensors(prompts))
 
-    def _apply(
-        self, module_name: str, module: nn.Module, inputs: tuple, output: torch.Tensor
-    ) -> torch.Tensor | None:
+    def _apply(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` of the layer `module_name` on input `x`, with the step's updates."""
         rows: AdapterRows | None = getattr(_state, "rows", None)
         if rows is None:
-            return None
-        x = inputs[0]
+            return output
         x = x.reshape(-1, x.shape[-1])  # (M, in)
         if x.shape[0] != rows.total:  # a layer run on other rows than the step's tokens
             raise AdapterError(
                 f"{module_name} ran on {x.shape[0]} rows, not the step's {rows.total} "
                 "tokens; LoRA cannot target this layer"
             )
-        updates = []  # (rows or None for all, the update of those rows (R, out) fp32)
         stack = self._stacks.get(module_name)
-        plan = None if stack is None else rows.plan(stack)
-        if plan is not None:
+        if (
+            stack is not None
+            and native is not None
+            and _KERNEL_TAKES.get((x.dtype, output.dtype, x.device.type))
+        ):
+            if (kplan := rows.kernel_plan(stack)) is None:
+                return output
+            # (a view, e.g. a slice of a fused projection, is copied: which way a row
+            # goes must not depend on the step, only on the model)
+            y = output if output.is_contiguous() else output.contiguous()
+            kernel_update(stack, x if x.is_contiguous() else x.contiguous(), y, kplan)
+            return y
+        updates = []  # (rows or None for all, the update of those rows (R, out) fp32)
+        if stack is not None and (plan := rows.plan(stack)) is not None:
             at, weights = plan
             xs = x.float() if at is None else x.index_select(0, at).float()
             # scaling on the rank columns (B is linear): r multiplies per row, not `out`
@@ -259,7 +330,7 @@ class LoRALayers:
                 xs = x.float() if at is None else x.index_select(0, at).float()
                 updates.append((at, lora.B(lora.A(xs).mul_(lora.scaling))))
         if not updates:
-            return None
+            return output
         # fp32, as PEFT adds the update, then back to the output's dtype; an fp32 output
         # (the layer's own fresh tensor) takes the update in place, without a copy. Rows
         # are distinct, so gather-add-put adds once per element as index_add_ would, at
@@ -271,6 +342,25 @@ class LoRALayers:
             else:
                 y.index_copy_(0, at, y.index_select(0, at).add_(delta))
         return y.to(output.dtype).view(output.shape)
+
+
+def kernel_update(stack: Stack, x: torch.Tensor, y: torch.Tensor, plan: tuple[int, ...]) -> None:
+    """The compiled kernel: each row of `plan` (`AdapterRows.kernel_plan`) gets its own
+    adapter's update, added to y (M, out) in place; x (M, in); both contiguous."""
+    a_ptr, bt_ptr, n_out = stack.pointers
+    native.lora_rows(
+        x.data_ptr(), x.dtype == torch.bfloat16, plan[0], x.shape[-1], a_ptr, bt_ptr, n_out,
+        *plan[1:5], y.data_ptr(), y.dtype == torch.bfloat16, plan[5],
+    )  # fmt: skip
+
+
+# (input dtype, output dtype, device) the compiled kernel (kernels_lora.h) updates: CPU
+# fp32/bf16 layers -- a property of the model, never of the step
+_KERNEL_TAKES = {
+    (x, y, "cpu"): True
+    for x in (torch.float32, torch.bfloat16)
+    for y in (torch.float32, torch.bfloat16)
+}
 
 
 def merge(model: nn.Module, layers: dict[str, LoRA]) -> None:

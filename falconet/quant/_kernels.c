@@ -317,6 +317,7 @@ static void dequantize(int type, const uint8_t *W, int64_t N, int64_t K, float *
 #include "kernels_kquants.h" /* Q2_K..Q6_K weights x Q8_K activations */
 #include "kernels_kq_x8.h"   /* Q4_K in interleaved 8-row tiles */
 #include "kernels_float.h" /* row-invariant fp32/bf16/fp16 linear */
+#include "kernels_lora.h"  /* LoRA updates of decode rows, each its own adapter */
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_attention.h" /* decode attention over the paged KV pool */
 #include "kernels_activation.h" /* erf GELU on the calling thread */
@@ -441,6 +442,30 @@ static PyObject *py_linear_rows(PyObject *self, PyObject *args) {
     rc = linear_rows(wt, (const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)out, M, K,
                      N, threads);
     Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lora_rows(PyObject *self, PyObject *args) {
+    unsigned long long x, A, Bt, start, rank, scale, rows, y;
+    Py_ssize_t R, K, N;
+    int x_bf16, y_bf16, threads, rc;
+    if (!PyArg_ParseTuple(args, "KinnKKnKKKKKii", &x, &x_bf16, &R, &K, &A, &Bt, &N, &start, &rank, &scale, &rows,
+                          &y, &y_bf16, &threads))
+        return NULL;
+    if (R < 0 || K <= 0 || N <= 0 || threads < 1 || (x_bf16 != 0 && x_bf16 != 1) || (y_bf16 != 0 && y_bf16 != 1)) {
+        PyErr_Format(PyExc_ValueError, "lora_rows needs R >= 0, K > 0, N > 0, x_bf16 and y_bf16 0 or 1, "
+                     "threads >= 1; got %zd, %zd, %zd, %d, %d, %d", R, K, N, x_bf16, y_bf16, threads);
+        return NULL;
+    }
+    /* A decode step's call takes tens of microseconds: releasing the GIL for it would let
+     * the server's event loop take it for up to a switch interval (5 ms) per layer. */
+    PyThreadState *ts = R * (K + N) >= LORA_RELEASE_GIL ? PyEval_SaveThread() : NULL;
+    rc = lora_rows((const void *)(uintptr_t)x, x_bf16, R, K, (const float *)(uintptr_t)A, (const float *)(uintptr_t)Bt, N,
+                   (const int32_t *)(uintptr_t)start, (const int32_t *)(uintptr_t)rank,
+                   (const float *)(uintptr_t)scale, (const int64_t *)(uintptr_t)rows, (void *)(uintptr_t)y, y_bf16,
+                   threads);
+    if (ts) PyEval_RestoreThread(ts);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -718,6 +743,7 @@ static PyMethodDef methods[] = {
     {"kquantize", py_kquantize, METH_VARARGS, "kquantize(type, x_ptr, nblocks, out_ptr, threads) -> -1 or the first block whose fp16 scale overflowed: 256-value super-blocks to Q2_K..Q6_K (GGML type 10-14), as llama.cpp's reference quantizers"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
     {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
+    {"lora_rows", py_lora_rows, METH_VARARGS, "lora_rows(x_ptr, x_bf16, R, K, A_ptr, Bt_ptr, N, start_ptr, rank_ptr, scale_ptr, rows_ptr, y_ptr, y_bf16, threads): y[rows[i]] += scale[i] * Bt[s:s+r].T @ (A[s:s+r] @ x[rows[i]]) for R rows (x fp32 or bf16; s = start[i], r = rank[i]; A ranks x K, Bt ranks x N fp32; y fp32 or bf16, rows x N), each row in one fixed order (kernels_lora.h)"},
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
