@@ -18,6 +18,7 @@ temp dir as the tests do (tests/pg_tools.py). Target (issue 18): hybrid p95 < 10
     python benchmarks/bench_rag_pg.py                     # 2,000 chunks: a quick look
     python benchmarks/bench_rag_pg.py --chunks 100000     # the issue's figure
     python benchmarks/bench_rag_pg.py --smoke             # 500 chunks, 10 queries: does it run
+    python benchmarks/bench_rag_pg.py --chunks 100000 --stores sqlite   # SQLite alone (~1 min)
 
 The fill rate (chunks/s) is printed for each store. PostgreSQL fills at ~100 chunks/s
 here (500 chunks profiled, load ~7): a third is the server inserting each chunk (its
@@ -94,6 +95,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (as bench_rag.py)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--smoke", action="store_true", help="500 chunks, 10 queries: a quick run")
+    ap.add_argument("--stores", default="sqlite,postgres",
+                    help="which stores, comma-separated (sqlite alone needs no PostgreSQL)")  # fmt: skip
     args = ap.parse_args()
     if args.smoke:
         args.chunks, args.queries = 500, 10
@@ -103,28 +106,33 @@ def main() -> int:
     embedder = Embedded(default_embedder(), questions)
     words, probs = corpus_words(args.corpus)
 
+    stores = args.stores.split(",")
+    if not stores or not set(stores) <= {"sqlite", "postgres"}:
+        ap.error(f"--stores takes sqlite and/or postgres, got {args.stores!r}")
     server = None
     url = args.url
-    if url is None:
+    if url is None and "postgres" in stores:
         from tests.pg_tools import PostgresServer
 
         server = PostgresServer()
         url = server.url
     schema = "bench_" + secrets.token_hex(4)
-    sep = "&" if "?" in url else "?"
+    sep = "&" if url and "?" in url else "?"
     results: dict = {"chunks": args.chunks, "queries": args.queries, "embedder": embedder.id}
     print(f"{args.chunks} synthetic chunks of {args.words} words, {args.queries} queries per "
           f"mode, k={K}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
           flush=True)  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, spec in (("sqlite", tmp), ("postgres", f"{url}{sep}schema={schema}")):
+            specs = {"sqlite": tmp, "postgres": f"{url}{sep}schema={schema}"}
+            for name in stores:
+                spec = specs[name]
                 results[name] = bench(spec, args, embedder, questions, words, probs)
                 fill_s = results[name]["fill_seconds"]
                 print(f"  {name}: filled in {fill_s:.1f} s ({args.chunks / fill_s:.0f} chunks/s)",
                       flush=True)  # fmt: skip
     finally:
-        if args.url is not None:
+        if args.url is not None and "postgres" in stores:
             import psycopg
 
             with psycopg.connect(args.url, autocommit=True) as db:
@@ -134,12 +142,12 @@ def main() -> int:
 
     path = "HNSW index" if args.chunks > EXACT_SEARCH_MAX_CHUNKS else "exact scan"
     print(f"\n  store      mode      p50 ms   p95 ms   (PostgreSQL vector search: {path})")
-    for name in ("sqlite", "postgres"):
+    for name in stores:
         for mode in MODES:
             p50, p95 = results[name]["latency_ms"][mode]
             print(f"  {name:<9}  {mode:<7} {p50:>7.1f}  {p95:>7.1f}")
     print(f"  query embedding (not in the rows above): {embedder.seconds_each * 1000:.1f} ms")
-    for name in ("sqlite", "postgres"):
+    for name in stores:
         p95 = results[name]["latency_ms"]["hybrid"][1] + embedder.seconds_each * 1000
         print(f"  {name}: hybrid p95 + embedding {p95:.0f} ms (target < 100 ms at 100k chunks)")
     if args.json:

@@ -2,7 +2,7 @@
 # Trains falconet-tiny-instruct, the embedded answering model: falconet-tiny fine-tuned by
 # `falconet finetune` (every weight) on synthetic RAG answers from scripts/make_rag_sft.py,
 # its context raised from 256 to 2,048 positions (RoPE base 10,000 -> 80,000), then
-# scored on held-out documents by scripts/eval_rag_answers.py. About 100 minutes on a
+# scored on held-out documents by scripts/eval_rag_answers.py. About 95 minutes on a
 # 2-core AVX2 CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,6 @@ common=(--block-size 2048 --batch-size 2 --warmup 50 --min-lr-ratio 0.1 --weight
 # Stage 3: the answers alone, asked in many more wordings.
 .venv/bin/falconet finetune data/sft3/train.jsonl -m data/answer-stage2 \
   --out falconet/models/falconet-tiny-instruct --run-dir data/answer-stage3.run \
-  --steps STAGE3_STEPS --lr 3e-4 --eval-every 400 --save-dtype bfloat16 "${common[@]}"
+  --steps 800 --lr 3e-4 --eval-every 400 --save-dtype bfloat16 "${common[@]}"
 .venv/bin/python scripts/eval_rag_answers.py --data data/sft \
   --model falconet/models/falconet-tiny-instruct --limit 200
