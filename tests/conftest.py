@@ -375,3 +375,18 @@ def pg_url():
         yield server.url
     finally:
         server.stop()
+
+
+def on_both_simd_paths(native, compute: Callable[[], Any]) -> tuple[Any, Any]:
+    """`compute()` on the compiled kernels' AVX2 path, then on the portable one (skips
+    without AVX2); the kernels are written so the two give the same bits."""
+    try:
+        native.set_simd("avx2")
+    except ValueError:
+        pytest.skip("no AVX2 on this CPU")
+    fast = compute()
+    native.set_simd("portable")
+    try:
+        return fast, compute()
+    finally:
+        native.set_simd("avx2")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from falconet.nn import attention
 from falconet.nn.attention import alibi_bias, alibi_slopes, pooled_decode_attention
+from tests.conftest import on_both_simd_paths
 
 pytestmark = pytest.mark.skipif(attention.native is None, reason="compiled kernels not built")
 
@@ -106,21 +107,12 @@ def test_a_batch_equals_each_sequence_alone_at_any_thread_count():
 
 
 def test_portable_path_gives_the_avx2_bits():
-    native = attention.native
-    try:
-        native.set_simd("avx2")
-    except ValueError:
-        pytest.skip("no AVX2 on this CPU")
     k, v = pools(300, 2, 72, torch.bfloat16, seed=7)  # 72: a tail of 0 lanes after 9 vectors
     seq_slots = scattered([9, 130], 300, seed=8)  # 130 keys: the exps' 8-wide body and tail
     bias = alibi_bias(alibi_slopes(4), torch.arange(130)[None], 72, torch.float32)[0, :, 0]
     q = torch.randn(2, 4, 72)
-    fast = run(q, k, v, seq_slots, bias)
-    native.set_simd("portable")
-    try:
-        assert torch.equal(run(q, k, v, seq_slots, bias), fast)
-    finally:
-        native.set_simd("avx2")
+    fast, portable = on_both_simd_paths(attention.native, lambda: run(q, k, v, seq_slots, bias))
+    assert torch.equal(portable, fast)
 
 
 def test_extreme_scores_stay_finite():

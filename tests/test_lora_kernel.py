@@ -10,6 +10,7 @@ import torch
 
 from falconet.nn import lora
 from falconet.nn.lora import AdapterRows, LoRA, Stack
+from tests.conftest import on_both_simd_paths
 
 pytestmark = pytest.mark.skipif(lora.native is None, reason="compiled kernels not built")
 
@@ -84,20 +85,13 @@ def test_a_row_alone_has_its_bits_among_others_and_any_threads():
 
 
 def test_portable_path_gives_the_avx2_bits():
-    native = lora.native
-    try:
-        native.set_simd("avx2")
-    except ValueError:
-        pytest.skip("no AVX2 on this CPU")
     st = stack(45, 83)  # tails in both K and N
     x = torch.randn(4, 45)
     for y in (torch.randn(4, 83), torch.randn(4, 83).to(torch.bfloat16)):
-        fast = update(st, x, y, [1, 0, 2, 1], [0, 1, 2, 3])
-        native.set_simd("portable")
-        try:
-            assert torch.equal(update(st, x, y, [1, 0, 2, 1], [0, 1, 2, 3]), fast)
-        finally:
-            native.set_simd("avx2")
+        fast, portable = on_both_simd_paths(
+            lora.native, lambda y=y: update(st, x, y, [1, 0, 2, 1], [0, 1, 2, 3])
+        )
+        assert torch.equal(portable, fast)
 
 
 def test_bad_arguments_are_refused():

@@ -78,27 +78,30 @@ static inline float fold8(const float a[8]) {
     return (s0 + s2) + (s1 + s3);
 }
 
+/* sum a[k] * b[k] over K: 8 lanes of fused multiply-adds (a zero-padded tail), then
+ * fold8 -- the AVX2 loops' order, so the portable path gives their bits. */
+static inline float dot_fold8(const float *a, const float *b, int64_t K) {
+    const int64_t K8 = K / 8 * 8;
+    float acc[8] = {0}, atail[8] = {0}, btail[8] = {0};
+    for (int64_t k = 0; k < K8; k += 8)
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(a[k + l], b[k + l], acc[l]);
+    if (K8 < K) {
+        memcpy(atail, a + K8, sizeof(float) * (size_t)(K - K8));
+        memcpy(btail, b + K8, sizeof(float) * (size_t)(K - K8));
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(atail[l], btail[l], acc[l]);
+    }
+    return fold8(acc);
+}
+
 /* ---- portable kernel ------------------------------------------------------------- */
 
 /* Output features n0..n1 for the M rows of x (already rounded); wbuf holds K + 8 floats. */
 static void linear_rows_ref(int wt, const uint8_t *W, const float *x, int64_t M, int64_t K,
                             int64_t N, int64_t n0, int64_t n1, float *out, float *wbuf) {
     const size_t row_bytes = (size_t)K * weight_size(wt);
-    const int64_t K8 = K / 8 * 8;
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t k = 0; k < K; k++) wbuf[k] = weight_at(wt, W + n * row_bytes, k);
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-            float acc[8] = {0}, xtail[8] = {0}, wtail[8] = {0};
-            for (int64_t k = 0; k < K8; k += 8)
-                for (int l = 0; l < 8; l++) acc[l] = fmaf(xr[k + l], wbuf[k + l], acc[l]);
-            if (K8 < K) {
-                memcpy(xtail, xr + K8, sizeof(float) * (size_t)(K - K8));
-                memcpy(wtail, wbuf + K8, sizeof(float) * (size_t)(K - K8));
-                for (int l = 0; l < 8; l++) acc[l] = fmaf(xtail[l], wtail[l], acc[l]);
-            }
-            out[m * N + n] = round_to_weight(wt, fold8(acc));
-        }
+        for (int64_t m = 0; m < M; m++) out[m * N + n] = round_to_weight(wt, dot_fold8(x + m * K, wbuf, K));
     }
 }
 

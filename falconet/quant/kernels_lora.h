@@ -15,7 +15,7 @@
  * Each row's bits depend on that row alone (fixed orders, no cross-row sums), whatever
  * rows share the call and however many threads run it; the AVX2 path equals the
  * portable one bit for bit (the same lane order and fold, fused multiply-adds both).
- * Included once by _kernels.c, after kernels_float.h (fold8, round_bf16, hsum). */
+ * Included once by _kernels.c, after kernels_float.h (dot_fold8, round_bf16, hsum). */
 
 /* Below this many multiply-adds a second thread costs more than it saves. */
 #define LORA_SERIAL_FMAS (1 << 16)
@@ -45,19 +45,7 @@ static void lora_store_ref(void *y_row, int y_bf16, const float *d, int64_t n0, 
 
 static void lora_row_ref(const float *x, const float *A, const float *Bt, int64_t K, int64_t N,
                          int rank, float scale, float *h, float *d, void *y_row, int y_bf16) {
-    const int64_t K8 = K / 8 * 8;
-    for (int j = 0; j < rank; j++) {
-        const float *a = A + (int64_t)j * K;
-        float acc[8] = {0}, xt[8] = {0}, at[8] = {0};
-        for (int64_t k = 0; k < K8; k += 8)
-            for (int l = 0; l < 8; l++) acc[l] = fmaf(x[k + l], a[k + l], acc[l]);
-        if (K8 < K) {
-            memcpy(xt, x + K8, sizeof(float) * (size_t)(K - K8));
-            memcpy(at, a + K8, sizeof(float) * (size_t)(K - K8));
-            for (int l = 0; l < 8; l++) acc[l] = fmaf(xt[l], at[l], acc[l]);
-        }
-        h[j] = fold8(acc) * scale;
-    }
+    for (int j = 0; j < rank; j++) h[j] = dot_fold8(x, A + (int64_t)j * K, K) * scale;
     for (int64_t n = 0; n < N; n++) d[n] = 0.0f;
     for (int j = 0; j < rank; j++) {
         const float *b = Bt + (int64_t)j * N;
