@@ -84,7 +84,7 @@ def embedded_model(name: str) -> Path | None:
 def default_model_path(answering: bool = False) -> Path:
     """The embedded model's folder: the answering one (chat, RAG answers) or the plain one."""
     folder = ANSWER_MODEL_DIR if answering else DEFAULT_MODEL_DIR
-    if not (folder / "config.json").is_file():
+    if embedded_model(folder.name) is None:
         raise FalconetError(
             f"the embedded model {folder.name} is missing from {folder.parent} (a broken "
             "install?); pass a Hugging Face Falcon folder with --model PATH"

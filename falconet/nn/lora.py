@@ -93,11 +93,12 @@ class Stack:
     B: Linear  # sum of ranks -> out
     columns: tuple[tuple[int, int, int, float], ...]  # (adapter index, start, stop, scaling)
     Bt: torch.Tensor  # B's weight transposed (sum of ranks, out), for the compiled kernel
+    pointers: tuple[int, int, int]  # (A's address, Bt's address, out features): the kernel's
 
     @property
-    def pointers(self) -> tuple[int, int, int]:
-        """(A's address, Bt's address, out features) for the compiled kernel."""
-        return self.A.weight.data_ptr(), self.Bt.data_ptr(), self.Bt.shape[1]
+    def adapters(self) -> dict[int, tuple[int, int, float]]:
+        """adapter index -> (first rank column, end column, scaling)."""
+        return {i: (start, stop, scaling) for i, start, stop, scaling in self.columns}
 
     @classmethod
     def of(cls, loras: dict[int, LoRA]) -> Stack:
@@ -110,7 +111,9 @@ class Stack:
         a = torch.cat([loras[i].A.weight.data for i in order])
         b = torch.cat([loras[i].B.weight.data for i in order], dim=1)
         both = LoRA.from_tensors(a, b, 1.0, a.device)
-        return cls(both.A, both.B, tuple(columns), both.B.weight.data.t().contiguous())
+        Bt = both.B.weight.data.t().contiguous()
+        pointers = (both.A.weight.data_ptr(), Bt.data_ptr(), Bt.shape[1])
+        return cls(both.A, both.B, tuple(columns), Bt, pointers)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ class AdapterRows:
     groups: tuple[tuple[int, torch.Tensor], ...]
     total: int  # rows in the step (the packed tokens)
     prompts: tuple[tuple[int, torch.Tensor], ...] = ()
-    # per column layout of a Stack: (rows, weights), made once per step
+    # per column layout of a Stack, made once per step: `plan`'s (rows, weights), and
+    # under ("kernel", layout) `kernel_plan`'s arguments with the tensors they point into
     _plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     def at(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -137,7 +141,7 @@ class AdapterRows:
         the others'. None when no row of the step has one of the stack's adapters."""
         if stack.columns in self._plans:
             return self._plans[stack.columns]
-        mine = {i: (start, stop, scaling) for i, start, stop, scaling in stack.columns}
+        mine = stack.adapters
         parts = [(rows, *mine[i]) for i, rows in self.groups if i in mine]
         plan = None
         if parts:
@@ -161,13 +165,13 @@ class AdapterRows:
         when no row has one of the stack's adapters."""
         key = ("kernel", stack.columns)
         if key in self._plans:
-            return self._plans[key]
-        mine = {i: (start, stop, scaling) for i, start, stop, scaling in stack.columns}
+            return self._plans[key][0]
+        mine = stack.adapters
         by_adapter: dict[int, list[torch.Tensor]] = {}
         for i, r in (*self.groups, *self.prompts):
             if i in mine:
                 by_adapter.setdefault(i, []).append(r)
-        plan = None
+        plan, tensors = None, ()
         if by_adapter:
             rows, starts, ranks, scales = [], [], [], []
             for i, parts in sorted(by_adapter.items()):
@@ -183,13 +187,12 @@ class AdapterRows:
                 torch.tensor(ranks, dtype=torch.int32),
                 torch.tensor(scales, dtype=torch.float32),
             )
-            self._plans[("tensors", stack.columns)] = tensors  # alive while the step is
             at, starts_t, ranks_t, scales_t = tensors
             plan = (
                 len(at), starts_t.data_ptr(), ranks_t.data_ptr(), scales_t.data_ptr(),
                 at.data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
-        self._plans[key] = plan
+        self._plans[key] = (plan, tensors)  # the tensors stay alive as long as the step
         return plan
 
 
@@ -308,7 +311,7 @@ class LoRALayers:
         if (
             stack is not None
             and native is not None
-            and _KERNEL_TAKES.get((x.dtype, output.dtype, x.device.type))
+            and (x.dtype, output.dtype, x.device.type) in _KERNEL_TAKES
         ):
             if (kplan := rows.kernel_plan(stack)) is None:
                 return output
@@ -356,11 +359,9 @@ def kernel_update(stack: Stack, x: torch.Tensor, y: torch.Tensor, plan: tuple[in
 
 # (input dtype, output dtype, device) the compiled kernel (kernels_lora.h) updates: CPU
 # fp32/bf16 layers -- a property of the model, never of the step
-_KERNEL_TAKES = {
-    (x, y, "cpu"): True
-    for x in (torch.float32, torch.bfloat16)
-    for y in (torch.float32, torch.bfloat16)
-}
+_KERNEL_TAKES = frozenset(
+    (x, y, "cpu") for x in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)
+)
 
 
 def merge(model: nn.Module, layers: dict[str, LoRA]) -> None:
