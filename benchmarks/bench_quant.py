@@ -131,7 +131,9 @@ def profiled_functions() -> dict[str, list[tuple[object, str]]]:
     from falconet.quant import kernels
 
     return {
-        "quantized matmuls": [(kernels, "x8_linear"), (kernels, "quant_linear")],
+        "quantized matmuls": [
+            (kernels, n) for n in ("x8_linear", "quant_linear", "kquant_linear", "tq2_linear")
+        ],
         "SSM scan step": [(falcon_mamba, "selective_step"), (falcon_h1, "ssd_step")],
         "causal conv": [(falcon_mamba, "causal_conv"), (falcon_h1, "causal_conv1d")],
     }

@@ -29,11 +29,11 @@ from falconet.models.checkpoint import LAYOUTS, load_hf_weights, read_config
 from falconet.models.registry import ModelConfig, for_config
 from falconet.nn.linear import Linear
 from falconet.nn.lora import LoRALayers, merge
-from falconet.parallel import check_tensor_parallel
 from falconet.parallel import start as start_tensor_parallel
 from falconet.quant.plan import check_quant_type
 from falconet.sampling import SamplingParams
 from falconet.tokenizer import Tokenizer
+from falconet.weights.gguf import is_gguf
 
 DTYPES = {
     "float32": torch.float32,
@@ -153,18 +153,13 @@ def _load(
     if path is not None and not folder.exists():  # an embedded model by its name
         folder = embedded_model(str(path)) or folder
     dev = _device(device)
-    if _is_gguf(folder):
-        if tp != 1:
-            raise FalconetError(
-                f"{folder}: tensor parallelism reads Hugging Face folders (safetensors slices); "
-                "run a GGUF file with tp=1"
-            )
+    if is_gguf(folder):
         if quant is not None:
             raise FalconetError(
                 f"{folder}: quant is for Hugging Face folders; a GGUF file keeps its own types "
                 "(write another with `falconet convert --type`)"
             )
-        return _load_gguf(folder, dtype, dev, progress)
+        return _load_gguf(folder, dtype, dev, progress, tp, on_worker_failure)
     if not folder.exists():
         raise FalconetError(f"{folder}: no such file or folder")
     if not folder.is_dir():
@@ -174,82 +169,61 @@ def _load(
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
-    if tp != 1:  # under torchrun too: a job running one model per process keeps tp=1
-        check_tensor_parallel(config, tp, quant)  # before any worker starts
-        model = start_tensor_parallel(
-            folder, config, tp, storage, compute, dev, quant,
-            progress=None if progress is None else _bytes_done(progress, config, storage, tp),
-            on_failure=on_worker_failure,
-        )  # fmt: skip
-        return LLM(model, tokenizer, folder, read_card(folder, config))
     with torch.device("meta"):
         model = for_config(config).model(config, storage, compute)
-    total = model.weight_bytes()
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(done, total)
-
+    advance = _bytes_done(progress, model.weight_bytes() // tp)
+    if tp != 1:  # under torchrun too: a job running one model per process keeps tp=1
+        model = start_tensor_parallel(folder, config, tp, storage, compute, dev, quant,
+                                      progress=advance, on_failure=on_worker_failure)  # fmt: skip
+        return LLM(model, tokenizer, folder, read_card(folder, config))
     load_hf_weights(model, folder, advance, quant=quant)
     if dev.type != "cpu":
         model = model.to(dev)
     return LLM(model, tokenizer, folder, read_card(folder, config))
 
 
-def _bytes_done(
-    progress: Callable[[int, int], None], config: ModelConfig, dtype: torch.dtype, tp: int
-) -> Callable[[int], None]:
-    """progress(done, total) fed one tensor's bytes at a time (total: about this rank's
-    share of the weights)."""
-    with torch.device("meta"):
-        total = for_config(config).model(config, dtype).weight_bytes() // tp
+def _bytes_done(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """progress(done, total) fed one tensor's bytes at a time (total: about the bytes this
+    process loads)."""
     done = 0
 
     def advance(nbytes: int) -> None:
         nonlocal done
         done += nbytes
-        progress(min(done, total), total)
+        if progress is not None:
+            progress(min(done, total), total)
 
     return advance
 
 
-def _is_gguf(path: Path) -> bool:
-    """A .gguf name, or a file of any name that starts with GGUF's magic bytes."""
-    if path.suffix == ".gguf":
-        return True
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:  # missing, a folder, unreadable: not for the GGUF loader to explain
-        return False
-
-
 def _load_gguf(
-    path: Path, dtype: str, dev: torch.device, progress: Callable[[int, int], None] | None
+    path: Path,
+    dtype: str,
+    dev: torch.device,
+    progress: Callable[[int, int], None] | None,
+    tp: int,
+    on_worker_failure: Callable[[str], None] | None,
 ) -> LLM:
     from falconet.models.checkpoint import load_gguf_weights, read_gguf
     from falconet.weights.gguf import metadata_strings
 
     ckpt = read_gguf(path)
     storage, compute = resolve_dtypes(dtype, ckpt.config, dev)
+    card = gguf_card(ckpt.config, metadata_strings(ckpt.file.reader, GGUF_LICENCE_KEYS))
+    tokenizer = Tokenizer(**ckpt.vocab)
+    advance = _bytes_done(progress, ckpt.nbytes // tp)
+    if tp != 1:  # each rank reads its own slices of the file
+        config = ckpt.config
+        del ckpt  # its reader's parsed metadata (the vocabulary: MBs) is not held meanwhile
+        model = start_tensor_parallel(path, config, tp, storage, compute, dev, None,
+                                      progress=advance, on_failure=on_worker_failure)  # fmt: skip
+        return LLM(model, tokenizer, path, card)
     with torch.device("meta"):
         model = for_config(ckpt.config).model(ckpt.config, storage, compute)
-    done, total = 0, ckpt.nbytes
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(done, total)
-
     load_gguf_weights(model, ckpt, advance)
     if dev.type != "cpu":
         model = model.to(dev)
-    card = gguf_card(ckpt.config, metadata_strings(ckpt.file.reader, GGUF_LICENCE_KEYS))
-    return LLM(model, Tokenizer(**ckpt.vocab), path, card)
+    return LLM(model, tokenizer, path, card)
 
 
 def _device(name: str) -> torch.device:
@@ -357,7 +331,7 @@ class LLM:
         if not isinstance(self.model, CausalLM):
             raise AdapterError("LoRA adapters run with tp=1 (one process)")
         layout = LAYOUTS.get(for_config(self.config).gguf_architecture)
-        if self.path is not None and _is_gguf(self.path) and hasattr(layout, "file_config"):
+        if self.path is not None and is_gguf(self.path) and hasattr(layout, "file_config"):
             raise AdapterError(
                 f"{self.path}: a {layout.TITLE} GGUF file holds its multipliers folded into "
                 "the weights, which LoRA updates do not expect; load the Hugging Face folder"

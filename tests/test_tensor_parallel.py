@@ -1,6 +1,7 @@
 """Tensor parallelism on 2 gloo ranks (falconet/parallel/): each Falcon style -- 7B
-(multi-query), 40B (grouped kv heads, two norms), 11B (grouped, one norm, untied head) and
-Falcon3 (Llama) -- gives the logits and greedy tokens of one process, through `LLM` and
+(multi-query), 40B (grouped kv heads, two norms), 11B (grouped, one norm, untied head),
+falcon-rw (ALiBi: each rank's heads keep their slopes; 6 heads, so rank 1's include the
+slopes past the largest power of two) and Falcon3 (Llama) -- gives the logits and greedy tokens of one process, through `LLM` and
 through `falconet serve --tp 2` with the official openai client; bad head counts fail
 before any worker starts; a killed worker takes the server down; a rank holds about half
 the model."""
@@ -28,7 +29,13 @@ from tests.conftest import build_hf_model, build_llama_hf_model, save_hf_model
 from tests.server_tools import ServerProcess
 
 # Falcon variant (tests/conftest.py VARIANTS) or llama:<LLAMA_VARIANTS name>
-STYLES = {"7b": "7b", "40b": "40b", "11b": "11b", "falcon3": "llama:falcon3_shape"}
+STYLES = {
+    "7b": "7b",
+    "40b": "40b",
+    "11b": "11b",
+    "rw": "rw_6heads",
+    "falcon3": "llama:falcon3_shape",
+}
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [list(range(20 + i, 26 + 3 * i)) for i in range(8)]  # 8 prompts, 6..27 tokens
 

@@ -156,14 +156,13 @@ def follow_if_not_rank0(args: argparse.Namespace, tp: int) -> None:
     import torch
 
     from falconet.llm import resolve_dtypes
-    from falconet.models.checkpoint import read_config
-    from falconet.parallel import follow_checkpoint
+    from falconet.parallel import follow_checkpoint, source_config
 
     if args.model is None:
-        raise UsageError("--tp under torchrun needs --model (a Hugging Face folder)")
+        raise UsageError("--tp under torchrun needs --model (a Hugging Face folder or GGUF file)")
     folder = Path(args.model).expanduser()
     device = torch.device(args.device)
-    dtype, compute = resolve_dtypes(args.dtype, read_config(folder), device)
+    dtype, compute = resolve_dtypes(args.dtype, source_config(folder), device)
     follow_checkpoint(folder, tp, dtype, compute, device, getattr(args, "quant", None))
     sys.exit(0)
 

@@ -37,9 +37,9 @@ from falconet.models.falcon_config import FalconConfig
 from falconet.nn.attention import (
     AttentionMask,
     alibi_bias,
-    alibi_slopes,
     attend,
     build_mask,
+    heads_alibi_slopes,
     pooled_decode_applies,
     pooled_decode_attention,
     rotary_cos_sin,
@@ -281,7 +281,7 @@ class PackedStep:
         self.cache = cache
         self.segments = segments
         device = cache.k.device
-        slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
+        slopes = heads_alibi_slopes(config)
         # Decode tokens (one new token after cached ones) attend through the compiled
         # kernel, which reads their keys in the pool: no gather, no mask. A speculative
         # verify's tokens each attend as the decode step they stand for (same bits).

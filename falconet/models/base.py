@@ -29,8 +29,8 @@ from falconet.nn.attention import (
     AttentionMask,
     AttentionStep,
     alibi_bias,
-    alibi_slopes,
     build_mask,
+    heads_alibi_slopes,
     rotary_cos_sin,
 )
 from falconet.nn.cache import DenseStep, KVCache
@@ -108,7 +108,7 @@ class CausalLM(nn.Module):
         else:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0) * valid
             past, key_valid, key_positions = 0, valid, positions
-        slopes = alibi_slopes(config.num_attention_heads) if config.alibi else None
+        slopes = heads_alibi_slopes(config)
         mask = build_mask(
             positions, key_valid, key_positions, past, config, slopes, self.compute_dtype
         )
@@ -147,7 +147,7 @@ class CausalLM(nn.Module):
         allowed = allowed[:, None]  # (B, 1, T, S)
         rope = None
         if config.alibi:
-            slopes = alibi_slopes(config.num_attention_heads)
+            slopes = heads_alibi_slopes(config)
             bias = alibi_bias(slopes, positions, config.head_dim, self.compute_dtype)
             mask = AttentionMask(bias.masked_fill(~allowed, torch.finfo(self.compute_dtype).min))
         else:

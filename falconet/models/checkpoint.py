@@ -258,6 +258,12 @@ def _config(file: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{path}: the metadata is not a valid {layout.TITLE} config: {e}") from None
 
 
+def row_order(ckpt: GGUFCheckpoint, hf_name: str) -> torch.Tensor | None:
+    """The file rows of HF tensor `hf_name` in the model's order (`model = file[order]`),
+    None when they are the same (all but llama's Q and K)."""
+    return _layout(ckpt.config).rows(hf_name, ckpt.config, False)
+
+
 def load_gguf_weights(
     model: CausalLM, ckpt: GGUFCheckpoint, progress: Callable[[int], None] | None = None
 ) -> None:
@@ -266,7 +272,7 @@ def load_gguf_weights(
     params = dict(model.named_parameters(remove_duplicate=False))
     layout = _layout(ckpt.config)
     for hf_name, t in ckpt.tensors.items():
-        rows = layout.rows(hf_name, ckpt.config, False)
+        rows = row_order(ckpt, hf_name)
         dtype = params[hf_name].dtype
         convert = _convert(layout, "from_file", hf_name, ckpt.config)
         try:

@@ -149,6 +149,17 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
+def heads_alibi_slopes(config) -> torch.Tensor | None:
+    """The slopes of the heads a model of `config` computes (None without ALiBi). A
+    tensor-parallel rank's config holds heads [first_head, first_head + its count) of the
+    whole model's `total_heads`, so its slopes are that slice of the whole model's."""
+    if not config.alibi:
+        return None
+    total = getattr(config, "total_heads", config.num_attention_heads)
+    first = getattr(config, "first_head", 0)
+    return alibi_slopes(total)[first : first + config.num_attention_heads]
+
+
 def alibi_bias(
     slopes: torch.Tensor, key_positions: torch.Tensor, head_dim: int, dtype: torch.dtype
 ) -> torch.Tensor:

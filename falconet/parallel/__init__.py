@@ -2,6 +2,7 @@
 MLP and vocabulary split over N ranks (plan.py), each rank loading only its shard
 (load.py), rank 0 driving and the others following its plans (runtime.py)."""
 
+from falconet.parallel.load import source_config
 from falconet.parallel.plan import ShardConfig, TensorParallelError, check_tensor_parallel
 from falconet.parallel.runtime import (
     TensorParallelLM,
@@ -17,5 +18,6 @@ __all__ = [
     "check_tensor_parallel",
     "follow_checkpoint",
     "launched_by_torchrun",
+    "source_config",
     "start",
 ]

@@ -1,4 +1,4 @@
-"""One rank's shard of a model, read straight from a Hugging Face checkpoint.
+"""One rank's shard of a model, read straight from a Hugging Face checkpoint or a GGUF file.
 
 The model is built on the meta device from the rank's `ShardConfig` (its share of the
 heads and of the MLP), so its projections already have the shard's shapes. Each tensor
@@ -6,7 +6,10 @@ is then read as the slices plan.py gives it -- safetensors' `get_slice`, copied 
 mapping opened for that tensor alone and released right after, so a rank never holds
 more than its shard plus one tensor -- transformed (Falcon's QKV
 regrouped over this rank's heads), quantized if asked (a shard's rows are whole blocks:
-plan.check_tensor_parallel makes sure of it), and installed. Last, the modules that
+plan.check_tensor_parallel makes sure of it), and installed. A GGUF file's tensors are
+sliced the same way from its memory map: quantized matrices by whole rows of blocks
+(column-parallel) or by whole blocks of every row (row-parallel; plan.check_file_blocks),
+so a rank's blocks are the file's own bytes, never requantized. Last, the modules that
 talk to the other ranks are wrapped around the loaded ones (layers.py).
 """
 
@@ -21,17 +24,58 @@ from safetensors import SafetensorError, safe_open
 
 from falconet.errors import CheckpointError
 from falconet.models.base import CausalLM
+from falconet.models.checkpoint import read_config, read_gguf, row_order
 from falconet.models.registry import ModelConfig, for_config
 from falconet.parallel.layers import GatheredHead, RowParallel, VocabParallelEmbedding
-from falconet.parallel.plan import QKV, VOCAB, Shard, ShardConfig, is_row_parallel, kind_of
+from falconet.parallel.plan import (
+    QKV,
+    VOCAB,
+    Shard,
+    ShardConfig,
+    TensorParallelError,
+    check_file_blocks,
+    check_tensor_parallel,
+    is_row_parallel,
+    kind_of,
+)
 from falconet.parallel.plan import tensor_slices as slices_of
-from falconet.quant.linear import QuantTensor, install
+from falconet.quant import QuantError, get_format
+from falconet.quant.linear import QuantTensor, install, release_pages
 from falconet.quant.plan import tensor_qtype
+from falconet.weights.gguf import (
+    block_size,
+    file_shape,
+    is_gguf,
+    kept_as_blocks,
+    stored_dtype,
+    tensor_value,
+)
 from falconet.weights.hf import IGNORED_SUFFIXES, weight_files
 
 
+def source_config(source: Path) -> ModelConfig:
+    """The model config of a Hugging Face folder or a GGUF file."""
+    return read_gguf(source).config if is_gguf(source) else read_config(source)
+
+
+def check_source(source: Path, config: ModelConfig, world: int, quant: str | None) -> None:
+    """TensorParallelError when `source` cannot be split over `world` ranks (called before
+    any worker starts): the model's head and MLP counts, and a GGUF file's row-parallel
+    matrices, which must split by whole blocks of their own types."""
+    check_tensor_parallel(config, world, quant)
+    if not is_gguf(source):
+        return
+    if quant is not None:
+        raise TensorParallelError(f"{source}: a GGUF file keeps its own types; drop --quant")
+    blocks = {
+        name: (file_shape(t), t.tensor_type.name, block_size(t))
+        for name, t in read_gguf(source).tensors.items()
+    }
+    check_file_blocks(for_config(config).name, blocks, world)
+
+
 def load_shard(
-    folder: Path,
+    source: Path,
     config: ModelConfig,
     shard: Shard,
     dtype: torch.dtype,
@@ -39,16 +83,19 @@ def load_shard(
     quant: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CausalLM:
-    """Rank `shard.rank`'s model, its collectives in place (needs the process group)."""
+    """Rank `shard.rank`'s model, its collectives in place (needs the process group);
+    `source` is a Hugging Face folder or a GGUF file."""
     arch = for_config(config)
-    local_config = ShardConfig(config, shard.world)
+    local_config = ShardConfig(config, shard.world, shard.rank)
     with torch.device("meta"):
         model = arch.model(local_config, dtype, compute_dtype)
     layout = arch.layout(config)  # the checkpoint's (whole) tensors
-    transforms = arch.model.checkpoint_layout(local_config).transforms  # bound to the shard
+    gguf = is_gguf(source)
+    # a GGUF file's rows are falconet's own (the converter regrouped Falcon's QKV)
+    transforms = {} if gguf else arch.model.checkpoint_layout(local_config).transforms
     params = dict(model.named_parameters(remove_duplicate=False))
     found: set[str] = set()
-    for path, name, read in _tensors(folder):
+    for path, name, read in _gguf_tensors(source, config) if gguf else _tensors(source):
         if name.endswith(IGNORED_SUFFIXES) or name in layout.skipped:
             continue
         if name not in layout.shapes:
@@ -56,9 +103,10 @@ def load_shard(
                 f"{path}: unexpected tensor {name}; the checkpoint does not match config.json "
                 f"({layout.description})"
             )
-        t = read(
-            layout.shapes[name], partial(slices_of, arch.name, name, config=config, shard=shard)
+        slices = partial(
+            slices_of, arch.name, name, config=config, shard=shard, grouped_qkv=not gguf
         )
+        t = read(layout.shapes[name], slices)
         if name in transforms and kind_of(arch.name, name) == QKV:
             t = transforms[name](t)
         target = params[name]
@@ -69,21 +117,24 @@ def load_shard(
             )
         qtype = (
             quant
+            and not isinstance(t, QuantTensor)
             and name not in layout.keep_float
             and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
         )
-        if qtype:
+        if isinstance(t, QuantTensor):
+            install(model, name, t)
+        elif qtype:
             install(model, name, QuantTensor.quantize(t, qtype, name=f"{path.name}: {name}"))
         else:
             install(model, name, t.to(target.dtype) if target.is_floating_point() else t)
         found.add(name)
         if progress is not None:
-            progress(t.numel() * target.element_size())
+            progress(t.data.numel() if isinstance(t, QuantTensor) else t.numel() * t.element_size())
         del t
     missing = [n for n in layout.shapes if n not in found]
     if missing:
         raise CheckpointError(
-            f"{folder}: the checkpoint has no tensor {missing[0]}"
+            f"{source}: the checkpoint has no tensor {missing[0]}"
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
             + f"; is this a complete {layout.name} checkpoint?"
         )
@@ -156,6 +207,56 @@ def _bin(path: Path):
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
         yield path, name, read
+
+
+def _gguf_tensors(path: Path, config: ModelConfig):
+    """(file, HF name, read) per tensor of a GGUF file, as _tensors gives them: a
+    quantized matrix's slice is a copy of the file's blocks (whole rows, or whole blocks
+    of each row), a float tensor's the model's dtype; the pages read are dropped after
+    each copy, so a rank holds its shard and not the file."""
+    ckpt = read_gguf(path)
+    for name, t in ckpt.tensors.items():
+
+        def read(want, slices, name=name, t=t):
+            shape = file_shape(t)
+            _check_shape(path, name, shape, want)
+            order = row_order(ckpt, name)  # the model's row i is the file's row order[i]
+            whole = torch.from_numpy(t.data)
+            try:
+                pieces = [_file_slice(t, whole, shape, order, idx) for idx in slices(shape)]
+            except QuantError as e:
+                raise CheckpointError(f"{path}: tensor {t.name}: {e}") from None
+            finally:
+                release_pages(whole)
+            if len(pieces) == 1:
+                return pieces[0]
+            if isinstance(pieces[0], QuantTensor):  # QKV's parts: rows of the same blocks
+                rows = sum(p.shape[0] for p in pieces)
+                data = torch.cat([p.data for p in pieces])
+                return QuantTensor(pieces[0].fmt, data, (rows, shape[1]))
+            return torch.cat(pieces)
+
+        yield path, name, read
+
+
+def _file_slice(t, whole: torch.Tensor, shape, order, idx: tuple[slice, ...]):
+    """One index tuple of a file tensor, in the model's row order, copied out of the
+    mapping."""
+    rows = idx[0] if order is None else order[idx[0]]
+    if kept_as_blocks(t):  # rows of bytes
+        fmt = get_format(t.tensor_type)
+        data = whole[rows] if isinstance(rows, slice) else whole.index_select(0, rows)
+        cols = shape[1]
+        if len(idx) > 1:  # row-parallel: the same whole blocks of every row
+            start, stop, _ = idx[1].indices(shape[1])
+            cols = stop - start
+            data = data[:, fmt.row_bytes(start) : fmt.row_bytes(stop)]
+        return QuantTensor(
+            fmt, data.clone(memory_format=torch.contiguous_format), (len(data), cols)
+        )
+    value = tensor_value(t, stored_dtype(t))  # a view of the mapping for a float type
+    value = value[rows] if isinstance(rows, slice) else value.index_select(0, rows)
+    return value[(slice(None), *idx[1:])].clone(memory_format=torch.contiguous_format)
 
 
 def _join_ranks(model: CausalLM, config: ModelConfig, shard: Shard) -> None:

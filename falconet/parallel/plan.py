@@ -97,10 +97,6 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
             f"tensor parallelism covers Falcon and Llama-style (Falcon3) models; a "
             f"{config.variant} model ({arch}) runs with --tp 1"
         )
-    if config.alibi:
-        raise TensorParallelError(
-            "tensor parallelism needs rotary positions; a falcon-rw (ALiBi) model runs with --tp 1"
-        )
     if getattr(config, "bitnet", None) is not None:
         raise TensorParallelError("ternary (BitNet) checkpoints run with --tp 1 for now")
     H, K, F = config.num_attention_heads, config.kv_heads, config.ffn_size
@@ -124,15 +120,32 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
                 )
 
 
+def check_file_blocks(
+    arch: str, tensors: dict[str, tuple[tuple[int, ...], str, int]], world: int
+) -> None:
+    """A GGUF file's row-parallel matrices split by whole blocks of their own type:
+    tensors maps HF name -> (shape, type name, block size)."""
+    for name, (shape, kind, block) in tensors.items():
+        if kind_of(arch, name) == IN and (shape[1] // world) % block:
+            raise TensorParallelError(
+                f"--tp {world}: {name} ({kind}) has {shape[1]} input features, "
+                f"{shape[1] // world} per rank: not a whole number of its {block}-value "
+                "blocks; use a smaller --tp"
+            )
+
+
 class ShardConfig:
     """The config one rank's modules are built from: its share of the heads and of the
     MLP, everything else the model's own config (read through). The KV cache a rank
-    keeps follows it too: K/N kv heads (the whole one for multi-query)."""
+    keeps follows it too: K/N kv heads (the whole one for multi-query). Its heads are
+    [first_head, first_head + H/N) of the model's total_heads (ALiBi's slopes follow)."""
 
-    def __init__(self, full: ModelConfig, world: int) -> None:
+    def __init__(self, full: ModelConfig, world: int, rank: int = 0) -> None:
         self.full = full
         self.world = world
         self.num_attention_heads = full.num_attention_heads // world
+        self.total_heads = full.num_attention_heads
+        self.first_head = rank * self.num_attention_heads
         self.kv_heads = 1 if full.kv_heads == 1 else full.kv_heads // world
         self.num_key_value_heads = self.kv_heads  # the Llama name
         self.head_dim = full.head_dim
@@ -147,7 +160,7 @@ class ShardConfig:
         return getattr(self.full, name)
 
     def __repr__(self) -> str:
-        return f"ShardConfig({self.world} ranks of {self.full!r})"
+        return f"ShardConfig(rank {self.first_head // self.num_attention_heads} of {self.world} ranks of {self.full!r})"
 
 
 @dataclass(frozen=True)
@@ -169,10 +182,19 @@ class Shard:
 
 
 def tensor_slices(
-    arch: str, name: str, shape: tuple[int, ...], *, config: ModelConfig, shard: Shard
+    arch: str,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    config: ModelConfig,
+    shard: Shard,
+    grouped_qkv: bool = True,
 ) -> list[tuple[slice, ...]]:
     """The index tuples of HF tensor `name` (HF shape `shape`) that `shard` holds, to be
-    concatenated along dim 0 in this order. [(slice(None),)] is the whole tensor."""
+    concatenated along dim 0 in this order. [(slice(None),)] is the whole tensor.
+    grouped_qkv: Falcon's fused QKV rows are HF's kv-head groups; False reads falconet's
+    own [all Q | all K | all V] rows (a GGUF file's attn_qkv), already the shard's order
+    once each part is sliced."""
     kind = kind_of(arch, name)
     whole = slice(None)
     if kind is None or shard.world == 1:
@@ -193,4 +215,11 @@ def tensor_slices(
     if K == 1:
         q = shard.split(H * D)
         return [(q,), (slice(H * D, (H + 2) * D),)]
-    return [(shard.split(shape[0]),)]
+    if grouped_qkv:
+        return [(shard.split(shape[0]),)]
+    kv = shard.split(K * D)
+    return [
+        (shard.split(H * D),),
+        (slice(H * D + kv.start, H * D + kv.stop),),
+        (slice((H + K) * D + kv.start, (H + K) * D + kv.stop),),
+    ]

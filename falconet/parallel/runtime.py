@@ -39,11 +39,10 @@ import torch.multiprocessing as mp
 
 from falconet.engine.paged import PackedStep, PagedKVCache, Segment
 from falconet.models.base import CausalLM
-from falconet.models.checkpoint import read_config
 from falconet.models.registry import ModelConfig
 from falconet.nn.linear import batch_invariant
-from falconet.parallel.load import load_shard
-from falconet.parallel.plan import Shard, TensorParallelError, check_tensor_parallel
+from falconet.parallel.load import check_source, load_shard, source_config
+from falconet.parallel.plan import Shard, TensorParallelError
 
 log = logging.getLogger("falconet.parallel")
 
@@ -337,10 +336,10 @@ def start(
     progress: Callable[[int], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> TensorParallelLM:
-    """Rank 0 of `world` over the HF checkpoint `folder`: spawns ranks 1..world-1 (or
-    joins a `torchrun` job), loads its shard and waits for theirs. TensorParallelError
-    for a model that cannot be split, before any worker starts."""
-    check_tensor_parallel(config, world, quant)
+    """Rank 0 of `world` over `folder` (a Hugging Face checkpoint or a GGUF file): spawns
+    ranks 1..world-1 (or joins a `torchrun` job), loads its shard and waits for theirs.
+    TensorParallelError for a model that cannot be split, before any worker starts."""
+    check_source(folder, config, world, quant)
     if device.type == "cuda" and torch.cuda.device_count() < world and not launched_by_torchrun():
         raise TensorParallelError(
             f"--tp {world} --device cuda needs {world} GPUs; this machine has "
@@ -414,8 +413,8 @@ def follow_checkpoint(
     quant: str | None = None,
 ) -> None:
     """A rank other than 0 of a `torchrun` job: load the shard, follow until stopped."""
-    config = read_config(folder)
-    check_tensor_parallel(config, world, quant)
+    config = source_config(folder)
+    check_source(folder, config, world, quant)
     _join_torchrun(world, device, timedelta(seconds=TIMEOUT_S))
     rank = dist.get_rank()
     local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -462,7 +461,7 @@ def _worker(
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))  # fmt: skip
-    config = read_config(Path(folder))
+    config = source_config(Path(folder))
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant)
     dist.barrier()
     follow(local)

@@ -83,6 +83,17 @@ KQUANT_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # kept as blocks too
 READ_TYPES = FLOAT_TYPES + BLOCK_TYPES + KQUANT_TYPES + TERNARY_TYPES
 
 
+def is_gguf(path: Path) -> bool:
+    """A .gguf name, or a file of any name that starts with GGUF's magic bytes."""
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # missing, a folder, unreadable: not for the GGUF loader to explain
+        return False
+
+
 def write_type(shape: tuple[int, ...], qtype: T, head: bool = False) -> T:
     """The type llama.cpp gives a tensor in a `qtype` file: 1-D tensors (norms)
     F32; for the block types, quant/plan.py's choice (the one falconet.load(quant=)
@@ -287,6 +298,22 @@ def file_shape(t: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
+def kept_as_blocks(t: Any) -> bool:
+    """Whether falconet holds a file tensor as its GGML blocks (a QuantTensor)."""
+    return t.tensor_type in BLOCK_TYPES + KQUANT_TYPES + TERNARY_TYPES and len(t.shape) == 2
+
+
+def block_size(t: Any) -> int:
+    """Values per block of a file tensor's type (1 for float types)."""
+    return 1 if t.tensor_type in FLOAT_TYPES else get_format(t.tensor_type).block_size
+
+
+def stored_dtype(t: Any) -> torch.dtype:
+    """The torch dtype that holds a file tensor's values without rounding (float32 for
+    blocks that are dequantized)."""
+    return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
+
+
 def tensor_value(
     t: Any, dtype: torch.dtype, rows: torch.Tensor | None = None
 ) -> QuantTensor | torch.Tensor:
@@ -294,7 +321,7 @@ def tensor_value(
     `rows` reorders the rows (llama's Q/K), which copies."""
     shape = file_shape(t)
     kind = t.tensor_type
-    if kind in BLOCK_TYPES + KQUANT_TYPES + TERNARY_TYPES and len(shape) == 2:
+    if kept_as_blocks(t):
         data = torch.from_numpy(t.data)
         if rows is not None:  # whole rows of blocks move: the blocks stay exact
             moved = QuantTensor(get_format(kind), data.index_select(0, rows), shape)
