@@ -8,6 +8,10 @@ kernels round activations to 8 bits, Triton multiplies them as they are), whethe
 greedy tokens agree, and GPU decode tokens/s. Exits 1 if a relative difference exceeds
 --tol (a wrong kernel shows up as O(1)).
 
+The ternary (BitNet) product runs on the GPU's Triton kernel for a Falcon3-1B-shaped
+matrix (8192 x 2048, 1 and 64 activation rows): its int32 sums must equal the CPU
+reference's exactly; it prints the time and the packed bytes streamed per second.
+
 With --tp N (default 2) and at least N GPUs, it then runs the model over N NCCL ranks
 (falconet/parallel/) against one GPU: the largest logit difference (fp32: only the
 all-reduce's summation order differs), whether the greedy tokens agree, and decode
@@ -59,7 +63,34 @@ def main() -> None:
         print(f"| {quant or 'fp32'} | {rel:.2e} | {same} | {rate:.1f} |")
     if worst > args.tol:
         sys.exit(f"a GPU result differs from the CPU's by {worst:.3f} of the largest logit")
+    check_ternary()
     check_tensor_parallel(args)
+
+
+def check_ternary(n: int = 8192, k: int = 2048) -> None:
+    """The Triton ternary product against the CPU reference: exact, and its speed."""
+    from falconet.quant import triton_kernels
+    from falconet.quant.ternary import reference_matmul
+
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (n // 4, k), dtype=torch.uint8, generator=g)
+    on_gpu = packed.cuda()
+    print("\n| ternary 8192 x 2048 | rows | equal to the CPU reference | ms | packed GB/s |")
+    print("|---|---|---|---|---|")
+    for m in (1, 64):
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        x_gpu = x.cuda()
+        y = triton_kernels.ternary_matmul(x_gpu, on_gpu)
+        same = torch.equal(y.cpu().float(), reference_matmul(x, packed))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            triton_kernels.ternary_matmul(x_gpu, on_gpu)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / 20 * 1e3
+        print(f"| Triton | {m} | {same} | {ms:.3f} | {packed.numel() / ms / 1e6:.1f} |")
+        if not same:
+            sys.exit("the Triton ternary product differs from the CPU reference")
 
 
 def decode_rate(llm, ids: list[int], tokens: int = 64) -> float:

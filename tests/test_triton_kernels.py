@@ -1,5 +1,6 @@
 """quant/triton_kernels.py in Triton's CPU interpreter: matmul against the numpy codec's
-dequantize + an fp32 matmul, dequantize bit for bit against the codec.
+dequantize + an fp32 matmul, dequantize bit for bit against the codec, the ternary
+product bit for bit against the integer product of the codes.
 
 TRITON_INTERPRET=1 must be set before `import triton`: triton.language's own helpers
 (`tl.zeros`, `tl.sum`, ...) are `@triton.jit` functions, and the decorator picks the
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from falconet.quant import QuantError, get_format
+from falconet.quant.ternary import pack_ternary, reference_matmul
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -49,6 +51,8 @@ for name, (op, qtype, size, dtype) in calls.items():
     if op == "matmul":
         x = torch.from_numpy(data[name + ".x"]).to(getattr(torch, dtype))
         out[name] = tk.matmul(x, qtype, raw, size).numpy()
+    elif op == "ternary":
+        out[name] = tk.ternary_matmul(torch.from_numpy(data[name + ".x"]), raw).numpy()
     else:
         out[name] = tk.dequantize(qtype, raw, size).numpy()
 np.savez(sys.argv[3], **out)
@@ -81,6 +85,20 @@ HAND_Q8 = np.concatenate([[0x00, 0xB8], np.arange(-16, 16, dtype=np.int8).view(n
 HAND_Q8 = HAND_Q8.astype(np.uint8)[None]
 
 
+# Ternary: 132 output features (33 packed rows: not a multiple of the 32-row tile), 100
+# inputs (not a multiple of the 64-wide K step); the hand byte holds codes 2, 0, 1, 2 at
+# bits 0-1 ... 6-7: weights +1, -1, 0, +1 of output rows 0..3.
+TERNARY_ROWS, TERNARY_N, TERNARY_K = (1, 3, 37), 132, 100
+HAND_TERNARY = np.array([[0b10_01_00_10]], np.uint8)
+
+
+def ternary_weight() -> tuple[np.ndarray, np.ndarray]:
+    """Random codes {-1, 0, 1} [N, K] (all three in every row) and their packed bytes."""
+    codes = np.random.default_rng(7).integers(-1, 2, (TERNARY_N, TERNARY_K))
+    packed = pack_ternary(torch.from_numpy(codes)).numpy()
+    return codes, packed
+
+
 def cases() -> dict[str, tuple[tuple, dict[str, np.ndarray]]]:
     """name -> ((op, qtype, N or cols, activation dtype), arrays) for every kernel call."""
     out = {}
@@ -95,6 +113,11 @@ def cases() -> dict[str, tuple[tuple, dict[str, np.ndarray]]]:
         for m, dtype in [(2, "bfloat16"), (20, "float16")]:
             args = ("matmul", qtype, N, dtype)
             out[f"matmul-{qtype}-{m}-{dtype}"] = (args, {"raw": raw, "x": activations(m)})
+    for m in TERNARY_ROWS:
+        codes, packed = ternary_weight()
+        x = np.random.default_rng(m).integers(-128, 128, (m, TERNARY_K), dtype=np.int8)
+        out[f"ternary-{m}"] = (("ternary", "", 0, ""), {"raw": packed, "x": x})
+    out["ternary-hand"] = (("ternary", "", 0, ""), {"raw": HAND_TERNARY, "x": np.int8([[5]])})
     out["dequantize-hand-q4_0"] = (("dequantize", "q4_0", 32, ""), {"raw": HAND_Q4})
     out["dequantize-hand-q8_0"] = (("dequantize", "q8_0", 32, ""), {"raw": HAND_Q8})
     return out
@@ -187,3 +210,33 @@ def test_rejects_blocks_that_do_not_fit():
         triton_kernels.matmul(x.to("meta"), "q8_0", raw, N)
     with pytest.raises(QuantError, match="not q4_1"):
         triton_kernels.dequantize("q4_1", raw, K)
+
+
+@pytest.mark.parametrize("m", TERNARY_ROWS)
+def test_ternary_matmul_is_the_exact_integer_product(interpreted, m):
+    """int32 sums of int8 x {-1, 0, 1}: equal to numpy's integer product of the codes and
+    to the PyTorch reference (what the CPU kernel is tested against), bit for bit."""
+    codes, packed = ternary_weight()
+    x = np.random.default_rng(m).integers(-128, 128, (m, TERNARY_K), dtype=np.int8)
+    y = interpreted[f"ternary-{m}"]
+    assert y.dtype == np.int32 and y.shape == (m, TERNARY_N)
+    assert np.array_equal(y, x.astype(np.int64) @ codes.T)
+    ref = reference_matmul(torch.from_numpy(x), torch.from_numpy(packed))
+    assert np.array_equal(y.astype(np.float32), ref.numpy())
+    assert np.abs(y).max() > 1000  # a real product
+
+
+def test_ternary_matmul_reads_the_packed_layout(interpreted):
+    assert interpreted["ternary-hand"].tolist() == [[5, -5, 0, 5]]
+
+
+def test_ternary_matmul_rejects_what_does_not_fit():
+    packed = torch.from_numpy(ternary_weight()[1])
+    with pytest.raises(QuantError, match=r"int8 \[M, K\] activations and uint8 \[N/4, K\]"):
+        triton_kernels.ternary_matmul(torch.zeros(2, TERNARY_K + 1, dtype=torch.int8), packed)
+    with pytest.raises(QuantError, match="int8"):
+        triton_kernels.ternary_matmul(torch.zeros(2, TERNARY_K), packed)
+    with pytest.raises(QuantError, match="codes are on cpu, the activations on meta"):
+        triton_kernels.ternary_matmul(
+            torch.zeros(2, TERNARY_K, dtype=torch.int8, device="meta"), packed
+        )

@@ -20,8 +20,9 @@ numerics this module reproduces:
 - `use_rms_norm`: an RMSNorm (own weight, `<linear>.rms_norm.weight`) on each
   projection's input before the activations are rounded.
 
-The integer product never becomes a float weight on the fast path: the compiled kernel
-(`ternary_matmul` in _kernels.c, kernels_ternary.h) reads the packed bytes as they are
+The integer product never becomes a float weight on the fast paths: the compiled kernel
+(`ternary_matmul` in _kernels.c, kernels_ternary.h) and on CUDA the Triton one
+(triton_kernels.ternary_matmul: int8 tensor-core dots) read the packed bytes as they are
 stored, with int8 activations and int32 sums. The PyTorch fallback unpacks to float
 {-1, 0, 1} and multiplies int8-valued floats; every product and partial sum is an
 integer below 2^24 (K <= MAX_K), so fp32 holds it exactly and both paths give the same
@@ -166,7 +167,8 @@ def ternary_matmul(
     xq: torch.Tensor, packed: torch.Tensor, threads: int | None = None
 ) -> torch.Tensor:
     """int8 [M, K] x packed [N/4, K] -> exact integer products [M, N] as fp32 (integers
-    below 2^24, so exact), by the compiled kernel where there is one."""
+    below 2^24, so exact), by the compiled kernel on a CPU, the Triton kernel on CUDA, else
+    the PyTorch reference: the same bits from each."""
     M, K = xq.shape
     N = packed.shape[0] * CODES_PER_BYTE
     if K > MAX_K:
@@ -179,6 +181,11 @@ def ternary_matmul(
             threads or torch.get_num_threads(),
         )  # fmt: skip
         return acc.float()
+    if xq.is_cuda:
+        from falconet.quant import triton_kernels  # imports triton: only where it can run
+
+        if triton_kernels.available():
+            return triton_kernels.ternary_matmul(xq, packed).float()
     return reference_matmul(xq, packed)
 
 

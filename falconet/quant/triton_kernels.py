@@ -1,5 +1,6 @@
 """Triton kernels for Q4_0 / Q8_0 weights on CUDA: y = x @ W.T and dequantize, reading
-the GGML blocks where they lie.
+the GGML blocks where they lie; and the ternary (BitNet) product of int8 activations and
+packed 2-bit codes (`ternary_matmul`, at the end).
 
 Layout. W is the uint8 tensor a GGUF file holds, [N, K/32 * type_size], row n = output
 feature n. A block of 32 values is a little-endian fp16 scale d, then the quants: Q4_0
@@ -29,6 +30,15 @@ weigh there: quants are loaded a byte at a time (the 2-byte block alignment rule
 wider loads without shuffles), and the prefill tile gathers each value's scale bytes
 (L1 hits, but two extra loads per value).
 
+Ternary. `ternary_matmul` multiplies int8 activations [M, K] by the codes of a BitNet
+weight packed as transformers packs them (quant/ternary.py: uint8 [N/4, K], byte r of
+column k holding output rows r, r + N/4, r + 2N/4, r + 3N/4 at bits 0-1 ... 6-7, code =
+w + 1). Each program holds a (BLOCK_M x BLOCK_R) tile of packed rows, so the bytes it
+loads give four int8 {-1, 0, 1} tiles, one per output row group, each an int8 tl.dot
+with int32 accumulation (int8 tensor-core MMAs on a GPU): exact integers, so the result
+equals the CPU kernel's and the PyTorch reference's, bit for bit, and never becomes a
+float weight.
+
 tests/test_triton_kernels.py runs these kernels in Triton's CPU interpreter; it has no
 bf16 tl.dot, so the bf16 prefill path is checked only by the benchmark, on a GPU.
 """
@@ -57,6 +67,10 @@ DEQUANT_BLOCK_N = 16
 DEQUANT_BLOCK_KB = 8
 TYPE_SIZE = {"q4_0": 18, "q8_0": 34}  # bytes per block of 32 values
 QK = 32
+TERNARY_BLOCK_M = 16  # tl.dot's smallest tile: decode rows are masked up to it
+TERNARY_BLOCK_R = 32  # packed rows per program: 4 x 32 output features
+TERNARY_BLOCK_K = 64
+TERNARY_ZERO = 0x55  # a byte of four code-1 (weight 0) fields: what a masked load reads
 
 
 def available() -> bool:
@@ -126,6 +140,31 @@ def dequantize(qtype: str, blocks: torch.Tensor, cols: int) -> torch.Tensor:
         BLOCK_N=DEQUANT_BLOCK_N, BLOCK_KB=DEQUANT_BLOCK_KB,
     )  # fmt: skip
     return out
+
+
+def ternary_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x packed ternary codes uint8 [N/4, K] -> the integer products int32
+    [M, N] (quant/ternary.py's layout)."""
+    M, K = xq.shape
+    R = packed.shape[0]
+    if xq.dtype != torch.int8 or packed.dtype != torch.uint8 or packed.shape[1:] != (K,):
+        raise QuantError(
+            f"ternary product needs int8 [M, K] activations and uint8 [N/4, K] codes, got "
+            f"{xq.dtype} {tuple(xq.shape)} and {packed.dtype} {tuple(packed.shape)}"
+        )
+    if packed.device != xq.device:
+        raise QuantError(f"ternary codes are on {packed.device}, the activations on {xq.device}")
+    xq, packed = xq.contiguous(), packed.contiguous()
+    y = torch.empty(M, 4 * R, dtype=torch.int32, device=xq.device)
+    if M == 0 or R == 0:
+        return y
+    grid = (triton.cdiv(M, TERNARY_BLOCK_M), triton.cdiv(R, TERNARY_BLOCK_R))
+    _ternary_kernel[grid](
+        xq, packed, y, M, R, K, xq.stride(0), packed.stride(0), y.stride(0),
+        ZERO=TERNARY_ZERO, BLOCK_M=TERNARY_BLOCK_M, BLOCK_R=TERNARY_BLOCK_R,
+        BLOCK_K=TERNARY_BLOCK_K,
+    )  # fmt: skip
+    return y
 
 
 if triton is not None:
@@ -233,3 +272,36 @@ if triton is not None:
             qs = tl.load(blk[:, :, None] + 2 + j, mask=ok[:, :, None], other=0)
             q = qs.to(tl.int8, bitcast=True).to(tl.float32)
             tl.store(out + j, q * d, mask=ok[:, :, None])
+
+    @triton.jit
+    def _ternary_kernel(
+        x_ptr, p_ptr, y_ptr, M, R, K, stride_xm, stride_pr, stride_ym,
+        ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) packed rows
+        m_ok, r_ok = rm < M, rr < R
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
+        p_rows = p_ptr + rr.to(tl.int64)[None, :] * stride_pr  # (1, BR)
+        acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+            # masked bytes read as four weights 0, so they add nothing
+            p = tl.load(p_rows + k[:, None], mask=k_ok[:, None] & r_ok[None, :], other=ZERO)
+            p = p.to(tl.int32)  # (BK, BR)
+            acc0 = tl.dot(x, ((p & 3) - 1).to(tl.int8), acc0, out_dtype=tl.int32)
+            acc1 = tl.dot(x, (((p >> 2) & 3) - 1).to(tl.int8), acc1, out_dtype=tl.int32)
+            acc2 = tl.dot(x, (((p >> 4) & 3) - 1).to(tl.int8), acc2, out_dtype=tl.int32)
+            acc3 = tl.dot(x, ((p >> 6) - 1).to(tl.int8), acc3, out_dtype=tl.int32)
+        out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rr[None, :]  # row group 0
+        ok = m_ok[:, None] & r_ok[None, :]
+        tl.store(out, acc0, mask=ok)
+        tl.store(out + R, acc1, mask=ok)
+        tl.store(out + 2 * R, acc2, mask=ok)
+        tl.store(out + 3 * R, acc3, mask=ok)
