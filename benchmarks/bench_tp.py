@@ -8,8 +8,9 @@ and the engine:
 - prefill tokens/s: a --prompt-len prompt up to its first token (max_tokens=1);
 - decode tokens/s: the --decode-tokens greedy steps after it;
 - where rank 0's time goes: in collectives (the row-parallel all-reduces, the embedding
-  all-reduce, the logit gather, the step broadcast; waiting for the slower rank counts
-  here) vs the rest (its share of the compute);
+  all-reduce, the logit gather -- in shared memory, parallel/shm.py, or gloo with
+  --gloo -- and the step broadcast; waiting for the slower rank counts here) vs the rest
+  (its share of the compute);
 - each rank's peak RSS.
 
 Every rank gets one thread (torch.set_num_threads(1)), so TP=2 uses two cores where TP=1
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,8 +45,14 @@ def timed_collectives(totals: dict[str, float]) -> None:
     (a benchmark's instrument: the library calls them through the module)."""
     import torch.distributed as dist
 
-    for name in COLLECTIVES:
-        original = getattr(dist, name)
+    from falconet.parallel.shm import SharedMemoryGroup
+
+    # torch.distributed's (gloo), and the shared-memory group's where the ranks meet there
+    for owner, name in [(dist, n) for n in COLLECTIVES] + [
+        (SharedMemoryGroup, "all_reduce"),
+        (SharedMemoryGroup, "all_gather"),
+    ]:
+        original = getattr(owner, name)
 
         def timed(*a, _original=original, _name=name, **kw):
             t0 = time.perf_counter()
@@ -53,7 +61,7 @@ def timed_collectives(totals: dict[str, float]) -> None:
             finally:
                 totals[_name] += time.perf_counter() - t0
 
-        setattr(dist, name, timed)
+        setattr(owner, name, timed)
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -124,28 +132,37 @@ def main() -> None:
     folder = args.cache_dir or folder
     ensure_checkpoint(argparse.Namespace(**shape, cache_dir=folder, threads=1), folder)
     results = {}
-    for tp in (1, 2):
-        print(f"TP={tp} ...", file=sys.stderr, flush=True)
+    # (label, TP size, environment): TP=2 with the ranks meeting in shared memory (the
+    # default on one CPU machine) and through gloo (FALCONET_TP_SHM=0)
+    runs = [("TP=1", 1, {}), ("TP=2 shm", 2, {}), ("TP=2 gloo", 2, {"FALCONET_TP_SHM": "0"})]
+    for label, tp, env in runs:
+        print(f"{label} ...", file=sys.stderr, flush=True)
         argv = [sys.executable, __file__, "--tp", str(tp), "--folder", str(folder),
                 "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
                 "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]  # fmt: skip
-        run = subprocess.run(argv, capture_output=True, text=True)
+        run = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
         if run.returncode != 0:
-            sys.exit(f"TP={tp} failed:\n{run.stderr}")
-        results[tp] = json.loads(run.stdout.strip().splitlines()[-1])
-    one, two = results[1], results[2]
-    print(f"{cpu_model()}; model {shape} ({args.dtype}); gloo, 1 thread per rank")
+            sys.exit(f"{label} failed:\n{run.stderr}")
+        results[label] = json.loads(run.stdout.strip().splitlines()[-1])
+    one = results["TP=1"]
+    print(f"{cpu_model()}; model {shape} ({args.dtype}); 1 thread per rank")
     print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decode tokens, "
           f"median of {args.repeats}\n")  # fmt: skip
-    print("| | TP=1 | TP=2 | TP=2 / TP=1 |")
-    print("|---|---|---|---|")
+    print("| | TP=1 | TP=2 shm | / TP=1 | TP=2 gloo | / TP=1 |")
+    print("|---|---|---|---|---|---|")
+    shm, gloo = results["TP=2 shm"], results["TP=2 gloo"]
     for key, label in (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s")):
-        print(f"| {label} | {one[key]:.1f} | {two[key]:.1f} | {two[key] / one[key]:.2f}x |")
+        print(f"| {label} | {one[key]:.1f} | {shm[key]:.1f} | {shm[key] / one[key]:.2f}x | "
+              f"{gloo[key]:.1f} | {gloo[key] / one[key]:.2f}x |")  # fmt: skip
     for key, label in (("prefill_comm_share", "prefill"), ("decode_comm_share", "decode")):
-        print(f"| rank 0's {label} time in collectives | - | {100 * two[key]:.0f}% | |")
-    rss = " / ".join(f"{b / 2**30:.2f}" for b in two["peak_rss"])
-    print(f"| peak RSS GiB per rank | {one['peak_rss'][0] / 2**30:.2f} | {rss} | |")
-    print(f"\ngreedy tokens equal: {one['tokens'] == two['tokens']}")
+        print(f"| rank 0's {label} time in collectives | - | {100 * shm[key]:.0f}% | | "
+              f"{100 * gloo[key]:.0f}% | |")  # fmt: skip
+    rss = [" / ".join(f"{b / 2**30:.2f}" for b in r["peak_rss"]) for r in (shm, gloo)]
+    print(f"| peak RSS GiB per rank | {one['peak_rss'][0] / 2**30:.2f} | {rss[0]} | | {rss[1]} | |")
+    for label in ("TP=2 shm", "TP=2 gloo"):
+        same = results[label]["tokens"] == one["tokens"]
+        print(f"\n{label}: greedy tokens equal to TP=1's: {same}", end="")
+    print()
 
 
 if __name__ == "__main__":

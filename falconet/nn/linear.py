@@ -63,6 +63,7 @@ PREFILL_ROWS = 8
 TILE_BYTES = 4 << 20
 # Weight dtypes the row-invariant kernel takes (its dtype codes).
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+UNROUNDED = 16  # added to the dtype code: the kernel leaves its output in fp32
 # Rows up to which the kernel is also the default outside batch_invariant(): it beat
 # PyTorch at every shape measured there (module docstring).
 DECODE_ROWS = 8
@@ -130,6 +131,15 @@ class Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def unrounded(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T (no bias) as fp32 sums not yet rounded to a narrow weight's dtype, or
+        None where the compiled kernel does not apply (then `forward` is all there is). A
+        tensor-parallel rank's row-parallel partial sums, added over the ranks and then
+        rounded once, give what one process rounds."""
+        if self.weight.dtype == torch.float32 or not kernel_applies(x, self.weight):
+            return None
+        return _kernel_linear(x, self.weight, rounded=False)
+
 
 def kernel_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `Linear` can run this input and weight through the compiled kernel (which
@@ -170,14 +180,16 @@ def row_invariant_linear(
     return _kernel_linear(x, w, threads)
 
 
-def _kernel_linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def _kernel_linear(
+    x: torch.Tensor, w: torch.Tensor, threads: int | None = None, rounded: bool = True
+) -> torch.Tensor:
     N, K = w.shape
     x = x if x.is_contiguous() else x.contiguous()  # read as (M, K) rows
     w = w if w.is_contiguous() else w.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)  # written as (M, N)
     native.linear_rows(
         x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // K, K, N,
-        KERNEL_DTYPES[w.dtype], threads or torch.get_num_threads(),
+        KERNEL_DTYPES[w.dtype] | (0 if rounded else UNROUNDED), threads or torch.get_num_threads(),
     )  # fmt: skip
     return y
 

@@ -39,6 +39,7 @@ from falconet.parallel.plan import (
     kind_of,
 )
 from falconet.parallel.plan import tensor_slices as slices_of
+from falconet.parallel.shm import SharedMemoryGroup
 from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install, release_pages
 from falconet.quant.plan import tensor_qtype
@@ -82,9 +83,11 @@ def load_shard(
     compute_dtype: torch.dtype,
     quant: str | None = None,
     progress: Callable[[int], None] | None = None,
+    shm: SharedMemoryGroup | None = None,
 ) -> CausalLM:
-    """Rank `shard.rank`'s model, its collectives in place (needs the process group);
-    `source` is a Hugging Face folder or a GGUF file."""
+    """Rank `shard.rank`'s model, its collectives in place (needs the process group, and
+    meets the other ranks in `shm` where given); `source` is a Hugging Face folder or a
+    GGUF file."""
     arch = for_config(config)
     local_config = ShardConfig(config, shard.world, shard.rank)
     with torch.device("meta"):
@@ -139,7 +142,7 @@ def load_shard(
             + f"; is this a complete {layout.name} checkpoint?"
         )
     model.tie_weights()
-    _join_ranks(model, config, shard)
+    _join_ranks(model, config, shard, shm)
     return model
 
 
@@ -259,17 +262,19 @@ def _file_slice(t, whole: torch.Tensor, shape, order, idx: tuple[slice, ...]):
     return value[(slice(None), *idx[1:])].clone(memory_format=torch.contiguous_format)
 
 
-def _join_ranks(model: CausalLM, config: ModelConfig, shard: Shard) -> None:
+def _join_ranks(
+    model: CausalLM, config: ModelConfig, shard: Shard, shm: SharedMemoryGroup | None
+) -> None:
     """Wrap the loaded modules that meet the other ranks: the row-parallel projections,
     the embeddings and the LM head."""
     arch = for_config(config).name
     for name, module in list(model.named_modules()):
         if is_row_parallel(arch, name):
-            model.set_submodule(name, RowParallel(module))
+            model.set_submodule(name, RowParallel(module, shm=shm))
     rows = shard.vocab(config.vocab_size)
     embeddings = model.get_submodule(model.embeddings_name)
     model.set_submodule(
         model.embeddings_name,
-        VocabParallelEmbedding(embeddings, rows.start, rows.stop, model.compute_dtype),
+        VocabParallelEmbedding(embeddings, rows.start, rows.stop, model.compute_dtype, shm=shm),
     )
-    model.lm_head = GatheredHead(model.lm_head, config.vocab_size, shard.world)
+    model.lm_head = GatheredHead(model.lm_head, config.vocab_size, shard.world, shm=shm)

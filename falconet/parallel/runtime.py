@@ -43,6 +43,8 @@ from falconet.models.registry import ModelConfig
 from falconet.nn.linear import batch_invariant
 from falconet.parallel.load import check_source, load_shard, source_config
 from falconet.parallel.plan import Shard, TensorParallelError
+from falconet.parallel.shm import SharedMemoryGroup
+from falconet.parallel.shm import available as shm_available
 
 log = logging.getLogger("falconet.parallel")
 
@@ -78,6 +80,7 @@ class TensorParallelLM:
     ) -> None:
         self.local, self.world, self.workers = local, world, workers
         self.on_failure = on_failure
+        self.shm: SharedMemoryGroup | None = None  # where the ranks meet, if on one machine
         self.failure: str | None = None  # why the ranks can no longer run
         self._closed = False
         self._lock = threading.Lock()  # one broadcast + forward at a time
@@ -157,6 +160,8 @@ class TensorParallelLM:
                     _send(_header(STOP), None, self.device)
                 except Exception as e:  # a worker that went meanwhile: nothing to stop
                     log.warning("stopping the tensor-parallel workers: %s", e)
+        if self.shm is not None:
+            self.shm.unlink()
         if self.workers is not None:
             # The watchdog is the one thread that joins the process context (two threads
             # joining it race on its sentinels); once it has seen `_closed` it is gone and
@@ -191,6 +196,8 @@ class TensorParallelLM:
         if dead:
             message = f"{dead[0]}; {message}"
         self.failure = message
+        if self.shm is not None:  # a rank waiting for the dead one gives up
+            self.shm.abort()
         log.error("%s", message)
         if self.on_failure is not None:
             self.on_failure(message)
@@ -355,11 +362,24 @@ def start(
         model = TensorParallelLM(None, world, None, on_failure)
     else:
         init = f"tcp://127.0.0.1:{_free_port()}"
-        args = (world, init, str(folder), dtype, compute_dtype, device.type, quant, threads)
-        workers = mp.start_processes(_worker, args, nprocs=world - 1, join=False,
-                                     start_method="spawn")  # fmt: skip
+        # the ranks are this machine's processes: on CPUs they meet in shared memory
+        shm = (
+            SharedMemoryGroup.create(world, TIMEOUT_S)
+            if device.type == "cpu" and shm_available()
+            else None
+        )
+        args = (world, init, str(folder), dtype, compute_dtype, device.type, quant, threads,
+                shm and str(shm.path))  # fmt: skip
+        try:
+            workers = mp.start_processes(_worker, args, nprocs=world - 1, join=False,
+                                         start_method="spawn")  # fmt: skip
+        except BaseException:
+            if shm is not None:
+                shm.unlink()
+            raise
         # watched from here on: a worker that fails to start or to load is reported
         model = TensorParallelLM(None, world, workers, on_failure)
+        model.shm = shm
         if device.type == "cuda":
             torch.cuda.set_device(0)
         try:
@@ -372,8 +392,10 @@ def start(
     local_device = torch.device("cuda", 0) if device.type == "cuda" else device
     try:
         model.local = _load(folder, config, Shard(0, world), dtype, compute_dtype,
-                            local_device, quant, progress)  # fmt: skip
+                            local_device, quant, progress, model.shm)  # fmt: skip
         model.wait_ready()
+        if model.shm is not None:  # every rank has mapped it (before the barrier)
+            model.shm.unlink()
     except BaseException:
         model.close()
         raise
@@ -436,8 +458,10 @@ def _join_torchrun(world: int, device: torch.device, timeout: timedelta) -> None
     dist.init_process_group(backend_for(device), timeout=timeout)  # env:// from torchrun
 
 
-def _load(folder, config, shard, dtype, compute_dtype, device, quant, progress=None) -> CausalLM:
-    model = load_shard(Path(folder), config, shard, dtype, compute_dtype, quant, progress)
+def _load(
+    folder, config, shard, dtype, compute_dtype, device, quant, progress=None, shm=None
+) -> CausalLM:
+    model = load_shard(Path(folder), config, shard, dtype, compute_dtype, quant, progress, shm)
     return model.to(device) if device.type != "cpu" else model
 
 
@@ -451,6 +475,7 @@ def _worker(
     device_type: str,
     quant: str | None,
     threads: int,
+    shm_path: str | None,
 ) -> None:
     """Rank index + 1, in its own spawned process."""
     rank = index + 1
@@ -461,8 +486,9 @@ def _worker(
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))  # fmt: skip
+    shm = SharedMemoryGroup.attach(shm_path, rank, world) if shm_path else None
     config = source_config(Path(folder))
-    local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant)
+    local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant, shm=shm)
     dist.barrier()
     follow(local)
     _leave()

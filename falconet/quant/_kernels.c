@@ -429,6 +429,8 @@ static PyObject *py_linear_rows(PyObject *self, PyObject *args) {
     unsigned long long x, w, out;
     Py_ssize_t M, K, N;
     if (!PyArg_ParseTuple(args, "KKKnnnii", &x, &w, &out, &M, &K, &N, &wt, &threads)) return NULL;
+    const int round_out = !(wt & LINEAR_UNROUNDED);
+    wt &= ~LINEAR_UNROUNDED;
     if (wt != W_F32 && wt != W_BF16 && wt != W_F16) {
         PyErr_Format(PyExc_ValueError, "weight dtype code %d is not 0 (fp32), 1 (bf16) or 2 (fp16)", wt);
         return NULL;
@@ -439,7 +441,7 @@ static PyObject *py_linear_rows(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = linear_rows(wt, (const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)out, M, K,
+    rc = linear_rows(wt, round_out, (const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)out, M, K,
                      N, threads);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
@@ -742,7 +744,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "quantize(type, x_ptr, N, K, out_ptr, threads) -> -1 or the first block whose fp16 field overflowed"},
     {"kquantize", py_kquantize, METH_VARARGS, "kquantize(type, x_ptr, nblocks, out_ptr, threads) -> -1 or the first block whose fp16 scale overflowed: 256-value super-blocks to Q2_K..Q6_K (GGML type 10-14), as llama.cpp's reference quantizers"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, w_ptr, N, K, out_ptr, threads): out[N,K] = W"},
-    {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2); each element in one fixed order"},
+    {"linear_rows", py_linear_rows, METH_VARARGS, "linear_rows(x_ptr, w_ptr, out_ptr, M, K, N, w_dtype, threads): out[M,N] = x[M,K] @ W[N,K].T, fp32 x and out, W fp32 (0), bf16 (1) or fp16 (2), plus 16: out not rounded to W's dtype; each element in one fixed order"},
     {"lora_rows", py_lora_rows, METH_VARARGS, "lora_rows(x_ptr, x_bf16, R, K, A_ptr, Bt_ptr, N, start_ptr, rank_ptr, scale_ptr, rows_ptr, y_ptr, y_bf16, threads): y[rows[i]] += scale[i] * Bt[s:s+r].T @ (A[s:s+r] @ x[rows[i]]) for R rows (x fp32 or bf16; s = start[i], r = rank[i]; A ranks x K, Bt ranks x N fp32; y fp32 or bf16, rows x N), each row in one fixed order (kernels_lora.h)"},
     {"selective_scan", py_selective_scan, METH_VARARGS, "selective_scan(h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, batch, T, E, N, threads): Mamba-1's scan over T tokens, fp32, h (batch,E,N) advanced in place, y (batch,T,E) written"},
     {"ssd_scan", py_ssd_scan, METH_VARARGS, "ssd_scan(S_ptr, x_ptr, dt_ptr, A_ptr, D_ptr, B_ptr, C_ptr, y_ptr, batch, T, H, P, G, N, threads): Mamba-2's recurrence over T tokens, fp32, S (batch,H,P,N) advanced in place, y (batch,T,H,P) written with the D skip"},

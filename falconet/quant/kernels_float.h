@@ -34,6 +34,7 @@
  */
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+#define LINEAR_UNROUNDED 16 /* a flag on linear_rows' dtype code: leave the output in fp32 */
 
 #define LIN_R 3          /* weight rows (output features) per tile */
 #define LIN_C 4          /* activation rows per tile */
@@ -101,7 +102,7 @@ static void linear_rows_ref(int wt, const uint8_t *W, const float *x, int64_t M,
     const size_t row_bytes = (size_t)K * weight_size(wt);
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t k = 0; k < K; k++) wbuf[k] = weight_at(wt, W + n * row_bytes, k);
-        for (int64_t m = 0; m < M; m++) out[m * N + n] = round_to_weight(wt, dot_fold8(x + m * K, wbuf, K));
+        for (int64_t m = 0; m < M; m++) out[m * N + n] = dot_fold8(x + m * K, wbuf, K);
     }
 }
 
@@ -162,7 +163,7 @@ AVX2 static inline __attribute__((always_inline)) void linear_tile_avx2(
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[c * N + r] = round_to_weight(wt, hsum(acc[r][c]));
+        for (int c = 0; c < C; c++) out[c * N + r] = hsum(acc[r][c]);
 }
 
 /* Output features n0..n1 against all M activation rows. A single row (decode) takes
@@ -209,10 +210,13 @@ AVX2 static void linear_rows_avx2(int wt, const uint8_t *W, const float *x, int6
 
 /* ---- driver ---------------------------------------------------------------------- */
 
-/* out[M, N] = x[M, K] @ W[N, K].T in fp32 (narrow W: x and out rounded to its dtype).
+/* out[M, N] = x[M, K] @ W[N, K].T in fp32 (narrow W: x rounded to its dtype, and out too
+ * when round_out; a tensor-parallel rank leaves its partial sums unrounded, so the sum
+ * over ranks is rounded once, as one process rounds). The tiles store fp32 sums; each
+ * unit's outputs are rounded right after, while in cache.
  * Returns 0, or -1 when out of memory (out is then incomplete). */
-static int linear_rows(int wt, const float *x, const uint8_t *W, float *out, int64_t M, int64_t K,
-                       int64_t N, int threads) {
+static int linear_rows(int wt, int round_out, const float *x, const uint8_t *W, float *out, int64_t M,
+                       int64_t K, int64_t N, int threads) {
     int64_t chunk = LIN_X_BYTES / (K * 4) / LIN_C * LIN_C;
     if (chunk < LIN_C) chunk = LIN_C;
     if (chunk > M) chunk = M;
@@ -250,9 +254,13 @@ static int linear_rows(int wt, const float *x, const uint8_t *W, float *out, int
                 int64_t n0, n1;
                 unit_bounds(c, N, LIN_ROW_CHUNK, &n0, &n1);
 #if HAVE_X86
-                if (use_avx2) { linear_rows_avx2(wt, W, xc, rows, K, N, n0, n1, oc); continue; }
+                if (use_avx2) linear_rows_avx2(wt, W, xc, rows, K, N, n0, n1, oc);
+                else
 #endif
                 if (wbuf) linear_rows_ref(wt, W, xc, rows, K, N, n0, n1, oc, wbuf);
+                if (round_out && wt != W_F32)
+                    for (int64_t m = 0; m < rows; m++)
+                        for (int64_t n = n0; n < n1; n++) oc[m * N + n] = round_to_weight(wt, oc[m * N + n]);
             }
             free(wbuf);
         }
