@@ -1,7 +1,8 @@
 """Tensor parallelism on 2 gloo ranks (falconet/parallel/): each Falcon style -- 7B
 (multi-query), 40B (grouped kv heads, two norms), 11B (grouped, one norm, untied head),
 falcon-rw (ALiBi: each rank's heads keep their slopes; 6 heads, so rank 1's include the
-slopes past the largest power of two) and Falcon3 (Llama) -- gives the logits and greedy tokens of one process, through `LLM` and
+slopes past the largest power of two), Falcon3 (Llama) and Falcon-Mamba (each rank its
+share of the inner channels and of the recurrent state) -- gives the logits and greedy tokens of one process, through `LLM` and
 through `falconet serve --tp 2` with the official openai client; bad head counts fail
 before any worker starts; a killed worker takes the server down; a rank holds about half
 the model."""
@@ -26,7 +27,13 @@ import torch
 import falconet
 from falconet.parallel import TensorParallelError
 from falconet.sampling import SamplingParams
-from tests.conftest import build_hf_model, build_llama_hf_model, save_hf_model
+from tests.conftest import (
+    build_falcon_h1_hf_model,
+    build_falcon_mamba_hf_model,
+    build_hf_model,
+    build_llama_hf_model,
+    save_hf_model,
+)
 from tests.server_tools import ServerProcess
 
 # Falcon variant (tests/conftest.py VARIANTS) or llama:<LLAMA_VARIANTS name>
@@ -295,3 +302,62 @@ def test_bf16_partial_sums_are_rounded_once_over_the_ranks(checkpoints, style, t
         ]
     finally:
         two.close()
+
+
+@pytest.fixture(scope="module")
+def mamba_checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    out = {}
+    for variant in ("conv4_tied", "conv3_bias_untied"):
+        model = build_falcon_mamba_hf_model(variant)
+        out[variant] = (model, save_hf_model(model, tmp_path_factory.mktemp(variant)))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["conv4_tied", "conv3_bias_untied"])
+def test_falcon_mamba_tp2_equals_one_process(mamba_checkpoints, variant):
+    """Falcon-Mamba split as vLLM splits Mamba: each rank holds half of the inner
+    channels (in_proj's u and z halves, the conv filters, dt_proj, A_log, D) and half of
+    each sequence's conv and SSM state; x_proj and out_proj are row-parallel. fp32 logits
+    within 1e-5 of one process (measured ~1e-6) and of transformers within 1e-4; greedy
+    tokens equal for 8 prompts sharing steps (prefill chunks and decodes, slots reused)."""
+    hf_model, folder = mamba_checkpoints[variant]
+    ids = list(range(30, 59))
+    one = falconet.load(folder, dtype="float32")
+    two = falconet.load(folder, dtype="float32", tp=2)
+    try:
+        full = one.config
+        conv, ssm = two.model.config.ssm_state_shapes()
+        assert conv == (full.intermediate_size // 2, full.conv_kernel - 1)
+        assert ssm == (full.intermediate_size // 2, full.state_size)
+        expected, got = one.logits(ids), two.logits(ids)
+        assert (got - expected).abs().max().item() <= 1e-5
+        with torch.no_grad():
+            hf = hf_model(torch.tensor([ids])).logits[0].float()
+        assert (got - hf).abs().max().item() <= 1e-4
+        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+        solo = [one.complete([p], greedy)[0].token_ids for p in PROMPTS]
+        assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == solo
+        assert [c.token_ids for c in two.complete(PROMPTS[:3], greedy)] == solo[:3]
+    finally:
+        two.close()
+
+
+def test_serve_tp2_streams_a_falcon_mamba(mamba_checkpoints):
+    folder = mamba_checkpoints["conv4_tied"][1]
+    one = falconet.load(folder, dtype="float32")
+    expected = [c.text for c in one.complete(PROMPTS, SamplingParams(max_tokens=10))]
+    args = ("--model", str(folder), "--tp", "2", "--dtype", "float32", "--max-batch", "8",
+            "--served-model-name", "m")  # fmt: skip
+    with ServerProcess(*args) as server:
+        client = server.openai_client(timeout=120)
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: _stream_text(client, p), PROMPTS))
+        assert [text for text, _ in together] == expected
+    assert server.proc.returncode == 0
+
+
+def test_models_tensor_parallelism_does_not_cover_fail_before_any_worker(tmp_path):
+    folder = save_hf_model(build_falcon_h1_hf_model("gate_then_norm"), tmp_path / "h1")
+    with pytest.raises(TensorParallelError, match=r"falcon_h1\) runs with --tp 1"):
+        falconet.load(folder, dtype="float32", tp=2)
+    assert not _workers()

@@ -21,7 +21,12 @@ from falconet.models.checkpoint import read_gguf
 from falconet.parallel import TensorParallelError
 from falconet.quant import get_format
 from falconet.sampling import SamplingParams
-from tests.conftest import build_hf_model, build_llama_hf_model, save_hf_model
+from tests.conftest import (
+    build_falcon_mamba_hf_model,
+    build_hf_model,
+    build_llama_hf_model,
+    save_hf_model,
+)
 from tests.server_tools import ServerProcess
 from tests.test_tensor_parallel import PROMPTS, REPO, RSS_SCRIPT, _random_llama, _stream_text
 
@@ -119,6 +124,14 @@ def test_row_parallel_inputs_must_be_whole_blocks_of_the_files_type(gguf):
     assert cli.stderr.strip().splitlines()[-1].startswith("falconet: error: --tp 4: transformer")
     with pytest.raises(falconet.FalconetError, match="a GGUF file keeps its own types"):
         falconet.load(path, tp=2, quant="q4_0")
+
+
+def test_a_recurrent_models_gguf_file_runs_with_tp1(tmp_path):
+    folder = save_hf_model(build_falcon_mamba_hf_model("conv4_tied"), tmp_path / "mamba")
+    path = tmp_path / "mamba.gguf"
+    convert_hf_to_gguf(folder, path, "f32")
+    with pytest.raises(TensorParallelError, match="reads falcon_mamba models from Hugging Face"):
+        falconet.load(path, dtype="float32", tp=2)
 
 
 def test_serve_tp2_over_a_gguf_file_streams_what_one_process_generates(gguf):

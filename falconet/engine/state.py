@@ -288,6 +288,7 @@ class SlotSegment:
     slot: int
     start: int  # offset of its new tokens in the packed row
     length: int
+    past: int = 0  # tokens it has seen before this step (0: its slot starts zeroed)
 
 
 class SlotStep:
@@ -298,9 +299,17 @@ class SlotStep:
         self.pool = pool
         self.segments, offset = [], 0
         for p in parts:
-            self.segments.append(SlotSegment(p.seq.slot, offset, p.length))
+            self.segments.append(SlotSegment(p.seq.slot, offset, p.length, p.past))
             offset += p.length
         self.tokens = offset
+
+    @classmethod
+    def of(cls, pool: SSMSlotPool, segments: list[SlotSegment]) -> SlotStep:
+        """The step of `segments` (a tensor-parallel follower's copy of rank 0's)."""
+        step = cls(pool, [])
+        step.segments = segments
+        step.tokens = sum(s.length for s in segments)
+        return step
 
     def states(self, layer: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Per sequence: its rows, conv state (1, *conv_shape) and SSM state

@@ -68,11 +68,17 @@ def check_source(source: Path, config: ModelConfig, world: int, quant: str | Non
         return
     if quant is not None:
         raise TensorParallelError(f"{source}: a GGUF file keeps its own types; drop --quant")
+    arch = for_config(config).name
+    if arch not in ("falcon", "llama"):  # their tensors convert from the file's forms
+        raise TensorParallelError(
+            f"{source}: tensor parallelism reads {arch} models from Hugging Face folders; "
+            "run this GGUF file with --tp 1"
+        )
     blocks = {
         name: (file_shape(t), t.tensor_type.name, block_size(t))
         for name, t in read_gguf(source).tensors.items()
     }
-    check_file_blocks(for_config(config).name, blocks, world)
+    check_file_blocks(arch, blocks, world)
 
 
 def load_shard(

@@ -16,6 +16,10 @@ MLP's inner size, V vocabulary.
   rows from their owner (all-reduce of one non-zero term, exact), the head's logit
   slices are gathered into a whole row for sampling.
 - norms and the row-parallel biases: whole on every rank.
+- Falcon-Mamba (Mamba-1), as vLLM splits it: the E inner channels E/N per rank. in_proj
+  gives u and z (two halves, each split), the conv filters, dt_proj, A_log and D follow
+  the channels; x_proj (E -> dt, B, C) and out_proj are row-parallel, so every rank has
+  the whole dt, B and C, and each rank's conv and SSM state hold its channels only.
 
 `SHARDS` maps the HF tensor names of each registered architecture to their kind; a rank
 reads only the slice its kind gives (`tensor_slices`), straight from the checkpoint.
@@ -23,6 +27,7 @@ reads only the slice its kind gives (`tensor_slices`), straight from the checkpo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -41,6 +46,7 @@ OUT = "out"  # output features (rows) split N ways: column-parallel
 IN = "in"  # input features (columns) split N ways: row-parallel
 KV = "kv"  # kv-head rows: split, or whole when there is a single kv head
 QKV = "qkv"  # Falcon's fused QKV: this rank's query heads and kv heads
+HALVES = "halves"  # two stacked halves (Mamba's u and z), each split N ways
 VOCAB = "vocab"  # vocabulary rows, ceil(V/N) per rank
 # anything not listed: whole on every rank
 
@@ -64,12 +70,24 @@ SHARDS: dict[str, dict[str, str]] = {
         "*.mlp.up_proj.*": OUT,
         "*.mlp.down_proj.weight": IN,
     },
+    "falcon_mamba": {
+        "backbone.embeddings.weight": VOCAB,
+        "lm_head.weight": VOCAB,
+        "*.mixer.in_proj.*": HALVES,
+        "*.mixer.conv1d.*": OUT,
+        "*.mixer.dt_proj.*": OUT,
+        "*.mixer.A_log": OUT,
+        "*.mixer.D": OUT,
+        "*.mixer.x_proj.weight": IN,
+        "*.mixer.out_proj.weight": IN,
+    },
 }
 
 # modules whose output is a partial sum over ranks (all-reduced, then the bias added)
 ROW_PARALLEL: dict[str, tuple[str, ...]] = {
     "falcon": ("*.self_attention.dense", "*.mlp.dense_4h_to_h"),
     "llama": ("*.self_attn.o_proj", "*.mlp.down_proj"),
+    "falcon_mamba": ("*.mixer.x_proj", "*.mixer.out_proj"),
 }
 
 
@@ -94,11 +112,14 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
     arch = for_config(config).name
     if arch not in SHARDS:
         raise TensorParallelError(
-            f"tensor parallelism covers Falcon and Llama-style (Falcon3) models; a "
-            f"{config.variant} model ({arch}) runs with --tp 1"
+            f"tensor parallelism covers Falcon, Llama-style (Falcon3) and Falcon-Mamba models; "
+            f"a {config.variant} model ({arch}) runs with --tp 1"
         )
     if getattr(config, "bitnet", None) is not None:
         raise TensorParallelError("ternary (BitNet) checkpoints run with --tp 1 for now")
+    if arch == "falcon_mamba":
+        _check_split({"the inner size (d_inner)": config.intermediate_size}, world, quant)
+        return
     H, K, F = config.num_attention_heads, config.kv_heads, config.ffn_size
     for what, n in (("num_attention_heads", H), ("kv heads", K), ("the MLP size", F)):
         if what == "kv heads" and n == 1:
@@ -109,15 +130,32 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
                 f"--tp {world}: {what} {n} is not divisible by {world}; use a tensor-parallel "
                 f"size that divides the heads and kv heads ({', '.join(map(str, sizes))})"
             )
-    if quant is not None:
-        block = get_format(quant).block_size
-        inner = {"attention output": H * config.head_dim, "MLP down projection": F}
-        for what, n in inner.items():
-            if (n // world) % block:
-                raise TensorParallelError(
-                    f"--tp {world} with {quant}: the {what}'s {n // world} input features per "
-                    f"rank are not a whole number of {block}-value blocks; use a smaller --tp"
-                )
+    _check_blocks({"attention output": H * config.head_dim, "MLP down projection": F}, world, quant)
+
+
+def _check_split(sizes: dict[str, int], world: int, quant: str | None) -> None:
+    """Each size divides by `world`, and its per-rank part into whole `quant` blocks
+    (the row-parallel projections' inputs)."""
+    for what, n in sizes.items():
+        if n % world:
+            sizes_ok = [d for d in divisors(n) if d > 1]
+            raise TensorParallelError(
+                f"--tp {world}: {what} {n} is not divisible by {world}; use a tensor-parallel "
+                f"size that divides it ({', '.join(map(str, sizes_ok))})"
+            )
+    _check_blocks(sizes, world, quant)
+
+
+def _check_blocks(inner: dict[str, int], world: int, quant: str | None) -> None:
+    if quant is None:
+        return
+    block = get_format(quant).block_size
+    for what, n in inner.items():
+        if (n // world) % block:
+            raise TensorParallelError(
+                f"--tp {world} with {quant}: the {what}'s {n // world} input features per "
+                f"rank are not a whole number of {block}-value blocks; use a smaller --tp"
+            )
 
 
 def check_file_blocks(
@@ -143,6 +181,9 @@ class ShardConfig:
     def __init__(self, full: ModelConfig, world: int, rank: int = 0) -> None:
         self.full = full
         self.world = world
+        if for_config(full).name == "falcon_mamba":  # no heads: E/N inner channels
+            self.intermediate_size = full.intermediate_size // world
+            return
         self.num_attention_heads = full.num_attention_heads // world
         self.total_heads = full.num_attention_heads
         self.first_head = rank * self.num_attention_heads
@@ -157,10 +198,13 @@ class ShardConfig:
         return (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
 
     def __getattr__(self, name: str) -> Any:  # only for what is not set above
+        method = getattr(type(self.full), name, None)
+        if inspect.isfunction(method):  # the config's methods read the shard's sizes
+            return method.__get__(self)  # (ssm_state_shapes: the rank's channels)
         return getattr(self.full, name)
 
     def __repr__(self) -> str:
-        return f"ShardConfig(rank {self.first_head // self.num_attention_heads} of {self.world} ranks of {self.full!r})"
+        return f"ShardConfig({self.world} ranks of {self.full!r})"
 
 
 @dataclass(frozen=True)
@@ -207,6 +251,10 @@ def tensor_slices(
         return [(shard.vocab(shape[0]),)]
     if kind == KV:
         return [(whole,)] if config.kv_heads == 1 else [(shard.split(shape[0]),)]
+    if kind == HALVES:
+        half = shape[0] // 2
+        mine = shard.split(half)
+        return [(mine,), (slice(half + mine.start, half + mine.stop),)]
     # QKV: the HF rows are K groups of (H/K query heads, 1 key head, 1 value head)
     # (regroup_qkv in models/falcon.py), so a rank's kv heads and the query heads that read
     # them are one contiguous run of groups; with one kv head, the query rows are split

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from falconet.engine.paged import PackedStep, PagedKVCache, Segment
+from falconet.engine.state import SlotSegment, SlotStep, SSMSlotPool
 from falconet.models.base import CausalLM
 from falconet.models.registry import ModelConfig
 from falconet.nn.linear import batch_invariant
@@ -48,7 +49,7 @@ from falconet.parallel.shm import available as shm_available
 
 log = logging.getLogger("falconet.parallel")
 
-STOP, STEP, PING, PEAK_RSS = 0, 1, 2, 3
+STOP, STEP, PING, PEAK_RSS, SLOT_STEP = 0, 1, 2, 3, 4
 HEADER = 8  # op, pool serial, blocks, block size, ids, segments, table entries, logit rows
 HEARTBEAT_S = 5.0  # an idle rank 0 pings this often
 TIMEOUT_S = 120.0  # a collective waiting longer than this fails (gloo / NCCL timeout)
@@ -68,8 +69,6 @@ class TensorParallelLM:
     """Rank 0's model: the engine drives it like any CausalLM; each forward is broadcast
     to the other ranks first. Attributes it does not define come from the local shard
     (`local`, set once rank 0's shard is loaded)."""
-
-    state_pool = "paged_kv"
 
     def __init__(
         self,
@@ -104,6 +103,11 @@ class TensorParallelLM:
         return self.local.config  # a ShardConfig: the rank's heads, the model's vocabulary
 
     @property
+    def state_pool(self) -> str:
+        """The engine pool the model's class asks for (paged KV, or SSM slots)."""
+        return self.local.state_pool
+
+    @property
     def device(self) -> torch.device:
         return self.local.device
 
@@ -113,12 +117,13 @@ class TensorParallelLM:
 
     # ---- what the engine calls ----------------------------------------------------------
     def forward_packed(
-        self, input_ids: torch.Tensor, step: PackedStep, logit_rows: torch.Tensor
+        self, input_ids: torch.Tensor, step: PackedStep | SlotStep, logit_rows: torch.Tensor
     ) -> torch.Tensor:
         with self._lock:
             self._check()
-            if step.cache is not self._pool:
-                self._pool, self._serial = step.cache, self._serial + 1
+            pool = step.pool if isinstance(step, SlotStep) else step.cache
+            if pool is not self._pool:
+                self._pool, self._serial = pool, self._serial + 1
             header, payload = encode_step(self._serial, input_ids, step, logit_rows)
             try:
                 _send(header, payload, self.device)
@@ -248,10 +253,19 @@ def _header(op: int, *fields: int) -> torch.Tensor:
 
 
 def encode_step(
-    serial: int, ids: torch.Tensor, step: PackedStep, logit_rows: torch.Tensor
+    serial: int, ids: torch.Tensor, step: PackedStep | SlotStep, logit_rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed step as two int64 tensors: what a follower needs to run the same forward."""
     segs = step.segments
+    if isinstance(step, SlotStep):  # a recurrent model's: each sequence's slot and rows
+        info = [v for s in segs for v in (s.slot, s.start, s.length, s.past)]
+        header = _header(
+            SLOT_STEP, serial, step.pool.num_slots, ids.numel(), len(segs), logit_rows.numel()
+        )
+        payload = torch.cat(
+            [ids.cpu().long(), torch.tensor(info, dtype=torch.long), logit_rows.cpu().long()]
+        )
+        return header, payload
     tables = [b for s in segs for b in s.table]
     info = [v for s in segs for v in (s.past, s.length, s.rope_len, int(s.as_decode), len(s.table))]
     cache = step.cache
@@ -308,6 +322,9 @@ def follow(local: CausalLM) -> None:
             if op == PEAK_RSS:
                 _gather_peak_rss(device)
                 continue
+            if op == SLOT_STEP:
+                pool, serial = _follow_slot_step(local, header, pool, serial)
+                continue
             payload = torch.empty(n_ids + SEGMENT_FIELDS * n_segs + n_tables + n_rows, dtype=torch.long,
                                   device=device)  # fmt: skip
             dist.broadcast(payload, src=0)
@@ -328,6 +345,26 @@ def follow(local: CausalLM) -> None:
                 at += n_table
             step = PackedStep(pool, segments, local.compute_dtype)
             local.forward_packed(ids, step, rows)
+
+
+def _follow_slot_step(local: CausalLM, header: torch.Tensor, pool, serial: int):
+    """One recurrent step on a follower: its own slots (the rank's channels), the same
+    slot numbers as rank 0's; a sequence's first step starts from a zeroed slot, as rank
+    0's pool zeroes it when the sequence takes it. Returns (pool, serial)."""
+    _, new_serial, slots, n_ids, n_segs, n_rows = header.tolist()[:6]
+    payload = torch.empty(n_ids + 4 * n_segs + n_rows, dtype=torch.long, device=local.device)
+    dist.broadcast(payload, src=0)
+    if new_serial != serial:
+        pool, serial = SSMSlotPool.for_model(local, slots), new_serial
+    ids, info, rows = payload.split([n_ids, 4 * n_segs, n_rows])
+    info = info.tolist()
+    segments = [SlotSegment(*info[4 * i : 4 * i + 4]) for i in range(n_segs)]
+    for seg in segments:
+        if seg.past == 0:
+            pool.conv[:, seg.slot].zero_()
+            pool.ssm[:, seg.slot].zero_()
+    local.forward_packed(ids, SlotStep.of(pool, segments), rows)
+    return pool, serial
 
 
 # ---- starting the ranks ---------------------------------------------------------------
