@@ -62,6 +62,7 @@ setup(
                 "falconet/quant/kernels_activation.h",
                 "falconet/quant/kernels_ternary.h",
                 "falconet/quant/kernels_tq2.h",
+                "falconet/quant/kernels_tq2_dot.h",
                 "falconet/quant/kernels_portable.h",
                 "falconet/quant/kernels_drivers.h",
                 "falconet/quant/kernels_bindings.h",

@@ -131,7 +131,8 @@ def q8k_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @native
 @pytest.mark.parametrize("K", [256, 768, 4096])
 def test_kernel_equals_the_reference_and_is_row_invariant(K):
-    """AVX2 and portable paths give the same bits; each row equals itself alone; the
+    """AVX2 (maddubs or AVX-512 VNNI) and portable paths give the same bits; each row
+    equals itself alone; the
     result is the Q8_K-rounded product to float32 rounding, with an all-zero activation
     block, an all-zero weight block and the out-of-range code 3 (weight 2 d, as
     llama.cpp's dequantizer reads it) included."""
@@ -149,10 +150,15 @@ def test_kernel_equals_the_reference_and_is_row_invariant(K):
     x[4, :256] = 0
     x[6, 7] = -40.0  # a negative value of largest magnitude
     results = {}
-    for simd in ("avx2", "portable"):
+    dot_before = native_mod.int8_dot()
+    for simd, dot in (("avx2", "maddubs"), ("avx2", "vnni"), ("portable", "maddubs")):
         if simd == "avx2" and before != "avx2":
             continue
         native_mod.set_simd(simd)
+        try:
+            native_mod.set_int8_dot(dot)
+        except ValueError:  # no AVX-512 VNNI here
+            continue
         try:
             y = kernels.tq2_linear(x, blocks, N)
             alone = torch.cat(
@@ -160,8 +166,9 @@ def test_kernel_equals_the_reference_and_is_row_invariant(K):
             )
         finally:
             native_mod.set_simd(before)
+            native_mod.set_int8_dot(dot_before)
         assert torch.equal(alone, y)
-        results[simd] = y
+        results[simd, dot] = y
     ys = list(results.values())
     assert all(torch.equal(ys[0], y) for y in ys)
     wd = torch.from_numpy(tq2.dequantize(blocks.numpy(), (N, K)))

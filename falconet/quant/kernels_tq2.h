@@ -84,50 +84,21 @@ static float hsum_ps_fixed(__m256 v) {
     return lanes_sum(a);
 }
 
-/* R (1..TQ_ROWS) activation rows against one weight row; codes unpacked once per group.
- * Inlined into one copy per R (tq2_dot_rows), so the loops over rows unroll and the
- * accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y,
-                                                               const int R, int64_t nb, float *out) AVX2;
-static inline __attribute__((always_inline)) void tq2_dot_avx2(const block_tq2_0 *w, const block_q8k *const *y,
-                                                               const int R, int64_t nb, float *out) {
-    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256 acc[TQ_ROWS];
-    for (int r = 0; r < TQ_ROWS; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        /* int16 partial sums: 8 groups x 2 products x 2 x 128 at most, 4096 < 2^15 */
-        __m256i s[TQ_ROWS];
-        for (int r = 0; r < TQ_ROWS; r++) s[r] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
-            for (int n = 0; n < 4; n++) {
-                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(q, 2 * n), mask);
-                for (int r = 0; r < R; r++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(y[r][b].qs + 128 * h + 32 * n));
-                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(c, v));
-                }
-            }
-        }
-        const float dw = half_table[w[b].d];
-        for (int r = 0; r < R; r++) {
-            __m256i lanes = _mm256_madd_epi16(s[r], ones);
-            lanes = _mm256_sub_epi32(lanes, _mm256_setr_epi32(y[r][b].bsum, 0, 0, 0, 0, 0, 0, 0));
-            const __m256 d = _mm256_set1_ps(y[r][b].d * dw);
-            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), d));
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps_fixed(acc[r]);
-}
-
-static void tq2_dot_rows(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) AVX2;
-static void tq2_dot_rows(const block_tq2_0 *w, const block_q8k *const *y, int R, int64_t nb, float *out) {
-    switch (R) {
-    case 1: tq2_dot_avx2(w, y, 1, nb, out); break;
-    case 2: tq2_dot_avx2(w, y, 2, nb, out); break;
-    case 3: tq2_dot_avx2(w, y, 3, nb, out); break;
-    default: tq2_dot_avx2(w, y, TQ_ROWS, nb, out); break;
-    }
-}
+/* The dot products: AVX2's, and AVX-512 VNNI's where the CPU has it (same bits). */
+#define TQ2_TARGET AVX2
+#define TQ2_VNNI 0
+#define TQ2_NAME(f) f##_avx2
+#include "kernels_tq2_dot.h"
+#undef TQ2_TARGET
+#undef TQ2_VNNI
+#undef TQ2_NAME
+#define TQ2_TARGET VNNI
+#define TQ2_VNNI 1
+#define TQ2_NAME(f) f##_vnni
+#include "kernels_tq2_dot.h"
+#undef TQ2_TARGET
+#undef TQ2_VNNI
+#undef TQ2_NAME
 #endif
 
 /* y[M, N] (fp32) = x[M, K] (fp32) @ W.T, W N rows of K/256 TQ2_0 blocks. Returns -1 when
@@ -148,7 +119,7 @@ static int tq2_matmul(const float *x, const uint8_t *W, float *y, int64_t M, int
             if (use_avx2) {
                 const block_q8k *rows[TQ_ROWS];
                 for (int r = 0; r < R; r++) rows[r] = xq + (m + r) * nb;
-                tq2_dot_rows(w, rows, R, nb, out);
+                (use_vnni ? tq2_dot_rows_vnni : tq2_dot_rows_avx2)(w, rows, R, nb, out);
             } else
 #endif
                 for (int r = 0; r < R; r++) tq2_dot_ref(w, xq + (m + r) * nb, nb, out + r);
