@@ -69,28 +69,58 @@ def _workers() -> list[psutil.Process]:
     ]
 
 
+def assert_tp_equals_one_process(one, two, hf_model) -> None:
+    """fp32 logits of `two` (tensor-parallel) within 1e-5 of `one` (one process) and 1e-4
+    of transformers'; greedy tokens equal, for 8 prompts sharing steps and alone."""
+    ids = list(range(30, 59))
+    expected, got = one.logits(ids), two.logits(ids)
+    assert got.shape == expected.shape == (len(ids), one.config.vocab_size)
+    assert (got - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        hf = hf_model(torch.tensor([ids])).logits[0].float()
+    assert (got - hf).abs().max().item() <= 1e-4
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    solo = [one.complete([p], greedy)[0].token_ids for p in PROMPTS]
+    assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == solo
+    assert two.complete([PROMPTS[3]], greedy)[0].token_ids == solo[3]
+
+
+def served_tp2_texts(model: Path) -> list[str]:
+    """`falconet serve --model model --tp 2`: the streamed text of each of PROMPTS, sent as
+    8 concurrent requests with the official openai client (greedy, 10 tokens); the
+    server stops cleanly on SIGTERM."""
+    args = ("--model", str(model), "--tp", "2", "--dtype", "float32", "--max-batch", "8",
+            "--served-model-name", "m")  # fmt: skip
+    with ServerProcess(*args) as server:
+        client = server.openai_client(timeout=120)
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: _stream_text(client, p), PROMPTS))
+    assert server.proc.returncode == 0
+    return [text for text, _ in together]
+
+
+def rank_peaks(model: Path, tp: int) -> list[int]:
+    """Each rank's peak resident bytes after loading `model` at `tp` (fp32, one thread)
+    and one forward, in a fresh process (RSS_SCRIPT)."""
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(model), str(tp)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("style", list(STYLES))
 def test_tp2_logits_and_greedy_tokens_equal_tp1(checkpoints, style):
     """fp32 logits at every position within 1e-5 of one process (and of transformers),
     greedy tokens equal, for single prompts and a batch of 8 sharing steps."""
     hf_model, folder = checkpoints[style]
-    ids = list(range(30, 59))
     one = falconet.load(folder, dtype="float32")
     two = falconet.load(folder, dtype="float32", tp=2)
     try:
         [worker] = _workers()  # a real process
         assert worker.pid == two.model.workers.pids()[0]
-        expected = one.logits(ids)
-        got = two.logits(ids)
-        assert got.shape == expected.shape == (len(ids), one.config.vocab_size)
-        assert (got - expected).abs().max().item() <= 1e-5
-        with torch.no_grad():
-            hf = hf_model(torch.tensor([ids])).logits[0].float()
-        assert (got - hf).abs().max().item() <= 1e-4
-        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
-        solo = [one.complete([p], greedy)[0].token_ids for p in PROMPTS]
-        assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == solo
-        assert two.complete([PROMPTS[3]], greedy)[0].token_ids == solo[3]
+        assert_tp_equals_one_process(one, two, hf_model)
         ranks = two.model.peak_rss()
         assert len(ranks) == 2 and all(peak > 100e6 for peak in ranks)
     finally:
@@ -218,15 +248,7 @@ def test_each_rank_holds_about_half_the_model(tmp_path):
     process, are not the model's)."""
     _random_llama(tmp_path / "tiny", hidden=64, layers=1, vocab=512)
     _random_llama(tmp_path / "model")
-
-    def peaks(folder: Path, tp: int) -> list[int]:
-        run = subprocess.run(
-            [sys.executable, "-c", RSS_SCRIPT, str(folder), str(tp)],
-            capture_output=True, text=True, timeout=600, cwd=REPO,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        return json.loads(run.stdout.strip().splitlines()[-1])
-
+    peaks = rank_peaks
     [empty] = peaks(tmp_path / "tiny", 1)
     [one] = peaks(tmp_path / "model", 1)
     whole = one - empty
@@ -321,7 +343,6 @@ def test_falcon_mamba_tp2_equals_one_process(mamba_checkpoints, variant):
     within 1e-5 of one process (measured ~1e-6) and of transformers within 1e-4; greedy
     tokens equal for 8 prompts sharing steps (prefill chunks and decodes, slots reused)."""
     hf_model, folder = mamba_checkpoints[variant]
-    ids = list(range(30, 59))
     one = falconet.load(folder, dtype="float32")
     two = falconet.load(folder, dtype="float32", tp=2)
     try:
@@ -329,15 +350,7 @@ def test_falcon_mamba_tp2_equals_one_process(mamba_checkpoints, variant):
         conv, ssm = two.model.config.ssm_state_shapes()
         assert conv == (full.intermediate_size // 2, full.conv_kernel - 1)
         assert ssm == (full.intermediate_size // 2, full.state_size)
-        expected, got = one.logits(ids), two.logits(ids)
-        assert (got - expected).abs().max().item() <= 1e-5
-        with torch.no_grad():
-            hf = hf_model(torch.tensor([ids])).logits[0].float()
-        assert (got - hf).abs().max().item() <= 1e-4
-        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
-        solo = [one.complete([p], greedy)[0].token_ids for p in PROMPTS]
-        assert [c.token_ids for c in two.complete(PROMPTS, greedy)] == solo
-        assert [c.token_ids for c in two.complete(PROMPTS[:3], greedy)] == solo[:3]
+        assert_tp_equals_one_process(one, two, hf_model)
     finally:
         two.close()
 
@@ -346,14 +359,7 @@ def test_serve_tp2_streams_a_falcon_mamba(mamba_checkpoints):
     folder = mamba_checkpoints["conv4_tied"][1]
     one = falconet.load(folder, dtype="float32")
     expected = [c.text for c in one.complete(PROMPTS, SamplingParams(max_tokens=10))]
-    args = ("--model", str(folder), "--tp", "2", "--dtype", "float32", "--max-batch", "8",
-            "--served-model-name", "m")  # fmt: skip
-    with ServerProcess(*args) as server:
-        client = server.openai_client(timeout=120)
-        with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda p: _stream_text(client, p), PROMPTS))
-        assert [text for text, _ in together] == expected
-    assert server.proc.returncode == 0
+    assert served_tp2_texts(folder) == expected
 
 
 def test_models_tensor_parallelism_does_not_cover_fail_before_any_worker(tmp_path):

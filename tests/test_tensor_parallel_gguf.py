@@ -6,10 +6,8 @@ about half the file."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,7 @@ from tests.conftest import (
     build_llama_hf_model,
     save_hf_model,
 )
-from tests.server_tools import ServerProcess
-from tests.test_tensor_parallel import PROMPTS, REPO, RSS_SCRIPT, _random_llama, _stream_text
+from tests.test_tensor_parallel import PROMPTS, _random_llama, rank_peaks, served_tp2_texts
 
 # (builder, variant, config changes): every row-parallel input splits into whole 32-value
 # blocks at TP=2 (Falcon3's MLP is 128 wide for it); "kquant" has 256-value rows per rank
@@ -140,14 +137,7 @@ def test_serve_tp2_over_a_gguf_file_streams_what_one_process_generates(gguf):
     # the server stops at the file's end-of-text token, as one process does without
     # ignore_eos
     expected = [c.text for c in one.complete(PROMPTS, SamplingParams(max_tokens=10))]
-    args = ("--model", str(path), "--tp", "2", "--dtype", "float32", "--max-batch", "8",
-            "--served-model-name", "m")  # fmt: skip
-    with ServerProcess(*args) as server:
-        client = server.openai_client(timeout=120)
-        with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda p: _stream_text(client, p), PROMPTS))
-        assert [text for text, _ in together] == expected
-    assert server.proc.returncode == 0
+    assert served_tp2_texts(path) == expected
 
 
 def test_each_rank_holds_about_half_the_file(tmp_path):
@@ -162,14 +152,7 @@ def test_each_rank_holds_about_half_the_file(tmp_path):
         _random_llama(tmp_path / name, **shape)
         files[name] = tmp_path / f"{name}.gguf"
         convert_hf_to_gguf(tmp_path / name, files[name], "q8_0")
-
-    def peaks(path: Path, tp: int) -> list[int]:
-        run = subprocess.run(
-            [sys.executable, "-c", RSS_SCRIPT, str(path), str(tp)],
-            capture_output=True, text=True, timeout=600, cwd=REPO,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        return json.loads(run.stdout.strip().splitlines()[-1])
+    peaks = rank_peaks
 
     [empty] = peaks(files["tiny"], 1)
     [one] = peaks(files["model"], 1)
