@@ -26,6 +26,7 @@ from tests.conftest import (
     save_hf_model,
 )
 from tests.test_tensor_parallel import PROMPTS, _random_llama, rank_peaks, served_tp2_texts
+from tests.test_ternary import build_bitnet_model, tq_scales
 
 # (builder, variant, config changes): every row-parallel input splits into whole 32-value
 # blocks at TP=2 (Falcon3's MLP is 128 wide for it); "kquant" has 256-value rows per rank
@@ -101,6 +102,31 @@ def test_gguf_tp2_runs_the_files_blocks_and_equals_one_process(gguf, model, qtyp
         solo = [c.token_ids for c in one.complete(PROMPTS, GREEDY)]
         assert [c.token_ids for c in two.complete(PROMPTS, GREEDY)] == solo
         assert two.complete([PROMPTS[5]], GREEDY)[0].token_ids == solo[5]
+    finally:
+        two.close()
+
+
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+def test_ternary_gguf_tp2_splits_the_files_blocks(tmp_path, qtype):
+    """llama.cpp's ternary types split like the others: rank 0 reads back the file's own
+    TQ blocks (TQ1_0 is transcoded to TQ2_0 in memory, losslessly), logits within the
+    8-bit activation rounding of one process's (as the K-quants above; measured 3e-7 of
+    the largest logit), greedy tokens equal."""
+    sizes = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, head_dim=64)
+    build_bitnet_model(tmp_path / "hf", {}, seed=4, scales=tq_scales, **sizes)
+    path = tmp_path / f"{qtype}.gguf"
+    convert_hf_to_gguf(tmp_path / "hf", path, qtype)
+    one = falconet.load(path, dtype="float32")
+    two = falconet.load(path, dtype="float32", tp=2)
+    try:
+        expected, got = one.logits(IDS), two.logits(IDS)
+        row = two.model.local.get_submodule(LLAMA_PAIR[1])
+        blocks, fmt = _file_blocks(path, LLAMA_PAIR[1])
+        assert fmt.name == qtype and row.local.qtype == qtype
+        assert torch.equal(row.local.weight.data, blocks[:, : fmt.row_bytes(512)])
+        assert (got - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+        solo = [c.token_ids for c in one.complete(PROMPTS, GREEDY)]
+        assert [c.token_ids for c in two.complete(PROMPTS, GREEDY)] == solo
     finally:
         two.close()
 
