@@ -26,7 +26,12 @@ from falconet.errors import CheckpointError
 from falconet.models.base import CausalLM
 from falconet.models.checkpoint import read_config, read_gguf, row_order
 from falconet.models.registry import ModelConfig, for_config
-from falconet.parallel.layers import GatheredHead, RowParallel, VocabParallelEmbedding
+from falconet.parallel.layers import (
+    GatheredHead,
+    RowParallel,
+    SpanningGatedNorm,
+    VocabParallelEmbedding,
+)
 from falconet.parallel.plan import (
     QKV,
     VOCAB,
@@ -277,6 +282,10 @@ def _join_ranks(
     for name, module in list(model.named_modules()):
         if is_row_parallel(arch, name):
             model.set_submodule(name, RowParallel(module, shm=shm))
+    if arch == "falcon_h1" and config.mamba_rms_norm and config.mamba_n_groups % shard.world:
+        for name, module in list(model.named_modules()):  # one group, spread over the ranks
+            if name.endswith(".mamba.norm"):
+                model.set_submodule(name, SpanningGatedNorm(module, config.mamba_d_ssm, shm=shm))
     rows = shard.vocab(config.vocab_size)
     embeddings = model.get_submodule(model.embeddings_name)
     model.set_submodule(

@@ -20,6 +20,11 @@ MLP's inner size, V vocabulary.
   gives u and z (two halves, each split), the conv filters, dt_proj, A_log and D follow
   the channels; x_proj (E -> dt, B, C) and out_proj are row-parallel, so every rank has
   the whole dt, B and C, and each rank's conv and SSM state hold its channels only.
+- Falcon-H1: its attention and MLP as Llama's; its Mamba-2 by heads: z, x and dt (and
+  the conv's x channels, A_log, D, dt_bias, the gated norm's weight) split with the
+  heads; B and C split with the groups where the ranks divide them, else (one group)
+  every rank computes them whole, and the gated norm, whose group then spans the ranks,
+  sums its squares over them (layers.SpanningGatedNorm). out_proj is row-parallel.
 
 `SHARDS` maps the HF tensor names of each registered architecture to their kind; a rank
 reads only the slice its kind gives (`tensor_slices`), straight from the checkpoint.
@@ -47,6 +52,8 @@ IN = "in"  # input features (columns) split N ways: row-parallel
 KV = "kv"  # kv-head rows: split, or whole when there is a single kv head
 QKV = "qkv"  # Falcon's fused QKV: this rank's query heads and kv heads
 HALVES = "halves"  # two stacked halves (Mamba's u and z), each split N ways
+MAMBA2_IN = "mamba2_in"  # Mamba-2's in_proj rows: z, x, B, C, dt
+MAMBA2_CONV = "mamba2_conv"  # Mamba-2's conv channels: x, B, C
 VOCAB = "vocab"  # vocabulary rows, ceil(V/N) per rank
 # anything not listed: whole on every rank
 
@@ -81,6 +88,24 @@ SHARDS: dict[str, dict[str, str]] = {
         "*.mixer.x_proj.weight": IN,
         "*.mixer.out_proj.weight": IN,
     },
+    "falcon_h1": {
+        "model.embed_tokens.weight": VOCAB,
+        "lm_head.weight": VOCAB,
+        "*.self_attn.q_proj.*": OUT,
+        "*.self_attn.k_proj.*": KV,
+        "*.self_attn.v_proj.*": KV,
+        "*.self_attn.o_proj.weight": IN,
+        "*.feed_forward.gate_proj.*": OUT,
+        "*.feed_forward.up_proj.*": OUT,
+        "*.feed_forward.down_proj.weight": IN,
+        "*.mamba.in_proj.*": MAMBA2_IN,
+        "*.mamba.conv1d.*": MAMBA2_CONV,
+        "*.mamba.dt_bias": OUT,
+        "*.mamba.A_log": OUT,
+        "*.mamba.D": OUT,
+        "*.mamba.norm.weight": OUT,
+        "*.mamba.out_proj.weight": IN,
+    },
 }
 
 # modules whose output is a partial sum over ranks (all-reduced, then the bias added)
@@ -88,6 +113,7 @@ ROW_PARALLEL: dict[str, tuple[str, ...]] = {
     "falcon": ("*.self_attention.dense", "*.mlp.dense_4h_to_h"),
     "llama": ("*.self_attn.o_proj", "*.mlp.down_proj"),
     "falcon_mamba": ("*.mixer.x_proj", "*.mixer.out_proj"),
+    "falcon_h1": ("*.self_attn.o_proj", "*.feed_forward.down_proj", "*.mamba.out_proj"),
 }
 
 
@@ -120,6 +146,15 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
     if arch == "falcon_mamba":
         _check_split({"the inner size (d_inner)": config.intermediate_size}, world, quant)
         return
+    if arch == "falcon_h1":
+        G = config.mamba_n_groups
+        if G % world and G != 1:
+            raise TensorParallelError(
+                f"--tp {world}: mamba_n_groups {G} is not divisible by {world} (and not 1, "
+                "which every rank would compute whole); use a size that divides it"
+            )
+        _check_split({"mamba_n_heads": config.mamba_n_heads}, world, None)
+        _check_blocks({"Mamba out_proj": config.mamba_d_ssm}, world, quant)
     H, K, F = config.num_attention_heads, config.kv_heads, config.ffn_size
     for what, n in (("num_attention_heads", H), ("kv heads", K), ("the MLP size", F)):
         if what == "kv heads" and n == 1:
@@ -181,9 +216,17 @@ class ShardConfig:
     def __init__(self, full: ModelConfig, world: int, rank: int = 0) -> None:
         self.full = full
         self.world = world
-        if for_config(full).name == "falcon_mamba":  # no heads: E/N inner channels
+        arch = for_config(full).name
+        if arch == "falcon_mamba":  # no heads: E/N inner channels
             self.intermediate_size = full.intermediate_size // world
             return
+        if arch == "falcon_h1":  # Mamba-2 heads (and groups, where they divide)
+            self.mamba_d_ssm = full.mamba_d_ssm // world
+            self.mamba_n_heads = full.mamba_n_heads // world
+            G = full.mamba_n_groups
+            self.mamba_n_groups = G // world if G % world == 0 else G
+            self.conv_dim = self.mamba_d_ssm + 2 * self.mamba_n_groups * full.mamba_d_state
+            self.in_proj_size = self.mamba_d_ssm + self.conv_dim + self.mamba_n_heads
         self.num_attention_heads = full.num_attention_heads // world
         self.total_heads = full.num_attention_heads
         self.first_head = rank * self.num_attention_heads
@@ -255,6 +298,18 @@ def tensor_slices(
         half = shape[0] // 2
         mine = shard.split(half)
         return [(mine,), (slice(half + mine.start, half + mine.stop),)]
+    if kind in (MAMBA2_IN, MAMBA2_CONV):
+        E, G, N = config.mamba_d_ssm, config.mamba_n_groups, config.mamba_d_state
+        parts = [E, E, G * N, G * N, config.mamba_n_heads]  # z, x, B, C, dt
+        split = [True, True, G % shard.world == 0, G % shard.world == 0, True]
+        if kind == MAMBA2_CONV:  # x, B, C
+            parts, split = parts[1:4], split[1:4]
+        out, at = [], 0
+        for n, by_rank in zip(parts, split, strict=True):
+            mine = shard.split(n) if by_rank else slice(0, n)
+            out.append((slice(at + mine.start, at + mine.stop),))
+            at += n
+        return out
     # QKV: the HF rows are K groups of (H/K query heads, 1 key head, 1 value head)
     # (regroup_qkv in models/falcon.py), so a rank's kv heads and the query heads that read
     # them are one contiguous run of groups; with one kv head, the query rows are split

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from falconet.engine.hybrid import HybridStep
 from falconet.engine.paged import PackedStep, PagedKVCache, Segment
 from falconet.engine.state import SlotSegment, SlotStep, SSMSlotPool
 from falconet.models.base import CausalLM
@@ -49,7 +50,7 @@ from falconet.parallel.shm import available as shm_available
 
 log = logging.getLogger("falconet.parallel")
 
-STOP, STEP, PING, PEAK_RSS, SLOT_STEP = 0, 1, 2, 3, 4
+STOP, STEP, PING, PEAK_RSS, SLOT_STEP, HYBRID_STEP = 0, 1, 2, 3, 4, 5
 HEADER = 8  # op, pool serial, blocks, block size, ids, segments, table entries, logit rows
 HEARTBEAT_S = 5.0  # an idle rank 0 pings this often
 TIMEOUT_S = 120.0  # a collective waiting longer than this fails (gloo / NCCL timeout)
@@ -121,7 +122,7 @@ class TensorParallelLM:
     ) -> torch.Tensor:
         with self._lock:
             self._check()
-            pool = step.pool if isinstance(step, SlotStep) else step.cache
+            pool = step.pool if isinstance(step, SlotStep) else _attention(step).cache
             if pool is not self._pool:
                 self._pool, self._serial = pool, self._serial + 1
             header, payload = encode_step(self._serial, input_ids, step, logit_rows)
@@ -255,7 +256,14 @@ def _header(op: int, *fields: int) -> torch.Tensor:
 def encode_step(
     serial: int, ids: torch.Tensor, step: PackedStep | SlotStep, logit_rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed step as two int64 tensors: what a follower needs to run the same forward."""
+    """A packed step as two int64 tensors: what a follower needs to run the same forward.
+    A hybrid step (Falcon-H1) is its attention step's, with each sequence's slot after
+    (the slot pool's size first)."""
+    if isinstance(step, HybridStep):
+        header, payload = encode_step(serial, ids, step.attention, logit_rows)
+        header[0] = HYBRID_STEP
+        slots = [step.slots.pool.num_slots, *[s.slot for s in step.slots.segments]]
+        return header, torch.cat([payload, torch.tensor(slots, dtype=torch.long)])
     segs = step.segments
     if isinstance(step, SlotStep):  # a recurrent model's: each sequence's slot and rows
         info = [v for s in segs for v in (s.slot, s.start, s.length, s.past)]
@@ -309,7 +317,7 @@ def _gather_peak_rss(device: torch.device) -> list[int]:
 def follow(local: CausalLM) -> None:
     """Ranks 1..N-1: run every step rank 0 broadcasts, until it says stop."""
     device = local.device
-    pool, serial = None, -1
+    pool, ssm_pool, serial = None, None, -1
     with torch.inference_mode(), batch_invariant():
         while True:
             header = torch.empty(HEADER, dtype=torch.long, device=device)
@@ -325,11 +333,16 @@ def follow(local: CausalLM) -> None:
             if op == SLOT_STEP:
                 pool, serial = _follow_slot_step(local, header, pool, serial)
                 continue
-            payload = torch.empty(n_ids + SEGMENT_FIELDS * n_segs + n_tables + n_rows, dtype=torch.long,
-                                  device=device)  # fmt: skip
+            hybrid = op == HYBRID_STEP  # then each sequence's slot follows, after the pool's size
+            payload = torch.empty(n_ids + SEGMENT_FIELDS * n_segs + n_tables + n_rows
+                                  + (1 + n_segs) * hybrid, dtype=torch.long, device=device)  # fmt: skip
             dist.broadcast(payload, src=0)
+            if hybrid:
+                payload, slots = payload.split([payload.numel() - 1 - n_segs, 1 + n_segs])
+                slots = slots.tolist()
             if new_serial != serial:  # the engine built a new pool: so do we (same blocks)
                 pool = PagedKVCache(local.config, blocks, block_size, local.compute_dtype, device)
+                ssm_pool = SSMSlotPool.for_model(local, slots[0]) if hybrid else None
                 serial = new_serial
             ids, info, tables, rows = payload.split(
                 [n_ids, SEGMENT_FIELDS * n_segs, n_tables, n_rows]
@@ -344,13 +357,17 @@ def follow(local: CausalLM) -> None:
                 segments.append(Segment(table, past, length, rope_len, bool(as_decode)))
                 at += n_table
             step = PackedStep(pool, segments, local.compute_dtype)
+            if hybrid:  # the same sequences' slots (PackedStep set each segment's start)
+                step = HybridStep(step, _slot_step(ssm_pool, [
+                    SlotSegment(slot, seg.start, seg.length, seg.past)
+                    for slot, seg in zip(slots[1:], segments, strict=True)
+                ]))  # fmt: skip
             local.forward_packed(ids, step, rows)
 
 
 def _follow_slot_step(local: CausalLM, header: torch.Tensor, pool, serial: int):
     """One recurrent step on a follower: its own slots (the rank's channels), the same
-    slot numbers as rank 0's; a sequence's first step starts from a zeroed slot, as rank
-    0's pool zeroes it when the sequence takes it. Returns (pool, serial)."""
+    slot numbers as rank 0's. Returns (pool, serial)."""
     _, new_serial, slots, n_ids, n_segs, n_rows = header.tolist()[:6]
     payload = torch.empty(n_ids + 4 * n_segs + n_rows, dtype=torch.long, device=local.device)
     dist.broadcast(payload, src=0)
@@ -359,12 +376,22 @@ def _follow_slot_step(local: CausalLM, header: torch.Tensor, pool, serial: int):
     ids, info, rows = payload.split([n_ids, 4 * n_segs, n_rows])
     info = info.tolist()
     segments = [SlotSegment(*info[4 * i : 4 * i + 4]) for i in range(n_segs)]
+    local.forward_packed(ids, _slot_step(pool, segments), rows)
+    return pool, serial
+
+
+def _slot_step(pool: SSMSlotPool, segments: list[SlotSegment]) -> SlotStep:
+    """A follower's step over its slots; a sequence's first step starts from a zeroed
+    slot, as rank 0's pool zeroes it when the sequence takes it."""
     for seg in segments:
         if seg.past == 0:
             pool.conv[:, seg.slot].zero_()
             pool.ssm[:, seg.slot].zero_()
-    local.forward_packed(ids, SlotStep.of(pool, segments), rows)
-    return pool, serial
+    return SlotStep.of(pool, segments)
+
+
+def _attention(step: PackedStep | HybridStep) -> PackedStep:
+    return step.attention if isinstance(step, HybridStep) else step
 
 
 # ---- starting the ranks ---------------------------------------------------------------
