@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from falconet.errors import CheckpointError
 from falconet.models.base import CausalLM
-from falconet.models.checkpoint import read_config, read_gguf, row_order
+from falconet.models.checkpoint import load_mix_plan, read_config, read_gguf, row_order
 from falconet.models.registry import ModelConfig, for_config
 from falconet.parallel.layers import (
     GatheredHead,
@@ -49,6 +49,7 @@ from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install, release_pages
 from falconet.quant.plan import tensor_qtype
 from falconet.weights.gguf import (
+    K_MIXES,
     block_size,
     file_shape,
     is_gguf,
@@ -108,6 +109,7 @@ def load_shard(
     # a GGUF file's rows are falconet's own (the converter regrouped Falcon's QKV)
     transforms = {} if gguf else arch.model.checkpoint_layout(local_config).transforms
     params = dict(model.named_parameters(remove_duplicate=False))
+    mix = load_mix_plan(quant, config) if quant in K_MIXES else None
     found: set[str] = set()
     for path, name, read in _gguf_tensors(source, config) if gguf else _tensors(source):
         if name.endswith(IGNORED_SUFFIXES) or name in layout.skipped:
@@ -129,12 +131,14 @@ def load_shard(
                 f"{path}: tensor {name}: rank {shard.rank}'s slice is {tuple(t.shape)}, "
                 f"the shard expects {tuple(target.shape)}"
             )
-        qtype = (
-            quant
-            and not isinstance(t, QuantTensor)
-            and name not in layout.keep_float
-            and tensor_qtype(tuple(t.shape), quant, name in layout.heads)
-        )
+        if isinstance(t, QuantTensor) or quant is None:
+            qtype = None
+        elif mix is not None:  # a K-quant mix: each tensor's type as the one-process plan's
+            qtype = mix.get(name)
+        else:
+            qtype = name not in layout.keep_float and tensor_qtype(
+                tuple(t.shape), quant, name in layout.heads
+            )
         if isinstance(t, QuantTensor):
             install(model, name, t)
         elif qtype:

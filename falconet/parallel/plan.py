@@ -40,6 +40,7 @@ from typing import Any
 from falconet.errors import FalconetError
 from falconet.models.registry import ModelConfig, for_config
 from falconet.quant import get_format
+from falconet.weights.gguf import K_MIXES
 
 
 class TensorParallelError(FalconetError):
@@ -143,6 +144,9 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
         )
     if getattr(config, "bitnet", None) is not None:
         raise TensorParallelError("ternary (BitNet) checkpoints run with --tp 1 for now")
+    if quant in K_MIXES:  # per-tensor types: each row-parallel matrix by its own blocks
+        _check_mix(config, world, quant)
+        quant = None
     if arch == "falcon_mamba":
         _check_split({"the inner size (d_inner)": config.intermediate_size}, world, quant)
         return
@@ -166,6 +170,18 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
                 f"size that divides the heads and kv heads ({', '.join(map(str, sizes))})"
             )
     _check_blocks({"attention output": H * config.head_dim, "MLP down projection": F}, world, quant)
+
+
+def _check_mix(config: ModelConfig, world: int, mix: str) -> None:
+    from falconet.models.checkpoint import expected_tensors, load_mix_plan
+
+    shapes = expected_tensors(config)
+    blocks = {
+        name: (shapes[name], qtype, get_format(qtype).block_size)
+        for name, qtype in load_mix_plan(mix, config).items()
+        if qtype
+    }
+    check_file_blocks(for_config(config).name, blocks, world)
 
 
 def _check_split(sizes: dict[str, int], world: int, quant: str | None) -> None:
