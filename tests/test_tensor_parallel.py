@@ -77,7 +77,7 @@ def assert_tp_equals_one_process(one, two, hf_model) -> None:
     """fp32 logits of `two` (tensor-parallel) within 1e-5 of `one` (one process) and 1e-4
     of transformers'; greedy tokens equal, for 8 prompts sharing steps and alone."""
     ids = list(range(30, 59))
-    expected, got = one.logits(ids), two.logits(ids)
+    expected, got = one.logits(ids).cpu(), two.logits(ids).cpu()  # (from a GPU too)
     assert got.shape == expected.shape == (len(ids), one.config.vocab_size)
     assert (got - expected).abs().max().item() <= 1e-5
     with torch.no_grad():
@@ -114,13 +114,20 @@ def rank_peaks(model: Path, tp: int) -> list[int]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+TWO_GPUS = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: 2 GPUs"
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 @pytest.mark.parametrize("style", list(STYLES))
-def test_tp2_logits_and_greedy_tokens_equal_tp1(checkpoints, style):
+def test_tp2_logits_and_greedy_tokens_equal_tp1(checkpoints, style, device):
     """fp32 logits at every position within 1e-5 of one process (and of transformers),
-    greedy tokens equal, for single prompts and a batch of 8 sharing steps."""
+    greedy tokens equal, for single prompts and a batch of 8 sharing steps: on CPUs
+    (gloo and shared memory) and, where a machine has 2 GPUs, over NCCL."""
     hf_model, folder = checkpoints[style]
-    one = falconet.load(folder, dtype="float32")
-    two = falconet.load(folder, dtype="float32", tp=2)
+    one = falconet.load(folder, dtype="float32", device=device)
+    two = falconet.load(folder, dtype="float32", tp=2, device=device)
     try:
         [worker] = _workers()  # a real process
         assert worker.pid == two.model.workers.pids()[0]
