@@ -6,6 +6,8 @@ ranks have it."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 import time
@@ -118,3 +120,26 @@ def test_tp_model_leaves_no_mapping_and_gloo_still_serves(tmp_path, monkeypatch,
     one = falconet.load(tiny_7b, dtype="float32").logits(ids)
     assert (via_shm - one).abs().max().item() <= 1e-5
     assert (via_gloo - one).abs().max().item() <= 1e-5
+
+
+def test_a_dev_shm_that_cannot_hold_the_group_falls_back_to_gloo(monkeypatch, caplog):
+    """tmpfs hands out pages on first touch: a full /dev/shm (a container's 64 MB default)
+    would kill the ranks with SIGBUS in the middle of a step. The pages are reserved at
+    start instead; when they cannot be, there is no group (the ranks use gloo) and no file."""
+    made = []
+    mkstemp = shm_module.tempfile.mkstemp
+
+    def recorded(*a, **kw):
+        fd, name = mkstemp(*a, **kw)
+        made.append(name)
+        return fd, name
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shm_module.tempfile, "mkstemp", recorded)
+    monkeypatch.setattr(shm_module.os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING, logger="falconet.parallel"):
+        assert SharedMemoryGroup.create(2) is None
+    assert len(made) == 1 and not os.path.exists(made[0])
+    assert "cannot hold" in caplog.text and "the ranks use gloo" in caplog.text

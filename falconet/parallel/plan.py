@@ -139,7 +139,8 @@ def check_tensor_parallel(config: ModelConfig, world: int, quant: str | None = N
     arch = for_config(config).name
     if arch not in SHARDS:
         raise TensorParallelError(
-            f"tensor parallelism covers Falcon, Llama-style (Falcon3) and Falcon-Mamba models; "
+            f"tensor parallelism covers Falcon, Llama-style (Falcon3), Falcon-Mamba and "
+            f"Falcon-H1 models; "
             f"a {config.variant} model ({arch}) runs with --tp 1"
         )
     if getattr(config, "bitnet", None) is not None:
@@ -257,10 +258,10 @@ class ShardConfig:
         return (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
 
     def __getattr__(self, name: str) -> Any:  # only for what is not set above
-        method = getattr(type(self.full), name, None)
+        method = inspect.getattr_static(type(self.full), name, None)
         if inspect.isfunction(method):  # the config's methods read the shard's sizes
             return method.__get__(self)  # (ssm_state_shapes: the rank's channels)
-        return getattr(self.full, name)
+        return getattr(self.full, name)  # static and class methods, fields, properties
 
     def __repr__(self) -> str:
         return f"ShardConfig({self.world} ranks of {self.full!r})"

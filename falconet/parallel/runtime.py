@@ -448,6 +448,8 @@ def start(
             torch.cuda.set_device(0)
         try:
             _meet(model, backend_for(device), init, world, timeout)
+            if model.shm is not None:  # every worker mapped it before meeting us
+                model.shm.unlink()
         except Exception as e:
             model.close()
             if isinstance(e, TensorParallelError):
@@ -458,8 +460,6 @@ def start(
         model.local = _load(folder, config, Shard(0, world), dtype, compute_dtype,
                             local_device, quant, progress, model.shm)  # fmt: skip
         model.wait_ready()
-        if model.shm is not None:  # every rank has mapped it (before the barrier)
-            model.shm.unlink()
     except BaseException:
         model.close()
         raise
@@ -548,9 +548,10 @@ def _worker(
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # mapped before meeting rank 0, which unlinks the file once all have met
+    shm = SharedMemoryGroup.attach(shm_path, rank, world) if shm_path else None
     dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))  # fmt: skip
-    shm = SharedMemoryGroup.attach(shm_path, rank, world) if shm_path else None
     config = source_config(Path(folder))
     local = _load(folder, config, Shard(rank, world), dtype, compute_dtype, device, quant, shm=shm)
     dist.barrier()

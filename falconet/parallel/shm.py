@@ -16,9 +16,10 @@ value): ~10 us for that row.
   x86's total store order keeps in order for the readers; `available()` is false on
   other processors (they keep gloo).
 - Tensors larger than a slot go in slot-sized rounds.
-- The mapping is a file in /dev/shm, mode 0600 (activations are the user's data), which
-  rank 0 unlinks as soon as every rank has mapped it: nothing is left behind, even
-  after a SIGKILL.
+- The mapping is a file in /dev/shm, mode 0600 (activations are the user's data), its
+  pages reserved up front (a full /dev/shm falls back to gloo at start, not SIGBUS
+  later), which rank 0 unlinks as soon as every rank has mapped it (the workers map it
+  before they meet rank 0): nothing is left behind after the ranks have met.
 - A wait gives up when the group is aborted (rank 0's watchdog saw a worker die) or
   after `timeout` seconds, raising TensorParallelError instead of spinning forever.
 """
@@ -26,6 +27,7 @@ value): ~10 us for that row.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import platform
@@ -37,6 +39,8 @@ import numpy as np
 import torch
 
 from falconet.parallel.plan import TensorParallelError
+
+log = logging.getLogger("falconet.parallel")
 
 SHM_DIR = Path("/dev/shm")
 SLOT_BYTES = 4 << 20  # per rank and buffer: a 2048-token prefill of an 8192-wide model
@@ -72,9 +76,24 @@ class SharedMemoryGroup:
         self._seq = int(self._seq_words[rank])
 
     @classmethod
-    def create(cls, world: int, timeout: float = 120.0) -> SharedMemoryGroup:
-        fd, name = tempfile.mkstemp(prefix="falconet-tp-", dir=SHM_DIR)  # mode 0600
-        os.ftruncate(fd, _size(world))  # zero-filled: every sequence number starts at 0
+    def create(cls, world: int, timeout: float = 120.0) -> SharedMemoryGroup | None:
+        """Rank 0's group, or None where /dev/shm cannot hold it (read-only, full, a
+        container's small default): the ranks then meet through gloo."""
+        try:
+            fd, name = tempfile.mkstemp(prefix="falconet-tp-", dir=SHM_DIR)  # mode 0600
+        except OSError as e:
+            log.warning("tensor parallelism: no shared memory (%s); the ranks use gloo", e)
+            return None
+        try:
+            # the pages reserved now: tmpfs would otherwise hand them out on first touch,
+            # and a full /dev/shm would kill the ranks (SIGBUS) in the middle of a step
+            os.posix_fallocate(fd, 0, _size(world))  # zero-filled: sequence numbers 0
+        except OSError as e:
+            os.close(fd)
+            os.unlink(name)
+            log.warning("tensor parallelism: %s cannot hold %d MB (%s); the ranks use gloo",
+                        SHM_DIR, _size(world) >> 20, e)  # fmt: skip
+            return None
         return cls(Path(name), 0, world, fd, timeout)
 
     @classmethod
