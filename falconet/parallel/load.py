@@ -197,12 +197,35 @@ def _safetensors(path: Path):
                     # keep whole rows' pages resident, and a view of rows the pages
                     # around them (the kernel's fault-around), so a rank would hold more
                     # than its shard
-                    pieces = [part[idx].clone() for idx in slices(shape)]
+                    pieces = [_copy_out(part[idx]) for idx in slices(shape)]
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{path}: tensor {name} cannot be read ({e})") from None
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
         yield path, name, read
+
+
+COPY_CHUNK_BYTES = 16 << 20
+
+
+def _copy_out(view: torch.Tensor) -> torch.Tensor:
+    """A copy of `view` (a view into a file mapping) made some MB of rows at a time, the
+    mapping's pages each piece read dropped right after it: copying a tensor whole would
+    hold its file pages and its copy at once, twice the tensor (a rank's largest one, the
+    embeddings' slice, was most of a rank's peak over its shard)."""
+    if view.ndim < 2 or view.numel() * view.element_size() <= COPY_CHUNK_BYTES:
+        return view.clone(memory_format=torch.contiguous_format)
+    out = torch.empty(view.shape, dtype=view.dtype)
+    row_bytes = view.stride(0) * view.element_size()
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for r0 in range(0, view.shape[0], step):
+        piece = view[r0 : r0 + step]
+        out[r0 : r0 + step].copy_(piece)
+        # the bytes the piece spans in the mapping, first element to last (a column
+        # slice's rows in between included: their pages were read whole)
+        span = (piece.shape[0] - 1) * view.stride(0) + piece[0].numel()
+        release_pages(torch.as_strided(piece, (span,), (1,)))
+    return out
 
 
 def _bin(path: Path):
