@@ -25,7 +25,12 @@ from tests.conftest import (
     build_llama_hf_model,
     save_hf_model,
 )
-from tests.test_tensor_parallel import PROMPTS, _random_llama, rank_peaks, served_tp2_texts
+from tests.test_tensor_parallel import (
+    PROMPTS,
+    _random_llama,
+    assert_served_tp2_equals_one_process,
+    rank_peaks,
+)
 from tests.test_ternary import build_bitnet_model, tq_scales
 
 # (builder, variant, config changes): every row-parallel input splits into whole 32-value
@@ -187,12 +192,7 @@ def test_a_recurrent_models_gguf_file_runs_with_tp1(tmp_path):
 
 
 def test_serve_tp2_over_a_gguf_file_streams_what_one_process_generates(gguf):
-    path = gguf("40b", "q4_0")
-    one = falconet.load(path, dtype="float32")
-    # the server stops at the file's end-of-text token, as one process does without
-    # ignore_eos
-    expected = [c.text for c in one.complete(PROMPTS, SamplingParams(max_tokens=10))]
-    assert served_tp2_texts(path) == expected
+    assert_served_tp2_equals_one_process(gguf("40b", "q4_0"))
 
 
 def test_each_rank_holds_about_half_the_file(tmp_path):

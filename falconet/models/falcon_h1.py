@@ -134,6 +134,11 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.groups, self.eps, self.norm_before_gate = groups, eps, norm_before_gate
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        # A group spread over tensor-parallel ranks (parallel/load.py sets both): each
+        # holds a slice of its channels, so the mean of squares is the ranks' sums of
+        # squares added (`reduce_squares`) over the group's whole width.
+        self.reduce_squares = None
+        self.group_width = size // groups
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B, T, E = y.shape
@@ -141,7 +146,11 @@ class GatedRMSNorm(nn.Module):
         if not self.norm_before_gate:
             h = h * elementwise.silu(z.float())
         h = h.view(B, T, self.groups, E // self.groups)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.reduce_squares is None:
+            mean_square = h.pow(2).mean(-1, keepdim=True)
+        else:
+            mean_square = self.reduce_squares(h.pow(2).sum(-1, keepdim=True)) / self.group_width
+        h = h * torch.rsqrt(mean_square + self.eps)
         h = (self.weight.view(self.groups, E // self.groups) * h).view(B, T, E)
         if self.norm_before_gate:
             h = h * elementwise.silu(z.float())

@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from falconet.nn import elementwise
 from falconet.nn.linear import Linear
 from falconet.parallel.shm import SharedMemoryGroup
 
@@ -125,33 +124,8 @@ class GatheredHead(nn.Module):
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]  # (..., V)
 
 
-class SpanningGatedNorm(nn.Module):
-    """Falcon-H1's gated RMSNorm when its one group spans the ranks: each rank holds a
-    slice of the group's channels, so the mean of squares is the ranks' sums of squares
-    added (one all-reduce of one value per token) over the group's whole width; the rest
-    is the local norm's (`local`: models/falcon_h1.GatedRMSNorm, its weight the slice)."""
-
-    def __init__(
-        self,
-        local: nn.Module,
-        width: int,
-        group: dist.ProcessGroup | None = None,
-        shm: SharedMemoryGroup | None = None,
-    ) -> None:
-        super().__init__()
-        self.local, self.width = local, width
-        self.group, self.shm = group, shm
-
-    @property
-    def weight(self):
-        return self.local.weight
-
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float()
-        gate = elementwise.silu(z.float())
-        if not self.local.norm_before_gate:
-            h = h * gate
-        squares = h.pow(2).sum(-1, keepdim=True).contiguous()  # (B, T, 1)
-        all_reduce(squares, self.group, self.shm)
-        h = h * torch.rsqrt(squares / self.width + self.local.eps) * self.local.weight
-        return h * gate if self.local.norm_before_gate else h
+def summed(t: torch.Tensor, group=None, shm: SharedMemoryGroup | None = None) -> torch.Tensor:
+    """The sum of every rank's t (a new contiguous tensor where t was not one)."""
+    t = t.contiguous()
+    all_reduce(t, group, shm)
+    return t

@@ -26,12 +26,7 @@ from falconet.errors import CheckpointError
 from falconet.models.base import CausalLM
 from falconet.models.checkpoint import load_mix_plan, read_config, read_gguf, row_order
 from falconet.models.registry import ModelConfig, for_config
-from falconet.parallel.layers import (
-    GatheredHead,
-    RowParallel,
-    SpanningGatedNorm,
-    VocabParallelEmbedding,
-)
+from falconet.parallel.layers import GatheredHead, RowParallel, VocabParallelEmbedding, summed
 from falconet.parallel.plan import (
     QKV,
     VOCAB,
@@ -310,9 +305,10 @@ def _join_ranks(
         if is_row_parallel(arch, name):
             model.set_submodule(name, RowParallel(module, shm=shm))
     if arch == "falcon_h1" and config.mamba_rms_norm and config.mamba_n_groups % shard.world:
-        for name, module in list(model.named_modules()):  # one group, spread over the ranks
+        for name, module in model.named_modules():  # one group, spread over the ranks
             if name.endswith(".mamba.norm"):
-                model.set_submodule(name, SpanningGatedNorm(module, config.mamba_d_ssm, shm=shm))
+                module.reduce_squares = partial(summed, shm=shm)
+                module.group_width = config.mamba_d_ssm
     rows = shard.vocab(config.vocab_size)
     embeddings = model.get_submodule(model.embeddings_name)
     model.set_submodule(

@@ -24,7 +24,7 @@ MLP's inner size, V vocabulary.
   the conv's x channels, A_log, D, dt_bias, the gated norm's weight) split with the
   heads; B and C split with the groups where the ranks divide them, else (one group)
   every rank computes them whole, and the gated norm, whose group then spans the ranks,
-  sums its squares over them (layers.SpanningGatedNorm). out_proj is row-parallel.
+  sums its squares over them (its `reduce_squares`, set at load). out_proj is row-parallel.
 
 `SHARDS` maps the HF tensor names of each registered architecture to their kind; a rank
 reads only the slice its kind gives (`tensor_slices`), straight from the checkpoint.
@@ -58,6 +58,20 @@ MAMBA2_CONV = "mamba2_conv"  # Mamba-2's conv channels: x, B, C
 VOCAB = "vocab"  # vocabulary rows, ceil(V/N) per rank
 # anything not listed: whole on every rank
 
+# a Llama-style attention's projections (Falcon3, Falcon-H1)
+LLAMA_ATTENTION = {
+    "*.self_attn.q_proj.*": OUT,
+    "*.self_attn.k_proj.*": KV,
+    "*.self_attn.v_proj.*": KV,
+    "*.self_attn.o_proj.weight": IN,
+}
+
+
+def swiglu(mlp: str) -> dict[str, str]:
+    """A SwiGLU MLP's projections under module name `mlp`."""
+    return {f"*.{mlp}.gate_proj.*": OUT, f"*.{mlp}.up_proj.*": OUT, f"*.{mlp}.down_proj.weight": IN}
+
+
 SHARDS: dict[str, dict[str, str]] = {
     "falcon": {
         "transformer.word_embeddings.weight": VOCAB,
@@ -70,13 +84,8 @@ SHARDS: dict[str, dict[str, str]] = {
     "llama": {
         "model.embed_tokens.weight": VOCAB,
         "lm_head.weight": VOCAB,
-        "*.self_attn.q_proj.*": OUT,
-        "*.self_attn.k_proj.*": KV,
-        "*.self_attn.v_proj.*": KV,
-        "*.self_attn.o_proj.weight": IN,
-        "*.mlp.gate_proj.*": OUT,
-        "*.mlp.up_proj.*": OUT,
-        "*.mlp.down_proj.weight": IN,
+        **LLAMA_ATTENTION,
+        **swiglu("mlp"),
     },
     "falcon_mamba": {
         "backbone.embeddings.weight": VOCAB,
@@ -92,13 +101,8 @@ SHARDS: dict[str, dict[str, str]] = {
     "falcon_h1": {
         "model.embed_tokens.weight": VOCAB,
         "lm_head.weight": VOCAB,
-        "*.self_attn.q_proj.*": OUT,
-        "*.self_attn.k_proj.*": KV,
-        "*.self_attn.v_proj.*": KV,
-        "*.self_attn.o_proj.weight": IN,
-        "*.feed_forward.gate_proj.*": OUT,
-        "*.feed_forward.up_proj.*": OUT,
-        "*.feed_forward.down_proj.weight": IN,
+        **LLAMA_ATTENTION,
+        **swiglu("feed_forward"),
         "*.mamba.in_proj.*": MAMBA2_IN,
         "*.mamba.conv1d.*": MAMBA2_CONV,
         "*.mamba.dt_bias": OUT,

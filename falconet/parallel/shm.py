@@ -71,8 +71,9 @@ class SharedMemoryGroup:
         words = np.frombuffer(self._map, dtype=np.int64, count=head)
         self._seq_words = words[: world * LINE // 8].reshape(world, LINE // 8)[:, 0]
         self._abort_word = words[world * LINE // 8 :][:1]
-        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._data_at = (world + 1) * LINE
+        data = torch.frombuffer(self._map, dtype=torch.uint8)[(world + 1) * LINE :]
+        # [buffer][rank]: each rank's slot in each half of the double buffer
+        self._slots = data.view(2, world, SLOT_BYTES).unbind(0)
         self._seq = int(self._seq_words[rank])
 
     @classmethod
@@ -138,11 +139,7 @@ class SharedMemoryGroup:
         returns views of every rank's slot (valid until the round after next)."""
         self._seq += 1
         nbytes = part.numel() * part.element_size()
-        base = self._data_at + (self._seq % 2) * self.world * SLOT_BYTES
-        slots = [
-            self._bytes[base + r * SLOT_BYTES : base + r * SLOT_BYTES + nbytes].view(part.dtype)
-            for r in range(self.world)
-        ]
+        slots = [slot[:nbytes].view(part.dtype) for slot in self._slots[self._seq % 2]]
         slots[self.rank].copy_(part)
         self._seq_words[self.rank] = self._seq  # after the copy: readers see both in order
         for r in range(self.world):
