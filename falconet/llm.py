@@ -169,8 +169,7 @@ def _load(
     config = read_config(folder)
     storage, compute = resolve_dtypes(dtype, config, dev)
     tokenizer = Tokenizer.from_dir(folder)
-    with torch.device("meta"):
-        model = for_config(config).model(config, storage, compute)
+    model = for_config(config).shapes(config, storage, compute)
     advance = _bytes_done(progress, model.weight_bytes() // tp)
     if tp != 1:  # under torchrun too: a job running one model per process keeps tp=1
         model = start_tensor_parallel(folder, config, tp, storage, compute, dev, quant,
@@ -218,8 +217,7 @@ def _load_gguf(
         model = start_tensor_parallel(path, config, tp, storage, compute, dev, None,
                                       progress=advance, on_failure=on_worker_failure)  # fmt: skip
         return LLM(model, tokenizer, path, card)
-    with torch.device("meta"):
-        model = for_config(ckpt.config).model(ckpt.config, storage, compute)
+    model = for_config(ckpt.config).shapes(ckpt.config, storage, compute)
     load_gguf_weights(model, ckpt, advance)
     if dev.type != "cpu":
         model = model.to(dev)

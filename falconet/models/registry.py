@@ -15,9 +15,13 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from falconet.errors import ConfigError
 from falconet.models.base import CausalLM, CheckpointLayout
@@ -41,6 +45,14 @@ class Architecture:
     hf_model_types: tuple[str, ...]
     hf_architectures: tuple[str, ...]
     gguf_architecture: str  # llama.cpp's general.architecture
+
+    def shapes(
+        self, config: ModelConfig, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> CausalLM:
+        """The model for `config` with parameters that are shapes only (device "meta"):
+        what a loader fills from a checkpoint, each tensor allocated as it is read."""
+        with torch.device("meta"), _initializers_skipped():
+            return self.model(config, dtype, compute_dtype)
 
     def layout(self, config: ModelConfig) -> CheckpointLayout:
         """The HF checkpoint's tensor table for `config` (the model file's), with what
@@ -80,6 +92,30 @@ ARCHITECTURES = (
         "falcon-h1",
     ),
 )
+
+
+@contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """torch.nn.init's in-place initializers as no-ops while meta modules are built (as
+    transformers' `no_init_weights` does). Why: on the meta device torch runs e.g.
+    `normal_` through a Python decomposition whose wrapper imports torch._dynamo -- about
+    140 MiB resident and a second of import in a process that never compiles anything,
+    paid again by every tensor-parallel rank. Construction happens in one thread, before
+    serving starts; the functions are restored on the way out."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(init, n) for n in names if callable(getattr(init, n))}
+    for name in saved:
+        setattr(init, name, _unchanged)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def _supported() -> str:

@@ -97,8 +97,7 @@ def load_shard(
     GGUF file."""
     arch = for_config(config)
     local_config = ShardConfig(config, shard.world, shard.rank)
-    with torch.device("meta"):
-        model = arch.model(local_config, dtype, compute_dtype)
+    model = arch.shapes(local_config, dtype, compute_dtype)
     layout = arch.layout(config)  # the checkpoint's (whole) tensors
     gguf = is_gguf(source)
     # a GGUF file's rows are falconet's own (the converter regrouped Falcon's QKV)

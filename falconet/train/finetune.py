@@ -188,8 +188,7 @@ def load_for_training(
     arch = for_config(config)
     if arch.layout(config).ternary:
         raise FalconetError(f"--model {folder}: a ternary (BitNet) model cannot be fine-tuned")
-    with torch.device("meta"):
-        model = arch.model(config, torch.float32, torch.float32)
+    model = arch.shapes(config, torch.float32, torch.float32)
     load_hf_weights(model, folder)
     return model, Tokenizer.from_dir(folder), hf
 
