@@ -62,7 +62,8 @@ def test_tq_file_runs_on_its_packed_codes(files, qtype):
     got = llm.logits(PROMPT + PROMPT)
     hook.remove()
     [(x, y)] = seen
-    assert torch.equal(y, kernels.tq2_linear(x, down.weight_blocks, down.out_features))
+    assert down.layout == kernels.TQ2_TILES  # 256 rows: tiles of 8, since the first forward
+    assert torch.equal(y, kernels.tq2_linear(x, down.weight_blocks, down.out_features, True))
     assert not torch.allclose(y, x @ down.weight.dequantize().T, rtol=1e-4, atol=1e-4)
     ref = falconet.load(files["f16"], dtype="float32").logits(PROMPT + PROMPT)
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -95,11 +96,10 @@ def test_tq_file_runs_on_its_packed_codes(files, qtype):
     t = tensors["blk.1.ffn_down.weight"]
     assert down.weight.fmt.name == qtype
     assert np.array_equal(down.weight.data.numpy(), np.asarray(t.data))
-    if qtype == "tq2_0":  # used in place: the file's mapping, no copy
-        assert down.layout == "ggml" and down.mapped
-        assert np.array_equal(down.weight_blocks.numpy(), np.asarray(t.data))
-    else:
-        assert down.layout == "tq2_0"
+    # held as tiles: the file's pages were released once the tiles were made
+    assert not down.mapped
+    rows = kernels.relayout(down.fmt, down.weight_blocks, down.in_features, down.layout, "ggml")
+    assert np.array_equal(rows.numpy(), np.asarray(t.data))
 
 
 @native
@@ -131,9 +131,8 @@ def q8k_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @native
 @pytest.mark.parametrize("K", [256, 768, 4096])
 def test_kernel_equals_the_reference_and_is_row_invariant(K):
-    """AVX2 (maddubs or AVX-512 VNNI) and portable paths give the same bits; each row
-    equals itself alone; the
-    result is the Q8_K-rounded product to float32 rounding, with an all-zero activation
+    """AVX2 (maddubs or AVX-512 VNNI) and portable paths give the same bits, on rows
+    and on tiles of 8 rows; each row equals itself alone; the result is the Q8_K-rounded product to float32 rounding, with an all-zero activation
     block, an all-zero weight block and the out-of-range code 3 (weight 2 d, as
     llama.cpp's dequantizer reads it) included."""
     native_mod = kernels.native
@@ -145,6 +144,9 @@ def test_kernel_equals_the_reference_and_is_row_invariant(K):
     w[3, :256] = 0
     blocks = torch.from_numpy(tq2.quantize(w))
     blocks[5, 0] |= 3  # value 0 of row 5: code 3
+    tiles = kernels.relayout(tq2, blocks, K, "ggml", kernels.TQ2_TILES)
+    assert not torch.equal(tiles, blocks)
+    assert torch.equal(kernels.relayout(tq2, tiles, K, kernels.TQ2_TILES, "ggml"), blocks)
     x = torch.from_numpy(g.standard_normal((M, K)).astype(np.float32) * 3)
     x[2, 256 : 512 if K > 256 else 256] = 0
     x[4, :256] = 0
@@ -164,10 +166,17 @@ def test_kernel_equals_the_reference_and_is_row_invariant(K):
             alone = torch.cat(
                 [kernels.tq2_linear(x[i : i + 1].clone(), blocks, N) for i in range(M)]
             )
+            in_tiles = kernels.tq2_linear(x, tiles, N, tiles=True)  # 4 + 3 rows a pass
+            six = kernels.tq2_linear(x[:6].clone(), tiles, N, tiles=True)  # 4 + 2
+            tiles_alone = torch.cat(
+                [kernels.tq2_linear(x[i : i + 1].clone(), tiles, N, True) for i in range(M)]
+            )
         finally:
             native_mod.set_simd(before)
             native_mod.set_int8_dot(dot_before)
         assert torch.equal(alone, y)
+        assert torch.equal(in_tiles, y) and torch.equal(tiles_alone, y)
+        assert torch.equal(six, y[:6])
         results[simd, dot] = y
     ys = list(results.values())
     assert all(torch.equal(ys[0], y) for y in ys)

@@ -58,6 +58,7 @@ Q8_K_BYTES = 292  # one activation block: float d, int8 qs[256], int16 bsums[16]
 # The CPU layout of a ternary type's weight: TQ2_0's blocks, which the kernel reads as
 # they are (TQ1_0's base-3 bytes are transcoded to them).
 TERNARY_LAYOUT = "tq2_0"
+TQ2_TILES = "tq2_x8"  # TQ2_0 blocks in tiles of 8 rows (kernels_tq2.h)
 
 
 def native_available(fmt: QuantFormat) -> bool:
@@ -161,42 +162,72 @@ def tq2_available() -> bool:
 
 
 def cpu_layout(fmt: QuantFormat, out_features: int) -> str:
-    """The layout a CPU weight of this format is best held in: "x8" tiles, TQ2_0 blocks
-    for the ternary types, else "ggml" (the file's rows)."""
+    """The layout a CPU weight of this format is best held in: "x8" tiles; for the
+    ternary types TQ2_0 blocks in tiles of 8 rows ("tq2_x8") or, with a row count that
+    is not a multiple of 8, as rows (TQ1_0's transcoded, "tq2_0"); else "ggml" (the
+    file's rows)."""
     if x8_eligible(fmt, out_features):
         return "x8"
-    if isinstance(fmt, TernaryFormat) and fmt.name != TERNARY_LAYOUT and tq2_available():
-        return TERNARY_LAYOUT
+    if isinstance(fmt, TernaryFormat) and tq2_available():
+        if out_features % 8 == 0 and native.simd() == "avx2":
+            return TQ2_TILES
+        return _tq2_rows(fmt)
     return "ggml"
 
 
-def tq2_layout(fmt: QuantFormat) -> str | None:
-    """The layout in which a CPU weight of `fmt` is TQ2_0 rows for the compiled kernel:
-    TQ2_0's own ("ggml"), TQ1_0's transcoded ("tq2_0"); None for the other formats or
-    without the kernel."""
+def tq2_layout(fmt: QuantFormat, out_features: int) -> str | None:
+    """The layout in which a CPU weight of `fmt` is TQ2_0 blocks for the compiled kernel
+    (its cpu_layout); None for the other formats or without the kernel."""
     if not (isinstance(fmt, TernaryFormat) and tq2_available()):
         return None
+    return cpu_layout(fmt, out_features)
+
+
+def _tq2_rows(fmt: QuantFormat) -> str:
+    """The layout in which a ternary weight is TQ2_0 rows: TQ2_0's own, TQ1_0's transcoded."""
     return "ggml" if fmt.name == TERNARY_LAYOUT else TERNARY_LAYOUT
 
 
 def layout_format(fmt: QuantFormat, layout: str) -> QuantFormat:
-    """The format whose rows a weight of `fmt` holds in `layout` (x8 tiles are `fmt`'s
-    blocks permuted; the ternary layout holds TQ2_0 blocks)."""
-    return get_format(TERNARY_LAYOUT) if layout == TERNARY_LAYOUT else fmt
+    """The format whose blocks a weight of `fmt` holds in `layout` (x8 tiles are `fmt`'s
+    blocks permuted; the ternary layouts hold TQ2_0 blocks)."""
+    return get_format(TERNARY_LAYOUT) if layout in (TERNARY_LAYOUT, TQ2_TILES) else fmt
 
 
 def relayout(fmt: QuantFormat, blocks: torch.Tensor, cols: int, src: str, dst: str) -> torch.Tensor:
-    """A `fmt` weight's bytes from layout `src` to layout `dst` (ggml, x8, tq2_0); a CPU
-    tensor, a new one unless the layouts are equal."""
+    """A `fmt` weight's bytes from layout `src` to layout `dst` (ggml, x8, tq2_0,
+    tq2_x8); a CPU tensor, a new one unless the layouts are equal."""
     if src == dst:
         return blocks
     if "x8" in (src, dst):  # x8 only ever comes from or goes back to GGML rows
         return repack(fmt, blocks, cols, to_x8=dst == "x8")
+    if TQ2_TILES in (src, dst):  # tiles only ever come from or go back to TQ2_0 rows
+        rows = _tq2_rows(fmt)
+        if src == TQ2_TILES:
+            return relayout(fmt, untile(fmt, blocks, cols, src), cols, rows, dst)
+        return _tq2_repack(relayout(fmt, blocks, cols, src, rows), cols, to_x8=True)
     a, b = layout_format(fmt, src), layout_format(fmt, dst)
     if not (isinstance(a, TernaryFormat) and isinstance(b, TernaryFormat)):
         raise ValueError(f"no layout {dst} for {fmt.name} weights")
     _check_blocks(a, blocks.contiguous(), blocks.shape[0], cols)
     return torch.from_numpy(transcode(blocks.contiguous().numpy(), a, b))
+
+
+def untile(fmt: QuantFormat, tiles: torch.Tensor, cols: int, layout: str) -> torch.Tensor:
+    """Groups of 8 rows held as tiles ("x8" or "tq2_x8") back as rows of
+    layout_format(fmt, layout)'s blocks."""
+    if layout == "x8":
+        return repack(fmt, tiles, cols, to_x8=False)
+    return _tq2_repack(tiles, cols, to_x8=False)
+
+
+def _tq2_repack(blocks: torch.Tensor, cols: int, to_x8: bool) -> torch.Tensor:
+    """TQ2_0 rows <-> tiles of 8 rows (kernels_tq2.h; a permutation within each group)."""
+    src = blocks.contiguous()
+    _check_blocks(get_format(TERNARY_LAYOUT), src, src.shape[0], cols)
+    out = torch.empty_like(src)
+    native.tq2_repack(src.data_ptr(), out.data_ptr(), src.shape[0], cols, to_x8)
+    return out
 
 
 def repack(fmt: QuantFormat, blocks: torch.Tensor, cols: int, to_x8: bool) -> torch.Tensor:
@@ -231,9 +262,12 @@ def x8_linear(x: torch.Tensor, code: int, tiles: torch.Tensor, out_features: int
     return y.view(*x.shape[:-1], out_features)
 
 
-def tq2_linear(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [..., K] @ W.T for W in TQ2_0 blocks [N, K/256*66] (checked by the caller), by
-    the compiled kernel: Q8_K activations, integer sums per block, no float weight."""
+def tq2_linear(
+    x: torch.Tensor, blocks: torch.Tensor, out_features: int, tiles: bool = False
+) -> torch.Tensor:
+    """x [..., K] @ W.T for W in TQ2_0 blocks [N, K/256*66] (checked by the caller), as
+    rows or (tiles=True) in tiles of 8 rows, by the compiled kernel: Q8_K activations,
+    integer sums per block, no float weight; both layouts give the same bits."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     if rows.dtype != torch.float32 or not rows.is_contiguous():
@@ -241,7 +275,7 @@ def tq2_linear(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torc
     y = torch.empty(rows.shape[0], out_features)
     native.tq2_matmul(
         rows.data_ptr(), blocks.data_ptr(), y.data_ptr(), rows.shape[0], K, out_features,
-        torch.get_num_threads(),
+        torch.get_num_threads(), tiles,
     )  # fmt: skip
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
@@ -274,7 +308,7 @@ def quant_linear(
     fmt = layout_format(fmt, layout)
     if fmt.name == TERNARY_LAYOUT and x.device.type == "cpu" and tq2_available():
         _check_blocks(fmt, blocks, out_features, K)
-        return tq2_linear(x, blocks, out_features)
+        return tq2_linear(x, blocks, out_features, tiles=layout == TQ2_TILES)
     xf = rows.to(torch.float32).contiguous()
     if x.device.type == "cpu" and native_available(fmt) and M <= GEMV_ROWS:
         _check_blocks(fmt, blocks, out_features, K)

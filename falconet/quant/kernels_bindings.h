@@ -249,19 +249,37 @@ static PyObject *py_ternary_matmul(PyObject *self, PyObject *args) {
 static PyObject *py_tq2_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     Py_ssize_t M, K, N;
-    int threads, rc;
-    if (!PyArg_ParseTuple(args, "KKKnnni", &x, &w, &y, &M, &K, &N, &threads)) return NULL;
-    if (M < 0 || K < 0 || N < 0 || K % QK_K || threads < 1) {
+    int threads, rc, x8 = 0;
+    if (!PyArg_ParseTuple(args, "KKKnnni|p", &x, &w, &y, &M, &K, &N, &threads, &x8)) return NULL;
+    if (M < 0 || K < 0 || N < 0 || K % QK_K || threads < 1 || (x8 && N % 8)) {
         PyErr_Format(PyExc_ValueError,
-                     "tq2_matmul needs M, N >= 0, K a multiple of %d and threads >= 1; got %zd, %zd, %zd, %d",
+                     "tq2_matmul needs M, N >= 0 (N a multiple of 8 in tiles), K a multiple of %d and "
+                     "threads >= 1; got %zd, %zd, %zd, %d",
                      QK_K, M, K, N, threads);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     rc = tq2_matmul((const float *)(uintptr_t)x, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)y, M, K, N,
-                    threads);
+                    threads, x8);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* tq2_repack(src_ptr, dst_ptr, N, K, to_x8): TQ2_0 rows <-> tiles of 8 rows */
+static PyObject *py_tq2_repack(PyObject *self, PyObject *args) {
+    unsigned long long src, dst;
+    Py_ssize_t N, K;
+    int to_x8;
+    if (!PyArg_ParseTuple(args, "KKnnp", &src, &dst, &N, &K, &to_x8)) return NULL;
+    if (K <= 0 || K % QK_K || N < 0 || N % 8) {
+        PyErr_Format(PyExc_ValueError, "tq2_repack needs K a positive multiple of %d and N a multiple of 8; "
+                     "got K=%zd, N=%zd", QK_K, K, N);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    tq2_repack((const uint8_t *)(uintptr_t)src, (uint8_t *)(uintptr_t)dst, N, K / QK_K, to_x8);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 

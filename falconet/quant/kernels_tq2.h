@@ -14,16 +14,24 @@
  *   y[m, n] = sum_b  d_x[m, b] * d_w[n, b] * (sum_k q_x[k] * q_w[k]  -  sum_k q_x[k])
  *
  * The integer part (codes unsigned for AVX2's maddubs; the "-1" is the block's sum of
- * q_x, subtracted once) is exact. The float part is done in eight lanes: lane j holds
- * the products of values 4j..4j+3 of each 32-value group (what maddubs + madd leave in
- * lane j); per block a lane is converted to float, multiplied by d_x * d_w and added to
- * the lane's running sum; at the end the eight lanes are added in one fixed tree. The
- * portable path computes the same lanes in the same order with -ffp-contract=off, so
- * both paths give the same bits, and a row's result depends on nothing but that row:
- * a batch equals each row alone.
+ * q_x, subtracted once) is exact, and it is one integer per block: the float part is
+ * then one step per block, acc = acc + (float)isum * (d_x * d_w), in block order. Every
+ * path -- the portable loop, the row kernels, the 8-row tiles below, AVX2 or VNNI --
+ * computes those same steps (no FMA: -ffp-contract=off), so they give the same bits, and
+ * a row's result depends on nothing but that row: a batch equals each row alone.
+ *
+ * Tiles ("tq2_x8"): the rows of each group of 8, per block b, as one 528-byte tile --
+ * d[8] (fp16), then for p = 0..15 the 4-byte pieces qs[4p..4p+3] of rows 0..7 side by
+ * side -- a permutation within the group, made once at a layer's first CPU forward. A
+ * piece of row r sits in 32-bit lane r; shifted by 2n and masked it holds the codes of
+ * values 128h + 32n + 4k + (0..3) (p = 8h + k), so 4 activation bytes broadcast to the 8
+ * lanes give each row its own products (vpdpbusd, or maddubs + madd), the tile is read
+ * front to back (a decode step's 8 rows as one stream), and the float step is one vector
+ * operation for the 8 rows.
  */
 
 #define TQ_ROWS 4 /* activation rows sharing one unpacking of a weight block */
+#define TQ2_TILE (8 * 66) /* bytes of 8 rows' block b in the tiles */
 
 typedef struct { uint8_t qs[QK_K / 4]; uint16_t d; } block_tq2_0;
 _Static_assert(sizeof(block_tq2_0) == 66, "tq2_0 block");
@@ -55,35 +63,57 @@ static void quantize_q8k(const float *x, block_q8k *y, int64_t nb) {
     }
 }
 
-/* The eight lanes added as _mm256 halves, then pairs, then the last two. */
-static float lanes_sum(const float a[8]) {
-    const float t0 = a[0] + a[4], t1 = a[1] + a[5], t2 = a[2] + a[6], t3 = a[3] + a[7];
-    return (t0 + t2) + (t1 + t3);
-}
-
-static void tq2_dot_ref(const block_tq2_0 *w, const block_q8k *y, int64_t nb, float *out) {
-    float acc[8] = {0};
+/* Row w against activation row y: one integer per block, one float step per block. */
+static float tq2_dot_ref(const block_tq2_0 *w, const block_q8k *y, int64_t nb) {
+    float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        int32_t lane[8] = {0};
+        int32_t isum = -y[b].bsum;
         for (int h = 0; h < 2; h++)
             for (int n = 0; n < 4; n++)
                 for (int j = 0; j < 32; j++)
-                    lane[j / 4] += ((w[b].qs[32 * h + j] >> (2 * n)) & 3) * y[b].qs[128 * h + 32 * n + j];
-        lane[0] -= y[b].bsum;
-        const float d = y[b].d * half_table[w[b].d];
-        for (int j = 0; j < 8; j++) acc[j] = acc[j] + (float)lane[j] * d;
+                    isum += ((w[b].qs[32 * h + j] >> (2 * n)) & 3) * y[b].qs[128 * h + 32 * n + j];
+        acc = acc + (float)isum * (y[b].d * half_table[w[b].d]);
     }
-    *out = lanes_sum(acc);
+    return acc;
+}
+
+/* GGML rows [N, nb blocks] <-> tiles (to_x8 = 0: back). N % 8 == 0. */
+static void tq2_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, int to_x8) {
+    const int64_t row_bytes = nb * (int64_t)sizeof(block_tq2_0);
+    for (int64_t g = 0; g < N / 8; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *tile = (to_x8 ? dst : (uint8_t *)src) + g * 8 * row_bytes + b * TQ2_TILE;
+            for (int r = 0; r < 8; r++) {
+                block_tq2_0 *block = (block_tq2_0 *)((to_x8 ? (uint8_t *)src : dst) + (g * 8 + r) * row_bytes) + b;
+                uint8_t *d = tile + 2 * r;
+                if (to_x8) memcpy(d, &block->d, 2); else memcpy(&block->d, d, 2);
+                for (int p = 0; p < 16; p++) {
+                    uint8_t *piece = tile + 16 + 32 * p + 4 * r;
+                    if (to_x8) memcpy(piece, block->qs + 4 * p, 4); else memcpy(block->qs + 4 * p, piece, 4);
+                }
+            }
+        }
+}
+
+/* Row r of a group's tiles against activation row y: tq2_dot_ref's steps. */
+static float tq2_tile_ref(const uint8_t *tiles, int r, const block_q8k *y, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *tile = tiles + b * TQ2_TILE;
+        int32_t isum = -y[b].bsum;
+        for (int p = 0; p < 16; p++)
+            for (int n = 0; n < 4; n++)
+                for (int j = 0; j < 4; j++)
+                    isum += ((tile[16 + 32 * p + 4 * r + j] >> (2 * n)) & 3) *
+                            y[b].qs[128 * (p / 8) + 32 * n + 4 * (p % 8) + j];
+        uint16_t d;
+        memcpy(&d, tile + 2 * r, 2);
+        acc = acc + (float)isum * (y[b].d * half_table[d]);
+    }
+    return acc;
 }
 
 #if HAVE_X86
-static float hsum_ps_fixed(__m256 v) AVX2;
-static float hsum_ps_fixed(__m256 v) {
-    float a[8];
-    _mm256_storeu_ps(a, v);
-    return lanes_sum(a);
-}
-
 /* The dot products: AVX2's, and AVX-512 VNNI's where the CPU has it (same bits). */
 #define TQ2_TARGET AVX2
 #define TQ2_VNNI 0
@@ -101,29 +131,41 @@ static float hsum_ps_fixed(__m256 v) {
 #undef TQ2_NAME
 #endif
 
-/* y[M, N] (fp32) = x[M, K] (fp32) @ W.T, W N rows of K/256 TQ2_0 blocks. Returns -1 when
- * out of memory, else 0. */
-static int tq2_matmul(const float *x, const uint8_t *W, float *y, int64_t M, int64_t K, int64_t N, int threads) {
-    const int64_t nb = K / QK_K;
+/* y[M, N] (fp32) = x[M, K] (fp32) @ W.T, W N rows of K/256 TQ2_0 blocks, as GGML rows or
+ * (x8) as tiles. Returns -1 when out of memory, else 0. */
+static int tq2_matmul(const float *x, const uint8_t *W, float *y, int64_t M, int64_t K, int64_t N, int threads,
+                      int x8) {
+    const int64_t nb = K / QK_K, row_bytes = nb * (int64_t)sizeof(block_tq2_0);
     block_q8k *xq = malloc(sizeof(block_q8k) * (size_t)(M * nb > 0 ? M * nb : 1));
     if (!xq) return -1;
     for (int64_t m = 0; m < M; m++) quantize_q8k(x + m * K, xq + m * nb, nb);
-    /* threads over weight rows: each streams a contiguous slice of W once for all M rows */
+    /* threads over weight rows (groups of 8 in tiles): each streams a contiguous slice of W
+     * once for all M rows */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const block_tq2_0 *w = (const block_tq2_0 *)(W + n * nb * (int64_t)sizeof(block_tq2_0));
+    for (int64_t n = 0; n < (x8 ? N / 8 : N); n++) {
+        const uint8_t *w = W + n * (x8 ? 8 : 1) * row_bytes;
         for (int64_t m = 0; m < M; m += TQ_ROWS) {
             const int R = (int)(M - m < TQ_ROWS ? M - m : TQ_ROWS);
-            float out[TQ_ROWS];
+            const block_q8k *rows[TQ_ROWS];
+            for (int r = 0; r < R; r++) rows[r] = xq + (m + r) * nb;
 #if HAVE_X86
+            if (use_avx2 && x8) {
+                float out[TQ_ROWS][8];
+                (use_vnni ? tq2_tiles_vnni : tq2_tiles_avx2)(w, rows, R, nb, out);
+                for (int r = 0; r < R; r++) memcpy(y + (m + r) * N + 8 * n, out[r], sizeof out[r]);
+                continue;
+            }
             if (use_avx2) {
-                const block_q8k *rows[TQ_ROWS];
-                for (int r = 0; r < R; r++) rows[r] = xq + (m + r) * nb;
-                (use_vnni ? tq2_dot_rows_vnni : tq2_dot_rows_avx2)(w, rows, R, nb, out);
-            } else
+                float out[TQ_ROWS];
+                (use_vnni ? tq2_dot_rows_vnni : tq2_dot_rows_avx2)((const block_tq2_0 *)w, rows, R, nb, out);
+                for (int r = 0; r < R; r++) y[(m + r) * N + n] = out[r];
+                continue;
+            }
 #endif
-                for (int r = 0; r < R; r++) tq2_dot_ref(w, xq + (m + r) * nb, nb, out + r);
-            for (int r = 0; r < R; r++) y[(m + r) * N + n] = out[r];
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < (x8 ? 8 : 1); i++)
+                    y[(m + r) * N + n * (x8 ? 8 : 1) + i] =
+                        x8 ? tq2_tile_ref(w, i, rows[r], nb) : tq2_dot_ref((const block_tq2_0 *)w, rows[r], nb);
         }
     }
     free(xq);

@@ -13,8 +13,10 @@ lives in the module (`qtype`) and in the file's metadata, never in a tensor name
   first forward into tiles of 8 interleaved rows (`layout == "x8"`, same bytes
   permuted; `weight` still reads back GGML blocks) that serve decode and prompts alike;
   the K-quants (Q2_K..Q6_K) run in the file's blocks against Q8_K activations.
-  The ternary TQ2_0 is read as it is; TQ1_0 is transcoded at the first forward to TQ2_0
-  blocks (`layout == "tq2_0"`, the same codes and scales; `weight` reads back TQ1_0).
+  The ternary types run as TQ2_0 blocks, repacked at the first forward into tiles of 8
+  interleaved rows (`layout == "tq2_x8"`; TQ1_0 transcoded first: the same codes and
+  scales; `weight` reads back the file's type), or as rows where the row count is not
+  a multiple of 8 (TQ2_0's own rows in place, TQ1_0's transcoded: `layout == "tq2_0"`).
 - CUDA with Triton, Q4_0 / Q8_0: Triton dequantize-matmul kernels.
 - anything else: dequantize a tile of output rows and matmul.
 """
@@ -121,13 +123,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_blocks", weight.data, persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # "ggml" rows, or after the first CPU forward where the compiled kernels have
-        # them "x8" tiles or, for TQ1_0, TQ2_0 blocks (kernels.cpu_layout)
+        # them "x8" tiles or, for the ternary types, TQ2_0 blocks in tiles ("tq2_x8") or
+        # rows ("tq2_0", TQ1_0's transcoded) (kernels.cpu_layout)
         self.layout = "ggml"
         self.repack = repack
         self.mapped = weight.mapped
         self._code = kernels.X8_CODES.get(self.fmt.name, 0)  # GGML type id of the x8 kernel
-        # the layout in which this weight is TQ2_0 rows the compiled kernel reads, if any
-        self._tq2_layout = kernels.tq2_layout(self.fmt)
+        # the layout in which this weight is TQ2_0 blocks the compiled kernel reads, if any
+        self._tq2_layout = kernels.tq2_layout(self.fmt, self.out_features)
+        self._tq2_tiles = self._tq2_layout == kernels.TQ2_TILES
         # K-quants without an x8 layout run in their GGUF blocks (never repacked, so no
         # layout switch to guard); Q4_K takes the layout switch below like Q4_0
         self._kquant = (
@@ -176,7 +180,7 @@ class QuantLinear(nn.Module):
             # (a layout switch swaps the buffer before it sets "x8", so this pair is whole)
             y = kernels.x8_linear(x, self._code, self.weight_blocks, self.out_features)
         elif self.layout == self._tq2_layout and x.device.type == "cpu":  # ternary, as hot
-            y = kernels.tq2_linear(x, self.weight_blocks, self.out_features)
+            y = kernels.tq2_linear(x, self.weight_blocks, self.out_features, self._tq2_tiles)
         elif self._kquant and x.device.type == "cpu" and self.weight_blocks.device.type == "cpu":
             y = kernels.kquant_linear(x, self.fmt, self.weight_blocks, self.out_features)
         else:
@@ -206,7 +210,7 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.dtype = dtype
         self.register_buffer("weight_blocks", weight.data, persistent=True)
-        self.layout = "ggml"  # "x8" when a tied head repacked the shared blocks
+        self.layout = "ggml"  # "x8" or "tq2_x8" when a tied head repacked the shared blocks
 
     @property
     def weight(self) -> QuantTensor:
@@ -216,11 +220,11 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         with LAYOUT_LOCK:  # a tied head may be swapping the shared blocks right now
             blocks, layout = self.weight_blocks, self.layout
-        if layout == "x8":
-            # gather each id's group of 8 rows, turn those groups back into GGML rows
+        if layout in ("x8", kernels.TQ2_TILES):
+            # gather each id's group of 8 rows, turn those groups back into rows
             groups = blocks.view(self.num_embeddings // 8, -1)[flat // 8]
-            rows = kernels.repack(self.fmt, groups.view(-1, blocks.shape[1]),
-                                  self.embedding_dim, to_x8=False)  # fmt: skip
+            rows = kernels.untile(self.fmt, groups.view(-1, blocks.shape[1]),
+                                  self.embedding_dim, layout)  # fmt: skip
             rows = rows.view(len(flat), 8, -1)[torch.arange(len(flat)), flat % 8]
         else:
             rows = F.embedding(flat, blocks)  # gathers whole block rows
