@@ -27,6 +27,8 @@ def convert_hf_to_gguf(
     qtype: str = "f16",
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    output_type: str | None = None,
+    embedding_type: str | None = None,
 ) -> None:
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1) as a GGUF
     file `out` that llama.cpp runs: qtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1,
@@ -35,7 +37,10 @@ def convert_hf_to_gguf(
     ternary tq1_0 / tq2_0 (for BitNet checkpoints: Falcon-E, Falcon3-1.58bit).
     progress(done_bytes, total_bytes) is called as tensors are written; an existing
     `out` is replaced only with overwrite=True. The model card's licence (README.md front
-    matter) is written as general.license*."""
+    matter) is written as general.license*. output_type / embedding_type: the output
+    head's / the token embeddings' type, as llama-quantize's --output-tensor-type /
+    --token-embedding-type (e.g. q8_0 for a ternary file, whose converter default F16
+    head is most of what a decode step reads)."""
     folder = Path(folder).expanduser()
 
     def vocab(config: ModelConfig) -> dict[str, Any]:
@@ -44,4 +49,4 @@ def convert_hf_to_gguf(
         licence = read_licence(folder).gguf_metadata()
         return {**licence, **vocab_metadata(Tokenizer.from_dir(folder), config)}
 
-    write_hf_as_gguf(folder, out, qtype, vocab, progress, overwrite)
+    write_hf_as_gguf(folder, out, qtype, vocab, progress, overwrite, output_type, embedding_type)

@@ -449,3 +449,34 @@ def test_convert_refuses_what_llama_cpp_cannot_run(tmp_path, variant, reason):
     with pytest.raises(GGUFError, match=reason):
         convert_hf_to_gguf(tmp_path / "hf", tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_convert_sets_head_and_embedding_types_as_llama_quantize(hf_dir, tmp_path, capsys):
+    """--output-tensor-type / --token-embedding-type, llama-quantize's flags: a tied head
+    is the embeddings, so the first sets token_embd, and the second wins over it; the
+    other matrices keep --type's. Bad values: a clear one-line error, no file."""
+    out = tmp_path / "m.gguf"
+    rc, _, err = cli("convert", str(hf_dir("7b")), str(out), "--type", "q4_0",
+                     "--output-tensor-type", "f16", capsys=capsys)  # fmt: skip
+    assert rc == 0, err
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert "output.weight" not in kinds and kinds["token_embd.weight"] == "F16"
+    assert kinds["blk.0.ffn_up.weight"] == "Q4_0"
+    rc, _, err = cli("convert", str(hf_dir("7b")), str(out), "--type", "q4_0", "--overwrite",
+                     "--output-tensor-type", "f16", "--token-embedding-type", "q8_0",
+                     capsys=capsys)  # fmt: skip
+    assert rc == 0, err
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert kinds["token_embd.weight"] == "Q8_0" and kinds["blk.0.ffn_up.weight"] == "Q4_0"
+    done = falconet.load(out).complete(["the"], max_tokens=2, ignore_eos=True)
+    assert len(done[0].token_ids) == 2
+    bad = tmp_path / "bad.gguf"
+    for flag, value, pattern in [
+        ("--output-tensor-type", "q6_k", "token_embd.weight: rows of 64 values do not split"),
+        ("--token-embedding-type", "tq2_0", "invalid choice"),
+        ("--output-tensor-type", "Q8_0", "invalid choice"),
+    ]:
+        rc, stdout, err = cli("convert", str(hf_dir("7b")), str(bad), flag, value, capsys=capsys)
+        assert rc != 0 and stdout == "" and err.count("\n") == 1, err
+        assert err.startswith("falconet: error:") and pattern in err, err
+        assert not bad.exists()

@@ -257,3 +257,24 @@ def test_malformed_tq_tensors_name_the_tensor(files, tmp_path, qtype):
     cut.write_bytes(src.read_bytes()[: last.data_offset + int(last.n_bytes) // 2])
     with pytest.raises(GGUFError, match=f"tensor {re.escape(last.name)} is cut off"):
         falconet.load(cut)
+
+
+def test_ternary_file_with_a_q8_0_head_runs_in_llama_cpp(tmp_path):
+    """`falconet convert --type tq2_0 --output-tensor-type q8_0 --token-embedding-type
+    q8_0`: the ternary matrices TQ2_0, head and embeddings Q8_0 (a decode step then reads
+    the head at 8.5 bits per weight instead of F16's 16); llama-cpp-python runs the file
+    with the greedy tokens falconet gets from it."""
+    from falconet.convert import convert_hf_to_gguf
+    from tests.test_gguf import falconet_greedy, llama_cpp_greedy
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    build_bitnet_model(tmp_path / "hf", {}, seed=4, scales=tq_scales, **TQ_SIZES)
+    out = tmp_path / "tq2_0-q8.gguf"
+    convert_hf_to_gguf(tmp_path / "hf", out, "tq2_0", output_type="q8_0", embedding_type="q8_0")
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors if len(t.shape) == 2}
+    assert kinds.pop("output.weight") == kinds.pop("token_embd.weight") == "Q8_0"
+    assert set(kinds.values()) == {"TQ2_0"}
+    ref_tokens, ref_logits = llama_cpp_greedy(out, PROMPT, 16)
+    tokens, logits = falconet_greedy(out, PROMPT, 16)
+    assert tokens == ref_tokens
+    assert abs(logits - ref_logits).max() <= 0.05 * abs(ref_logits).max()

@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
     info = sub.add_parser("info", help="describe a model: variant, parameters, memory")
     add_model_flags(info)
 
-    from falconet.weights.gguf import WRITE_TYPES
+    from falconet.weights.gguf import TENSOR_TYPES, WRITE_TYPES
 
     conv = sub.add_parser("convert", help="write a HF Falcon folder as a GGUF file for llama.cpp")
     conv.add_argument("model", help="Hugging Face Falcon folder")
@@ -21,6 +21,15 @@ def add_parsers(sub) -> None:
     conv.add_argument("--type", dest="qtype", default="f16", choices=list(WRITE_TYPES),
                       help="weight type (default f16); q8_0..q4_0 keep the head in q8_0 as llama.cpp does, "
                            "the K-quant mixes (q4_k_m...) pick each tensor's type as llama-quantize does")  # fmt: skip
+    conv.add_argument("--output-tensor-type", choices=list(TENSOR_TYPES), metavar="TYPE",
+                      help="the output head's type, as llama-quantize's flag (tied to the embeddings: "
+                           f"theirs); one of {', '.join(TENSOR_TYPES)}")  # fmt: skip
+    conv.add_argument(
+        "--token-embedding-type",
+        choices=list(TENSOR_TYPES),
+        metavar="TYPE",
+        help="the token embeddings' type, as llama-quantize's flag",
+    )
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -90,7 +99,9 @@ def cmd_convert(args: argparse.Namespace, out: Out) -> int:
 
     progress, close = progress_bar("convert")
     try:
-        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite)
+        convert_hf_to_gguf(args.model, args.out, args.qtype, progress, overwrite=args.overwrite,
+                           output_type=args.output_tensor_type,
+                           embedding_type=args.token_embedding_type)  # fmt: skip
     finally:
         close()
     out(f"wrote {args.out} ({args.qtype})\n")

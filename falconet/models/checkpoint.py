@@ -40,7 +40,7 @@ from falconet.models.registry import (
     for_config,
     read_hf_config,
 )
-from falconet.quant import QuantError
+from falconet.quant import QuantError, get_format
 from falconet.quant.linear import QuantTensor, install
 from falconet.quant.mixes import mix_types
 from falconet.quant.ternary import BitNetConfig, ternary_weight
@@ -48,6 +48,7 @@ from falconet.weights import gguf_vocab
 from falconet.weights.gguf import (
     K_MIXES,
     REQUIRED,
+    TENSOR_TYPES,
     TERNARY_TYPES,
     WRITE_TYPES,
     GGUFError,
@@ -341,6 +342,17 @@ def _mix_kinds(
     return {name: T[chosen.get(name, "f32").upper()] for name in names}
 
 
+def _tensor_type(name: str, shape: tuple[int, ...], chosen: str) -> T:
+    """GGML type `chosen` for tensor `name`, if its rows split into whole blocks of it."""
+    block = get_format(chosen).block_size
+    if shape[-1] % block:
+        raise FalconetError(
+            f"tensor {name}: rows of {shape[-1]} values do not split into whole "
+            f"{block}-value blocks of {chosen}; choose another type for it"
+        )
+    return TENSOR_TYPES[chosen]
+
+
 def check_writable(config: ModelConfig, source: str) -> None:
     """Raise GGUFError for a model llama.cpp's architecture for it cannot run."""
     reasons = _layout(config).problems(config)
@@ -357,6 +369,8 @@ def write_hf_as_gguf(
     vocab: Callable[[ModelConfig], dict[str, Any]],
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    output_type: str | None = None,
+    embedding_type: str | None = None,
 ) -> None:
     """Write the HF folder `folder` (Falcon, llama for Falcon3, or Falcon-H1 with its
     multipliers folded into the weights) as a llama.cpp-compatible GGUF file `out`.
@@ -367,11 +381,17 @@ def write_hf_as_gguf(
     a BitNet checkpoint's ternary matrices are written as the floats they stand for, which
     the TQ types hold exactly up to their float16 scale). vocab(config)
     gives the tokenizer.* keys. progress(done_bytes, total_bytes) is called as tensors
-    are written. An existing `out` is replaced only with overwrite=True.
+    are written. An existing `out` is replaced only with overwrite=True. output_type /
+    embedding_type (a TENSOR_TYPES name) set the output head's / the token embeddings'
+    type as llama-quantize's --output-tensor-type / --token-embedding-type do (the
+    first applies to the embeddings where the head is tied to them; the second wins).
     """
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if qtype not in WRITE_TYPES:
         raise FalconetError(f"GGUF type {qtype!r} is not one of {', '.join(WRITE_TYPES)}")
+    for chosen in (output_type, embedding_type):
+        if chosen is not None and chosen not in TENSOR_TYPES:
+            raise FalconetError(f"tensor type {chosen!r} is not one of {', '.join(TENSOR_TYPES)}")
     if not folder.is_dir():
         raise FalconetError(f"{folder}: not a folder; give a Hugging Face model folder")
     if not out.parent.is_dir():
@@ -427,6 +447,10 @@ def write_hf_as_gguf(
         kinds = _mix_kinds(qtype, names, arch.gguf_architecture, written)
     else:
         kinds = {name: write_type(hf, shape, kind, written) for name, (hf, shape) in names.items()}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    for name, chosen in ((head, output_type), ("token_embd.weight", embedding_type)):
+        if chosen is not None and name in names:
+            kinds[name] = _tensor_type(name, names[name][1], chosen)
     tensors = [
         TensorOut(
             name,

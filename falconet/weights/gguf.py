@@ -72,6 +72,14 @@ WRITE_TYPES: dict[str, tuple[T, LlamaFileType]] = {
     "q3_k_l": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
     "q2_k": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
 }
+# One tensor's type, as llama-quantize's --output-tensor-type / --token-embedding-type
+# set it (`falconet convert`): the float and block types falconet writes; not the
+# ternary ones, which only hold matrices that are ternary already.
+TENSOR_TYPES: dict[str, T] = {
+    n: getattr(T, n.upper())
+    for n in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k",
+              "q4_k", "q5_k", "q6_k")
+}  # fmt: skip
 K_MIXES = ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q2_k")
 # llama.cpp's ternary types: a TQ file holds a BitNet model as a plain Llama whose
 # matrices are ternary codes with a scale per 256 values (the matrix's scale, repeated).
