@@ -46,6 +46,7 @@ decode and prefill against our own Q4_0 of the same model (issue 19's targets:
 decode >= 1.2x llama.cpp on TQ2_0, >= 1.8x our Q4_0, >= 80 % of roofline).
 
     python benchmarks/bench_quant.py --types tq2_0,q4_0     # Falcon3-1B-shaped, ternary
+    python benchmarks/bench_quant.py --types tq2_0:q8_0,q4_0  # TQ2_0, head + embeddings Q8_0
     python benchmarks/bench_quant.py --types tq2_0,q4_0 --smoke   # a tiny shape, 1 repeat
 """
 
@@ -116,12 +117,22 @@ def ternary_checkpoint(folder: Path) -> Path:
     return out
 
 
-def gguf_path(folder: Path, qtype: str) -> Path:
-    path = folder.parent / f"{folder.name}-{qtype}.gguf"
+def gguf_path(folder: Path, spec: str) -> Path:
+    """The GGUF of `folder` for a --types entry: a --type name, or TYPE:HEAD for that
+    type with the head and embeddings in HEAD (convert's --output-tensor-type and
+    --token-embedding-type), e.g. tq2_0:q8_0."""
+    qtype, _, head = spec.partition(":")
+    path = folder.parent / f"{folder.name}-{qtype}{f'-{head}-head' if head else ''}.gguf"
     if not path.exists():
         cmd = [sys.executable, "-m", "falconet", "convert", str(folder), str(path), "--type", qtype]
+        if head:
+            cmd += ["--output-tensor-type", head, "--token-embedding-type", head]
         subprocess.run(cmd, check=True)
     return path
+
+
+def base_type(spec: str) -> str:
+    return spec.partition(":")[0]
 
 
 def profiled_functions() -> dict[str, list[tuple[object, str]]]:
@@ -410,7 +421,7 @@ def report_ternary(results: list[dict]) -> None:
     roofline's bounds for it (issue 19's targets)."""
     by_type = {r["type"]: r for r in results}
     q4 = by_type.get("q4_0")
-    rows = [r for r in results if r["type"] in TERNARY_TYPES]
+    rows = [r for r in results if base_type(r["type"]) in TERNARY_TYPES]
     if not rows:
         return
     print("\nternary: falconet API on the ternary type against llama.cpp on it and against "
@@ -472,7 +483,7 @@ def main() -> None:
         print(json.dumps(worker_rss(args)))
         return
     types = [t.strip() for t in args.types.split(",")]
-    ternary = any(t in TERNARY_TYPES for t in types)
+    ternary = any(base_type(t) in TERNARY_TYPES for t in types)
     if ternary and args.arch == "falcon":  # --arch left at its default
         args.arch = "falcon3"
     if ternary and args.arch != "falcon3":
