@@ -423,7 +423,12 @@ class Sampler:
         """Which rows must be recomputed in float64 (+inf somewhere, or no token left:
         float32 may have overflowed). Raises GenerationError for NaN, which no setting
         the rules allow can produce: it came from the model or a logits processor."""
-        if bool(processed.isfinite().all()):  # the usual step: one pass, nothing to redo
+        # The usual step: nothing to redo when every row's maximum is finite -- a NaN or
+        # +inf anywhere becomes its row's maximum, a row of -inf has -inf for one, and
+        # -inf elsewhere (masked tokens) is fine. One reduction, no temporaries the
+        # size of the vocabulary (isfinite's eq + abs + ne + all took ~0.45 ms per
+        # step at a 131k vocabulary).
+        if bool(processed.amax(dim=-1).isfinite().all()):
             return [False] * len(self)
         nan, posinf, empty = torch.stack(
             [
