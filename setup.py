@@ -60,6 +60,7 @@ setup(
                 "falconet/quant/kernels_scan.h",
                 "falconet/quant/kernels_attention.h",
                 "falconet/quant/kernels_activation.h",
+                "falconet/quant/kernels_norm.h",
                 "falconet/quant/kernels_ternary.h",
                 "falconet/quant/kernels_tq2.h",
                 "falconet/quant/kernels_tq2_dot.h",

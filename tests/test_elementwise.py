@@ -79,3 +79,61 @@ def test_compiled_gelu_bits_do_not_depend_on_neighbours_or_path():
     g = torch.randn(4, requires_grad=True)
     elementwise.gelu(g).sum().backward()  # training takes torch's op: autograd works
     assert g.grad is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 7, 8, 37, 2048, 8203])
+def test_compiled_rms_norm_is_llama_rms_norm_and_row_invariant(width):
+    """RMSNorm in one pass (kernels_norm.h): within fp32 rounding of float64's
+    w * x / sqrt(mean(x^2) + eps) and of torch's fp32 ops (which sum in another order);
+    a row's bits whatever rows share the call; the AVX2 and portable paths the same bits."""
+    from falconet.nn.norms import RMSNorm
+    from tests.conftest import on_both_simd_paths
+
+    torch.manual_seed(width)
+    x = torch.randn(2, 5, width) * 3
+    x[1, 2] = 0.0  # a zero row: eps alone
+    norm = RMSNorm(width, 1e-6, torch.float32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width))
+    y = norm(x)
+    want = (
+        norm.weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    )
+    assert ((y.double() - want).abs() <= 4e-7 * want.abs().clamp_min(1e-3)).all()
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(y, norm.weight * h, rtol=1e-6, atol=1e-7)  # torch's own fp32 ops
+    assert torch.equal(y[1, 2], torch.zeros(width))
+    for lo, hi in ((0, 1), (1, 2)):
+        assert torch.equal(norm(x[lo:hi]), y[lo:hi])
+    assert torch.equal(norm(x[1, 3:4].clone()), y[1, 3:4])
+    fast, portable = on_both_simd_paths(elementwise.native, lambda: norm(x))
+    assert torch.equal(fast, y) and torch.equal(portable, y)
+    w = norm.weight.detach().clone().requires_grad_()  # training: torch's ops, autograd
+    assert elementwise.rms_norm(x, w, 1e-6) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 13, 64, 8192, 8203])
+def test_compiled_swiglu_gate_is_silu_times_up(width):
+    """silu(g) * u in one pass: within a few fp32 ulps of float64's, the far tails as
+    silu has them (to below 1e-30 where exp overflows), a value's bits independent of its neighbours and of the
+    path (AVX2 or portable)."""
+    from tests.conftest import on_both_simd_paths
+
+    torch.manual_seed(width)
+    g, u = torch.randn(3, width) * 6, torch.randn(3, width)
+    g[0, 0], u[0, 0] = -200.0, 1.0  # exp(200) overflows fp32 (torch: -0; here exp2 clamps)
+    if width > 1:
+        g[0, 1], u[0, 1] = 200.0, 2.0  # silu(200) = 200
+    y = elementwise.silu_mul(g, u)
+    want = F.silu(g.double()) * u.double()
+    assert ((y.double() - want).abs() <= 1e-6 * want.abs() + 1e-12).all()
+    assert abs(y[0, 0]) < 1e-30 and (width == 1 or y[0, 1] == 400.0)
+    assert torch.equal(elementwise.silu_mul(g[1:2].clone(), u[1:2].clone()), y[1:2])
+    fast, portable = on_both_simd_paths(elementwise.native, lambda: elementwise.silu_mul(g, u))
+    assert torch.equal(fast, y) and torch.equal(portable, y)
+    assert elementwise.silu_mul(g.bfloat16(), u.bfloat16()).dtype == torch.bfloat16
+    gg = g.clone().requires_grad_()
+    elementwise.silu_mul(gg, u).sum().backward()  # training: torch's ops, autograd
+    assert gg.grad is not None

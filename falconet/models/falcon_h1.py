@@ -120,7 +120,9 @@ class MLP(llama.MLP):
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up_proj(x) * self.act(self.gate_proj(x) * self.gate_multiplier)  # (B, T, F)
+        u = self.up_proj(x)
+        g = self.gate_proj(x) * self.gate_multiplier
+        h = elementwise.silu_mul(g, u) if self.act is elementwise.silu else u * self.act(g)
         return self.down_proj(h) * self.down_multiplier  # (B, T, C)
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from falconet.models.base import AttentionStep, CausalLM, CheckpointLayout, Rope
 from falconet.models.falcon import ACTIVATIONS
 from falconet.models.llama_config import LlamaConfig
+from falconet.nn import elementwise
 from falconet.nn.attention import apply_rotary
 from falconet.nn.linear import Linear
 from falconet.nn.norms import RMSNorm
@@ -86,6 +87,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is elementwise.silu:  # the gate in one pass where it is compiled
+            return self.down_proj(elementwise.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> C
 
 
@@ -155,6 +158,9 @@ class Llama(CausalLM):
                     sub_norm,
                 )
                 self.model.set_submodule(name, ternary)
+        for module in self.model.modules():  # every norm feeds an int8 rounding
+            if isinstance(module, RMSNorm):
+                module.torch_ops = True
 
     @property
     def device(self) -> torch.device:

@@ -207,6 +207,38 @@ static PyObject *py_gelu(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rms_norm(x_ptr, w_ptr, y_ptr, rows, n, eps) and silu_gate(g_ptr, u_ptr, y_ptr, n), fp32
+ * (kernels_norm.h) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    Py_ssize_t rows, n;
+    double eps;
+    if (!PyArg_ParseTuple(args, "KKKnnd", &x, &w, &y, &rows, &n, &eps)) return NULL;
+    if (rows < 0 || n < 1) {
+        PyErr_Format(PyExc_ValueError, "rms_norm needs rows >= 0 and n >= 1, got %zd, %zd", rows, n);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)y, rows, n,
+                  (float)eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_silu_gate(PyObject *self, PyObject *args) {
+    unsigned long long g, u, y;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KKKn", &g, &u, &y, &n)) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "silu_gate needs n >= 0, got %zd", n);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    silu_gate((const float *)(uintptr_t)g, (const float *)(uintptr_t)u, (float *)(uintptr_t)y, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_ssd_scan(PyObject *self, PyObject *args) {
     unsigned long long S, x, dt, A, D, B, C, y;
     Py_ssize_t batch, T, H, P, G, N;
