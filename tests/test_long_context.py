@@ -105,8 +105,10 @@ def test_h1_memory_is_kv_plus_a_fixed_state(tmp_path):
         kv = run["new_kv_bytes"]
         assert run["generated"] == 4
         # the KV pages the sequence touched stay resident (the pool keeps them); nothing
-        # else may grow by more than a tenth of that
-        assert kv <= run["growth"] <= kv * 1.10, runs
+        # else may grow by more than a tenth of that. Meanwhile malloc may give back some
+        # of what the warm-up left on its heap (up to 0.5 MiB of the 7 MiB seen): a tenth
+        # of slack below too -- pages that were not kept would leave the growth near 0.
+        assert kv * 0.9 <= run["growth"] <= kv * 1.10, runs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")

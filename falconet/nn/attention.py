@@ -131,8 +131,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     """NeoX-style rotation of the full head dim: x*cos + rotate_half(x)*sin, with
     rotate_half(x)*sin = [-x2, x1]*sin = roll(x)*signed_sin -- the same products,
     bit for bit ((-a)*b == a*(-b)), in fewer operations (a decode step runs this 24-80
-    times)."""
+    times). fp32 on a CPU outside autograd: one compiled pass with the same three
+    roundings, so the same bits (kernels_norm.h)."""
+    if _rotary_compiled(x, cos, signed_sin):
+        B, H, T, D = x.shape
+        y = torch.empty_like(x)  # x's layout: what follows may take another path for another
+        if y.stride(-1) != 1:
+            y = torch.empty(B, H, T, D)
+        native.rotary(
+            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(),
+            signed_sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(2),
+            y.data_ptr(), y.stride(0), y.stride(1), y.stride(2), B, H, T, D,
+        )  # fmt: skip
+        return y
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _rotary_compiled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """x (B, H, T, D) with unit stride along D, cos and signed_sin (B or 1, 1, T, D) of
+    one layout with unit stride along D: fp32 CPU tensors outside autograd."""
+    ts = (x, cos, signed_sin)
+    return (
+        native is not None
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in ts
+        )
+        and x.dim() == cos.dim() == 4
+        and cos.shape == signed_sin.shape
+        and cos.stride() == signed_sin.stride()
+        and cos.shape[1:] == (1, *x.shape[2:])
+        and cos.shape[0] in (1, x.shape[0])
+        and x.stride(-1) == cos.stride(-1) == 1
+    )
 
 
 # ---- ALiBi --------------------------------------------------------------------------

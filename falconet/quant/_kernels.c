@@ -155,7 +155,7 @@ static void quantize_x8_ref(const float *x, block_x8 *out, int64_t nb) {
 #include "kernels_scan.h"  /* Mamba-1 selective scan, Mamba-2 SSD recurrence */
 #include "kernels_attention.h" /* decode attention over the paged KV pool */
 #include "kernels_activation.h" /* erf GELU on the calling thread */
-#include "kernels_norm.h"       /* RMSNorm and the SwiGLU gate on the calling thread */
+#include "kernels_norm.h"       /* RMSNorm, SwiGLU's gate, rotary on the calling thread */
 #include "kernels_ternary.h" /* BitNet int8 x 2-bit products */
 #include "kernels_tq2.h"     /* llama.cpp TQ2_0 blocks x Q8_K activations */
 
@@ -175,6 +175,7 @@ static PyMethodDef methods[] = {
     {"ternary_matmul", py_ternary_matmul, METH_VARARGS, "ternary_matmul(x_ptr, p_ptr, out_ptr, M, K, R, threads): out[M,4R] int32 = x[M,K] int8 @ W.T, W ternary packed 4 rows per byte in P[R,K] (transformers' BitNet layout)"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "decode_attention(q_ptr, k_pool_ptr, v_pool_ptr, pool_dtype, slots_ptr, starts_ptr, B, H, K, D, bias_ptr, bias_stride, scale, out_ptr, threads): one query per sequence against its keys in the paged pool (kernels_attention.h)"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x_ptr, w_ptr, y_ptr, rows, n, eps): y = w * x / sqrt(mean(x^2) + eps) per row of n fp32 values, on the calling thread (kernels_norm.h)"},
+    {"rotary", py_rotary, METH_VARARGS, "rotary(x_ptr, sb, sh, st, cos_ptr, sin_ptr, cb, ct, y_ptr, yb, yh, yt, B, H, T, D): y (B,H,T,D) = x * cos + roll(x, D/2) * signed_sin, fp32, torch's bits (kernels_norm.h)"},
     {"silu_gate", py_silu_gate, METH_VARARGS, "silu_gate(g_ptr, u_ptr, y_ptr, n): y = silu(g) * u over n fp32 values, on the calling thread (kernels_norm.h)"},
     {"gelu", py_gelu, METH_VARARGS, "gelu(x_ptr, y_ptr, n): y = x/2 (1 + erf(x/sqrt 2)) over n fp32 values, on the calling thread (kernels_activation.h)"},
     {"tq2_matmul", py_tq2_matmul, METH_VARARGS, "tq2_matmul(x_ptr, w_ptr, y_ptr, M, K, N, threads, x8=False): y[M,N] fp32 = x[M,K] fp32 @ W.T, W in TQ2_0 blocks [N, K/256*66] (GGML rows, or tiles of 8 rows with x8), x rounded per 256 values as Q8_K"},

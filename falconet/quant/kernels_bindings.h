@@ -225,6 +225,26 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rotary(x_ptr, sb, sh, st, cos_ptr, sin_ptr, cb, ct, y_ptr, yb, yh, yt, B, H, T, D)
+ * (kernels_norm.h) */
+static PyObject *py_rotary(PyObject *self, PyObject *args) {
+    unsigned long long x, c, s, y;
+    Py_ssize_t sb, sh, st, cb, ct, yb, yh, yt, B, H, T, D;
+    if (!PyArg_ParseTuple(args, "KnnnKKnnKnnnnnnn", &x, &sb, &sh, &st, &c, &s, &cb, &ct, &y, &yb, &yh, &yt, &B, &H,
+                          &T, &D))
+        return NULL;
+    if (B < 0 || H < 0 || T < 0 || D < 2 || D % 2) {
+        PyErr_Format(PyExc_ValueError, "rotary needs B, H, T >= 0 and an even D >= 2; got %zd, %zd, %zd, %zd", B,
+                     H, T, D);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rotary_rows((const float *)(uintptr_t)x, sb, sh, st, (const float *)(uintptr_t)c, (const float *)(uintptr_t)s,
+                cb, ct, (float *)(uintptr_t)y, yb, yh, yt, B, H, T, D);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_silu_gate(PyObject *self, PyObject *args) {
     unsigned long long g, u, y;
     Py_ssize_t n;

@@ -1,4 +1,4 @@
-/* RMSNorm and the SwiGLU gate for fp32 rows, on the calling thread. Included once by
+/* RMSNorm, the SwiGLU gate and the rotary embedding for fp32 rows, on the calling thread. Included once by
  * _kernels.c, after kernels_activation.h (tail_mask; the scan kernels' exp2).
  *
  * Why not torch's: in a decode step each is a chain of small ops (RMSNorm: pow, mean,
@@ -64,6 +64,16 @@ AVX2 static inline __attribute__((always_inline)) __m256 silu_gate_avx2(__m256 g
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
+AVX2 static void rotary_row_avx2(const float *x, const float *c, const float *s, float *y, int64_t half) {
+    for (int64_t i = 0; i < half; i += 8) {
+        const __m256 lo = _mm256_loadu_ps(x + i), hi = _mm256_loadu_ps(x + half + i);
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(c + i)),
+                                              _mm256_mul_ps(hi, _mm256_loadu_ps(s + i))));
+        _mm256_storeu_ps(y + half + i, _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(c + half + i)),
+                                                     _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + i))));
+    }
+}
+
 AVX2 static void silu_gate_rows_avx2(const float *g, const float *u, float *y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -98,4 +108,31 @@ static void silu_gate(const float *g, const float *u, float *y, int64_t n) {
     }
 #endif
     for (int64_t i = 0; i < n; i++) y[i] = silu_gate_ref(g[i], u[i]);
+}
+
+/* NeoX rotary embedding of fp32 heads: y = x * cos + roll(x, D/2) * signed_sin, the
+ * products and the sum each rounded as torch's three ops round them (no FMA), so the
+ * bits are those of nn.attention.apply_rotary's torch form. x and y are (B, H, T, D) at
+ * strides (sb, sh, st, 1) (y laid out as x: what follows may take another path for
+ * another layout); cos and signed_sin (B or 1, 1, T, D) at strides (cb, ct, 1). One pass
+ * instead of mul, roll (narrow, cat), mul, add. */
+static void rotary_rows(const float *x, int64_t sb, int64_t sh, int64_t st, const float *cos, const float *sin,
+                        int64_t cb, int64_t ct, float *y, int64_t yb, int64_t yh, int64_t yt, int64_t B, int64_t H,
+                        int64_t T, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const float *xr = x + b * sb + h * sh + t * st, *c = cos + b * cb + t * ct, *s = sin + b * cb + t * ct;
+                float *yr = y + b * yb + h * yh + t * yt;
+                int64_t i = 0;
+#if HAVE_X86
+                if (use_avx2 && half % 8 == 0) {
+                    rotary_row_avx2(xr, c, s, yr, half);
+                    continue;
+                }
+#endif
+                for (; i < half; i++) yr[i] = xr[i] * c[i] + xr[i + half] * s[i];
+                for (; i < D; i++) yr[i] = xr[i] * c[i] + xr[i - half] * s[i];
+            }
 }
