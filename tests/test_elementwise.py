@@ -140,9 +140,10 @@ def test_compiled_swiglu_gate_is_silu_times_up(width):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B,H,T,D,cos_rows", [(1, 8, 1, 256, 1), (3, 4, 5, 64, 3), (2, 3, 7, 20, 1),
-                                              (2, 1, 4, 16, 2)])  # fmt: skip
-def test_compiled_rotary_is_the_torch_form_bit_for_bit(B, H, T, D, cos_rows):
+@pytest.mark.parametrize("B,H,T,D,cos_rows,fused", [(1, 8, 1, 256, 1, False), (3, 4, 5, 64, 3, False),
+                                                    (2, 3, 7, 20, 1, False), (2, 1, 4, 16, 2, False),
+                                                    (2, 6, 3, 32, 1, True)])  # fmt: skip
+def test_compiled_rotary_is_the_torch_form_bit_for_bit(B, H, T, D, cos_rows, fused):
     """apply_rotary's compiled pass rounds the two products and their sum as torch's ops
     do: the same bits and layout, for heads viewed out of a (B, T, H, D) projection (a
     layout the engine's batch-invariance depends on), cos shared by
@@ -152,13 +153,15 @@ def test_compiled_rotary_is_the_torch_form_bit_for_bit(B, H, T, D, cos_rows):
     from tests.conftest import on_both_simd_paths
 
     torch.manual_seed(D)
-    x = torch.randn(B, T, H, D).transpose(1, 2)
+    # fused: heads split out of a wider projection (Falcon's qk), so not dense
+    x = torch.randn(B, T, H + 2 * fused, D)[:, :, :H].transpose(1, 2)
     cos, ssin = torch.randn(cos_rows, 1, T, D), torch.randn(cos_rows, 1, T, D)
     want = x * cos + x.roll(D // 2, -1) * ssin
     assert _rotary_compiled(x, cos, ssin)
     fast, portable = on_both_simd_paths(elementwise.native, lambda: apply_rotary(x, cos, ssin))
     assert torch.equal(fast, want) and torch.equal(portable, want)
-    assert fast.stride() == x.stride()  # laid out as x, as torch's ops lay it out
+    layout = [(st, n) for st, n in zip(fast.stride(), fast.shape, strict=True) if n > 1]
+    assert layout == [(st, n) for st, n in zip(want.stride(), want.shape, strict=True) if n > 1]
     xg = x.clone().requires_grad_()
     assert not _rotary_compiled(xg, cos, ssin)
     apply_rotary(xg, cos, ssin).sum().backward()

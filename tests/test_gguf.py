@@ -474,7 +474,7 @@ def test_convert_sets_head_and_embedding_types_as_llama_quantize(hf_dir, tmp_pat
     for flag, value, pattern in [
         ("--output-tensor-type", "q6_k", "token_embd.weight: rows of 64 values do not split"),
         ("--token-embedding-type", "tq2_0", "invalid choice"),
-        ("--output-tensor-type", "Q8_0", "invalid choice"),
+        ("--output-tensor-type", "q9_0", "invalid choice"),
     ]:
         rc, stdout, err = cli("convert", str(hf_dir("7b")), str(bad), flag, value, capsys=capsys)
         assert rc != 0 and stdout == "" and err.count("\n") == 1, err

@@ -51,3 +51,23 @@ def test_loading_and_generating_import_no_compiler(models):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert all(out[p] == 3 for p in models), out  # each model really generated
     assert out["heavy"] == [], f"imported while loading or generating: {out['heavy']}"
+
+
+def test_skipping_initializers_touches_only_meta_tensors_and_restores_them():
+    """While models are built the initializers skip meta tensors only (a real tensor built
+    meanwhile in another thread still gets its values), nested or overlapping builds keep
+    them patched until the last ends, and torch.nn.init is as it was afterwards."""
+    import torch
+
+    from falconet.models import registry
+
+    original = torch.nn.init.normal_
+    with registry._initializers_skipped():
+        with registry._initializers_skipped():
+            meta = torch.empty(4, device="meta")
+            assert torch.nn.init.normal_(meta) is meta
+        assert torch.nn.init.normal_ is not original  # the outer build is still on
+        real = torch.zeros(4096)
+        torch.nn.init.normal_(real)
+        assert real.std() > 0.5
+    assert torch.nn.init.normal_ is original

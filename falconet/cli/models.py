@@ -21,14 +21,15 @@ def add_parsers(sub) -> None:
     conv.add_argument("--type", dest="qtype", default="f16", choices=list(WRITE_TYPES),
                       help="weight type (default f16); q8_0..q4_0 keep the head in q8_0 as llama.cpp does, "
                            "the K-quant mixes (q4_k_m...) pick each tensor's type as llama-quantize does")  # fmt: skip
-    conv.add_argument("--output-tensor-type", choices=list(TENSOR_TYPES), metavar="TYPE",
+    conv.add_argument("--output-tensor-type", choices=list(TENSOR_TYPES), metavar="TYPE", type=str.lower,
                       help="the output head's type, as llama-quantize's flag (tied to the embeddings: "
                            f"theirs); one of {', '.join(TENSOR_TYPES)}")  # fmt: skip
     conv.add_argument(
         "--token-embedding-type",
         choices=list(TENSOR_TYPES),
         metavar="TYPE",
-        help="the token embeddings' type, as llama-quantize's flag",
+        type=str.lower,
+        help="the token embeddings' type, as llama-quantize's flag (the same types)",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

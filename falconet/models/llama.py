@@ -85,9 +85,12 @@ class MLP(nn.Module):
         self.up_proj = Linear(C, F_, bias, dtype, compute_dtype)
         self.down_proj = Linear(F_, C, bias, dtype, compute_dtype)
         self.act = ACTIVATIONS[config.hidden_act]
+        # the gate in one compiled pass where it can run; False keeps torch's ops, bit for
+        # bit transformers' (BitNet: the gate's output is rounded to int8 next)
+        self.fused_gate = self.act is elementwise.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is elementwise.silu:  # the gate in one pass where it is compiled
+        if self.fused_gate:
             return self.down_proj(elementwise.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> C
 
@@ -158,9 +161,11 @@ class Llama(CausalLM):
                     sub_norm,
                 )
                 self.model.set_submodule(name, ternary)
-        for module in self.model.modules():  # every norm feeds an int8 rounding
+        for module in self.model.modules():  # norms and gates feed int8 roundings
             if isinstance(module, RMSNorm):
                 module.torch_ops = True
+            elif isinstance(module, MLP):
+                module.fused_gate = False
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,8 @@ found by `model_type: llama`, not by "Falcon3" in a path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,28 +95,47 @@ ARCHITECTURES = (
 )
 
 
+_INIT_LOCK = threading.Lock()
+_init_depth = 0
+_init_saved: dict[str, Any] = {}
+
+
 @contextmanager
 def _initializers_skipped() -> Iterator[None]:
-    """torch.nn.init's in-place initializers as no-ops while meta modules are built (as
-    transformers' `no_init_weights` does). Why: on the meta device torch runs e.g.
+    """torch.nn.init's in-place initializers skip meta tensors while models are built (as
+    transformers' `no_init_weights` skips them). Why: on the meta device torch runs e.g.
     `normal_` through a Python decomposition whose wrapper imports torch._dynamo -- about
     140 MiB resident and a second of import in a process that never compiles anything,
-    paid again by every tensor-parallel rank. Construction happens in one thread, before
-    serving starts; the functions are restored on the way out."""
+    paid again by every tensor-parallel rank. The stand-ins call the real function for
+    any other tensor, and a depth count under a lock lets loads overlap across threads
+    (the first in patches, the last out restores)."""
+    global _init_depth
     init = torch.nn.init
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(init, n) for n in names if callable(getattr(init, n))}
-    for name in saved:
-        setattr(init, name, _unchanged)
+    with _INIT_LOCK:
+        if _init_depth == 0:
+            names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+            _init_saved.update({n: getattr(init, n) for n in names if callable(getattr(init, n))})
+            for name, fn in _init_saved.items():
+                setattr(init, name, _skipping_meta(fn))
+        _init_depth += 1
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
+        with _INIT_LOCK:
+            _init_depth -= 1
+            if _init_depth == 0:
+                for name, fn in _init_saved.items():
+                    setattr(init, name, fn)
+                _init_saved.clear()
 
 
-def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return tensor
+def _skipping_meta(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def initializer(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return fn(tensor, *args, **kwargs)
+
+    return initializer
 
 
 def _supported() -> str:

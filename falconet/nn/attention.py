@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from falconet.nn import elementwise
+
 try:
     from falconet.quant import _kernels as native
 except ImportError:  # built without a C compiler: SDPA everywhere
@@ -135,9 +137,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     roundings, so the same bits (kernels_norm.h)."""
     if _rotary_compiled(x, cos, signed_sin):
         B, H, T, D = x.shape
-        y = torch.empty_like(x)  # x's layout: what follows may take another path for another
-        if y.stride(-1) != 1:
-            y = torch.empty(B, H, T, D)
+        # laid out as torch's ops would lay it out (x's dimension order, dense): what
+        # follows may take another path -- slower, or other bits -- for another layout
+        order = sorted(range(3), key=lambda d: -x.stride(d)) + [3]  # D: unit stride
+        y = torch.empty([x.shape[d] for d in order]).permute([order.index(d) for d in range(4)])
         native.rotary(
             x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(),
             signed_sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(2),
@@ -150,12 +153,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 def _rotary_compiled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
     """x (B, H, T, D) with unit stride along D, cos and signed_sin (B or 1, 1, T, D) of
     one layout with unit stride along D: fp32 CPU tensors outside autograd."""
-    ts = (x, cos, signed_sin)
     return (
-        native is not None
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in ts
-        )
+        elementwise.compiled(x, cos, signed_sin)
         and x.dim() == cos.dim() == 4
         and cos.shape == signed_sin.shape
         and cos.stride() == signed_sin.stride()

@@ -72,18 +72,24 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _compiled(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled fp32 row kernels can take these tensors: CPU, fp32, no
-    autograd graph to record (training keeps torch's ops)."""
-    return native is not None and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors
+def compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled fp32 row kernels (kernels_norm.h: RMSNorm, the gate, rotary)
+    can take these tensors: CPU, fp32, no autograd graph to record (training keeps
+    torch's ops)."""
+    return (
+        native is not None
+        and hasattr(native, "rotary")  # an extension built before these kernels lacks them
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+            for t in tensors
+        )
     )
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u, SwiGLU's gate: in one pass on the calling thread (kernels_norm.h)
     for CPU fp32 outside autograd, each value's bits its own; elsewhere silu(g) * u."""
-    if not (_compiled(g, u) and g.shape == u.shape):
+    if not (compiled(g, u) and g.shape == u.shape):
         return silu(g) * u
     g, u = g.contiguous(), u.contiguous()
     y = torch.empty_like(g)
@@ -95,7 +101,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension, in one pass per row
     on the calling thread (kernels_norm.h) for CPU fp32 x and weight outside autograd;
     None elsewhere (the caller runs torch's ops)."""
-    if not (_compiled(x, weight) and weight.shape == x.shape[-1:]):
+    if not (compiled(x, weight) and weight.shape == x.shape[-1:] and weight.is_contiguous()):
         return None
     x = x.contiguous()
     y = torch.empty_like(x)

@@ -55,8 +55,8 @@ KQ_X8_CODES = {KQUANT_TYPES[t] for t in KQ_X8_TYPES}
 Q8_K_BYTES = 292  # one activation block: float d, int8 qs[256], int16 bsums[16]
 
 
-# The CPU layout of a ternary type's weight: TQ2_0's blocks, which the kernel reads as
-# they are (TQ1_0's base-3 bytes are transcoded to them).
+# The CPU layouts of a ternary type's weight: TQ2_0 rows (TQ1_0's base-3 bytes are
+# transcoded to them; a TQ2_0 file's rows are read in place), or those rows in tiles of 8.
 TERNARY_LAYOUT = "tq2_0"
 TQ2_TILES = "tq2_x8"  # TQ2_0 blocks in tiles of 8 rows (kernels_tq2.h)
 
@@ -158,7 +158,7 @@ def x8_eligible(fmt: QuantFormat, out_features: int) -> bool:
 
 
 def tq2_available() -> bool:
-    return native is not None and hasattr(native, "tq2_matmul")
+    return native is not None and hasattr(native, "tq2_repack")  # rows and tiles
 
 
 def cpu_layout(fmt: QuantFormat, out_features: int) -> str:

@@ -207,8 +207,7 @@ static PyObject *py_gelu(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* rms_norm(x_ptr, w_ptr, y_ptr, rows, n, eps) and silu_gate(g_ptr, u_ptr, y_ptr, n), fp32
- * (kernels_norm.h) */
+/* rms_norm(x_ptr, w_ptr, y_ptr, rows, n, eps), fp32 (kernels_norm.h) */
 static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     Py_ssize_t rows, n;
@@ -245,6 +244,7 @@ static PyObject *py_rotary(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* silu_gate(g_ptr, u_ptr, y_ptr, n), fp32 (kernels_norm.h) */
 static PyObject *py_silu_gate(PyObject *self, PyObject *args) {
     unsigned long long g, u, y;
     Py_ssize_t n;

@@ -18,12 +18,17 @@
  * neighbours.
  */
 
-static float rms_scale_ref(const float *x, int64_t n, float eps) {
-    float lane[8] = {0};
-    for (int64_t i = 0; i < n; i++) lane[i % 8] = lane[i % 8] + x[i] * x[i];
+/* 1 / sqrt(mean + eps) from the 8 lanes of squares, added in one fixed tree */
+static float rms_scale_of(const float lane[8], int64_t n, float eps) {
     const float t0 = lane[0] + lane[4], t1 = lane[1] + lane[5], t2 = lane[2] + lane[6], t3 = lane[3] + lane[7];
     const float ss = (t0 + t2) + (t1 + t3);
     return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
+static float rms_scale_ref(const float *x, int64_t n, float eps) {
+    float lane[8] = {0};
+    for (int64_t i = 0; i < n; i++) lane[i % 8] = lane[i % 8] + x[i] * x[i];
+    return rms_scale_of(lane, n, eps);
 }
 
 static inline float silu_gate_ref(float g, float u) {
@@ -45,9 +50,7 @@ AVX2 static float rms_scale_avx2(const float *x, int64_t n, float eps) {
     }
     float lane[8];
     _mm256_storeu_ps(lane, acc);
-    const float t0 = lane[0] + lane[4], t1 = lane[1] + lane[5], t2 = lane[2] + lane[6], t3 = lane[3] + lane[7];
-    const float ss = (t0 + t2) + (t1 + t3);
-    return 1.0f / sqrtf(ss / (float)n + eps);
+    return rms_scale_of(lane, n, eps);
 }
 
 AVX2 static void rms_apply_avx2(const float *x, const float *w, float *y, int64_t n, float r) {

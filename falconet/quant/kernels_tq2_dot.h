@@ -15,6 +15,14 @@
 #define TQ2_ACC 1
 #endif
 
+/* A row's TQ2_ACC accumulators added (integers: any order gives the same sum). */
+static inline __attribute__((always_inline)) __m256i TQ2_NAME(tq2_acc_sum)(const __m256i *s) TQ2_TARGET;
+static inline __attribute__((always_inline)) __m256i TQ2_NAME(tq2_acc_sum)(const __m256i *s) {
+    __m256i t = s[0];
+    for (int a = 1; a < TQ2_ACC; a++) t = _mm256_add_epi32(t, s[a]);
+    return t;
+}
+
 /* R (1..TQ_ROWS) activation rows against one weight row (GGML rows); codes unpacked once
  * per group. Inlined into one copy per R (TQ2_NAME(tq2_dot_rows)), so the loops over
  * rows unroll and the accumulators stay in registers. */
@@ -50,7 +58,7 @@ static inline __attribute__((always_inline)) void TQ2_NAME(tq2_dot)(const block_
         const float dw = half_table[w[b].d];
         for (int r = 0; r < R; r++) {
 #if TQ2_VNNI
-            const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(s[r][0], s[r][1]), _mm256_add_epi32(s[r][2], s[r][3]));
+            const __m256i lanes = TQ2_NAME(tq2_acc_sum)(s[r]);
 #else
             const __m256i lanes = _mm256_madd_epi16(s[r][0], ones);
 #endif
@@ -122,11 +130,7 @@ static inline __attribute__((always_inline)) void TQ2_NAME(tq2_tile)(const uint8
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tile));
         for (int r = 0; r < R; r++) {
-#if TQ2_VNNI
-            const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(s[r][0], s[r][1]), _mm256_add_epi32(s[r][2], s[r][3]));
-#else
-            const __m256i lanes = s[r][0];
-#endif
+            const __m256i lanes = TQ2_NAME(tq2_acc_sum)(s[r]);
             const __m256i isum = _mm256_sub_epi32(lanes, _mm256_set1_epi32(y[r][b].bsum));
             const __m256 d = _mm256_mul_ps(_mm256_set1_ps(y[r][b].d), dw);
             acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d));
