@@ -110,7 +110,9 @@ def test_compiled_rms_norm_is_llama_rms_norm_and_row_invariant(width):
     fast, portable = on_both_simd_paths(elementwise.native, lambda: norm(x))
     assert torch.equal(fast, y) and torch.equal(portable, y)
     w = norm.weight.detach().clone().requires_grad_()  # training: torch's ops, autograd
-    assert elementwise.rms_norm(x, w, 1e-6) is None
+    trained = elementwise.rms_norm(x, w, 1e-6)
+    assert torch.equal(trained, norm.weight * h) and trained.grad_fn is not None
+    assert torch.equal(elementwise.rms_norm(x, norm.weight, 1e-6, torch_ops=True), norm.weight * h)
 
 
 @needs_kernel

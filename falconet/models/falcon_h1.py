@@ -122,7 +122,11 @@ class MLP(llama.MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.up_proj(x)
         g = self.gate_proj(x) * self.gate_multiplier
-        h = elementwise.silu_mul(g, u) if self.fused_gate else u * self.act(g)
+        h = (
+            elementwise.silu_mul(g, u, self.torch_ops)
+            if self.act is elementwise.silu
+            else u * self.act(g)
+        )
         return self.down_proj(h) * self.down_multiplier  # (B, T, C)
 
 

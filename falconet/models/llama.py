@@ -85,13 +85,14 @@ class MLP(nn.Module):
         self.up_proj = Linear(C, F_, bias, dtype, compute_dtype)
         self.down_proj = Linear(F_, C, bias, dtype, compute_dtype)
         self.act = ACTIVATIONS[config.hidden_act]
-        # the gate in one compiled pass where it can run; False keeps torch's ops, bit for
-        # bit transformers' (BitNet: the gate's output is rounded to int8 next)
-        self.fused_gate = self.act is elementwise.silu
+        # torch's ops for the gate, bit for bit transformers' (BitNet: its output is
+        # rounded to int8 next); else one compiled pass where it can run
+        self.torch_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate:
-            return self.down_proj(elementwise.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.act is elementwise.silu:
+            gate = elementwise.silu_mul(self.gate_proj(x), self.up_proj(x), self.torch_ops)
+            return self.down_proj(gate)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> C
 
 
@@ -162,10 +163,8 @@ class Llama(CausalLM):
                 )
                 self.model.set_submodule(name, ternary)
         for module in self.model.modules():  # norms and gates feed int8 roundings
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, MLP)):
                 module.torch_ops = True
-            elif isinstance(module, MLP):
-                module.fused_gate = False
 
     @property
     def device(self) -> torch.device:

@@ -86,10 +86,11 @@ def compiled(*tensors: torch.Tensor) -> bool:
     )
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def silu_mul(g: torch.Tensor, u: torch.Tensor, torch_ops: bool = False) -> torch.Tensor:
     """silu(g) * u, SwiGLU's gate: in one pass on the calling thread (kernels_norm.h)
-    for CPU fp32 outside autograd, each value's bits its own; elsewhere silu(g) * u."""
-    if not (compiled(g, u) and g.shape == u.shape):
+    for CPU fp32 outside autograd, each value's bits its own; elsewhere, or with
+    torch_ops (torch's bits: BitNet rounds the result to int8 next), silu(g) * u."""
+    if torch_ops or not (compiled(g, u) and g.shape == u.shape):
         return silu(g) * u
     g, u = g.contiguous(), u.contiguous()
     y = torch.empty_like(g)
@@ -97,12 +98,19 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dimension, in one pass per row
-    on the calling thread (kernels_norm.h) for CPU fp32 x and weight outside autograd;
-    None elsewhere (the caller runs torch's ops)."""
-    if not (compiled(x, weight) and weight.shape == x.shape[-1:] and weight.is_contiguous()):
-        return None
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, torch_ops: bool = False
+) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension, as transformers'
+    LlamaRMSNorm: in one pass per row on the calling thread (kernels_norm.h) for CPU
+    fp32 x and weight outside autograd; elsewhere, or with torch_ops, torch's ops
+    (normalized in fp32, rounded back to x's dtype, then scaled: transformers' bits)."""
+    if torch_ops or not (
+        compiled(x, weight) and weight.shape == x.shape[-1:] and weight.is_contiguous()
+    ):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.shape[-1]

@@ -9,8 +9,8 @@ from falconet.nn import elementwise
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) * weight, as transformers' LlamaRMSNorm: normalized in
-    fp32, rounded back to the input dtype, then scaled."""
+    """x / sqrt(mean(x²) + eps) * weight, as transformers' LlamaRMSNorm
+    (elementwise.rms_norm)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -22,10 +22,4 @@ class RMSNorm(nn.Module):
         self.torch_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.torch_ops:  # fp32 inference on a CPU: one compiled pass
-            y = elementwise.rms_norm(x, self.weight, self.eps)
-            if y is not None:
-                return y
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return elementwise.rms_norm(x, self.weight, self.eps, self.torch_ops)

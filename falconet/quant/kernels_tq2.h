@@ -63,18 +63,30 @@ static void quantize_q8k(const float *x, block_q8k *y, int64_t nb) {
     }
 }
 
-/* Row w against activation row y: one integer per block, one float step per block. */
+/* One block of a row against activation block y: the block's integer, then the float
+ * step every path takes. */
+static float tq2_step(float acc, const block_tq2_0 *w, const block_q8k *y) {
+    int32_t isum = -y->bsum;
+    for (int h = 0; h < 2; h++)
+        for (int n = 0; n < 4; n++)
+            for (int j = 0; j < 32; j++) isum += ((w->qs[32 * h + j] >> (2 * n)) & 3) * y->qs[128 * h + 32 * n + j];
+    return acc + (float)isum * (y->d * half_table[w->d]);
+}
+
 static float tq2_dot_ref(const block_tq2_0 *w, const block_q8k *y, int64_t nb) {
     float acc = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        int32_t isum = -y[b].bsum;
-        for (int h = 0; h < 2; h++)
-            for (int n = 0; n < 4; n++)
-                for (int j = 0; j < 32; j++)
-                    isum += ((w[b].qs[32 * h + j] >> (2 * n)) & 3) * y[b].qs[128 * h + 32 * n + j];
-        acc = acc + (float)isum * (y[b].d * half_table[w[b].d]);
-    }
+    for (int64_t b = 0; b < nb; b++) acc = tq2_step(acc, &w[b], &y[b]);
     return acc;
+}
+
+/* Row r's block in a tile <-> the block as GGML holds it (to_tile = 0: out of the tile). */
+static void tq2_tile_block(uint8_t *tile, int r, block_tq2_0 *block, int to_tile) {
+    uint8_t *d = tile + 2 * r;
+    if (to_tile) memcpy(d, &block->d, 2); else memcpy(&block->d, d, 2);
+    for (int p = 0; p < 16; p++) {
+        uint8_t *piece = tile + 16 + 32 * p + 4 * r;
+        if (to_tile) memcpy(piece, block->qs + 4 * p, 4); else memcpy(block->qs + 4 * p, piece, 4);
+    }
 }
 
 /* GGML rows [N, nb blocks] <-> tiles (to_x8 = 0: back). N % 8 == 0. */
@@ -83,32 +95,21 @@ static void tq2_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t nb, 
     for (int64_t g = 0; g < N / 8; g++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *tile = (to_x8 ? dst : (uint8_t *)src) + g * 8 * row_bytes + b * TQ2_TILE;
-            for (int r = 0; r < 8; r++) {
-                block_tq2_0 *block = (block_tq2_0 *)((to_x8 ? (uint8_t *)src : dst) + (g * 8 + r) * row_bytes) + b;
-                uint8_t *d = tile + 2 * r;
-                if (to_x8) memcpy(d, &block->d, 2); else memcpy(&block->d, d, 2);
-                for (int p = 0; p < 16; p++) {
-                    uint8_t *piece = tile + 16 + 32 * p + 4 * r;
-                    if (to_x8) memcpy(piece, block->qs + 4 * p, 4); else memcpy(block->qs + 4 * p, piece, 4);
-                }
-            }
+            for (int r = 0; r < 8; r++)
+                tq2_tile_block(tile, r,
+                               (block_tq2_0 *)((to_x8 ? (uint8_t *)src : dst) + (g * 8 + r) * row_bytes) + b,
+                               to_x8);
         }
 }
 
-/* Row r of a group's tiles against activation row y: tq2_dot_ref's steps. */
+/* Row r of a group's tiles against activation row y: each block taken out of its tile,
+ * then tq2_dot_ref's steps. */
 static float tq2_tile_ref(const uint8_t *tiles, int r, const block_q8k *y, int64_t nb) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *tile = tiles + b * TQ2_TILE;
-        int32_t isum = -y[b].bsum;
-        for (int p = 0; p < 16; p++)
-            for (int n = 0; n < 4; n++)
-                for (int j = 0; j < 4; j++)
-                    isum += ((tile[16 + 32 * p + 4 * r + j] >> (2 * n)) & 3) *
-                            y[b].qs[128 * (p / 8) + 32 * n + 4 * (p % 8) + j];
-        uint16_t d;
-        memcpy(&d, tile + 2 * r, 2);
-        acc = acc + (float)isum * (y[b].d * half_table[d]);
+        block_tq2_0 block;
+        tq2_tile_block((uint8_t *)tiles + b * TQ2_TILE, r, &block, 0);
+        acc = tq2_step(acc, &block, &y[b]);
     }
     return acc;
 }
